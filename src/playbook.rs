@@ -1,0 +1,908 @@
+//! The playbook: the YAML file a team commits that says what ferry deploys, where, and when.
+//!
+//! This module owns the file format (serde types with `deny_unknown_fields`) and loading with errors that
+//! name the file, line and column. Everything downstream works on these validated types; nothing else
+//! parses YAML.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// A parsed, validated playbook.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Playbook {
+    /// The application name: it names locks, ledgers and container name prefixes.
+    pub app: String,
+    /// SSH settings shared by every environment (each environment can override them).
+    #[serde(default)]
+    pub ssh: SshSettings,
+    /// Variables usable as `${name}` in templates.
+    #[serde(default)]
+    pub vars: BTreeMap<String, String>,
+    /// Which ref deploys to which environment. First match wins.
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+    /// Named environments (staging, production, publish, ...).
+    pub environments: BTreeMap<String, Environment>,
+    /// Where GitLab status goes, if anywhere.
+    #[serde(default)]
+    pub gitlab: Option<GitlabSettings>,
+    /// The file this playbook came from (set by [`load`]).
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+/// SSH connection settings. Every field is optional so that environments and hosts can override
+/// one field at a time; [`SshSettings::merged`] layers them.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SshSettings {
+    pub user: Option<String>,
+    pub port: Option<u16>,
+    /// Where the private key comes from.
+    pub key: Option<KeySource>,
+    /// Where trusted host keys come from.
+    pub known_hosts: Option<KnownHostsSource>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub connect_timeout: Option<Duration>,
+    /// How many hosts to work on at once.
+    pub forks: Option<usize>,
+    /// A bastion, as `user@host:port` (like ssh_config's ProxyJump).
+    pub proxy_jump: Option<String>,
+}
+
+impl SshSettings {
+    /// `self` with every unset field taken from `base`.
+    pub fn merged(&self, base: &SshSettings) -> SshSettings {
+        SshSettings {
+            user: self.user.clone().or_else(|| base.user.clone()),
+            port: self.port.or(base.port),
+            key: self.key.clone().or_else(|| base.key.clone()),
+            known_hosts: self.known_hosts.clone().or_else(|| base.known_hosts.clone()),
+            connect_timeout: self.connect_timeout.or(base.connect_timeout),
+            forks: self.forks.or(base.forks),
+            proxy_jump: self.proxy_jump.clone().or_else(|| base.proxy_jump.clone()),
+        }
+    }
+}
+
+/// Where ferry finds the SSH private key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// Try `SSH_PRIVATE_KEY`, then ssh-agent (the default).
+    Auto,
+    /// The `SSH_PRIVATE_KEY` environment variable (key text or base64 of it).
+    Env,
+    /// ssh-agent via `SSH_AUTH_SOCK`.
+    Agent,
+    /// A key file.
+    File(PathBuf),
+}
+
+/// Where ferry finds trusted host keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KnownHostsSource {
+    /// `SSH_KNOWN_HOSTS` if set, else `~/.ssh/known_hosts` (the default).
+    Auto,
+    /// The `SSH_KNOWN_HOSTS` environment variable (known_hosts content).
+    Env,
+    /// A known_hosts file.
+    File(PathBuf),
+}
+
+impl<'de> Deserialize<'de> for KeySource {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.as_str() {
+            "auto" => Ok(KeySource::Auto),
+            "env" => Ok(KeySource::Env),
+            "agent" => Ok(KeySource::Agent),
+            _ => match s.strip_prefix("file:") {
+                Some(p) if !p.is_empty() => Ok(KeySource::File(PathBuf::from(p))),
+                _ => Err(serde::de::Error::custom(format!(
+                    "invalid key source `{s}`: expected `auto`, `env`, `agent` or `file:PATH`"
+                ))),
+            },
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for KnownHostsSource {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.as_str() {
+            "auto" => Ok(KnownHostsSource::Auto),
+            "env" => Ok(KnownHostsSource::Env),
+            _ => match s.strip_prefix("file:") {
+                Some(p) if !p.is_empty() => Ok(KnownHostsSource::File(PathBuf::from(p))),
+                _ => Err(serde::de::Error::custom(format!(
+                    "invalid known_hosts source `{s}`: expected `auto`, `env` or `file:PATH`"
+                ))),
+            },
+        }
+    }
+}
+
+/// A ref rule: `branch` or `tag` glob (`*` matches any run of characters, `?` one) to environments.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    pub branch: Option<String>,
+    pub tag: Option<String>,
+    /// The environments to deploy; empty means "deploy nothing for this ref".
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub deploy: Vec<String>,
+}
+
+/// One environment: hosts, where things live on them, and the steps of a deploy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Environment {
+    /// Shown as the GitLab environment URL and in status.
+    pub url: Option<String>,
+    #[serde(default)]
+    pub ssh: SshSettings,
+    /// Base directory on the hosts: relative `sync.to` paths and ferry's state (`.ferry/`) live here.
+    /// Defaults to `/srv/<app>`. May use templates.
+    pub root: Option<String>,
+    #[serde(default)]
+    pub vars: BTreeMap<String, String>,
+    /// Docker settings for this environment's hosts.
+    #[serde(default)]
+    pub docker: DockerSettings,
+    pub hosts: Vec<HostEntry>,
+    #[serde(default)]
+    pub steps: Vec<Step>,
+    /// Steps run by `ferry stop` (e.g. removing a review app).
+    #[serde(default)]
+    pub on_stop: Vec<Step>,
+}
+
+/// How `docker` is invoked on a host.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DockerSettings {
+    /// The command, as argv (`["sudo", "docker"]`, `["podman"]`). Defaults to `["docker"]`.
+    #[serde(default, deserialize_with = "opt_argv")]
+    pub command: Option<Vec<String>>,
+}
+
+impl DockerSettings {
+    pub fn merged(&self, base: &DockerSettings) -> DockerSettings {
+        DockerSettings {
+            command: self.command.clone().or_else(|| base.command.clone()),
+        }
+    }
+
+    pub fn argv(&self) -> Vec<String> {
+        self.command.clone().unwrap_or_else(|| vec!["docker".into()])
+    }
+}
+
+/// A host: `user@host:port` shorthand or a map with overrides.
+#[derive(Debug, Clone)]
+pub struct HostEntry {
+    /// Display name, used in output, ledgers and `${host}`. Defaults to the address.
+    pub name: String,
+    pub address: String,
+    pub user: Option<String>,
+    pub port: Option<u16>,
+    pub ssh: SshSettings,
+    pub vars: BTreeMap<String, String>,
+    pub docker: DockerSettings,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HostMap {
+    name: Option<String>,
+    host: String,
+    user: Option<String>,
+    port: Option<u16>,
+    #[serde(default)]
+    ssh: SshSettings,
+    #[serde(default)]
+    vars: BTreeMap<String, String>,
+    #[serde(default)]
+    docker: DockerSettings,
+}
+
+impl<'de> Deserialize<'de> for HostEntry {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Buffer the node so the map form reports its own field errors (serde's `untagged` hides them).
+        let value = serde_json::Value::deserialize(d)?;
+        match value {
+            serde_json::Value::String(s) => {
+                let a = parse_address(&s).map_err(serde::de::Error::custom)?;
+                Ok(HostEntry {
+                    name: s.clone(),
+                    address: a.host,
+                    user: a.user,
+                    port: a.port,
+                    ssh: SshSettings::default(),
+                    vars: BTreeMap::new(),
+                    docker: DockerSettings::default(),
+                })
+            }
+            other @ serde_json::Value::Object(_) => {
+                let m: HostMap = serde_json::from_value(other).map_err(serde::de::Error::custom)?;
+                let a = parse_address(&m.host).map_err(serde::de::Error::custom)?;
+                Ok(HostEntry {
+                    name: m.name.unwrap_or_else(|| m.host.clone()),
+                    address: a.host,
+                    user: m.user.or(a.user),
+                    port: m.port.or(a.port),
+                    ssh: m.ssh,
+                    vars: m.vars,
+                    docker: m.docker,
+                })
+            }
+            _ => Err(serde::de::Error::custom(
+                "a host is `user@host:port` or a map with `host:`",
+            )),
+        }
+    }
+}
+
+/// `user@host:port`, each part but the host optional. IPv6 literals go in brackets: `[::1]:2222`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Address {
+    pub user: Option<String>,
+    pub host: String,
+    pub port: Option<u16>,
+}
+
+pub fn parse_address(s: &str) -> Result<Address, String> {
+    let (user, rest) = match s.rsplit_once('@') {
+        Some((u, r)) if !u.is_empty() => (Some(u.to_string()), r),
+        Some(_) => return Err(format!("invalid host `{s}`: empty user before `@`")),
+        None => (None, s),
+    };
+    let (host, port) = if let Some(inner) = rest.strip_prefix('[') {
+        let (h, after) = inner
+            .split_once(']')
+            .ok_or_else(|| format!("invalid host `{s}`: missing `]`"))?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(parse_port(s, p)?),
+            None if after.is_empty() => None,
+            None => return Err(format!("invalid host `{s}`: unexpected `{after}` after `]`")),
+        };
+        (h.to_string(), port)
+    } else {
+        match rest.split_once(':') {
+            Some((h, p)) => (h.to_string(), Some(parse_port(s, p)?)),
+            None => (rest.to_string(), None),
+        }
+    };
+    if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c == '/') {
+        return Err(format!("invalid host `{s}`: expected `user@host:port`"));
+    }
+    Ok(Address { user, host, port })
+}
+
+fn parse_port(whole: &str, p: &str) -> Result<u16, String> {
+    p.parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("invalid port `{p}` in `{whole}`: expected 1-65535"))
+}
+
+/// One step of a deploy. Written in YAML as a one-key map: `- sync: {...}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Step {
+    /// Ship a local directory to a path on the hosts.
+    Sync(SyncStep),
+    /// `docker login` with the password on stdin.
+    DockerLogin(DockerLoginStep),
+    /// Run or replace the app's service container, health-gated.
+    Container(ContainerSpec),
+    /// A long-lived side container (database, cache): started if missing or changed, else left alone.
+    Accessory(ContainerSpec),
+    /// `docker build` from a context directory on the host.
+    DockerBuild(DockerBuildStep),
+    /// `docker tag SOURCE TARGET`.
+    DockerTag(DockerTagStep),
+    /// `docker push IMAGE`.
+    DockerPush(ImageStep),
+    /// `docker pull IMAGE`.
+    DockerPull(ImageStep),
+    /// Keep the newest N images of a repository; never remove one a container uses.
+    DockerPrune(DockerPruneStep),
+    /// Remove a container (for `on_stop`).
+    DockerRemove(DockerRemoveStep),
+    /// Remove a synced path and its releases (for `on_stop`).
+    SyncRemove(SyncRemoveStep),
+    /// Run a command on the hosts.
+    Run(RunStep),
+}
+
+impl Step {
+    /// A short label for logs and section names.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Step::Sync(_) => "sync",
+            Step::DockerLogin(_) => "docker_login",
+            Step::Container(_) => "container",
+            Step::Accessory(_) => "accessory",
+            Step::DockerBuild(_) => "docker_build",
+            Step::DockerTag(_) => "docker_tag",
+            Step::DockerPush(_) => "docker_push",
+            Step::DockerPull(_) => "docker_pull",
+            Step::DockerPrune(_) => "docker_prune",
+            Step::DockerRemove(_) => "docker_remove",
+            Step::SyncRemove(_) => "sync_remove",
+            Step::Run(_) => "run",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SyncMode {
+    /// `to` is a symlink to an immutable release directory, switched atomically (the default).
+    #[default]
+    Release,
+    /// Files are written to temp names and renamed into `to`, a real directory.
+    InPlace,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncStep {
+    /// Local directory (relative to the working directory). May use templates.
+    pub from: String,
+    /// Remote path the web server or app reads (relative paths are under the environment's root).
+    pub to: String,
+    #[serde(default)]
+    pub mode: SyncMode,
+    /// gitignore-style patterns of local paths not to ship.
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// Releases to keep (the live one and the rollback target are always kept).
+    #[serde(default = "default_keep")]
+    pub keep: usize,
+    /// Delete files on the host that are not in `from` (in-place mode; releases are always exact).
+    #[serde(default = "default_true")]
+    pub delete: bool,
+    /// Take over an existing plain directory at `to` on the first deploy.
+    #[serde(default)]
+    pub adopt: bool,
+}
+
+fn default_keep() -> usize {
+    5
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncRemoveStep {
+    pub to: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DockerLoginStep {
+    /// Registry host (`registry.example.com:5000`).
+    pub registry: String,
+    pub user: String,
+    /// Name of the controller's environment variable holding the password.
+    pub password_env: String,
+}
+
+/// A container to run. Every field of a `docker run` that deploys use has a place here.
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerSpec {
+    pub name: String,
+    pub image: String,
+    /// Command and arguments (argv). Omit to use the image's.
+    #[serde(default, deserialize_with = "opt_argv")]
+    pub command: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "opt_argv")]
+    pub entrypoint: Option<Vec<String>>,
+    /// `HOST:CONTAINER[/proto]` or `IP:HOST:CONTAINER`.
+    #[serde(default)]
+    pub ports: Vec<String>,
+    /// Plain environment values (templated).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Container variable to the controller's environment variable that holds its secret value.
+    /// Values are sent on stdin into an env file, never on a command line.
+    #[serde(default)]
+    pub secret_env: BTreeMap<String, String>,
+    /// An env file on the host.
+    pub env_file: Option<String>,
+    /// `SOURCE:TARGET[:ro]`.
+    #[serde(default)]
+    pub volumes: Vec<String>,
+    pub network: Option<String>,
+    /// no, always, unless-stopped, on-failure[:N].
+    pub restart: Option<String>,
+    pub log_driver: Option<String>,
+    #[serde(default)]
+    pub log_opts: BTreeMap<String, String>,
+    #[serde(default)]
+    pub privileged: bool,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub user: Option<String>,
+    pub workdir: Option<String>,
+    #[serde(default)]
+    pub extra_hosts: Vec<String>,
+    pub memory: Option<String>,
+    pub cpus: Option<String>,
+    pub health: Option<HealthCheck>,
+    /// Per-host overrides, keyed by host name. Only the fields given replace the base spec's.
+    #[serde(default)]
+    pub hosts: BTreeMap<String, serde_json::Value>,
+}
+
+/// How ferry decides a new container is healthy.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// `docker` (the image's HEALTHCHECK state), `http`, or `tcp` (probes run on the host).
+    #[serde(rename = "type")]
+    pub kind: HealthKind,
+    /// For http: a URL such as `http://127.0.0.1:8080/health`.
+    pub url: Option<String>,
+    /// For tcp: `host:port`.
+    pub address: Option<String>,
+    /// How long to wait for health in total.
+    #[serde(default = "default_health_timeout", deserialize_with = "duration")]
+    #[serde(serialize_with = "ser_duration")]
+    pub timeout: Duration,
+    /// Time between probes.
+    #[serde(default = "default_health_interval", deserialize_with = "duration")]
+    #[serde(serialize_with = "ser_duration")]
+    pub interval: Duration,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthKind {
+    Docker,
+    Http,
+    Tcp,
+}
+
+fn default_health_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_health_interval() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_duration(*d))
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DockerBuildStep {
+    /// Context directory on the host (typically a sync step's `to`).
+    pub context: String,
+    /// Image name to build.
+    pub tag: String,
+    /// Dockerfile path, relative to the context.
+    pub file: Option<String>,
+    #[serde(default)]
+    pub build_args: BTreeMap<String, String>,
+    #[serde(default = "default_build_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+}
+
+fn default_build_timeout() -> Duration {
+    Duration::from_secs(30 * 60)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DockerTagStep {
+    pub source: String,
+    pub target: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageStep {
+    pub image: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DockerPruneStep {
+    /// Repository whose images are pruned, e.g. `registry:5000/shop`.
+    pub repository: String,
+    pub keep: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DockerRemoveStep {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunStep {
+    /// argv (each element quoted for the remote shell) or one string run by `sh -c`.
+    pub command: Command,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Argv(Vec<String>),
+    Shell(String),
+}
+
+impl<'de> Deserialize<'de> for Command {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            S(String),
+            V(Vec<String>),
+        }
+        match Raw::deserialize(d)? {
+            Raw::S(s) => Ok(Command::Shell(s)),
+            Raw::V(v) if !v.is_empty() => Ok(Command::Argv(v)),
+            Raw::V(_) => Err(serde::de::Error::custom("command must not be empty")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GitlabSettings {
+    /// API base, default `$CI_API_V4_URL`.
+    pub url: Option<String>,
+    /// Project id or path, default `$CI_PROJECT_ID`.
+    pub project: Option<String>,
+    /// Environment variable holding the token (default `FERRY_GITLAB_TOKEN`).
+    pub token_env: Option<String>,
+    /// Also create and update a deployment through the Deployments API.
+    #[serde(default)]
+    pub deployments: bool,
+}
+
+fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Raw::deserialize(d)? {
+        Raw::One(s) => vec![s],
+        Raw::Many(v) => v,
+    })
+}
+
+fn opt_argv<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Option::<Raw>::deserialize(d)? {
+        None => None,
+        Some(Raw::One(s)) => Some(
+            shlex::split(&s).ok_or_else(|| serde::de::Error::custom(format!("cannot split `{s}` into words")))?,
+        ),
+        Some(Raw::Many(v)) => Some(v),
+    })
+}
+
+/// Parse `90s`, `5m`, `1h30m`, `250ms` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    if rest.is_empty() {
+        return Err("empty duration".into());
+    }
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(format!("invalid duration `{s}`: expected e.g. `30s`, `5m`, `1h30m`"));
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| format!("invalid duration `{s}`"))?;
+        rest = &rest[digits..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        total += match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n * 60),
+            "h" => Duration::from_secs(n * 3600),
+            "d" => Duration::from_secs(n * 86400),
+            _ => return Err(format!("invalid duration `{s}`: unknown unit `{unit}` (use ms, s, m, h, d)")),
+        };
+    }
+    Ok(total)
+}
+
+pub fn format_duration(d: Duration) -> String {
+    if d.subsec_millis() != 0 {
+        format!("{}ms", d.as_millis())
+    } else {
+        format!("{}s", d.as_secs())
+    }
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        N(u64),
+        S(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::N(n) => Ok(Duration::from_secs(n)),
+        Raw::S(s) => parse_duration(&s).map_err(serde::de::Error::custom),
+    }
+}
+
+fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    #[derive(Deserialize)]
+    struct W(#[serde(deserialize_with = "duration")] Duration);
+    Ok(Option::<W>::deserialize(d)?.map(|w| w.0))
+}
+
+/// A playbook that failed to load, with where and why.
+#[derive(Debug, thiserror::Error)]
+pub enum PlaybookError {
+    #[error("cannot read playbook {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}:{line}:{column}: {message}")]
+    Syntax { path: PathBuf, line: u64, column: u64, message: String },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// Read and validate a playbook file.
+pub fn load(path: &Path) -> Result<Playbook, PlaybookError> {
+    let text = std::fs::read_to_string(path).map_err(|source| PlaybookError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(&text, path)
+}
+
+/// Parse playbook text; `path` is only used in messages.
+pub fn parse(text: &str, path: &Path) -> Result<Playbook, PlaybookError> {
+    let mut pb: Playbook = serde_saphyr::from_str(text).map_err(|e| {
+        let (line, column) = e.location().map(|l| (l.line(), l.column())).unwrap_or((1, 1));
+        PlaybookError::Syntax {
+            path: path.to_path_buf(),
+            line,
+            column,
+            message: first_line(&e.to_string()),
+        }
+    })?;
+    pb.path = path.to_path_buf();
+    validate(&pb, text).map_err(|message| PlaybookError::Invalid { path: path.to_path_buf(), message })?;
+    Ok(pb)
+}
+
+/// serde-saphyr's messages carry a source snippet after the first line; we print our own location.
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or(s).trim().to_string()
+}
+
+/// Cross-field checks serde cannot express. Messages point at the line of the offending key when found.
+fn validate(pb: &Playbook, text: &str) -> Result<(), String> {
+    let at = |needle: &str| -> String {
+        text.lines()
+            .position(|l| l.contains(needle))
+            .map(|n| format!("line {}: ", n + 1))
+            .unwrap_or_default()
+    };
+    if !is_name(&pb.app) {
+        return Err(format!(
+            "{}app `{}`: use letters, digits, `-`, `_` and `.` only",
+            at("app:"),
+            pb.app
+        ));
+    }
+    if pb.environments.is_empty() {
+        return Err("no environments: add `environments:` with at least one".into());
+    }
+    for (name, env) in &pb.environments {
+        if !is_name(name) {
+            return Err(format!(
+                "{}environment `{name}`: use letters, digits, `-`, `_` and `.` only",
+                at(&format!("{name}:"))
+            ));
+        }
+        if env.hosts.is_empty() {
+            return Err(format!("{}environment `{name}` has no hosts", at(&format!("{name}:"))));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for h in &env.hosts {
+            if !seen.insert(&h.name) {
+                return Err(format!("{}environment `{name}` lists host `{}` twice", at(&h.name), h.name));
+            }
+        }
+        for step in env.steps.iter().chain(&env.on_stop) {
+            if let Step::Container(c) | Step::Accessory(c) = step {
+                for host in c.hosts.keys() {
+                    if !env.hosts.iter().any(|h| &h.name == host) {
+                        return Err(format!(
+                            "{}container `{}` overrides host `{host}`, which environment `{name}` does not list",
+                            at(&format!("{host}:")),
+                            c.name
+                        ));
+                    }
+                }
+                if let Some(h) = &c.health {
+                    let missing = match h.kind {
+                        HealthKind::Http if h.url.is_none() => Some("url"),
+                        HealthKind::Tcp if h.address.is_none() => Some("address"),
+                        _ => None,
+                    };
+                    if let Some(field) = missing {
+                        return Err(format!(
+                            "{}container `{}`: health check type {:?} needs `{field}`",
+                            at("health:"),
+                            c.name,
+                            h.kind
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    for rule in &pb.rules {
+        if rule.branch.is_some() == rule.tag.is_some() {
+            return Err(format!("{}a rule needs exactly one of `branch:` or `tag:`", at("rules:")));
+        }
+        for e in &rule.deploy {
+            if !pb.environments.contains_key(e) {
+                return Err(format!(
+                    "{}rule deploys to `{e}`, which is not under `environments:` (have: {})",
+                    at(&format!("deploy: {e}")),
+                    pb.environments.keys().cloned().collect::<Vec<_>>().join(", ")
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Names that go into paths and container names unquoted must be plain.
+pub fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && !s.starts_with('.')
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+impl fmt::Display for KeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeySource::Auto => write!(f, "auto"),
+            KeySource::Env => write!(f, "env"),
+            KeySource::Agent => write!(f, "agent"),
+            KeySource::File(p) => write!(f, "file:{}", p.display()),
+        }
+    }
+}
+
+impl Playbook {
+    pub fn environment(&self, name: &str) -> Result<&Environment, String> {
+        self.environments.get(name).ok_or_else(|| {
+            format!(
+                "no environment `{name}` in {} (have: {})",
+                self.path.display(),
+                self.environments.keys().cloned().collect::<Vec<_>>().join(", ")
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(text: &str) -> Result<Playbook, PlaybookError> {
+        parse(text, Path::new("pb.yml"))
+    }
+
+    const MINIMAL: &str = "app: shop\nenvironments:\n  staging:\n    hosts: [deploy@10.0.0.5:2222]\n";
+
+    #[test]
+    fn minimal_playbook_parses_host_shorthand() {
+        let pb = p(MINIMAL).unwrap();
+        let h = &pb.environments["staging"].hosts[0];
+        assert_eq!(h.address, "10.0.0.5");
+        assert_eq!(h.user.as_deref(), Some("deploy"));
+        assert_eq!(h.port, Some(2222));
+        assert_eq!(h.name, "deploy@10.0.0.5:2222");
+    }
+
+    #[test]
+    fn unknown_key_reports_line_and_column() {
+        let err = p("app: shop\nenvironments:\n  staging:\n    hosts: [a]\n    hostz: [b]\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("pb.yml:5:5: "), "{msg}");
+        assert!(msg.contains("hostz"), "{msg}");
+    }
+
+    #[test]
+    fn bad_yaml_reports_location() {
+        let err = p("app: shop\nenvironments: [\n").unwrap_err();
+        assert!(matches!(err, PlaybookError::Syntax { line: 2.., .. }), "{err}");
+    }
+
+    #[test]
+    fn steps_are_one_key_maps() {
+        let pb = p(&format!(
+            "{MINIMAL}    steps:\n      - sync: {{ from: dist/, to: /srv/web/app, keep: 3 }}\n      - run: {{ command: [echo, hi] }}\n"
+        ))
+        .unwrap();
+        let steps = &pb.environments["staging"].steps;
+        assert!(matches!(&steps[0], Step::Sync(s) if s.keep == 3 && s.mode == SyncMode::Release));
+        assert!(matches!(&steps[1], Step::Run(r) if r.command == Command::Argv(vec!["echo".into(), "hi".into()])));
+    }
+
+    #[test]
+    fn unknown_step_is_an_error_with_location() {
+        let err = p(&format!("{MINIMAL}    steps:\n      - rsync: {{ from: a }}\n")).unwrap_err();
+        assert!(err.to_string().starts_with("pb.yml:6:"), "{err}");
+    }
+
+    #[test]
+    fn rule_must_name_known_environment() {
+        let err = p(&format!("{MINIMAL}rules:\n  - branch: release-*\n    deploy: prod\n")).unwrap_err();
+        assert!(err.to_string().contains("`prod`"), "{err}");
+        assert!(err.to_string().contains("line 7"), "{err}");
+    }
+
+    #[test]
+    fn addresses() {
+        assert_eq!(
+            parse_address("[::1]:22").unwrap(),
+            Address { user: None, host: "::1".into(), port: Some(22) }
+        );
+        assert!(parse_address("a@b:0").is_err());
+        assert!(parse_address("a@b:x").is_err());
+        assert!(parse_address("@b").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("12").unwrap(), Duration::from_secs(12));
+        assert!(parse_duration("5x").is_err());
+    }
+
+    #[test]
+    fn key_source_values() {
+        let pb = p(&format!("{MINIMAL}ssh:\n  key: file:/k\n  known_hosts: env\n  connect_timeout: 5s\n")).unwrap();
+        assert_eq!(pb.ssh.key, Some(KeySource::File("/k".into())));
+        assert_eq!(pb.ssh.known_hosts, Some(KnownHostsSource::Env));
+        assert_eq!(pb.ssh.connect_timeout, Some(Duration::from_secs(5)));
+        let err = p(&format!("{MINIMAL}ssh:\n  key: vault\n")).unwrap_err();
+        assert!(err.to_string().contains("pb.yml:6:"), "{err}");
+    }
+}
