@@ -62,7 +62,10 @@ impl SshSettings {
             user: self.user.clone().or_else(|| base.user.clone()),
             port: self.port.or(base.port),
             key: self.key.clone().or_else(|| base.key.clone()),
-            known_hosts: self.known_hosts.clone().or_else(|| base.known_hosts.clone()),
+            known_hosts: self
+                .known_hosts
+                .clone()
+                .or_else(|| base.known_hosts.clone()),
             connect_timeout: self.connect_timeout.or(base.connect_timeout),
             forks: self.forks.or(base.forks),
             proxy_jump: self.proxy_jump.clone().or_else(|| base.proxy_jump.clone()),
@@ -179,7 +182,9 @@ impl DockerSettings {
     }
 
     pub fn argv(&self) -> Vec<String> {
-        self.command.clone().unwrap_or_else(|| vec!["docker".into()])
+        self.command
+            .clone()
+            .unwrap_or_else(|| vec!["docker".into()])
     }
 }
 
@@ -269,7 +274,11 @@ pub fn parse_address(s: &str) -> Result<Address, String> {
         let port = match after.strip_prefix(':') {
             Some(p) => Some(parse_port(s, p)?),
             None if after.is_empty() => None,
-            None => return Err(format!("invalid host `{s}`: unexpected `{after}` after `]`")),
+            None => {
+                return Err(format!(
+                    "invalid host `{s}`: unexpected `{after}` after `]`"
+                ));
+            }
         };
         (h.to_string(), port)
     } else {
@@ -600,9 +609,11 @@ fn opt_argv<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::E
     }
     Ok(match Option::<Raw>::deserialize(d)? {
         None => None,
-        Some(Raw::One(s)) => Some(
-            shlex::split(&s).ok_or_else(|| serde::de::Error::custom(format!("cannot split `{s}` into words")))?,
-        ),
+        Some(Raw::One(s)) => {
+            Some(shlex::split(&s).ok_or_else(|| {
+                serde::de::Error::custom(format!("cannot split `{s}` into words"))
+            })?)
+        }
         Some(Raw::Many(v)) => Some(v),
     })
 }
@@ -619,13 +630,21 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err("empty duration".into());
     }
     while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
         if digits == 0 {
-            return Err(format!("invalid duration `{s}`: expected e.g. `30s`, `5m`, `1h30m`"));
+            return Err(format!(
+                "invalid duration `{s}`: expected e.g. `30s`, `5m`, `1h30m`"
+            ));
         }
-        let n: u64 = rest[..digits].parse().map_err(|_| format!("invalid duration `{s}`"))?;
+        let n: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("invalid duration `{s}`"))?;
         rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let unit = &rest[..unit_len];
         rest = &rest[unit_len..];
         total += match unit {
@@ -634,7 +653,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "m" => Duration::from_secs(n * 60),
             "h" => Duration::from_secs(n * 3600),
             "d" => Duration::from_secs(n * 86400),
-            _ => return Err(format!("invalid duration `{s}`: unknown unit `{unit}` (use ms, s, m, h, d)")),
+            _ => {
+                return Err(format!(
+                    "invalid duration `{s}`: unknown unit `{unit}` (use ms, s, m, h, d)"
+                ));
+            }
         };
     }
     Ok(total)
@@ -671,9 +694,17 @@ fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::
 #[derive(Debug, thiserror::Error)]
 pub enum PlaybookError {
     #[error("cannot read playbook {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}:{line}:{column}: {message}")]
-    Syntax { path: PathBuf, line: u64, column: u64, message: String },
+    Syntax {
+        path: PathBuf,
+        line: u64,
+        column: u64,
+        message: String,
+    },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
 }
@@ -690,7 +721,10 @@ pub fn load(path: &Path) -> Result<Playbook, PlaybookError> {
 /// Parse playbook text; `path` is only used in messages.
 pub fn parse(text: &str, path: &Path) -> Result<Playbook, PlaybookError> {
     let mut pb: Playbook = serde_saphyr::from_str(text).map_err(|e| {
-        let (line, column) = e.location().map(|l| (l.line(), l.column())).unwrap_or((1, 1));
+        let (line, column) = e
+            .location()
+            .map(|l| (l.line(), l.column()))
+            .unwrap_or((1, 1));
         PlaybookError::Syntax {
             path: path.to_path_buf(),
             line,
@@ -699,7 +733,10 @@ pub fn parse(text: &str, path: &Path) -> Result<Playbook, PlaybookError> {
         }
     })?;
     pb.path = path.to_path_buf();
-    validate(&pb, text).map_err(|message| PlaybookError::Invalid { path: path.to_path_buf(), message })?;
+    validate(&pb, text).map_err(|message| PlaybookError::Invalid {
+        path: path.to_path_buf(),
+        message,
+    })?;
     Ok(pb)
 }
 
@@ -734,12 +771,19 @@ fn validate(pb: &Playbook, text: &str) -> Result<(), String> {
             ));
         }
         if env.hosts.is_empty() {
-            return Err(format!("{}environment `{name}` has no hosts", at(&format!("{name}:"))));
+            return Err(format!(
+                "{}environment `{name}` has no hosts",
+                at(&format!("{name}:"))
+            ));
         }
         let mut seen = std::collections::BTreeSet::new();
         for h in &env.hosts {
             if !seen.insert(&h.name) {
-                return Err(format!("{}environment `{name}` lists host `{}` twice", at(&h.name), h.name));
+                return Err(format!(
+                    "{}environment `{name}` lists host `{}` twice",
+                    at(&h.name),
+                    h.name
+                ));
             }
         }
         for step in env.steps.iter().chain(&env.on_stop) {
@@ -773,14 +817,21 @@ fn validate(pb: &Playbook, text: &str) -> Result<(), String> {
     }
     for rule in &pb.rules {
         if rule.branch.is_some() == rule.tag.is_some() {
-            return Err(format!("{}a rule needs exactly one of `branch:` or `tag:`", at("rules:")));
+            return Err(format!(
+                "{}a rule needs exactly one of `branch:` or `tag:`",
+                at("rules:")
+            ));
         }
         for e in &rule.deploy {
             if !pb.environments.contains_key(e) {
                 return Err(format!(
                     "{}rule deploys to `{e}`, which is not under `environments:` (have: {})",
                     at(&format!("deploy: {e}")),
-                    pb.environments.keys().cloned().collect::<Vec<_>>().join(", ")
+                    pb.environments
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ));
             }
         }
@@ -793,7 +844,8 @@ pub fn is_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
         && !s.starts_with('.')
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 impl fmt::Display for KeySource {
@@ -813,7 +865,11 @@ impl Playbook {
             format!(
                 "no environment `{name}` in {} (have: {})",
                 self.path.display(),
-                self.environments.keys().cloned().collect::<Vec<_>>().join(", ")
+                self.environments
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )
         })
     }
@@ -827,7 +883,8 @@ mod tests {
         parse(text, Path::new("pb.yml"))
     }
 
-    const MINIMAL: &str = "app: shop\nenvironments:\n  staging:\n    hosts: [deploy@10.0.0.5:2222]\n";
+    const MINIMAL: &str =
+        "app: shop\nenvironments:\n  staging:\n    hosts: [deploy@10.0.0.5:2222]\n";
 
     #[test]
     fn minimal_playbook_parses_host_shorthand() {
@@ -841,7 +898,8 @@ mod tests {
 
     #[test]
     fn unknown_key_reports_line_and_column() {
-        let err = p("app: shop\nenvironments:\n  staging:\n    hosts: [a]\n    hostz: [b]\n").unwrap_err();
+        let err = p("app: shop\nenvironments:\n  staging:\n    hosts: [a]\n    hostz: [b]\n")
+            .unwrap_err();
         let msg = err.to_string();
         assert!(msg.starts_with("pb.yml:5:5: "), "{msg}");
         assert!(msg.contains("hostz"), "{msg}");
@@ -850,7 +908,10 @@ mod tests {
     #[test]
     fn bad_yaml_reports_location() {
         let err = p("app: shop\nenvironments: [\n").unwrap_err();
-        assert!(matches!(err, PlaybookError::Syntax { line: 2.., .. }), "{err}");
+        assert!(
+            matches!(err, PlaybookError::Syntax { line: 2.., .. }),
+            "{err}"
+        );
     }
 
     #[test]
@@ -861,18 +922,26 @@ mod tests {
         .unwrap();
         let steps = &pb.environments["staging"].steps;
         assert!(matches!(&steps[0], Step::Sync(s) if s.keep == 3 && s.mode == SyncMode::Release));
-        assert!(matches!(&steps[1], Step::Run(r) if r.command == Command::Argv(vec!["echo".into(), "hi".into()])));
+        assert!(
+            matches!(&steps[1], Step::Run(r) if r.command == Command::Argv(vec!["echo".into(), "hi".into()]))
+        );
     }
 
     #[test]
     fn unknown_step_is_an_error_with_location() {
-        let err = p(&format!("{MINIMAL}    steps:\n      - rsync: {{ from: a }}\n")).unwrap_err();
+        let err = p(&format!(
+            "{MINIMAL}    steps:\n      - rsync: {{ from: a }}\n"
+        ))
+        .unwrap_err();
         assert!(err.to_string().starts_with("pb.yml:6:"), "{err}");
     }
 
     #[test]
     fn rule_must_name_known_environment() {
-        let err = p(&format!("{MINIMAL}rules:\n  - branch: release-*\n    deploy: prod\n")).unwrap_err();
+        let err = p(&format!(
+            "{MINIMAL}rules:\n  - branch: release-*\n    deploy: prod\n"
+        ))
+        .unwrap_err();
         assert!(err.to_string().contains("`prod`"), "{err}");
         assert!(err.to_string().contains("line 7"), "{err}");
     }
@@ -881,7 +950,11 @@ mod tests {
     fn addresses() {
         assert_eq!(
             parse_address("[::1]:22").unwrap(),
-            Address { user: None, host: "::1".into(), port: Some(22) }
+            Address {
+                user: None,
+                host: "::1".into(),
+                port: Some(22)
+            }
         );
         assert!(parse_address("a@b:0").is_err());
         assert!(parse_address("a@b:x").is_err());
@@ -898,7 +971,10 @@ mod tests {
 
     #[test]
     fn key_source_values() {
-        let pb = p(&format!("{MINIMAL}ssh:\n  key: file:/k\n  known_hosts: env\n  connect_timeout: 5s\n")).unwrap();
+        let pb = p(&format!(
+            "{MINIMAL}ssh:\n  key: file:/k\n  known_hosts: env\n  connect_timeout: 5s\n"
+        ))
+        .unwrap();
         assert_eq!(pb.ssh.key, Some(KeySource::File("/k".into())));
         assert_eq!(pb.ssh.known_hosts, Some(KnownHostsSource::Env));
         assert_eq!(pb.ssh.connect_timeout, Some(Duration::from_secs(5)));

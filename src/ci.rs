@@ -1,0 +1,112 @@
+//! What is being deployed: ref, commit, pipeline and who, read from GitLab CI's variables, falling
+//! back to git and `--ref`/`--sha` outside CI. These become template variables and ledger fields.
+
+use std::process::Command;
+
+use crate::template::{self, Vars};
+
+/// The facts about one deploy run that every host records.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct DeployContext {
+    /// Branch or tag name.
+    #[serde(rename = "ref")]
+    pub ref_name: String,
+    pub is_tag: bool,
+    pub sha: String,
+    pub pipeline_id: Option<String>,
+    pub job_url: Option<String>,
+    /// Who ran it (GitLab user or local user).
+    pub user: String,
+}
+
+impl DeployContext {
+    /// Read from the environment: explicit flags win, then GitLab CI variables, then git.
+    pub fn detect(
+        ref_flag: Option<&str>,
+        sha_flag: Option<&str>,
+        tag_flag: bool,
+    ) -> anyhow::Result<DeployContext> {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let ci_tag = env("CI_COMMIT_TAG");
+        let (ref_name, is_tag) = match (ref_flag, &ci_tag, env("CI_COMMIT_REF_NAME")) {
+            (Some(r), _, _) => (r.to_string(), tag_flag),
+            (None, Some(t), _) => (t.clone(), true),
+            (None, None, Some(r)) => (r, false),
+            (None, None, None) => match git(&["symbolic-ref", "--short", "-q", "HEAD"]) {
+                Some(b) => (b, false),
+                None => anyhow::bail!(
+                    "cannot tell which ref this is: not in GitLab CI and not on a git branch; pass --ref"
+                ),
+            },
+        };
+        let sha = match sha_flag
+            .map(str::to_string)
+            .or_else(|| env("CI_COMMIT_SHA"))
+            .or_else(|| git(&["rev-parse", "HEAD"]))
+        {
+            Some(s) => s,
+            None => {
+                anyhow::bail!("cannot tell which commit this is: set CI_COMMIT_SHA or pass --sha")
+            }
+        };
+        if !sha.chars().all(|c| c.is_ascii_hexdigit()) || sha.is_empty() || sha.len() > 64 {
+            anyhow::bail!("commit `{sha}` is not a hex sha");
+        }
+        let user = env("GITLAB_USER_LOGIN")
+            .or_else(|| env("USER"))
+            .unwrap_or_else(|| "unknown".into());
+        Ok(DeployContext {
+            ref_name,
+            is_tag,
+            sha: sha.to_lowercase(),
+            pipeline_id: env("CI_PIPELINE_ID"),
+            job_url: env("CI_JOB_URL"),
+            user,
+        })
+    }
+
+    pub fn short_sha(&self) -> &str {
+        &self.sha[..self.sha.len().min(8)]
+    }
+
+    pub fn ref_slug(&self) -> String {
+        template::slug(&self.ref_name)
+    }
+
+    /// Template variables derived from the deploy.
+    pub fn vars(&self) -> Vars {
+        let mut v = Vars::new();
+        v.insert("ref".into(), self.ref_name.clone());
+        v.insert("ref_slug".into(), self.ref_slug());
+        v.insert(
+            "tag".into(),
+            if self.is_tag {
+                self.ref_name.clone()
+            } else {
+                String::new()
+            },
+        );
+        v.insert("sha".into(), self.sha.clone());
+        v.insert("short_sha".into(), self.short_sha().into());
+        v.insert(
+            "pipeline_id".into(),
+            self.pipeline_id.clone().unwrap_or_else(|| "0".into()),
+        );
+        v.insert("user".into(), self.user.clone());
+        v
+    }
+}
+
+fn git(args: &[&str]) -> Option<String> {
+    let out = Command::new("git").args(args).output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let s = String::from_utf8(out.stdout).ok()?.trim().to_string();
+    (!s.is_empty()).then_some(s)
+}
+
+/// True when running inside a GitLab CI job.
+pub fn in_gitlab_ci() -> bool {
+    std::env::var_os("GITLAB_CI").is_some()
+}

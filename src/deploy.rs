@@ -1,0 +1,465 @@
+//! Deploy orchestration: from a ref to environments (rules), then per host: lock, run the steps in
+//! order, record the attempt in the host's ledger, unlock. Also rollback and stop, which walk the
+//! same steps. Step modules (`sync`, `docker`) do the work; this module only sequences and reports.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use crate::ci::DeployContext;
+use crate::cli::{DeployOpts, Global, RefArgs, Setup, Target, UsageError};
+use crate::inventory::Host;
+use crate::ledger::{self, Record};
+use crate::lock::Lock;
+use crate::playbook::{Command, RunStep, Step};
+use crate::report::{self, Progress, Section, Style};
+use crate::ssh::Session;
+use crate::{docker, fleet, gitlab, rules, shell, sync};
+
+/// Which steps a run executes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    All,
+    SyncOnly,
+}
+
+/// What a step sees: the host, its connection, and the run's facts.
+pub struct StepCtx<'a> {
+    pub host: &'a Host,
+    pub session: &'a Session,
+    pub deploy: &'a DeployContext,
+    pub app: &'a str,
+    pub env: &'a str,
+    /// This run's release id, the same on every host: `20261122T134500Z-1a2b3c4d`.
+    pub release: &'a str,
+    /// Dry run: report what would change, change nothing.
+    pub plan: bool,
+    pub progress: &'a Progress,
+    pub style: Style,
+}
+
+/// What a step did, for the summary, the ledger and `--json`.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct StepReport {
+    pub step: String,
+    /// False when the host already matched (no-op).
+    pub changed: bool,
+    /// One line for the summary table.
+    pub summary: String,
+    pub files_sent: u64,
+    pub bytes_sent: u64,
+    /// Lines shown in the step's log section.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub log: Vec<String>,
+    /// Step-specific facts (plan details, container ids, ...).
+    #[serde(skip_serializing_if = "serde_json::Value::is_null", default)]
+    pub detail: serde_json::Value,
+}
+
+/// One host's deploy result.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HostReport {
+    pub host: String,
+    pub env: String,
+    pub ok: bool,
+    pub steps: Vec<StepReport>,
+    pub error: Option<String>,
+    pub seconds: f64,
+}
+
+/// A new release id: UTC time then short sha, so ids sort by time and name the commit.
+pub fn release_id(ctx: &DeployContext) -> String {
+    let now = time::OffsetDateTime::now_utc();
+    let fmt = time::macros::format_description!("[year][month][day]T[hour][minute][second]Z");
+    format!(
+        "{}-{}",
+        now.format(fmt).expect("formattable"),
+        ctx.short_sha()
+    )
+}
+
+fn context(refs: &RefArgs) -> anyhow::Result<DeployContext> {
+    DeployContext::detect(refs.ref_name.as_deref(), refs.sha.as_deref(), refs.tag)
+        .map_err(|e| UsageError(format!("{e:#}")).into())
+}
+
+/// The environments this run deploys: `--env`, or the ref's rule.
+fn environments(
+    pb: &crate::playbook::Playbook,
+    target: &Target,
+    ctx: &DeployContext,
+) -> anyhow::Result<Vec<String>> {
+    if let Some(e) = &target.env {
+        return Ok(vec![e.clone()]);
+    }
+    if pb.rules.is_empty() {
+        return Err(UsageError(format!("{} has no rules: pass --env", pb.path.display())).into());
+    }
+    Ok(rules::select(&pb.rules, &ctx.ref_name, ctx.is_tag)
+        .map(<[String]>::to_vec)
+        .unwrap_or_default())
+}
+
+/// `ferry deploy` / `ferry sync`.
+pub async fn cli_deploy(
+    g: &Global,
+    target: &Target,
+    refs: &RefArgs,
+    opts: &DeployOpts,
+    scope: Scope,
+) -> anyhow::Result<i32> {
+    let ctx = context(refs)?;
+    let pb = crate::cli::load_playbook(&target.playbook)?;
+    let envs = environments(&pb, target, &ctx)?;
+    if envs.is_empty() {
+        let kind = if ctx.is_tag { "tag" } else { "branch" };
+        println!(
+            "nothing to deploy for {kind} {}",
+            shell::quote_str(&ctx.ref_name)
+        );
+        return Ok(0);
+    }
+    let mut reports = Vec::new();
+    for env in &envs {
+        let setup = Setup::with_playbook(g, pb.clone(), env, Some(&ctx))?;
+        let steps: Vec<Step> = pb.environments[env]
+            .steps
+            .iter()
+            .filter(|s| scope == Scope::All || matches!(s, Step::Sync(_)))
+            .cloned()
+            .collect();
+        reports.extend(run_env(&setup, &ctx, &steps, opts, Action::Deploy).await?);
+    }
+    finish(g, &reports)
+}
+
+/// `ferry rollback`.
+pub async fn cli_rollback(
+    g: &Global,
+    target: &Target,
+    refs: &RefArgs,
+    to: Option<&str>,
+    opts: &DeployOpts,
+) -> anyhow::Result<i32> {
+    let env = target
+        .env
+        .clone()
+        .ok_or_else(|| UsageError("rollback needs --env".into()))?;
+    let ctx = context(refs)?;
+    let setup = Setup::new(g, &target.playbook, &env, Some(&ctx))?;
+    let steps = setup.playbook.environments[&env].steps.clone();
+    let reports = run_env(
+        &setup,
+        &ctx,
+        &steps,
+        opts,
+        Action::Rollback(to.map(str::to_string)),
+    )
+    .await?;
+    finish(g, &reports)
+}
+
+/// `ferry stop`: run the environment's `on_stop` steps for a ref.
+pub async fn cli_stop(
+    g: &Global,
+    target: &Target,
+    refs: &RefArgs,
+    opts: &DeployOpts,
+) -> anyhow::Result<i32> {
+    let env = target
+        .env
+        .clone()
+        .ok_or_else(|| UsageError("stop needs --env".into()))?;
+    let ctx = context(refs)?;
+    let setup = Setup::new(g, &target.playbook, &env, Some(&ctx))?;
+    let steps = setup.playbook.environments[&env].on_stop.clone();
+    if steps.is_empty() {
+        return Err(UsageError(format!("environment `{env}` has no on_stop steps")).into());
+    }
+    let reports = run_env(&setup, &ctx, &steps, opts, Action::Stop).await?;
+    finish(g, &reports)
+}
+
+#[derive(Debug, Clone)]
+enum Action {
+    Deploy,
+    Rollback(Option<String>),
+    Stop,
+}
+
+impl Action {
+    fn name(&self) -> &'static str {
+        match self {
+            Action::Deploy => "deploy",
+            Action::Rollback(_) => "rollback",
+            Action::Stop => "stop",
+        }
+    }
+}
+
+async fn run_env(
+    setup: &Setup,
+    ctx: &DeployContext,
+    steps: &[Step],
+    opts: &DeployOpts,
+    action: Action,
+) -> anyhow::Result<Vec<HostReport>> {
+    let release = release_id(ctx);
+    let progress = Progress::new(setup.style);
+    let gitlab = if opts.plan {
+        None
+    } else {
+        gitlab::Reporter::new(&setup.playbook, ctx, &setup.env)
+    };
+    if let Some(r) = &gitlab {
+        r.report(gitlab::State::Running, None).await;
+    }
+    let app = setup.playbook.app.as_str();
+    let env = setup.env.as_str();
+    let started = Instant::now();
+    let action = Arc::new(action);
+    let outcomes = fleet::run(
+        &setup.connector,
+        &setup.hosts,
+        setup.settings.forks,
+        |host, session| {
+            let (progress, release, action) = (&progress, release.as_str(), action.clone());
+            async move {
+                let sctx = StepCtx {
+                    host: &host,
+                    session: &session,
+                    deploy: ctx,
+                    app,
+                    env,
+                    release,
+                    plan: opts.plan,
+                    progress,
+                    style: setup.style,
+                };
+                let r = run_host(&sctx, steps, opts, &action).await;
+                session.close().await;
+                r
+            }
+        },
+    )
+    .await;
+    let reports: Vec<HostReport> = outcomes
+        .into_iter()
+        .map(|o| match o.result {
+            Ok(r) => r,
+            Err(e) => HostReport {
+                host: o.host,
+                env: env.to_string(),
+                ok: false,
+                steps: vec![],
+                error: Some(format!("{e:#}")),
+                seconds: o.elapsed.as_secs_f64(),
+            },
+        })
+        .collect();
+    if let Some(r) = &gitlab {
+        let ok = reports.iter().all(|r| r.ok);
+        let state = if ok {
+            gitlab::State::Success
+        } else {
+            gitlab::State::Failed
+        };
+        r.report(state, Some(started.elapsed())).await;
+    }
+    Ok(reports)
+}
+
+/// One host: lock, steps, ledger, unlock. Step failures become a failed report, not an `Err`, so
+/// that they are recorded; `Err` is for failures before anything ran (lock held, ...).
+async fn run_host(
+    ctx: &StepCtx<'_>,
+    steps: &[Step],
+    opts: &DeployOpts,
+    action: &Action,
+) -> anyhow::Result<HostReport> {
+    let started = Instant::now();
+    let started_at = report::unix_now();
+    let lock = if ctx.plan {
+        None
+    } else {
+        Some(Lock::acquire(ctx, opts.lock_wait).await?)
+    };
+    let mut reports = Vec::new();
+    let mut error = None;
+    for (i, step) in steps.iter().enumerate() {
+        let name = format!("{}_{}_{}", ctx.host.name(), i + 1, step.kind());
+        let section = Section::start(
+            ctx.style,
+            &name,
+            &format!("{}: {} ({})", ctx.host.name(), step.kind(), action.name()),
+        );
+        let result = match action {
+            Action::Deploy | Action::Stop => run_step(ctx, step).await,
+            Action::Rollback(to) => rollback_step(ctx, step, to.as_deref()).await,
+        };
+        match result {
+            Ok(Some(r)) => {
+                for line in &r.log {
+                    ctx.progress
+                        .println(&format!("{}: {line}", ctx.host.name()));
+                }
+                if !ctx.style.json {
+                    ctx.progress.println(&format!(
+                        "{}: {}: {}",
+                        ctx.host.name(),
+                        step.kind(),
+                        r.summary
+                    ));
+                }
+                reports.push(r);
+                drop(section);
+            }
+            Ok(None) => drop(section),
+            Err(e) => {
+                let msg = format!("{e:#}");
+                ctx.progress.println(&format!(
+                    "{}: {} FAILED: {msg}",
+                    ctx.host.name(),
+                    step.kind()
+                ));
+                drop(section);
+                reports.push(StepReport {
+                    step: step.kind().into(),
+                    summary: "failed".into(),
+                    ..Default::default()
+                });
+                error = Some(format!("step {} ({}): {msg}", i + 1, step.kind()));
+                break;
+            }
+        }
+    }
+    let ok = error.is_none();
+    if !ctx.plan {
+        let record = Record::new(
+            ctx,
+            action.name(),
+            &reports,
+            ok,
+            error.as_deref(),
+            started_at,
+            started.elapsed(),
+        );
+        if let Err(e) = ledger::append(ctx, &record).await {
+            tracing::warn!("cannot record the deploy in the ledger: {e:#}");
+        }
+    }
+    if let Some(lock) = lock {
+        lock.release().await.context("releasing the deploy lock")?;
+    }
+    Ok(HostReport {
+        host: ctx.host.name().to_string(),
+        env: ctx.env.to_string(),
+        ok,
+        steps: reports,
+        error,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+async fn run_step(ctx: &StepCtx<'_>, step: &Step) -> anyhow::Result<Option<StepReport>> {
+    Ok(Some(match step {
+        Step::Sync(s) => sync::run(ctx, s).await?,
+        Step::SyncRemove(s) => sync::remove(ctx, s).await?,
+        Step::Run(r) => run_command(ctx, r).await?,
+        other => docker::run(ctx, other).await?,
+    }))
+}
+
+/// Rollback walks the deploy steps backwards in effect: files and the service container switch back;
+/// one-shot steps (push, tag, run) have nothing to undo and are skipped.
+async fn rollback_step(
+    ctx: &StepCtx<'_>,
+    step: &Step,
+    to: Option<&str>,
+) -> anyhow::Result<Option<StepReport>> {
+    match step {
+        Step::Sync(s) => Ok(Some(sync::rollback(ctx, s, to).await?)),
+        Step::Container(c) => Ok(Some(docker::rollback(ctx, c).await?)),
+        _ => Ok(None),
+    }
+}
+
+async fn run_command(ctx: &StepCtx<'_>, step: &RunStep) -> anyhow::Result<StepReport> {
+    let cmd = match &step.command {
+        Command::Argv(argv) => {
+            let argv: Vec<String> = argv
+                .iter()
+                .map(|a| ctx.host.expand(a))
+                .collect::<anyhow::Result<_>>()?;
+            shell::join_str(&argv)
+        }
+        Command::Shell(s) => shell::join_str(&["sh", "-c", &ctx.host.expand(s)?]),
+    };
+    if ctx.plan {
+        return Ok(StepReport {
+            step: "run".into(),
+            summary: format!("would run: {cmd}"),
+            ..Default::default()
+        });
+    }
+    let timeout = step.timeout.or(Some(Duration::from_secs(600)));
+    let out = ctx
+        .session
+        .run_raw(cmd.as_bytes(), &[], timeout, None)
+        .await?;
+    let log: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    if !out.success() {
+        anyhow::bail!("`{cmd}` exited with {:?}: {}", out.status, out.tail());
+    }
+    Ok(StepReport {
+        step: "run".into(),
+        changed: true,
+        summary: format!("ran: {cmd}"),
+        log,
+        ..Default::default()
+    })
+}
+
+/// Print the per-host summary and choose the exit code.
+fn finish(g: &Global, reports: &[HostReport]) -> anyhow::Result<i32> {
+    if g.json {
+        println!("{}", serde_json::to_string_pretty(reports)?);
+    } else {
+        let rows: Vec<Vec<String>> = reports
+            .iter()
+            .map(|r| {
+                let sent: u64 = r.steps.iter().map(|s| s.bytes_sent).sum();
+                let files: u64 = r.steps.iter().map(|s| s.files_sent).sum();
+                vec![
+                    r.host.clone(),
+                    r.env.clone(),
+                    if r.ok { "ok".into() } else { "FAILED".into() },
+                    files.to_string(),
+                    report::human_bytes(sent),
+                    format!("{:.1}s", r.seconds),
+                    r.error.clone().unwrap_or_default(),
+                ]
+            })
+            .collect();
+        print!(
+            "{}",
+            report::table(
+                &[
+                    "HOST",
+                    "ENV",
+                    "RESULT",
+                    "FILES SENT",
+                    "SENT",
+                    "TIME",
+                    "ERROR"
+                ],
+                &rows
+            )
+        );
+    }
+    Ok(if reports.iter().all(|r| r.ok) { 0 } else { 1 })
+}

@@ -1,0 +1,64 @@
+//! Fleet: run one piece of work on many hosts at once, bounded by `forks`, each in its own tracing
+//! span. A host that fails (to connect or to deploy) never stops the others; the caller gets one
+//! outcome per host, in inventory order, to summarise and turn into an exit code.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use futures::stream::{self, StreamExt};
+use tracing::Instrument;
+
+use crate::inventory::Host;
+use crate::ssh::{Connector, Session};
+
+/// What happened on one host.
+#[derive(Debug)]
+pub struct Outcome<T> {
+    pub host: String,
+    pub result: anyhow::Result<T>,
+    pub elapsed: Duration,
+}
+
+/// Connect to each host (at most `forks` at once) and run `work` on the session.
+pub async fn run<T, F, Fut>(
+    connector: &Connector,
+    hosts: &[Host],
+    forks: usize,
+    work: F,
+) -> Vec<Outcome<T>>
+where
+    F: Fn(Host, Session) -> Fut,
+    Fut: Future<Output = anyhow::Result<T>>,
+{
+    let work = &work;
+    let mut outcomes: Vec<(usize, Outcome<T>)> = stream::iter(hosts.iter().cloned().enumerate())
+        .map(|(i, host)| async move {
+            let name = host.name().to_string();
+            let span = tracing::info_span!("host", host = %name);
+            let start = Instant::now();
+            let result = async {
+                let session = connector.connect(&host.target).await?;
+                work(host, session).await
+            }
+            .instrument(span)
+            .await;
+            (
+                i,
+                Outcome {
+                    host: name,
+                    result,
+                    elapsed: start.elapsed(),
+                },
+            )
+        })
+        .buffer_unordered(forks.max(1))
+        .collect()
+        .await;
+    outcomes.sort_by_key(|(i, _)| *i);
+    outcomes.into_iter().map(|(_, o)| o).collect()
+}
+
+/// True when every host succeeded.
+pub fn all_ok<T>(outcomes: &[Outcome<T>]) -> bool {
+    outcomes.iter().all(|o| o.result.is_ok())
+}

@@ -1,0 +1,211 @@
+//! Inventory: turns an environment of the playbook into concrete hosts to connect to, with SSH
+//! settings layered (defaults < playbook < environment < host < command line) and templates expanded.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+use crate::playbook::{
+    self, DockerSettings, Environment, KeySource, KnownHostsSource, Playbook, SshSettings,
+};
+use crate::ssh::Target;
+use crate::template::{self, Vars};
+
+pub const DEFAULT_FORKS: usize = 10;
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One host of an environment, ready to connect to and deploy on.
+#[derive(Debug, Clone)]
+pub struct Host {
+    pub target: Target,
+    /// `docker` argv on this host (e.g. `["sudo", "docker"]`).
+    pub docker: Vec<String>,
+    /// Template variables: deploy context < playbook < environment < host, plus `host`, `env`, `app`.
+    pub vars: Vars,
+    /// The environment's root directory on this host (templates expanded).
+    pub root: String,
+}
+
+impl Host {
+    pub fn name(&self) -> &str {
+        &self.target.name
+    }
+
+    /// Expand a template with this host's variables.
+    pub fn expand(&self, s: &str) -> anyhow::Result<String> {
+        template::expand(s, &self.vars)
+            .with_context(|| format!("{}: in playbook value", self.name()))
+    }
+
+    /// A remote path: absolute as given, or relative to the environment's root.
+    pub fn path(&self, s: &str) -> anyhow::Result<String> {
+        let p = self.expand(s)?;
+        Ok(if p.starts_with('/') {
+            p
+        } else {
+            format!("{}/{}", self.root.trim_end_matches('/'), p)
+        })
+    }
+
+    /// Where ferry keeps this app's per-environment state on the host (locks, ledger).
+    pub fn state_dir(&self) -> String {
+        format!("{}/.ferry", self.root.trim_end_matches('/'))
+    }
+}
+
+/// Command-line overrides of the playbook's SSH settings.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub identity: Option<PathBuf>,
+    pub known_hosts: Option<PathBuf>,
+    pub forks: Option<usize>,
+    pub connect_timeout: Option<Duration>,
+    /// Only these hosts (by name), if not empty.
+    pub limit: Vec<String>,
+}
+
+/// The resolved SSH settings of a run (the environment level; hosts may override user/port/jump).
+#[derive(Debug, Clone)]
+pub struct RunSettings {
+    pub key: KeySource,
+    pub known_hosts: KnownHostsSource,
+    pub connect_timeout: Duration,
+    pub forks: usize,
+}
+
+/// Resolve `env_name` of `pb` into hosts, with `base_vars` (the deploy context's) underneath.
+pub fn resolve(
+    pb: &Playbook,
+    env_name: &str,
+    base_vars: &Vars,
+    ov: &Overrides,
+) -> anyhow::Result<(RunSettings, Vec<Host>)> {
+    let env = pb.environment(env_name).map_err(anyhow::Error::msg)?;
+    let env_ssh = env.ssh.merged(&pb.ssh);
+    let settings = RunSettings {
+        key: env_ssh.key.clone().unwrap_or(KeySource::Auto),
+        known_hosts: match &ov.known_hosts {
+            Some(p) => KnownHostsSource::File(p.clone()),
+            None => env_ssh
+                .known_hosts
+                .clone()
+                .unwrap_or(KnownHostsSource::Auto),
+        },
+        connect_timeout: ov
+            .connect_timeout
+            .or(env_ssh.connect_timeout)
+            .unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+        forks: ov.forks.or(env_ssh.forks).unwrap_or(DEFAULT_FORKS).max(1),
+    };
+    let mut hosts = Vec::new();
+    for entry in &env.hosts {
+        if !ov.limit.is_empty()
+            && !ov
+                .limit
+                .iter()
+                .any(|l| l == &entry.name || l == &entry.address)
+        {
+            continue;
+        }
+        let ssh = entry.ssh.merged(&env_ssh);
+        let mut vars = base_vars.clone();
+        vars.extend(pb.vars.clone());
+        vars.extend(env.vars.clone());
+        vars.extend(entry.vars.clone());
+        vars.insert("app".into(), pb.app.clone());
+        vars.insert("env".into(), env_name.to_string());
+        vars.insert("host".into(), entry.name.clone());
+        let target = Target {
+            name: entry.name.clone(),
+            user: entry
+                .user
+                .clone()
+                .or_else(|| ssh.user.clone())
+                .unwrap_or_else(default_user),
+            host: entry.address.clone(),
+            port: entry.port.or(ssh.port).unwrap_or(22),
+            jump: jump_target(&ssh)?,
+        };
+        let root_t = env
+            .root
+            .clone()
+            .unwrap_or_else(|| format!("/srv/{}", pb.app));
+        let root = template::expand(&root_t, &vars)
+            .with_context(|| format!("environment `{env_name}`: root"))?;
+        if !root.starts_with('/') {
+            bail!("environment `{env_name}`: root `{root}` must be an absolute path");
+        }
+        vars.insert("root".into(), root.clone());
+        hosts.push(Host {
+            target,
+            docker: docker_argv(&entry.docker, env),
+            vars,
+            root,
+        });
+    }
+    if hosts.is_empty() {
+        bail!("no hosts selected in environment `{env_name}` (check --limit)");
+    }
+    Ok((settings, hosts))
+}
+
+fn docker_argv(host: &DockerSettings, env: &Environment) -> Vec<String> {
+    host.merged(&env.docker).argv()
+}
+
+fn jump_target(ssh: &SshSettings) -> anyhow::Result<Option<Box<Target>>> {
+    let Some(spec) = &ssh.proxy_jump else {
+        return Ok(None);
+    };
+    let a = playbook::parse_address(spec)
+        .map_err(anyhow::Error::msg)
+        .context("proxy_jump")?;
+    Ok(Some(Box::new(Target {
+        name: spec.clone(),
+        user: a
+            .user
+            .or_else(|| ssh.user.clone())
+            .unwrap_or_else(default_user),
+        host: a.host,
+        port: a.port.unwrap_or(22),
+        jump: None,
+    })))
+}
+
+fn default_user() -> String {
+    std::env::var("USER").unwrap_or_else(|_| "root".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn layering_and_templates() {
+        let pb = playbook::parse(
+            "app: shop\nssh: { user: deploy, port: 2200 }\nvars: { site: a }\nenvironments:\n  review:\n    root: /srv/review/${ref_slug}\n    ssh: { proxy_jump: 'jump@bastion:2022' }\n    hosts:\n      - web1\n      - { host: web2, user: root, port: 22, vars: { site: b } }\n",
+            Path::new("pb.yml"),
+        )
+        .unwrap();
+        let base: Vars = [("ref_slug".to_string(), "feature-x".to_string())].into();
+        let (settings, hosts) = resolve(&pb, "review", &base, &Overrides::default()).unwrap();
+        assert_eq!(settings.forks, DEFAULT_FORKS);
+        assert_eq!(hosts[0].target.user, "deploy");
+        assert_eq!(hosts[0].target.port, 2200);
+        assert_eq!(hosts[0].root, "/srv/review/feature-x");
+        assert_eq!(
+            hosts[0].path("current").unwrap(),
+            "/srv/review/feature-x/current"
+        );
+        assert_eq!(hosts[1].target.user, "root");
+        assert_eq!(hosts[1].vars["site"], "b");
+        let jump = hosts[0].target.jump.as_ref().unwrap();
+        assert_eq!(
+            (jump.user.as_str(), jump.host.as_str(), jump.port),
+            ("jump", "bastion", 2022)
+        );
+        assert_eq!(hosts[0].docker, vec!["docker"]);
+    }
+}

@@ -1,0 +1,301 @@
+//! Host key verification against OpenSSH known_hosts content.
+//!
+//! russh's own checker ignores wildcards and `@revoked`, so ferry parses known_hosts itself: plain,
+//! `[host]:port`, hashed `|1|salt|hash`, `*`/`?` wildcards, `!` negation, `@revoked` and
+//! `@cert-authority` lines (CA lines are skipped: ferry does not accept host certificates).
+//! The check is never skipped: an unknown host fails unless the user passes `--accept-new`.
+
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use hmac::{KeyInit, Mac};
+use russh::keys::{HashAlg, PublicKey};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// A matching line trusts this key.
+    Known,
+    /// Lines exist for this host, with other keys.
+    Mismatch { expected: Vec<String> },
+    /// The key is listed under `@revoked`.
+    Revoked,
+    /// Nothing is known about this host.
+    Unknown,
+}
+
+/// Trusted host keys, with where they came from (for messages and for recording new keys).
+#[derive(Debug, Clone)]
+pub struct KnownHosts {
+    entries: Vec<Entry>,
+    /// Human description of the source: `SSH_KNOWN_HOSTS` or a file path.
+    pub source: String,
+    /// Where `--accept-new` records keys.
+    pub record_to: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    marker: Marker,
+    patterns: Vec<Pattern>,
+    key: PublicKey,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Marker {
+    None,
+    Revoked,
+    CertAuthority,
+}
+
+#[derive(Debug, Clone)]
+enum Pattern {
+    Glob { negated: bool, glob: String },
+    Hashed { salt: Vec<u8>, hash: Vec<u8> },
+}
+
+impl KnownHosts {
+    pub fn parse(text: &str, source: String, record_to: PathBuf) -> KnownHosts {
+        let entries = text.lines().filter_map(parse_line).collect();
+        KnownHosts {
+            entries,
+            source,
+            record_to,
+        }
+    }
+
+    pub fn from_file(path: &Path) -> std::io::Result<KnownHosts> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e),
+        };
+        Ok(KnownHosts::parse(
+            &text,
+            path.display().to_string(),
+            path.to_path_buf(),
+        ))
+    }
+
+    /// Check `key` for `host` on `port`. OpenSSH writes `[host]:port` for ports other than 22.
+    pub fn check(&self, host: &str, port: u16, key: &PublicKey) -> Verdict {
+        let name = host_key_name(host, port);
+        let mut expected = Vec::new();
+        let mut known = false;
+        for e in &self.entries {
+            if !matches(&e.patterns, &name) {
+                continue;
+            }
+            let same = e.key.key_data() == key.key_data();
+            match e.marker {
+                Marker::Revoked if same => return Verdict::Revoked,
+                Marker::None if same => known = true,
+                Marker::None => expected.push(fingerprint(&e.key)),
+                _ => {}
+            }
+        }
+        if known {
+            Verdict::Known
+        } else if !expected.is_empty() {
+            Verdict::Mismatch { expected }
+        } else {
+            Verdict::Unknown
+        }
+    }
+
+    /// Append `key` for `host:port` to [`KnownHosts::record_to`] (for `--accept-new`).
+    pub fn record(&mut self, host: &str, port: u16, key: &PublicKey) -> std::io::Result<()> {
+        use std::io::Write;
+        let name = host_key_name(host, port);
+        let line = format!(
+            "{name} {}\n",
+            key.to_openssh().map_err(std::io::Error::other)?
+        );
+        if let Some(dir) = self.record_to.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.record_to)?;
+        f.write_all(line.as_bytes())?;
+        f.sync_all()?;
+        self.entries.extend(parse_line(&line));
+        Ok(())
+    }
+}
+
+pub fn fingerprint(key: &PublicKey) -> String {
+    key.fingerprint(HashAlg::Sha256).to_string()
+}
+
+fn host_key_name(host: &str, port: u16) -> String {
+    if port == 22 {
+        host.to_string()
+    } else {
+        format!("[{host}]:{port}")
+    }
+}
+
+fn parse_line(line: &str) -> Option<Entry> {
+    let line = line.trim();
+    if line.is_empty() || line.starts_with('#') {
+        return None;
+    }
+    let mut fields = line.split_whitespace();
+    let mut first = fields.next()?;
+    let marker = match first {
+        "@revoked" => Marker::Revoked,
+        "@cert-authority" => Marker::CertAuthority,
+        _ => Marker::None,
+    };
+    if marker != Marker::None {
+        first = fields.next()?;
+    }
+    let kind = fields.next()?;
+    let data = fields.next()?;
+    let key = PublicKey::from_openssh(&format!("{kind} {data}")).ok()?;
+    let patterns = first.split(',').filter_map(parse_pattern).collect();
+    Some(Entry {
+        marker,
+        patterns,
+        key,
+    })
+}
+
+fn parse_pattern(p: &str) -> Option<Pattern> {
+    if let Some(rest) = p.strip_prefix("|1|") {
+        let (salt, hash) = rest.split_once('|')?;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        return Some(Pattern::Hashed {
+            salt: b64.decode(salt).ok()?,
+            hash: b64.decode(hash).ok()?,
+        });
+    }
+    let (negated, glob) = match p.strip_prefix('!') {
+        Some(g) => (true, g),
+        None => (false, p),
+    };
+    Some(Pattern::Glob {
+        negated,
+        glob: glob.to_lowercase(),
+    })
+}
+
+/// OpenSSH semantics: any negated match rejects the line; otherwise any positive match accepts it.
+fn matches(patterns: &[Pattern], name: &str) -> bool {
+    let lower = name.to_lowercase();
+    let mut hit = false;
+    for p in patterns {
+        match p {
+            Pattern::Glob { negated, glob } => {
+                if glob_match(glob.as_bytes(), lower.as_bytes()) {
+                    if *negated {
+                        return false;
+                    }
+                    hit = true;
+                }
+            }
+            Pattern::Hashed { salt, hash } => {
+                let Ok(mut mac) = hmac::Hmac::<sha1::Sha1>::new_from_slice(salt) else {
+                    continue;
+                };
+                mac.update(name.as_bytes());
+                if mac.verify_slice(hash).is_ok() {
+                    hit = true;
+                }
+            }
+        }
+    }
+    hit
+}
+
+/// `*` and `?` glob over bytes.
+pub fn glob_match(pat: &[u8], s: &[u8]) -> bool {
+    let (mut p, mut i) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while i < s.len() {
+        if p < pat.len() && (pat[p] == b'?' || pat[p] == s[i]) {
+            p += 1;
+            i += 1;
+        } else if p < pat.len() && pat[p] == b'*' {
+            star = Some(p);
+            p += 1;
+            mark = i;
+        } else if let Some(sp) = star {
+            p = sp + 1;
+            mark += 1;
+            i = mark;
+        } else {
+            return false;
+        }
+    }
+    while p < pat.len() && pat[p] == b'*' {
+        p += 1;
+    }
+    p == pat.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const K1: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOYttQ4Dt49lNVnReEmMoWZ9zj0XHjQkwFjGQHr7pBEY";
+    const K2: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBB6JyuHgtsVVTo9XmUNxAJc/bnYTwnKmZ6kzA4Ezlx5";
+
+    fn key(s: &str) -> PublicKey {
+        PublicKey::from_openssh(s).unwrap()
+    }
+
+    fn kh(text: &str) -> KnownHosts {
+        KnownHosts::parse(text, "test".into(), "/nonexistent".into())
+    }
+
+    #[test]
+    fn plain_port_and_wildcards() {
+        let k = kh(&format!(
+            "web1.example.com {K1}\n[10.0.0.5]:2222 {K1}\n*.internal,!db.internal {K1}\n"
+        ));
+        assert_eq!(k.check("web1.example.com", 22, &key(K1)), Verdict::Known);
+        assert_eq!(k.check("10.0.0.5", 2222, &key(K1)), Verdict::Known);
+        assert_eq!(k.check("10.0.0.5", 22, &key(K1)), Verdict::Unknown);
+        assert_eq!(k.check("app.internal", 22, &key(K1)), Verdict::Known);
+        assert_eq!(k.check("db.internal", 22, &key(K1)), Verdict::Unknown);
+    }
+
+    #[test]
+    fn mismatch_lists_expected_fingerprints() {
+        let k = kh(&format!("web1 {K1}\n"));
+        match k.check("web1", 22, &key(K2)) {
+            Verdict::Mismatch { expected } => assert_eq!(expected, vec![fingerprint(&key(K1))]),
+            v => panic!("{v:?}"),
+        }
+    }
+
+    #[test]
+    fn hashed_entries() {
+        // Made with `ssh-keygen -H` for host `[127.0.0.1]:2222`.
+        let salt = base64::engine::general_purpose::STANDARD.encode(b"0123456789abcdefghij");
+        let mut mac = hmac::Hmac::<sha1::Sha1>::new_from_slice(b"0123456789abcdefghij").unwrap();
+        mac.update(b"[127.0.0.1]:2222");
+        let hash = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+        let k = kh(&format!("|1|{salt}|{hash} {K1}\n"));
+        assert_eq!(k.check("127.0.0.1", 2222, &key(K1)), Verdict::Known);
+        assert_eq!(k.check("127.0.0.1", 2223, &key(K1)), Verdict::Unknown);
+    }
+
+    #[test]
+    fn revoked_wins() {
+        let k = kh(&format!("web1 {K1}\n@revoked * {K1}\n"));
+        assert_eq!(k.check("web1", 22, &key(K1)), Verdict::Revoked);
+    }
+
+    #[test]
+    fn comments_and_garbage_are_skipped() {
+        let k = kh(&format!(
+            "# comment\n\nnot a line\nweb1 {K1} comment here\n"
+        ));
+        assert_eq!(k.check("web1", 22, &key(K1)), Verdict::Known);
+    }
+}

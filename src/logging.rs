@@ -1,0 +1,17 @@
+//! Logging setup: `tracing` to stderr, quiet by default, `-v`/`-vv` or `FERRY_LOG` for more.
+
+use tracing_subscriber::EnvFilter;
+
+pub fn init(verbose: u8) {
+    let default = match verbose {
+        0 => "ferry=warn",
+        1 => "ferry=info",
+        _ => "ferry=debug,russh=info",
+    };
+    let filter = EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}

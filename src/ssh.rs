@@ -1,0 +1,692 @@
+//! SSH transport: one verified, authenticated connection per host, and remote commands on it.
+//!
+//! This is the only module that talks to russh. Everything above it sees [`Session`]: run an argv (each
+//! argument shell-quoted), a script, or open a process whose stdin is streamed. Channels share one
+//! connection and are capped below OpenSSH's `MaxSessions`.
+
+use std::ffi::OsStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use russh::client::{self, Handle};
+use russh::keys::agent::client::AgentClient;
+use russh::keys::{PrivateKeyWithHashAlg, PublicKey};
+use russh::{ChannelMsg, Disconnect};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::Semaphore;
+
+use crate::keys::Credentials;
+use crate::known_hosts::{self, KnownHosts, Verdict};
+use crate::shell;
+
+/// OpenSSH allows 10 sessions per connection by default; stay below.
+const MAX_CHANNELS: usize = 8;
+const CONNECT_ATTEMPTS: u32 = 3;
+
+/// Where to connect: a resolved host with an optional bastion in front.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Display name (the host's name in the playbook).
+    pub name: String,
+    pub user: String,
+    pub host: String,
+    pub port: u16,
+    pub jump: Option<Box<Target>>,
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}:{}", self.user, self.host, self.port)
+    }
+}
+
+/// Settings shared by every connection of a run.
+#[derive(Clone)]
+pub struct Connector {
+    pub credentials: Credentials,
+    pub known_hosts: Arc<Mutex<KnownHosts>>,
+    pub accept_new: bool,
+    pub connect_timeout: Duration,
+    /// Caps handshakes in flight across all hosts (key exchange is CPU-heavy).
+    pub handshakes: Arc<Semaphore>,
+}
+
+/// Failures callers branch on (retry, exit code, message with the fix).
+#[derive(Debug, thiserror::Error)]
+pub enum SshError {
+    #[error("{host}: cannot connect")]
+    Connect {
+        host: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "{host}: no answer within {after:?} (connect_timeout); is the host up and the port right?"
+    )]
+    Timeout { host: String, after: Duration },
+    #[error(
+        "{host}: HOST KEY MISMATCH on port {port}: the host presented {presented}, but {file} expects {expected}. \
+         This may be an attack. If the host was reinstalled, fix its line in {file}"
+    )]
+    HostKeyMismatch {
+        host: String,
+        port: u16,
+        presented: String,
+        expected: String,
+        file: String,
+    },
+    #[error("{host}: host key {presented} is revoked in {file}")]
+    HostKeyRevoked {
+        host: String,
+        presented: String,
+        file: String,
+    },
+    #[error(
+        "{host}: unknown host key {presented} (port {port}, not in {file}). \
+         Add it to SSH_KNOWN_HOSTS (ssh-keyscan -p {port} {host}), or pass --accept-new to trust and record it"
+    )]
+    HostKeyUnknown {
+        host: String,
+        port: u16,
+        presented: String,
+        file: String,
+    },
+    #[error("{host}: cannot record host key in {path}: {error}")]
+    HostKeyRecord {
+        host: String,
+        path: String,
+        error: String,
+    },
+    #[error(
+        "{host}: authentication as `{user}` failed with {method}: is the public key in ~{user}/.ssh/authorized_keys?"
+    )]
+    AuthFailed {
+        host: String,
+        user: String,
+        method: String,
+    },
+    #[error("{host}: ssh-agent: {error}")]
+    Agent { host: String, error: String },
+    #[error("{host}: ssh connection failed")]
+    Protocol { host: String, source: russh::Error },
+    #[error("{host}: command timed out after {after:?}: {command}")]
+    CommandTimeout {
+        host: String,
+        after: Duration,
+        command: String,
+    },
+    #[error("{host}: argument contains a NUL byte")]
+    Nul { host: String },
+}
+
+impl SshError {
+    /// Worth another attempt: the network, not the configuration, failed.
+    fn is_transient(&self) -> bool {
+        match self {
+            SshError::Connect { source, .. } => {
+                !matches!(source.kind(), std::io::ErrorKind::NotFound)
+            }
+            SshError::Timeout { .. } => true,
+            SshError::Protocol { source, .. } => matches!(
+                source,
+                russh::Error::IO(_) | russh::Error::Disconnect | russh::Error::ConnectionTimeout
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// How the host key check went, for `ferry check`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostKeyStatus {
+    Known,
+    /// Was unknown; recorded because of `--accept-new`.
+    Accepted,
+}
+
+struct Client {
+    host: String,
+    port: u16,
+    connector: Connector,
+    /// Filled by `check_server_key`: Ok(status) or the error to report.
+    outcome: Arc<Mutex<Option<Result<HostKeyStatus, SshError>>>>,
+}
+
+impl client::Handler for Client {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        let russh::keys::PublicKeyOrCertificate::PublicKey { key, .. } = key else {
+            *self.outcome.lock().unwrap() = Some(Err(SshError::HostKeyUnknown {
+                host: self.host.clone(),
+                port: self.port,
+                presented: "a host certificate".into(),
+                file: "known_hosts".into(),
+            }));
+            return Ok(false);
+        };
+        let result = self.verify(key);
+        let ok = result.is_ok();
+        *self.outcome.lock().unwrap() = Some(result);
+        Ok(ok)
+    }
+}
+
+impl Client {
+    fn verify(&self, key: &PublicKey) -> Result<HostKeyStatus, SshError> {
+        let mut kh = self.connector.known_hosts.lock().unwrap();
+        let presented = known_hosts::fingerprint(key);
+        match kh.check(&self.host, self.port, key) {
+            Verdict::Known => Ok(HostKeyStatus::Known),
+            Verdict::Mismatch { expected } => Err(SshError::HostKeyMismatch {
+                host: self.host.clone(),
+                port: self.port,
+                presented,
+                expected: expected.join(" or "),
+                file: kh.source.clone(),
+            }),
+            Verdict::Revoked => Err(SshError::HostKeyRevoked {
+                host: self.host.clone(),
+                presented,
+                file: kh.source.clone(),
+            }),
+            Verdict::Unknown if self.connector.accept_new => {
+                kh.record(&self.host, self.port, key)
+                    .map_err(|e| SshError::HostKeyRecord {
+                        host: self.host.clone(),
+                        path: kh.record_to.display().to_string(),
+                        error: e.to_string(),
+                    })?;
+                tracing::warn!(host = %self.host, fingerprint = %presented, path = %kh.record_to.display(), "accepted new host key");
+                Ok(HostKeyStatus::Accepted)
+            }
+            Verdict::Unknown => Err(SshError::HostKeyUnknown {
+                host: self.host.clone(),
+                port: self.port,
+                presented,
+                file: kh.source.clone(),
+            }),
+        }
+    }
+}
+
+/// An open, authenticated connection to one host.
+pub struct Session {
+    handle: Handle<Client>,
+    /// Keeps the bastion connection alive while this one tunnels through it.
+    _jump: Option<Box<Session>>,
+    pub target: Target,
+    pub host_key: HostKeyStatus,
+    channels: Arc<Semaphore>,
+}
+
+impl Connector {
+    /// Connect, verify the host key and authenticate, retrying transient network failures with backoff.
+    pub async fn connect(&self, target: &Target) -> Result<Session, SshError> {
+        let mut delay = Duration::from_millis(500);
+        let mut attempt = 1;
+        loop {
+            match self.connect_once(target).await {
+                Ok(s) => return Ok(s),
+                Err(e) if e.is_transient() && attempt < CONNECT_ATTEMPTS => {
+                    tracing::warn!(host = %target.name, attempt, error = %e, "connect failed; retrying in {delay:?}");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn connect_once<'a>(
+        &'a self,
+        target: &'a Target,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Session, SshError>> + Send + 'a>>
+    {
+        Box::pin(async move {
+            let jump = match &target.jump {
+                Some(j) => Some(Box::new(self.connect(j).await?)),
+                None => None,
+            };
+            let _permit = self
+                .handshakes
+                .acquire()
+                .await
+                .expect("semaphore never closed");
+            let after = self.connect_timeout;
+            let host = target.host.clone();
+            match tokio::time::timeout(after, self.handshake(target, jump.as_deref())).await {
+                Ok(r) => r.map(|(handle, host_key)| Session {
+                    handle,
+                    _jump: jump,
+                    target: target.clone(),
+                    host_key,
+                    channels: Arc::new(Semaphore::new(MAX_CHANNELS)),
+                }),
+                Err(_) => Err(SshError::Timeout { host, after }),
+            }
+        })
+    }
+
+    async fn handshake(
+        &self,
+        target: &Target,
+        jump: Option<&Session>,
+    ) -> Result<(Handle<Client>, HostKeyStatus), SshError> {
+        let host = target.host.clone();
+        let outcome = Arc::new(Mutex::new(None));
+        let handler = Client {
+            host: host.clone(),
+            port: target.port,
+            connector: self.clone(),
+            outcome: outcome.clone(),
+        };
+        let config = Arc::new(client_config());
+        let connected = match jump {
+            None => {
+                let tcp = tokio::net::TcpStream::connect((target.host.as_str(), target.port))
+                    .await
+                    .map_err(|source| SshError::Connect {
+                        host: host.clone(),
+                        source,
+                    })?;
+                let _ = tcp.set_nodelay(true);
+                client::connect_stream(config, tcp, handler).await
+            }
+            Some(bastion) => {
+                let ch = bastion
+                    .handle
+                    .channel_open_direct_tcpip(
+                        target.host.clone(),
+                        target.port as u32,
+                        "127.0.0.1",
+                        0,
+                    )
+                    .await
+                    .map_err(|e| SshError::Connect {
+                        host: host.clone(),
+                        source: std::io::Error::other(format!(
+                            "through {}: {e}",
+                            bastion.target.host
+                        )),
+                    })?;
+                client::connect_stream(config, ch.into_stream(), handler).await
+            }
+        };
+        let mut handle = match connected {
+            Ok(h) => h,
+            Err(e) => {
+                // A rejected host key surfaces as a generic error; report what the check found.
+                if let Some(Err(hk)) = outcome.lock().unwrap().take() {
+                    return Err(hk);
+                }
+                return Err(SshError::Protocol { host, source: e });
+            }
+        };
+        let host_key = match outcome.lock().unwrap().take() {
+            Some(Ok(s)) => s,
+            Some(Err(e)) => return Err(e),
+            None => unreachable!("russh checks the server key before returning a handle"),
+        };
+        self.authenticate(&mut handle, target).await?;
+        Ok((handle, host_key))
+    }
+
+    async fn authenticate(
+        &self,
+        handle: &mut Handle<Client>,
+        target: &Target,
+    ) -> Result<(), SshError> {
+        let host = target.host.clone();
+        let proto = |source| SshError::Protocol {
+            host: host.clone(),
+            source,
+        };
+        let (ok, method) = match &self.credentials {
+            Credentials::Key(key) => {
+                let hash = handle
+                    .best_supported_rsa_hash()
+                    .await
+                    .map_err(proto)?
+                    .flatten();
+                let r = handle
+                    .authenticate_publickey(
+                        &target.user,
+                        PrivateKeyWithHashAlg::new(key.clone(), hash),
+                    )
+                    .await
+                    .map_err(proto)?;
+                (
+                    r.success(),
+                    format!("key {}", key.public_key().fingerprint(Default::default())),
+                )
+            }
+            Credentials::Agent => {
+                let agent_err = |e: &dyn std::fmt::Display| SshError::Agent {
+                    host: host.clone(),
+                    error: e.to_string(),
+                };
+                let mut agent = AgentClient::connect_env()
+                    .await
+                    .map_err(|e| agent_err(&e))?;
+                let ids = agent
+                    .request_identities()
+                    .await
+                    .map_err(|e| agent_err(&e))?;
+                let mut ok = false;
+                for id in &ids {
+                    let key = id.public_key().into_owned();
+                    let hash = handle
+                        .best_supported_rsa_hash()
+                        .await
+                        .map_err(proto)?
+                        .flatten();
+                    let r = handle
+                        .authenticate_publickey_with(&target.user, key, hash, &mut agent)
+                        .await
+                        .map_err(|e| agent_err(&e))?;
+                    if r.success() {
+                        ok = true;
+                        break;
+                    }
+                }
+                (ok, format!("ssh-agent ({} keys)", ids.len()))
+            }
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(SshError::AuthFailed {
+                host: target.host.clone(),
+                user: target.user.clone(),
+                method,
+            })
+        }
+    }
+}
+
+fn client_config() -> client::Config {
+    client::Config {
+        // Bulk transfer is bounded by window/RTT: give channels room.
+        window_size: 32 * 1024 * 1024,
+        maximum_packet_size: 65535,
+        keepalive_interval: Some(Duration::from_secs(15)),
+        keepalive_max: 4,
+        nodelay: true,
+        ..Default::default()
+    }
+}
+
+/// Which stream a chunk of remote output came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// What a finished remote command left behind.
+#[derive(Debug, Clone, Default)]
+pub struct Output {
+    /// The exit status; `None` if the command died of a signal or the channel closed without one.
+    pub status: Option<u32>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+impl Output {
+    pub fn success(&self) -> bool {
+        self.status == Some(0)
+    }
+
+    pub fn stdout_str(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+
+    /// The last lines of stderr (or stdout), for error messages.
+    pub fn tail(&self) -> String {
+        let src = if self.stderr.iter().any(|b| !b.is_ascii_whitespace()) {
+            &self.stderr
+        } else {
+            &self.stdout
+        };
+        let text = String::from_utf8_lossy(src);
+        let lines: Vec<&str> = text.trim_end().lines().collect();
+        lines[lines.len().saturating_sub(8)..].join("\n")
+    }
+}
+
+/// Called with each complete line of output (without the newline) as it arrives.
+pub type LineSink<'a> = &'a (dyn Fn(Stream, &[u8]) + Send + Sync);
+/// An owned [`LineSink`], for output drained by a background task.
+pub type SharedSink = Arc<dyn Fn(Stream, &[u8]) + Send + Sync>;
+
+/// A running remote command whose stdin the caller streams.
+pub struct Process {
+    writer: Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+    reader: tokio::task::JoinHandle<Result<Output, russh::Error>>,
+    write_half: russh::ChannelWriteHalf<client::Msg>,
+    host: String,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Process {
+    /// Write stdin bytes; flow control applies.
+    pub async fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.writer.write_all(data).await
+    }
+
+    /// Close stdin and wait for the command to finish.
+    pub async fn finish(mut self) -> Result<Output, SshError> {
+        let host = self.host.clone();
+        let _ = self.writer.flush().await;
+        let _ = self.writer.shutdown().await;
+        let _ = self.write_half.eof().await;
+        let out = self
+            .reader
+            .await
+            .map_err(|e| SshError::Protocol {
+                host: host.clone(),
+                source: russh::Error::IO(std::io::Error::other(e)),
+            })?
+            .map_err(|source| SshError::Protocol {
+                host: host.clone(),
+                source,
+            })?;
+        let _ = self.write_half.close().await;
+        Ok(out)
+    }
+
+    /// Abort: close the channel without waiting.
+    pub async fn abort(self) {
+        let _ = self.write_half.close().await;
+        self.reader.abort();
+    }
+}
+
+impl Session {
+    pub fn name(&self) -> &str {
+        &self.target.name
+    }
+
+    /// Start `command` (a complete shell command line) and return a handle to stream its stdin.
+    pub async fn spawn(
+        &self,
+        command: &[u8],
+        sink: Option<SharedSink>,
+    ) -> Result<Process, SshError> {
+        let host = self.target.host.clone();
+        let permit = self
+            .channels
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed");
+        let proto = |source| SshError::Protocol {
+            host: host.clone(),
+            source,
+        };
+        let channel = self.handle.channel_open_session().await.map_err(proto)?;
+        channel.exec(true, command.to_vec()).await.map_err(proto)?;
+        let (read_half, write_half) = channel.split();
+        let writer = Box::new(write_half.make_writer());
+        let reader = tokio::spawn(drain(read_half, sink));
+        Ok(Process {
+            writer,
+            reader,
+            write_half,
+            host,
+            _permit: permit,
+        })
+    }
+
+    /// Run a complete command line, feed it `stdin`, collect output, with an optional timeout.
+    pub async fn run_raw(
+        &self,
+        command: &[u8],
+        stdin: &[u8],
+        timeout: Option<Duration>,
+        sink: Option<LineSink<'_>>,
+    ) -> Result<Output, SshError> {
+        // The sink is borrowed; forward lines through a channel so the drain task can own its end.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Stream, Vec<u8>)>();
+        let forward: Option<SharedSink> = sink.map(|_| {
+            Arc::new(move |s: Stream, l: &[u8]| {
+                let _ = tx.send((s, l.to_vec()));
+            }) as SharedSink
+        });
+        let work = async {
+            let mut p = self.spawn(command, forward).await?;
+            if !stdin.is_empty() {
+                p.write(stdin).await.map_err(|e| SshError::Protocol {
+                    host: self.target.host.clone(),
+                    source: russh::Error::IO(e),
+                })?;
+            }
+            p.finish().await
+        };
+        let printer = async {
+            if let Some(sink) = sink {
+                while let Some((s, l)) = rx.recv().await {
+                    sink(s, &l);
+                }
+            }
+        };
+        let both = async {
+            let (r, ()) = tokio::join!(work, printer);
+            r
+        };
+        match timeout {
+            Some(after) => tokio::time::timeout(after, both).await.unwrap_or_else(|_| {
+                Err(SshError::CommandTimeout {
+                    host: self.target.host.clone(),
+                    after,
+                    command: String::from_utf8_lossy(&command[..command.len().min(120)])
+                        .into_owned(),
+                })
+            }),
+            None => both.await,
+        }
+    }
+
+    /// Run an argv: every element is quoted for the remote shell, so it arrives byte for byte.
+    pub async fn run<S: AsRef<OsStr>>(
+        &self,
+        argv: &[S],
+        timeout: Option<Duration>,
+    ) -> Result<Output, SshError> {
+        let cmd = shell::join(argv).map_err(|_| SshError::Nul {
+            host: self.target.host.clone(),
+        })?;
+        self.run_raw(&cmd, &[], timeout, None).await
+    }
+
+    /// Stream `script` to `sh -s` with positional `args`: the way to run anything beyond one argv.
+    pub async fn run_script<S: AsRef<OsStr>>(
+        &self,
+        script: &str,
+        args: &[S],
+        timeout: Option<Duration>,
+    ) -> Result<Output, SshError> {
+        let mut argv: Vec<&OsStr> = vec![OsStr::new("sh"), OsStr::new("-s"), OsStr::new("--")];
+        argv.extend(args.iter().map(|a| a.as_ref()));
+        let cmd = shell::join(argv).map_err(|_| SshError::Nul {
+            host: self.target.host.clone(),
+        })?;
+        self.run_raw(&cmd, script.as_bytes(), timeout, None).await
+    }
+
+    /// `sh -c SCRIPT ferry ARGS...` with `stdin` as the script's input (for scripts that read data).
+    pub fn script_command<S: AsRef<OsStr>>(
+        script: &str,
+        args: &[S],
+    ) -> Result<Vec<u8>, shell::NulError> {
+        let mut argv: Vec<&OsStr> = vec![
+            OsStr::new("sh"),
+            OsStr::new("-c"),
+            OsStr::new(script),
+            OsStr::new("ferry"),
+        ];
+        argv.extend(args.iter().map(|a| a.as_ref()));
+        shell::join(argv)
+    }
+
+    pub async fn close(self) {
+        let _ = self
+            .handle
+            .disconnect(Disconnect::ByApplication, "", "en")
+            .await;
+    }
+}
+
+/// Read a channel to its end: always drain, or the whole connection stalls.
+async fn drain(
+    mut read: russh::ChannelReadHalf,
+    sink: Option<SharedSink>,
+) -> Result<Output, russh::Error> {
+    let mut out = Output::default();
+    let (mut line_out, mut line_err) = (Vec::new(), Vec::new());
+    while let Some(msg) = read.wait().await {
+        match msg {
+            ChannelMsg::Data { data } => {
+                out.stdout.extend_from_slice(&data);
+                if let Some(s) = &sink {
+                    emit_lines(&mut line_out, &data, Stream::Stdout, s.as_ref());
+                }
+            }
+            ChannelMsg::ExtendedData { data, ext: 1 } => {
+                out.stderr.extend_from_slice(&data);
+                if let Some(s) = &sink {
+                    emit_lines(&mut line_err, &data, Stream::Stderr, s.as_ref());
+                }
+            }
+            ChannelMsg::ExitStatus { exit_status } => out.status = Some(exit_status),
+            ChannelMsg::Close => break,
+            _ => {}
+        }
+    }
+    if let Some(s) = &sink {
+        if !line_out.is_empty() {
+            s(Stream::Stdout, &line_out);
+        }
+        if !line_err.is_empty() {
+            s(Stream::Stderr, &line_err);
+        }
+    }
+    Ok(out)
+}
+
+fn emit_lines(
+    buf: &mut Vec<u8>,
+    data: &[u8],
+    stream: Stream,
+    sink: &(dyn Fn(Stream, &[u8]) + Send + Sync),
+) {
+    buf.extend_from_slice(data);
+    while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+        sink(stream, &buf[..pos]);
+        buf.drain(..=pos);
+    }
+}

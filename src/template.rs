@@ -1,0 +1,121 @@
+//! `${name}` templates in playbook values (paths, image names, env values).
+//!
+//! Expansion is a pure function over a variable map. An unknown name is an error, never an empty
+//! string, so a typo cannot turn `/srv/review/${ref_slug}` into `/srv/review/`. `$$` is a literal `$`.
+
+use std::collections::BTreeMap;
+
+pub type Vars = BTreeMap<String, String>;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateError {
+    #[error("unknown variable `${{{name}}}` in `{template}` (known: {known})")]
+    Unknown {
+        name: String,
+        template: String,
+        known: String,
+    },
+    #[error("unclosed `${{` in `{template}`")]
+    Unclosed { template: String },
+}
+
+/// Replace every `${name}` in `template` with its value from `vars`.
+pub fn expand(template: &str, vars: &Vars) -> Result<String, TemplateError> {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(r) = after.strip_prefix('$') {
+            out.push('$');
+            rest = r;
+        } else if let Some(r) = after.strip_prefix('{') {
+            let end = r.find('}').ok_or_else(|| TemplateError::Unclosed {
+                template: template.into(),
+            })?;
+            let name = &r[..end];
+            let value = vars.get(name).ok_or_else(|| TemplateError::Unknown {
+                name: name.into(),
+                template: template.into(),
+                known: vars.keys().cloned().collect::<Vec<_>>().join(", "),
+            })?;
+            out.push_str(value);
+            rest = &r[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// GitLab's `CI_COMMIT_REF_SLUG`: lowercased, anything but `a-z0-9` becomes `-`, at most 63 bytes, no
+/// leading or trailing `-`. Safe in paths, hostnames, container and image tag names whatever the ref is.
+pub fn slug(s: &str) -> String {
+    let mapped: String = s
+        .chars()
+        .map(|c| {
+            let c = c.to_ascii_lowercase();
+            if c.is_ascii_lowercase() || c.is_ascii_digit() {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let cut: String = mapped.chars().take(63).collect();
+    let trimmed = cut.trim_matches('-');
+    if trimmed.is_empty() {
+        "ref".to_string()
+    } else {
+        trimmed.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars() -> Vars {
+        [("ref_slug", "release-1-2"), ("pipeline_id", "42")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn expands_and_escapes() {
+        assert_eq!(
+            expand("reg/app:${ref_slug}.${pipeline_id}", &vars()).unwrap(),
+            "reg/app:release-1-2.42"
+        );
+        assert_eq!(
+            expand("cost $$5 and $HOME", &vars()).unwrap(),
+            "cost $5 and $HOME"
+        );
+    }
+
+    #[test]
+    fn unknown_and_unclosed_are_errors() {
+        assert!(
+            matches!(expand("/srv/${ref_slu}", &vars()), Err(TemplateError::Unknown { name, .. }) if name == "ref_slu")
+        );
+        assert!(matches!(
+            expand("${ref_slug", &vars()),
+            Err(TemplateError::Unclosed { .. })
+        ));
+    }
+
+    #[test]
+    fn slugs_of_hostile_refs() {
+        assert_eq!(
+            slug("release-$(touch /tmp/pwned)"),
+            "release---touch--tmp-pwned"
+        );
+        assert_eq!(slug("feature/äöü spaces"), "feature-----spaces");
+        assert_eq!(slug(&"x".repeat(200)).len(), 63);
+        assert_eq!(slug("---"), "ref");
+        assert_eq!(slug("Release-1.2"), "release-1-2");
+    }
+}

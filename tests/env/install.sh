@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Install what ferry's tests need on a fresh Debian machine (as root): OpenSSH, rsync, BusyBox,
+# Docker's engine and a registry. Idempotent: it skips what is there.
+set -euo pipefail
+need=()
+for pair in sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client rsync:rsync \
+            busybox:busybox-static dockerd:docker.io docker-registry:docker-registry \
+            hyperfine:hyperfine ip:iproute2 curl:curl python3:python3; do
+  bin=${pair%%:*} pkg=${pair#*:}
+  command -v "$bin" >/dev/null 2>&1 || [ -x "/usr/sbin/$bin" ] || need+=("$pkg")
+done
+# busybox-static, not the dynamic busybox: the test images need a static binary.
+dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing: ${need[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends $(printf '%s\n' "${need[@]}" | sort -u) >/dev/null
+fi
+mkdir -p /run/sshd

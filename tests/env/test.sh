@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test command: install what the tests need, then run every test (unit and integration, against
+# real sshd, dockerd and a registry that the tests start themselves).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+bash tests/env/install.sh
+cargo build --release --locked 2>&1 | tail -n 3
+cargo test --locked --no-fail-fast 2>&1

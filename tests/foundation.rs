@@ -1,0 +1,519 @@
+//! The foundation: keys, host keys, connections, `ferry check` and `ferry exec` against real sshd.
+
+use std::os::unix::ffi::OsStrExt;
+
+use base64::Engine;
+
+use crate::support::*;
+
+fn env_pb(dir: &TempDir, hosts: &[String]) -> std::path::PathBuf {
+    playbook(dir, "ferry.yml", hosts, "")
+}
+
+#[test]
+fn check_shows_table_for_a_reachable_host() {
+    let host = Sshd::start();
+    let dir = TempDir::new("check");
+    let pb = env_pb(&dir, &[host.address()]);
+    let run = Ferry::new()
+        .trusting(&[&host])
+        .arg("check")
+        .arg(&pb)
+        .args(["--env", "test"])
+        .run()
+        .success();
+    assert!(run.stdout.starts_with("HOST"), "{}", run.stdout);
+    let row = columns(
+        run.stdout
+            .lines()
+            .find(|l| l.starts_with("root@127.0.0.1"))
+            .expect(&run.stdout),
+    );
+    assert_eq!(&row[1..4], ["yes", "yes", "known"], "{row:?}");
+    assert!(row[4].starts_with("Linux"), "{row:?}");
+    assert!(row[6].contains(" at "), "free disk column: {row:?}");
+}
+
+#[test]
+fn check_json_has_the_same_facts() {
+    let host = Sshd::start();
+    let dir = TempDir::new("checkjson");
+    let pb = env_pb(&dir, &[host.address()]);
+    let run = Ferry::new()
+        .trusting(&[&host])
+        .arg("check")
+        .arg(&pb)
+        .args(["--env", "test", "--json"])
+        .run()
+        .success();
+    let v: serde_json::Value = serde_json::from_str(&run.stdout).expect(&run.stdout);
+    assert_eq!(v[0]["reachable"], true);
+    assert_eq!(v[0]["authenticated"], true);
+    assert_eq!(v[0]["host_key"], "known");
+    assert!(v[0]["free_bytes"].as_u64().unwrap() > 0);
+    assert!(v[0]["os"].as_str().unwrap().contains("Linux"));
+}
+
+/// Every key format and source authenticates: ed25519, ECDSA and RSA, OpenSSH and PEM, from the
+/// variable (plain, CRLF, base64) and from --identity.
+#[test]
+fn every_key_kind_format_and_source() {
+    let keys_dir = TempDir::new("keys");
+    let mut keys = Vec::new();
+    for (kind, pem) in [
+        ("ed25519", false),
+        ("ecdsa", false),
+        ("ecdsa", true),
+        ("rsa", false),
+        ("rsa", true),
+    ] {
+        keys.push(client_key(keys_dir.path(), kind, pem, ""));
+    }
+    let host = Sshd::start_with(SshdOptions {
+        authorized: keys.iter().map(|k| k.public.clone()).collect(),
+        ..Default::default()
+    });
+    let dir = TempDir::new("keykinds");
+    let pb = env_pb(&dir, &[host.address()]);
+    for key in &keys {
+        let text = std::fs::read_to_string(&key.private).unwrap();
+        let variants = [
+            ("plain", text.clone()),
+            (
+                "crlf-no-final-newline",
+                text.trim_end().replace('\n', "\r\n"),
+            ),
+            (
+                "base64",
+                base64::engine::general_purpose::STANDARD.encode(&text),
+            ),
+        ];
+        for (label, value) in variants {
+            let run = Ferry::new()
+                .env("SSH_PRIVATE_KEY", &value)
+                .env("SSH_KNOWN_HOSTS", host.known_hosts_line())
+                .args(["exec", "--env", "test"])
+                .arg(&pb)
+                .args(["--", "echo", "ok"])
+                .run();
+            assert_eq!(
+                run.code,
+                0,
+                "{} {label}: {}",
+                key.private.display(),
+                run.stderr
+            );
+            assert!(
+                !run.all().contains(text.lines().nth(1).unwrap()),
+                "key text leaked"
+            );
+        }
+        Ferry::new()
+            .env("SSH_KNOWN_HOSTS", host.known_hosts_line())
+            .args(["exec", "--env", "test", "--identity"])
+            .arg(&key.private)
+            .arg(&pb)
+            .args(["--", "true"])
+            .run()
+            .success();
+    }
+}
+
+#[test]
+fn passphrase_protected_key() {
+    let keys_dir = TempDir::new("enc");
+    let key = client_key(keys_dir.path(), "ed25519", false, "s3cret pass");
+    let host = Sshd::start_with(SshdOptions {
+        authorized: vec![key.public.clone()],
+        ..Default::default()
+    });
+    let dir = TempDir::new("encpb");
+    let pb = env_pb(&dir, &[host.address()]);
+    let text = std::fs::read_to_string(&key.private).unwrap();
+    let base = || {
+        Ferry::new()
+            .env("SSH_PRIVATE_KEY", &text)
+            .env("SSH_KNOWN_HOSTS", host.known_hosts_line())
+            .args(["exec", "--env", "test"])
+            .arg(&pb)
+            .args(["--", "true"])
+    };
+    let run = base().run().failure(2);
+    assert!(
+        run.stderr.contains("SSH_PRIVATE_KEY_PASSPHRASE"),
+        "{}",
+        run.stderr
+    );
+    let run = base()
+        .env("SSH_PRIVATE_KEY_PASSPHRASE", "hunter2-bad")
+        .run()
+        .failure(2);
+    assert!(run.stderr.contains("passphrase"), "{}", run.stderr);
+    assert!(
+        !run.all().contains("hunter2-bad"),
+        "passphrase leaked: {}",
+        run.all()
+    );
+    base()
+        .env("SSH_PRIVATE_KEY_PASSPHRASE", "s3cret pass")
+        .run()
+        .success();
+}
+
+#[test]
+fn wrong_key_is_an_auth_error_naming_host_and_user() {
+    let host = Sshd::start();
+    let keys_dir = TempDir::new("wrong");
+    let other = client_key(keys_dir.path(), "ed25519", false, "");
+    let dir = TempDir::new("wrongpb");
+    let pb = env_pb(&dir, &[host.address()]);
+    let run = Ferry::new()
+        .env("SSH_KNOWN_HOSTS", host.known_hosts_line())
+        .args(["check", "--env", "test", "--identity"])
+        .arg(&other.private)
+        .arg(&pb)
+        .run()
+        .failure(1);
+    assert!(
+        run.stdout.contains("authentication as `root` failed"),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stdout.contains("127.0.0.1"), "{}", run.stdout);
+}
+
+#[test]
+fn host_key_mismatch_is_a_hard_error_with_both_fingerprints() {
+    let host = Sshd::start();
+    let impostor = Sshd::start();
+    let dir = TempDir::new("mismatch");
+    let pb = env_pb(&dir, &[host.address()]);
+    // known_hosts says the host has the impostor's key.
+    let kh = format!("[127.0.0.1]:{} {}\n", host.port, impostor.host_pub);
+    let run = Ferry::new()
+        .trusting(&[])
+        .env("SSH_KNOWN_HOSTS", kh)
+        .args(["exec", "--env", "test", "--accept-new"])
+        .arg(&pb)
+        .args(["--", "touch", "/tmp/ferry-should-not-run"])
+        .run()
+        .failure(1);
+    let fp = |line: &str| {
+        let out = run_ok(
+            std::process::Command::new("sh")
+                .arg("-c")
+                .arg(format!("echo '{line}' | ssh-keygen -lf -")),
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .to_string()
+    };
+    assert!(run.stderr.contains("HOST KEY MISMATCH"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains(&fp(&host.host_pub)),
+        "presented fingerprint: {}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains(&fp(&impostor.host_pub)),
+        "expected fingerprint: {}",
+        run.stderr
+    );
+}
+
+#[test]
+fn unknown_host_fails_unless_accept_new_records_it() {
+    let host = Sshd::start();
+    let dir = TempDir::new("unknown");
+    let pb = env_pb(&dir, &[host.address()]);
+    let kh = dir.join("known_hosts");
+    let base = |flag: &str| {
+        Ferry::new()
+            .trusting(&[])
+            .env_remove_known_hosts()
+            .arg("--known-hosts")
+            .arg(&kh)
+            .args(["exec", "--env", "test", flag])
+            .arg(&pb)
+            .args(["--", "true"])
+    };
+    let run = base("-v").run().failure(1);
+    assert!(run.stderr.contains("unknown host key"), "{}", run.stderr);
+    assert!(run.stderr.contains("--accept-new"), "{}", run.stderr);
+    assert!(!kh.exists() || std::fs::read_to_string(&kh).unwrap().is_empty());
+    base("--accept-new").run().success();
+    let recorded = std::fs::read_to_string(&kh).unwrap();
+    assert!(
+        recorded.contains(&format!("[127.0.0.1]:{}", host.port)),
+        "{recorded}"
+    );
+    // Now known: no flag needed.
+    base("-v").run().success();
+}
+
+#[test]
+fn hashed_known_hosts_entries_are_honoured() {
+    let host = Sshd::start();
+    let dir = TempDir::new("hashed");
+    let pb = env_pb(&dir, &[host.address()]);
+    let kh = dir.write("known_hosts", host.known_hosts_line());
+    run_ok(
+        std::process::Command::new("ssh-keygen")
+            .arg("-H")
+            .arg("-f")
+            .arg(&kh),
+    );
+    assert!(std::fs::read_to_string(&kh).unwrap().starts_with("|1|"));
+    Ferry::new()
+        .trusting(&[])
+        .env_remove_known_hosts()
+        .arg("--known-hosts")
+        .arg(&kh)
+        .args(["exec", "--env", "test"])
+        .arg(&pb)
+        .args(["--", "true"])
+        .run()
+        .success();
+}
+
+#[test]
+fn a_down_host_and_a_slow_host_do_not_stop_the_others() {
+    let good = Sshd::start();
+    let silent = Silent::start();
+    let down = free_port();
+    let dir = TempDir::new("down");
+    let pb = env_pb(
+        &dir,
+        &[
+            good.address(),
+            format!("root@127.0.0.1:{}", silent.port),
+            format!("root@127.0.0.1:{down}"),
+        ],
+    );
+    let start = std::time::Instant::now();
+    let run = Ferry::new()
+        .trusting(&[&good])
+        .args(["check", "--env", "test", "--connect-timeout", "2s"])
+        .arg(&pb)
+        .run()
+        .failure(1);
+    let row = |port: u16| {
+        columns(
+            run.stdout
+                .lines()
+                .find(|l| l.starts_with(&format!("root@127.0.0.1:{port} ")))
+                .unwrap_or_else(|| panic!("no row for {port}: {}", run.stdout)),
+        )
+    };
+    assert_eq!(row(good.port)[1..3], ["yes", "yes"], "{}", run.stdout);
+    assert_eq!(row(silent.port)[1..3], ["NO", "NO"], "{}", run.stdout);
+    assert_eq!(row(down)[1..3], ["NO", "NO"], "{}", run.stdout);
+    assert!(run.stdout.contains("no answer within 2s"), "{}", run.stdout);
+    assert!(run.stdout.contains("cannot connect"), "{}", run.stdout);
+    // Three attempts with backoff at most; not an unbounded hang.
+    assert!(start.elapsed() < std::time::Duration::from_secs(30));
+}
+
+#[test]
+fn exec_arguments_arrive_byte_for_byte() {
+    let host = Sshd::start();
+    let dir = TempDir::new("exec");
+    let pb = env_pb(&dir, &[host.address()]);
+    let out = dir.join("args.out");
+    let hostile: Vec<&[u8]> = vec![
+        b"with space",
+        b"it's \"quoted\"",
+        b"$(touch /tmp/ferry-pwned-exec)",
+        b"`id`;rm -rf /nonexistent",
+        b"line1\nline2",
+        b"\xff\xfe\x80 not utf-8",
+        b"",
+    ];
+    let script = format!(
+        "for a in \"$@\"; do printf '%s\\0' \"$a\"; done > {}",
+        out.display()
+    );
+    let mut ferry = Ferry::new()
+        .trusting(&[&host])
+        .args(["exec", "--env", "test"])
+        .arg(&pb)
+        .args(["--", "sh", "-c", &script, "sh"]);
+    for a in &hostile {
+        ferry = ferry.arg(std::ffi::OsStr::from_bytes(a));
+    }
+    ferry.run().success();
+    let got = std::fs::read(&out).unwrap();
+    let expected: Vec<u8> = hostile
+        .iter()
+        .flat_map(|a| a.iter().copied().chain([0u8]))
+        .collect();
+    assert_eq!(got, expected);
+    assert!(!std::path::Path::new("/tmp/ferry-pwned-exec").exists());
+}
+
+#[test]
+fn exec_streams_output_prefixed_and_reports_exit_codes() {
+    let a = Sshd::start();
+    let b = Sshd::start();
+    let dir = TempDir::new("exec2");
+    let pb = env_pb(&dir, &[a.address(), b.address()]);
+    let run = Ferry::new()
+        .trusting(&[&a, &b])
+        .args(["exec", "--env", "test"])
+        .arg(&pb)
+        .args(["--", "sh", "-c", "echo hello; echo oops >&2; exit 3"])
+        .run()
+        .failure(1);
+    assert!(
+        run.stdout.contains(&format!("{} | hello", a.address())),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains(&format!("{} | hello", b.address())),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stderr.contains(&format!("{} ! oops", a.address())),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr
+            .lines()
+            .any(|l| l.starts_with(&a.address()) && l.contains(" 3 ")),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn exec_timeout_is_enforced() {
+    let host = Sshd::start();
+    let dir = TempDir::new("timeout");
+    let pb = env_pb(&dir, &[host.address()]);
+    let run = Ferry::new()
+        .trusting(&[&host])
+        .args(["exec", "--env", "test", "--timeout", "1s"])
+        .arg(&pb)
+        .args(["--", "sleep", "30"])
+        .run()
+        .failure(1);
+    assert!(run.stderr.contains("timed out after 1s"), "{}", run.stderr);
+}
+
+#[test]
+fn proxy_jump_reaches_the_target_through_the_bastion_and_checks_both_keys() {
+    let bastion = Sshd::start();
+    let target = Sshd::start();
+    let dir = TempDir::new("jump");
+    let pb = dir.write(
+        "ferry.yml",
+        format!(
+            "app: testapp\nenvironments:\n  test:\n    root: /tmp\n    ssh: {{ proxy_jump: 'root@127.0.0.1:{}' }}\n    hosts: ['{}']\n",
+            bastion.port,
+            target.address()
+        ),
+    );
+    let run = Ferry::new()
+        .trusting(&[&bastion, &target])
+        .args(["exec", "--env", "test"])
+        .arg(&pb)
+        .args(["--", "echo", "via-jump"])
+        .run()
+        .success();
+    assert!(run.stdout.contains("via-jump"), "{}", run.stdout);
+    assert!(
+        bastion.log().contains("direct-tcpip"),
+        "bastion did not forward: {}",
+        bastion.log()
+    );
+    // The bastion's key is verified too: without it, the run fails.
+    let run = Ferry::new()
+        .trusting(&[&target])
+        .args(["exec", "--env", "test"])
+        .arg(&pb)
+        .args(["--", "true"])
+        .run()
+        .failure(1);
+    assert!(run.stderr.contains("unknown host key"), "{}", run.stderr);
+}
+
+#[test]
+fn busybox_host_runs_commands() {
+    let host = Sshd::start_with(SshdOptions {
+        busybox: true,
+        ..Default::default()
+    });
+    let dir = TempDir::new("bb");
+    let pb = env_pb(&dir, &[host.address()]);
+    let run = Ferry::new()
+        .trusting(&[&host])
+        .args(["exec", "--env", "test"])
+        .arg(&pb)
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "readlink /proc/$$/exe; tar 2>&1 | head -1",
+        ])
+        .run()
+        .success();
+    assert!(run.stdout.contains("/bin/busybox"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("BusyBox"),
+        "tar is BusyBox tar: {}",
+        run.stdout
+    );
+}
+
+#[test]
+fn malformed_playbook_reports_file_line_and_column() {
+    let dir = TempDir::new("badpb");
+    let pb = dir.write(
+        "ferry.yml",
+        "app: x\nenvironments:\n  test:\n    hosts: [a]\n    stepz: []\n",
+    );
+    let run = Ferry::new()
+        .args(["check", "--env", "test"])
+        .arg(&pb)
+        .run()
+        .failure(2);
+    assert!(run.stderr.contains("ferry.yml:5:5"), "{}", run.stderr);
+    assert!(run.stderr.contains("stepz"), "{}", run.stderr);
+}
+
+#[test]
+fn no_key_is_a_usage_error_with_the_fix() {
+    let dir = TempDir::new("nokey");
+    let pb = env_pb(&dir, &["root@127.0.0.1:1".into()]);
+    let run = Ferry::new()
+        .args(["check", "--env", "test"])
+        .arg(&pb)
+        .run()
+        .failure(2);
+    assert!(run.stderr.contains("SSH_PRIVATE_KEY"), "{}", run.stderr);
+}
+
+/// Split a table row into its columns (separated by two or more spaces).
+fn columns(line: &str) -> Vec<String> {
+    line.split("  ")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+trait FerryExt {
+    fn env_remove_known_hosts(self) -> Self;
+}
+
+impl FerryExt for Ferry {
+    /// Drop SSH_KNOWN_HOSTS so that --known-hosts is the only source.
+    fn env_remove_known_hosts(self) -> Self {
+        self.env("SSH_KNOWN_HOSTS", "")
+    }
+}
