@@ -100,12 +100,13 @@ pub fn resolve(
     };
     let mut hosts = Vec::new();
     for entry in &env.hosts {
-        if !ov.limit.is_empty()
-            && !ov
-                .limit
-                .iter()
-                .any(|l| l == &entry.name || l == &entry.address)
-        {
+        let spec = template::expand(&entry.address, base_vars)
+            .with_context(|| format!("environment `{env_name}`: host `{}`", entry.address))?;
+        let address = playbook::parse_address(&spec)
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("environment `{env_name}`: host `{}`", entry.address))?;
+        let name = entry.name.clone().unwrap_or_else(|| spec.clone());
+        if !ov.limit.is_empty() && !ov.limit.iter().any(|l| l == &name || l == &address.host) {
             continue;
         }
         let ssh = entry.ssh.merged(&env_ssh);
@@ -115,16 +116,17 @@ pub fn resolve(
         vars.extend(entry.vars.clone());
         vars.insert("app".into(), pb.app.clone());
         vars.insert("env".into(), env_name.to_string());
-        vars.insert("host".into(), entry.name.clone());
+        vars.insert("host".into(), name.clone());
         let target = Target {
-            name: entry.name.clone(),
+            name,
             user: entry
                 .user
                 .clone()
+                .or(address.user)
                 .or_else(|| ssh.user.clone())
                 .unwrap_or_else(default_user),
-            host: entry.address.clone(),
-            port: entry.port.or(ssh.port).unwrap_or(22),
+            host: address.host,
+            port: entry.port.or(address.port).or(ssh.port).unwrap_or(22),
             jump: jump_target(&ssh)?,
         };
         let root_t = env
@@ -158,6 +160,7 @@ fn jump_target(ssh: &SshSettings) -> anyhow::Result<Option<Box<Target>>> {
     let Some(spec) = &ssh.proxy_jump else {
         return Ok(None);
     };
+    let spec = &template::expand(spec, &Vars::new()).context("proxy_jump")?;
     let a = playbook::parse_address(spec)
         .map_err(anyhow::Error::msg)
         .context("proxy_jump")?;

@@ -188,17 +188,27 @@ impl DockerSettings {
     }
 }
 
-/// A host: `user@host:port` shorthand or a map with overrides.
+/// A host: `user@host:port` shorthand or a map with overrides. The address may use `${env.NAME}`
+/// (the controller's environment) so that one playbook serves CI and local test hosts; it is then
+/// expanded and checked by the inventory.
 #[derive(Debug, Clone)]
 pub struct HostEntry {
-    /// Display name, used in output, ledgers and `${host}`. Defaults to the address.
-    pub name: String,
+    /// Display name, used in output, ledgers and `${host}`. Defaults to the (expanded) address.
+    pub name: Option<String>,
+    /// `user@host:port` as written (possibly templated).
     pub address: String,
     pub user: Option<String>,
     pub port: Option<u16>,
     pub ssh: SshSettings,
     pub vars: BTreeMap<String, String>,
     pub docker: DockerSettings,
+}
+
+impl HostEntry {
+    /// The name as written: the explicit `name:`, else the address text.
+    pub fn label(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.address)
+    }
 }
 
 #[derive(Deserialize)]
@@ -220,36 +230,38 @@ impl<'de> Deserialize<'de> for HostEntry {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         // Buffer the node so the map form reports its own field errors (serde's `untagged` hides them).
         let value = serde_json::Value::deserialize(d)?;
-        match value {
-            serde_json::Value::String(s) => {
-                let a = parse_address(&s).map_err(serde::de::Error::custom)?;
-                Ok(HostEntry {
-                    name: s.clone(),
-                    address: a.host,
-                    user: a.user,
-                    port: a.port,
-                    ssh: SshSettings::default(),
-                    vars: BTreeMap::new(),
-                    docker: DockerSettings::default(),
-                })
-            }
+        let m: HostMap = match value {
+            serde_json::Value::String(s) => HostMap {
+                name: None,
+                host: s,
+                user: None,
+                port: None,
+                ssh: SshSettings::default(),
+                vars: BTreeMap::new(),
+                docker: DockerSettings::default(),
+            },
             other @ serde_json::Value::Object(_) => {
-                let m: HostMap = serde_json::from_value(other).map_err(serde::de::Error::custom)?;
-                let a = parse_address(&m.host).map_err(serde::de::Error::custom)?;
-                Ok(HostEntry {
-                    name: m.name.unwrap_or_else(|| m.host.clone()),
-                    address: a.host,
-                    user: m.user.or(a.user),
-                    port: m.port.or(a.port),
-                    ssh: m.ssh,
-                    vars: m.vars,
-                    docker: m.docker,
-                })
+                serde_json::from_value(other).map_err(serde::de::Error::custom)?
             }
-            _ => Err(serde::de::Error::custom(
-                "a host is `user@host:port` or a map with `host:`",
-            )),
+            _ => {
+                return Err(serde::de::Error::custom(
+                    "a host is `user@host:port` or a map with `host:`",
+                ));
+            }
+        };
+        // Check literal addresses now, where the error can point at the line; templated ones later.
+        if !m.host.contains("${") {
+            parse_address(&m.host).map_err(serde::de::Error::custom)?;
         }
+        Ok(HostEntry {
+            name: m.name,
+            address: m.host,
+            user: m.user,
+            port: m.port,
+            ssh: m.ssh,
+            vars: m.vars,
+            docker: m.docker,
+        })
     }
 }
 
@@ -778,18 +790,18 @@ fn validate(pb: &Playbook, text: &str) -> Result<(), String> {
         }
         let mut seen = std::collections::BTreeSet::new();
         for h in &env.hosts {
-            if !seen.insert(&h.name) {
+            if !seen.insert(h.label()) {
                 return Err(format!(
                     "{}environment `{name}` lists host `{}` twice",
-                    at(&h.name),
-                    h.name
+                    at(h.label()),
+                    h.label()
                 ));
             }
         }
         for step in env.steps.iter().chain(&env.on_stop) {
             if let Step::Container(c) | Step::Accessory(c) = step {
                 for host in c.hosts.keys() {
-                    if !env.hosts.iter().any(|h| &h.name == host) {
+                    if !env.hosts.iter().any(|h| h.label() == host) {
                         return Err(format!(
                             "{}container `{}` overrides host `{host}`, which environment `{name}` does not list",
                             at(&format!("{host}:")),
@@ -890,10 +902,9 @@ mod tests {
     fn minimal_playbook_parses_host_shorthand() {
         let pb = p(MINIMAL).unwrap();
         let h = &pb.environments["staging"].hosts[0];
-        assert_eq!(h.address, "10.0.0.5");
-        assert_eq!(h.user.as_deref(), Some("deploy"));
-        assert_eq!(h.port, Some(2222));
-        assert_eq!(h.name, "deploy@10.0.0.5:2222");
+        assert_eq!(h.address, "deploy@10.0.0.5:2222");
+        assert_eq!(h.label(), "deploy@10.0.0.5:2222");
+        assert!(p("app: shop\nenvironments:\n  s:\n    hosts: ['a@b:99999']\n").is_err());
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! `${name}` templates in playbook values (paths, image names, env values).
 //!
-//! Expansion is a pure function over a variable map. An unknown name is an error, never an empty
-//! string, so a typo cannot turn `/srv/review/${ref_slug}` into `/srv/review/`. `$$` is a literal `$`.
+//! Expansion is a pure function over a variable map and an environment lookup. An unknown name is an
+//! error, never an empty string, so a typo cannot turn `/srv/review/${ref_slug}` into `/srv/review/`.
+//! `$$` is a literal `$`. `${env.NAME}` reads the controller's environment, `${env.NAME:-default}` with
+//! a fallback (for addresses and settings, not secrets: secrets go through `secret_env`/`password_env`).
 
 use std::collections::BTreeMap;
 
@@ -17,10 +19,24 @@ pub enum TemplateError {
     },
     #[error("unclosed `${{` in `{template}`")]
     Unclosed { template: String },
+    #[error(
+        "environment variable {name} is not set (used in `{template}`); set it or give a default: `${{env.{name}:-value}}`"
+    )]
+    UnsetEnv { name: String, template: String },
 }
 
-/// Replace every `${name}` in `template` with its value from `vars`.
+/// Replace every `${name}` in `template` with its value from `vars`, and `${env.NAME}` from the
+/// process environment.
 pub fn expand(template: &str, vars: &Vars) -> Result<String, TemplateError> {
+    expand_with(template, vars, &|k| std::env::var(k).ok())
+}
+
+/// [`expand`] with an explicit environment lookup.
+pub fn expand_with(
+    template: &str,
+    vars: &Vars,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, TemplateError> {
     let mut out = String::with_capacity(template.len());
     let mut rest = template;
     while let Some(i) = rest.find('$') {
@@ -34,12 +50,29 @@ pub fn expand(template: &str, vars: &Vars) -> Result<String, TemplateError> {
                 template: template.into(),
             })?;
             let name = &r[..end];
-            let value = vars.get(name).ok_or_else(|| TemplateError::Unknown {
-                name: name.into(),
-                template: template.into(),
-                known: vars.keys().cloned().collect::<Vec<_>>().join(", "),
-            })?;
-            out.push_str(value);
+            if let Some(var) = name.strip_prefix("env.") {
+                let (var, default) = match var.split_once(":-") {
+                    Some((v, d)) => (v, Some(d)),
+                    None => (var, None),
+                };
+                match (env(var).filter(|v| !v.is_empty()), default) {
+                    (Some(v), _) => out.push_str(&v),
+                    (None, Some(d)) => out.push_str(d),
+                    (None, None) => {
+                        return Err(TemplateError::UnsetEnv {
+                            name: var.into(),
+                            template: template.into(),
+                        });
+                    }
+                }
+            } else {
+                let value = vars.get(name).ok_or_else(|| TemplateError::Unknown {
+                    name: name.into(),
+                    template: template.into(),
+                    known: vars.keys().cloned().collect::<Vec<_>>().join(", "),
+                })?;
+                out.push_str(value);
+            }
             rest = &r[end + 1..];
         } else {
             out.push('$');
@@ -104,6 +137,23 @@ mod tests {
         assert!(matches!(
             expand("${ref_slug", &vars()),
             Err(TemplateError::Unclosed { .. })
+        ));
+    }
+
+    #[test]
+    fn environment_lookups_with_defaults() {
+        let env = |k: &str| (k == "WEB1").then(|| "10.0.0.5".to_string());
+        assert_eq!(
+            expand_with("deploy@${env.WEB1}:22", &vars(), &env).unwrap(),
+            "deploy@10.0.0.5:22"
+        );
+        assert_eq!(
+            expand_with("${env.WEB2:-web2.example.com}", &vars(), &env).unwrap(),
+            "web2.example.com"
+        );
+        assert!(matches!(
+            expand_with("${env.WEB2}", &vars(), &env),
+            Err(TemplateError::UnsetEnv { .. })
         ));
     }
 
