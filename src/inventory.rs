@@ -110,10 +110,15 @@ pub fn resolve(
             continue;
         }
         let ssh = entry.ssh.merged(&env_ssh);
+        // Later layers win; each value may use the layers below it and `${env.NAME}`.
         let mut vars = base_vars.clone();
-        vars.extend(pb.vars.clone());
-        vars.extend(env.vars.clone());
-        vars.extend(entry.vars.clone());
+        for layer in [&pb.vars, &env.vars, &entry.vars] {
+            for (k, v) in layer {
+                let value =
+                    template::expand(v, &vars).with_context(|| format!("variable `{k}`"))?;
+                vars.insert(k.clone(), value);
+            }
+        }
         vars.insert("app".into(), pb.app.clone());
         vars.insert("env".into(), env_name.to_string());
         vars.insert("host".into(), name.clone());
