@@ -3,5 +3,6 @@
 
 mod support;
 
+mod docker;
 mod foundation;
 mod playbooks;

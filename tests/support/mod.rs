@@ -387,3 +387,4 @@ pub fn playbook(dir: &TempDir, name: &str, hosts: &[String], env_extra: &str) ->
     );
     dir.write(name, text)
 }
+pub mod docker;
