@@ -113,14 +113,13 @@ pub fn app_image(name: &str, version: &str, healthy: bool) -> String {
             .arg("."),
     );
     // sh as PID 1 with a TERM trap, so `docker stop` is quick (PID 1 ignores default signals).
-    let id = docker(&[
+    docker(&[
         "import",
         "--change",
         r#"CMD ["/bin/sh", "-c", "echo serving $(cat /www/version); trap 'exit 0' TERM; httpd -f -p 8080 -h /www & wait"]"#,
         tar.to_str().unwrap(),
         name,
-    ]);
-    id
+    ])
 }
 
 /// [`app_image`] pushed to the test registry as `REGISTRY/<repo>:<tag>`; returns that reference.
