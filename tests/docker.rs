@@ -467,3 +467,83 @@ fn host_without_docker_is_a_clear_error() {
     );
     assert!(all.contains("docker: { command:"), "says how to fix: {all}");
 }
+
+/// Docker's own HEALTHCHECK state and a TCP probe gate the start; `ferry stop` with
+/// `docker_remove` removes the container and the one kept for rollback.
+#[test]
+fn docker_and_tcp_health_then_stop_removes_everything() {
+    engine();
+    let host = Sshd::start();
+    let prefix = unique("kinds");
+    let _cleanup = Cleanup(vec![prefix.clone()]);
+    let plain = format!("{prefix}-img:1");
+    app_image(&plain, "k1", true);
+    // An image with a HEALTHCHECK, built FROM the imported one.
+    let ctx = TempDir::new("hcctx");
+    ctx.write(
+        "Dockerfile",
+        format!(
+            "FROM {plain}\nHEALTHCHECK --interval=1s --timeout=2s --retries=2 CMD wget -q -O /dev/null http://127.0.0.1:8080/health || exit 1\n"
+        ),
+    );
+    let checked = format!("{prefix}-hc:1");
+    docker(&["build", "-q", "-t", &checked, ctx.path().to_str().unwrap()]);
+    let (pd, pt) = (free_port(), free_port());
+    let dir = TempDir::new("dkinds");
+    let steps = format!(
+        "      - container:\n          name: \"{prefix}-d\"\n          image: \"{checked}\"\n          \
+         ports: [\"127.0.0.1:{pd}:8080\"]\n          health: {{ type: docker, timeout: 30s }}\n\
+         \x20     - container:\n          name: \"{prefix}-t\"\n          image: \"{plain}\"\n          \
+         ports: [\"127.0.0.1:{pt}:8080\"]\n          \
+         health: {{ type: tcp, address: \"127.0.0.1:{pt}\", timeout: 20s, interval: 200ms }}\n"
+    );
+    let on_stop = format!(
+        "    on_stop:\n      - docker_remove: {{ name: \"{prefix}-d\" }}\n      - docker_remove: {{ name: \"{prefix}-t\" }}\n"
+    );
+    let pb = pb(&dir, &[("web1", &host)], &on_stop, &steps);
+    let run = deploy(&[&host], &pb, "aaaa").success();
+    assert!(
+        run.all().contains("Docker reports healthy"),
+        "{}",
+        run.all()
+    );
+    assert!(
+        run.all()
+            .contains(&format!("127.0.0.1:{pt} accepts connections")),
+        "{}",
+        run.all()
+    );
+    assert_eq!(
+        docker(&[
+            "container",
+            "inspect",
+            "--format",
+            "{{.State.Health.Status}}",
+            &format!("{prefix}-d")
+        ]),
+        "healthy"
+    );
+    // A second deploy with a changed spec keeps a rollback container, which stop must also remove.
+    app_image(&plain, "k2", true);
+    deploy(&[&host], &pb, "bbbb").success();
+    assert!(docker_try(&["container", "inspect", &format!("{prefix}-t.ferry-prev")]).0);
+    let stop = Ferry::new()
+        .trusting(&[&host])
+        .arg("stop")
+        .arg(&pb)
+        .args(["--env", "test", "--ref", "main", "--sha", "bbbb"])
+        .run()
+        .success();
+    assert!(
+        stop.all()
+            .contains(&format!("removed {prefix}-t, {prefix}-t.ferry-prev")),
+        "{}",
+        stop.all()
+    );
+    for n in ["-d", "-t", "-t.ferry-prev"] {
+        assert!(
+            !docker_try(&["container", "inspect", &format!("{prefix}{n}")]).0,
+            "{n}"
+        );
+    }
+}

@@ -304,7 +304,7 @@ async fn container(
         return Ok(rep);
     }
     let why = match &current {
-        None => "not running yet".to_string(),
+        None => "first deploy of this name".to_string(),
         Some(_) if !spec_same => "spec changed".to_string(),
         Some(_) => match &image_id {
             Some(id) => format!("image {image} now is {}", short_id(id)),
