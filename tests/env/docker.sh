@@ -11,6 +11,10 @@
 #             user `ferry`, password `ferry-registry-secret` (test-only credentials).
 #
 # Logs and state: $FERRY_DOCKER_DIR (/tmp/ferry-docker).
+#
+#   bash tests/env/docker.sh [start]              start what is not running
+#   bash tests/env/docker.sh image NAME VERSION   import a busybox-static test image
+#   bash tests/env/docker.sh stop                 stop what this script started
 set -euo pipefail
 dir=${FERRY_DOCKER_DIR:-/tmp/ferry-docker}
 reg_port=${FERRY_REGISTRY_PORT:-5000}
@@ -84,6 +88,23 @@ CONF
   fi
 }
 
+# image NAME VERSION: import a small image from Debian's busybox-static (nothing can be pulled from
+# the internet): `httpd` serves /www on port 8080, /version says VERSION, /health says ok.
+image() {
+  local name=$1 version=$2 root
+  root=$(mktemp -d)
+  mkdir -p "$root/bin" "$root/www" "$root/tmp"
+  cp /bin/busybox "$root/bin/busybox"
+  for a in sh httpd sleep cat ls wget; do ln -s busybox "$root/bin/$a"; done
+  echo "$version" > "$root/www/version"
+  echo ok > "$root/www/health"
+  tar -C "$root" -c . | docker import \
+    --change 'CMD ["/bin/sh", "-c", "echo serving $(cat /www/version); trap '"'"'exit 0'"'"' TERM; httpd -f -p 8080 -h /www & wait"]' \
+    - "$name" >/dev/null
+  rm -rf "$root"
+  echo "$name"
+}
+
 stop_all() {
   for f in "$dir/registry.pid" "$dir/dockerd.pid"; do
     [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true
@@ -93,5 +114,6 @@ stop_all() {
 case "${1:-start}" in
   start) start_dockerd; start_registry ;;
   stop) stop_all ;;
-  *) echo "usage: $0 [start|stop]" >&2; exit 2 ;;
+  image) start_dockerd; image "$2" "$3" ;;
+  *) echo "usage: $0 [start|stop|image NAME VERSION]" >&2; exit 2 ;;
 esac
