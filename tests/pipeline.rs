@@ -341,3 +341,165 @@ fn unlock_removes_a_lock_and_says_whose_it_was() {
         .success();
     assert!(again.stdout.contains("no lock"), "{}", again.stdout);
 }
+
+/// Review apps: hostile branch names deploy to their own roots, status shows every branch without
+/// `--ref`, `stop` removes one, and nothing is ever run from a name.
+#[test]
+fn hostile_branch_names_are_safe_in_paths_locks_ledger_status_and_stop() {
+    let host = Sshd::start();
+    let dir = TempDir::new("review");
+    let root = open_root(&dir);
+    let pwned = Path::new("/tmp/pwned");
+    let _ = std::fs::remove_file(pwned);
+    let steps = "      - run: { command: [\"sh\", \"-c\", \"mkdir -p \\\"$0\\\" && printf %s \\\"$1\\\" > \\\"$0/ref\\\"\", \"${root}\", \"${ref}\"] }\n";
+    let on_stop = "    on_stop:\n      - run: { command: [\"rm\", \"-rf\", \"${root}\"] }\n";
+    let p = pb(
+        &dir,
+        &[host.address()],
+        &format!("{root}/${{ref_slug}}"),
+        steps,
+        on_stop,
+    );
+    let long = format!("feature/{}", "x".repeat(192));
+    let refs = [
+        "release-$(touch /tmp/pwned)".to_string(),
+        "feature/äöü spaces".to_string(),
+        long.clone(),
+    ];
+    for (i, r) in refs.iter().enumerate() {
+        ci(&[&host], r, SHA, &format!("40{i}"))
+            .arg("deploy")
+            .arg(&p)
+            .run()
+            .success();
+    }
+    assert!(!pwned.exists(), "a branch name was run as a command");
+    for (r, slug) in [
+        (&refs[0], "release---touch--tmp-pwned".to_string()),
+        (&refs[1], "feature-----spaces".to_string()),
+        (&refs[2], format!("feature-{}", "x".repeat(55))),
+    ] {
+        let f = Path::new(&root).join(&slug).join("ref");
+        assert_eq!(&std::fs::read_to_string(&f).expect(&slug), r);
+    }
+    // One ledger for every branch, under the ref-independent part of the root.
+    let records = ledger(&Path::new(&root).join(".ferry"));
+    let recorded: Vec<&str> = records.iter().map(|r| r["ref"].as_str().unwrap()).collect();
+    assert_eq!(
+        recorded,
+        refs.iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    let status = Ferry::new()
+        .trusting(&[&host])
+        .args(["status", "--json"])
+        .arg(&p)
+        .run()
+        .success();
+    let v: serde_json::Value = serde_json::from_str(&status.stdout).expect(&status.stdout);
+    let rows = v[0]["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 3, "{v}");
+    for r in &refs {
+        let row = rows.iter().find(|x| x["ref"] == r.as_str()).expect(r);
+        assert_eq!(row["state"], "live", "{row}");
+        assert_eq!(row["sha"], SHA);
+    }
+    let text = Ferry::new()
+        .trusting(&[&host])
+        .arg("status")
+        .arg(&p)
+        .run()
+        .success();
+    assert!(
+        text.stdout.contains("'release-$(touch /tmp/pwned)'"),
+        "{}",
+        text.stdout
+    );
+    assert!(
+        text.stdout.contains("'feature/äöü spaces'"),
+        "{}",
+        text.stdout
+    );
+    assert!(text.stdout.contains("STATE"), "{}", text.stdout);
+    // GitLab's on_stop: only that branch's deployment goes.
+    ci(&[&host], "feature/äöü spaces", SHA, "410")
+        .args(["stop", "--env", "test", "--ref", "feature/äöü spaces"])
+        .arg(&p)
+        .run()
+        .success();
+    assert!(!Path::new(&root).join("feature-----spaces").exists());
+    assert!(Path::new(&root).join("release---touch--tmp-pwned").exists());
+    let one = Ferry::new()
+        .trusting(&[&host])
+        .args(["status", "--json", "--ref", "feature/äöü spaces"])
+        .arg(&p)
+        .run()
+        .success();
+    let v: serde_json::Value = serde_json::from_str(&one.stdout).unwrap();
+    let rows = v[0]["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{v}");
+    assert_eq!(rows[0]["state"], "stopped");
+    assert_eq!(rows[0]["result"], "stop ok");
+    let history = Ferry::new()
+        .trusting(&[&host])
+        .args(["history", "-n", "2"])
+        .arg(&p)
+        .run()
+        .success();
+    let lines: Vec<&str> = history.stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{}", history.stdout);
+    assert!(
+        lines[1].contains("stop") && lines[1].contains("'feature/äöü spaces'"),
+        "{}",
+        history.stdout
+    );
+    assert!(!pwned.exists());
+}
+
+/// Two hosts of one environment on different commits, and a failed last attempt: status says so.
+#[test]
+fn status_flags_hosts_that_disagree_and_failed_attempts() {
+    let (a, b) = (Sshd::start(), Sshd::start());
+    let dir = TempDir::new("disagree");
+    let root = open_root(&dir);
+    // Each host gets its own root via the host name, as two machines would have.
+    let steps = "      - run: { command: \"test ! -e \\\"${root}/fail\\\"\" }\n";
+    let p = pb(
+        &dir,
+        &[a.address(), b.address()],
+        &format!("{root}/${{host}}"),
+        steps,
+        "",
+    );
+    ci(&[&a, &b], "release-1", SHA, "501")
+        .arg("deploy")
+        .arg(&p)
+        .run()
+        .success();
+    ci(&[&a, &b], "release-2", SHA2, "502")
+        .args(["deploy", "--limit", &a.address()])
+        .arg(&p)
+        .run()
+        .success();
+    // A failed attempt on b.
+    let b_root = Path::new(&root).join(b.address());
+    std::fs::write(b_root.join("fail"), "").unwrap();
+    ci(&[&a, &b], "release-3", SHA2, "503")
+        .args(["deploy", "--limit", &b.address()])
+        .arg(&p)
+        .run()
+        .failure(1);
+    let run = Ferry::new()
+        .trusting(&[&a, &b])
+        .arg("status")
+        .arg(&p)
+        .run()
+        .success();
+    assert!(run.stdout.contains("hosts disagree"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("replaced by release-2"),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stdout.contains("last attempt failed"), "{}", run.stdout);
+    assert!(run.stdout.contains("never deployed ok"), "{}", run.stdout);
+}
