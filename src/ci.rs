@@ -12,6 +12,8 @@ pub struct DeployContext {
     #[serde(rename = "ref")]
     pub ref_name: String,
     pub is_tag: bool,
+    /// GitLab's slug of the ref (`CI_COMMIT_REF_SLUG` when it describes this ref, else computed).
+    pub ref_slug: String,
     pub sha: String,
     pub pipeline_id: Option<String>,
     pub job_url: Option<String>,
@@ -52,12 +54,18 @@ impl DeployContext {
         if !sha.chars().all(|c| c.is_ascii_hexdigit()) || sha.is_empty() || sha.len() > 64 {
             anyhow::bail!("commit `{sha}` is not a hex sha");
         }
+        // GitLab's own slug wins when it is for this ref (not when --ref names another one).
+        let ref_slug = match env("CI_COMMIT_REF_SLUG") {
+            Some(s) if ref_flag.is_none() && s == template::slug(&s) => s,
+            _ => template::slug(&ref_name),
+        };
         let user = env("GITLAB_USER_LOGIN")
             .or_else(|| env("USER"))
             .unwrap_or_else(|| "unknown".into());
         Ok(DeployContext {
             ref_name,
             is_tag,
+            ref_slug,
             sha: sha.to_lowercase(),
             pipeline_id: env("CI_PIPELINE_ID"),
             job_url: env("CI_JOB_URL"),
@@ -65,12 +73,26 @@ impl DeployContext {
         })
     }
 
+    /// A context for reading hosts' state without a particular ref (`ferry status`, `lock`):
+    /// ref-dependent parts of paths resolve to this placeholder and are not used.
+    pub fn placeholder() -> DeployContext {
+        DeployContext {
+            ref_name: "ferry-any-ref".into(),
+            is_tag: false,
+            ref_slug: "ferry-any-ref".into(),
+            sha: "0".repeat(40),
+            pipeline_id: None,
+            job_url: None,
+            user: "ferry".into(),
+        }
+    }
+
     pub fn short_sha(&self) -> &str {
         &self.sha[..self.sha.len().min(8)]
     }
 
     pub fn ref_slug(&self) -> String {
-        template::slug(&self.ref_name)
+        self.ref_slug.clone()
     }
 
     /// Template variables derived from the deploy.
@@ -109,4 +131,14 @@ fn git(args: &[&str]) -> Option<String> {
 /// True when running inside a GitLab CI job.
 pub fn in_gitlab_ci() -> bool {
     std::env::var_os("GITLAB_CI").is_some()
+}
+
+/// The controller's host name (the CI runner), recorded with locks and ledger lines.
+pub fn controller_host() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown".into())
 }

@@ -197,9 +197,13 @@ pub enum Command {
         command: LockCommand,
     },
     /// Remove a deploy lock left by a killed run
+    #[command(after_help = "Example:\n  ferry unlock ferry.yml --env staging")]
     Unlock {
         #[command(flatten)]
         target: Target,
+        /// Remove it even though its lease is still being renewed (the run may be alive)
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -490,7 +494,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Lock {
             command: LockCommand::Status { target },
         } => crate::lock::cli_status(g, &target).await,
-        Command::Unlock { target } => crate::lock::cli_unlock(g, &target).await,
+        Command::Unlock { target, force } => crate::lock::cli_unlock(g, &target, force).await,
     }
 }
 

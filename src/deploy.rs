@@ -5,8 +5,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-
 use crate::ci::DeployContext;
 use crate::cli::{DeployOpts, Global, RefArgs, Setup, Target, UsageError};
 use crate::inventory::Host;
@@ -285,6 +283,59 @@ async fn run_host(
     } else {
         Some(Lock::acquire(ctx, opts.lock_wait).await?)
     };
+    // Steps run while the lock's lease is renewed; losing the lock stops them.
+    let steps_run = run_steps(ctx, steps, action);
+    let (reports, error) = match &lock {
+        Some(lock) => {
+            tokio::select! {
+                r = steps_run => r,
+                lost = lock.keep_alive(ctx.session) => {
+                    ctx.progress.println(&format!("{}: {lost}", ctx.host.name()));
+                    (Vec::new(), Some(lost.to_string()))
+                }
+            }
+        }
+        None => steps_run.await,
+    };
+    let ok = error.is_none();
+    if !ctx.plan {
+        let record = Record::new(
+            ctx,
+            action.name(),
+            &reports,
+            ok,
+            error.as_deref(),
+            started_at,
+            started.elapsed(),
+        );
+        if let Err(e) = ledger::append(ctx, &record).await {
+            tracing::warn!("cannot record the deploy in the ledger: {e:#}");
+        }
+    }
+    if let Some(lock) = lock {
+        // The deploy's result stands; a lock left behind expires with its lease or `ferry unlock`.
+        if let Err(e) = lock.release(ctx.session).await {
+            ctx.progress
+                .println(&format!("{}: WARNING: {e}", ctx.host.name()));
+            tracing::warn!("{e}");
+        }
+    }
+    Ok(HostReport {
+        host: ctx.host.name().to_string(),
+        env: ctx.env.to_string(),
+        ok,
+        steps: reports,
+        error,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The steps in order, stopping at the first failure: their reports and the error, if any.
+async fn run_steps(
+    ctx: &StepCtx<'_>,
+    steps: &[Step],
+    action: &Action,
+) -> (Vec<StepReport>, Option<String>) {
     let mut reports = Vec::new();
     let mut error = None;
     for (i, step) in steps.iter().enumerate() {
@@ -334,32 +385,7 @@ async fn run_host(
             }
         }
     }
-    let ok = error.is_none();
-    if !ctx.plan {
-        let record = Record::new(
-            ctx,
-            action.name(),
-            &reports,
-            ok,
-            error.as_deref(),
-            started_at,
-            started.elapsed(),
-        );
-        if let Err(e) = ledger::append(ctx, &record).await {
-            tracing::warn!("cannot record the deploy in the ledger: {e:#}");
-        }
-    }
-    if let Some(lock) = lock {
-        lock.release().await.context("releasing the deploy lock")?;
-    }
-    Ok(HostReport {
-        host: ctx.host.name().to_string(),
-        env: ctx.env.to_string(),
-        ok,
-        steps: reports,
-        error,
-        seconds: started.elapsed().as_secs_f64(),
-    })
+    (reports, error)
 }
 
 async fn run_step(ctx: &StepCtx<'_>, step: &Step) -> anyhow::Result<Option<StepReport>> {

@@ -25,6 +25,8 @@ pub struct Host {
     pub vars: Vars,
     /// The environment's root directory on this host (templates expanded).
     pub root: String,
+    /// The part of `root` that does not depend on the ref (see [`state_base`]).
+    pub state_base: String,
 }
 
 impl Host {
@@ -48,9 +50,11 @@ impl Host {
         })
     }
 
-    /// Where ferry keeps this app's per-environment state on the host (locks, ledger).
+    /// Where ferry keeps its state on the host (locks, ledger): `.ferry` under the part of the root
+    /// that does not depend on the ref, so that every branch of a review environment shares it and
+    /// `ferry status` finds it without knowing the ref.
     pub fn state_dir(&self) -> String {
-        format!("{}/.ferry", self.root.trim_end_matches('/'))
+        format!("{}/.ferry", self.state_base.trim_end_matches('/'))
     }
 }
 
@@ -111,19 +115,23 @@ pub fn resolve(
         }
         let ssh = entry.ssh.merged(&env_ssh);
         // Later layers win; each value may use the layers below it and `${env.NAME}`.
-        let mut vars = base_vars.clone();
-        for layer in [&pb.vars, &env.vars, &entry.vars] {
-            for (k, v) in layer {
-                let value =
-                    template::expand(v, &vars).with_context(|| format!("variable `{k}`"))?;
-                vars.insert(k.clone(), value);
+        let layered = |base: &Vars| -> anyhow::Result<Vars> {
+            let mut vars = base.clone();
+            for layer in [&pb.vars, &env.vars, &entry.vars] {
+                for (k, v) in layer {
+                    let value =
+                        template::expand(v, &vars).with_context(|| format!("variable `{k}`"))?;
+                    vars.insert(k.clone(), value);
+                }
             }
-        }
-        vars.insert("app".into(), pb.app.clone());
-        vars.insert("env".into(), env_name.to_string());
-        vars.insert("host".into(), name.clone());
+            vars.insert("app".into(), pb.app.clone());
+            vars.insert("env".into(), env_name.to_string());
+            vars.insert("host".into(), name.clone());
+            Ok(vars)
+        };
+        let mut vars = layered(base_vars)?;
         let target = Target {
-            name,
+            name: name.clone(),
             user: entry
                 .user
                 .clone()
@@ -143,11 +151,15 @@ pub fn resolve(
         if !root.starts_with('/') {
             bail!("environment `{env_name}`: root `{root}` must be an absolute path");
         }
+        // The same root for another ref: what differs depends on the ref.
+        let other_root = template::expand(&root_t, &layered(&other_ref(base_vars))?)
+            .with_context(|| format!("environment `{env_name}`: root"))?;
         vars.insert("root".into(), root.clone());
         hosts.push(Host {
             target,
             docker: docker_argv(&entry.docker, env),
             vars,
+            state_base: state_base(&root, &other_root),
             root,
         });
     }
@@ -155,6 +167,46 @@ pub fn resolve(
         bail!("no hosts selected in environment `{env_name}` (check --limit)");
     }
     Ok((settings, hosts))
+}
+
+/// Variables that change with the ref being deployed.
+const REF_VARS: [&str; 7] = [
+    "ref",
+    "ref_slug",
+    "tag",
+    "sha",
+    "short_sha",
+    "pipeline_id",
+    "user",
+];
+
+/// `base` with every ref-dependent variable set to a value no ref produces.
+fn other_ref(base: &Vars) -> Vars {
+    let mut v = base.clone();
+    for k in REF_VARS {
+        if let Some(x) = v.get_mut(k) {
+            x.push_str("\u{1}other");
+        }
+    }
+    v
+}
+
+/// The leading path components two expansions of the root (for two different refs) share: the
+/// ref-independent base under which ferry keeps state. `/srv/shop` for `/srv/shop`, `/srv/review`
+/// for `/srv/review/${ref_slug}`.
+pub fn state_base(root: &str, other: &str) -> String {
+    let common: Vec<&str> = root
+        .split('/')
+        .zip(other.split('/'))
+        .take_while(|(a, b)| a == b)
+        .map(|(a, _)| a)
+        .collect();
+    let joined = common.join("/");
+    if joined.is_empty() {
+        "/".into()
+    } else {
+        joined
+    }
 }
 
 fn docker_argv(host: &DockerSettings, env: &Environment) -> Vec<String> {
@@ -191,6 +243,14 @@ mod tests {
     use std::path::Path;
 
     #[test]
+    fn state_base_drops_ref_dependent_components() {
+        assert_eq!(state_base("/srv/shop", "/srv/shop"), "/srv/shop");
+        assert_eq!(state_base("/srv/review/a", "/srv/review/b"), "/srv/review");
+        assert_eq!(state_base("/srv/x-a/y", "/srv/x-b/y"), "/srv");
+        assert_eq!(state_base("/a", "/b"), "/");
+    }
+
+    #[test]
     fn layering_and_templates() {
         let pb = playbook::parse(
             "app: shop\nssh: { user: deploy, port: 2200 }\nvars: { site: a }\nenvironments:\n  review:\n    root: /srv/review/${ref_slug}\n    ssh: { proxy_jump: 'jump@bastion:2022' }\n    hosts:\n      - web1\n      - { host: web2, user: root, port: 22, vars: { site: b } }\n",
@@ -203,6 +263,7 @@ mod tests {
         assert_eq!(hosts[0].target.user, "deploy");
         assert_eq!(hosts[0].target.port, 2200);
         assert_eq!(hosts[0].root, "/srv/review/feature-x");
+        assert_eq!(hosts[0].state_dir(), "/srv/review/.ferry");
         assert_eq!(
             hosts[0].path("current").unwrap(),
             "/srv/review/feature-x/current"

@@ -1,25 +1,268 @@
-//! The per-host deploy ledger. (Being built: see issue 5.)
+//! The per-host deploy ledger: an append-only file of JSON lines, one per deploy attempt (deploy,
+//! rollback, stop), that `ferry status` and `ferry history` read back. It lives at
+//! `<state dir>/ledger.jsonl` (see `Host::state_dir`: outside any ref-dependent part of the root, so
+//! one ledger holds every branch).
+//!
+//! Appending: the record is written to a temp file and added with one `cat tmp >> ledger`, then
+//! `sync FILE` (GNU coreutils ≥ 8.24 and BusyBox both have it). A deploy appends while it holds the
+//! app/environment lock. Environments that share a root also share the ledger and hold different
+//! locks, so their appends may race. Each append is a single `write(2)` of one line (well under
+//! `cat`'s 128 KiB buffer) to an `O_APPEND` file, and Linux applies those whole at the end of the file,
+//! so lines do not interleave. A reader skips a line it cannot parse, with a warning, and does not fail.
 
 use std::time::Duration;
 
-use crate::deploy::{StepCtx, StepReport};
+use serde::{Deserialize, Serialize};
 
-pub struct Record;
+use crate::deploy::{StepCtx, StepReport};
+use crate::inventory::Host;
+use crate::ssh::Session;
+
+/// Format version of a ledger line; readers skip lines with a newer version.
+pub const VERSION: u32 = 1;
+/// Cap on the error text kept in a record.
+const MAX_ERROR: usize = 2000;
+
+/// One deploy attempt on one host.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Record {
+    pub version: u32,
+    pub app: String,
+    pub env: String,
+    pub host: String,
+    #[serde(rename = "ref")]
+    pub ref_name: String,
+    #[serde(default)]
+    pub is_tag: bool,
+    #[serde(default)]
+    pub ref_slug: String,
+    pub sha: String,
+    pub pipeline_id: Option<String>,
+    pub job_url: Option<String>,
+    /// The release id of this run (also the sync release name).
+    pub release: String,
+    /// `deploy`, `rollback` or `stop`.
+    pub action: String,
+    pub ok: bool,
+    pub error: Option<String>,
+    pub steps: Vec<LedgerStep>,
+    /// Unix time the attempt started, and how long it took.
+    pub started_at: u64,
+    pub seconds: f64,
+    pub bytes_sent: u64,
+    pub files_sent: u64,
+    /// Who ran it: GitLab user (or local user), and the controller's host name.
+    pub user: String,
+    pub controller: String,
+}
+
+/// A step's outcome as the ledger keeps it (no log lines).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LedgerStep {
+    pub step: String,
+    pub changed: bool,
+    pub summary: String,
+    #[serde(default)]
+    pub bytes_sent: u64,
+    #[serde(default)]
+    pub files_sent: u64,
+}
 
 impl Record {
     pub fn new(
-        _ctx: &StepCtx<'_>,
-        _action: &str,
-        _steps: &[StepReport],
-        _ok: bool,
-        _error: Option<&str>,
-        _started_at: u64,
-        _took: Duration,
+        ctx: &StepCtx<'_>,
+        action: &str,
+        steps: &[StepReport],
+        ok: bool,
+        error: Option<&str>,
+        started_at: u64,
+        took: Duration,
     ) -> Record {
-        Record
+        let d = ctx.deploy;
+        Record {
+            version: VERSION,
+            app: ctx.app.into(),
+            env: ctx.env.into(),
+            host: ctx.host.name().into(),
+            ref_name: d.ref_name.clone(),
+            is_tag: d.is_tag,
+            ref_slug: d.ref_slug(),
+            sha: d.sha.clone(),
+            pipeline_id: d.pipeline_id.clone(),
+            job_url: d.job_url.clone(),
+            release: ctx.release.into(),
+            action: action.into(),
+            ok,
+            error: error.map(|e| truncate(e, MAX_ERROR)),
+            steps: steps
+                .iter()
+                .map(|s| LedgerStep {
+                    step: s.step.clone(),
+                    changed: s.changed,
+                    summary: truncate(&s.summary, MAX_ERROR),
+                    bytes_sent: s.bytes_sent,
+                    files_sent: s.files_sent,
+                })
+                .collect(),
+            started_at,
+            seconds: took.as_secs_f64(),
+            bytes_sent: steps.iter().map(|s| s.bytes_sent).sum(),
+            files_sent: steps.iter().map(|s| s.files_sent).sum(),
+            user: d.user.clone(),
+            controller: crate::ci::controller_host(),
+        }
+    }
+
+    /// The one JSON line this record is stored as (no newline inside: JSON escapes them).
+    pub fn to_line(&self) -> String {
+        serde_json::to_string(self).expect("a record serializes")
     }
 }
 
-pub async fn append(_ctx: &StepCtx<'_>, _record: &Record) -> anyhow::Result<()> {
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// Parse a ledger's text: records in file order, and a note per line that was skipped.
+pub fn parse(text: &str) -> (Vec<Record>, Vec<String>) {
+    let mut records = Vec::new();
+    let mut skipped = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<Record>(line) {
+            Ok(r) if r.version <= VERSION => records.push(r),
+            Ok(r) => skipped.push(format!(
+                "line {}: version {} is newer than this ferry",
+                i + 1,
+                r.version
+            )),
+            Err(e) => skipped.push(format!("line {}: {e}", i + 1)),
+        }
+    }
+    (records, skipped)
+}
+
+const APPEND: &str = r#"set -e
+dir=$1
+mkdir -p "$dir"
+tmp="$dir/.ledger.$$.tmp"
+printf '%s\n' "$2" > "$tmp"
+cat "$tmp" >> "$dir/ledger.jsonl"
+rm -f "$tmp"
+sync "$dir/ledger.jsonl" 2>/dev/null || sync
+"#;
+
+/// Append `record` to the host's ledger, fsync'd.
+pub async fn append(ctx: &StepCtx<'_>, record: &Record) -> anyhow::Result<()> {
+    let dir = ctx.host.state_dir();
+    let out = ctx
+        .session
+        .run_script(
+            APPEND,
+            &[dir.as_str(), record.to_line().as_str()],
+            Some(Duration::from_secs(60)),
+        )
+        .await?;
+    if !out.success() {
+        anyhow::bail!(
+            "{}: cannot append to {dir}/ledger.jsonl: {}",
+            ctx.host.name(),
+            out.tail()
+        );
+    }
     Ok(())
+}
+
+const READ: &str = r#"f="$1/ledger.jsonl"
+if [ -e "$f" ]; then cat "$f"; fi
+"#;
+
+/// Read every record of the host's ledger (an absent ledger is empty).
+pub async fn read(host: &Host, session: &Session) -> anyhow::Result<Vec<Record>> {
+    let dir = host.state_dir();
+    let out = session
+        .run_script(READ, &[dir.as_str()], Some(Duration::from_secs(60)))
+        .await?;
+    if !out.success() {
+        anyhow::bail!(
+            "{}: cannot read {dir}/ledger.jsonl: {}",
+            host.name(),
+            out.tail()
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (records, skipped) = parse(&text);
+    for s in skipped {
+        tracing::warn!("{}: {dir}/ledger.jsonl: skipped {s}", host.name());
+    }
+    Ok(records)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn record(env: &str, host: &str, r: &str, sha: &str, ok: bool, at: u64) -> Record {
+        Record {
+            version: VERSION,
+            app: "shop".into(),
+            env: env.into(),
+            host: host.into(),
+            ref_name: r.into(),
+            is_tag: false,
+            ref_slug: crate::template::slug(r),
+            sha: sha.into(),
+            pipeline_id: Some("7".into()),
+            job_url: None,
+            release: format!("2026-{at}"),
+            action: "deploy".into(),
+            ok,
+            error: (!ok).then(|| "boom".into()),
+            steps: vec![],
+            started_at: at,
+            seconds: 1.5,
+            bytes_sent: 10,
+            files_sent: 1,
+            user: "alice".into(),
+            controller: "runner".into(),
+        }
+    }
+
+    #[test]
+    fn lines_round_trip_and_bad_lines_are_skipped() {
+        let hostile = record(
+            "staging",
+            "web1",
+            "release-$(touch /tmp/pwned)\n",
+            "ab",
+            true,
+            5,
+        );
+        let line = hostile.to_line();
+        assert!(!line.contains('\n'));
+        let text = format!(
+            "{line}\n{{not json\n\n{}\n",
+            line.replace("\"version\":1", "\"version\":99")
+        );
+        let (records, skipped) = parse(&text);
+        assert_eq!(records, vec![hostile]);
+        assert_eq!(skipped.len(), 2, "{skipped:?}");
+        assert!(skipped[1].contains("newer"), "{skipped:?}");
+    }
+
+    #[test]
+    fn long_errors_are_cut_on_a_char_boundary() {
+        let s = "ä".repeat(3000);
+        let t = truncate(&s, 2001);
+        assert!(t.len() <= 2004 && t.ends_with('…'));
+    }
 }

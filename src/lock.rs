@@ -1,26 +1,650 @@
-//! Deploy locks on the hosts. (Being built: see issue 5.)
+//! Deploy locks: one deploy per app and environment at a time, on each host.
+//!
+//! The lock is a directory `<state dir>/locks/<app>-<env>` made with an atomic `mkdir`. Inside it are
+//! `token` (random, this run's), `holder.json` (ref, sha, pipeline, job URL, user, controller, time) and
+//! `expires` (unix time on the host's clock). A running deploy renews `expires` in the background.
+//!
+//! Taking over an expired lease: Deployer's auto-unlock raced when two controllers both judged a lock
+//! stale and both removed it, or when an unlock removed a lock that someone had just taken. Here every
+//! removal (takeover, release, unlock) happens under a second `mkdir` guard (`<lock>.guard`), and it
+//! re-checks the lock under that guard. A takeover re-reads `expires` and removes the lock only if it
+//! is still expired. A release removes the lock only if `token` is still ours. The lock is moved aside
+//! to a unique name first, so a half-finished `rm` never leaves a partial lock. A plain `mkdir` cannot
+//! succeed while the lock directory exists, so it needs no guard. A guard left by a controller killed
+//! inside that short critical section is cleared after 30 seconds. Expiry is judged on the host's own
+//! clock (`date +%s`), so clock skew between controllers does not matter.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::cli::{Global, Target};
+use crate::ci::DeployContext;
+use crate::cli::{Global, Setup, Target, UsageError};
 use crate::deploy::StepCtx;
+use crate::inventory::Host;
+use crate::report;
+use crate::ssh::Session;
 
-pub struct Lock;
+/// How long a lock stays valid without renewal (override: `FERRY_LOCK_LEASE`, e.g. `30s`).
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(60);
 
-impl Lock {
-    pub async fn acquire(_ctx: &StepCtx<'_>, _wait: Option<Duration>) -> anyhow::Result<Lock> {
-        Ok(Lock)
+/// Who holds a lock, as stored in `holder.json`.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct Holder {
+    pub token: String,
+    #[serde(rename = "ref")]
+    pub ref_name: String,
+    pub sha: String,
+    pub pipeline_id: Option<String>,
+    pub job_url: Option<String>,
+    pub user: String,
+    pub controller: String,
+    pub pid: u32,
+    pub started_at: u64,
+}
+
+impl Holder {
+    fn new(token: &str, d: &DeployContext) -> Holder {
+        Holder {
+            token: token.into(),
+            ref_name: d.ref_name.clone(),
+            sha: d.sha.clone(),
+            pipeline_id: d.pipeline_id.clone(),
+            job_url: d.job_url.clone(),
+            user: d.user.clone(),
+            controller: crate::ci::controller_host(),
+            pid: std::process::id(),
+            started_at: report::unix_now(),
+        }
     }
 
-    pub async fn release(self) -> anyhow::Result<()> {
+    /// One line naming the holder, for errors and `ferry lock status`.
+    pub fn describe(&self) -> String {
+        let mut s = format!(
+            "ref {} (commit {})",
+            crate::shell::quote_str(&self.ref_name),
+            &self.sha[..self.sha.len().min(8)]
+        );
+        if let Some(p) = &self.pipeline_id {
+            s += &format!(", pipeline {p}");
+        }
+        if let Some(j) = &self.job_url {
+            s += &format!(", job {j}");
+        }
+        s += &format!(
+            ", by {} from {} (pid {})",
+            self.user, self.controller, self.pid
+        );
+        s
+    }
+}
+
+/// What a host said about a lock.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LockState {
+    /// The lock directory on the host.
+    pub path: String,
+    pub held: bool,
+    /// `None` when the lock exists but its holder file is missing or unreadable.
+    pub holder: Option<Holder>,
+    /// Seconds until the lease expires on the host's clock (negative: expired).
+    pub expires_in: Option<i64>,
+}
+
+/// A lock could not be taken; callers branch on it (wait, report).
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error(
+        "{host}: the deploy lock {path} is held by {holder}{lease}; wait for it with --lock-wait 10m, or if that run was killed remove it with `ferry unlock --env {env}`"
+    )]
+    Held {
+        host: String,
+        path: String,
+        env: String,
+        holder: String,
+        lease: String,
+    },
+    #[error("{host}: cannot use the deploy lock {path}: {reason}")]
+    Failed {
+        host: String,
+        path: String,
+        reason: String,
+    },
+    #[error(
+        "{host}: lost the deploy lock {path}: another run took it over after our lease expired"
+    )]
+    Lost { host: String, path: String },
+}
+
+/// A held lock. Release it with [`Lock::release`]; while steps run, drive [`Lock::keep_alive`].
+#[derive(Debug)]
+pub struct Lock {
+    host: String,
+    state_dir: String,
+    name: String,
+    token: String,
+    lease: Duration,
+}
+
+/// The lock directory's name for an app and environment: safe as one path component whatever the
+/// names are (other bytes become `_`, and a hash keeps such names distinct).
+pub fn lock_name(app: &str, env: &str) -> String {
+    let raw = format!("{app}-{env}");
+    let clean: String = raw
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if clean == raw && !raw.starts_with('.') {
+        clean
+    } else {
+        let h = blake3::hash(format!("{app}\0{env}").as_bytes()).to_hex();
+        format!("_{clean}-{}", &h[..8])
+    }
+}
+
+pub fn lease_from_env() -> Duration {
+    std::env::var("FERRY_LOCK_LEASE")
+        .ok()
+        .and_then(|s| crate::playbook::parse_duration(&s).ok())
+        .filter(|d| d.as_secs() >= 2)
+        .unwrap_or(DEFAULT_LEASE)
+}
+
+/// Shared by the scripts: the guard around every removal.
+const GUARD: &str = r#"
+guard_take() {
+  i=0
+  while ! mkdir "$lock.guard" 2>/dev/null; do
+    at=$(cat "$lock.guard/at" 2>/dev/null || true)
+    case $at in ''|*[!0-9]*) at=$(date +%s) ;; esac
+    if [ $(( $(date +%s) - at )) -gt 30 ]; then rm -rf "$lock.guard"; continue; fi
+    i=$((i + 1)); [ "$i" -le 50 ] || return 1
+    sleep 0.2 2>/dev/null || sleep 1
+  done
+  date +%s > "$lock.guard/at"
+}
+guard_drop() { rm -rf "$lock.guard"; }
+read_exp() {
+  exp=$(cat "$lock/expires" 2>/dev/null || true)
+  case $exp in ''|*[!0-9]*) exp= ;; esac
+}
+show() {
+  now=$(date +%s)
+  read_exp
+  echo "now $now"
+  echo "expires $exp"
+  printf 'holder '; cat "$lock/holder.json" 2>/dev/null || true; echo
+}
+"#;
+
+/// args: state dir, lock name, token, holder JSON, lease seconds.
+/// exit 0 + `acquired` | `took-over` + old holder; exit 1 `held` + holder; other: failure.
+const ACQUIRE: &str = r#"
+locks="$1/locks"; lock="$locks/$2"; tok=$3; holder=$4; lease=$5
+mkdir -p "$locks" || exit 3
+write_lock() {
+  printf '%s\n' "$tok" > "$lock/token" &&
+  printf '%s\n' "$holder" > "$lock/holder.json" &&
+  echo $(( $(date +%s) + lease )) > "$lock/expires"
+}
+if mkdir "$lock" 2>/dev/null; then
+  write_lock || { rm -rf "$lock"; exit 3; }
+  echo acquired; exit 0
+fi
+now=$(date +%s); read_exp
+if [ -n "$exp" ] && [ "$exp" -lt "$now" ]; then
+  guard_take || { echo held; show; exit 1; }
+  now=$(date +%s); read_exp
+  if [ -n "$exp" ] && [ "$exp" -lt "$now" ]; then
+    echo took-over; show
+    mv "$lock" "$lock.stale.$tok" && rm -rf "$lock.stale.$tok"
+    if mkdir "$lock" 2>/dev/null; then
+      write_lock || { rm -rf "$lock"; guard_drop; exit 3; }
+      guard_drop; exit 0
+    fi
+  fi
+  guard_drop
+fi
+echo held; show; exit 1
+"#;
+
+/// args: state dir, lock name, token, lease seconds. exit 0 renewed, 1 lost.
+const RENEW: &str = r#"
+lock="$1/locks/$2"
+[ "$(cat "$lock/token" 2>/dev/null)" = "$3" ] || { echo lost; exit 1; }
+echo $(( $(date +%s) + $4 )) > "$lock/expires.$3" && mv -f "$lock/expires.$3" "$lock/expires"
+"#;
+
+/// args: state dir, lock name, token. Removes the lock only if the token is ours.
+const RELEASE: &str = r#"
+lock="$1/locks/$2"
+[ -d "$lock" ] || { echo gone; exit 0; }
+guard_take || { echo "guard busy"; exit 3; }
+if [ "$(cat "$lock/token" 2>/dev/null)" = "$3" ]; then
+  mv "$lock" "$lock.released.$3" && rm -rf "$lock.released.$3"
+  echo released
+else
+  echo "not ours"
+fi
+guard_drop
+"#;
+
+/// args: state dir, lock name, force (1/0), a unique suffix. exit 0 removed/free, 4 lease still live.
+const UNLOCK: &str = r#"
+lock="$1/locks/$2"
+[ -d "$lock" ] || { echo free; exit 0; }
+guard_take || { echo "guard busy"; exit 3; }
+show
+if [ "$3" != 1 ] && [ -n "$exp" ] && [ "$exp" -ge "$now" ]; then guard_drop; exit 4; fi
+mv "$lock" "$lock.unlocked.$4" && rm -rf "$lock.unlocked.$4"
+guard_drop
+echo removed
+"#;
+
+/// args: state dir, lock name.
+const STATUS: &str = r#"
+lock="$1/locks/$2"
+if [ -d "$lock" ]; then echo held; show; else echo free; fi
+"#;
+
+fn script(body: &str) -> String {
+    format!("{GUARD}{body}")
+}
+
+/// Parse the `show` block: `now N`, `expires N`, `holder JSON`.
+fn parse_show(text: &str) -> (Option<i64>, Option<Holder>) {
+    let mut now = None;
+    let mut exp = None;
+    let mut holder = None;
+    for line in text.lines() {
+        if let Some(v) = line.strip_prefix("now ") {
+            now = v.trim().parse::<i64>().ok();
+        } else if let Some(v) = line.strip_prefix("expires ") {
+            exp = v.trim().parse::<i64>().ok();
+        } else if let Some(v) = line.strip_prefix("holder ") {
+            holder = serde_json::from_str(v.trim()).ok();
+        }
+    }
+    let expires_in = match (now, exp) {
+        (Some(n), Some(e)) => Some(e - n),
+        _ => None,
+    };
+    (expires_in, holder)
+}
+
+fn lease_text(expires_in: Option<i64>) -> String {
+    match expires_in {
+        Some(s) if s >= 0 => format!(" (lease expires in {s}s unless renewed)"),
+        Some(s) => format!(" (lease expired {}s ago)", -s),
+        None => " (no lease recorded yet)".into(),
+    }
+}
+
+impl Lock {
+    fn path(&self) -> String {
+        format!("{}/locks/{}", self.state_dir, self.name)
+    }
+
+    /// Take the lock on `ctx.host`, waiting up to `wait` for another deploy to finish.
+    pub async fn acquire(ctx: &StepCtx<'_>, wait: Option<Duration>) -> Result<Lock, LockError> {
+        let lock = Lock {
+            host: ctx.host.name().to_string(),
+            state_dir: ctx.host.state_dir(),
+            name: lock_name(ctx.app, ctx.env),
+            token: format!(
+                "{:016x}{:016x}",
+                rand::random::<u64>(),
+                rand::random::<u64>()
+            ),
+            lease: lease_from_env(),
+        };
+        let holder = serde_json::to_string(&Holder::new(&lock.token, ctx.deploy))
+            .expect("holder serializes");
+        let deadline = wait.map(|w| Instant::now() + w);
+        let mut announced = false;
+        loop {
+            let out = ctx
+                .session
+                .run_script(
+                    &script(ACQUIRE),
+                    &[
+                        lock.state_dir.as_str(),
+                        lock.name.as_str(),
+                        lock.token.as_str(),
+                        holder.as_str(),
+                        &lock.lease.as_secs().to_string(),
+                    ],
+                    Some(Duration::from_secs(60)),
+                )
+                .await
+                .map_err(|e| lock.failed(format!("{e:#}")))?;
+            let text = out.stdout_str();
+            match out.status {
+                Some(0) => {
+                    if text.starts_with("took-over") {
+                        let (exp, old) = parse_show(&text);
+                        let who = old
+                            .map(|h| h.describe())
+                            .unwrap_or_else(|| "unknown".into());
+                        tracing::warn!(
+                            "{}: took over the expired deploy lock {} of {who}{}",
+                            lock.host,
+                            lock.path(),
+                            lease_text(exp)
+                        );
+                    }
+                    return Ok(lock);
+                }
+                Some(1) => {
+                    let (exp, holder) = parse_show(&text);
+                    let holder = holder
+                        .map(|h| h.describe())
+                        .unwrap_or_else(|| "a run whose holder file is missing".into());
+                    if let Some(d) = deadline.filter(|d| Instant::now() < *d) {
+                        if !announced {
+                            ctx.progress.println(&format!(
+                                "{}: waiting up to {} for the deploy lock held by {holder}",
+                                lock.host,
+                                report::human_duration(d - Instant::now())
+                            ));
+                            announced = true;
+                        }
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                    return Err(LockError::Held {
+                        host: lock.host.clone(),
+                        path: lock.path(),
+                        env: ctx.env.to_string(),
+                        holder,
+                        lease: lease_text(exp),
+                    });
+                }
+                _ => return Err(lock.failed(out.tail())),
+            }
+        }
+    }
+
+    fn failed(&self, reason: String) -> LockError {
+        LockError::Failed {
+            host: self.host.clone(),
+            path: self.path(),
+            reason,
+        }
+    }
+
+    /// Renew the lease every third of it until the lock is found lost (returned as the error).
+    /// Transient failures to renew are logged and retried. Run it alongside the steps.
+    pub async fn keep_alive(&self, session: &Session) -> LockError {
+        let every = self.lease / 3;
+        loop {
+            tokio::time::sleep(every).await;
+            let r = session
+                .run_script(
+                    RENEW,
+                    &[
+                        self.state_dir.as_str(),
+                        self.name.as_str(),
+                        self.token.as_str(),
+                        &self.lease.as_secs().to_string(),
+                    ],
+                    Some(every),
+                )
+                .await;
+            match r {
+                Ok(out) if out.success() => tracing::debug!("renewed the deploy lock"),
+                Ok(out) if out.stdout_str().starts_with("lost") => {
+                    return LockError::Lost {
+                        host: self.host.clone(),
+                        path: self.path(),
+                    };
+                }
+                Ok(out) => tracing::warn!("cannot renew the deploy lock: {}", out.tail()),
+                Err(e) => tracing::warn!("cannot renew the deploy lock: {e:#}"),
+            }
+        }
+    }
+
+    /// Remove the lock if it is still ours.
+    pub async fn release(self, session: &Session) -> Result<(), LockError> {
+        let out = session
+            .run_script(
+                &script(RELEASE),
+                &[
+                    self.state_dir.as_str(),
+                    self.name.as_str(),
+                    self.token.as_str(),
+                ],
+                Some(Duration::from_secs(60)),
+            )
+            .await
+            .map_err(|e| self.failed(format!("{e:#}")))?;
+        let text = out.stdout_str();
+        if !out.success() {
+            return Err(self.failed(out.tail()));
+        }
+        if !text.starts_with("released") {
+            tracing::warn!(
+                "{}: the deploy lock {} was no longer ours at release ({})",
+                self.host,
+                self.path(),
+                text.trim()
+            );
+        }
         Ok(())
     }
 }
 
-pub async fn cli_status(_g: &Global, _t: &Target) -> anyhow::Result<i32> {
-    anyhow::bail!("lock status is not built yet")
+/// Read the lock state on one host.
+pub async fn state(
+    host: &Host,
+    session: &Session,
+    app: &str,
+    env: &str,
+) -> anyhow::Result<LockState> {
+    let (dir, name) = (host.state_dir(), lock_name(app, env));
+    let out = session
+        .run_script(
+            &script(STATUS),
+            &[dir.as_str(), name.as_str()],
+            Some(Duration::from_secs(30)),
+        )
+        .await?;
+    if !out.success() {
+        anyhow::bail!(
+            "{}: cannot read the deploy lock: {}",
+            host.name(),
+            out.tail()
+        );
+    }
+    let text = out.stdout_str();
+    let (expires_in, holder) = parse_show(&text);
+    Ok(LockState {
+        path: format!("{dir}/locks/{name}"),
+        held: text.starts_with("held"),
+        holder,
+        expires_in,
+    })
 }
 
-pub async fn cli_unlock(_g: &Global, _t: &Target) -> anyhow::Result<i32> {
-    anyhow::bail!("unlock is not built yet")
+/// A setup for reading a host's state without a particular ref (ref-dependent roots resolve to
+/// placeholders; the state dir does not depend on them).
+pub fn state_setup(g: &Global, target: &Target, env: &str) -> anyhow::Result<Setup> {
+    Setup::new(
+        g,
+        &target.playbook,
+        env,
+        Some(&DeployContext::placeholder()),
+    )
+}
+
+fn env_required(target: &Target) -> anyhow::Result<String> {
+    target
+        .env
+        .clone()
+        .ok_or_else(|| UsageError("--env is required: which environment's lock?".into()).into())
+}
+
+/// `ferry lock status`.
+pub async fn cli_status(g: &Global, target: &Target) -> anyhow::Result<i32> {
+    let env = env_required(target)?;
+    let setup = state_setup(g, target, &env)?;
+    let app = setup.playbook.app.clone();
+    let outcomes = crate::fleet::run(
+        &setup.connector,
+        &setup.hosts,
+        setup.settings.forks,
+        |host, session| {
+            let (app, env) = (app.clone(), env.clone());
+            async move {
+                let r = state(&host, &session, &app, &env).await;
+                session.close().await;
+                r
+            }
+        },
+    )
+    .await;
+    let mut ok = true;
+    let mut json = Vec::new();
+    let mut rows = Vec::new();
+    for o in outcomes {
+        match o.result {
+            Ok(s) => {
+                rows.push(vec![
+                    o.host.clone(),
+                    if s.held { "held".into() } else { "free".into() },
+                    s.holder.as_ref().map(Holder::describe).unwrap_or_default(),
+                    if s.held {
+                        lease_text(s.expires_in).trim().to_string()
+                    } else {
+                        String::new()
+                    },
+                    s.path.clone(),
+                ]);
+                json.push(serde_json::json!({"host": o.host, "lock": s}));
+            }
+            Err(e) => {
+                ok = false;
+                rows.push(vec![o.host.clone(), "unknown".into(), format!("{e:#}")]);
+                json.push(serde_json::json!({"host": o.host, "error": format!("{e:#}")}));
+            }
+        }
+    }
+    if g.json {
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    } else {
+        print!(
+            "{}",
+            report::table(&["HOST", "LOCK", "HOLDER", "LEASE", "PATH"], &rows)
+        );
+    }
+    Ok(if ok { 0 } else { 1 })
+}
+
+/// `ferry unlock`: remove the lock (a live lease needs `--force`), saying what was removed.
+pub async fn cli_unlock(g: &Global, target: &Target, force: bool) -> anyhow::Result<i32> {
+    let env = env_required(target)?;
+    let setup = state_setup(g, target, &env)?;
+    let name = lock_name(&setup.playbook.app, &env);
+    let outcomes = crate::fleet::run(
+        &setup.connector,
+        &setup.hosts,
+        setup.settings.forks,
+        |host, session| {
+            let name = name.clone();
+            async move {
+                let dir = host.state_dir();
+                let suffix = format!("{:016x}", rand::random::<u64>());
+                let out = session
+                    .run_script(
+                        &script(UNLOCK),
+                        &[
+                            dir.as_str(),
+                            name.as_str(),
+                            if force { "1" } else { "0" },
+                            suffix.as_str(),
+                        ],
+                        Some(Duration::from_secs(60)),
+                    )
+                    .await;
+                session.close().await;
+                let out = out?;
+                let path = format!("{dir}/locks/{name}");
+                let text = out.stdout_str();
+                let (exp, holder) = parse_show(&text);
+                let who = holder
+                    .map(|h| h.describe())
+                    .unwrap_or_else(|| "an unknown holder".into());
+                match out.status {
+                    Some(0) if text.starts_with("free") => Ok(format!("no lock at {path}")),
+                    Some(0) => Ok(format!("removed {path}, held by {who}{}", lease_text(exp))),
+                    Some(4) => anyhow::bail!(
+                        "{path} is held by {who}{}: that deploy may still be running; pass --force to remove it anyway",
+                        lease_text(exp)
+                    ),
+                    _ => anyhow::bail!("cannot remove {path}: {}", out.tail()),
+                }
+            }
+        },
+    )
+    .await;
+    let mut ok = true;
+    let mut json = Vec::new();
+    for o in outcomes {
+        match o.result {
+            Ok(msg) => {
+                if !g.json {
+                    println!("{}: {msg}", o.host);
+                }
+                json.push(serde_json::json!({"host": o.host, "result": msg}));
+            }
+            Err(e) => {
+                ok = false;
+                if !g.json {
+                    println!("{}: NOT removed: {e:#}", o.host);
+                }
+                json.push(serde_json::json!({"host": o.host, "error": format!("{e:#}")}));
+            }
+        }
+    }
+    if g.json {
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    }
+    Ok(if ok { 0 } else { 1 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_names_are_one_safe_component() {
+        assert_eq!(lock_name("shop", "staging"), "shop-staging");
+        let odd = lock_name("shop", "a/../b c");
+        assert!(odd.starts_with("_shop-a_.._b_c-"), "{odd}");
+        assert!(!odd.contains('/'));
+        assert_ne!(lock_name("shop", "a/b"), lock_name("shop", "a_b"));
+        assert!(!lock_name(".", ".").starts_with('.'));
+    }
+
+    #[test]
+    fn show_block_parses() {
+        let h = Holder {
+            token: "t".into(),
+            ref_name: "release-$(x)".into(),
+            sha: "0123456789".into(),
+            ..Default::default()
+        };
+        let text = format!(
+            "held\nnow 100\nexpires 90\nholder {}\n",
+            serde_json::to_string(&h).unwrap()
+        );
+        assert_eq!(parse_show(&text), (Some(-10), Some(h)));
+        assert_eq!(parse_show("held\nnow 5\nexpires \nholder \n"), (None, None));
+        assert!(lease_text(Some(-10)).contains("expired 10s ago"));
+    }
 }

@@ -1,16 +1,777 @@
-//! `ferry status` and `ferry history`. (Being built: see issue 5.)
+//! `ferry status` and `ferry history`: what is live where, per branch, and the recent deploys.
+//!
+//! Every host is read at once: its ledger (every attempt, every branch, since the ledger lives under
+//! the ref-independent state dir) and its live state (`sync::live` for each sync target and
+//! `docker::live` for each container, expanded for each branch the ledger names). A live read that
+//! fails shows as "unknown" with the reason. [`summarize`] is pure. It decides which branch is live
+//! on each host and flags hosts that disagree, drift, or whose last attempt failed.
 
-use crate::cli::{Global, Target};
+use std::collections::{BTreeMap, BTreeSet};
 
-pub async fn cli_status(_g: &Global, _t: &Target, _ref_name: Option<&str>) -> anyhow::Result<i32> {
-    anyhow::bail!("status is not built yet")
+use serde::Serialize;
+
+use crate::ci::DeployContext;
+use crate::cli::{Global, Setup, Target, UsageError};
+use crate::inventory::{self, Host, Overrides};
+use crate::ledger::{self, Record};
+use crate::playbook::{Playbook, Step};
+use crate::report;
+use crate::ssh::Session;
+use crate::{docker, shell, sync};
+
+/// What one host said for one environment.
+#[derive(Debug, Clone)]
+pub struct HostView {
+    pub host: String,
+    /// This app's and environment's records, oldest first; `Err` when the host could not be read.
+    pub records: Result<Vec<Record>, String>,
+    /// Live state per ref (per-branch environments), or under `""` (one deployment per host).
+    pub live: BTreeMap<String, Live>,
 }
 
-pub async fn cli_history(
-    _g: &Global,
-    _t: &Target,
-    _ref_name: Option<&str>,
-    _n: usize,
+/// The live state read from a host (files and containers), reduced to what status shows.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Live {
+    /// Ref and commit the live files or container say they came from.
+    #[serde(rename = "ref")]
+    pub ref_name: Option<String>,
+    pub sha: Option<String>,
+    pub release: Option<String>,
+    /// Missing, stopped, unhealthy, drifted or unreadable things.
+    pub notes: Vec<String>,
+}
+
+/// One line of a branch's table.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Row {
+    pub env: String,
+    #[serde(rename = "ref")]
+    pub ref_name: String,
+    pub host: String,
+    /// This branch is what the host serves in this environment.
+    pub live: bool,
+    /// `live`, `replaced by REF`, `stopped`, `never deployed ok`, `unknown`.
+    pub state: String,
+    /// The release and commit of this branch's last good deploy on the host.
+    pub release: Option<String>,
+    pub sha: Option<String>,
+    /// The last attempt: `deploy ok`, `deploy FAILED`, `stop ok`, ...
+    pub result: String,
+    pub last_attempt_at: u64,
+    pub error: Option<String>,
+    pub notes: Vec<String>,
+}
+
+/// One environment's picture.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct EnvStatus {
+    pub env: String,
+    pub rows: Vec<Row>,
+    /// Problems across hosts (disagreement, unreadable hosts).
+    pub flags: Vec<String>,
+}
+
+fn short(sha: &str) -> &str {
+    &sha[..sha.len().min(8)]
+}
+
+/// Build an environment's status from what its hosts said. `per_branch`: each ref has its own
+/// deployment (review apps), so several can be live at once.
+pub fn summarize(env: &str, per_branch: bool, hosts: &[HostView]) -> EnvStatus {
+    let mut st = EnvStatus {
+        env: env.into(),
+        ..Default::default()
+    };
+    // Per host: which ref is live (shared environments).
+    let mut live_on: BTreeMap<String, (String, String)> = BTreeMap::new();
+    for h in hosts {
+        let records = match &h.records {
+            Ok(r) => r,
+            Err(e) => {
+                st.flags
+                    .push(format!("{}: cannot read the ledger: {e}", h.host));
+                continue;
+            }
+        };
+        let refs: BTreeSet<&str> = records.iter().map(|r| r.ref_name.as_str()).collect();
+        // The last good record of the host (any ref): what a shared environment serves.
+        let last_good = records.iter().rev().find(|r| r.ok && r.action != "stop");
+        let live_shared = h.live.get("");
+        for r in refs {
+            let mine: Vec<&Record> = records.iter().filter(|x| x.ref_name == r).collect();
+            let last = *mine.last().expect("ref came from the records");
+            let good = mine
+                .iter()
+                .rev()
+                .find(|x| x.ok && x.action != "stop")
+                .copied();
+            let stopped = last.action == "stop" && last.ok;
+            let live_read = if per_branch {
+                h.live.get(r)
+            } else {
+                live_shared
+            };
+            let mut notes = Vec::new();
+            let (live, state) = if stopped {
+                (false, "stopped".to_string())
+            } else if good.is_none() {
+                (false, "never deployed ok".to_string())
+            } else if per_branch {
+                (true, "live".to_string())
+            } else {
+                // The live reading names the ref when it can; the ledger says otherwise.
+                let live_ref = live_read
+                    .and_then(|l| l.ref_name.clone())
+                    .or_else(|| last_good.map(|g| g.ref_name.clone()));
+                match live_ref {
+                    Some(lr) if lr == r => (true, "live".to_string()),
+                    Some(lr) => (false, format!("replaced by {}", shell::quote_str(&lr))),
+                    None => (false, "unknown".to_string()),
+                }
+            };
+            if live {
+                if let Some(l) = live_read {
+                    notes.extend(l.notes.iter().cloned());
+                    if let (Some(ls), Some(g)) = (&l.sha, good)
+                        && ls != &g.sha
+                    {
+                        notes.push(format!(
+                            "drift: the host runs commit {} but the ledger's last good deploy is {}",
+                            short(ls),
+                            short(&g.sha)
+                        ));
+                    }
+                }
+                if let Some(g) = good {
+                    live_on.insert(h.host.clone(), (r.to_string(), g.sha.clone()));
+                }
+            }
+            if !last.ok {
+                notes.push(format!(
+                    "last attempt failed{}",
+                    if live {
+                        "; an older release is still live"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+            st.rows.push(Row {
+                env: env.into(),
+                ref_name: r.into(),
+                host: h.host.clone(),
+                live,
+                state,
+                release: good.map(|g| g.release.clone()),
+                sha: good.map(|g| g.sha.clone()),
+                result: format!("{} {}", last.action, if last.ok { "ok" } else { "FAILED" }),
+                last_attempt_at: last.started_at,
+                error: last.error.clone(),
+                notes,
+            });
+        }
+    }
+    // Hosts of one deployment that serve different commits.
+    if !per_branch {
+        let distinct: BTreeSet<&(String, String)> = live_on.values().collect();
+        if distinct.len() > 1 {
+            let who: Vec<String> = live_on
+                .iter()
+                .map(|(h, (r, s))| format!("{h} on {} {}", shell::quote_str(r), short(s)))
+                .collect();
+            st.flags
+                .push(format!("{env}: hosts disagree: {}", who.join(", ")));
+        }
+    } else {
+        let mut by_ref: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+        for row in st.rows.iter().filter(|r| r.live) {
+            by_ref
+                .entry(&row.ref_name)
+                .or_default()
+                .insert(row.sha.as_deref().unwrap_or(""));
+        }
+        for (r, shas) in by_ref {
+            if shas.len() > 1 {
+                st.flags.push(format!(
+                    "{env} {}: hosts disagree: commits {}",
+                    shell::quote_str(r),
+                    shas.iter().map(|s| short(s)).collect::<Vec<_>>().join(", ")
+                ));
+            }
+        }
+    }
+    st.rows.sort_by(|a, b| {
+        b.last_attempt_at
+            .cmp(&a.last_attempt_at)
+            .then(a.host.cmp(&b.host))
+    });
+    st
+}
+
+/// A deploy context for a ref the ledger recorded: the variables its paths and names used.
+fn context_of(r: &Record) -> DeployContext {
+    DeployContext {
+        ref_name: r.ref_name.clone(),
+        is_tag: r.is_tag,
+        ref_slug: if r.ref_slug.is_empty() {
+            crate::template::slug(&r.ref_name)
+        } else {
+            r.ref_slug.clone()
+        },
+        sha: r.sha.clone(),
+        pipeline_id: r.pipeline_id.clone(),
+        job_url: r.job_url.clone(),
+        user: r.user.clone(),
+    }
+}
+
+/// The live-state steps of an environment: sync targets and containers.
+fn live_steps(pb: &Playbook, env: &str) -> Vec<Step> {
+    pb.environments[env]
+        .steps
+        .iter()
+        .filter(|s| matches!(s, Step::Sync(_) | Step::Container(_) | Step::Accessory(_)))
+        .cloned()
+        .collect()
+}
+
+/// The host as a given ref's deploy saw it (its variables, root and paths).
+fn host_for(
+    pb: &Playbook,
+    env: &str,
+    ctx: &DeployContext,
+    limit: &[String],
+    name: &str,
+) -> anyhow::Result<Host> {
+    let ov = Overrides {
+        limit: limit.to_vec(),
+        ..Default::default()
+    };
+    let (_, hosts) = inventory::resolve(pb, env, &ctx.vars(), &ov)?;
+    hosts
+        .into_iter()
+        .find(|h| h.name() == name)
+        .ok_or_else(|| anyhow::anyhow!("host {name} is not in environment {env} for this ref"))
+}
+
+/// Whether each ref gets its own deployment: the root, a sync target or a container name changes
+/// with the ref.
+pub fn is_per_branch(pb: &Playbook, env: &str) -> bool {
+    let a = DeployContext::placeholder();
+    let mut b = a.clone();
+    b.ref_name.push_str("-other");
+    b.ref_slug.push_str("-other");
+    let ov = Overrides::default();
+    let (Ok((_, ha)), Ok((_, hb))) = (
+        inventory::resolve(pb, env, &a.vars(), &ov),
+        inventory::resolve(pb, env, &b.vars(), &ov),
+    ) else {
+        return false;
+    };
+    let (Some(ha), Some(hb)) = (ha.first(), hb.first()) else {
+        return false;
+    };
+    if ha.root != hb.root {
+        return true;
+    }
+    pb.environments[env].steps.iter().any(|s| match s {
+        Step::Sync(s) => ha.path(&s.to).ok() != hb.path(&s.to).ok(),
+        Step::Container(c) => ha.expand(&c.name).ok() != hb.expand(&c.name).ok(),
+        _ => false,
+    })
+}
+
+/// Read the live files and containers of `steps` on `host`, as `ctx`'s deploy named them.
+async fn read_live(host: &Host, session: &Session, steps: &[Step]) -> Live {
+    let mut live = Live::default();
+    for step in steps {
+        match step {
+            Step::Sync(s) => match sync::live(host, session, s).await {
+                Ok(l) => {
+                    match &l.release {
+                        Some(rel) => {
+                            live.release.get_or_insert(rel.clone());
+                            if let Some(r) = &l.ref_name {
+                                live.ref_name.get_or_insert(r.clone());
+                            }
+                            if let Some(s) = &l.sha {
+                                live.sha.get_or_insert(s.clone());
+                            }
+                        }
+                        None => live.notes.push(format!("nothing live at {}", l.path)),
+                    }
+                    if let Some(d) = l.drift {
+                        live.notes.push(format!("drift at {}: {d}", l.path));
+                    }
+                }
+                Err(e) => live
+                    .notes
+                    .push(format!("files at {}: unknown ({e:#})", s.to)),
+            },
+            Step::Container(c) | Step::Accessory(c) => {
+                let service = matches!(step, Step::Container(_));
+                match docker::live(host, session, c).await {
+                    Ok(l) if !l.exists => {
+                        live.notes.push(format!("container {} is missing", l.name))
+                    }
+                    Ok(l) if !l.running => live
+                        .notes
+                        .push(format!("container {} is not running", l.name)),
+                    Ok(l) => {
+                        if let Some(h) = l.health.as_deref().filter(|h| *h != "healthy") {
+                            live.notes.push(format!("container {} is {h}", l.name));
+                        }
+                        if service {
+                            if let Some(r) = l.ref_name {
+                                live.ref_name.get_or_insert(r);
+                            }
+                            if let Some(s) = l.sha {
+                                live.sha.get_or_insert(s);
+                            }
+                        }
+                    }
+                    Err(e) => live
+                        .notes
+                        .push(format!("container {}: unknown ({e:#})", c.name)),
+                }
+            }
+            _ => {}
+        }
+    }
+    live
+}
+
+/// Read one environment from every host at once.
+async fn gather(
+    g: &Global,
+    pb: &Playbook,
+    env: &str,
+    with_live: bool,
+) -> anyhow::Result<(bool, Vec<HostView>)> {
+    let setup = Setup::with_playbook(g, pb.clone(), env, Some(&DeployContext::placeholder()))?;
+    let per_branch = is_per_branch(pb, env);
+    let steps = if with_live {
+        live_steps(pb, env)
+    } else {
+        vec![]
+    };
+    let outcomes = crate::fleet::run(
+        &setup.connector,
+        &setup.hosts,
+        setup.settings.forks,
+        |host, session| {
+            let steps = &steps;
+            async move {
+                let all = ledger::read(&host, &session).await;
+                let records: Vec<Record> = match all {
+                    Ok(r) => r
+                        .into_iter()
+                        .filter(|r| r.app == pb.app && r.env == env)
+                        .collect(),
+                    Err(e) => {
+                        session.close().await;
+                        return Err(e);
+                    }
+                };
+                let mut live = BTreeMap::new();
+                if !steps.is_empty() {
+                    if per_branch {
+                        let mut seen = BTreeSet::new();
+                        for r in records.iter().rev() {
+                            if !seen.insert(r.ref_name.clone()) {
+                                continue;
+                            }
+                            let l = match host_for(pb, env, &context_of(r), &g.limit, host.name()) {
+                                Ok(h) => read_live(&h, &session, steps).await,
+                                Err(e) => Live {
+                                    notes: vec![format!("unknown ({e:#})")],
+                                    ..Default::default()
+                                },
+                            };
+                            live.insert(r.ref_name.clone(), l);
+                        }
+                    } else {
+                        // Names may still use ref variables (image tags): expand with the last deploy's.
+                        let h = match records.last() {
+                            Some(r) => host_for(pb, env, &context_of(r), &g.limit, host.name())
+                                .unwrap_or(host.clone()),
+                            None => host.clone(),
+                        };
+                        live.insert(String::new(), read_live(&h, &session, steps).await);
+                    }
+                }
+                session.close().await;
+                Ok((records, live))
+            }
+        },
+    )
+    .await;
+    let views = outcomes
+        .into_iter()
+        .map(|o| match o.result {
+            Ok((records, live)) => HostView {
+                host: o.host,
+                records: Ok(records),
+                live,
+            },
+            Err(e) => HostView {
+                host: o.host,
+                records: Err(format!("{e:#}")),
+                live: BTreeMap::new(),
+            },
+        })
+        .collect();
+    Ok((per_branch, views))
+}
+
+fn envs_of(pb: &Playbook, target: &Target) -> anyhow::Result<Vec<String>> {
+    match &target.env {
+        Some(e) => {
+            pb.environment(e).map_err(UsageError)?;
+            Ok(vec![e.clone()])
+        }
+        None => Ok(pb.environments.keys().cloned().collect()),
+    }
+}
+
+fn when(unix: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix as i64)
+        .ok()
+        .and_then(|t| {
+            t.format(time::macros::format_description!(
+                "[year]-[month]-[day] [hour]:[minute]:[second]Z"
+            ))
+            .ok()
+        })
+        .unwrap_or_else(|| unix.to_string())
+}
+
+fn age(unix: u64) -> String {
+    report::human_duration(std::time::Duration::from_secs(
+        report::unix_now().saturating_sub(unix),
+    )) + " ago"
+}
+
+/// `ferry status`.
+pub async fn cli_status(
+    g: &Global,
+    target: &Target,
+    ref_name: Option<&str>,
 ) -> anyhow::Result<i32> {
-    anyhow::bail!("history is not built yet")
+    let pb = crate::cli::load_playbook(&target.playbook)?;
+    let envs = envs_of(&pb, target)?;
+    // Every environment at once; within each, every host at once.
+    let gathered = futures::future::join_all(envs.iter().map(|e| gather(g, &pb, e, true))).await;
+    let mut statuses = Vec::new();
+    let mut readable = true;
+    for (env, r) in envs.iter().zip(gathered) {
+        let (per_branch, views) = r?;
+        readable &= views.iter().all(|v| v.records.is_ok());
+        let mut st = summarize(env, per_branch, &views);
+        if let Some(want) = ref_name {
+            st.rows.retain(|r| r.ref_name == want);
+        }
+        statuses.push(st);
+    }
+    if g.json {
+        println!("{}", serde_json::to_string_pretty(&statuses)?);
+    } else {
+        print!("{}", render(&statuses));
+    }
+    Ok(if readable { 0 } else { 1 })
+}
+
+/// The human view: a table per branch (most recent first), then the flags.
+pub fn render(statuses: &[EnvStatus]) -> String {
+    let mut branches: Vec<(&str, u64)> = Vec::new();
+    for st in statuses {
+        for r in &st.rows {
+            match branches.iter_mut().find(|(b, _)| *b == r.ref_name) {
+                Some((_, t)) => *t = (*t).max(r.last_attempt_at),
+                None => branches.push((&r.ref_name, r.last_attempt_at)),
+            }
+        }
+    }
+    branches.sort_by_key(|b| std::cmp::Reverse(b.1));
+    let mut out = String::new();
+    if branches.is_empty() {
+        out.push_str("no deploys recorded\n");
+    }
+    for (b, _) in &branches {
+        out.push_str(&format!("\n{}\n", shell::quote_str(b)));
+        let rows: Vec<Vec<String>> = statuses
+            .iter()
+            .flat_map(|st| st.rows.iter())
+            .filter(|r| r.ref_name == *b)
+            .map(|r| {
+                vec![
+                    r.env.clone(),
+                    r.host.clone(),
+                    r.state.clone(),
+                    r.release.clone().unwrap_or_else(|| "-".into()),
+                    r.sha.as_deref().map(short).unwrap_or("-").to_string(),
+                    r.result.clone(),
+                    age(r.last_attempt_at),
+                    r.notes.join("; "),
+                ]
+            })
+            .collect();
+        out.push_str(&report::table(
+            &[
+                "ENV",
+                "HOST",
+                "STATE",
+                "RELEASE",
+                "COMMIT",
+                "LAST ATTEMPT",
+                "AGE",
+                "NOTES",
+            ],
+            &rows,
+        ));
+    }
+    let flags: Vec<&String> = statuses.iter().flat_map(|s| s.flags.iter()).collect();
+    let failed: Vec<&Row> = statuses
+        .iter()
+        .flat_map(|s| s.rows.iter())
+        .filter(|r| !r.notes.is_empty())
+        .collect();
+    if !flags.is_empty() || !failed.is_empty() {
+        out.push_str("\nattention:\n");
+        for f in flags {
+            out.push_str(&format!("  {f}\n"));
+        }
+        for r in failed {
+            out.push_str(&format!(
+                "  {} {} on {}: {}{}\n",
+                r.env,
+                shell::quote_str(&r.ref_name),
+                r.host,
+                r.notes.join("; "),
+                r.error
+                    .as_deref()
+                    .map(|e| format!(" ({})", e.lines().next().unwrap_or("")))
+                    .unwrap_or_default()
+            ));
+        }
+    }
+    out
+}
+
+/// `ferry history`.
+pub async fn cli_history(
+    g: &Global,
+    target: &Target,
+    ref_name: Option<&str>,
+    n: usize,
+) -> anyhow::Result<i32> {
+    let pb = crate::cli::load_playbook(&target.playbook)?;
+    let envs = envs_of(&pb, target)?;
+    let gathered = futures::future::join_all(envs.iter().map(|e| gather(g, &pb, e, false))).await;
+    let mut records = Vec::new();
+    let mut errors = Vec::new();
+    for r in gathered {
+        for v in r?.1 {
+            match v.records {
+                Ok(rs) => records.extend(rs),
+                Err(e) => errors.push(format!("{}: {e}", v.host)),
+            }
+        }
+    }
+    records.retain(|r| ref_name.is_none_or(|want| r.ref_name == want));
+    records.sort_by(|a, b| b.started_at.cmp(&a.started_at).then(a.host.cmp(&b.host)));
+    records.truncate(n);
+    if g.json {
+        println!("{}", serde_json::to_string_pretty(&records)?);
+    } else {
+        let rows: Vec<Vec<String>> = records
+            .iter()
+            .map(|r| {
+                vec![
+                    when(r.started_at),
+                    r.env.clone(),
+                    shell::quote_str(&r.ref_name),
+                    short(&r.sha).to_string(),
+                    r.action.clone(),
+                    r.host.clone(),
+                    if r.ok { "ok".into() } else { "FAILED".into() },
+                    r.release.clone(),
+                    format!("{:.1}s", r.seconds),
+                    report::human_bytes(r.bytes_sent),
+                    r.user.clone(),
+                ]
+            })
+            .collect();
+        print!(
+            "{}",
+            report::table(
+                &[
+                    "WHEN", "ENV", "REF", "COMMIT", "ACTION", "HOST", "RESULT", "RELEASE", "TOOK",
+                    "SENT", "BY"
+                ],
+                &rows
+            )
+        );
+    }
+    for e in &errors {
+        eprintln!("warning: cannot read the ledger of {e}");
+    }
+    Ok(if errors.is_empty() { 0 } else { 1 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(host: &str, r: &str, sha: &str, ok: bool, at: u64, action: &str) -> Record {
+        Record {
+            version: ledger::VERSION,
+            app: "shop".into(),
+            env: "staging".into(),
+            host: host.into(),
+            ref_name: r.into(),
+            is_tag: false,
+            ref_slug: crate::template::slug(r),
+            sha: sha.into(),
+            pipeline_id: None,
+            job_url: None,
+            release: format!("rel-{at}"),
+            action: action.into(),
+            ok,
+            error: (!ok).then(|| "step 1 (run): boom".into()),
+            steps: vec![],
+            started_at: at,
+            seconds: 1.0,
+            bytes_sent: 0,
+            files_sent: 0,
+            user: "alice".into(),
+            controller: "runner".into(),
+        }
+    }
+
+    fn view(host: &str, records: Vec<Record>) -> HostView {
+        HostView {
+            host: host.into(),
+            records: Ok(records),
+            live: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn shared_environment_live_ref_replacement_and_disagreement() {
+        let web1 = view(
+            "web1",
+            vec![
+                rec("web1", "release-1", "aaaa", true, 10, "deploy"),
+                rec("web1", "release-2", "bbbb", true, 20, "deploy"),
+            ],
+        );
+        let web2 = view(
+            "web2",
+            vec![rec("web2", "release-1", "aaaa", true, 10, "deploy")],
+        );
+        let st = summarize("staging", false, &[web1, web2]);
+        let row = |h: &str, r: &str| {
+            st.rows
+                .iter()
+                .find(|x| x.host == h && x.ref_name == r)
+                .unwrap()
+                .clone()
+        };
+        assert_eq!(row("web1", "release-2").state, "live");
+        assert_eq!(row("web1", "release-1").state, "replaced by release-2");
+        assert!(row("web2", "release-1").live);
+        assert_eq!(st.flags.len(), 1, "{:?}", st.flags);
+        assert!(st.flags[0].contains("hosts disagree"), "{:?}", st.flags);
+        assert!(
+            st.flags[0].contains("web2 on release-1 aaaa"),
+            "{:?}",
+            st.flags
+        );
+        // Most recent first.
+        assert_eq!(st.rows[0].ref_name, "release-2");
+    }
+
+    #[test]
+    fn a_failed_last_attempt_keeps_the_older_release_live_and_is_flagged() {
+        let web1 = view(
+            "web1",
+            vec![
+                rec("web1", "release-1", "aaaa", true, 10, "deploy"),
+                rec("web1", "release-1", "cccc", false, 30, "deploy"),
+            ],
+        );
+        let st = summarize("staging", false, &[web1]);
+        assert_eq!(st.rows.len(), 1);
+        let r = &st.rows[0];
+        assert!(r.live);
+        assert_eq!(r.sha.as_deref(), Some("aaaa"));
+        assert_eq!(r.result, "deploy FAILED");
+        assert!(r.notes[0].contains("last attempt failed"), "{:?}", r.notes);
+        assert!(st.flags.is_empty());
+    }
+
+    #[test]
+    fn per_branch_environments_stop_and_drift() {
+        let mut web1 = view(
+            "web1",
+            vec![
+                rec("web1", "feature/a", "aaaa", true, 10, "deploy"),
+                rec("web1", "feature/b", "bbbb", true, 20, "deploy"),
+                rec("web1", "feature/a", "aaaa", true, 30, "stop"),
+                rec("web1", "feature/c", "cccc", false, 40, "deploy"),
+            ],
+        );
+        web1.live.insert(
+            "feature/b".into(),
+            Live {
+                sha: Some("9999".into()),
+                notes: vec!["container review-b is not running".into()],
+                ..Default::default()
+            },
+        );
+        let st = summarize("review", true, &[web1]);
+        let row = |r: &str| st.rows.iter().find(|x| x.ref_name == r).unwrap().clone();
+        assert_eq!(row("feature/a").state, "stopped");
+        assert_eq!(row("feature/a").result, "stop ok");
+        let b = row("feature/b");
+        assert_eq!(b.state, "live");
+        assert!(
+            b.notes.iter().any(|n| n.contains("not running")),
+            "{:?}",
+            b.notes
+        );
+        assert!(
+            b.notes.iter().any(|n| n.starts_with("drift")),
+            "{:?}",
+            b.notes
+        );
+        assert_eq!(row("feature/c").state, "never deployed ok");
+        assert!(st.flags.is_empty(), "{:?}", st.flags);
+    }
+
+    #[test]
+    fn unreadable_hosts_are_flagged_and_rendering_quotes_refs() {
+        let bad = HostView {
+            host: "web9".into(),
+            records: Err("connection refused".into()),
+            live: BTreeMap::new(),
+        };
+        let good = view(
+            "web1",
+            vec![rec(
+                "web1",
+                "release-$(touch /tmp/pwned)",
+                "aaaa",
+                true,
+                10,
+                "deploy",
+            )],
+        );
+        let st = summarize("staging", false, &[bad, good]);
+        assert!(st.flags[0].contains("web9: cannot read the ledger"));
+        let text = render(&[st]);
+        assert!(text.contains("'release-$(touch /tmp/pwned)'"), "{text}");
+        assert!(text.contains("attention:"), "{text}");
+    }
 }

@@ -5,4 +5,5 @@ mod support;
 
 mod docker;
 mod foundation;
+mod pipeline;
 mod playbooks;

@@ -1,0 +1,505 @@
+//! The pipeline: deploy locks, the ledger, `ferry status` / `history`, stop, and GitLab reporting,
+//! with the real binary against real sshd hosts (OpenSSH + coreutils, and BusyBox-only).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
+const SHA2: &str = "89abcdef0123456789abcdef0123456789abcdef";
+
+/// A ferry run as GitLab CI would start it for `ref_name`.
+fn ci(host: &[&Sshd], ref_name: &str, sha: &str, pipeline: &str) -> Ferry {
+    Ferry::new()
+        .trusting(host)
+        .env("GITLAB_CI", "true")
+        .env("CI_COMMIT_REF_NAME", ref_name)
+        .env("CI_COMMIT_SHA", sha)
+        .env("CI_PIPELINE_ID", pipeline)
+        .env(
+            "CI_JOB_URL",
+            format!("https://gitlab.example.com/-/jobs/{pipeline}"),
+        )
+        .env("GITLAB_USER_LOGIN", "alice")
+}
+
+/// A playbook with rules and an environment `test` of `steps` (YAML list items, indented by 6).
+fn pb(dir: &TempDir, hosts: &[String], root: &str, steps: &str, extra: &str) -> PathBuf {
+    let hosts_yaml: String = hosts.iter().map(|h| format!("      - \"{h}\"\n")).collect();
+    dir.write(
+        "ferry.yml",
+        format!(
+            "app: testapp\nrules:\n  - branch: \"release-*\"\n    deploy: test\n  - branch: \"feature/*\"\n    deploy: test\n  - branch: master\n    deploy: []\nenvironments:\n  test:\n    url: http://test.example.com/\n    root: \"{root}\"\n    hosts:\n{hosts_yaml}    steps:\n{steps}{extra}"
+        ),
+    )
+}
+
+/// A root the BusyBox user can write too.
+fn open_root(dir: &TempDir) -> String {
+    let root = dir.join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    for p in [dir.path(), root.as_path()] {
+        run_ok(Command::new("chmod").arg("777").arg(p));
+    }
+    root.display().to_string()
+}
+
+fn ledger(state: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(state.join("ledger.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect(l))
+        .collect()
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn deploy_records_the_ledger_and_releases_the_lock_on_both_shells() {
+    for busybox in [false, true] {
+        let host = Sshd::start_with(SshdOptions {
+            busybox,
+            ..Default::default()
+        });
+        let dir = TempDir::new("ledger");
+        let root = open_root(&dir);
+        let p = pb(
+            &dir,
+            &[host.address()],
+            &root,
+            "      - run: { command: [\"echo\", \"hello ${ref_slug}\"] }\n",
+            "",
+        );
+        let run = ci(&[&host], "release-1.4", SHA, "101")
+            .arg("deploy")
+            .arg(&p)
+            .run()
+            .success();
+        assert!(run.stderr.contains("hello release-1-4"), "{}", run.stderr);
+        assert!(
+            run.stderr.contains("section_start:") && run.stderr.contains("section_end:"),
+            "CI output has collapsible sections: {}",
+            run.stderr
+        );
+        let state = Path::new(&root).join(".ferry");
+        let records = ledger(&state);
+        assert_eq!(records.len(), 1, "{records:?}");
+        let r = &records[0];
+        assert_eq!(r["version"], 1);
+        assert_eq!(r["app"], "testapp");
+        assert_eq!(r["env"], "test");
+        assert_eq!(r["ref"], "release-1.4");
+        assert_eq!(r["sha"], SHA);
+        assert_eq!(r["pipeline_id"], "101");
+        assert_eq!(r["job_url"], "https://gitlab.example.com/-/jobs/101");
+        assert_eq!(r["user"], "alice");
+        assert_eq!(r["action"], "deploy");
+        assert_eq!(r["ok"], true);
+        assert_eq!(r["steps"][0]["step"], "run");
+        assert!(r["release"].as_str().unwrap().ends_with("-01234567"));
+        // Released: the lock directory is gone, and a second deploy appends.
+        assert!(!state.join("locks/testapp-test").exists());
+        ci(&[&host], "release-1.4", SHA2, "102")
+            .arg("deploy")
+            .arg(&p)
+            .run()
+            .success();
+        assert_eq!(ledger(&state).len(), 2);
+    }
+}
+
+#[test]
+fn a_failed_step_is_recorded_releases_the_lock_and_exits_1() {
+    let host = Sshd::start();
+    let dir = TempDir::new("fail");
+    let root = open_root(&dir);
+    let p = pb(
+        &dir,
+        &[host.address()],
+        &root,
+        "      - run: { command: \"echo out; exit 3\" }\n      - run: { command: [\"touch\", \"never\"] }\n",
+        "",
+    );
+    let run = ci(&[&host], "release-2", SHA, "7")
+        .arg("deploy")
+        .arg(&p)
+        .run()
+        .failure(1);
+    assert!(run.stdout.contains("FAILED"), "{}", run.stdout);
+    let state = Path::new(&root).join(".ferry");
+    let r = &ledger(&state)[0];
+    assert_eq!(r["ok"], false);
+    assert!(r["error"].as_str().unwrap().contains("step 1 (run)"), "{r}");
+    assert!(!state.join("locks/testapp-test").exists());
+    assert!(!Path::new(&root).join("never").exists());
+}
+
+/// Two deploys at once: the second fails fast naming the first; with --lock-wait it waits its turn.
+#[test]
+fn concurrent_deploys_are_serialised_by_the_lock() {
+    let host = Sshd::start();
+    let dir = TempDir::new("concurrent");
+    let root = open_root(&dir);
+    let marker = dir.join("first-running");
+    let p = pb(
+        &dir,
+        &[host.address()],
+        &root,
+        &format!(
+            "      - run: {{ command: [\"sh\", \"-c\", \"touch \\\"$0\\\"; sleep 3\", \"{}\"] }}\n",
+            marker.display()
+        ),
+        "",
+    );
+    let lock_dir = Path::new(&root).join(".ferry/locks/testapp-test");
+    let first = {
+        let p = p.clone();
+        let ferry = ci(&[&host], "release-1", SHA, "201").arg("deploy").arg(&p);
+        std::thread::spawn(move || ferry.run())
+    };
+    wait_for("the first deploy to run its step", || marker.exists());
+    let second = ci(&[&host], "release-2", SHA2, "202")
+        .arg("deploy")
+        .arg(&p)
+        .run()
+        .failure(1);
+    let all = second.all();
+    assert!(all.contains("held by ref release-1"), "{all}");
+    assert!(all.contains("pipeline 201"), "{all}");
+    assert!(all.contains("--lock-wait"), "{all}");
+    // The refused deploy did not touch the holder's lock.
+    assert!(lock_dir.exists());
+    let third = ci(&[&host], "release-3", SHA2, "203")
+        .args(["deploy", "--lock-wait", "30s"])
+        .arg(&p)
+        .run()
+        .success();
+    assert!(third.stderr.contains("waiting up to"), "{}", third.stderr);
+    first.join().unwrap().success();
+    let refs: Vec<String> = ledger(&Path::new(&root).join(".ferry"))
+        .iter()
+        .map(|r| r["ref"].as_str().unwrap().to_string())
+        .collect();
+    // The refused deploy never ran, so it recorded nothing; the waiting one ran after the first.
+    assert_eq!(refs, ["release-1", "release-3"]);
+    assert!(!lock_dir.exists());
+}
+
+/// A killed controller leaves its lock: `lock status` names it, `unlock` refuses while the lease
+/// is live, and once the lease expires a new deploy takes it over.
+#[test]
+fn a_killed_deploys_lock_is_shown_expires_and_is_taken_over() {
+    let host = Sshd::start();
+    let dir = TempDir::new("killed");
+    let root = open_root(&dir);
+    let marker = dir.join("running");
+    let p = pb(
+        &dir,
+        &[host.address()],
+        &root,
+        &format!(
+            "      - run: {{ command: [\"sh\", \"-c\", \"touch \\\"$0\\\"; sleep 60\", \"{}\"] }}\n",
+            marker.display()
+        ),
+        "",
+    );
+    let kh = host.known_hosts_line();
+    let key = std::fs::read_to_string(&default_key().private).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["deploy", "--ref", "release-killed", "--sha", SHA])
+        .arg(&p)
+        .env("SSH_PRIVATE_KEY", &key)
+        .env("SSH_KNOWN_HOSTS", &kh)
+        .env("FERRY_LOCK_LEASE", "3s")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("the deploy to start", || marker.exists());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let status = Ferry::new()
+        .trusting(&[&host])
+        .args(["lock", "status", "--env", "test"])
+        .arg(&p)
+        .run()
+        .success();
+    assert!(status.stdout.contains("held"), "{}", status.stdout);
+    assert!(
+        status.stdout.contains("release-killed"),
+        "{}",
+        status.stdout
+    );
+    let json = Ferry::new()
+        .trusting(&[&host])
+        .args(["lock", "status", "--env", "test", "--json"])
+        .arg(&p)
+        .run()
+        .success();
+    let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(v[0]["lock"]["holder"]["ref"], "release-killed");
+    // Still inside the lease (3s): unlock refuses without --force.
+    let early = Ferry::new()
+        .trusting(&[&host])
+        .args(["unlock", "--env", "test"])
+        .arg(&p)
+        .run();
+    if early.code == 1 {
+        assert!(early.stdout.contains("--force"), "{}", early.stdout);
+    }
+    std::thread::sleep(Duration::from_secs(4));
+    let run = ci(&[&host], "release-next", SHA2, "301")
+        .args(["deploy", "--plan"])
+        .arg(&p)
+        .run()
+        .success();
+    assert!(run.stdout.contains("ok"), "{}", run.stdout);
+    // --plan takes no lock: the stale one is still there; a real deploy takes it over.
+    let p2 = pb(
+        &dir,
+        &[host.address()],
+        &root,
+        "      - run: { command: [\"true\"] }\n",
+        "",
+    );
+    let run = ci(&[&host], "release-next", SHA2, "301")
+        .arg("deploy")
+        .arg(&p2)
+        .run()
+        .success();
+    assert!(
+        run.stderr.contains("took over the expired deploy lock"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("release-killed"), "{}", run.stderr);
+    let lock_dir = Path::new(&root).join(".ferry/locks/testapp-test");
+    assert!(!lock_dir.exists());
+}
+
+#[test]
+fn unlock_removes_a_lock_and_says_whose_it_was() {
+    let host = Sshd::start();
+    let dir = TempDir::new("unlock");
+    let root = open_root(&dir);
+    let p = pb(
+        &dir,
+        &[host.address()],
+        &root,
+        "      - run: { command: [\"true\"] }\n",
+        "",
+    );
+    // A lock as a killed run leaves it, with a live lease.
+    let lock_dir = Path::new(&root).join(".ferry/locks/testapp-test");
+    std::fs::create_dir_all(&lock_dir).unwrap();
+    std::fs::write(lock_dir.join("token"), "abc\n").unwrap();
+    std::fs::write(
+        lock_dir.join("holder.json"),
+        format!("{{\"token\":\"abc\",\"ref\":\"feature/äöü spaces\",\"sha\":\"{SHA}\",\"pipeline_id\":\"55\",\"job_url\":null,\"user\":\"bob\",\"controller\":\"runner-9\",\"pid\":4242,\"started_at\":1}}\n"),
+    )
+    .unwrap();
+    let far = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    std::fs::write(lock_dir.join("expires"), format!("{far}\n")).unwrap();
+    let refused = Ferry::new()
+        .trusting(&[&host])
+        .args(["unlock", "--env", "test"])
+        .arg(&p)
+        .run()
+        .failure(1);
+    assert!(refused.stdout.contains("--force"), "{}", refused.stdout);
+    assert!(lock_dir.exists());
+    let removed = Ferry::new()
+        .trusting(&[&host])
+        .args(["unlock", "--force", "--env", "test"])
+        .arg(&p)
+        .run()
+        .success();
+    assert!(removed.stdout.contains("removed"), "{}", removed.stdout);
+    assert!(
+        removed.stdout.contains("'feature/äöü spaces'") && removed.stdout.contains("pipeline 55"),
+        "{}",
+        removed.stdout
+    );
+    assert!(!lock_dir.exists());
+    let again = Ferry::new()
+        .trusting(&[&host])
+        .args(["unlock", "--env", "test"])
+        .arg(&p)
+        .run()
+        .success();
+    assert!(again.stdout.contains("no lock"), "{}", again.stdout);
+}
+
+/// Review apps: hostile branch names deploy to their own roots, status shows every branch without
+/// `--ref`, `stop` removes one, and nothing is ever run from a name.
+#[test]
+fn hostile_branch_names_are_safe_in_paths_locks_ledger_status_and_stop() {
+    let host = Sshd::start();
+    let dir = TempDir::new("review");
+    let root = open_root(&dir);
+    let pwned = Path::new("/tmp/pwned");
+    let _ = std::fs::remove_file(pwned);
+    let steps = "      - run: { command: [\"sh\", \"-c\", \"mkdir -p \\\"$0\\\" && printf %s \\\"$1\\\" > \\\"$0/ref\\\"\", \"${root}\", \"${ref}\"] }\n";
+    let on_stop = "    on_stop:\n      - run: { command: [\"rm\", \"-rf\", \"${root}\"] }\n";
+    let p = pb(
+        &dir,
+        &[host.address()],
+        &format!("{root}/${{ref_slug}}"),
+        steps,
+        on_stop,
+    );
+    let long = format!("feature/{}", "x".repeat(192));
+    let refs = [
+        "release-$(touch /tmp/pwned)".to_string(),
+        "feature/äöü spaces".to_string(),
+        long.clone(),
+    ];
+    for (i, r) in refs.iter().enumerate() {
+        ci(&[&host], r, SHA, &format!("40{i}"))
+            .arg("deploy")
+            .arg(&p)
+            .run()
+            .success();
+    }
+    assert!(!pwned.exists(), "a branch name was run as a command");
+    for (r, slug) in [
+        (&refs[0], "release---touch--tmp-pwned".to_string()),
+        (&refs[1], "feature-----spaces".to_string()),
+        (&refs[2], format!("feature-{}", "x".repeat(55))),
+    ] {
+        let f = Path::new(&root).join(&slug).join("ref");
+        assert_eq!(&std::fs::read_to_string(&f).expect(&slug), r);
+    }
+    // One ledger for every branch, under the ref-independent part of the root.
+    let records = ledger(&Path::new(&root).join(".ferry"));
+    let recorded: Vec<&str> = records.iter().map(|r| r["ref"].as_str().unwrap()).collect();
+    assert_eq!(
+        recorded,
+        refs.iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    let status = Ferry::new()
+        .trusting(&[&host])
+        .args(["status", "--json"])
+        .arg(&p)
+        .run()
+        .success();
+    let v: serde_json::Value = serde_json::from_str(&status.stdout).expect(&status.stdout);
+    let rows = v[0]["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 3, "{v}");
+    for r in &refs {
+        let row = rows.iter().find(|x| x["ref"] == r.as_str()).expect(r);
+        assert_eq!(row["state"], "live", "{row}");
+        assert_eq!(row["sha"], SHA);
+    }
+    let text = Ferry::new()
+        .trusting(&[&host])
+        .arg("status")
+        .arg(&p)
+        .run()
+        .success();
+    assert!(
+        text.stdout.contains("'release-$(touch /tmp/pwned)'"),
+        "{}",
+        text.stdout
+    );
+    assert!(
+        text.stdout.contains("'feature/äöü spaces'"),
+        "{}",
+        text.stdout
+    );
+    assert!(text.stdout.contains("STATE"), "{}", text.stdout);
+    // GitLab's on_stop: only that branch's deployment goes.
+    ci(&[&host], "feature/äöü spaces", SHA, "410")
+        .args(["stop", "--env", "test", "--ref", "feature/äöü spaces"])
+        .arg(&p)
+        .run()
+        .success();
+    assert!(!Path::new(&root).join("feature-----spaces").exists());
+    assert!(Path::new(&root).join("release---touch--tmp-pwned").exists());
+    let one = Ferry::new()
+        .trusting(&[&host])
+        .args(["status", "--json", "--ref", "feature/äöü spaces"])
+        .arg(&p)
+        .run()
+        .success();
+    let v: serde_json::Value = serde_json::from_str(&one.stdout).unwrap();
+    let rows = v[0]["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{v}");
+    assert_eq!(rows[0]["state"], "stopped");
+    assert_eq!(rows[0]["result"], "stop ok");
+    let history = Ferry::new()
+        .trusting(&[&host])
+        .args(["history", "-n", "2"])
+        .arg(&p)
+        .run()
+        .success();
+    let lines: Vec<&str> = history.stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{}", history.stdout);
+    assert!(
+        lines[1].contains("stop") && lines[1].contains("'feature/äöü spaces'"),
+        "{}",
+        history.stdout
+    );
+    assert!(!pwned.exists());
+}
+
+/// Two hosts of one environment on different commits, and a failed last attempt: status says so.
+#[test]
+fn status_flags_hosts_that_disagree_and_failed_attempts() {
+    let (a, b) = (Sshd::start(), Sshd::start());
+    let dir = TempDir::new("disagree");
+    let root = open_root(&dir);
+    // Each host gets its own root via the host name, as two machines would have.
+    let steps = "      - run: { command: \"test ! -e \\\"${root}/fail\\\"\" }\n";
+    let p = pb(
+        &dir,
+        &[a.address(), b.address()],
+        &format!("{root}/${{host}}"),
+        steps,
+        "",
+    );
+    ci(&[&a, &b], "release-1", SHA, "501")
+        .arg("deploy")
+        .arg(&p)
+        .run()
+        .success();
+    ci(&[&a, &b], "release-2", SHA2, "502")
+        .args(["deploy", "--limit", &a.address()])
+        .arg(&p)
+        .run()
+        .success();
+    // A failed attempt on b.
+    let b_root = Path::new(&root).join(b.address());
+    std::fs::write(b_root.join("fail"), "").unwrap();
+    ci(&[&a, &b], "release-3", SHA2, "503")
+        .args(["deploy", "--limit", &b.address()])
+        .arg(&p)
+        .run()
+        .failure(1);
+    let run = Ferry::new()
+        .trusting(&[&a, &b])
+        .arg("status")
+        .arg(&p)
+        .run()
+        .success();
+    assert!(run.stdout.contains("hosts disagree"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("replaced by release-2"),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stdout.contains("last attempt failed"), "{}", run.stdout);
+    assert!(run.stdout.contains("never deployed ok"), "{}", run.stdout);
+}
