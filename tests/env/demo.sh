@@ -16,16 +16,15 @@ cargo build --release --locked 2>&1 | tail -n 1
 ferry=$repo/target/release/ferry
 section() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-section "starting two web hosts (sshd on loopback)"
-web1=$(start_sshd web1)
-web2=$(start_sshd web2)
+section "starting two web hosts (sshd on loopback, each with its own /var/www and /srv)"
+web1=$(start_sshd web1 /var/www /srv)
+web2=$(start_sshd web2 /var/www /srv)
 echo "web1: 127.0.0.1:$web1   web2: 127.0.0.1:$web2"
 
 # What a GitLab deploy job has: the key and known hosts in variables, and CI's own variables.
 export SSH_PRIVATE_KEY=$(base64 -w0 < "$FERRY_HOSTS_DIR/id_ed25519")   # masked variables hold base64
 export SSH_KNOWN_HOSTS=$(cat "$FERRY_HOSTS_DIR/known_hosts")
 export FRONTEND_WEB1=root@127.0.0.1:$web1 FRONTEND_WEB2=root@127.0.0.1:$web2
-export FRONTEND_SITE_PATH=$FERRY_HOSTS_DIR/www/shop FRONTEND_ORIGIN_PATH=$FERRY_HOSTS_DIR/www/shop-origin
 export CI_COMMIT_REF_NAME=main CI_PIPELINE_ID=1001 GITLAB_USER_LOGIN=demo
 export CI_COMMIT_SHA=$(printf 'demo-1' | sha1sum | cut -c1-40)
 
@@ -53,7 +52,7 @@ section "ferry status"
 section "rollback"
 "$ferry" rollback "$repo/playbooks/frontend-dist.yml" --env production
 "$ferry" status "$repo/playbooks/frontend-dist.yml"
-ls -l "$FRONTEND_SITE_PATH"
+echo "web1 serves: $(readlink "/proc/$(cat "$FERRY_HOSTS_DIR/web1/sshd.pid")/root/var/www/shop")"
 
 # ---- Containers: the tag-triggered image publish and the release-branch deploy -------------------
 # Docker's engine and an htpasswd registry on 127.0.0.1:5000 (tests/env/docker.sh); images are small
