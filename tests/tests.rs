@@ -7,3 +7,4 @@ mod docker;
 mod foundation;
 mod pipeline;
 mod playbooks;
+mod sync;

@@ -90,18 +90,21 @@ fn same(a: &Entry, b: &Entry) -> bool {
     }
 }
 
-/// Which releases `keep: N` removes: the oldest beyond the newest `keep`, never `protect`ed ones
-/// (the live release and the rollback target). `releases` are ids, which sort by time.
+/// Which releases `keep: N` removes: at most `keep` releases stay, the `protect`ed ones (the live
+/// release and the rollback target) always among them, then the newest. Ids sort by time.
 pub fn prune(releases: &[String], keep: usize, protect: &[&str]) -> Vec<String> {
-    let mut sorted: Vec<&String> = releases.iter().collect();
-    sorted.sort();
-    let excess = sorted.len().saturating_sub(keep.max(1));
-    sorted
-        .into_iter()
-        .take(excess)
+    let mut others: Vec<&String> = releases
+        .iter()
         .filter(|r| !protect.contains(&r.as_str()))
-        .cloned()
-        .collect()
+        .collect();
+    others.sort();
+    let kept_protected = releases
+        .iter()
+        .filter(|r| protect.contains(&r.as_str()))
+        .count();
+    let room = keep.saturating_sub(kept_protected);
+    let excess = others.len().saturating_sub(room);
+    others.into_iter().take(excess).cloned().collect()
 }
 
 #[cfg(test)]
@@ -176,7 +179,9 @@ mod tests {
     fn prune_keeps_newest_and_protected() {
         let rels: Vec<String> = ["r1", "r2", "r3", "r4", "r5"].map(String::from).into();
         assert_eq!(prune(&rels, 2, &["r5", "r4"]), ["r1", "r2", "r3"]);
-        assert_eq!(prune(&rels, 2, &["r5", "r1"]), ["r2", "r3"]);
+        assert_eq!(prune(&rels, 2, &["r5", "r1"]), ["r2", "r3", "r4"]);
+        assert_eq!(prune(&rels, 3, &["r5", "r1"]), ["r2", "r3"]);
+        assert_eq!(prune(&rels, 1, &["r5", "r4"]), ["r1", "r2", "r3"]);
         assert_eq!(prune(&rels, 10, &[]), Vec::<String>::new());
     }
 }

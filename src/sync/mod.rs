@@ -130,7 +130,9 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
     let paths = Paths::new(&ctx.host.path(&step.to)?)?;
     let local = scan_shared(from.clone(), step.exclude.clone()).await?;
     let digest = local.digest();
+    tracing::debug!(elapsed = ?started.elapsed(), entries = local.entries.len(), "scanned {}", from.display());
     let mut inv = inventory(ctx.session, &paths, &digest).await?;
+    tracing::debug!(elapsed = ?started.elapsed(), objects = inv.objects.len(), same = inv.same, "inventory of {}", paths.to);
     if inv.same && (inv.drift().is_some()) {
         // The live tree matches by digest but was edited on the host: fetch the full picture.
         inv = inventory(ctx.session, &paths, "").await?;
@@ -242,6 +244,7 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
     let prune = diff::prune(&releases, step.keep, &protect);
     let wire = stream(ctx, &from, &local, &plan, &paths, &meta, step.adopt, &prune).await?;
     let release = wire.release;
+    tracing::debug!(elapsed = ?started.elapsed(), wire = wire.bytes, "applied release {release}");
     detail["release"] = release.clone().into();
     detail["previous"] = meta.previous.clone().into();
     detail["wire_bytes"] = wire.bytes.into();

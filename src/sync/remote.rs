@@ -309,7 +309,9 @@ fn parse_tail(gz: &[u8], inv: &mut Inventory) -> anyhow::Result<()> {
         inv.live_manifest =
             Some(Manifest::decode(manifest).context("the live release's manifest")?);
     }
-    inv.objects = String::from_utf8_lossy(&data[split + 2..])
+    // The manifest ends with a NUL and the separator adds two; skip them all.
+    inv.objects = String::from_utf8_lossy(&data[split..])
+        .trim_start_matches('\0')
         .lines()
         .filter(|l| !l.is_empty())
         .map(str::to_string)
@@ -341,6 +343,10 @@ mod tests {
         let mut raw = b"M".to_vec();
         raw.extend_from_slice(&m);
         raw.extend_from_slice(b"\0\0aa.644\ncc.755\n");
+        assert!(
+            m.ends_with(b"\0"),
+            "the real case: a record's NUL, then the separator"
+        );
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         std::io::Write::write_all(&mut gz, &raw).unwrap();
         out.extend_from_slice(&gz.finish().unwrap());

@@ -266,6 +266,11 @@ impl Sshd {
         PathBuf::from(format!("/proc/{}/root{path}", self.child.id()))
     }
 
+    /// The sshd listener's process id (tests cut connections by killing its descendants).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("sshd.log")).unwrap_or_default()
     }
@@ -348,6 +353,17 @@ impl Ferry {
             std::fs::read_to_string(&default_key().private).unwrap(),
         )
         .env("SSH_KNOWN_HOSTS", kh)
+    }
+
+    /// Start ferry without waiting, output piped: for tests that interrupt a run.
+    pub fn spawn(self) -> (Child, TempDir) {
+        let Ferry { mut cmd, home } = self;
+        let child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start ferry");
+        (child, home)
     }
 
     pub fn run(mut self) -> Run {

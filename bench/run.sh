@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# ferry sync vs rsync over OpenSSH, in one run, taking turns. Run from anywhere, as root:
+#
+#   bash bench/run.sh                 # 5,000 files / 100 MB and 50,000 files / 500 MB
+#   FERRY_BENCH_CORPORA="500:20" bash bench/run.sh     # files:MB pairs, for a quick look
+#
+# It starts a local sshd (tests/env/hosts.sh), makes trees with ../shared/bench/make_corpus.py, and for
+# each corpus runs three scenarios: first deploy, no-change redeploy, 5% change (--mutate 5). Each
+# scenario runs ferry (release mode), `rsync -a --delete` (plain) and `rsync -a --delete --link-dest`
+# (a new release directory hard-linked to the previous one, then a symlink switch, as ferry does).
+# Wall time is measured around each command; bytes on the wire are read from iptables counters on the
+# sshd port (both directions, IP and TCP headers included, the same for every tool).
+# The table is printed and written to bench/results.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+WORK=${FERRY_BENCH_DIR:-/tmp/ferry-bench}
+CORPORA=${FERRY_BENCH_CORPORA:-"5000:100 50000:500"}
+CORPUS_PY=${FERRY_CORPUS_PY:-$REPO/../shared/bench/make_corpus.py}
+OUT=$REPO/bench/results.md
+
+rm -rf "$WORK"
+mkdir -p "$WORK"
+export FERRY_HOSTS_DIR=$WORK/hosts
+# shellcheck source=../tests/env/hosts.sh
+. tests/env/hosts.sh
+
+echo "building ferry (release)..." >&2
+cargo build --release -q
+FERRY=$REPO/target/release/ferry
+PORT=$(start_sshd bench)
+KEY=$FERRY_HOSTS_DIR/id_ed25519
+KH=$FERRY_HOSTS_DIR/known_hosts
+TAG="ferry-bench-$PORT"
+
+# Byte counters: client->server and server->client on the sshd port.
+iptables -I INPUT -p tcp --dport "$PORT" -m comment --comment "$TAG" -j ACCEPT 2>/dev/null
+iptables -I INPUT -p tcp --sport "$PORT" -m comment --comment "$TAG" -j ACCEPT 2>/dev/null
+cleanup() {
+  while iptables -D INPUT -p tcp --dport "$PORT" -m comment --comment "$TAG" -j ACCEPT 2>/dev/null; do :; done
+  while iptables -D INPUT -p tcp --sport "$PORT" -m comment --comment "$TAG" -j ACCEPT 2>/dev/null; do :; done
+  stop_hosts
+}
+trap cleanup EXIT
+wire_bytes() {
+  iptables -L INPUT -v -x -n 2>/dev/null | awk -v t="$TAG" 'index($0, t) { s += $2 } END { print s + 0 }'
+}
+
+SSH="ssh -p $PORT -i $KEY -o UserKnownHostsFile=$KH -o StrictHostKeyChecking=yes -o BatchMode=yes"
+export HOME=$WORK/home   # ferry's hash cache lives here (warm after the first run, as on a dev box)
+mkdir -p "$HOME"
+
+ROWS=$WORK/rows.tsv
+: > "$ROWS"
+
+# measure LABEL CMD...: run, record seconds and wire bytes.
+measure() {
+  local label=$1; shift
+  local b0 b1 t0 t1
+  b0=$(wire_bytes); t0=$(date +%s.%N)
+  "$@" > "$WORK/last.log" 2>&1 || { cat "$WORK/last.log" >&2; echo "FAILED: $label" >&2; exit 1; }
+  t1=$(date +%s.%N); b1=$(wire_bytes)
+  printf '%s\t%s\t%s\n' "$label" "$(echo "$t1 - $t0" | bc -l)" "$((b1 - b0))" >> "$ROWS"
+  printf '  %-40s %8.2fs %12d bytes\n' "$label" "$(echo "$t1 - $t0" | bc -l)" "$((b1 - b0))" >&2
+}
+
+for spec in $CORPORA; do
+  files=${spec%%:*} mb=${spec##*:}
+  name="${files}f-${mb}MB"
+  src=$WORK/src-$name
+  dst=$WORK/dst-$name
+  mkdir -p "$src" "$dst/plain" "$dst/link"
+  echo "corpus $name: making the tree..." >&2
+  python3 "$CORPUS_PY" "$src" --files "$files" --mb "$mb" --seed 7
+  cat > "$WORK/ferry-$name.yml" <<YML
+app: bench
+environments:
+  bench:
+    root: $dst
+    hosts: ["root@127.0.0.1:$PORT"]
+    steps:
+      - sync: { from: "$src", to: ferry, keep: 3 }
+YML
+  n=0
+  ferry_deploy() {
+    n=$((n + 1))
+    "$FERRY" deploy "$WORK/ferry-$name.yml" --env bench --ref main --sha "$(printf '%040x' "$n")" \
+      --identity "$KEY" --known-hosts "$KH"
+  }
+  rel=0
+  rsync_link() {
+    rel=$((rel + 1))
+    local link=()
+    [ "$rel" -gt 1 ] && link=(--link-dest="../rel-$((rel - 1))")
+    rsync -a --delete "${link[@]}" -e "$SSH" "$src/" "root@127.0.0.1:$dst/link/rel-$rel/" &&
+      $SSH root@127.0.0.1 "ln -sfn rel-$rel $dst/link/.cur.tmp && mv -T $dst/link/.cur.tmp $dst/link/current"
+  }
+  rsync_plain() { rsync -a --delete -e "$SSH" "$src/" "root@127.0.0.1:$dst/plain/current/"; }
+  for scenario in first no-change change-5pct; do
+    echo "corpus $name, $scenario:" >&2
+    [ "$scenario" = change-5pct ] && python3 "$CORPUS_PY" "$src" --mutate 5 --seed 11
+    sync
+    measure "$name	$scenario	ferry" ferry_deploy
+    measure "$name	$scenario	rsync" rsync_plain
+    measure "$name	$scenario	rsync --link-dest" rsync_link
+  done
+  # Sanity: ferry's live tree equals the source.
+  diff -r "$src" "$dst/ferry/" > /dev/null || { echo "ferry's tree differs from the source!" >&2; exit 1; }
+  diff -r "$src" "$dst/link/current/" > /dev/null || { echo "rsync's tree differs from the source!" >&2; exit 1; }
+  rm -rf "$src" "$dst"
+done
+
+python3 - "$ROWS" "$OUT" <<'PY'
+import sys, collections, platform, os, datetime
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
+by = collections.OrderedDict()
+for corpus, scen, tool, secs, byt in rows:
+    by.setdefault((corpus, scen), {})[tool] = (float(secs), int(byt))
+targets = {"first": 1.0, "no-change": 0.5, "change-5pct": 0.6}
+def mb(b): return f"{b/1e6:.2f} MB"
+out = ["| corpus | scenario | ferry | rsync | ratio | rsync --link-dest | ratio | target | ferry bytes | rsync bytes | --link-dest bytes | bytes ratio (max) |",
+       "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+for (corpus, scen), t in by.items():
+    f, p, l = t["ferry"], t["rsync"], t["rsync --link-dest"]
+    out.append(f"| {corpus} | {scen} | {f[0]:.2f}s | {p[0]:.2f}s | {f[0]/p[0]:.2f}x | {l[0]:.2f}s | {f[0]/l[0]:.2f}x | "
+               f"≤ {targets[scen]}x | {mb(f[1])} | {mb(p[1])} | {mb(l[1])} | {max(f[1]/p[1], f[1]/l[1]):.2f}x |")
+table = "\n".join(out)
+print(table)
+head = (f"# ferry sync vs rsync\n\nMeasured {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC by `bash bench/run.sh` on "
+        f"{platform.machine()}, {os.cpu_count()} cores, loopback sshd (OpenSSH). Wall time per command; bytes on the "
+        "wire from iptables counters on the sshd port, both directions. ratio = ferry / rsync (lower is better).\n\n")
+open(sys.argv[2], "w").write(head + table + "\n")
+PY
+echo "written to $OUT" >&2

@@ -1,0 +1,589 @@
+//! `ferry sync` / `deploy` / `rollback` / `stop` of sync steps against real sshd hosts (coreutils and
+//! BusyBox): content-hash releases, atomic switch, drift, refusals, and interrupted deploys.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+/// A source tree, one or more hosts and a playbook with sync steps.
+struct Site {
+    dir: TempDir,
+    hosts: Vec<Sshd>,
+    src: PathBuf,
+    pb: PathBuf,
+}
+
+impl Site {
+    /// `steps(src, root)` returns the YAML of the steps list items.
+    fn new(tag: &str, hosts: Vec<Sshd>, steps: impl Fn(&Path, &Path) -> String) -> Site {
+        let dir = TempDir::new(tag);
+        // BusyBox test user must be able to write under the root.
+        std::fs::create_dir_all(dir.join("root")).unwrap();
+        for p in [dir.path(), &dir.join("root")] {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).unwrap();
+        }
+        let src = dir.join("dist");
+        std::fs::create_dir_all(&src).unwrap();
+        let addrs: Vec<String> = hosts.iter().map(Sshd::address).collect();
+        let yaml = format!("    steps:\n{}", steps(&src, &dir.join("root")));
+        let pb = playbook(&dir, "ferry.yml", &addrs, &yaml);
+        Site {
+            dir,
+            hosts,
+            src,
+            pb,
+        }
+    }
+
+    fn ferry(&self, cmd: &str, sha: &str) -> Ferry {
+        let hosts: Vec<&Sshd> = self.hosts.iter().collect();
+        Ferry::new()
+            .trusting(&hosts)
+            .arg(cmd)
+            .arg(&self.pb)
+            .args(["--env", "test", "--ref", "main", "--sha", sha])
+    }
+
+    fn deploy(&self, sha: &str) -> Run {
+        self.ferry("deploy", sha).arg("--json").run()
+    }
+
+    fn write(&self, rel: &[u8], content: &[u8]) {
+        let p = self.src.join(OsStr::from_bytes(rel));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, content).unwrap();
+    }
+
+    fn root(&self) -> PathBuf {
+        self.dir.join("root")
+    }
+}
+
+fn one_step(to: &str, extra: &str) -> impl Fn(&Path, &Path) -> String {
+    let (to, extra) = (to.to_string(), extra.to_string());
+    move |src: &Path, _root: &Path| {
+        format!(
+            "      - sync: {{ from: \"{}\", to: \"{to}\"{extra} }}\n",
+            src.display()
+        )
+    }
+}
+
+fn json(run: &Run) -> serde_json::Value {
+    serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{e}: {}", run.stdout))
+}
+
+/// The first sync step's report of the first host.
+fn step(run: &Run) -> serde_json::Value {
+    json(run)[0]["steps"][0].clone()
+}
+
+fn live_release(to: &Path) -> String {
+    let t = std::fs::read_link(to).unwrap_or_else(|e| panic!("{}: {e}", to.display()));
+    t.file_name().unwrap().to_string_lossy().into_owned()
+}
+
+fn sha(n: u8) -> String {
+    format!("{n:02x}").repeat(20)
+}
+
+/// Names that break naive tools: spaces, quotes, newlines, non-UTF-8, a leading dash.
+fn hostile_tree(site: &Site) {
+    site.write(b"index.html", b"<h1>v1</h1>");
+    site.write(b"assets/app.1.js", b"console.log(1)");
+    site.write(b"assets/with space 'q' $(x).css", b"body{}");
+    site.write(b"assets/new\nline.txt", b"nl");
+    site.write(b"assets/\xff\xfe-latin1.bin", &[0, 1, 2, 255]);
+    site.write(b"-dash", b"dash");
+    site.write(b"bin/run.sh", b"#!/bin/sh\necho hi\n");
+    std::fs::set_permissions(
+        site.src.join("bin/run.sh"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("assets/app.1.js", site.src.join("latest.js")).unwrap();
+}
+
+fn check_hostile(to: &Path) {
+    assert_eq!(
+        std::fs::read(to.join("index.html")).unwrap(),
+        b"<h1>v1</h1>"
+    );
+    assert_eq!(
+        std::fs::read(to.join("assets/with space 'q' $(x).css")).unwrap(),
+        b"body{}"
+    );
+    assert_eq!(
+        std::fs::read(to.join("assets/new\nline.txt")).unwrap(),
+        b"nl"
+    );
+    assert_eq!(
+        std::fs::read(to.join(OsStr::from_bytes(b"assets/\xff\xfe-latin1.bin"))).unwrap(),
+        [0, 1, 2, 255]
+    );
+    assert_eq!(std::fs::read(to.join("-dash")).unwrap(), b"dash");
+    let mode = std::fs::metadata(to.join("bin/run.sh"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o755);
+    assert_eq!(
+        std::fs::read_link(to.join("latest.js")).unwrap(),
+        Path::new("assets/app.1.js")
+    );
+}
+
+/// Deploy, no-change redeploy, a change with a renamed chunk, rollback: on one host flavour.
+fn lifecycle(busybox: bool) {
+    let host = Sshd::start_with(SshdOptions {
+        busybox,
+        ..Default::default()
+    });
+    let site = Site::new("lifecycle", vec![host], one_step("web/app", ", keep: 5"));
+    hostile_tree(&site);
+    let to = site.root().join("web/app");
+
+    let run = site.deploy(&sha(1)).success();
+    let s = step(&run);
+    assert_eq!(s["files_sent"], 7, "{s}");
+    assert!(s["bytes_sent"].as_u64().unwrap() > 0);
+    let first = live_release(&to);
+    assert_eq!(s["detail"]["release"], first.as_str());
+    check_hostile(&to);
+    let meta: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            site.root()
+                .join(format!("web/.app.ferry/meta/{first}.json")),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(meta["sha"], sha(1));
+    assert_eq!(meta["ref"], "main");
+    assert_eq!(meta["files"], 7);
+
+    // Nothing changed: nothing sent, nothing switched.
+    let run = site.deploy(&sha(2)).success();
+    let s = step(&run);
+    assert_eq!(s["changed"], false, "{s}");
+    assert_eq!(s["files_sent"], 0);
+    assert_eq!(live_release(&to), first);
+
+    // A bundler renames a chunk (same content) and index.html changes: one file's content is sent.
+    std::fs::rename(
+        site.src.join("assets/app.1.js"),
+        site.src.join("assets/app.2.js"),
+    )
+    .unwrap();
+    std::fs::remove_file(site.src.join("latest.js")).unwrap();
+    std::os::unix::fs::symlink("assets/app.2.js", site.src.join("latest.js")).unwrap();
+    site.write(b"index.html", b"<h1>v2</h1>");
+    let run = site.deploy(&sha(3)).success();
+    let s = step(&run);
+    assert_eq!(s["files_sent"], 1, "{s}");
+    assert_eq!(s["detail"]["added"], 1);
+    assert_eq!(s["detail"]["changed"], 2, "index.html and the symlink");
+    assert_eq!(s["detail"]["deleted"], 1);
+    let second = live_release(&to);
+    assert_ne!(second, first);
+    assert_eq!(
+        std::fs::read(to.join("index.html")).unwrap(),
+        b"<h1>v2</h1>"
+    );
+    assert_eq!(
+        std::fs::read(to.join("assets/app.2.js")).unwrap(),
+        b"console.log(1)"
+    );
+    // The first release was not touched.
+    let old = site.root().join(format!("web/.app.ferry/releases/{first}"));
+    assert_eq!(
+        std::fs::read(old.join("index.html")).unwrap(),
+        b"<h1>v1</h1>"
+    );
+
+    // Rollback: one rename back to the first release.
+    site.ferry("rollback", &sha(3)).run().success();
+    assert_eq!(live_release(&to), first);
+    check_hostile(&to);
+    // And forward again to a named release.
+    site.ferry("rollback", &sha(3))
+        .args(["--to", &second])
+        .run()
+        .success();
+    assert_eq!(live_release(&to), second);
+}
+
+#[test]
+fn sync_lifecycle_on_coreutils_host() {
+    lifecycle(false);
+}
+
+#[test]
+fn sync_lifecycle_on_busybox_host() {
+    lifecycle(true);
+}
+
+/// The frontend-dist job: one build to two hosts and two paths (one with excludes), then rollback.
+#[test]
+fn sync_two_hosts_two_paths_and_rollback() {
+    let hosts = vec![
+        Sshd::start(),
+        Sshd::start_with(SshdOptions {
+            busybox: true,
+            ..Default::default()
+        }),
+    ];
+    // Both hosts share this machine: give each its own paths through a per-host variable.
+    let site = Site::new("twohosts", hosts, |src, _| {
+        format!(
+            "      - sync: {{ from: \"{s}\", to: \"site-${{host}}\", exclude: [\"*.map\"], keep: 2 }}\n      - sync: {{ from: \"{s}\", to: \"origin-${{host}}\", keep: 2 }}\n",
+            s = src.display()
+        )
+    });
+    site.write(b"index.html", b"one");
+    site.write(b"js/app.js", b"app");
+    site.write(b"js/app.js.map", b"map");
+    let run = site.deploy(&sha(1)).success();
+    let v = json(&run);
+    assert_eq!(v.as_array().unwrap().len(), 2);
+    let names: Vec<String> = site
+        .hosts
+        .iter()
+        .map(|h| format!("127.0.0.1:{}", h.port))
+        .collect();
+    let hostnames: Vec<String> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["host"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(hostnames.len(), names.len());
+    let mut firsts = Vec::new();
+    for h in &hostnames {
+        let site_dir = site.root().join(format!("site-{h}"));
+        let origin = site.root().join(format!("origin-{h}"));
+        assert_eq!(std::fs::read(site_dir.join("index.html")).unwrap(), b"one");
+        assert!(!site_dir.join("js/app.js.map").exists(), "excluded");
+        assert_eq!(std::fs::read(origin.join("js/app.js.map")).unwrap(), b"map");
+        firsts.push((
+            site_dir,
+            origin,
+            live_release(&site.root().join(format!("site-{h}"))),
+        ));
+    }
+    site.write(b"index.html", b"two");
+    site.deploy(&sha(2)).success();
+    for (s, o, _) in &firsts {
+        assert_eq!(std::fs::read(s.join("index.html")).unwrap(), b"two");
+        assert_eq!(std::fs::read(o.join("index.html")).unwrap(), b"two");
+    }
+    site.ferry("rollback", &sha(2)).run().success();
+    for (s, o, first) in &firsts {
+        assert_eq!(std::fs::read(s.join("index.html")).unwrap(), b"one");
+        assert_eq!(std::fs::read(o.join("index.html")).unwrap(), b"one");
+        assert_eq!(&live_release(s), first);
+    }
+}
+
+#[test]
+fn sync_plan_lists_changes_and_changes_nothing() {
+    let site = Site::new("plan", vec![Sshd::start()], one_step("app", ""));
+    site.write(b"a.txt", b"a");
+    site.write(b"b.txt", b"b");
+    site.deploy(&sha(1)).success();
+    let to = site.root().join("app");
+    let live = live_release(&to);
+    site.write(b"a.txt", b"A");
+    std::fs::remove_file(site.src.join("b.txt")).unwrap();
+    site.write(b"c.txt", b"c");
+    let run = site
+        .ferry("deploy", &sha(2))
+        .args(["--plan", "--json"])
+        .run()
+        .success();
+    let d = &step(&run)["detail"];
+    assert_eq!(d["paths"]["added"], serde_json::json!(["c.txt"]));
+    assert_eq!(d["paths"]["changed"], serde_json::json!(["a.txt"]));
+    assert_eq!(d["paths"]["deleted"], serde_json::json!(["b.txt"]));
+    assert_eq!(d["files_to_send"], 2);
+    assert_eq!(live_release(&to), live);
+    let releases = std::fs::read_dir(site.root().join(".app.ferry/releases")).unwrap();
+    assert_eq!(releases.count(), 1, "plan made no release");
+    let text = site.ferry("sync", &sha(2)).arg("--plan").run().success();
+    assert!(text.stderr.contains("+ c.txt"), "{}", text.stderr);
+    assert!(text.stderr.contains("would deploy"), "{}", text.stderr);
+}
+
+#[test]
+fn sync_refuses_plain_directory_unless_adopted() {
+    let site = Site::new("adopt", vec![Sshd::start()], one_step("app", ""));
+    site.write(b"index.html", b"new");
+    let to = site.root().join("app");
+    std::fs::create_dir_all(&to).unwrap();
+    std::fs::write(to.join("old.html"), b"old").unwrap();
+    let run = site.deploy(&sha(1)).failure(1);
+    assert!(
+        run.all().contains("plain directory") && run.all().contains("adopt: true"),
+        "{}",
+        run.all()
+    );
+    assert_eq!(
+        std::fs::read(to.join("old.html")).unwrap(),
+        b"old",
+        "untouched"
+    );
+    // Same playbook with adopt: true takes it over, keeping the old tree aside.
+    let text = std::fs::read_to_string(&site.pb).unwrap();
+    std::fs::write(
+        &site.pb,
+        text.replace("to: \"app\"", "to: \"app\", adopt: true"),
+    )
+    .unwrap();
+    site.deploy(&sha(1)).success();
+    assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"new");
+    assert!(!to.join("old.html").exists());
+    let kept: Vec<_> = std::fs::read_dir(site.root().join(".app.ferry"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("adopted-"))
+        .collect();
+    assert_eq!(kept.len(), 1);
+}
+
+#[test]
+fn sync_refuses_symlink_leaving_the_tree() {
+    let site = Site::new("escape", vec![Sshd::start()], one_step("app", ""));
+    site.write(b"index.html", b"x");
+    std::os::unix::fs::symlink("../../etc/passwd", site.src.join("pw")).unwrap();
+    let run = site.deploy(&sha(1)).failure(1);
+    assert!(
+        run.all()
+            .contains(&site.src.join("pw").display().to_string())
+            && run.all().contains("outside the tree"),
+        "{}",
+        run.all()
+    );
+    assert!(!site.root().join("app").exists());
+}
+
+/// A file edited on the host is detected, reported, and replaced by the next deploy; the edit never
+/// leaks into the new release.
+#[test]
+fn sync_detects_and_repairs_hand_edits() {
+    let site = Site::new("drift", vec![Sshd::start()], one_step("app", ""));
+    site.write(b"index.html", b"original");
+    site.write(b"other.html", b"other");
+    site.deploy(&sha(1)).success();
+    let to = site.root().join("app");
+    // Edit through the live path after a moment, so the mtime is clearly newer.
+    std::thread::sleep(Duration::from_millis(1100));
+    std::fs::write(to.join("index.html"), b"hacked on the host").unwrap();
+    let run = site.deploy(&sha(2)).success();
+    let s = step(&run);
+    assert!(
+        s["detail"]["drift"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("modified on the host"),
+        "{s}"
+    );
+    assert_eq!(s["files_sent"], 1, "the edited content is re-sent: {s}");
+    assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"original");
+    // The next deploy sees no drift.
+    let s = step(&site.deploy(&sha(3)).success());
+    assert_eq!(s["changed"], false, "{s}");
+    assert!(s["detail"]["drift"].is_null(), "{s}");
+}
+
+#[test]
+fn sync_keep_prunes_but_never_live_or_rollback_target() {
+    let site = Site::new("keep", vec![Sshd::start()], one_step("app", ", keep: 2"));
+    let to = site.root().join("app");
+    let mut ids = Vec::new();
+    for i in 1..=4u8 {
+        site.write(b"index.html", format!("v{i}").as_bytes());
+        site.write(
+            format!("only-{i}.txt").as_bytes(),
+            format!("unique {i}").as_bytes(),
+        );
+        site.deploy(&sha(i)).success();
+        ids.push(live_release(&to));
+        std::fs::remove_file(site.src.join(format!("only-{i}.txt"))).unwrap();
+    }
+    // Roll back to v3, then deploy v5: v5 is live, v3 is the rollback target, v4 is newest besides.
+    site.ferry("rollback", &sha(4)).run().success();
+    assert_eq!(live_release(&to), ids[2]);
+    site.write(b"index.html", b"v5");
+    site.deploy(&sha(5)).success();
+    let mut left: Vec<String> = std::fs::read_dir(site.root().join(".app.ferry/releases"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    let v5 = live_release(&to);
+    assert!(left.contains(&v5) && left.contains(&ids[2]), "{left:?}");
+    assert_eq!(left.len(), 2, "{left:?}");
+    // Unreferenced objects were collected: only v3's and v5's contents remain.
+    let objects = std::fs::read_dir(site.root().join(".app.ferry/objects"))
+        .unwrap()
+        .count();
+    assert_eq!(objects, 3, "index v3, index v5, only-3");
+    site.ferry("rollback", &sha(5)).run().success();
+    assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"v3");
+}
+
+#[test]
+fn sync_stop_removes_path_and_store() {
+    let host = Sshd::start();
+    let site = Site::new("stop", vec![host], |src, _| {
+        format!(
+            "      - sync: {{ from: \"{}\", to: app }}\n    on_stop:\n      - sync_remove: {{ to: app }}\n",
+            src.display()
+        )
+    });
+    site.write(b"index.html", b"x");
+    site.deploy(&sha(1)).success();
+    assert!(site.root().join("app/index.html").exists());
+    site.ferry("stop", &sha(1)).run().success();
+    assert!(!site.root().join("app").exists());
+    assert!(!site.root().join(".app.ferry").exists());
+}
+
+/// Random (incompressible) bytes, so a transfer takes a while.
+fn big_file(site: &Site, name: &str, mb: usize, seed: u8) {
+    let mut data = vec![0u8; mb << 20];
+    let mut x: u64 = 0x9e3779b97f4a7c15 ^ seed as u64;
+    for chunk in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    site.write(name.as_bytes(), &data);
+}
+
+/// Wait until the host has started unpacking a deploy, then call `cut`.
+fn interrupt_mid_stream(site: &Site, sha: &str, cut: impl FnOnce(&mut std::process::Child)) -> Run {
+    let (mut child, _home) = site.ferry("deploy", sha).spawn();
+    let incoming = site.root().join(".app.ferry/incoming/o");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !incoming.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the deploy never started streaming"
+        );
+        if let Ok(Some(_)) = child.try_wait() {
+            panic!("ferry finished before it could be interrupted");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    cut(&mut child);
+    let out = child.wait_with_output().unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        stdout_bytes: out.stdout,
+    }
+}
+
+fn assert_live_intact(site: &Site, release: &str) {
+    let to = site.root().join("app");
+    assert_eq!(live_release(&to), release);
+    assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"v1");
+}
+
+/// Every process below `parent` (sshd's monitor, session and shell processes of each connection).
+fn pids_of_children(parent: u32) -> Vec<u32> {
+    let out = std::process::Command::new("ps")
+        .args(["-o", "pid=", "--ppid", &parent.to_string()])
+        .output()
+        .unwrap();
+    let direct: Vec<u32> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    let mut all = direct.clone();
+    for p in direct {
+        all.extend(pids_of_children(p));
+    }
+    all
+}
+
+#[test]
+fn sync_survives_controller_killed_and_connection_cut() {
+    let site = Site::new("interrupt", vec![Sshd::start()], one_step("app", ""));
+    site.write(b"index.html", b"v1");
+    site.deploy(&sha(1)).success();
+    let live = live_release(&site.root().join("app"));
+    big_file(&site, "big.bin", 300, 1);
+
+    // The controller is killed mid-stream.
+    let run = interrupt_mid_stream(&site, &sha(2), |c| c.kill().unwrap());
+    assert_ne!(run.code, 0);
+    assert_live_intact(&site, &live);
+
+    // The connection is cut mid-stream: kill sshd's per-connection processes.
+    let sshd_pid = site.hosts[0].pid();
+    let run = interrupt_mid_stream(&site, &sha(3), |_| {
+        for pid in pids_of_children(sshd_pid) {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status();
+        }
+    });
+    assert_eq!(run.code, 1, "{}", run.all());
+    assert_live_intact(&site, &live);
+
+    // The next deploy succeeds and cleans up what the broken ones left.
+    site.write(b"index.html", b"v2");
+    site.deploy(&sha(4)).success();
+    let to = site.root().join("app");
+    assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"v2");
+    assert!(!site.root().join(".app.ferry/incoming").exists());
+    assert_eq!(
+        std::fs::metadata(to.join("big.bin")).unwrap().len(),
+        300 << 20
+    );
+}
+
+/// A small tmpfs as the environment root: a deploy that does not fit fails cleanly.
+#[test]
+fn sync_disk_full_leaves_live_release_and_recovers() {
+    let site = Site::new("diskfull", vec![Sshd::start()], one_step("app", ""));
+    let root = site.root();
+    run_ok(
+        std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=20m,mode=0777", "ferry-test-full"])
+            .arg(&root),
+    );
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(root.clone());
+    site.write(b"index.html", b"v1");
+    site.deploy(&sha(1)).success();
+    let live = live_release(&root.join("app"));
+    big_file(&site, "big.bin", 30, 2);
+    let run = site.deploy(&sha(2)).failure(1);
+    assert!(
+        run.all().contains("live release is unchanged"),
+        "{}",
+        run.all()
+    );
+    assert_live_intact(&site, &live);
+    assert!(!root.join(".app.ferry/incoming").exists(), "cleaned up");
+    std::fs::remove_file(site.src.join("big.bin")).unwrap();
+    big_file(&site, "medium.bin", 5, 3);
+    site.write(b"index.html", b"v2");
+    site.deploy(&sha(3)).success();
+    assert_eq!(std::fs::read(root.join("app/index.html")).unwrap(), b"v2");
+}
