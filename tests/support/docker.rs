@@ -171,3 +171,19 @@ impl Drop for Cleanup {
         }
     }
 }
+
+/// The docker CLI's absolute path (a BusyBox host's PATH has only BusyBox applets).
+pub fn docker_path() -> String {
+    let out = run_ok(Command::new("sh").args(["-c", "command -v docker"]));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Let the BusyBox test user use the engine (the socket's group), as a deploy user would be.
+pub fn busybox_docker_user() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        engine();
+        super::busybox_user();
+        run_ok(Command::new("usermod").args(["-aG", "docker", super::BUSYBOX_USER]));
+    });
+}
