@@ -207,6 +207,27 @@ fn health_failure_rolls_back_automatically() {
             "{leftover} should not exist after a failed first update"
         );
     }
+
+    // A crash loop under `restart: always` fails fast (not after the whole health timeout).
+    let steps = format!(
+        "      - container:\n          name: \"{prefix}\"\n          image: \"{image}\"\n          \
+         command: [/bin/sh, -c, 'echo boom; exit 3']\n          restart: always\n          \
+         ports: [\"127.0.0.1:{port}:8080\"]\n          \
+         health: {{ type: http, url: \"http://127.0.0.1:{port}/health\", timeout: 60s, interval: 200ms }}\n"
+    );
+    let dir2 = TempDir::new("dhealth2");
+    let pb2 = crate::docker::pb(&dir2, &[("web1", &host)], "", &steps);
+    let started = std::time::Instant::now();
+    let run = deploy(&[&host], &pb2, "cccc").failure(1);
+    assert!(
+        started.elapsed().as_secs() < 30,
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(run.all().contains("exited with code 3"), "{}", run.all());
+    assert!(run.all().contains("boom"), "{}", run.all());
+    assert_eq!(http_get(port, "/version").as_deref(), Some("good-v1\n"));
+    assert_eq!(container_image(&prefix), good);
 }
 
 /// Secret env values travel on stdin into a 0600 file that is gone after the container is created;

@@ -183,12 +183,18 @@ fn check_health(name: &str, h: Option<&HealthCheck>) -> Result<(), SpecError> {
 
 impl Resolved {
     /// A short hash of everything that shapes the container, secret values included (changing a
-    /// password re-creates the container). Stored as the `ferry.spec` label.
+    /// password re-creates the container), the health probe excluded. Stored as the `ferry.spec`
+    /// label.
     pub fn hash(&self) -> String {
+        // How ferry probes health is not part of the container: changing it re-creates nothing.
+        let shaping = ContainerSpec {
+            health: None,
+            ..self.spec.clone()
+        };
         let mut h = blake3::Hasher::new();
         h.update(b"ferry container spec v1\0");
         h.update(
-            serde_json::to_string(&self.spec)
+            serde_json::to_string(&shaping)
                 .expect("spec serializes")
                 .as_bytes(),
         );
@@ -385,6 +391,15 @@ mod tests {
         b.spec.restart = Some("always".into());
         assert_ne!(a.hash(), b.hash());
         assert_eq!(a.hash().len(), 16);
+        let mut c = a.clone();
+        c.spec.health = Some(crate::playbook::HealthCheck {
+            kind: crate::playbook::HealthKind::Tcp,
+            url: None,
+            address: Some("127.0.0.1:1".into()),
+            timeout: std::time::Duration::from_secs(5),
+            interval: std::time::Duration::from_secs(1),
+        });
+        assert_eq!(a.hash(), c.hash(), "the probe does not shape the container");
     }
 
     #[test]
