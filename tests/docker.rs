@@ -643,3 +643,25 @@ fn busybox_host_runs_the_container_cycle() {
     assert!(!docker_try(&["container", "inspect", &prefix]).0);
     assert!(!docker_try(&["container", "inspect", &format!("{prefix}.ferry-prev")]).0);
 }
+
+/// A registry image that cannot be pulled fails the step with the registry's answer, even when a
+/// stale local copy exists: deploying that copy as "up to date" would hide the problem.
+#[test]
+fn unpullable_registry_image_is_an_error() {
+    engine();
+    let host = Sshd::start();
+    let prefix = unique("ghost");
+    let _cleanup = Cleanup(vec![prefix.clone()]);
+    let image = format!("{REGISTRY}/{prefix}/never-pushed:1");
+    app_image(&image, "stale", true);
+    let dir = TempDir::new("dghost");
+    let steps = format!("      - container: {{ name: \"{prefix}\", image: \"{image}\" }}\n");
+    let pb = pb(&dir, &[("web1", &host)], "", &steps);
+    let run = deploy(&[&host], &pb, "aaaa").failure(1);
+    assert!(
+        run.all().contains(&format!("cannot pull {image}")),
+        "{}",
+        run.all()
+    );
+    assert!(!docker_try(&["container", "inspect", &prefix]).0);
+}

@@ -175,7 +175,9 @@ async fn ensure_image(
         }
         return Ok(id);
     }
-    match local {
+    // A registry image that cannot be pulled is an error (a stale local copy would be deployed as
+    // "up to date"); an image without a registry host may be one built on the host.
+    match local.filter(|_| !spec::names_registry(image)) {
         Some(id) => {
             log.push(format!(
                 "cannot pull {image} ({}); using the local image {}",

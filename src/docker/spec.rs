@@ -294,6 +294,15 @@ impl Resolved {
     }
 }
 
+/// Whether an image reference names its registry host (`reg.example.com/shop:1`,
+/// `127.0.0.1:5000/shop`, `localhost/x`), as opposed to a bare or Docker Hub name (`shop:1`).
+pub fn names_registry(image: &str) -> bool {
+    match image.split_once('/') {
+        Some((first, _)) => first.contains('.') || first.contains(':') || first == "localhost",
+        None => false,
+    }
+}
+
 /// The name the previous container is kept under for rollback.
 pub fn prev_name(name: &str) -> String {
     format!("{name}{PREV_SUFFIX}")
@@ -429,6 +438,16 @@ mod tests {
             resolve(&s, "h", &vars, &env),
             Err(SpecError::HealthField { .. })
         ));
+    }
+
+    #[test]
+    fn registry_hosts_in_image_names() {
+        assert!(names_registry("127.0.0.1:5000/shop:1"));
+        assert!(names_registry("registry.example.com/team/shop"));
+        assert!(names_registry("localhost/shop"));
+        assert!(!names_registry("shop:1"));
+        assert!(!names_registry("library/redis:7"));
+        assert!(!names_registry("ferry-t1-prune/app:v1"));
     }
 
     #[test]
