@@ -207,6 +207,27 @@ fn health_failure_rolls_back_automatically() {
             "{leftover} should not exist after a failed first update"
         );
     }
+
+    // A crash loop under `restart: always` fails fast (not after the whole health timeout).
+    let steps = format!(
+        "      - container:\n          name: \"{prefix}\"\n          image: \"{image}\"\n          \
+         command: [/bin/sh, -c, 'echo boom; exit 3']\n          restart: always\n          \
+         ports: [\"127.0.0.1:{port}:8080\"]\n          \
+         health: {{ type: http, url: \"http://127.0.0.1:{port}/health\", timeout: 60s, interval: 200ms }}\n"
+    );
+    let dir2 = TempDir::new("dhealth2");
+    let pb2 = crate::docker::pb(&dir2, &[("web1", &host)], "", &steps);
+    let started = std::time::Instant::now();
+    let run = deploy(&[&host], &pb2, "cccc").failure(1);
+    assert!(
+        started.elapsed().as_secs() < 30,
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(run.all().contains("exited with code 3"), "{}", run.all());
+    assert!(run.all().contains("boom"), "{}", run.all());
+    assert_eq!(http_get(port, "/version").as_deref(), Some("good-v1\n"));
+    assert_eq!(container_image(&prefix), good);
 }
 
 /// Secret env values travel on stdin into a 0600 file that is gone after the container is created;
@@ -546,4 +567,101 @@ fn docker_and_tcp_health_then_stop_removes_everything() {
             "{n}"
         );
     }
+}
+
+/// A BusyBox-only host (BusyBox sh, no coreutils on PATH) runs the whole container cycle: the
+/// secret env file script, health over the SSH tunnel, an update that keeps a rollback copy, and
+/// removal.
+#[test]
+fn busybox_host_runs_the_container_cycle() {
+    busybox_docker_user();
+    let host = Sshd::start_with(SshdOptions {
+        busybox: true,
+        ..Default::default()
+    });
+    let prefix = unique("bb");
+    let _cleanup = Cleanup(vec![prefix.clone()]);
+    let image = format!("{prefix}-img:1");
+    app_image(&image, "bb1", true);
+    let port = free_port();
+    let dir = TempDir::new("dbb root with space");
+    // The deploy user owns the environment's root, as on a real host.
+    std::fs::create_dir_all(dir.join("root")).unwrap();
+    run_ok(
+        std::process::Command::new("chown")
+            .arg(BUSYBOX_USER)
+            .arg(dir.join("root")),
+    );
+    let step = |greeting: &str| {
+        format!(
+            "      - container:\n          name: \"{prefix}\"\n          image: \"{image}\"\n          \
+             env: {{ GREETING: \"{greeting}\" }}\n          secret_env: {{ TOKEN: BB_TOKEN }}\n          \
+             ports: [\"127.0.0.1:{port}:8080\"]\n          \
+             health: {{ type: http, url: \"http://127.0.0.1:{port}/health\", timeout: 20s, interval: 200ms }}\n"
+        )
+    };
+    let env_docker = format!("    docker: {{ command: [\"{}\"] }}\n", docker_path());
+    let on_stop = format!("    on_stop:\n      - docker_remove: {{ name: \"{prefix}\" }}\n");
+    let run = |steps: &str, cmd: &str| {
+        let pb = pb(
+            &dir,
+            &[("bb", &host)],
+            &format!("{env_docker}{on_stop}"),
+            steps,
+        );
+        Ferry::new()
+            .trusting(&[&host])
+            .arg(cmd)
+            .arg(&pb)
+            .args(["--env", "test", "--ref", "main", "--sha", "aaaa"])
+            .env("BB_TOKEN", "bb-token-value")
+            .run()
+    };
+    let first = run(&step("one"), "deploy").success();
+    assert!(
+        first.all().contains(&format!("created {prefix}")),
+        "{}",
+        first.all()
+    );
+    let env = docker(&[
+        "container",
+        "inspect",
+        "--format",
+        "{{json .Config.Env}}",
+        &prefix,
+    ]);
+    assert!(env.contains("TOKEN=bb-token-value"), "{env}");
+    assert!(!first.all().contains("bb-token-value"));
+    let second = run(&step("two"), "deploy").success();
+    assert!(second.all().contains("spec changed"), "{}", second.all());
+    assert_eq!(http_get(port, "/version").as_deref(), Some("bb1\n"));
+    assert!(docker_try(&["container", "inspect", &format!("{prefix}.ferry-prev")]).0);
+    let secrets_dir = dir.join("root/.ferry/docker");
+    let left: Vec<_> = std::fs::read_dir(&secrets_dir).unwrap().collect();
+    assert!(left.is_empty(), "env files left: {left:?}");
+    run(&step("two"), "stop").success();
+    assert!(!docker_try(&["container", "inspect", &prefix]).0);
+    assert!(!docker_try(&["container", "inspect", &format!("{prefix}.ferry-prev")]).0);
+}
+
+/// A registry image that cannot be pulled fails the step with the registry's answer, even when a
+/// stale local copy exists: deploying that copy as "up to date" would hide the problem.
+#[test]
+fn unpullable_registry_image_is_an_error() {
+    engine();
+    let host = Sshd::start();
+    let prefix = unique("ghost");
+    let _cleanup = Cleanup(vec![prefix.clone()]);
+    let image = format!("{REGISTRY}/{prefix}/never-pushed:1");
+    app_image(&image, "stale", true);
+    let dir = TempDir::new("dghost");
+    let steps = format!("      - container: {{ name: \"{prefix}\", image: \"{image}\" }}\n");
+    let pb = pb(&dir, &[("web1", &host)], "", &steps);
+    let run = deploy(&[&host], &pb, "aaaa").failure(1);
+    assert!(
+        run.all().contains(&format!("cannot pull {image}")),
+        "{}",
+        run.all()
+    );
+    assert!(!docker_try(&["container", "inspect", &prefix]).0);
 }

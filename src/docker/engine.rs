@@ -33,6 +33,8 @@ pub enum DockerError {
 pub struct ContainerState {
     pub id: String,
     pub running: bool,
+    /// Docker is restarting it after it exited (restart policy).
+    pub restarting: bool,
     pub status: String,
     pub exit_code: i64,
     pub health: Option<String>,
@@ -211,6 +213,10 @@ pub fn parse_container(v: &serde_json::Value) -> ContainerState {
         id: s("/Id").into(),
         running: v
             .pointer("/State/Running")
+            .and_then(|x| x.as_bool())
+            .unwrap_or(false),
+        restarting: v
+            .pointer("/State/Restarting")
             .and_then(|x| x.as_bool())
             .unwrap_or(false),
         status: s("/State/Status").into(),

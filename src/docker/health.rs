@@ -53,7 +53,7 @@ pub async fn wait(
             .container(name)
             .await?
             .ok_or_else(|| Unhealthy::Gone { name: name.into() })?;
-        if !state.running {
+        if !state.running || state.restarting {
             return Err(Unhealthy::Exited {
                 name: name.into(),
                 code: state.exit_code,

@@ -175,7 +175,9 @@ async fn ensure_image(
         }
         return Ok(id);
     }
-    match local {
+    // A registry image that cannot be pulled is an error (a stale local copy would be deployed as
+    // "up to date"); an image without a registry host may be one built on the host.
+    match local.filter(|_| !spec::names_registry(image)) {
         Some(id) => {
             log.push(format!(
                 "cannot pull {image} ({}); using the local image {}",
@@ -349,9 +351,10 @@ async fn write_secret_file(ctx: &StepCtx<'_>, r: &Resolved) -> anyhow::Result<Op
     };
     let dir = format!("{}/docker", ctx.host.state_dir());
     let file = format!("{dir}/{}.{}.env", r.spec.name, ctx.release);
+    // Also sweeps env files of this container left by a run that was killed before removing them.
     let cmd = Session::script_command(
-        "set -e; umask 077; mkdir -p -- \"$1\"; cat > \"$2\"",
-        &[&dir, &file],
+        "set -e; umask 077; mkdir -p -- \"$1\"; rm -f -- \"$1/$3\".*.env; cat > \"$2\"",
+        &[&dir, &file, &r.spec.name],
     )
     .map_err(|_| anyhow::anyhow!("NUL byte in a path"))?;
     let mut p = ctx.session.spawn(&cmd, None).await?;

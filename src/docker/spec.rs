@@ -183,12 +183,18 @@ fn check_health(name: &str, h: Option<&HealthCheck>) -> Result<(), SpecError> {
 
 impl Resolved {
     /// A short hash of everything that shapes the container, secret values included (changing a
-    /// password re-creates the container). Stored as the `ferry.spec` label.
+    /// password re-creates the container), the health probe excluded. Stored as the `ferry.spec`
+    /// label.
     pub fn hash(&self) -> String {
+        // How ferry probes health is not part of the container: changing it re-creates nothing.
+        let shaping = ContainerSpec {
+            health: None,
+            ..self.spec.clone()
+        };
         let mut h = blake3::Hasher::new();
         h.update(b"ferry container spec v1\0");
         h.update(
-            serde_json::to_string(&self.spec)
+            serde_json::to_string(&shaping)
                 .expect("spec serializes")
                 .as_bytes(),
         );
@@ -285,6 +291,15 @@ impl Resolved {
             a.extend(cmd.iter().cloned());
         }
         a
+    }
+}
+
+/// Whether an image reference names its registry host (`reg.example.com/shop:1`,
+/// `127.0.0.1:5000/shop`, `localhost/x`), as opposed to a bare or Docker Hub name (`shop:1`).
+pub fn names_registry(image: &str) -> bool {
+    match image.split_once('/') {
+        Some((first, _)) => first.contains('.') || first.contains(':') || first == "localhost",
+        None => false,
     }
 }
 
@@ -385,6 +400,15 @@ mod tests {
         b.spec.restart = Some("always".into());
         assert_ne!(a.hash(), b.hash());
         assert_eq!(a.hash().len(), 16);
+        let mut c = a.clone();
+        c.spec.health = Some(crate::playbook::HealthCheck {
+            kind: crate::playbook::HealthKind::Tcp,
+            url: None,
+            address: Some("127.0.0.1:1".into()),
+            timeout: std::time::Duration::from_secs(5),
+            interval: std::time::Duration::from_secs(1),
+        });
+        assert_eq!(a.hash(), c.hash(), "the probe does not shape the container");
     }
 
     #[test]
@@ -414,6 +438,16 @@ mod tests {
             resolve(&s, "h", &vars, &env),
             Err(SpecError::HealthField { .. })
         ));
+    }
+
+    #[test]
+    fn registry_hosts_in_image_names() {
+        assert!(names_registry("127.0.0.1:5000/shop:1"));
+        assert!(names_registry("registry.example.com/team/shop"));
+        assert!(names_registry("localhost/shop"));
+        assert!(!names_registry("shop:1"));
+        assert!(!names_registry("library/redis:7"));
+        assert!(!names_registry("ferry-t1-prune/app:v1"));
     }
 
     #[test]

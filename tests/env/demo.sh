@@ -87,6 +87,7 @@ echo "built by ferry for v1.0.0" > "$work/docker/release.txt"
   cd "$work"
   export BUILD_HOST=root@127.0.0.1:$build BUILD_ROOT=$FERRY_HOSTS_DIR/build DOCKER_CONTEXT=docker/
   export CI_COMMIT_TAG=v1.0.0 CI_COMMIT_REF_NAME=v1.0.0 CI_PIPELINE_ID=2001
+  export CI_COMMIT_SHA=$(printf 'tag-v1' | sha1sum | cut -c1-40)
   "$ferry" deploy "$repo/playbooks/tag-publish.yml"
 )
 docker pull -q "$REGISTRY/shop:v1.0.0" >/dev/null && echo "registry has $REGISTRY/shop:v1.0.0"
@@ -105,19 +106,20 @@ echo "app answers: $(curl -s "http://127.0.0.1:$app_port/version")"
 section "the same pipeline again: nothing to do"
 (cd "$work" && "$ferry" deploy "$repo/playbooks/release-deploy.yml")
 
-section "next commit: the app container is replaced; accessories are left alone"
+section "next commit: new bundle and app container; accessories are left alone"
 export CI_COMMIT_SHA=$(printf 'rel-2' | sha1sum | cut -c1-40) CI_PIPELINE_ID=3002
+echo "templates for $CI_COMMIT_SHA" > "$work/backend/index.html"
 push_app release-1-4 "$CI_COMMIT_SHA" "app $CI_COMMIT_SHA"
 (cd "$work" && "$ferry" deploy "$repo/playbooks/release-deploy.yml")
 echo "app answers: $(curl -s "http://127.0.0.1:$app_port/version")"
 
-section "a commit whose image never gets healthy: the job fails, the old container serves again"
+section "ferry rollback: bundle and app container back to the first release-1.4 commit"
+(cd "$work" && "$ferry" rollback "$repo/playbooks/release-deploy.yml" --env staging)
+echo "app answers: $(curl -s "http://127.0.0.1:$app_port/version")"
+
+section "a commit whose image never gets healthy (60s health timeout): the job fails, the old container serves again"
 export CI_COMMIT_SHA=$(printf 'rel-3' | sha1sum | cut -c1-40) CI_PIPELINE_ID=3003
 push_app release-1-4 "$CI_COMMIT_SHA" "app $CI_COMMIT_SHA" broken
 (cd "$work" && "$ferry" deploy "$repo/playbooks/release-deploy.yml") || echo "(deploy failed, as it should)"
-echo "app answers: $(curl -s "http://127.0.0.1:$app_port/version")"
-
-section "ferry rollback: back to the first release-1.4 commit"
-(cd "$work" && "$ferry" rollback "$repo/playbooks/release-deploy.yml" --env staging)
 echo "app answers: $(curl -s "http://127.0.0.1:$app_port/version")"
 docker ps -a --filter name=shop- --format 'table {{.Names}}\t{{.Image}}\t{{.Status}}'

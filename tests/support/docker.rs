@@ -113,13 +113,15 @@ pub fn app_image(name: &str, version: &str, healthy: bool) -> String {
             .arg("."),
     );
     // sh as PID 1 with a TERM trap, so `docker stop` is quick (PID 1 ignores default signals).
-    docker(&[
+    let id = docker(&[
         "import",
         "--change",
         r#"CMD ["/bin/sh", "-c", "echo serving $(cat /www/version); trap 'exit 0' TERM; httpd -f -p 8080 -h /www & wait"]"#,
         tar.to_str().unwrap(),
         name,
-    ])
+    ]);
+    MADE.lock().unwrap().push((name.to_string(), id.clone()));
+    id
 }
 
 /// [`app_image`] pushed to the test registry as `REGISTRY/<repo>:<tag>`; returns that reference.
@@ -161,13 +163,68 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
     buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
 }
 
-/// Removes the named containers when a test ends, pass or fail.
+/// Image ids made by [`app_image`], with the name they were made under (for cleanup by id, since a
+/// moved tag leaves a `<none>` image behind).
+static MADE: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+
+/// Remove every local image whose repository contains `prefix`, and every image [`app_image`] made
+/// under such a name (test cleanup).
+pub fn remove_images(prefix: &str) {
+    let rows = docker(&[
+        "images",
+        "--no-trunc",
+        "--format",
+        "{{.ID}} {{.Repository}}",
+    ]);
+    let mut mine: Vec<String> = rows
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .filter(|(_, repo)| repo.contains(prefix))
+        .map(|(id, _)| id.to_string())
+        .collect();
+    mine.extend(
+        MADE.lock()
+            .unwrap()
+            .iter()
+            .filter(|(name, _)| name.contains(prefix))
+            .map(|(_, id)| id.clone()),
+    );
+    mine.sort();
+    mine.dedup();
+    if !mine.is_empty() {
+        let mut args = vec!["rmi", "--force"];
+        args.extend(mine.iter().map(String::as_str));
+        let _ = docker_try(&args);
+    }
+}
+
+/// Removes the containers named with these prefixes when a test ends, pass or fail, and the images
+/// too for prefixes made by [`unique`] (other images may be shared by concurrent tests).
 pub struct Cleanup(pub Vec<String>);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
         for p in &self.0 {
             remove_containers(p);
+            if p.starts_with(&unique("")) {
+                remove_images(p);
+            }
         }
     }
+}
+
+/// The docker CLI's absolute path (a BusyBox host's PATH has only BusyBox applets).
+pub fn docker_path() -> String {
+    let out = run_ok(Command::new("sh").args(["-c", "command -v docker"]));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Let the BusyBox test user use the engine (the socket's group), as a deploy user would be.
+pub fn busybox_docker_user() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        engine();
+        super::busybox_user();
+        run_ok(Command::new("usermod").args(["-aG", "docker", super::BUSYBOX_USER]));
+    });
 }
