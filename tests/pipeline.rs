@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::gitlab_stub;
 use crate::support::*;
 
 const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
@@ -502,4 +503,109 @@ fn status_flags_hosts_that_disagree_and_failed_attempts() {
     );
     assert!(run.stdout.contains("last attempt failed"), "{}", run.stdout);
     assert!(run.stdout.contains("never deployed ok"), "{}", run.stdout);
+}
+
+fn gitlab_pb(dir: &TempDir, host: &Sshd, root: &str, step: &str) -> PathBuf {
+    pb(
+        dir,
+        &[host.address()],
+        root,
+        step,
+        "gitlab:\n  deployments: true\n",
+    )
+}
+
+const TOKEN: &str = "glpat-secret-token-0123456789";
+
+/// Commit status running → success (and a deployment) through a stub that checks GitLab's API.
+#[test]
+fn gitlab_gets_commit_status_and_deployment_and_never_sees_the_token_in_output() {
+    let host = Sshd::start();
+    let dir = TempDir::new("gitlab");
+    let root = open_root(&dir);
+    let stub = gitlab_stub::GitlabStub::start(TOKEN, "group/shop");
+    let p = gitlab_pb(&dir, &host, &root, "      - run: { command: [\"true\"] }\n");
+    let run = ci(&[&host], "release-9", SHA, "901")
+        .env("CI_API_V4_URL", &stub.api_url)
+        .env("CI_PROJECT_ID", "group/shop")
+        .env("FERRY_GITLAB_TOKEN", TOKEN)
+        .arg("deploy")
+        .arg(&p)
+        .run()
+        .success();
+    assert!(!run.all().contains(TOKEN), "the token leaked");
+    assert_eq!(stub.problems(), Vec::<String>::new());
+    let statuses: Vec<_> = stub
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.contains("/statuses/"))
+        .collect();
+    assert_eq!(statuses.len(), 2, "{statuses:?}");
+    assert_eq!(
+        statuses[0].path,
+        format!("/api/v4/projects/group%2Fshop/statuses/{SHA}")
+    );
+    assert_eq!(statuses[0].body["state"], "running");
+    assert_eq!(statuses[1].body["state"], "success");
+    assert_eq!(statuses[1].body["name"], "ferry/test");
+    assert_eq!(statuses[1].body["ref"], "release-9");
+    assert_eq!(statuses[1].body["target_url"], "http://test.example.com/");
+    assert_eq!(statuses[1].body["pipeline_id"], 901);
+    assert_eq!(stub.deployments(), vec![(100, "success".to_string())]);
+
+    // A failing deploy reports failed.
+    let p = gitlab_pb(
+        &dir,
+        &host,
+        &root,
+        "      - run: { command: [\"false\"] }\n",
+    );
+    ci(&[&host], "release-9", SHA, "902")
+        .env("CI_API_V4_URL", &stub.api_url)
+        .env("CI_PROJECT_ID", "group/shop")
+        .env("FERRY_GITLAB_TOKEN", TOKEN)
+        .arg("deploy")
+        .arg(&p)
+        .run()
+        .failure(1);
+    let last = stub
+        .requests()
+        .into_iter()
+        .rev()
+        .find(|r| r.path.contains("/statuses/"))
+        .unwrap();
+    assert_eq!(last.body["state"], "failed");
+    assert_eq!(stub.deployments()[1], (101, "failed".to_string()));
+    assert_eq!(stub.problems(), Vec::<String>::new());
+}
+
+/// GitLab down (500s, or nothing listening): a warning, and the deploy still succeeds.
+#[test]
+fn a_gitlab_outage_warns_and_never_fails_a_good_deploy() {
+    let host = Sshd::start();
+    let dir = TempDir::new("outage");
+    let root = open_root(&dir);
+    let p = gitlab_pb(&dir, &host, &root, "      - run: { command: [\"true\"] }\n");
+    let down = gitlab_stub::GitlabStub::failing(TOKEN, "42");
+    let nothing = format!("http://127.0.0.1:{}/api/v4", free_port());
+    for api in [down.api_url.clone(), nothing] {
+        let run = ci(&[&host], "release-9", SHA, "903")
+            .env("CI_API_V4_URL", &api)
+            .env("CI_PROJECT_ID", "42")
+            .env("FERRY_GITLAB_TOKEN", TOKEN)
+            .arg("deploy")
+            .arg(&p)
+            .run()
+            .success();
+        assert!(
+            run.stderr
+                .contains("warning: cannot set the commit status ferry/test"),
+            "{}",
+            run.stderr
+        );
+        assert!(!run.all().contains(TOKEN), "the token leaked");
+    }
+    assert!(down.requests().len() >= 2, "the failing stub was called");
+    // Both deploys happened and were recorded.
+    assert_eq!(ledger(&Path::new(&root).join(".ferry")).len(), 2);
 }
