@@ -283,6 +283,45 @@ async fn run_host(
     } else {
         Some(Lock::acquire(ctx, opts.lock_wait).await?)
     };
+    // A rollback goes to an earlier deploy from the ledger (read under the lock), and is recorded
+    // with that deploy's ref, commit and release.
+    let target = match action {
+        Action::Rollback(to) if !ctx.plan => match rollback_target(ctx, to.as_deref()).await {
+            Ok(t) => t,
+            Err(e) => {
+                if let Some(lock) = lock {
+                    let _ = lock.release(ctx.session).await;
+                }
+                return Err(e);
+            }
+        },
+        _ => None,
+    };
+    let target_ctx = target.as_ref().map(Record::context);
+    let ctx = &StepCtx {
+        host: ctx.host,
+        session: ctx.session,
+        deploy: target_ctx.as_ref().unwrap_or(ctx.deploy),
+        app: ctx.app,
+        env: ctx.env,
+        release: target.as_ref().map_or(ctx.release, |t| t.release.as_str()),
+        plan: ctx.plan,
+        progress: ctx.progress,
+        style: ctx.style,
+    };
+    let action = &match (action, &target) {
+        (Action::Rollback(_), Some(t)) => {
+            ctx.progress.println(&format!(
+                "{}: rolling back to release {} (ref {}, commit {})",
+                ctx.host.name(),
+                t.release,
+                shell::quote_str(&t.ref_name),
+                ctx.deploy.short_sha()
+            ));
+            Action::Rollback(Some(t.release.clone()))
+        }
+        (a, _) => a.clone(),
+    };
     // Steps run while the lock's lease is renewed; losing the lock stops them.
     let steps_run = run_steps(ctx, steps, action);
     let (reports, error) = match &lock {
@@ -386,6 +425,18 @@ async fn run_steps(
         }
     }
     (reports, error)
+}
+
+/// The ledger's choice of what to roll back to on this host.
+async fn rollback_target(ctx: &StepCtx<'_>, to: Option<&str>) -> anyhow::Result<Option<Record>> {
+    let records: Vec<Record> = ledger::read(ctx.host, ctx.session)
+        .await?
+        .into_iter()
+        .filter(|r| r.app == ctx.app && r.env == ctx.env)
+        .collect();
+    ledger::rollback_target(&records, to)
+        .map(|r| r.cloned())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", ctx.host.name()))
 }
 
 async fn run_step(ctx: &StepCtx<'_>, step: &Step) -> anyhow::Result<Option<StepReport>> {

@@ -609,3 +609,73 @@ fn a_gitlab_outage_warns_and_never_fails_a_good_deploy() {
     // Both deploys happened and were recorded.
     assert_eq!(ledger(&Path::new(&root).join(".ferry")).len(), 2);
 }
+
+/// Rollback picks the previous deploy from the ledger, records it, and status shows it live.
+#[test]
+fn rollback_returns_to_the_previous_deploy_and_is_recorded() {
+    let host = Sshd::start();
+    let dir = TempDir::new("rollback");
+    let root = open_root(&dir);
+    let p = pb(
+        &dir,
+        &[host.address()],
+        &root,
+        "      - run: { command: [\"true\"] }\n",
+        "",
+    );
+    ci(&[&host], "release-1", SHA, "601")
+        .arg("deploy")
+        .arg(&p)
+        .run()
+        .success();
+    std::thread::sleep(Duration::from_millis(1100)); // release ids have second resolution
+    ci(&[&host], "release-2", SHA2, "602")
+        .arg("deploy")
+        .arg(&p)
+        .run()
+        .success();
+    let state = Path::new(&root).join(".ferry");
+    let first_release = ledger(&state)[0]["release"].as_str().unwrap().to_string();
+    let bad = ci(&[&host], "release-2", SHA2, "603")
+        .args([
+            "rollback",
+            "--env",
+            "test",
+            "--to",
+            "20000101T000000Z-deadbeef",
+        ])
+        .arg(&p)
+        .run()
+        .failure(1);
+    assert!(bad.stdout.contains("known releases"), "{}", bad.stdout);
+    assert!(bad.stdout.contains(&first_release), "{}", bad.stdout);
+    let run = ci(&[&host], "release-2", SHA2, "604")
+        .args(["rollback", "--env", "test"])
+        .arg(&p)
+        .run()
+        .success();
+    assert!(
+        run.stderr
+            .contains(&format!("rolling back to release {first_release}")),
+        "{}",
+        run.stderr
+    );
+    let records = ledger(&state);
+    let last = records.last().unwrap();
+    assert_eq!(last["action"], "rollback");
+    assert_eq!(last["ref"], "release-1");
+    assert_eq!(last["sha"], SHA);
+    assert_eq!(last["release"], first_release.as_str());
+    let status = Ferry::new()
+        .trusting(&[&host])
+        .args(["status", "--json"])
+        .arg(&p)
+        .run()
+        .success();
+    let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    let rows = v[0]["rows"].as_array().unwrap();
+    let row = |r: &str| rows.iter().find(|x| x["ref"] == r).unwrap();
+    assert_eq!(row("release-1")["state"], "live", "{v}");
+    assert_eq!(row("release-1")["result"], "rollback ok", "{v}");
+    assert_eq!(row("release-2")["state"], "replaced by release-1", "{v}");
+}
