@@ -428,6 +428,17 @@ fn hostile_branch_names_are_safe_in_paths_locks_ledger_status_and_stop() {
         .run()
         .success();
     assert!(!Path::new(&root).join("feature-----spaces").exists());
+    // As a GitLab on_stop job runs it: only CI variables, the environment from the ref's rule.
+    ci(&[&host], &long, SHA, "411")
+        .arg("stop")
+        .arg(&p)
+        .run()
+        .success();
+    assert!(
+        !Path::new(&root)
+            .join(format!("feature-{}", "x".repeat(55)))
+            .exists()
+    );
     assert!(Path::new(&root).join("release---touch--tmp-pwned").exists());
     let one = Ferry::new()
         .trusting(&[&host])
@@ -449,7 +460,12 @@ fn hostile_branch_names_are_safe_in_paths_locks_ledger_status_and_stop() {
     let lines: Vec<&str> = history.stdout.lines().collect();
     assert_eq!(lines.len(), 3, "{}", history.stdout);
     assert!(
-        lines[1].contains("stop") && lines[1].contains("'feature/äöü spaces'"),
+        lines[1].contains("stop") && lines[1].contains(&long),
+        "{}",
+        history.stdout
+    );
+    assert!(
+        lines[2].contains("stop") && lines[2].contains("'feature/äöü spaces'"),
         "{}",
         history.stdout
     );
@@ -678,4 +694,62 @@ fn rollback_returns_to_the_previous_deploy_and_is_recorded() {
     assert_eq!(row("release-1")["state"], "live", "{v}");
     assert_eq!(row("release-1")["result"], "rollback ok", "{v}");
     assert_eq!(row("release-2")["state"], "replaced by release-1", "{v}");
+}
+
+/// Ctrl-C (or a cancelled job's SIGTERM) during the steps: recorded as interrupted, lock released.
+#[test]
+fn an_interrupted_deploy_records_the_attempt_and_releases_the_lock() {
+    let host = Sshd::start();
+    let dir = TempDir::new("interrupt");
+    let root = open_root(&dir);
+    let marker = dir.join("running");
+    let p = pb(
+        &dir,
+        &[host.address()],
+        &root,
+        &format!(
+            "      - run: {{ command: [\"sh\", \"-c\", \"touch \\\"$0\\\"; sleep 60\", \"{}\"] }}\n",
+            marker.display()
+        ),
+        "",
+    );
+    for signal in ["INT", "TERM"] {
+        let _ = std::fs::remove_file(&marker);
+        let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["deploy", "--ref", "release-int", "--sha", SHA])
+            .arg(&p)
+            .env(
+                "SSH_PRIVATE_KEY",
+                std::fs::read_to_string(&default_key().private).unwrap(),
+            )
+            .env("SSH_KNOWN_HOSTS", host.known_hosts_line())
+            .env_remove("GITLAB_CI")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for("the step to start", || marker.exists());
+        run_ok(
+            Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(child.id().to_string()),
+        );
+        let started = Instant::now();
+        let out = child.wait_with_output().unwrap();
+        assert!(started.elapsed() < Duration::from_secs(20));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{signal}: {stderr}");
+        assert!(stderr.contains("interrupted"), "{stderr}");
+        let state = Path::new(&root).join(".ferry");
+        let last = ledger(&state).pop().unwrap();
+        assert_eq!(last["ok"], false);
+        assert!(
+            last["error"].as_str().unwrap().contains("interrupted"),
+            "{last}"
+        );
+        assert!(
+            !state.join("locks/testapp-test").exists(),
+            "{signal}: lock left behind"
+        );
+    }
 }
