@@ -442,8 +442,8 @@ async fn run_steps(
     let mut reports = Vec::new();
     let mut error = None;
     for (i, step) in steps.iter().enumerate() {
-        let name = format!("{}_{}_{}", ctx.host.name(), i + 1, step.kind());
-        let section = Section::start(
+        let name = format!("{}_{}_{}_{}", ctx.env, ctx.host.name(), i + 1, step.kind());
+        let mut section = Section::start(
             ctx.style,
             &name,
             &format!("{}: {} ({})", ctx.host.name(), step.kind(), action.name()),
@@ -455,16 +455,13 @@ async fn run_steps(
         match result {
             Ok(Some(r)) => {
                 for line in &r.log {
-                    ctx.progress
-                        .println(&format!("{}: {line}", ctx.host.name()));
+                    section.line(ctx.progress, &format!("{}: {line}", ctx.host.name()));
                 }
                 if !ctx.style.json {
-                    ctx.progress.println(&format!(
-                        "{}: {}: {}",
-                        ctx.host.name(),
-                        step.kind(),
-                        r.summary
-                    ));
+                    section.line(
+                        ctx.progress,
+                        &format!("{}: {}: {}", ctx.host.name(), step.kind(), r.summary),
+                    );
                 }
                 reports.push(r);
                 drop(section);
@@ -472,11 +469,11 @@ async fn run_steps(
             Ok(None) => drop(section),
             Err(e) => {
                 let msg = format!("{e:#}");
-                ctx.progress.println(&format!(
-                    "{}: {} FAILED: {msg}",
-                    ctx.host.name(),
-                    step.kind()
-                ));
+                section.expand();
+                section.line(
+                    ctx.progress,
+                    &format!("{}: {} FAILED: {msg}", ctx.host.name(), step.kind()),
+                );
                 drop(section);
                 reports.push(StepReport {
                     step: step.kind().into(),
@@ -554,7 +551,19 @@ async fn run_command(ctx: &StepCtx<'_>, step: &RunStep) -> anyhow::Result<StepRe
         .map(str::to_string)
         .collect();
     if !out.success() {
-        anyhow::bail!("`{cmd}` exited with {:?}: {}", out.status, out.tail());
+        let status = out.status.map_or_else(
+            || "no exit status (killed?)".to_string(),
+            |c| format!("exit code {c}"),
+        );
+        let tail = out.tail();
+        anyhow::bail!(
+            "`{cmd}` failed with {status}{}",
+            if tail.is_empty() {
+                String::new()
+            } else {
+                format!(": {tail}")
+            }
+        );
     }
     Ok(StepReport {
         step: "run".into(),

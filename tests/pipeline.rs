@@ -55,6 +55,25 @@ fn ledger(state: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// GitLab collapsible sections: `n` of them, each end right after its own start (never interleaved,
+/// though hosts run at once).
+fn assert_sections_pair_up(stderr: &str, n: usize) {
+    let mut open: Option<String> = None;
+    let mut count = 0;
+    for line in stderr.lines() {
+        if let Some(rest) = line.split("section_start:").nth(1) {
+            assert!(open.is_none(), "nested or interleaved section: {stderr}");
+            let name = rest.split(':').nth(1).unwrap().split('[').next().unwrap();
+            open = Some(name.to_string());
+        } else if let Some(rest) = line.split("section_end:").nth(1) {
+            let name = rest.split(':').nth(1).unwrap().split('\r').next().unwrap();
+            assert_eq!(open.take().as_deref(), Some(name), "{stderr}");
+            count += 1;
+        }
+    }
+    assert!(open.is_none() && count == n, "{count} sections: {stderr}");
+}
+
 fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !f() {
@@ -487,11 +506,12 @@ fn status_flags_hosts_that_disagree_and_failed_attempts() {
         steps,
         "",
     );
-    ci(&[&a, &b], "release-1", SHA, "501")
+    let both = ci(&[&a, &b], "release-1", SHA, "501")
         .arg("deploy")
         .arg(&p)
         .run()
         .success();
+    assert_sections_pair_up(&both.stderr, 2);
     ci(&[&a, &b], "release-2", SHA2, "502")
         .args(["deploy", "--limit", &a.address()])
         .arg(&p)
