@@ -773,3 +773,107 @@ fn an_interrupted_deploy_records_the_attempt_and_releases_the_lock() {
         );
     }
 }
+
+/// Write a lock as a killed run leaves it, expired `ago` seconds ago (negative: still valid).
+fn stale_lock(root: &str, ago: i64) -> PathBuf {
+    let lock_dir = Path::new(root).join(".ferry/locks/testapp-test");
+    std::fs::create_dir_all(&lock_dir).unwrap();
+    std::fs::write(lock_dir.join("token"), "dead\n").unwrap();
+    std::fs::write(
+        lock_dir.join("holder.json"),
+        format!("{{\"token\":\"dead\",\"ref\":\"release-dead\",\"sha\":\"{SHA}\",\"pipeline_id\":null,\"job_url\":null,\"user\":\"bob\",\"controller\":\"gone\",\"pid\":1,\"started_at\":1}}\n"),
+    )
+    .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    std::fs::write(lock_dir.join("expires"), format!("{}\n", now - ago)).unwrap();
+    lock_dir
+}
+
+/// Deployer's auto-unlock race: several controllers find the same expired lock at once. Exactly one
+/// may take it over; the others must see it held (by the winner), never both "win".
+#[test]
+fn only_one_of_many_controllers_takes_over_an_expired_lock() {
+    let host = Sshd::start();
+    let dir = TempDir::new("race");
+    let root = open_root(&dir);
+    let p = pb(
+        &dir,
+        &[host.address()],
+        &root,
+        "      - run: { command: [\"sleep\", \"3\"] }\n",
+        "",
+    );
+    let lock_dir = stale_lock(&root, 100);
+    let runs: Vec<_> = (0..4)
+        .map(|i| {
+            let ferry = ci(&[&host], &format!("release-r{i}"), SHA, &format!("70{i}"))
+                .arg("deploy")
+                .arg(&p);
+            std::thread::spawn(move || ferry.run())
+        })
+        .collect();
+    let runs: Vec<Run> = runs.into_iter().map(|t| t.join().unwrap()).collect();
+    let winners: Vec<&Run> = runs.iter().filter(|r| r.code == 0).collect();
+    assert_eq!(winners.len(), 1, "{runs:#?}");
+    assert!(
+        winners[0]
+            .stderr
+            .contains("took over the expired deploy lock")
+    );
+    for r in runs.iter().filter(|r| r.code != 0) {
+        assert_eq!(r.code, 1, "{r:#?}");
+        assert!(r.stdout.contains("is held by"), "{r:#?}");
+    }
+    // One deploy ran; no leftovers of the takeover; the lock is released.
+    assert_eq!(ledger(&Path::new(&root).join(".ferry")).len(), 1);
+    assert!(!lock_dir.exists());
+    let left: Vec<String> = std::fs::read_dir(Path::new(&root).join(".ferry/locks"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// A deploy longer than its lease keeps the lock by renewing it: nobody can take it over.
+#[test]
+fn a_running_deploy_renews_its_lease() {
+    let host = Sshd::start();
+    let dir = TempDir::new("renew");
+    let root = open_root(&dir);
+    let marker = dir.join("running");
+    let p = pb(
+        &dir,
+        &[host.address()],
+        &root,
+        &format!(
+            "      - run: {{ command: [\"sh\", \"-c\", \"touch \\\"$0\\\"; sleep 7\", \"{}\"] }}\n",
+            marker.display()
+        ),
+        "",
+    );
+    let first = {
+        let ferry = ci(&[&host], "release-long", SHA, "801")
+            .env("FERRY_LOCK_LEASE", "3s")
+            .arg("deploy")
+            .arg(&p);
+        std::thread::spawn(move || ferry.run())
+    };
+    wait_for("the long step to start", || marker.exists());
+    std::thread::sleep(Duration::from_secs(5)); // past the first lease
+    let second = ci(&[&host], "release-other", SHA2, "802")
+        .env("FERRY_LOCK_LEASE", "3s")
+        .arg("deploy")
+        .arg(&p)
+        .run()
+        .failure(1);
+    assert!(
+        second.stdout.contains("held by ref release-long"),
+        "{}",
+        second.stdout
+    );
+    assert!(!second.stderr.contains("took over"), "{}", second.stderr);
+    first.join().unwrap().success();
+}
