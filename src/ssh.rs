@@ -633,6 +633,26 @@ impl Session {
         shell::join(argv)
     }
 
+    /// A TCP connection from the host to `host:port` (as the host sees it), tunnelled through this
+    /// connection (an SSH direct-tcpip channel): lets ferry probe a service on the host's loopback
+    /// with nothing installed there.
+    pub async fn connect_tcp(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> Result<impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + use<>, SshError>
+    {
+        let ch = self
+            .handle
+            .channel_open_direct_tcpip(host.to_string(), port as u32, "127.0.0.1", 0)
+            .await
+            .map_err(|source| SshError::Protocol {
+                host: self.target.host.clone(),
+                source,
+            })?;
+        Ok(ch.into_stream())
+    }
+
     pub async fn close(self) {
         let _ = self
             .handle

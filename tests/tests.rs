@@ -3,6 +3,7 @@
 
 mod support;
 
+mod docker;
 mod foundation;
 mod pipeline;
 mod playbooks;

@@ -1,10 +1,37 @@
 //! Sync: ship a local build directory to hosts by content-hash diff, into atomic releases.
-//! (Being built: see issue 3.)
+//!
+//! A deploy is two exchanges per host. One round trip ([`remote::INVENTORY`]) reads what the host has:
+//! the target's state, releases and their metadata, the live manifest and the names of stored
+//! objects, and which objects were edited since they were placed. The pure [`diff`] decides what is
+//! missing. Then one gzip'd tar stream ([`archive`]) carries the missing objects and the new release
+//! tree as hard links, and [`remote::APPLY`] unpacks it, checks its trailer, names the release and
+//! renames a new symlink over `to`. Nothing the live release uses is ever written: new content
+//! arrives under new names, and objects edited on the host are unlinked and re-sent.
+
+pub mod archive;
+pub mod diff;
+pub mod manifest;
+pub mod remote;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
 
 use crate::deploy::{StepCtx, StepReport};
 use crate::inventory::Host;
-use crate::playbook::{SyncRemoveStep, SyncStep};
+use crate::playbook::{SyncMode, SyncRemoveStep, SyncStep};
+use crate::report::human_bytes;
 use crate::ssh::Session;
+
+use manifest::Manifest;
+use remote::{Inventory, Paths, TargetState};
+
+const INVENTORY_TIMEOUT: Duration = Duration::from_secs(300);
+/// Paths listed per category in `--plan` output and the step's detail.
+const LIST_LIMIT: usize = 200;
 
 /// What is live at one sync target on one host, for `ferry status` (read-only, one round trip).
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
@@ -23,23 +50,455 @@ pub struct LiveSync {
     pub drift: Option<String>,
 }
 
-pub async fn run(_ctx: &StepCtx<'_>, _step: &SyncStep) -> anyhow::Result<StepReport> {
-    anyhow::bail!("sync is not built yet")
+/// Scan each source once per run, however many hosts and steps share it.
+async fn scan_shared(from: PathBuf, exclude: Vec<String>) -> anyhow::Result<Arc<Manifest>> {
+    type Memo = tokio::sync::Mutex<HashMap<(PathBuf, Vec<String>), Arc<Manifest>>>;
+    static MEMO: OnceLock<Memo> = OnceLock::new();
+    let mut memo = MEMO.get_or_init(Default::default).lock().await;
+    let key = (from.clone(), exclude.clone());
+    if let Some(m) = memo.get(&key) {
+        return Ok(m.clone());
+    }
+    let m = tokio::task::spawn_blocking(move || {
+        let cache = manifest::cache_path(&from);
+        manifest::scan(&from, &exclude, cache.as_deref())
+    })
+    .await
+    .context("hashing task failed")??;
+    let m = Arc::new(m);
+    memo.insert(key, m.clone());
+    Ok(m)
+}
+
+async fn inventory(session: &Session, paths: &Paths, digest: &str) -> anyhow::Result<Inventory> {
+    let out = session
+        .run_script(
+            remote::INVENTORY,
+            &[&paths.store, &paths.to, digest],
+            Some(INVENTORY_TIMEOUT),
+        )
+        .await?;
+    if !out.success() {
+        bail!(
+            "{}: reading {} failed ({:?}): {}",
+            session.name(),
+            paths.store,
+            out.status,
+            out.tail()
+        );
+    }
+    let name = paths.to.rsplit('/').next().unwrap_or_default();
+    remote::parse_inventory(&out.stdout, name)
+        .with_context(|| format!("{}: reading {}", session.name(), paths.store))
+}
+
+/// Refuse targets ferry does not own, with the fix.
+fn check_target(host: &str, paths: &Paths, inv: &Inventory, adopt: bool) -> anyhow::Result<()> {
+    match &inv.target {
+        TargetState::Dir if !adopt => bail!(
+            "{host}: {} is a plain directory, not a ferry release link. Nothing was changed. \
+             To take it over (it is moved into {}/adopted-<release>), set `adopt: true` on the sync step",
+            paths.to,
+            paths.store
+        ),
+        TargetState::Other => bail!(
+            "{host}: {} exists and is not a directory or symlink; remove it or choose another `to:`",
+            paths.to
+        ),
+        TargetState::Link { target, live: None } if !adopt => bail!(
+            "{host}: {} is a symlink to {target}, not to a ferry release. Nothing was changed. \
+             Set `adopt: true` on the sync step to replace it",
+            paths.to
+        ),
+        _ => Ok(()),
+    }
+}
+
+fn truncated(v: &[String]) -> &[String] {
+    &v[..v.len().min(LIST_LIMIT)]
+}
+
+pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepReport> {
+    let started = Instant::now();
+    let host = ctx.host.name();
+    if step.mode == SyncMode::InPlace {
+        bail!(
+            "{host}: sync mode `in-place` is not available in this version of ferry; use the default `release` mode"
+        );
+    }
+    let from = PathBuf::from(ctx.host.expand(&step.from)?);
+    let paths = Paths::new(&ctx.host.path(&step.to)?)?;
+    let local = scan_shared(from.clone(), step.exclude.clone()).await?;
+    let digest = local.digest();
+    let mut inv = inventory(ctx.session, &paths, &digest).await?;
+    if inv.same && (inv.drift().is_some()) {
+        // The live tree matches by digest but was edited on the host: fetch the full picture.
+        inv = inventory(ctx.session, &paths, "").await?;
+    }
+    check_target(host, &paths, &inv, step.adopt)?;
+    let (files, bytes) = local.file_stats();
+    let plan = if inv.same {
+        diff::Plan {
+            unchanged: local
+                .entries
+                .iter()
+                .filter(|e| !matches!(e.kind, manifest::Kind::Dir { .. }))
+                .count() as u64,
+            ..Default::default()
+        }
+    } else {
+        diff::plan(&local, inv.live_manifest.as_ref(), &inv.trusted_objects())
+    };
+    let mut log = Vec::new();
+    if let Some(d) = inv.drift() {
+        log.push(format!(
+            "drift at {}: {d}; the changed files are replaced by this deploy",
+            paths.to
+        ));
+    }
+    let live = inv.live().map(str::to_string);
+    let noop = plan.is_noop() && plan.send.is_empty() && inv.handmade == 0 && live.is_some();
+    let mut detail = serde_json::json!({
+        "path": paths.to,
+        "live": live,
+        "added": plan.added.len(),
+        "changed": plan.changed.len(),
+        "deleted": plan.deleted.len(),
+        "unchanged": plan.unchanged,
+        "changed_bytes": plan.changed_bytes,
+        "files_to_send": plan.send.len(),
+        "content_bytes_to_send": plan.send_bytes,
+        "drift": inv.drift(),
+        "paths": {
+            "added": truncated(&plan.added),
+            "changed": truncated(&plan.changed),
+            "deleted": truncated(&plan.deleted),
+        },
+    });
+    let counts = format!(
+        "+{} ~{} -{} ({} changed)",
+        plan.added.len(),
+        plan.changed.len(),
+        plan.deleted.len(),
+        human_bytes(plan.changed_bytes)
+    );
+    if noop {
+        return Ok(StepReport {
+            step: "sync".into(),
+            changed: false,
+            summary: format!(
+                "{} unchanged: release {} already live",
+                paths.to,
+                live.unwrap_or_default()
+            ),
+            log,
+            detail,
+            ..Default::default()
+        });
+    }
+    if ctx.plan {
+        for (sign, list) in [
+            ("+", &plan.added),
+            ("~", &plan.changed),
+            ("-", &plan.deleted),
+        ] {
+            for p in truncated(list) {
+                log.push(format!("  {sign} {}", p.escape_debug()));
+            }
+        }
+        return Ok(StepReport {
+            step: "sync".into(),
+            changed: true,
+            summary: format!(
+                "would deploy {}: {counts}; would send {} files ({})",
+                paths.to,
+                plan.send.len(),
+                human_bytes(plan.send_bytes)
+            ),
+            log,
+            detail,
+            ..Default::default()
+        });
+    }
+
+    let meta = remote::Meta {
+        version: 1,
+        ref_name: ctx.deploy.ref_name.clone(),
+        sha: ctx.deploy.sha.clone(),
+        pipeline: ctx.deploy.pipeline_id.clone(),
+        user: ctx.deploy.user.clone(),
+        time: crate::report::unix_now(),
+        files,
+        bytes,
+        digest: digest.clone(),
+        previous: live.clone(),
+    };
+    let mut releases = inv.releases.clone();
+    releases.push(ctx.release.to_string());
+    let mut protect = vec![ctx.release];
+    if let Some(l) = &live {
+        protect.push(l);
+    }
+    let prune = diff::prune(&releases, step.keep, &protect);
+    let wire = stream(ctx, &from, &local, &plan, &paths, &meta, step.adopt, &prune).await?;
+    let release = wire.release;
+    detail["release"] = release.clone().into();
+    detail["previous"] = meta.previous.clone().into();
+    detail["wire_bytes"] = wire.bytes.into();
+    detail["pruned"] = prune.clone().into();
+    Ok(StepReport {
+        step: "sync".into(),
+        changed: true,
+        summary: format!(
+            "{} -> release {release}: {counts}; sent {} files ({} content, {} on the wire) in {:.1}s",
+            paths.to,
+            plan.send.len(),
+            human_bytes(plan.send_bytes),
+            human_bytes(wire.bytes),
+            started.elapsed().as_secs_f64()
+        ),
+        files_sent: plan.send.len() as u64,
+        bytes_sent: wire.bytes,
+        log,
+        detail,
+    })
+}
+
+struct Sent {
+    release: String,
+    bytes: u64,
+}
+
+/// Stream the archive into the host's `tar` and apply it.
+#[allow(clippy::too_many_arguments)]
+async fn stream(
+    ctx: &StepCtx<'_>,
+    from: &std::path::Path,
+    local: &Arc<Manifest>,
+    plan: &diff::Plan,
+    paths: &Paths,
+    meta: &remote::Meta,
+    adopt: bool,
+    prune: &[String],
+) -> anyhow::Result<Sent> {
+    let host = ctx.host.name().to_string();
+    let mut args: Vec<&str> = vec![
+        &paths.store,
+        &paths.to,
+        ctx.release,
+        if adopt { "1" } else { "0" },
+    ];
+    args.extend(prune.iter().map(String::as_str));
+    let cmd = Session::script_command(remote::APPLY, &args)?;
+    let progress = ctx.progress.host(&host, "sync", plan.send_bytes);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+    let builder = {
+        let (root, local, plan) = (from.to_path_buf(), local.clone(), plan.clone());
+        let manifest = local.encode();
+        let digest = meta.digest.clone();
+        let meta_json = serde_json::to_vec(meta)?;
+        let progress = progress.clone();
+        tokio::task::spawn_blocking(move || {
+            let extras = archive::Extras {
+                manifest: &manifest,
+                digest: &digest,
+                meta_json: &meta_json,
+            };
+            let out = archive::ChannelWriter {
+                tx,
+                buf: Vec::new(),
+            };
+            archive::write(&root, &local, &plan, &extras, out, &|n| progress.add(n))
+        })
+    };
+    let mut proc = ctx.session.spawn(&cmd, None).await?;
+    let mut bytes = 0u64;
+    let mut write_failed = None;
+    while let Some(chunk) = rx.recv().await {
+        if let Err(e) = proc.write(&chunk).await {
+            write_failed = Some(e);
+            break;
+        }
+        bytes += chunk.len() as u64;
+    }
+    drop(rx);
+    let built = builder.await.context("stream task failed")?;
+    progress.finish();
+    if let (Err(e), None) = (&built, &write_failed) {
+        proc.abort().await;
+        return Err(anyhow::anyhow!("{e:#}"))
+            .with_context(|| format!("{host}: deploy to {} aborted", paths.to));
+    }
+    let out = proc.finish().await?;
+    if !out.success() {
+        bail!(
+            "{host}: deploy to {} failed (exit {:?}): {}",
+            paths.to,
+            out.status,
+            out.tail()
+        );
+    }
+    if let Err(e) = built {
+        return Err(e).with_context(|| format!("{host}: sending to {}", paths.to));
+    }
+    let release = out
+        .stdout_str()
+        .lines()
+        .find_map(|l| l.strip_prefix("release ").map(str::to_string))
+        .with_context(|| format!("{host}: the host did not confirm the release"))?;
+    Ok(Sent { release, bytes })
 }
 
 pub async fn rollback(
-    _ctx: &StepCtx<'_>,
-    _step: &SyncStep,
-    _to: Option<&str>,
+    ctx: &StepCtx<'_>,
+    step: &SyncStep,
+    to: Option<&str>,
 ) -> anyhow::Result<StepReport> {
-    anyhow::bail!("sync rollback is not built yet")
+    let host = ctx.host.name();
+    let paths = Paths::new(&ctx.host.path(&step.to)?)?;
+    let inv = inventory(ctx.session, &paths, "-").await?;
+    let live = inv.live().map(str::to_string);
+    let target = match to {
+        Some(t) => {
+            if !inv.releases.iter().any(|r| r == t) {
+                bail!(
+                    "{host}: release {t} is not on the host under {}/releases (have: {})",
+                    paths.store,
+                    inv.releases.join(", ")
+                );
+            }
+            t.to_string()
+        }
+        None => {
+            let live = live.as_deref().with_context(|| {
+                format!(
+                    "{host}: nothing is live at {}, so there is nothing to roll back",
+                    paths.to
+                )
+            })?;
+            let previous = inv
+                .metas
+                .get(live)
+                .and_then(|m| m.previous.clone())
+                .filter(|p| inv.releases.contains(p));
+            previous
+                .or_else(|| {
+                    inv.releases
+                        .iter()
+                        .rev()
+                        .find(|r| r.as_str() < live)
+                        .cloned()
+                })
+                .with_context(|| {
+                    format!(
+                        "{host}: {} has no release before {live} to roll back to",
+                        paths.to
+                    )
+                })?
+        }
+    };
+    let what = inv
+        .metas
+        .get(&target)
+        .map(|m| format!(" ({} {})", m.ref_name, &m.sha[..m.sha.len().min(8)]))
+        .unwrap_or_default();
+    let detail = serde_json::json!({"path": paths.to, "from": live, "to": target});
+    if ctx.plan {
+        return Ok(StepReport {
+            step: "sync".into(),
+            changed: true,
+            summary: format!("would switch {} to release {target}{what}", paths.to),
+            detail,
+            ..Default::default()
+        });
+    }
+    let out = ctx
+        .session
+        .run_script(
+            remote::SWITCH,
+            &[&paths.store, &paths.to, &target],
+            Some(INVENTORY_TIMEOUT),
+        )
+        .await?;
+    if !out.success() {
+        bail!(
+            "{host}: switching {} to {target} failed: {}",
+            paths.to,
+            out.tail()
+        );
+    }
+    Ok(StepReport {
+        step: "sync".into(),
+        changed: live.as_deref() != Some(target.as_str()),
+        summary: format!("{} switched to release {target}{what}", paths.to),
+        detail,
+        ..Default::default()
+    })
 }
 
-pub async fn remove(_ctx: &StepCtx<'_>, _step: &SyncRemoveStep) -> anyhow::Result<StepReport> {
-    anyhow::bail!("sync_remove is not built yet")
+pub async fn remove(ctx: &StepCtx<'_>, step: &SyncRemoveStep) -> anyhow::Result<StepReport> {
+    let host = ctx.host.name();
+    let paths = Paths::new(&ctx.host.path(&step.to)?)?;
+    if ctx.plan {
+        return Ok(StepReport {
+            step: "sync_remove".into(),
+            changed: true,
+            summary: format!("would remove {} and {}", paths.to, paths.store),
+            ..Default::default()
+        });
+    }
+    let out = ctx
+        .session
+        .run_script(
+            remote::REMOVE,
+            &[&paths.store, &paths.to],
+            Some(INVENTORY_TIMEOUT),
+        )
+        .await?;
+    if !out.success() {
+        bail!("{host}: removing {} failed: {}", paths.to, out.tail());
+    }
+    let log: Vec<String> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    Ok(StepReport {
+        step: "sync_remove".into(),
+        changed: true,
+        summary: format!("removed {} and its releases", paths.to),
+        log,
+        ..Default::default()
+    })
 }
 
 /// Read what is live at `step.to` on `host` (templates expanded with the host's variables).
-pub async fn live(_host: &Host, _session: &Session, _step: &SyncStep) -> anyhow::Result<LiveSync> {
-    anyhow::bail!("sync live state is not built yet")
+pub async fn live(host: &Host, session: &Session, step: &SyncStep) -> anyhow::Result<LiveSync> {
+    let paths = Paths::new(&host.path(&step.to)?)?;
+    let inv = inventory(session, &paths, "-").await?;
+    let release = inv.live().map(str::to_string);
+    let meta = release.as_ref().and_then(|r| inv.metas.get(r));
+    let drift = match &inv.target {
+        TargetState::Dir => Some(format!(
+            "{} is a plain directory, not a ferry release",
+            paths.to
+        )),
+        TargetState::Other => Some(format!("{} is not a directory", paths.to)),
+        TargetState::Link { target, live: None } => Some(format!(
+            "{} points to {target}, not a ferry release",
+            paths.to
+        )),
+        TargetState::Link { live: Some(r), .. } if !inv.releases.contains(r) => Some(format!(
+            "{} points to release {r}, which is missing",
+            paths.to
+        )),
+        _ => inv.drift(),
+    };
+    Ok(LiveSync {
+        path: paths.to,
+        ref_name: meta.map(|m| m.ref_name.clone()),
+        sha: meta.map(|m| m.sha.clone()),
+        deployed_at: meta.map(|m| m.time),
+        release,
+        drift,
+    })
 }

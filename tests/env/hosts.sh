@@ -16,9 +16,13 @@ client_key() {
     ssh-keygen -q -t ed25519 -N '' -C ferry-demo -f "$FERRY_HOSTS_DIR/id_ed25519"
 }
 
-# start_sshd NAME: start sshd for host NAME; prints its port. Appends its key to known_hosts.
+# start_sshd NAME [DIR...]: start sshd for host NAME; prints its port. Appends its key to
+# known_hosts. Each DIR becomes the host's own empty tmpfs (a private mount namespace), so that two
+# hosts on this machine can both serve /var/www/shop like two servers. See a host's files under
+# /proc/$(cat $FERRY_HOSTS_DIR/NAME/sshd.pid)/root/.
 start_sshd() {
   local name=$1 dir="$FERRY_HOSTS_DIR/$1" port
+  shift
   client_key
   mkdir -p "$dir" /run/sshd
   [ -f "$dir/host_ed25519" ] || ssh-keygen -q -t ed25519 -N '' -f "$dir/host_ed25519"
@@ -42,7 +46,13 @@ KbdInteractiveAuthentication no
 MaxStartups 100
 MaxSessions 20
 CONF
-  /usr/sbin/sshd -f "$dir/sshd_config" -E "$dir/sshd.log"
+  if [ $# -gt 0 ]; then
+    FERRY_PRIVATE_DIRS="$*" unshare --mount --propagation private sh -c \
+      'for d in $FERRY_PRIVATE_DIRS; do mkdir -p "$d" && mount -t tmpfs ferry-demo "$d" || exit 1; done
+       exec /usr/sbin/sshd "$@"' sh -f "$dir/sshd_config" -E "$dir/sshd.log"
+  else
+    /usr/sbin/sshd -f "$dir/sshd_config" -E "$dir/sshd.log"
+  fi
   for _ in $(seq 50); do
     (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
     sleep 0.1

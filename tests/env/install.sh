@@ -5,7 +5,7 @@ set -euo pipefail
 need=()
 for pair in sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client rsync:rsync \
             busybox:busybox-static dockerd:docker.io docker-registry:docker-registry \
-            hyperfine:hyperfine ip:iproute2 curl:curl python3:python3; do
+            hyperfine:hyperfine htpasswd:apache2-utils ip:iproute2 curl:curl python3:python3; do
   bin=${pair%%:*} pkg=${pair#*:}
   command -v "$bin" >/dev/null 2>&1 || [ -x "/usr/sbin/$bin" ] || need+=("$pkg")
 done

@@ -4,5 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bash tests/env/install.sh
+# The Docker engine and registry the container tests use (the harness would start them too).
+bash tests/env/docker.sh
 cargo build --release --locked 2>&1 | tail -n 3
 cargo test --locked --no-fail-fast 2>&1

@@ -121,6 +121,9 @@ pub struct SshdOptions {
     pub busybox: bool,
     /// Extra sshd_config lines.
     pub extra_config: Vec<String>,
+    /// Directories this host sees as its own empty tmpfs (a private mount namespace), so that two
+    /// test hosts on one machine can both deploy to `/var/www/shop` like two real servers.
+    pub private_dirs: Vec<&'static str>,
 }
 
 /// BusyBox applets only, as on a minimal host: the busybox test user's shell and PATH.
@@ -209,8 +212,18 @@ impl Sshd {
             );
             std::fs::write(dir.join("sshd_config"), config).unwrap();
             let log = std::fs::File::create(dir.join("sshd.log")).unwrap();
-            let child = Command::new("/usr/sbin/sshd")
-                .args(["-D", "-f"])
+            // `unshare` and `sh` exec, so the child's pid is sshd's and /proc/PID/root its view.
+            let mut cmd = Command::new("/usr/sbin/sshd");
+            if !opts.private_dirs.is_empty() {
+                cmd = Command::new("unshare");
+                cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+                    .arg(r#"for d in $FERRY_PRIVATE_DIRS; do mkdir -p "$d" && mount -t tmpfs ferry-test "$d" || exit 1; done; exec /usr/sbin/sshd "$@""#)
+                    .arg("sh")
+                    .env("FERRY_PRIVATE_DIRS", opts.private_dirs.join(" "));
+            }
+            cmd.arg("-D");
+            let child = cmd
+                .arg("-f")
                 .arg(dir.join("sshd_config"))
                 .arg("-E")
                 .arg(dir.join("sshd.log"))
@@ -248,6 +261,11 @@ impl Sshd {
 
     pub fn address(&self) -> String {
         format!("{}@127.0.0.1:{}", self.user, self.port)
+    }
+
+    /// `path` as this host sees it (through its mount namespace when it has private dirs).
+    pub fn fs(&self, path: &str) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/root{path}", self.child.id()))
     }
 
     pub fn log(&self) -> String {
@@ -389,3 +407,4 @@ pub fn playbook(dir: &TempDir, name: &str, hosts: &[String], env_extra: &str) ->
     );
     dir.write(name, text)
 }
+pub mod docker;

@@ -1,0 +1,258 @@
+//! The thin adapter to a host's Docker engine: the host's `docker` argv (possibly `sudo docker`) run
+//! over SSH, each argument quoted, with typed errors and the few facts ferry reads back (container
+//! state, image ids). Decisions live in `spec`, `prune` and the steps, not here.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::inventory::Host;
+use crate::ssh::{Output, Session, SshError};
+
+const QUICK: Duration = Duration::from_secs(120);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DockerError {
+    #[error(
+        "{host}: docker command `{command}` not found on the host: install Docker there, or set \
+         `docker: {{ command: [...] }}` for this host in the playbook"
+    )]
+    Missing { host: String, command: String },
+    #[error("{host}: `{command}` failed (exit {status}): {tail}")]
+    Failed {
+        host: String,
+        command: String,
+        status: String,
+        tail: String,
+    },
+    #[error(transparent)]
+    Ssh(#[from] SshError),
+}
+
+/// A container as `docker container inspect` shows it.
+#[derive(Debug, Clone, Default)]
+pub struct ContainerState {
+    pub id: String,
+    pub running: bool,
+    pub status: String,
+    pub exit_code: i64,
+    pub health: Option<String>,
+    /// The image id (`sha256:...`) the container was created from.
+    pub image_id: String,
+    /// The image name as given at creation.
+    pub image: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The host's Docker engine, reached through its session.
+pub struct Engine<'a> {
+    pub host: &'a Host,
+    pub session: &'a Session,
+}
+
+impl<'a> Engine<'a> {
+    pub fn new(host: &'a Host, session: &'a Session) -> Engine<'a> {
+        Engine { host, session }
+    }
+
+    fn argv(&self, args: &[&str]) -> Vec<String> {
+        let mut v = self.host.docker.clone();
+        v.extend(args.iter().map(|a| a.to_string()));
+        v
+    }
+
+    /// How a command is shown in messages: the docker argv and the subcommand.
+    fn display(&self, args: &[&str]) -> String {
+        crate::shell::join_str(&self.argv(&args[..args.len().min(4)]))
+    }
+
+    /// Run `docker ARGS` with `stdin`; the raw output, or `Missing` when docker is not there.
+    pub async fn raw(
+        &self,
+        args: &[&str],
+        stdin: &[u8],
+        timeout: Option<Duration>,
+    ) -> Result<Output, DockerError> {
+        let cmd = crate::shell::join(self.argv(args)).map_err(|_| SshError::Nul {
+            host: self.host.name().into(),
+        })?;
+        tracing::debug!(command = %self.display(args), "docker");
+        let out = self
+            .session
+            .run_raw(&cmd, stdin, timeout.or(Some(QUICK)), None)
+            .await?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        if out.status == Some(127)
+            || out.status == Some(126)
+            || (err.contains("command not found") && err.contains(&self.host.docker[0]))
+        {
+            return Err(DockerError::Missing {
+                host: self.host.name().into(),
+                command: crate::shell::join_str(&self.host.docker),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Run `docker ARGS`; its stdout, or a `Failed` error with the tail of its output.
+    pub async fn run(
+        &self,
+        args: &[&str],
+        timeout: Option<Duration>,
+    ) -> Result<String, DockerError> {
+        let out = self.raw(args, &[], timeout).await?;
+        self.check(args, out)
+    }
+
+    pub fn check(&self, args: &[&str], out: Output) -> Result<String, DockerError> {
+        if out.success() {
+            Ok(out.stdout_str())
+        } else {
+            Err(self.failed(args, &out))
+        }
+    }
+
+    pub fn failed(&self, args: &[&str], out: &Output) -> DockerError {
+        DockerError::Failed {
+            host: self.host.name().into(),
+            command: self.display(args),
+            status: out
+                .status
+                .map_or_else(|| "by signal".into(), |s| s.to_string()),
+            tail: out.tail(),
+        }
+    }
+
+    /// The container called `name`, or `None` when there is none.
+    pub async fn container(&self, name: &str) -> Result<Option<ContainerState>, DockerError> {
+        let args = ["container", "inspect", "--", name];
+        let out = self.raw(&args, &[], None).await?;
+        if !out.success() {
+            let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+            if err.contains("no such") {
+                return Ok(None);
+            }
+            return Err(self.failed(&args, &out));
+        }
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).map_err(|e| DockerError::Failed {
+                host: self.host.name().into(),
+                command: self.display(&args),
+                status: "0".into(),
+                tail: format!("unreadable JSON: {e}"),
+            })?;
+        Ok(Some(parse_container(&v[0])))
+    }
+
+    /// The id of a local image, or `None` when the engine does not have it.
+    pub async fn image_id(&self, image: &str) -> Result<Option<String>, DockerError> {
+        let args = ["image", "inspect", "--format", "{{.Id}}", "--", image];
+        let out = self.raw(&args, &[], None).await?;
+        if out.success() {
+            Ok(Some(out.stdout_str().trim().to_string()))
+        } else if String::from_utf8_lossy(&out.stderr)
+            .to_lowercase()
+            .contains("no such")
+        {
+            Ok(None)
+        } else {
+            Err(self.failed(&args, &out))
+        }
+    }
+
+    /// `docker container rm -f NAME` if it exists; true when something was removed.
+    pub async fn remove(&self, name: &str) -> Result<bool, DockerError> {
+        if self.container(name).await?.is_none() {
+            return Ok(false);
+        }
+        self.run(&["container", "rm", "--force", "--", name], None)
+            .await?;
+        Ok(true)
+    }
+
+    pub async fn rename(&self, from: &str, to: &str) -> Result<(), DockerError> {
+        self.run(&["container", "rename", from, to], None).await?;
+        Ok(())
+    }
+
+    pub async fn stop(&self, name: &str) -> Result<(), DockerError> {
+        self.run(&["container", "stop", "--", name], None).await?;
+        Ok(())
+    }
+
+    pub async fn start(&self, name: &str) -> Result<(), DockerError> {
+        self.run(&["container", "start", "--", name], None).await?;
+        Ok(())
+    }
+
+    /// The last lines of a container's logs (stdout and stderr), for failure reports.
+    pub async fn logs(&self, name: &str) -> Vec<String> {
+        match self
+            .raw(
+                &["container", "logs", "--tail", "40", "--", name],
+                &[],
+                None,
+            )
+            .await
+        {
+            Ok(out) => {
+                let mut text = out.stdout_str();
+                text.push_str(&String::from_utf8_lossy(&out.stderr));
+                text.lines().map(str::to_string).collect()
+            }
+            Err(e) => vec![format!("(cannot read logs: {e})")],
+        }
+    }
+}
+
+/// The facts ferry reads from one `docker container inspect` object.
+pub fn parse_container(v: &serde_json::Value) -> ContainerState {
+    let s = |p: &str| v.pointer(p).and_then(|x| x.as_str()).unwrap_or_default();
+    ContainerState {
+        id: s("/Id").into(),
+        running: v
+            .pointer("/State/Running")
+            .and_then(|x| x.as_bool())
+            .unwrap_or(false),
+        status: s("/State/Status").into(),
+        exit_code: v
+            .pointer("/State/ExitCode")
+            .and_then(|x| x.as_i64())
+            .unwrap_or(0),
+        health: v
+            .pointer("/State/Health/Status")
+            .and_then(|x| x.as_str())
+            .map(str::to_string),
+        image_id: s("/Image").into(),
+        image: s("/Config/Image").into(),
+        labels: v
+            .pointer("/Config/Labels")
+            .and_then(|x| x.as_object())
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_inspect_json() {
+        let v: serde_json::Value = serde_json::from_str(
+            r#"{"Id":"c1","Image":"sha256:ab","State":{"Running":true,"Status":"running","ExitCode":0,
+               "Health":{"Status":"healthy"}},"Config":{"Image":"reg/shop:v1","Labels":{"ferry.spec":"h"}}}"#,
+        )
+        .unwrap();
+        let c = parse_container(&v);
+        assert!(c.running);
+        assert_eq!(c.health.as_deref(), Some("healthy"));
+        assert_eq!(c.image_id, "sha256:ab");
+        assert_eq!(c.labels["ferry.spec"], "h");
+        let c = parse_container(&serde_json::json!({"Id": "x", "Config": {"Labels": null}}));
+        assert!(!c.running && c.labels.is_empty() && c.health.is_none());
+    }
+}

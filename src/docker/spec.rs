@@ -1,0 +1,425 @@
+//! The pure part of containers: a playbook [`ContainerSpec`] plus a host's overrides and templates
+//! becomes a resolved spec, the `docker create` argv that runs it, and a hash that says whether a
+//! running container still matches. No IO here, so all of it is tested with data.
+
+use std::collections::BTreeMap;
+
+use crate::playbook::{ContainerSpec, HealthCheck};
+
+/// Suffix of the stopped container kept for rollback after a successful update.
+pub const PREV_SUFFIX: &str = ".ferry-prev";
+/// Suffix of the old container while its replacement is being health-checked.
+pub const ASIDE_SUFFIX: &str = ".ferry-aside";
+
+/// Errors in a spec, found before anything runs on the host.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("container `{name}`: override for host `{host}` is invalid: {error}")]
+    Override {
+        name: String,
+        host: String,
+        error: String,
+    },
+    #[error("container `{name}`: {error}")]
+    Template { name: String, error: String },
+    #[error(
+        "container `{name}`: secret_env {var} reads environment variable {env_var}, which is not set; set it in the CI/CD variables"
+    )]
+    MissingSecret {
+        name: String,
+        var: String,
+        env_var: String,
+    },
+    #[error(
+        "container `{name}`: secret_env {var} (from {env_var}) contains a newline, which an env file cannot carry"
+    )]
+    SecretNewline {
+        name: String,
+        var: String,
+        env_var: String,
+    },
+    #[error(
+        "container name `{name}`: use letters, digits, `_`, `.` and `-`, starting with a letter or digit"
+    )]
+    BadName { name: String },
+    #[error("container `{name}`: health check {kind} needs `{field}`")]
+    HealthField {
+        name: String,
+        kind: &'static str,
+        field: &'static str,
+    },
+}
+
+/// A spec for one host: overrides applied, templates expanded, secrets read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolved {
+    pub spec: ContainerSpec,
+    /// Container variable name to its secret value (sent on stdin into an env file).
+    pub secrets: BTreeMap<String, String>,
+}
+
+/// Apply `host`'s overrides from `spec.hosts` (the fields given replace the base spec's).
+pub fn with_overrides(spec: &ContainerSpec, host: &str) -> Result<ContainerSpec, SpecError> {
+    let Some(over) = spec.hosts.get(host) else {
+        let mut s = spec.clone();
+        s.hosts.clear();
+        return Ok(s);
+    };
+    let err = |error: String| SpecError::Override {
+        name: spec.name.clone(),
+        host: host.to_string(),
+        error,
+    };
+    let serde_json::Value::Object(over) = over else {
+        return Err(err("expected a map of container fields".into()));
+    };
+    let mut base = serde_json::to_value(spec).map_err(|e| err(e.to_string()))?;
+    let obj = base.as_object_mut().expect("a struct serializes to a map");
+    obj.remove("hosts");
+    for (k, v) in over {
+        if k == "hosts" {
+            return Err(err("`hosts` cannot be overridden per host".into()));
+        }
+        obj.insert(k.clone(), v.clone());
+    }
+    serde_json::from_value(base).map_err(|e| err(e.to_string()))
+}
+
+/// Overrides, then `expand` over every templated field, then secrets from `env` (the controller's
+/// environment). `expand` is the host's template expansion.
+pub fn resolve(
+    spec: &ContainerSpec,
+    host: &str,
+    expand: &dyn Fn(&str) -> anyhow::Result<String>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Resolved, SpecError> {
+    let mut s = with_overrides(spec, host)?;
+    let name_for_err = s.name.clone();
+    let terr = |e: anyhow::Error| SpecError::Template {
+        name: name_for_err.clone(),
+        error: format!("{e:#}"),
+    };
+    let x = |v: &str| expand(v).map_err(terr);
+    let xo = |v: &Option<String>| v.as_deref().map(x).transpose();
+    let xv = |v: &[String]| v.iter().map(|a| x(a)).collect::<Result<Vec<_>, _>>();
+    let xm = |m: &BTreeMap<String, String>| {
+        m.iter()
+            .map(|(k, v)| Ok((k.clone(), x(v)?)))
+            .collect::<Result<BTreeMap<_, _>, SpecError>>()
+    };
+    s.name = x(&s.name)?;
+    s.image = x(&s.image)?;
+    s.command = s.command.as_deref().map(xv).transpose()?;
+    s.entrypoint = s.entrypoint.as_deref().map(xv).transpose()?;
+    s.ports = xv(&s.ports)?;
+    s.env = xm(&s.env)?;
+    s.env_file = xo(&s.env_file)?;
+    s.volumes = xv(&s.volumes)?;
+    s.network = xo(&s.network)?;
+    s.restart = xo(&s.restart)?;
+    s.log_driver = xo(&s.log_driver)?;
+    s.log_opts = xm(&s.log_opts)?;
+    s.labels = xm(&s.labels)?;
+    s.user = xo(&s.user)?;
+    s.workdir = xo(&s.workdir)?;
+    s.extra_hosts = xv(&s.extra_hosts)?;
+    s.memory = xo(&s.memory)?;
+    s.cpus = xo(&s.cpus)?;
+    if let Some(h) = &mut s.health {
+        h.url = xo(&h.url)?;
+        h.address = xo(&h.address)?;
+    }
+    check_name(&s.name)?;
+    check_health(&s.name, s.health.as_ref())?;
+    let mut secrets = BTreeMap::new();
+    for (var, env_var) in &s.secret_env {
+        let value = env(env_var).ok_or_else(|| SpecError::MissingSecret {
+            name: s.name.clone(),
+            var: var.clone(),
+            env_var: env_var.clone(),
+        })?;
+        if value.contains('\n') || value.contains('\r') {
+            return Err(SpecError::SecretNewline {
+                name: s.name.clone(),
+                var: var.clone(),
+                env_var: env_var.clone(),
+            });
+        }
+        secrets.insert(var.clone(), value);
+    }
+    Ok(Resolved { spec: s, secrets })
+}
+
+fn check_name(name: &str) -> Result<(), SpecError> {
+    let ok = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(SpecError::BadName { name: name.into() })
+    }
+}
+
+fn check_health(name: &str, h: Option<&HealthCheck>) -> Result<(), SpecError> {
+    use crate::playbook::HealthKind;
+    let missing = |kind, field| SpecError::HealthField {
+        name: name.into(),
+        kind,
+        field,
+    };
+    match h {
+        Some(h) if h.kind == HealthKind::Http && h.url.is_none() => Err(missing("http", "url")),
+        Some(h) if h.kind == HealthKind::Tcp && h.address.is_none() => {
+            Err(missing("tcp", "address"))
+        }
+        _ => Ok(()),
+    }
+}
+
+impl Resolved {
+    /// A short hash of everything that shapes the container, secret values included (changing a
+    /// password re-creates the container). Stored as the `ferry.spec` label.
+    pub fn hash(&self) -> String {
+        let mut h = blake3::Hasher::new();
+        h.update(b"ferry container spec v1\0");
+        h.update(
+            serde_json::to_string(&self.spec)
+                .expect("spec serializes")
+                .as_bytes(),
+        );
+        for (k, v) in &self.secrets {
+            h.update(b"\0secret\0");
+            h.update(k.as_bytes());
+            h.update(b"=");
+            h.update(v.as_bytes());
+        }
+        h.finalize().to_hex()[..16].to_string()
+    }
+
+    /// The env file body for the secrets (`KEY=VALUE` lines), or `None` when there are none.
+    pub fn secret_env_file(&self) -> Option<String> {
+        if self.secrets.is_empty() {
+            return None;
+        }
+        Some(
+            self.secrets
+                .iter()
+                .map(|(k, v)| format!("{k}={v}\n"))
+                .collect(),
+        )
+    }
+
+    /// The `docker create` arguments (after the docker command itself). `labels` are ferry's
+    /// bookkeeping labels; `secret_file` is the env file on the host holding the secrets.
+    pub fn create_args(
+        &self,
+        labels: &BTreeMap<String, String>,
+        secret_file: Option<&str>,
+    ) -> Vec<String> {
+        let s = &self.spec;
+        let mut a: Vec<String> = vec!["create".into(), "--name".into(), s.name.clone()];
+        let mut flag = |f: &str, v: &str| {
+            a.push(f.into());
+            a.push(v.into());
+        };
+        let mut all_labels = s.labels.clone();
+        all_labels.extend(labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+        for (k, v) in &all_labels {
+            flag("--label", &format!("{k}={v}"));
+        }
+        for p in &s.ports {
+            flag("--publish", p);
+        }
+        for (k, v) in &s.env {
+            flag("--env", &format!("{k}={v}"));
+        }
+        if let Some(f) = &s.env_file {
+            flag("--env-file", f);
+        }
+        if let Some(f) = secret_file {
+            flag("--env-file", f);
+        }
+        for v in &s.volumes {
+            flag("--volume", v);
+        }
+        for (opt, v) in [
+            ("--network", &s.network),
+            ("--restart", &s.restart),
+            ("--log-driver", &s.log_driver),
+            ("--user", &s.user),
+            ("--workdir", &s.workdir),
+            ("--memory", &s.memory),
+            ("--cpus", &s.cpus),
+        ] {
+            if let Some(v) = v {
+                flag(opt, v);
+            }
+        }
+        for (k, v) in &s.log_opts {
+            flag("--log-opt", &format!("{k}={v}"));
+        }
+        for h in &s.extra_hosts {
+            flag("--add-host", h);
+        }
+        let mut tail: Vec<String> = Vec::new();
+        if let Some(ep) = &s.entrypoint {
+            // `--entrypoint` takes one word; the rest of the argv goes before the command.
+            if let Some((first, rest)) = ep.split_first() {
+                flag("--entrypoint", first);
+                tail.extend(rest.iter().cloned());
+            } else {
+                flag("--entrypoint", "");
+            }
+        }
+        if s.privileged {
+            a.push("--privileged".into());
+        }
+        a.push(s.image.clone());
+        a.extend(tail);
+        if let Some(cmd) = &s.command {
+            a.extend(cmd.iter().cloned());
+        }
+        a
+    }
+}
+
+/// The name the previous container is kept under for rollback.
+pub fn prev_name(name: &str) -> String {
+    format!("{name}{PREV_SUFFIX}")
+}
+
+/// The name the old container has while its replacement is health-checked.
+pub fn aside_name(name: &str) -> String {
+    format!("{name}{ASIDE_SUFFIX}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn spec(yaml: &str) -> ContainerSpec {
+        let text = format!(
+            "app: a\nenvironments:\n  e:\n    hosts: [h, web1, web2]\n    steps:\n      - container:\n{}",
+            yaml.lines()
+                .map(|l| format!("          {l}\n"))
+                .collect::<String>()
+        );
+        let pb = crate::playbook::parse(&text, Path::new("t.yml")).unwrap();
+        match &pb.environments["e"].steps[0] {
+            crate::playbook::Step::Container(c) => c.clone(),
+            _ => unreachable!(),
+        }
+    }
+
+    fn vars(s: &str) -> anyhow::Result<String> {
+        let v: crate::template::Vars = [
+            ("host".to_string(), "web1".to_string()),
+            ("sha".to_string(), "abc".to_string()),
+        ]
+        .into();
+        Ok(crate::template::expand(s, &v)?)
+    }
+
+    fn env(k: &str) -> Option<String> {
+        (k == "DB_PW").then(|| "s3cr3t pw".to_string())
+    }
+
+    const FULL: &str = "name: app-${host}\nimage: reg:5000/shop:${sha}\ncommand: [serve, --port, '8080']\nentrypoint: [/bin/sh, -c]\nports: ['8080:80']\nenv: { A: '1', REV: '${sha}' }\nsecret_env: { DB_PASSWORD: DB_PW }\nenv_file: /etc/app.env\nvolumes: ['/srv/a b:/srv:ro']\nnetwork: shop\nrestart: unless-stopped\nlog_driver: json-file\nlog_opts: { max-size: 10m }\nprivileged: true\nlabels: { team: web }\nuser: '1000'\nworkdir: /srv\nextra_hosts: ['db:10.0.0.2']\nmemory: 512m\ncpus: '1.5'\nhealth: { type: http, url: 'http://127.0.0.1:8080/health' }\nhosts:\n  web2: { ports: ['9090:80'], env: { B: '2' } }\n";
+
+    #[test]
+    fn every_field_reaches_the_argv() {
+        let r = resolve(&spec(FULL), "web1", &vars, &env).unwrap();
+        let labels: BTreeMap<String, String> = [("ferry.spec".into(), r.hash())].into();
+        let a = r.create_args(&labels, Some("/tmp/x.env"));
+        let joined = crate::shell::join_str(&a);
+        assert_eq!(
+            joined,
+            format!(
+                "create --name app-web1 --label ferry.spec={} --label team=web --publish 8080:80 \
+                 --env A=1 --env REV=abc --env-file /etc/app.env --env-file /tmp/x.env \
+                 --volume '/srv/a b:/srv:ro' --network shop --restart unless-stopped \
+                 --log-driver json-file --user 1000 --workdir /srv --memory 512m --cpus 1.5 \
+                 --log-opt max-size=10m --add-host db:10.0.0.2 --entrypoint /bin/sh --privileged \
+                 reg:5000/shop:abc -c serve --port 8080",
+                r.hash()
+            )
+        );
+        assert!(!joined.contains("s3cr3t"), "secrets never in argv");
+        assert_eq!(
+            r.secret_env_file().unwrap(),
+            "DB_PASSWORD=s3cr3t pw\n".to_string()
+        );
+    }
+
+    #[test]
+    fn per_host_overrides_replace_only_given_fields() {
+        let r = resolve(&spec(FULL), "web2", &vars, &env).unwrap();
+        assert_eq!(r.spec.ports, ["9090:80"]);
+        assert_eq!(r.spec.env.len(), 1, "a map override replaces the map");
+        assert_eq!(r.spec.restart.as_deref(), Some("unless-stopped"));
+        let r1 = resolve(&spec(FULL), "web1", &vars, &env).unwrap();
+        assert_ne!(r.hash(), r1.hash());
+    }
+
+    #[test]
+    fn bad_override_names_host_and_field() {
+        let s = spec("name: a\nimage: i\nhosts:\n  web1: { portz: ['1:1'] }\n");
+        let e = resolve(&s, "web1", &vars, &env).unwrap_err().to_string();
+        assert!(e.contains("web1") && e.contains("portz"), "{e}");
+    }
+
+    #[test]
+    fn hash_is_stable_and_sees_secrets_and_fields() {
+        let s = spec("name: a\nimage: i\nsecret_env: { P: DB_PW }\n");
+        let a = resolve(&s, "h", &vars, &env).unwrap();
+        assert_eq!(a.hash(), resolve(&s, "h", &vars, &env).unwrap().hash());
+        let other_secret = resolve(&s, "h", &vars, &|_| Some("other".into())).unwrap();
+        assert_ne!(a.hash(), other_secret.hash());
+        let mut b = a.clone();
+        b.spec.restart = Some("always".into());
+        assert_ne!(a.hash(), b.hash());
+        assert_eq!(a.hash().len(), 16);
+    }
+
+    #[test]
+    fn missing_secret_and_newline_are_clear_errors() {
+        let s = spec("name: a\nimage: i\nsecret_env: { P: NOPE }\n");
+        let e = resolve(&s, "h", &vars, &env).unwrap_err().to_string();
+        assert!(e.contains("NOPE") && e.contains("not set"), "{e}");
+        let s = spec("name: a\nimage: i\nsecret_env: { P: DB_PW }\n");
+        let e = resolve(&s, "h", &vars, &|_| Some("a\nb".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("newline") && !e.contains("a\nb"), "{e}");
+    }
+
+    #[test]
+    fn names_and_health_fields_are_checked() {
+        let s = spec("name: 'a b'\nimage: i\n");
+        assert!(matches!(
+            resolve(&s, "h", &vars, &env),
+            Err(SpecError::BadName { .. })
+        ));
+        let mut s = spec("name: a\nimage: i\nhealth: { type: tcp, address: 'x:1' }\n");
+        // An override can drop a field the playbook check saw.
+        s.hosts
+            .insert("h".into(), serde_json::json!({"health": {"type": "tcp"}}));
+        assert!(matches!(
+            resolve(&s, "h", &vars, &env),
+            Err(SpecError::HealthField { .. })
+        ));
+    }
+
+    #[test]
+    fn unknown_template_variable_fails() {
+        let s = spec("name: a\nimage: 'i:${nope}'\n");
+        let e = resolve(&s, "h", &vars, &env).unwrap_err().to_string();
+        assert!(e.contains("nope"), "{e}");
+    }
+}

@@ -1,0 +1,536 @@
+//! The local side of a sync: walk the build directory (gitignore-style excludes, no symlink is
+//! followed), hash files with blake3 in parallel, and reuse hashes of unchanged files from a cache
+//! keyed on path, size, mtime, ctime and inode. Also the manifest's byte format, which the host
+//! stores next to each release (paths are bytes: spaces, newlines and non-UTF-8 are fine).
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use rayon::prelude::*;
+
+/// What one path of the tree is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    File {
+        size: u64,
+        mode: u32,
+        hash: [u8; 32],
+    },
+    Dir {
+        mode: u32,
+    },
+    Symlink {
+        target: Vec<u8>,
+    },
+}
+
+/// One path of the tree, relative to its root, `/`-separated, never empty, `.` or `..`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub path: Vec<u8>,
+    pub kind: Kind,
+}
+
+impl Entry {
+    /// The content-store name of a file: `<blake3 hex>.<octal mode>` (hard links share the mode).
+    pub fn object(&self) -> Option<String> {
+        match &self.kind {
+            Kind::File { mode, hash, .. } => Some(object_name(hash, *mode)),
+            _ => None,
+        }
+    }
+
+    pub fn display(&self) -> String {
+        String::from_utf8_lossy(&self.path).into_owned()
+    }
+}
+
+pub fn object_name(hash: &[u8; 32], mode: u32) -> String {
+    format!("{}.{:o}", hex::encode(hash), mode & 0o7777)
+}
+
+/// A whole tree: entries sorted by path (a directory precedes its contents), plus the root's mode.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Manifest {
+    pub root_mode: u32,
+    pub entries: Vec<Entry>,
+}
+
+const MAGIC: &[u8] = b"ferry-manifest 1\n";
+
+impl Manifest {
+    /// Files and their total size.
+    pub fn file_stats(&self) -> (u64, u64) {
+        self.entries.iter().fold((0, 0), |(n, b), e| match e.kind {
+            Kind::File { size, .. } => (n + 1, b + size),
+            _ => (n, b),
+        })
+    }
+
+    /// The stored form: a header line, then one NUL-terminated record per entry:
+    /// `F <object> <size>\t<path>`, `D <mode>\t<path>`, `L\t<path>\0<target>`.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = MAGIC.to_vec();
+        out.extend_from_slice(format!("R {:o}\0", self.root_mode).as_bytes());
+        for e in &self.entries {
+            match &e.kind {
+                Kind::File { size, .. } => {
+                    out.extend_from_slice(
+                        format!("F {} {size}\t", e.object().expect("file")).as_bytes(),
+                    );
+                }
+                Kind::Dir { mode } => out.extend_from_slice(format!("D {mode:o}\t").as_bytes()),
+                Kind::Symlink { .. } => out.extend_from_slice(b"L\t"),
+            }
+            out.extend_from_slice(&e.path);
+            out.push(0);
+            if let Kind::Symlink { target } = &e.kind {
+                out.extend_from_slice(target);
+                out.push(0);
+            }
+        }
+        out
+    }
+
+    pub fn decode(data: &[u8]) -> anyhow::Result<Manifest> {
+        let rest = data
+            .strip_prefix(MAGIC)
+            .context("not a ferry manifest (version 1)")?;
+        let mut fields = rest.split(|&b| b == 0);
+        let mut m = Manifest::default();
+        while let Some(rec) = fields.next() {
+            if rec.is_empty() {
+                continue;
+            }
+            let bad = || anyhow::anyhow!("bad manifest record {:?}", String::from_utf8_lossy(rec));
+            if let Some(mode) = rec.strip_prefix(b"R ") {
+                m.root_mode = parse_mode(mode).ok_or_else(bad)?;
+                continue;
+            }
+            let tab = rec.iter().position(|&b| b == b'\t').ok_or_else(bad)?;
+            let (head, path) = (&rec[..tab], rec[tab + 1..].to_vec());
+            let head = std::str::from_utf8(head).map_err(|_| bad())?;
+            let kind = match head.split(' ').collect::<Vec<_>>()[..] {
+                ["F", obj, size] => {
+                    let (hex_hash, mode) = obj.split_once('.').ok_or_else(bad)?;
+                    let mut hash = [0u8; 32];
+                    hex::decode_to_slice(hex_hash, &mut hash).map_err(|_| bad())?;
+                    Kind::File {
+                        size: size.parse().map_err(|_| bad())?,
+                        mode: parse_mode(mode.as_bytes()).ok_or_else(bad)?,
+                        hash,
+                    }
+                }
+                ["D", mode] => Kind::Dir {
+                    mode: parse_mode(mode.as_bytes()).ok_or_else(bad)?,
+                },
+                ["L"] => Kind::Symlink {
+                    target: fields.next().ok_or_else(bad)?.to_vec(),
+                },
+                _ => return Err(bad()),
+            };
+            m.entries.push(Entry { path, kind });
+        }
+        Ok(m)
+    }
+
+    /// A digest of the content: equal digests mean identical trees (paths, modes, bytes, links).
+    pub fn digest(&self) -> String {
+        blake3::hash(&self.encode()).to_hex()[..32].to_string()
+    }
+}
+
+fn parse_mode(s: &[u8]) -> Option<u32> {
+    u32::from_str_radix(std::str::from_utf8(s).ok()?, 8).ok()
+}
+
+/// Refuse a symlink that is absolute or climbs out of the tree (judged lexically from its directory).
+pub fn check_symlink(path: &[u8], target: &[u8]) -> Result<(), String> {
+    if target.is_empty() {
+        return Err("has an empty target".into());
+    }
+    if target.starts_with(b"/") {
+        return Err(format!(
+            "points to the absolute path {}",
+            String::from_utf8_lossy(target)
+        ));
+    }
+    let mut depth: i64 = path.split(|&b| b == b'/').count() as i64 - 1;
+    for part in target.split(|&b| b == b'/') {
+        match part {
+            b"" | b"." => {}
+            b".." => {
+                depth -= 1;
+                if depth < 0 {
+                    return Err(format!(
+                        "points outside the tree ({})",
+                        String::from_utf8_lossy(target)
+                    ));
+                }
+            }
+            _ => depth += 1,
+        }
+    }
+    Ok(())
+}
+
+/// What the walk found before hashing.
+struct Found {
+    path: Vec<u8>,
+    full: PathBuf,
+    meta: std::fs::Metadata,
+}
+
+/// Walk `root` and hash it. `cache_file`, if given, is read and rewritten.
+pub fn scan(
+    root: &Path,
+    exclude: &[String],
+    cache_file: Option<&Path>,
+) -> anyhow::Result<Manifest> {
+    let root_meta = std::fs::metadata(root)
+        .with_context(|| format!("cannot read the sync source {}", root.display()))?;
+    if !root_meta.is_dir() {
+        bail!(
+            "the sync source {} is not a directory (check `from:` in the playbook)",
+            root.display()
+        );
+    }
+    let mut gi = ignore::gitignore::GitignoreBuilder::new(root);
+    for pat in exclude {
+        gi.add_line(None, pat)
+            .with_context(|| format!("bad exclude pattern `{pat}`"))?;
+    }
+    let gi = gi.build().context("building exclude patterns")?;
+    let walker = ignore::WalkBuilder::new(root)
+        .standard_filters(false)
+        .hidden(false)
+        .follow_links(false)
+        .filter_entry(move |e| {
+            let is_dir = e.file_type().is_some_and(|t| t.is_dir());
+            e.depth() == 0 || !gi.matched(e.path(), is_dir).is_ignore()
+        })
+        .build();
+    let mut found = Vec::new();
+    for item in walker {
+        let item = item.with_context(|| format!("walking {}", root.display()))?;
+        if item.depth() == 0 {
+            continue;
+        }
+        let full = item.path().to_path_buf();
+        let rel = full.strip_prefix(root).expect("walk stays under root");
+        let meta = std::fs::symlink_metadata(&full)
+            .with_context(|| format!("cannot stat {}", full.display()))?;
+        found.push(Found {
+            path: rel.as_os_str().as_bytes().to_vec(),
+            full,
+            meta,
+        });
+    }
+    let cache = cache_file.map(load_cache).unwrap_or_default();
+    let entries: Vec<anyhow::Result<(Entry, Option<CacheRow>)>> = found
+        .into_par_iter()
+        .map(|f| entry_for(f, &cache))
+        .collect();
+    let mut out = Vec::with_capacity(entries.len());
+    let mut rows = Vec::new();
+    for e in entries {
+        let (entry, row) = e?;
+        if let Some(r) = row {
+            rows.push((entry.path.clone(), r));
+        }
+        out.push(entry);
+    }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    if let Some(file) = cache_file
+        && let Err(e) = save_cache(file, &rows)
+    {
+        tracing::debug!("cannot write the hash cache {}: {e:#}", file.display());
+    }
+    Ok(Manifest {
+        root_mode: root_meta.mode() & 0o7777,
+        entries: out,
+    })
+}
+
+fn entry_for(
+    f: Found,
+    cache: &HashMap<Vec<u8>, CacheRow>,
+) -> anyhow::Result<(Entry, Option<CacheRow>)> {
+    let t = f.meta.file_type();
+    let kind = if t.is_symlink() {
+        let target = std::fs::read_link(&f.full)
+            .with_context(|| format!("cannot read symlink {}", f.full.display()))?;
+        let target = target.as_os_str().as_bytes().to_vec();
+        if let Err(why) = check_symlink(&f.path, &target) {
+            bail!(
+                "symlink {} {why}: ferry ships only links that stay inside the tree; \
+                 replace it with a relative link inside the tree, or exclude it",
+                f.full.display()
+            );
+        }
+        Kind::Symlink { target }
+    } else if t.is_dir() {
+        Kind::Dir {
+            mode: f.meta.mode() & 0o7777,
+        }
+    } else if t.is_file() {
+        let key = CacheRow::key(&f.meta);
+        let hash = match cache.get(&f.path) {
+            Some(row) if row.same_file(&key) => row.hash,
+            _ => hash_file(&f.full)?,
+        };
+        let row = CacheRow { hash, ..key };
+        return Ok((
+            Entry {
+                path: f.path,
+                kind: Kind::File {
+                    size: f.meta.len(),
+                    mode: f.meta.mode() & 0o7777,
+                    hash,
+                },
+            },
+            Some(row),
+        ));
+    } else {
+        bail!(
+            "{} is not a regular file, directory or symlink (a socket, fifo or device): exclude it",
+            f.full.display()
+        );
+    };
+    Ok((Entry { path: f.path, kind }, None))
+}
+
+pub fn hash_file(path: &Path) -> anyhow::Result<[u8; 32]> {
+    let mut h = blake3::Hasher::new();
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(*h.finalize().as_bytes())
+}
+
+/// One cached hash and the stat facts it is valid for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct CacheRow {
+    ino: u64,
+    size: u64,
+    mtime: i64,
+    mtime_ns: i64,
+    ctime: i64,
+    ctime_ns: i64,
+    hash: [u8; 32],
+}
+
+impl CacheRow {
+    fn key(m: &std::fs::Metadata) -> CacheRow {
+        CacheRow {
+            ino: m.ino(),
+            size: m.len(),
+            mtime: m.mtime(),
+            mtime_ns: m.mtime_nsec(),
+            ctime: m.ctime(),
+            ctime_ns: m.ctime_nsec(),
+            hash: [0; 32],
+        }
+    }
+
+    fn same_file(&self, other: &CacheRow) -> bool {
+        CacheRow {
+            hash: [0; 32],
+            ..*self
+        } == *other
+    }
+}
+
+/// Where the hash cache of a source directory lives: `$XDG_CACHE_HOME/ferry` or `~/.cache/ferry`.
+pub fn cache_path(root: &Path) -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    let abs = std::fs::canonicalize(root).ok()?;
+    let key = blake3::hash(abs.as_os_str().as_bytes()).to_hex();
+    Some(base.join("ferry").join(format!("hashes-{}", &key[..16])))
+}
+
+const CACHE_MAGIC: &[u8; 8] = b"ferryhc1";
+
+fn load_cache(file: &Path) -> HashMap<Vec<u8>, CacheRow> {
+    let mut map = HashMap::new();
+    let Ok(data) = std::fs::read(file) else {
+        return map;
+    };
+    let Some(mut rest) = data.strip_prefix(CACHE_MAGIC.as_slice()) else {
+        return map;
+    };
+    let take8 = |r: &mut &[u8]| -> Option<u64> {
+        let (a, b) = r.split_at_checked(8)?;
+        *r = b;
+        Some(u64::from_le_bytes(a.try_into().ok()?))
+    };
+    while !rest.is_empty() {
+        let row = (|| {
+            let ino = take8(&mut rest)?;
+            let size = take8(&mut rest)?;
+            let mtime = take8(&mut rest)? as i64;
+            let mtime_ns = take8(&mut rest)? as i64;
+            let ctime = take8(&mut rest)? as i64;
+            let ctime_ns = take8(&mut rest)? as i64;
+            let (h, r) = rest.split_at_checked(32)?;
+            rest = r;
+            let len = take8(&mut rest)? as usize;
+            let (p, r) = rest.split_at_checked(len)?;
+            rest = r;
+            Some((
+                p.to_vec(),
+                CacheRow {
+                    ino,
+                    size,
+                    mtime,
+                    mtime_ns,
+                    ctime,
+                    ctime_ns,
+                    hash: h.try_into().ok()?,
+                },
+            ))
+        })();
+        match row {
+            Some((p, r)) => {
+                map.insert(p, r);
+            }
+            None => break,
+        }
+    }
+    map
+}
+
+fn save_cache(file: &Path, rows: &[(Vec<u8>, CacheRow)]) -> anyhow::Result<()> {
+    let mut out = CACHE_MAGIC.to_vec();
+    for (p, r) in rows {
+        for v in [
+            r.ino,
+            r.size,
+            r.mtime as u64,
+            r.mtime_ns as u64,
+            r.ctime as u64,
+            r.ctime_ns as u64,
+        ] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out.extend_from_slice(&r.hash);
+        out.extend_from_slice(&(p.len() as u64).to_le_bytes());
+        out.extend_from_slice(p);
+    }
+    let dir = file.parent().context("cache path has a parent")?;
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(
+        ".{}.{}",
+        file.file_name()
+            .unwrap_or(OsStr::new("c"))
+            .to_string_lossy(),
+        std::process::id()
+    ));
+    std::fs::write(&tmp, out)?;
+    std::fs::rename(&tmp, file)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(tag: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("ferry-manifest-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    #[test]
+    fn symlinks_inside_pass_and_escapes_fail() {
+        assert!(check_symlink(b"a/link", b"../b").is_ok());
+        assert!(check_symlink(b"a/link", b"./c/../d").is_ok());
+        assert!(check_symlink(b"link", b"../x").is_err());
+        assert!(check_symlink(b"a/link", b"../../x").is_err());
+        assert!(check_symlink(b"a/link", b"/etc/passwd").is_err());
+        assert!(check_symlink(b"a/link", b"").is_err());
+    }
+
+    #[test]
+    fn encode_decode_round_trips_hostile_names() {
+        let m = Manifest {
+            root_mode: 0o755,
+            entries: vec![
+                Entry {
+                    path: b"a dir".to_vec(),
+                    kind: Kind::Dir { mode: 0o750 },
+                },
+                Entry {
+                    path: b"a dir/x\ny\t\xff".to_vec(),
+                    kind: Kind::File {
+                        size: 3,
+                        mode: 0o755,
+                        hash: [7; 32],
+                    },
+                },
+                Entry {
+                    path: b"l".to_vec(),
+                    kind: Kind::Symlink {
+                        target: b"a dir/x\ny\t\xff".to_vec(),
+                    },
+                },
+            ],
+        };
+        assert_eq!(Manifest::decode(&m.encode()).unwrap(), m);
+    }
+
+    #[test]
+    fn scan_hashes_excludes_and_uses_the_cache() {
+        let d = tmp("scan");
+        let root = d.join("src");
+        std::fs::create_dir_all(root.join("js")).unwrap();
+        std::fs::write(root.join("js/app.js"), b"hello").unwrap();
+        std::fs::write(root.join("js/app.js.map"), b"map").unwrap();
+        std::os::unix::fs::symlink("js/app.js", root.join("latest.js")).unwrap();
+        let cache = d.join("cache");
+        let m = scan(&root, &["*.map".into()], Some(&cache)).unwrap();
+        let paths: Vec<String> = m.entries.iter().map(Entry::display).collect();
+        assert_eq!(paths, ["js", "js/app.js", "latest.js"]);
+        let Kind::File { hash, size, .. } = &m.entries[1].kind else {
+            panic!()
+        };
+        assert_eq!(hash, blake3::hash(b"hello").as_bytes());
+        assert_eq!(*size, 5);
+        // The cache answers for unchanged files; a changed file is hashed again.
+        assert_eq!(load_cache(&cache).len(), 1);
+        std::fs::write(root.join("js/app.js"), b"HELLO").unwrap();
+        let m2 = scan(&root, &["*.map".into()], Some(&cache)).unwrap();
+        let Kind::File { hash, .. } = &m2.entries[1].kind else {
+            panic!()
+        };
+        assert_eq!(hash, blake3::hash(b"HELLO").as_bytes());
+        assert_ne!(m.digest(), m2.digest());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn scan_refuses_escaping_symlink_naming_it() {
+        let d = tmp("escape");
+        std::os::unix::fs::symlink("/etc/passwd", d.join("pw")).unwrap();
+        let err = format!("{:#}", scan(&d, &[], None).unwrap_err());
+        assert!(err.contains("pw") && err.contains("absolute"), "{err}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}

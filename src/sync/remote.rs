@@ -1,0 +1,364 @@
+//! The host side of a sync: constant POSIX `sh` scripts (run with data as positional arguments, so
+//! nothing is spliced into a command line) and the parsing of what they print. They use only what
+//! both coreutils and BusyBox offer: `tar -xzmo`, `mv -fT`, `mv -t`, `find -newer -links -exec +`,
+//! `ls`, `xargs -r`, `gzip`, `readlink`.
+//!
+//! Layout beside the target `<dir>/<name>`:
+//! ```text
+//! <dir>/<name> -> .<name>.ferry/releases/<id>     (release mode; renamed over atomically)
+//! <dir>/.<name>.ferry/objects/<blake3>.<mode>      content store; files never opened for writing
+//! <dir>/.<name>.ferry/releases/<id>/              trees of hard links into objects/
+//! <dir>/.<name>.ferry/meta/<id>.{json,manifest,digest}
+//! <dir>/.<name>.ferry/stamp                        objects newer than this were edited by hand
+//! <dir>/.<name>.ferry/incoming/                    a deploy in flight; removed by the next one
+//! ```
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Read;
+
+use anyhow::Context;
+
+use super::manifest::Manifest;
+
+/// The store directory of a target path, and the pieces scripts need.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Paths {
+    /// Absolute target, without a trailing slash.
+    pub to: String,
+    /// `<dir>/.<name>.ferry`
+    pub store: String,
+}
+
+impl Paths {
+    pub fn new(to: &str) -> anyhow::Result<Paths> {
+        let to = to.trim_end_matches('/');
+        let (dir, name) = to.rsplit_once('/').unwrap_or(("", to));
+        if !to.starts_with('/') || name.is_empty() || name == "." || name == ".." {
+            anyhow::bail!(
+                "sync target `{to}` must be an absolute path naming a directory below `/` (check `to:` and `root:`)"
+            );
+        }
+        Ok(Paths {
+            to: to.to_string(),
+            store: format!("{dir}/.{name}.ferry"),
+        })
+    }
+}
+
+/// Read-only: the target's state, the store's releases and metadata, objects edited since the last
+/// deploy, and (unless the live release already has digest `$3`, or `$3` is `-`) a gzip tail with the
+/// live manifest and the object list.
+pub const INVENTORY: &str = r#"
+S=$1 T=$2 D=$3
+rec() { printf '%s\t%s\0' "$1" "$2"; }
+live=
+if [ -L "$T" ]; then
+  t=$(readlink "$T"); rec to link; rec target "$t"
+  case $t in ".${T##*/}.ferry/releases/"*) live=${t##*/} ;; esac
+elif [ -d "$T" ]; then rec to dir
+elif [ -e "$T" ]; then rec to other
+else rec to missing
+fi
+[ -d "$S/releases" ] || { rec store no; exit 0; }
+rec store yes
+cd "$S" || exit 1
+for r in releases/*; do [ -d "$r" ] && rec release "${r#releases/}"; done
+for m in meta/*.json; do
+  [ -f "$m" ] || continue
+  n=${m#meta/}; printf 'meta\t%s\t' "${n%.json}"; cat "$m"; printf '\0'
+done
+[ -e stamp ] && rec drift "$(find objects -type f -newer stamp | tr '\n' ' ')"
+if [ -n "$live" ] && [ -d "releases/$live" ]; then
+  rec handmade "$(find "releases/$live" -type f -links 1 | wc -l)"
+fi
+[ "$D" = - ] && exit 0
+if [ -n "$live" ] && [ -f "meta/$live.digest" ] && [ "$(cat "meta/$live.digest")" = "$D" ]; then
+  rec same yes; exit 0
+fi
+rec tail gz
+{ printf M; [ -n "$live" ] && [ -f "meta/$live.manifest" ] && cat "meta/$live.manifest"; printf '\0\0'; ls objects; } | gzip -1
+"#;
+
+/// Stdin is the gzip'd tar stream. Unpack under `incoming/`, check the trailer, move new objects into
+/// the store, name the release (unique), switch `to` with one rename, prune, collect garbage.
+/// Args: store, to, release id, adopt (0|1), then release ids to prune.
+pub const APPLY: &str = r#"
+set -e
+S=$1 T=$2 id=$3 adopt=$4; shift 4
+P=${T%/*} N=${T##*/}
+fail() { echo "ferry: $*; the live release is unchanged" >&2; cd "$S" 2>/dev/null && rm -rf incoming; exit 3; }
+if [ -d "$T" ] && [ ! -L "$T" ] && [ "$adopt" != 1 ]; then
+  echo "ferry: $T is a plain directory, not a ferry release link; set adopt: true to take it over" >&2; exit 4
+fi
+mkdir -p "$S/objects" "$S/releases" "$S/meta"
+cd "$S"
+[ -e stamp ] || : > stamp
+rm -rf incoming
+find objects -type f -newer stamp -exec rm -f {} +
+mkdir incoming
+( umask 0; tar -xzmof - ) || fail "unpacking the stream failed"
+[ -f incoming/COMPLETE ] || fail "the stream ended early"
+if [ -d incoming/o ]; then (cd incoming/o && ls | xargs -r mv -f -t ../../objects) || fail "placing objects failed"; fi
+rid=$id n=1
+while [ -e "releases/$rid" ]; do n=$((n+1)); rid=$id-$n; done
+mv incoming/r "releases/$rid"
+mv incoming/manifest "meta/$rid.manifest"
+mv incoming/meta.json "meta/$rid.json"
+mv incoming/digest "meta/$rid.digest"
+rm -rf incoming
+touch stamp
+rm -f "$P/.$N.ferry-new"
+ln -s ".$N.ferry/releases/$rid" "$P/.$N.ferry-new"
+if [ -d "$T" ] && [ ! -L "$T" ]; then mv "$T" "$S/adopted-$rid"; fi
+mv -fT "$P/.$N.ferry-new" "$T"
+printf 'release %s\n' "$rid"
+for r in "$@"; do rm -rf "releases/$r" "meta/$r.json" "meta/$r.manifest" "meta/$r.digest"; done
+find objects -type f -links 1 -exec rm -f {} +
+"#;
+
+/// Switch `to` to an existing release. Args: store, to, release id.
+pub const SWITCH: &str = r#"
+set -e
+S=$1 T=$2 rid=$3
+P=${T%/*} N=${T##*/}
+[ -d "$S/releases/$rid" ] || { echo "ferry: release $rid does not exist in $S/releases" >&2; exit 4; }
+if [ -e "$T" ] && [ ! -L "$T" ]; then echo "ferry: $T is not a release link; refusing to replace it" >&2; exit 4; fi
+rm -f "$P/.$N.ferry-new"
+ln -s ".$N.ferry/releases/$rid" "$P/.$N.ferry-new"
+mv -fT "$P/.$N.ferry-new" "$T"
+"#;
+
+/// Remove the target link and its store. Args: store, to.
+pub const REMOVE: &str = r#"
+S=$1 T=$2
+P=${T%/*} N=${T##*/}
+if [ -L "$T" ]; then rm -f "$T"
+elif [ -e "$T" ]; then echo "ferry: $T is not a release link; left it alone" >&2
+fi
+rm -rf "$P/.$N.ferry-new" "$S"
+"#;
+
+/// Release metadata, stored as `meta/<id>.json` on the host.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Meta {
+    pub version: u32,
+    #[serde(rename = "ref")]
+    pub ref_name: String,
+    pub sha: String,
+    pub pipeline: Option<String>,
+    pub user: String,
+    /// Unix time the release was made.
+    pub time: u64,
+    pub files: u64,
+    pub bytes: u64,
+    pub digest: String,
+    /// The release that was live before this one (the rollback target).
+    pub previous: Option<String>,
+}
+
+/// What the target path is on the host.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum TargetState {
+    #[default]
+    Missing,
+    /// A symlink; `live` is set when it points into the store.
+    Link {
+        target: String,
+        live: Option<String>,
+    },
+    Dir,
+    Other,
+}
+
+/// Everything one inventory round trip told us.
+#[derive(Debug, Clone, Default)]
+pub struct Inventory {
+    pub target: TargetState,
+    pub store: bool,
+    pub releases: Vec<String>,
+    pub metas: BTreeMap<String, Meta>,
+    /// Objects modified on the host since they were placed.
+    pub drifted: Vec<String>,
+    /// Files in the live release no longer hard-linked to an object (replaced by hand).
+    pub handmade: u64,
+    /// The live release already holds exactly the local tree.
+    pub same: bool,
+    pub live_manifest: Option<Manifest>,
+    pub objects: HashSet<String>,
+}
+
+impl Inventory {
+    pub fn live(&self) -> Option<&str> {
+        match &self.target {
+            TargetState::Link { live, .. } => live.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// Objects present and not edited by hand.
+    pub fn trusted_objects(&self) -> HashSet<String> {
+        let drifted: HashSet<&str> = self.drifted.iter().map(String::as_str).collect();
+        self.objects
+            .iter()
+            .filter(|o| !drifted.contains(o.as_str()))
+            .cloned()
+            .collect()
+    }
+
+    /// A one-line description of hand edits, if any.
+    pub fn drift(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        if !self.drifted.is_empty() {
+            parts.push(format!(
+                "{} stored file(s) modified on the host since deploy",
+                self.drifted.len()
+            ));
+        }
+        if self.handmade > 0 {
+            parts.push(format!(
+                "{} file(s) in the live release replaced on the host",
+                self.handmade
+            ));
+        }
+        (!parts.is_empty()).then(|| parts.join("; "))
+    }
+}
+
+/// Parse the inventory script's output.
+pub fn parse_inventory(out: &[u8], to_name: &str) -> anyhow::Result<Inventory> {
+    let mut inv = Inventory::default();
+    let mut rest = out;
+    while !rest.is_empty() {
+        let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+        let rec = &rest[..end];
+        let after = &rest[(end + 1).min(rest.len())..];
+        let (key, value) = match rec.iter().position(|&b| b == b'\t') {
+            Some(t) => (&rec[..t], &rec[t + 1..]),
+            None => (rec, &[][..]),
+        };
+        let text = || String::from_utf8_lossy(value).into_owned();
+        match key {
+            b"to" => {
+                inv.target = match value {
+                    b"link" => TargetState::Link {
+                        target: String::new(),
+                        live: None,
+                    },
+                    b"dir" => TargetState::Dir,
+                    b"other" => TargetState::Other,
+                    _ => TargetState::Missing,
+                }
+            }
+            b"target" => {
+                let t = text();
+                let prefix = format!(".{to_name}.ferry/releases/");
+                let live = t
+                    .strip_prefix(&prefix)
+                    .filter(|id| !id.is_empty() && !id.contains('/'))
+                    .map(str::to_string);
+                inv.target = TargetState::Link { target: t, live };
+            }
+            b"store" => inv.store = value == b"yes",
+            b"release" => inv.releases.push(text()),
+            b"meta" => {
+                let t = text();
+                if let Some((id, json)) = t.split_once('\t') {
+                    match serde_json::from_str::<Meta>(json) {
+                        Ok(m) => {
+                            inv.metas.insert(id.to_string(), m);
+                        }
+                        Err(e) => tracing::warn!("unreadable release metadata for {id}: {e}"),
+                    }
+                }
+            }
+            b"drift" => {
+                inv.drifted = text()
+                    .split_whitespace()
+                    .filter_map(|p| p.strip_prefix("objects/"))
+                    .map(str::to_string)
+                    .collect()
+            }
+            b"handmade" => inv.handmade = text().trim().parse().unwrap_or(0),
+            b"same" => inv.same = true,
+            b"tail" => {
+                parse_tail(after, &mut inv)?;
+                break;
+            }
+            _ => {}
+        }
+        rest = after;
+    }
+    inv.releases.sort();
+    Ok(inv)
+}
+
+fn parse_tail(gz: &[u8], inv: &mut Inventory) -> anyhow::Result<()> {
+    let mut data = Vec::new();
+    flate2::read::GzDecoder::new(gz)
+        .read_to_end(&mut data)
+        .context("reading the host's object list")?;
+    let data = data
+        .strip_prefix(b"M")
+        .context("malformed inventory tail")?;
+    let split = data
+        .windows(2)
+        .position(|w| w == b"\0\0")
+        .context("malformed inventory tail")?;
+    let manifest = &data[..split + 1];
+    if manifest.len() > 1 {
+        inv.live_manifest =
+            Some(Manifest::decode(manifest).context("the live release's manifest")?);
+    }
+    inv.objects = String::from_utf8_lossy(&data[split + 2..])
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_put_the_store_beside_the_target() {
+        let p = Paths::new("/srv/web/app/").unwrap();
+        assert_eq!(p.to, "/srv/web/app");
+        assert_eq!(p.store, "/srv/web/.app.ferry");
+        assert!(Paths::new("relative/x").is_err());
+        assert!(Paths::new("/").is_err());
+    }
+
+    #[test]
+    fn parses_records_and_tail() {
+        let mut out = Vec::new();
+        out.extend_from_slice(b"to\tlink\0target\t.app.ferry/releases/r2\0store\tyes\0");
+        out.extend_from_slice(b"release\tr2\0release\tr1\0");
+        out.extend_from_slice(b"meta\tr2\t{\"version\":1,\"ref\":\"main\",\"sha\":\"abc\",\"pipeline\":null,\"user\":\"u\",\"time\":5,\"files\":1,\"bytes\":2,\"digest\":\"d\",\"previous\":\"r1\"}\0");
+        out.extend_from_slice(b"drift\tobjects/aa.644 objects/bb.644 \0handmade\t2\0tail\tgz\0");
+        let m = Manifest::default().encode();
+        let mut raw = b"M".to_vec();
+        raw.extend_from_slice(&m);
+        raw.extend_from_slice(b"\0\0aa.644\ncc.755\n");
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &raw).unwrap();
+        out.extend_from_slice(&gz.finish().unwrap());
+        let inv = parse_inventory(&out, "app").unwrap();
+        assert_eq!(inv.live(), Some("r2"));
+        assert_eq!(inv.releases, ["r1", "r2"]);
+        assert_eq!(inv.metas["r2"].previous.as_deref(), Some("r1"));
+        assert_eq!(inv.drifted, ["aa.644", "bb.644"]);
+        assert_eq!(inv.handmade, 2);
+        assert_eq!(inv.live_manifest, Some(Manifest::default()));
+        let trusted = inv.trusted_objects();
+        assert!(trusted.contains("cc.755") && !trusted.contains("aa.644"));
+        assert!(inv.drift().unwrap().contains("2 stored file(s)"));
+    }
+
+    #[test]
+    fn a_link_elsewhere_is_not_live() {
+        let inv = parse_inventory(b"to\tlink\0target\t/opt/other\0store\tno\0", "app").unwrap();
+        assert_eq!(inv.live(), None);
+    }
+}

@@ -1,0 +1,549 @@
+//! Containers (issue 4): the real `ferry` binary, through real sshd hosts, against a real Docker
+//! engine and registry. Two hosts share the one engine, so names and ports are per host.
+
+use crate::support::docker::*;
+use crate::support::*;
+
+/// A playbook with environment `test` over named hosts (`web1`, `web2`, ...) and `steps` (YAML,
+/// indented for the `steps:` list).
+fn pb(dir: &TempDir, hosts: &[(&str, &Sshd)], env_extra: &str, steps: &str) -> std::path::PathBuf {
+    let hosts_yaml: String = hosts
+        .iter()
+        .map(|(n, h)| format!("      - {{ name: {n}, host: \"{}\" }}\n", h.address()))
+        .collect();
+    let text = format!(
+        "app: testapp\nenvironments:\n  test:\n    root: {root}\n{env_extra}    hosts:\n{hosts_yaml}    steps:\n{steps}",
+        root = dir.join("root").display()
+    );
+    dir.write("ferry.yml", text)
+}
+
+fn deploy(hosts: &[&Sshd], pb: &std::path::Path, sha: &str) -> Run {
+    Ferry::new()
+        .trusting(hosts)
+        .arg("deploy")
+        .arg(pb)
+        .args(["--env", "test", "--ref", "main", "--sha", sha])
+        .env("REGISTRY_PASSWORD", REGISTRY_PASSWORD)
+        .run()
+}
+
+fn container_image(name: &str) -> String {
+    docker(&["container", "inspect", "--format", "{{.Image}}", name])
+}
+
+fn container_state(name: &str) -> String {
+    docker(&[
+        "container",
+        "inspect",
+        "--format",
+        "{{.State.Status}}",
+        name,
+    ])
+}
+
+/// The service container over its life: plan, first run on two hosts sharing one engine, an
+/// idempotent no-op, an update when the tag moves, and `ferry rollback`.
+#[test]
+fn container_first_run_noop_update_and_rollback() {
+    engine();
+    let (w1, w2) = (Sshd::start(), Sshd::start());
+    let prefix = unique("life");
+    let _cleanup = Cleanup(vec![prefix.clone()]);
+    let (p1, p2) = (free_port(), free_port());
+    let image = pushed_image(&prefix, "live", "v1", true);
+    let dir = TempDir::new("dlife");
+    let steps = format!(
+        "      - container:\n          name: \"{prefix}-${{host}}\"\n          image: \"{image}\"\n          \
+         env: {{ GREETING: \"hello from ${{host}}\" }}\n          restart: unless-stopped\n          \
+         ports: [\"127.0.0.1:{p1}:8080\"]\n          \
+         health: {{ type: http, url: \"http://127.0.0.1:{p1}/health\", timeout: 20s, interval: 200ms }}\n          \
+         hosts:\n            web2:\n              ports: [\"127.0.0.1:{p2}:8080\"]\n              \
+         health: {{ type: http, url: \"http://127.0.0.1:{p2}/health\", timeout: 20s, interval: 200ms }}\n"
+    );
+    let pb = pb(&dir, &[("web1", &w1), ("web2", &w2)], "", &steps);
+    let (n1, n2) = (format!("{prefix}-web1"), format!("{prefix}-web2"));
+
+    let plan = Ferry::new()
+        .trusting(&[&w1, &w2])
+        .arg("deploy")
+        .arg(&pb)
+        .args(["--env", "test", "--ref", "main", "--sha", "aaaa", "--plan"])
+        .run()
+        .success();
+    assert!(
+        plan.all().contains(&format!("would create {n1}")),
+        "{}",
+        plan.all()
+    );
+    assert!(
+        !docker_try(&["container", "inspect", &n1]).0,
+        "plan changed nothing"
+    );
+
+    let first = deploy(&[&w1, &w2], &pb, "aaaa").success();
+    assert!(
+        first.all().contains(&format!("created {n1}")),
+        "{}",
+        first.all()
+    );
+    assert_eq!(http_get(p1, "/version").as_deref(), Some("v1\n"));
+    assert_eq!(http_get(p2, "/version").as_deref(), Some("v1\n"));
+    let id1 = docker(&["container", "inspect", "--format", "{{.Id}}", &n1]);
+    let labels = docker(&[
+        "container",
+        "inspect",
+        "--format",
+        "{{json .Config.Labels}}",
+        &n2,
+    ]);
+    assert!(
+        labels.contains("\"ferry.ref\":\"main\"") && labels.contains("ferry.spec"),
+        "{labels}"
+    );
+    let env = docker(&[
+        "container",
+        "inspect",
+        "--format",
+        "{{json .Config.Env}}",
+        &n2,
+    ]);
+    assert!(env.contains("hello from web2"), "{env}");
+
+    // Same spec, same image: nothing happens, and the step says so.
+    let again = Ferry::new()
+        .trusting(&[&w1, &w2])
+        .arg("deploy")
+        .arg(&pb)
+        .args(["--env", "test", "--ref", "main", "--sha", "aaaa", "--json"])
+        .run()
+        .success();
+    let v: serde_json::Value = serde_json::from_str(&again.stdout).expect(&again.stdout);
+    for host in v.as_array().unwrap() {
+        let step = &host["steps"][0];
+        assert_eq!(step["changed"], false, "{step}");
+        assert!(
+            step["summary"].as_str().unwrap().contains("up to date"),
+            "{step}"
+        );
+    }
+    assert_eq!(
+        docker(&["container", "inspect", "--format", "{{.Id}}", &n1]),
+        id1
+    );
+
+    // The tag moves to a new image: pull first, replace, keep the old one for rollback.
+    pushed_image(&prefix, "live", "v2", true);
+    let update = deploy(&[&w1, &w2], &pb, "bbbb").success();
+    assert!(
+        update.all().contains(&format!("replaced {n1}")),
+        "{}",
+        update.all()
+    );
+    assert_eq!(http_get(p1, "/version").as_deref(), Some("v2\n"));
+    assert_eq!(http_get(p2, "/version").as_deref(), Some("v2\n"));
+    assert_eq!(container_state(&format!("{n1}.ferry-prev")), "exited");
+    assert!(!docker_try(&["container", "inspect", &format!("{n1}.ferry-aside")]).0);
+
+    // Rollback brings v1 back; the v2 container becomes the kept one.
+    let rb = Ferry::new()
+        .trusting(&[&w1, &w2])
+        .arg("rollback")
+        .arg(&pb)
+        .args(["--env", "test", "--ref", "main", "--sha", "bbbb"])
+        .run()
+        .success();
+    assert!(
+        rb.all().contains(&format!("rolled {n1} back")),
+        "{}",
+        rb.all()
+    );
+    assert_eq!(http_get(p1, "/version").as_deref(), Some("v1\n"));
+    assert_eq!(http_get(p2, "/version").as_deref(), Some("v1\n"));
+    let kept = container_image(&format!("{n1}.ferry-prev"));
+    assert_ne!(kept, container_image(&n1));
+}
+
+/// A new image that never gets healthy: its logs are shown, it is removed, and the old container
+/// serves again.
+#[test]
+fn health_failure_rolls_back_automatically() {
+    engine();
+    let host = Sshd::start();
+    let prefix = unique("health");
+    let _cleanup = Cleanup(vec![prefix.clone()]);
+    let port = free_port();
+    let image = pushed_image(&prefix, "live", "good-v1", true);
+    let dir = TempDir::new("dhealth");
+    let steps = format!(
+        "      - container:\n          name: \"{prefix}\"\n          image: \"{image}\"\n          \
+         ports: [\"127.0.0.1:{port}:8080\"]\n          \
+         health: {{ type: http, url: \"http://127.0.0.1:{port}/health\", timeout: 4s, interval: 200ms }}\n"
+    );
+    let pb = pb(&dir, &[("web1", &host)], "", &steps);
+    deploy(&[&host], &pb, "aaaa").success();
+    assert_eq!(http_get(port, "/version").as_deref(), Some("good-v1\n"));
+    let good = container_image(&prefix);
+
+    pushed_image(&prefix, "live", "bad-v2", false);
+    let run = deploy(&[&host], &pb, "bbbb").failure(1);
+    let all = run.all();
+    assert!(all.contains("failed and was removed"), "{all}");
+    assert!(all.contains("the previous"), "{all}");
+    assert!(
+        all.contains("answered 404"),
+        "the probe's last answer: {all}"
+    );
+    assert!(
+        all.contains("serving bad-v2"),
+        "the new container's logs: {all}"
+    );
+    assert_eq!(http_get(port, "/version").as_deref(), Some("good-v1\n"));
+    assert_eq!(container_image(&prefix), good);
+    assert_eq!(container_state(&prefix), "running");
+    for leftover in [".ferry-aside", ".ferry-prev"] {
+        assert!(
+            !docker_try(&["container", "inspect", &format!("{prefix}{leftover}")]).0,
+            "{leftover} should not exist after a failed first update"
+        );
+    }
+}
+
+/// Secret env values travel on stdin into a 0600 file that is gone after the container is created;
+/// they reach the container but never ferry's output.
+#[test]
+fn secret_env_reaches_the_container_not_the_output() {
+    engine();
+    let host = Sshd::start();
+    let prefix = unique("secret");
+    let _cleanup = Cleanup(vec![prefix.clone()]);
+    let image = format!("{prefix}:img");
+    app_image(&image, "s1", true);
+    let dir = TempDir::new("dsecret");
+    let secret = format!("pw-{prefix}-'quoted' $(x)");
+    let steps = format!(
+        "      - container:\n          name: \"{prefix}\"\n          image: \"{image}\"\n          \
+         secret_env: {{ DB_PASSWORD: TEST_DB_PW }}\n"
+    );
+    let pb = pb(&dir, &[("web1", &host)], "", &steps);
+    let run = Ferry::new()
+        .trusting(&[&host])
+        .arg("deploy")
+        .arg(&pb)
+        .args(["--env", "test", "--ref", "main", "--sha", "aaaa", "-v"])
+        .env("TEST_DB_PW", &secret)
+        .run()
+        .success();
+    assert!(
+        !run.all().contains(&secret),
+        "secret in output: {}",
+        run.all()
+    );
+    let env = docker(&[
+        "container",
+        "inspect",
+        "--format",
+        "{{json .Config.Env}}",
+        &prefix,
+    ]);
+    assert!(
+        env.contains(&format!("DB_PASSWORD={}", secret.replace('\'', "\\u0027")))
+            || env.contains(&secret),
+        "{env}"
+    );
+    let left: Vec<_> = std::fs::read_dir(dir.join("root/.ferry/docker"))
+        .map(|d| d.collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "env file left behind: {left:?}");
+}
+
+/// The tag-triggered publish: login, build on the host, tag to the git tag, push; then another
+/// host pulls it from the registry, and pruning keeps the image a container uses.
+#[test]
+fn tag_push_pull_through_the_registry() {
+    engine();
+    let host = Sshd::start();
+    let prefix = unique("publish");
+    let _cleanup = Cleanup(vec![prefix.clone()]);
+    let base = format!("{prefix}-base:1");
+    app_image(&base, "base", true);
+    let dir = TempDir::new("dpublish");
+    dir.write(
+        "root/context/Dockerfile",
+        format!("FROM {base}\nCOPY release.txt /www/release.txt\n"),
+    );
+    dir.write("root/context/release.txt", "built by ferry\n");
+    let repo = format!("{REGISTRY}/{prefix}/shop");
+    let steps = format!(
+        "      - docker_login: {{ registry: \"{REGISTRY}\", user: {REGISTRY_USER}, password_env: REGISTRY_PASSWORD }}\n\
+         \x20     - docker_build: {{ context: context, tag: \"{repo}:build-${{pipeline_id}}\", timeout: 5m }}\n\
+         \x20     - docker_tag: {{ source: \"{repo}:build-${{pipeline_id}}\", target: \"{repo}:${{tag}}\" }}\n\
+         \x20     - docker_push: {{ image: \"{repo}:${{tag}}\" }}\n"
+    );
+    let pb_path = pb(&dir, &[("build", &host)], "", &steps);
+    let run = Ferry::new()
+        .trusting(&[&host])
+        .arg("deploy")
+        .arg(&pb_path)
+        .args(["--env", "test", "--ref", "v1.2.3", "--tag", "--sha", "cccc"])
+        .env("CI_PIPELINE_ID", "4242")
+        .env("REGISTRY_PASSWORD", REGISTRY_PASSWORD)
+        .run()
+        .success();
+    assert!(
+        run.all().contains(&format!("pushed {repo}:v1.2.3")),
+        "{}",
+        run.all()
+    );
+    assert!(!run.all().contains(REGISTRY_PASSWORD));
+
+    // Forget it locally, then a pull step gets it back from the registry.
+    let tagged = format!("{repo}:v1.2.3");
+    let id = docker(&["image", "inspect", "--format", "{{.Id}}", &tagged]);
+    docker(&["rmi", &tagged, &format!("{repo}:build-4242")]);
+    let dir2 = TempDir::new("dpull");
+    let steps = format!("      - docker_pull: {{ image: \"{tagged}\" }}\n");
+    let pb2 = pb(&dir2, &[("web1", &host)], "", &steps);
+    let pulled = deploy(&[&host], &pb2, "cccc").success();
+    assert!(
+        pulled.all().contains(&format!("pulled {tagged}")),
+        "{}",
+        pulled.all()
+    );
+    assert_eq!(
+        docker(&["image", "inspect", "--format", "{{.Id}}", &tagged]),
+        id
+    );
+    let out = docker(&["run", "--rm", &tagged, "cat", "/www/release.txt"]);
+    assert_eq!(out, "built by ferry");
+}
+
+/// Prune keeps the newest N, never an image a container uses (the kept rollback container
+/// included), survives `<none>` entries, and only untags a multiply-tagged image.
+#[test]
+fn prune_keeps_newest_and_images_in_use() {
+    engine();
+    let host = Sshd::start();
+    let prefix = unique("prune");
+    let _cleanup = Cleanup(vec![prefix.clone()]);
+    let repo = format!("{prefix}/app");
+    let mut ids = Vec::new();
+    for v in 1..=5 {
+        ids.push(app_image(&format!("{repo}:v{v}"), &format!("v{v}"), true));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // v1 is what the kept rollback container runs (stopped).
+    docker(&[
+        "create",
+        "--name",
+        &format!("{prefix}-app.ferry-prev"),
+        &format!("{repo}:v1"),
+    ]);
+    // v2 also carries another repository's tag: prune must only untag ours.
+    docker(&["tag", &format!("{repo}:v2"), &format!("{prefix}/mirror:v2")]);
+    // A `<none>` entry: an image whose only tag moved away.
+    app_image(&format!("{repo}:moving"), "old", true);
+    app_image(&format!("{repo}:moving"), "new", true);
+    let dir = TempDir::new("dprune");
+    let steps = format!("      - docker_prune: {{ repository: \"{repo}\", keep: 2 }}\n");
+    let pb = pb(&dir, &[("web1", &host)], "", &steps);
+    let run = deploy(&[&host], &pb, "aaaa").success();
+    let all = run.all();
+    let exists = |r: &str| docker_try(&["image", "inspect", r]).0;
+    // Newest two: `moving` (new) and v5.
+    assert!(exists(&format!("{repo}:moving")), "{all}");
+    assert!(exists(&format!("{repo}:v5")), "{all}");
+    assert!(
+        exists(&format!("{repo}:v1")),
+        "in use by the rollback container: {all}"
+    );
+    assert!(
+        !exists(&format!("{repo}:v2")) && exists(&ids[1]),
+        "untagged, image kept: {all}"
+    );
+    assert!(exists(&format!("{prefix}/mirror:v2")));
+    assert!(!exists(&format!("{repo}:v3")) && !exists(&ids[2]), "{all}");
+    assert!(!exists(&format!("{repo}:v4")), "{all}");
+    assert!(all.contains("a container uses it"), "{all}");
+    docker(&["rmi", &format!("{prefix}/mirror:v2")]);
+}
+
+/// Accessories start if missing, are left alone when nothing changed (even if the tag moved), and
+/// are replaced when their spec changes.
+#[test]
+fn accessory_started_once_and_replaced_on_spec_change() {
+    engine();
+    let host = Sshd::start();
+    let prefix = unique("acc");
+    let _cleanup = Cleanup(vec![prefix.clone()]);
+    let image = format!("{prefix}-img:7");
+    app_image(&image, "r1", true);
+    let dir = TempDir::new("dacc");
+    let step = |mode: &str| {
+        format!(
+            "      - accessory:\n          name: \"{prefix}-redis\"\n          image: \"{image}\"\n          \
+             env: {{ MODE: {mode} }}\n          restart: unless-stopped\n"
+        )
+    };
+    let pb1 = pb(&dir, &[("web1", &host)], "", &step("a"));
+    let first = deploy(&[&host], &pb1, "aaaa").success();
+    assert!(first.all().contains("created"), "{}", first.all());
+    let name = format!("{prefix}-redis");
+    let id = docker(&["container", "inspect", "--format", "{{.Id}}", &name]);
+    app_image(&image, "r2", true);
+    let second = deploy(&[&host], &pb1, "bbbb").success();
+    assert!(second.all().contains("up to date"), "{}", second.all());
+    assert_eq!(
+        docker(&["container", "inspect", "--format", "{{.Id}}", &name]),
+        id
+    );
+    let pb2 = pb(&dir, &[("web1", &host)], "", &step("b"));
+    let third = deploy(&[&host], &pb2, "bbbb").success();
+    assert!(third.all().contains("spec changed"), "{}", third.all());
+    assert_ne!(
+        docker(&["container", "inspect", "--format", "{{.Id}}", &name]),
+        id
+    );
+}
+
+/// A wrong registry password: a clear error naming the registry, and the password nowhere.
+#[test]
+fn wrong_registry_password_is_clear_and_never_shown() {
+    engine();
+    let host = Sshd::start();
+    let dir = TempDir::new("dlogin");
+    let steps = format!(
+        "      - docker_login: {{ registry: \"{REGISTRY}\", user: {REGISTRY_USER}, password_env: REG_PW }}\n"
+    );
+    let pb = pb(&dir, &[("web1", &host)], "", &steps);
+    let wrong = format!("wrong-{}-Pa55", unique("pw"));
+    let run = Ferry::new()
+        .trusting(&[&host])
+        .arg("deploy")
+        .arg(&pb)
+        .args(["--env", "test", "--ref", "main", "--sha", "aaaa", "-v"])
+        .env("REG_PW", &wrong)
+        .run()
+        .failure(1);
+    let all = run.all();
+    assert!(
+        all.contains(&format!(
+            "docker login to {REGISTRY} as `{REGISTRY_USER}` failed"
+        )),
+        "{all}"
+    );
+    assert!(
+        all.contains("REG_PW") && all.to_lowercase().contains("unauthorized"),
+        "{all}"
+    );
+    assert!(!all.contains(&wrong), "password leaked: {all}");
+    // Unset: named, before anything runs.
+    let run = Ferry::new()
+        .trusting(&[&host])
+        .arg("deploy")
+        .arg(&pb)
+        .args(["--env", "test", "--ref", "main", "--sha", "aaaa"])
+        .run()
+        .failure(1);
+    assert!(run.all().contains("REG_PW is not set"), "{}", run.all());
+}
+
+/// A host whose docker command does not exist: a clear error naming the host and the fix.
+#[test]
+fn host_without_docker_is_a_clear_error() {
+    let host = Sshd::start();
+    let dir = TempDir::new("dnodocker");
+    let pb = pb(
+        &dir,
+        &[("nodocker", &host)],
+        "    docker: { command: [\"/nonexistent/docker\"] }\n",
+        "      - container: { name: never-created, image: \"busybox:none\" }\n",
+    );
+    let run = deploy(&[&host], &pb, "aaaa").failure(1);
+    let all = run.all();
+    assert!(
+        all.contains("nodocker: docker command `/nonexistent/docker` not found on the host"),
+        "{all}"
+    );
+    assert!(all.contains("docker: { command:"), "says how to fix: {all}");
+}
+
+/// Docker's own HEALTHCHECK state and a TCP probe gate the start; `ferry stop` with
+/// `docker_remove` removes the container and the one kept for rollback.
+#[test]
+fn docker_and_tcp_health_then_stop_removes_everything() {
+    engine();
+    let host = Sshd::start();
+    let prefix = unique("kinds");
+    let _cleanup = Cleanup(vec![prefix.clone()]);
+    let plain = format!("{prefix}-img:1");
+    app_image(&plain, "k1", true);
+    // An image with a HEALTHCHECK, built FROM the imported one.
+    let ctx = TempDir::new("hcctx");
+    ctx.write(
+        "Dockerfile",
+        format!(
+            "FROM {plain}\nHEALTHCHECK --interval=1s --timeout=2s --retries=2 CMD wget -q -O /dev/null http://127.0.0.1:8080/health || exit 1\n"
+        ),
+    );
+    let checked = format!("{prefix}-hc:1");
+    docker(&["build", "-q", "-t", &checked, ctx.path().to_str().unwrap()]);
+    let (pd, pt) = (free_port(), free_port());
+    let dir = TempDir::new("dkinds");
+    let steps = format!(
+        "      - container:\n          name: \"{prefix}-d\"\n          image: \"{checked}\"\n          \
+         ports: [\"127.0.0.1:{pd}:8080\"]\n          health: {{ type: docker, timeout: 30s }}\n\
+         \x20     - container:\n          name: \"{prefix}-t\"\n          image: \"{plain}\"\n          \
+         ports: [\"127.0.0.1:{pt}:8080\"]\n          \
+         health: {{ type: tcp, address: \"127.0.0.1:{pt}\", timeout: 20s, interval: 200ms }}\n"
+    );
+    let on_stop = format!(
+        "    on_stop:\n      - docker_remove: {{ name: \"{prefix}-d\" }}\n      - docker_remove: {{ name: \"{prefix}-t\" }}\n"
+    );
+    let pb = pb(&dir, &[("web1", &host)], &on_stop, &steps);
+    let run = deploy(&[&host], &pb, "aaaa").success();
+    assert!(
+        run.all().contains("Docker reports healthy"),
+        "{}",
+        run.all()
+    );
+    assert!(
+        run.all()
+            .contains(&format!("127.0.0.1:{pt} accepts connections")),
+        "{}",
+        run.all()
+    );
+    assert_eq!(
+        docker(&[
+            "container",
+            "inspect",
+            "--format",
+            "{{.State.Health.Status}}",
+            &format!("{prefix}-d")
+        ]),
+        "healthy"
+    );
+    // A second deploy with a changed spec keeps a rollback container, which stop must also remove.
+    app_image(&plain, "k2", true);
+    deploy(&[&host], &pb, "bbbb").success();
+    assert!(docker_try(&["container", "inspect", &format!("{prefix}-t.ferry-prev")]).0);
+    let stop = Ferry::new()
+        .trusting(&[&host])
+        .arg("stop")
+        .arg(&pb)
+        .args(["--env", "test", "--ref", "main", "--sha", "bbbb"])
+        .run()
+        .success();
+    assert!(
+        stop.all()
+            .contains(&format!("removed {prefix}-t, {prefix}-t.ferry-prev")),
+        "{}",
+        stop.all()
+    );
+    for n in ["-d", "-t", "-t.ferry-prev"] {
+        assert!(
+            !docker_try(&["container", "inspect", &format!("{prefix}{n}")]).0,
+            "{n}"
+        );
+    }
+}
