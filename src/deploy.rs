@@ -5,6 +5,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+
 use crate::ci::DeployContext;
 use crate::cli::{DeployOpts, Global, RefArgs, Setup, Target, UsageError};
 use crate::inventory::Host;
@@ -144,8 +147,14 @@ pub async fn cli_rollback(
         .env
         .clone()
         .ok_or_else(|| UsageError("rollback needs --env".into()))?;
-    let ctx = context(refs)?;
-    let setup = Setup::new(g, &target.playbook, &env, Some(&ctx))?;
+    let pb = crate::cli::load_playbook(&target.playbook)?;
+    // The ledger names the release to go back to; the ref only matters where paths depend on it.
+    let ctx = match context(refs) {
+        Ok(c) => c,
+        Err(_) if !crate::status::is_per_branch(&pb, &env) => DeployContext::placeholder(),
+        Err(e) => return Err(e),
+    };
+    let setup = Setup::with_playbook(g, pb, &env, Some(&ctx))?;
     let steps = setup.playbook.environments[&env].steps.clone();
     let reports = run_env(
         &setup,
@@ -158,24 +167,40 @@ pub async fn cli_rollback(
     finish(g, &reports)
 }
 
-/// `ferry stop`: run the environment's `on_stop` steps for a ref.
+/// `ferry stop`: run the environment's `on_stop` steps for a ref. Without `--env`, the ref's rule
+/// names the environments (as in a GitLab `on_stop` job, where only the CI variables are given).
 pub async fn cli_stop(
     g: &Global,
     target: &Target,
     refs: &RefArgs,
     opts: &DeployOpts,
 ) -> anyhow::Result<i32> {
-    let env = target
-        .env
-        .clone()
-        .ok_or_else(|| UsageError("stop needs --env".into()))?;
     let ctx = context(refs)?;
-    let setup = Setup::new(g, &target.playbook, &env, Some(&ctx))?;
-    let steps = setup.playbook.environments[&env].on_stop.clone();
-    if steps.is_empty() {
-        return Err(UsageError(format!("environment `{env}` has no on_stop steps")).into());
+    let pb = crate::cli::load_playbook(&target.playbook)?;
+    let envs = environments(&pb, target, &ctx)?;
+    if let Some(e) = &target.env {
+        pb.environment(e).map_err(UsageError)?;
+        if pb.environments[e].on_stop.is_empty() {
+            return Err(UsageError(format!(
+                "environment `{e}` has no on_stop steps: add them to the playbook to stop a branch"
+            ))
+            .into());
+        }
     }
-    let reports = run_env(&setup, &ctx, &steps, opts, Action::Stop).await?;
+    let envs: Vec<String> = envs
+        .into_iter()
+        .filter(|e| !pb.environments[e].on_stop.is_empty())
+        .collect();
+    if envs.is_empty() {
+        println!("nothing to stop for {}", shell::quote_str(&ctx.ref_name));
+        return Ok(0);
+    }
+    let mut reports = Vec::new();
+    for env in &envs {
+        let setup = Setup::with_playbook(g, pb.clone(), env, Some(&ctx))?;
+        let steps = pb.environments[env].on_stop.clone();
+        reports.extend(run_env(&setup, &ctx, &steps, opts, Action::Stop).await?);
+    }
     finish(g, &reports)
 }
 
@@ -217,12 +242,14 @@ async fn run_env(
     let env = setup.env.as_str();
     let started = Instant::now();
     let action = Arc::new(action);
+    let (interrupt, stop) = watch_interrupts();
     let outcomes = fleet::run(
         &setup.connector,
         &setup.hosts,
         setup.settings.forks,
         |host, session| {
             let (progress, release, action) = (&progress, release.as_str(), action.clone());
+            let stop = stop.clone();
             async move {
                 let sctx = StepCtx {
                     host: &host,
@@ -235,13 +262,14 @@ async fn run_env(
                     progress,
                     style: setup.style,
                 };
-                let r = run_host(&sctx, steps, opts, &action).await;
+                let r = run_host(&sctx, steps, opts, &action, stop).await;
                 session.close().await;
                 r
             }
         },
     )
     .await;
+    interrupt.abort();
     let reports: Vec<HostReport> = outcomes
         .into_iter()
         .map(|o| match o.result {
@@ -268,6 +296,35 @@ async fn run_env(
     Ok(reports)
 }
 
+/// Watch for Ctrl-C and SIGTERM (a cancelled CI job): the first one stops the steps on every host,
+/// which then record the interruption and release their locks; a second one exits at once.
+fn watch_interrupts() -> (tokio::task::JoinHandle<()>, watch::Receiver<bool>) {
+    let (tx, rx) = watch::channel(false);
+    let task = tokio::spawn(async move {
+        let Ok(mut term) = signal(SignalKind::terminate()) else {
+            return;
+        };
+        let mut int = match signal(SignalKind::interrupt()) {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        eprintln!(
+            "interrupted: stopping, recording the attempt and releasing locks (again to quit at once)"
+        );
+        let _ = tx.send(true);
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        std::process::exit(130);
+    });
+    (task, rx)
+}
+
 /// One host: lock, steps, ledger, unlock. Step failures become a failed report, not an `Err`, so
 /// that they are recorded; `Err` is for failures before anything ran (lock held, ...).
 async fn run_host(
@@ -275,13 +332,56 @@ async fn run_host(
     steps: &[Step],
     opts: &DeployOpts,
     action: &Action,
+    mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<HostReport> {
     let started = Instant::now();
     let started_at = report::unix_now();
     let lock = if ctx.plan {
         None
     } else {
-        Some(Lock::acquire(ctx, opts.lock_wait).await?)
+        tokio::select! {
+            l = Lock::acquire(ctx, opts.lock_wait) => Some(l?),
+            _ = stop.wait_for(|s| *s) => anyhow::bail!("interrupted before the deploy lock was taken"),
+        }
+    };
+    // A rollback goes to an earlier deploy from the ledger (read under the lock), and is recorded
+    // with that deploy's ref, commit and release.
+    let target = match action {
+        Action::Rollback(to) if !ctx.plan => match rollback_target(ctx, to.as_deref()).await {
+            Ok(t) => t,
+            Err(e) => {
+                if let Some(lock) = lock {
+                    let _ = lock.release(ctx.session).await;
+                }
+                return Err(e);
+            }
+        },
+        _ => None,
+    };
+    let target_ctx = target.as_ref().map(Record::context);
+    let ctx = &StepCtx {
+        host: ctx.host,
+        session: ctx.session,
+        deploy: target_ctx.as_ref().unwrap_or(ctx.deploy),
+        app: ctx.app,
+        env: ctx.env,
+        release: target.as_ref().map_or(ctx.release, |t| t.release.as_str()),
+        plan: ctx.plan,
+        progress: ctx.progress,
+        style: ctx.style,
+    };
+    let action = &match (action, &target) {
+        (Action::Rollback(_), Some(t)) => {
+            ctx.progress.println(&format!(
+                "{}: rolling back to release {} (ref {}, commit {})",
+                ctx.host.name(),
+                t.release,
+                shell::quote_str(&t.ref_name),
+                ctx.deploy.short_sha()
+            ));
+            Action::Rollback(Some(t.release.clone()))
+        }
+        (a, _) => a.clone(),
     };
     // Steps run while the lock's lease is renewed; losing the lock stops them.
     let steps_run = run_steps(ctx, steps, action);
@@ -292,6 +392,9 @@ async fn run_host(
                 lost = lock.keep_alive(ctx.session) => {
                     ctx.progress.println(&format!("{}: {lost}", ctx.host.name()));
                     (Vec::new(), Some(lost.to_string()))
+                }
+                _ = stop.wait_for(|s| *s) => {
+                    (Vec::new(), Some("interrupted (SIGINT/SIGTERM) while the steps ran".to_string()))
                 }
             }
         }
@@ -339,8 +442,8 @@ async fn run_steps(
     let mut reports = Vec::new();
     let mut error = None;
     for (i, step) in steps.iter().enumerate() {
-        let name = format!("{}_{}_{}", ctx.host.name(), i + 1, step.kind());
-        let section = Section::start(
+        let name = format!("{}_{}_{}_{}", ctx.env, ctx.host.name(), i + 1, step.kind());
+        let mut section = Section::start(
             ctx.style,
             &name,
             &format!("{}: {} ({})", ctx.host.name(), step.kind(), action.name()),
@@ -352,16 +455,13 @@ async fn run_steps(
         match result {
             Ok(Some(r)) => {
                 for line in &r.log {
-                    ctx.progress
-                        .println(&format!("{}: {line}", ctx.host.name()));
+                    section.line(ctx.progress, &format!("{}: {line}", ctx.host.name()));
                 }
                 if !ctx.style.json {
-                    ctx.progress.println(&format!(
-                        "{}: {}: {}",
-                        ctx.host.name(),
-                        step.kind(),
-                        r.summary
-                    ));
+                    section.line(
+                        ctx.progress,
+                        &format!("{}: {}: {}", ctx.host.name(), step.kind(), r.summary),
+                    );
                 }
                 reports.push(r);
                 drop(section);
@@ -369,11 +469,11 @@ async fn run_steps(
             Ok(None) => drop(section),
             Err(e) => {
                 let msg = format!("{e:#}");
-                ctx.progress.println(&format!(
-                    "{}: {} FAILED: {msg}",
-                    ctx.host.name(),
-                    step.kind()
-                ));
+                section.expand();
+                section.line(
+                    ctx.progress,
+                    &format!("{}: {} FAILED: {msg}", ctx.host.name(), step.kind()),
+                );
                 drop(section);
                 reports.push(StepReport {
                     step: step.kind().into(),
@@ -386,6 +486,18 @@ async fn run_steps(
         }
     }
     (reports, error)
+}
+
+/// The ledger's choice of what to roll back to on this host.
+async fn rollback_target(ctx: &StepCtx<'_>, to: Option<&str>) -> anyhow::Result<Option<Record>> {
+    let records: Vec<Record> = ledger::read(ctx.host, ctx.session)
+        .await?
+        .into_iter()
+        .filter(|r| r.app == ctx.app && r.env == ctx.env)
+        .collect();
+    ledger::rollback_target(&records, to)
+        .map(|r| r.cloned())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", ctx.host.name()))
 }
 
 async fn run_step(ctx: &StepCtx<'_>, step: &Step) -> anyhow::Result<Option<StepReport>> {
@@ -439,7 +551,19 @@ async fn run_command(ctx: &StepCtx<'_>, step: &RunStep) -> anyhow::Result<StepRe
         .map(str::to_string)
         .collect();
     if !out.success() {
-        anyhow::bail!("`{cmd}` exited with {:?}: {}", out.status, out.tail());
+        let status = out.status.map_or_else(
+            || "no exit status (killed?)".to_string(),
+            |c| format!("exit code {c}"),
+        );
+        let tail = out.tail();
+        anyhow::bail!(
+            "`{cmd}` failed with {status}{}",
+            if tail.is_empty() {
+                String::new()
+            } else {
+                format!(": {tail}")
+            }
+        );
     }
     Ok(StepReport {
         step: "run".into(),

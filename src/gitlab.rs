@@ -1,22 +1,287 @@
-//! Reporting deploys to GitLab. (Being built: see issue 5.)
+//! Reporting deploys to GitLab: a commit status `ferry/<env>` (running, then success or failed, linking
+//! the environment URL) and, with `gitlab.deployments: true`, a deployment through the Deployments
+//! API. It reports only when the token variable (`gitlab.token_env`, default `FERRY_GITLAB_TOKEN`) is
+//! set. The token goes in the `PRIVATE-TOKEN` header and is never printed. GitLab being down or
+//! refusing a request is a warning: it never fails a deploy. The blocking HTTP calls run on tokio's
+//! blocking pool.
 
+use std::sync::Mutex;
 use std::time::Duration;
+
+use serde_json::{Value, json};
 
 use crate::ci::DeployContext;
 use crate::playbook::Playbook;
+use crate::template;
 
+pub const DEFAULT_TOKEN_ENV: &str = "FERRY_GITLAB_TOKEN";
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
     Running,
     Success,
     Failed,
 }
 
-pub struct Reporter;
+impl State {
+    /// The word both APIs use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Running => "running",
+            State::Success => "success",
+            State::Failed => "failed",
+        }
+    }
+}
+
+/// Reports one environment's deploy of one commit.
+pub struct Reporter {
+    /// `https://gitlab.example.com/api/v4/projects/<id>`.
+    project_url: String,
+    token: String,
+    env: String,
+    ctx: DeployContext,
+    target_url: Option<String>,
+    deployments: bool,
+    deployment_id: Mutex<Option<u64>>,
+}
+
+/// Percent-encode a project path (`group/app` → `group%2Fapp`) as the API wants it.
+pub fn encode_project(p: &str) -> String {
+    p.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// The commit status request body: `POST /projects/:id/statuses/:sha`.
+pub fn status_body(
+    ctx: &DeployContext,
+    env: &str,
+    state: State,
+    target_url: Option<&str>,
+    took: Option<Duration>,
+) -> Value {
+    let description = match (state, took) {
+        (State::Running, _) => format!("ferry is deploying to {env}"),
+        (s, Some(t)) => format!(
+            "ferry deploy to {env}: {} in {:.0}s",
+            s.as_str(),
+            t.as_secs_f64()
+        ),
+        (s, None) => format!("ferry deploy to {env}: {}", s.as_str()),
+    };
+    let mut body = json!({
+        "state": state.as_str(),
+        "ref": ctx.ref_name,
+        "name": format!("ferry/{env}"),
+        "description": description,
+    });
+    if let Some(u) = target_url {
+        body["target_url"] = u.into();
+    }
+    if let Some(p) = ctx
+        .pipeline_id
+        .as_deref()
+        .and_then(|p| p.parse::<u64>().ok())
+    {
+        body["pipeline_id"] = p.into();
+    }
+    body
+}
 
 impl Reporter {
-    pub fn new(_pb: &Playbook, _ctx: &DeployContext, _env: &str) -> Option<Reporter> {
-        None
+    /// A reporter when a token is set; `None` (with a warning if the setup is incomplete) otherwise.
+    pub fn new(pb: &Playbook, ctx: &DeployContext, env: &str) -> Option<Reporter> {
+        let settings = pb.gitlab.as_ref();
+        let token_env = settings
+            .and_then(|s| s.token_env.clone())
+            .unwrap_or_else(|| DEFAULT_TOKEN_ENV.into());
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+        let token = var(&token_env)?.trim().to_string();
+        let Some(api) = settings
+            .and_then(|s| s.url.clone())
+            .or_else(|| var("CI_API_V4_URL"))
+        else {
+            tracing::warn!(
+                "{token_env} is set but the GitLab API URL is not: set gitlab.url in the playbook or CI_API_V4_URL; not reporting to GitLab"
+            );
+            return None;
+        };
+        let Some(project) = settings
+            .and_then(|s| s.project.clone())
+            .or_else(|| var("CI_PROJECT_ID"))
+        else {
+            tracing::warn!(
+                "{token_env} is set but the project is not: set gitlab.project in the playbook or CI_PROJECT_ID; not reporting to GitLab"
+            );
+            return None;
+        };
+        let target_url = pb
+            .environments
+            .get(env)
+            .and_then(|e| e.url.as_ref())
+            .and_then(|u| {
+                let mut vars = ctx.vars();
+                for layer in [&pb.vars, &pb.environments[env].vars] {
+                    for (k, v) in layer {
+                        if let Ok(x) = template::expand(v, &vars) {
+                            vars.insert(k.clone(), x);
+                        }
+                    }
+                }
+                vars.insert("app".into(), pb.app.clone());
+                vars.insert("env".into(), env.into());
+                template::expand(u, &vars)
+                    .map_err(|e| {
+                        tracing::warn!("environment url: {e}; the commit status will have no link")
+                    })
+                    .ok()
+            });
+        Some(Reporter {
+            project_url: format!(
+                "{}/projects/{}",
+                api.trim_end_matches('/'),
+                encode_project(&project)
+            ),
+            token,
+            env: env.into(),
+            ctx: ctx.clone(),
+            target_url,
+            deployments: settings.is_some_and(|s| s.deployments),
+            deployment_id: Mutex::new(None),
+        })
     }
 
-    pub async fn report(&self, _state: State, _took: Option<Duration>) {}
+    /// Report `state`; failures are warnings.
+    pub async fn report(&self, state: State, took: Option<Duration>) {
+        let body = status_body(
+            &self.ctx,
+            &self.env,
+            state,
+            self.target_url.as_deref(),
+            took,
+        );
+        let url = format!("{}/statuses/{}", self.project_url, self.ctx.sha);
+        if let Err(e) = self.call("POST", url, body).await {
+            warn(&format!(
+                "cannot set the commit status ferry/{}: {e}",
+                self.env
+            ));
+        }
+        if !self.deployments {
+            return;
+        }
+        let existing = *self.deployment_id.lock().unwrap();
+        let r = match existing {
+            None => {
+                let body = json!({
+                    "environment": self.env,
+                    "sha": self.ctx.sha,
+                    "ref": self.ctx.ref_name,
+                    "tag": self.ctx.is_tag,
+                    "status": state.as_str(),
+                });
+                let url = format!("{}/deployments", self.project_url);
+                self.call("POST", url, body).await.and_then(|v| {
+                    let id = v["id"]
+                        .as_u64()
+                        .ok_or_else(|| "the response has no deployment id".to_string())?;
+                    *self.deployment_id.lock().unwrap() = Some(id);
+                    Ok(())
+                })
+            }
+            Some(id) => {
+                let url = format!("{}/deployments/{id}", self.project_url);
+                self.call("PUT", url, json!({"status": state.as_str()}))
+                    .await
+                    .map(|_| ())
+            }
+        };
+        if let Err(e) = r {
+            warn(&format!(
+                "cannot update the GitLab deployment of {}: {e}",
+                self.env
+            ));
+        }
+    }
+
+    /// One JSON request off the async threads; the parsed response body or a message.
+    async fn call(&self, method: &'static str, url: String, body: Value) -> Result<Value, String> {
+        let token = self.token.clone();
+        let job = tokio::task::spawn_blocking(move || -> Result<Value, String> {
+            let agent: ureq::Agent = ureq::Agent::config_builder()
+                .timeout_global(Some(TIMEOUT))
+                .http_status_as_error(false)
+                .build()
+                .into();
+            let req = match method {
+                "PUT" => agent.put(&url),
+                _ => agent.post(&url),
+            };
+            let mut resp = req
+                .header("PRIVATE-TOKEN", &token)
+                .header("Content-Type", "application/json")
+                .send(body.to_string().as_bytes())
+                .map_err(|e| format!("{method} {url}: {e}"))?;
+            let status = resp.status().as_u16();
+            let text = resp.body_mut().read_to_string().unwrap_or_default();
+            if !(200..300).contains(&status) {
+                let text: String = text.chars().take(200).collect();
+                return Err(format!("{method} {url}: HTTP {status}: {text}"));
+            }
+            Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
+        });
+        job.await.map_err(|e| e.to_string())?
+    }
+}
+
+fn warn(msg: &str) {
+    eprintln!("warning: {msg} (the deploy itself is not affected)");
+    tracing::debug!("{msg}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_body_has_the_documented_fields() {
+        let mut ctx = DeployContext::placeholder();
+        ctx.ref_name = "release-1".into();
+        ctx.pipeline_id = Some("77".into());
+        let b = status_body(
+            &ctx,
+            "staging",
+            State::Running,
+            Some("https://s.example"),
+            None,
+        );
+        assert_eq!(b["state"], "running");
+        assert_eq!(b["name"], "ferry/staging");
+        assert_eq!(b["ref"], "release-1");
+        assert_eq!(b["target_url"], "https://s.example");
+        assert_eq!(b["pipeline_id"], 77);
+        let b = status_body(
+            &ctx,
+            "staging",
+            State::Failed,
+            None,
+            Some(Duration::from_secs(3)),
+        );
+        assert_eq!(b["state"], "failed");
+        assert!(b.get("target_url").is_none());
+    }
+
+    #[test]
+    fn project_paths_are_encoded() {
+        assert_eq!(encode_project("42"), "42");
+        assert_eq!(encode_project("group/sub/app"), "group%2Fsub%2Fapp");
+    }
 }

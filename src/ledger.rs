@@ -113,6 +113,23 @@ impl Record {
         }
     }
 
+    /// The deploy context this record was made with (for re-expanding its paths and names).
+    pub fn context(&self) -> crate::ci::DeployContext {
+        crate::ci::DeployContext {
+            ref_name: self.ref_name.clone(),
+            is_tag: self.is_tag,
+            ref_slug: if self.ref_slug.is_empty() {
+                crate::template::slug(&self.ref_name)
+            } else {
+                self.ref_slug.clone()
+            },
+            sha: self.sha.clone(),
+            pipeline_id: self.pipeline_id.clone(),
+            job_url: self.job_url.clone(),
+            user: self.user.clone(),
+        }
+    }
+
     /// The one JSON line this record is stored as (no newline inside: JSON escapes them).
     pub fn to_line(&self) -> String {
         serde_json::to_string(self).expect("a record serializes")
@@ -149,6 +166,68 @@ pub fn parse(text: &str) -> (Vec<Record>, Vec<String>) {
         }
     }
     (records, skipped)
+}
+
+/// Which earlier deploy a rollback returns to, from one host's records (one app and environment,
+/// oldest first): the release named by `to`, or the last good deploy before the one that made the
+/// live release. `Ok(None)` when the ledger is empty (nothing to choose from: the step modules decide).
+pub fn rollback_target<'a>(
+    records: &'a [Record],
+    to: Option<&str>,
+) -> Result<Option<&'a Record>, String> {
+    let good = |r: &&Record| r.ok && (r.action == "deploy" || r.action == "rollback");
+    let deploys: Vec<&Record> = records
+        .iter()
+        .filter(good)
+        .filter(|r| r.action == "deploy")
+        .collect();
+    if records.is_empty() {
+        return Ok(None);
+    }
+    if let Some(to) = to {
+        return match deploys.iter().rev().find(|r| r.release == to) {
+            Some(r) => Ok(Some(*r)),
+            None => Err(format!(
+                "no successful deploy of release {to} in the ledger; known releases: {}",
+                known(&deploys)
+            )),
+        };
+    }
+    let Some(live) = records.iter().rev().find(good) else {
+        return Err("no successful deploy in the ledger to roll back from".into());
+    };
+    // The deploy that made the live release, then the last good one before it.
+    let made = deploys
+        .iter()
+        .rposition(|r| r.release == live.release)
+        .unwrap_or(deploys.len());
+    deploys[..made]
+        .iter()
+        .rev()
+        .find(|r| r.release != live.release)
+        .copied()
+        .map(Some)
+        .ok_or_else(|| {
+            format!(
+                "nothing to roll back to: release {} is the oldest successful deploy in the ledger",
+                live.release
+            )
+        })
+}
+
+fn known(deploys: &[&Record]) -> String {
+    let mut v: Vec<&str> = deploys
+        .iter()
+        .rev()
+        .map(|r| r.release.as_str())
+        .take(10)
+        .collect();
+    v.dedup();
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
 }
 
 const APPEND: &str = r#"set -e
@@ -257,6 +336,38 @@ mod tests {
         assert_eq!(records, vec![hostile]);
         assert_eq!(skipped.len(), 2, "{skipped:?}");
         assert!(skipped[1].contains("newer"), "{skipped:?}");
+    }
+
+    #[test]
+    fn rollback_goes_to_the_deploy_before_the_live_one() {
+        let mut rs = vec![
+            record("s", "h", "release-1", "aa", true, 1),
+            record("s", "h", "release-2", "bb", true, 2),
+            record("s", "h", "release-3", "cc", false, 3),
+            record("s", "h", "release-3", "cc", true, 4),
+        ];
+        assert_eq!(rollback_target(&rs, None).unwrap().unwrap().started_at, 2);
+        assert_eq!(
+            rollback_target(&rs, Some("2026-1")).unwrap().unwrap().sha,
+            "aa"
+        );
+        assert!(
+            rollback_target(&rs, Some("nope"))
+                .unwrap_err()
+                .contains("2026-4, 2026-2, 2026-1")
+        );
+        // After rolling back to release 2, the next rollback goes to release 1, not forward.
+        let mut rb = record("s", "h", "release-2", "bb", true, 5);
+        rb.action = "rollback".into();
+        rb.release = "2026-2".into();
+        rs.push(rb);
+        assert_eq!(rollback_target(&rs, None).unwrap().unwrap().started_at, 1);
+        assert!(
+            rollback_target(&rs[..1], None)
+                .unwrap_err()
+                .contains("oldest")
+        );
+        assert_eq!(rollback_target(&[], None).unwrap(), None);
     }
 
     #[test]

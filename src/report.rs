@@ -30,10 +30,20 @@ impl Style {
     }
 }
 
-/// A GitLab collapsible log section around a block of output; a no-op outside GitLab CI.
+/// A GitLab collapsible log section around one host's step; plain `==>` headers outside GitLab CI.
+///
+/// Hosts run at once, and sections whose markers interleave do not collapse in GitLab. So in CI the
+/// section's lines are buffered, and the whole section (start marker with the step's start time,
+/// lines, end marker) is written in one go when it ends. A one-line notice marks the step's start
+/// so that a long step still shows progress.
 pub struct Section {
     name: String,
-    enabled: bool,
+    header: String,
+    started: u64,
+    lines: Vec<String>,
+    gitlab: bool,
+    /// Shown open in GitLab (a failed step).
+    expanded: bool,
 }
 
 impl Section {
@@ -49,26 +59,60 @@ impl Section {
             })
             .collect();
         if style.gitlab {
-            flush();
-            eprint!(
-                "\x1b[0Ksection_start:{}:{name}[collapsed=false]\r\x1b[0K{header}\n",
-                unix_now()
-            );
+            eprintln!("{header} ...");
         } else if !style.json {
             eprintln!("==> {header}");
         }
         Section {
             name,
-            enabled: style.gitlab,
+            header: header.to_string(),
+            started: unix_now(),
+            lines: Vec::new(),
+            gitlab: style.gitlab,
+            expanded: false,
         }
+    }
+
+    /// A line of the section's log.
+    pub fn line(&mut self, progress: &Progress, line: &str) {
+        if self.gitlab {
+            self.lines.push(line.to_string());
+        } else {
+            progress.println(line);
+        }
+    }
+
+    /// Show this section open in GitLab (for a failure).
+    pub fn expand(&mut self) {
+        self.expanded = true;
+    }
+
+    /// The whole section as GitLab's log parser wants it.
+    fn render(&self, ended: u64) -> String {
+        let mut out = format!(
+            "\x1b[0Ksection_start:{}:{}[collapsed={}]\r\x1b[0K{}\n",
+            self.started, self.name, !self.expanded, self.header
+        );
+        for l in &self.lines {
+            out.push_str(l);
+            out.push('\n');
+        }
+        out.push_str(&format!(
+            "\x1b[0Ksection_end:{ended}:{}\r\x1b[0K\n",
+            self.name
+        ));
+        out
     }
 }
 
 impl Drop for Section {
     fn drop(&mut self) {
-        if self.enabled {
+        if self.gitlab {
             flush();
-            eprint!("\x1b[0Ksection_end:{}:{}\r\x1b[0K\n", unix_now(), self.name);
+            let text = self.render(unix_now());
+            let mut err = std::io::stderr().lock();
+            let _ = err.write_all(text.as_bytes());
+            let _ = err.flush();
         }
     }
 }
@@ -245,6 +289,25 @@ mod tests {
             ],
         );
         assert_eq!(t, "host  ok\nweb1  yes\ndb    no\n");
+    }
+
+    #[test]
+    fn a_section_is_one_block_with_its_lines() {
+        let mut s = Section {
+            name: "web1_1_sync".into(),
+            header: "web1: sync (deploy)".into(),
+            started: 100,
+            lines: vec![],
+            gitlab: true,
+            expanded: false,
+        };
+        s.lines.push("sent 3 files".into());
+        let text = s.render(105);
+        s.gitlab = false; // do not print on drop
+        assert_eq!(
+            text,
+            "\x1b[0Ksection_start:100:web1_1_sync[collapsed=true]\r\x1b[0Kweb1: sync (deploy)\nsent 3 files\n\x1b[0Ksection_end:105:web1_1_sync\r\x1b[0K\n"
+        );
     }
 
     #[test]

@@ -208,23 +208,6 @@ pub fn summarize(env: &str, per_branch: bool, hosts: &[HostView]) -> EnvStatus {
     st
 }
 
-/// A deploy context for a ref the ledger recorded: the variables its paths and names used.
-fn context_of(r: &Record) -> DeployContext {
-    DeployContext {
-        ref_name: r.ref_name.clone(),
-        is_tag: r.is_tag,
-        ref_slug: if r.ref_slug.is_empty() {
-            crate::template::slug(&r.ref_name)
-        } else {
-            r.ref_slug.clone()
-        },
-        sha: r.sha.clone(),
-        pipeline_id: r.pipeline_id.clone(),
-        job_url: r.job_url.clone(),
-        user: r.user.clone(),
-    }
-}
-
 /// The live-state steps of an environment: sync targets and containers.
 fn live_steps(pb: &Playbook, env: &str) -> Vec<Step> {
     pb.environments[env]
@@ -381,7 +364,7 @@ async fn gather(
                             if !seen.insert(r.ref_name.clone()) {
                                 continue;
                             }
-                            let l = match host_for(pb, env, &context_of(r), &g.limit, host.name()) {
+                            let l = match host_for(pb, env, &r.context(), &g.limit, host.name()) {
                                 Ok(h) => read_live(&h, &session, steps).await,
                                 Err(e) => Live {
                                     notes: vec![format!("unknown ({e:#})")],
@@ -393,7 +376,7 @@ async fn gather(
                     } else {
                         // Names may still use ref variables (image tags): expand with the last deploy's.
                         let h = match records.last() {
-                            Some(r) => host_for(pb, env, &context_of(r), &g.limit, host.name())
+                            Some(r) => host_for(pb, env, &r.context(), &g.limit, host.name())
                                 .unwrap_or(host.clone()),
                             None => host.clone(),
                         };

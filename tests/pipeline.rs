@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::gitlab_stub;
 use crate::support::*;
 
 const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
@@ -52,6 +53,25 @@ fn ledger(state: &Path) -> Vec<serde_json::Value> {
         .lines()
         .map(|l| serde_json::from_str(l).expect(l))
         .collect()
+}
+
+/// GitLab collapsible sections: `n` of them, each end right after its own start (never interleaved,
+/// though hosts run at once).
+fn assert_sections_pair_up(stderr: &str, n: usize) {
+    let mut open: Option<String> = None;
+    let mut count = 0;
+    for line in stderr.lines() {
+        if let Some(rest) = line.split("section_start:").nth(1) {
+            assert!(open.is_none(), "nested or interleaved section: {stderr}");
+            let name = rest.split(':').nth(1).unwrap().split('[').next().unwrap();
+            open = Some(name.to_string());
+        } else if let Some(rest) = line.split("section_end:").nth(1) {
+            let name = rest.split(':').nth(1).unwrap().split('\r').next().unwrap();
+            assert_eq!(open.take().as_deref(), Some(name), "{stderr}");
+            count += 1;
+        }
+    }
+    assert!(open.is_none() && count == n, "{count} sections: {stderr}");
 }
 
 fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
@@ -427,6 +447,17 @@ fn hostile_branch_names_are_safe_in_paths_locks_ledger_status_and_stop() {
         .run()
         .success();
     assert!(!Path::new(&root).join("feature-----spaces").exists());
+    // As a GitLab on_stop job runs it: only CI variables, the environment from the ref's rule.
+    ci(&[&host], &long, SHA, "411")
+        .arg("stop")
+        .arg(&p)
+        .run()
+        .success();
+    assert!(
+        !Path::new(&root)
+            .join(format!("feature-{}", "x".repeat(55)))
+            .exists()
+    );
     assert!(Path::new(&root).join("release---touch--tmp-pwned").exists());
     let one = Ferry::new()
         .trusting(&[&host])
@@ -448,7 +479,12 @@ fn hostile_branch_names_are_safe_in_paths_locks_ledger_status_and_stop() {
     let lines: Vec<&str> = history.stdout.lines().collect();
     assert_eq!(lines.len(), 3, "{}", history.stdout);
     assert!(
-        lines[1].contains("stop") && lines[1].contains("'feature/äöü spaces'"),
+        lines[1].contains("stop") && lines[1].contains(&long),
+        "{}",
+        history.stdout
+    );
+    assert!(
+        lines[2].contains("stop") && lines[2].contains("'feature/äöü spaces'"),
         "{}",
         history.stdout
     );
@@ -470,11 +506,12 @@ fn status_flags_hosts_that_disagree_and_failed_attempts() {
         steps,
         "",
     );
-    ci(&[&a, &b], "release-1", SHA, "501")
+    let both = ci(&[&a, &b], "release-1", SHA, "501")
         .arg("deploy")
         .arg(&p)
         .run()
         .success();
+    assert_sections_pair_up(&both.stderr, 2);
     ci(&[&a, &b], "release-2", SHA2, "502")
         .args(["deploy", "--limit", &a.address()])
         .arg(&p)
@@ -502,4 +539,341 @@ fn status_flags_hosts_that_disagree_and_failed_attempts() {
     );
     assert!(run.stdout.contains("last attempt failed"), "{}", run.stdout);
     assert!(run.stdout.contains("never deployed ok"), "{}", run.stdout);
+}
+
+fn gitlab_pb(dir: &TempDir, host: &Sshd, root: &str, step: &str) -> PathBuf {
+    pb(
+        dir,
+        &[host.address()],
+        root,
+        step,
+        "gitlab:\n  deployments: true\n",
+    )
+}
+
+const TOKEN: &str = "glpat-secret-token-0123456789";
+
+/// Commit status running → success (and a deployment) through a stub that checks GitLab's API.
+#[test]
+fn gitlab_gets_commit_status_and_deployment_and_never_sees_the_token_in_output() {
+    let host = Sshd::start();
+    let dir = TempDir::new("gitlab");
+    let root = open_root(&dir);
+    let stub = gitlab_stub::GitlabStub::start(TOKEN, "group/shop");
+    let p = gitlab_pb(&dir, &host, &root, "      - run: { command: [\"true\"] }\n");
+    let run = ci(&[&host], "release-9", SHA, "901")
+        .env("CI_API_V4_URL", &stub.api_url)
+        .env("CI_PROJECT_ID", "group/shop")
+        .env("FERRY_GITLAB_TOKEN", TOKEN)
+        .arg("deploy")
+        .arg(&p)
+        .run()
+        .success();
+    assert!(!run.all().contains(TOKEN), "the token leaked");
+    assert_eq!(stub.problems(), Vec::<String>::new());
+    let statuses: Vec<_> = stub
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.contains("/statuses/"))
+        .collect();
+    assert_eq!(statuses.len(), 2, "{statuses:?}");
+    assert_eq!(
+        statuses[0].path,
+        format!("/api/v4/projects/group%2Fshop/statuses/{SHA}")
+    );
+    assert_eq!(statuses[0].body["state"], "running");
+    assert_eq!(statuses[1].body["state"], "success");
+    assert_eq!(statuses[1].body["name"], "ferry/test");
+    assert_eq!(statuses[1].body["ref"], "release-9");
+    assert_eq!(statuses[1].body["target_url"], "http://test.example.com/");
+    assert_eq!(statuses[1].body["pipeline_id"], 901);
+    assert_eq!(stub.deployments(), vec![(100, "success".to_string())]);
+
+    // A failing deploy reports failed.
+    let p = gitlab_pb(
+        &dir,
+        &host,
+        &root,
+        "      - run: { command: [\"false\"] }\n",
+    );
+    ci(&[&host], "release-9", SHA, "902")
+        .env("CI_API_V4_URL", &stub.api_url)
+        .env("CI_PROJECT_ID", "group/shop")
+        .env("FERRY_GITLAB_TOKEN", TOKEN)
+        .arg("deploy")
+        .arg(&p)
+        .run()
+        .failure(1);
+    let last = stub
+        .requests()
+        .into_iter()
+        .rev()
+        .find(|r| r.path.contains("/statuses/"))
+        .unwrap();
+    assert_eq!(last.body["state"], "failed");
+    assert_eq!(stub.deployments()[1], (101, "failed".to_string()));
+    assert_eq!(stub.problems(), Vec::<String>::new());
+}
+
+/// GitLab down (500s, or nothing listening): a warning, and the deploy still succeeds.
+#[test]
+fn a_gitlab_outage_warns_and_never_fails_a_good_deploy() {
+    let host = Sshd::start();
+    let dir = TempDir::new("outage");
+    let root = open_root(&dir);
+    let p = gitlab_pb(&dir, &host, &root, "      - run: { command: [\"true\"] }\n");
+    let down = gitlab_stub::GitlabStub::failing(TOKEN, "42");
+    let nothing = format!("http://127.0.0.1:{}/api/v4", free_port());
+    for api in [down.api_url.clone(), nothing] {
+        let run = ci(&[&host], "release-9", SHA, "903")
+            .env("CI_API_V4_URL", &api)
+            .env("CI_PROJECT_ID", "42")
+            .env("FERRY_GITLAB_TOKEN", TOKEN)
+            .arg("deploy")
+            .arg(&p)
+            .run()
+            .success();
+        assert!(
+            run.stderr
+                .contains("warning: cannot set the commit status ferry/test"),
+            "{}",
+            run.stderr
+        );
+        assert!(!run.all().contains(TOKEN), "the token leaked");
+    }
+    assert!(down.requests().len() >= 2, "the failing stub was called");
+    // Both deploys happened and were recorded.
+    assert_eq!(ledger(&Path::new(&root).join(".ferry")).len(), 2);
+}
+
+/// Rollback picks the previous deploy from the ledger, records it, and status shows it live.
+#[test]
+fn rollback_returns_to_the_previous_deploy_and_is_recorded() {
+    let host = Sshd::start();
+    let dir = TempDir::new("rollback");
+    let root = open_root(&dir);
+    let p = pb(
+        &dir,
+        &[host.address()],
+        &root,
+        "      - run: { command: [\"true\"] }\n",
+        "",
+    );
+    ci(&[&host], "release-1", SHA, "601")
+        .arg("deploy")
+        .arg(&p)
+        .run()
+        .success();
+    std::thread::sleep(Duration::from_millis(1100)); // release ids have second resolution
+    ci(&[&host], "release-2", SHA2, "602")
+        .arg("deploy")
+        .arg(&p)
+        .run()
+        .success();
+    let state = Path::new(&root).join(".ferry");
+    let first_release = ledger(&state)[0]["release"].as_str().unwrap().to_string();
+    let bad = ci(&[&host], "release-2", SHA2, "603")
+        .args([
+            "rollback",
+            "--env",
+            "test",
+            "--to",
+            "20000101T000000Z-deadbeef",
+        ])
+        .arg(&p)
+        .run()
+        .failure(1);
+    assert!(bad.stdout.contains("known releases"), "{}", bad.stdout);
+    assert!(bad.stdout.contains(&first_release), "{}", bad.stdout);
+    let run = ci(&[&host], "release-2", SHA2, "604")
+        .args(["rollback", "--env", "test"])
+        .arg(&p)
+        .run()
+        .success();
+    assert!(
+        run.stderr
+            .contains(&format!("rolling back to release {first_release}")),
+        "{}",
+        run.stderr
+    );
+    let records = ledger(&state);
+    let last = records.last().unwrap();
+    assert_eq!(last["action"], "rollback");
+    assert_eq!(last["ref"], "release-1");
+    assert_eq!(last["sha"], SHA);
+    assert_eq!(last["release"], first_release.as_str());
+    let status = Ferry::new()
+        .trusting(&[&host])
+        .args(["status", "--json"])
+        .arg(&p)
+        .run()
+        .success();
+    let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    let rows = v[0]["rows"].as_array().unwrap();
+    let row = |r: &str| rows.iter().find(|x| x["ref"] == r).unwrap();
+    assert_eq!(row("release-1")["state"], "live", "{v}");
+    assert_eq!(row("release-1")["result"], "rollback ok", "{v}");
+    assert_eq!(row("release-2")["state"], "replaced by release-1", "{v}");
+}
+
+/// Ctrl-C (or a cancelled job's SIGTERM) during the steps: recorded as interrupted, lock released.
+#[test]
+fn an_interrupted_deploy_records_the_attempt_and_releases_the_lock() {
+    let host = Sshd::start();
+    let dir = TempDir::new("interrupt");
+    let root = open_root(&dir);
+    let marker = dir.join("running");
+    let p = pb(
+        &dir,
+        &[host.address()],
+        &root,
+        &format!(
+            "      - run: {{ command: [\"sh\", \"-c\", \"touch \\\"$0\\\"; sleep 60\", \"{}\"] }}\n",
+            marker.display()
+        ),
+        "",
+    );
+    for signal in ["INT", "TERM"] {
+        let _ = std::fs::remove_file(&marker);
+        let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["deploy", "--ref", "release-int", "--sha", SHA])
+            .arg(&p)
+            .env(
+                "SSH_PRIVATE_KEY",
+                std::fs::read_to_string(&default_key().private).unwrap(),
+            )
+            .env("SSH_KNOWN_HOSTS", host.known_hosts_line())
+            .env_remove("GITLAB_CI")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for("the step to start", || marker.exists());
+        run_ok(
+            Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(child.id().to_string()),
+        );
+        let started = Instant::now();
+        let out = child.wait_with_output().unwrap();
+        assert!(started.elapsed() < Duration::from_secs(20));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{signal}: {stderr}");
+        assert!(stderr.contains("interrupted"), "{stderr}");
+        let state = Path::new(&root).join(".ferry");
+        let last = ledger(&state).pop().unwrap();
+        assert_eq!(last["ok"], false);
+        assert!(
+            last["error"].as_str().unwrap().contains("interrupted"),
+            "{last}"
+        );
+        assert!(
+            !state.join("locks/testapp-test").exists(),
+            "{signal}: lock left behind"
+        );
+    }
+}
+
+/// Write a lock as a killed run leaves it, expired `ago` seconds ago (negative: still valid).
+fn stale_lock(root: &str, ago: i64) -> PathBuf {
+    let lock_dir = Path::new(root).join(".ferry/locks/testapp-test");
+    std::fs::create_dir_all(&lock_dir).unwrap();
+    std::fs::write(lock_dir.join("token"), "dead\n").unwrap();
+    std::fs::write(
+        lock_dir.join("holder.json"),
+        format!("{{\"token\":\"dead\",\"ref\":\"release-dead\",\"sha\":\"{SHA}\",\"pipeline_id\":null,\"job_url\":null,\"user\":\"bob\",\"controller\":\"gone\",\"pid\":1,\"started_at\":1}}\n"),
+    )
+    .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    std::fs::write(lock_dir.join("expires"), format!("{}\n", now - ago)).unwrap();
+    lock_dir
+}
+
+/// Deployer's auto-unlock race: several controllers find the same expired lock at once. Exactly one
+/// may take it over; the others must see it held (by the winner), never both "win".
+#[test]
+fn only_one_of_many_controllers_takes_over_an_expired_lock() {
+    let host = Sshd::start();
+    let dir = TempDir::new("race");
+    let root = open_root(&dir);
+    let p = pb(
+        &dir,
+        &[host.address()],
+        &root,
+        "      - run: { command: [\"sleep\", \"3\"] }\n",
+        "",
+    );
+    let lock_dir = stale_lock(&root, 100);
+    let runs: Vec<_> = (0..4)
+        .map(|i| {
+            let ferry = ci(&[&host], &format!("release-r{i}"), SHA, &format!("70{i}"))
+                .arg("deploy")
+                .arg(&p);
+            std::thread::spawn(move || ferry.run())
+        })
+        .collect();
+    let runs: Vec<Run> = runs.into_iter().map(|t| t.join().unwrap()).collect();
+    let winners: Vec<&Run> = runs.iter().filter(|r| r.code == 0).collect();
+    assert_eq!(winners.len(), 1, "{runs:#?}");
+    assert!(
+        winners[0]
+            .stderr
+            .contains("took over the expired deploy lock")
+    );
+    for r in runs.iter().filter(|r| r.code != 0) {
+        assert_eq!(r.code, 1, "{r:#?}");
+        assert!(r.stdout.contains("is held by"), "{r:#?}");
+    }
+    // One deploy ran; no leftovers of the takeover; the lock is released.
+    assert_eq!(ledger(&Path::new(&root).join(".ferry")).len(), 1);
+    assert!(!lock_dir.exists());
+    let left: Vec<String> = std::fs::read_dir(Path::new(&root).join(".ferry/locks"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// A deploy longer than its lease keeps the lock by renewing it: nobody can take it over.
+#[test]
+fn a_running_deploy_renews_its_lease() {
+    let host = Sshd::start();
+    let dir = TempDir::new("renew");
+    let root = open_root(&dir);
+    let marker = dir.join("running");
+    let p = pb(
+        &dir,
+        &[host.address()],
+        &root,
+        &format!(
+            "      - run: {{ command: [\"sh\", \"-c\", \"touch \\\"$0\\\"; sleep 7\", \"{}\"] }}\n",
+            marker.display()
+        ),
+        "",
+    );
+    let first = {
+        let ferry = ci(&[&host], "release-long", SHA, "801")
+            .env("FERRY_LOCK_LEASE", "3s")
+            .arg("deploy")
+            .arg(&p);
+        std::thread::spawn(move || ferry.run())
+    };
+    wait_for("the long step to start", || marker.exists());
+    std::thread::sleep(Duration::from_secs(5)); // past the first lease
+    let second = ci(&[&host], "release-other", SHA2, "802")
+        .env("FERRY_LOCK_LEASE", "3s")
+        .arg("deploy")
+        .arg(&p)
+        .run()
+        .failure(1);
+    assert!(
+        second.stdout.contains("held by ref release-long"),
+        "{}",
+        second.stdout
+    );
+    assert!(!second.stderr.contains("took over"), "{}", second.stderr);
+    first.join().unwrap().success();
 }

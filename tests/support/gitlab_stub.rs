@@ -1,0 +1,301 @@
+//! A local stand-in for GitLab's REST API (v4), for the two endpoints ferry calls. It checks every
+//! request against GitLab's API documentation and records what did not match:
+//! - `POST /projects/:id/statuses/:sha`: `state` required, one of pending, running, success, failed,
+//!   canceled. Optional: `ref`, `name`/`context`, `target_url`, `description`, `coverage`,
+//!   `pipeline_id`. 201 with the status.
+//! - `POST /projects/:id/deployments`: `environment`, `sha`, `ref`, `tag` (boolean) and `status`
+//!   (created, running, success, failed, canceled) required. 201 with the deployment and its `id`.
+//! - `PUT /projects/:id/deployments/:deployment_id`: `status` required. 200.
+//!
+//! Every request must carry the `PRIVATE-TOKEN` header (401 otherwise) and a JSON body. In `failing`
+//! mode every request gets a 500, as during an outage.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+
+use serde_json::{Value, json};
+
+/// One request as received.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    pub token: Option<String>,
+    pub body: Value,
+}
+
+#[derive(Default)]
+struct State {
+    requests: Vec<Request>,
+    problems: Vec<String>,
+    deployments: Vec<(u64, String)>,
+}
+
+pub struct GitlabStub {
+    /// The API base, as `CI_API_V4_URL` would hold it.
+    pub api_url: String,
+    state: Arc<Mutex<State>>,
+}
+
+impl GitlabStub {
+    /// A stub that accepts `token` for project `project` (an id or a path).
+    pub fn start(token: &str, project: &str) -> GitlabStub {
+        GitlabStub::spawn(token, project, false)
+    }
+
+    /// A stub that answers every request with a 500.
+    pub fn failing(token: &str, project: &str) -> GitlabStub {
+        GitlabStub::spawn(token, project, true)
+    }
+
+    fn spawn(token: &str, project: &str, failing: bool) -> GitlabStub {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new(Mutex::new(State::default()));
+        let (st, token, project) = (state.clone(), token.to_string(), project.to_string());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let Some(req) = read_request(&mut conn) else {
+                    continue;
+                };
+                let (code, body) = if failing {
+                    st.lock().unwrap().requests.push(req);
+                    (500, json!({"message": "500 Internal Server Error"}))
+                } else {
+                    handle(&st, &token, &project, req)
+                };
+                let text = body.to_string();
+                let reason = match code {
+                    200 => "OK",
+                    201 => "Created",
+                    400 => "Bad Request",
+                    401 => "Unauthorized",
+                    404 => "Not Found",
+                    _ => "Internal Server Error",
+                };
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+                    text.len()
+                );
+            }
+        });
+        GitlabStub {
+            api_url: format!("http://127.0.0.1:{port}/api/v4"),
+            state,
+        }
+    }
+
+    pub fn requests(&self) -> Vec<Request> {
+        self.state.lock().unwrap().requests.clone()
+    }
+
+    /// Requests that did not match the documented API.
+    pub fn problems(&self) -> Vec<String> {
+        self.state.lock().unwrap().problems.clone()
+    }
+
+    /// Deployments and their current status, in creation order.
+    pub fn deployments(&self) -> Vec<(u64, String)> {
+        self.state.lock().unwrap().deployments.clone()
+    }
+}
+
+fn read_request(conn: &mut std::net::TcpStream) -> Option<Request> {
+    let mut reader = BufReader::new(conn.try_clone().ok()?);
+    let mut line = String::new();
+    reader.read_line(&mut line).ok()?;
+    let mut parts = line.split_whitespace();
+    let method = parts.next()?.to_string();
+    let path = parts.next()?.to_string();
+    let mut token = None;
+    let mut length = 0usize;
+    let mut content_type = String::new();
+    loop {
+        let mut h = String::new();
+        reader.read_line(&mut h).ok()?;
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        let (k, v) = h.split_once(':')?;
+        let v = v.trim().to_string();
+        match k.to_ascii_lowercase().as_str() {
+            "private-token" => token = Some(v),
+            "content-length" => length = v.parse().ok()?,
+            "content-type" => content_type = v,
+            _ => {}
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).ok()?;
+    let body = if content_type.starts_with("application/json") {
+        serde_json::from_slice(&body).unwrap_or(Value::String("<invalid json>".into()))
+    } else {
+        Value::String(format!("<content-type {content_type:?}>"))
+    };
+    Some(Request {
+        method,
+        path,
+        token,
+        body,
+    })
+}
+
+fn decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        if let (b'%', Some(x)) = (b[i], hex) {
+            out.push(x);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn handle(st: &Mutex<State>, token: &str, project: &str, req: Request) -> (u16, Value) {
+    let mut s = st.lock().unwrap();
+    s.requests.push(req.clone());
+    let mut problems = Vec::new();
+    if req.token.as_deref() != Some(token) {
+        s.problems.push(format!(
+            "{} {}: missing or wrong PRIVATE-TOKEN",
+            req.method, req.path
+        ));
+        return (401, json!({"message": "401 Unauthorized"}));
+    }
+    let Some(body) = req.body.as_object() else {
+        s.problems.push(format!(
+            "{} {}: body is not a JSON object: {}",
+            req.method, req.path, req.body
+        ));
+        return (400, json!({"message": "body must be JSON"}));
+    };
+    let segs: Vec<&str> = req.path.split('/').collect();
+    // ["", "api", "v4", "projects", ID, ...]
+    if segs.len() < 6 || segs[1] != "api" || segs[2] != "v4" || segs[3] != "projects" {
+        s.problems
+            .push(format!("unknown endpoint {} {}", req.method, req.path));
+        return (404, json!({"message": "404 Not Found"}));
+    }
+    if decode(segs[4]) != project {
+        problems.push(format!("project `{}` is not `{project}`", decode(segs[4])));
+    }
+    let str_field = |k: &str| body.get(k).and_then(Value::as_str);
+    let one_of = |k: &str, allowed: &[&str], problems: &mut Vec<String>| match str_field(k) {
+        Some(v) if allowed.contains(&v) => {}
+        other => problems.push(format!("`{k}` must be one of {allowed:?}, got {other:?}")),
+    };
+    let only = |allowed: &[&str], problems: &mut Vec<String>| {
+        for k in body.keys() {
+            if !allowed.contains(&k.as_str()) {
+                problems.push(format!("undocumented field `{k}`"));
+            }
+        }
+    };
+    let result = match (req.method.as_str(), &segs[5..]) {
+        ("POST", ["statuses", sha]) => {
+            if sha.len() != 40 || !sha.chars().all(|c| c.is_ascii_hexdigit()) {
+                problems.push(format!("`{sha}` is not a commit sha"));
+            }
+            one_of(
+                "state",
+                &["pending", "running", "success", "failed", "canceled"],
+                &mut problems,
+            );
+            only(
+                &[
+                    "state",
+                    "ref",
+                    "name",
+                    "context",
+                    "target_url",
+                    "description",
+                    "coverage",
+                    "pipeline_id",
+                ],
+                &mut problems,
+            );
+            if let Some(u) = body.get("target_url")
+                && !u.as_str().is_some_and(|u| u.starts_with("http"))
+            {
+                problems.push(format!("target_url {u} is not a URL"));
+            }
+            if body.get("pipeline_id").is_some_and(|p| !p.is_u64()) {
+                problems.push("pipeline_id must be an integer".into());
+            }
+            (
+                201,
+                json!({"id": s.requests.len(), "sha": sha, "status": str_field("state")}),
+            )
+        }
+        ("POST", ["deployments"]) => {
+            for k in ["environment", "sha", "ref"] {
+                if str_field(k).is_none_or(str::is_empty) {
+                    problems.push(format!("`{k}` is required"));
+                }
+            }
+            if !body.get("tag").is_some_and(Value::is_boolean) {
+                problems.push("`tag` (boolean) is required".into());
+            }
+            one_of(
+                "status",
+                &["created", "running", "success", "failed", "canceled"],
+                &mut problems,
+            );
+            only(
+                &["environment", "sha", "ref", "tag", "status"],
+                &mut problems,
+            );
+            let id = 100 + s.deployments.len() as u64;
+            let status = str_field("status").unwrap_or("").to_string();
+            s.deployments.push((id, status));
+            (
+                201,
+                json!({"id": id, "iid": id, "ref": str_field("ref"), "sha": str_field("sha")}),
+            )
+        }
+        ("PUT", ["deployments", id]) => {
+            one_of(
+                "status",
+                &["running", "success", "failed", "canceled"],
+                &mut problems,
+            );
+            only(&["status"], &mut problems);
+            let status = str_field("status").unwrap_or("").to_string();
+            match s.deployments.iter_mut().find(|(d, _)| d.to_string() == *id) {
+                Some(d) => {
+                    d.1 = status;
+                    (200, json!({"id": d.0, "status": d.1}))
+                }
+                None => {
+                    problems.push(format!("no deployment {id}"));
+                    (404, json!({"message": "404 Deployment Not Found"}))
+                }
+            }
+        }
+        _ => {
+            problems.push("unknown endpoint".into());
+            (404, json!({"message": "404 Not Found"}))
+        }
+    };
+    for p in problems.iter() {
+        s.problems.push(format!("{} {}: {p}", req.method, req.path));
+    }
+    if problems.is_empty() {
+        result
+    } else {
+        (400, json!({"message": problems}))
+    }
+}
