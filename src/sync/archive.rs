@@ -1,8 +1,8 @@
 //! The one stream a deploy sends: a gzip'd tar that the host's own `tar -xzmo` (GNU or BusyBox)
-//! unpacks under the store's `incoming/` directory. It holds each missing object once as a regular
-//! file, the whole new release tree as directory, symlink and hard-link entries (links point at
-//! objects already in the store or just sent, so no file content is sent twice), the release's
-//! manifest and metadata, and a `COMPLETE` trailer the host checks before anything goes live.
+//! unpacks in the store. It holds each missing object once as a regular file `objects/<name>`, then
+//! the whole new release tree under `incoming/r/` as directory, symlink and hard-link entries (links
+//! point at objects, so no content is sent twice), the release's manifest and metadata, and an
+//! `incoming/COMPLETE` trailer the host checks before anything goes live.
 //! gzip squeezes the 512-byte tar headers to a few bytes each, and text assets well below rsync's
 //! uncompressed bytes.
 
@@ -55,8 +55,7 @@ pub fn write(
         let mut h = header(EntryType::Directory, mode, 0);
         tar.append_data(&mut h, path, std::io::empty())
     };
-    dir(&mut tar, "incoming/o", 0o755)?;
-    let mut sent_objects = std::collections::HashSet::new();
+    dir(&mut tar, "objects", 0o755)?;
     for &i in &plan.send {
         let e = &local.entries[i];
         let Kind::File { size, mode, hash } = &e.kind else {
@@ -73,7 +72,7 @@ pub fn write(
             sent,
         };
         let mut h = header(EntryType::Regular, *mode, *size);
-        tar.append_data(&mut h, format!("incoming/o/{obj}"), &mut reader)
+        tar.append_data(&mut h, format!("objects/{obj}"), &mut reader)
             .with_context(|| format!("sending {}", full.display()))?;
         if reader.n != *size || reader.hasher.finalize().as_bytes() != hash {
             bail!(
@@ -81,7 +80,6 @@ pub fn write(
                 full.display()
             );
         }
-        sent_objects.insert(obj);
     }
     dir(&mut tar, "incoming/r", local.root_mode)?;
     for e in &local.entries {
@@ -96,14 +94,12 @@ pub fn write(
                 tar.append_link(&mut h, &path, std::ffi::OsStr::from_bytes(target))?;
             }
             Kind::File { mode, .. } => {
-                let obj = e.object().expect("file");
-                let target = if sent_objects.contains(&obj) {
-                    format!("incoming/o/{obj}")
-                } else {
-                    format!("objects/{obj}")
-                };
                 let mut h = header(EntryType::Link, *mode, 0);
-                tar.append_link(&mut h, &path, target)?;
+                tar.append_link(
+                    &mut h,
+                    &path,
+                    format!("objects/{}", e.object().expect("file")),
+                )?;
             }
         }
     }
@@ -196,7 +192,7 @@ mod tests {
         write(&src, &m, &p, &extras, &mut out, &|_| {}).unwrap();
         for tar in ["tar", "busybox tar"] {
             let dst = base.join(tar.replace(' ', "_"));
-            std::fs::create_dir_all(dst.join("objects")).unwrap();
+            std::fs::create_dir_all(&dst).unwrap();
             std::fs::write(dst.join("t.tgz"), &out).unwrap();
             let st = std::process::Command::new("sh")
                 .arg("-c")
@@ -215,10 +211,7 @@ mod tests {
                 b"two"
             );
             assert!(dst.join("incoming/COMPLETE").exists());
-            assert_eq!(
-                std::fs::read_dir(dst.join("incoming/o")).unwrap().count(),
-                2
-            );
+            assert_eq!(std::fs::read_dir(dst.join("objects")).unwrap().count(), 2);
         }
         std::fs::remove_dir_all(&base).unwrap();
     }
