@@ -148,7 +148,7 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
             }
             return Ok(*report);
         }
-        Ok(Decision::Send(plan, report)) => (plan, report),
+        Ok(Decision::Send(both)) => *both,
         Err(e) => {
             if let Some(p) = proc.take() {
                 let _ = p.finish().await;
@@ -219,7 +219,7 @@ enum Decision {
     /// Nothing to send: a no-op or a plan; the report is final.
     Done(Box<StepReport>),
     /// Send this; the report's summary holds the change counts so far.
-    Send(diff::Plan, StepReport),
+    Send(Box<(diff::Plan, StepReport)>),
 }
 
 /// The pure middle of a deploy: refuse, report a no-op or a plan, or say what to send.
@@ -315,7 +315,7 @@ fn decide(
         }
         return Ok(Decision::Done(Box::new(r)));
     }
-    Ok(Decision::Send(plan, report(true, counts)))
+    Ok(Decision::Send(Box::new((plan, report(true, counts)))))
 }
 
 /// Start the deploy script and read its inventory; the process then waits for our decision.
