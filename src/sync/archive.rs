@@ -1,14 +1,17 @@
 //! The one stream a deploy sends: a gzip'd tar that the host's own `tar -xzmo` (GNU or BusyBox)
-//! unpacks under the store's `incoming/` directory. It holds each missing object once as a regular
-//! file, the whole new release tree as directory, symlink and hard-link entries (links point at
-//! objects already in the store or just sent, so no file content is sent twice), the release's
-//! manifest and metadata, and a `COMPLETE` trailer the host checks before anything goes live.
+//! unpacks in the store. It holds each missing object once as a regular file `objects/<name>`, then
+//! the whole new release tree under `incoming/r/` as directory, symlink and hard-link entries (links
+//! point at objects, so no content is sent twice), the release's manifest and metadata, and an
+//! `incoming/COMPLETE` trailer the host checks before anything goes live.
 //! gzip squeezes the 512-byte tar headers to a few bytes each, and text assets well below rsync's
-//! uncompressed bytes.
+//! uncompressed bytes. Content that does not compress (images, fonts, archives: judged by the byte
+//! entropy of its first block) goes in stored deflate blocks, which cost almost no CPU on either side.
 
 use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{Context, bail};
 use tar::{EntryType, Header};
@@ -49,14 +52,14 @@ pub fn write(
     out: impl Write,
     sent: &dyn Fn(u64),
 ) -> anyhow::Result<()> {
-    let gz = flate2::write::GzEncoder::new(out, flate2::Compression::fast());
+    let level = Arc::new(AtomicU32::new(FAST));
+    let gz = Gz::new(out, level.clone())?;
     let mut tar = tar::Builder::new(gz);
     let dir = |tar: &mut tar::Builder<_>, path: &str, mode: u32| -> std::io::Result<()> {
         let mut h = header(EntryType::Directory, mode, 0);
         tar.append_data(&mut h, path, std::io::empty())
     };
-    dir(&mut tar, "incoming/o", 0o755)?;
-    let mut sent_objects = std::collections::HashSet::new();
+    dir(&mut tar, "objects", 0o755)?;
     for &i in &plan.send {
         let e = &local.entries[i];
         let Kind::File { size, mode, hash } = &e.kind else {
@@ -71,9 +74,10 @@ pub fn write(
             hasher: blake3::Hasher::new(),
             n: 0,
             sent,
+            level: &level,
         };
         let mut h = header(EntryType::Regular, *mode, *size);
-        tar.append_data(&mut h, format!("incoming/o/{obj}"), &mut reader)
+        tar.append_data(&mut h, format!("objects/{obj}"), &mut reader)
             .with_context(|| format!("sending {}", full.display()))?;
         if reader.n != *size || reader.hasher.finalize().as_bytes() != hash {
             bail!(
@@ -81,7 +85,6 @@ pub fn write(
                 full.display()
             );
         }
-        sent_objects.insert(obj);
     }
     dir(&mut tar, "incoming/r", local.root_mode)?;
     for e in &local.entries {
@@ -96,14 +99,12 @@ pub fn write(
                 tar.append_link(&mut h, &path, std::ffi::OsStr::from_bytes(target))?;
             }
             Kind::File { mode, .. } => {
-                let obj = e.object().expect("file");
-                let target = if sent_objects.contains(&obj) {
-                    format!("incoming/o/{obj}")
-                } else {
-                    format!("objects/{obj}")
-                };
                 let mut h = header(EntryType::Link, *mode, 0);
-                tar.append_link(&mut h, &path, target)?;
+                tar.append_link(
+                    &mut h,
+                    &path,
+                    format!("objects/{}", e.object().expect("file")),
+                )?;
             }
         }
     }
@@ -122,21 +123,149 @@ pub fn write(
     Ok(())
 }
 
-/// Reads a file while hashing it, so that what is sent is exactly what was hashed.
+/// Reads a file while hashing it, so that what is sent is exactly what was hashed; picks the
+/// compression level for the file's content from its first block, and restores it at the end.
 struct Verify<'a, R> {
     inner: R,
     hasher: blake3::Hasher,
     n: u64,
     sent: &'a dyn Fn(u64),
+    level: &'a AtomicU32,
 }
 
 impl<R: Read> Read for Verify<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
+        if self.n == 0 && n > 0 {
+            let l = if incompressible(&buf[..n]) {
+                STORED
+            } else {
+                FAST
+            };
+            self.level.store(l, Ordering::Relaxed);
+        }
+        if n == 0 {
+            self.level.store(FAST, Ordering::Relaxed);
+        }
         self.hasher.update(&buf[..n]);
         self.n += n as u64;
         (self.sent)(n as u64);
         Ok(n)
+    }
+}
+
+const STORED: u32 = 0;
+const FAST: u32 = 1;
+
+/// Shannon entropy of the bytes above 7.2 bits per byte: already compressed or random.
+fn incompressible(sample: &[u8]) -> bool {
+    if sample.len() < 512 {
+        return false;
+    }
+    let mut counts = [0u32; 256];
+    for &b in sample {
+        counts[b as usize] += 1;
+    }
+    let n = sample.len() as f64;
+    let bits: f64 = counts
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = c as f64 / n;
+            -p * p.log2()
+        })
+        .sum();
+    bits > 7.2
+}
+
+/// A gzip member that deflates at the fastest level but carries incompressible content in stored
+/// blocks written here (`flate2::GzEncoder` cannot mix them): RFC 1952 header, raw deflate (RFC
+/// 1951), CRC-32 and size trailer. Before stored blocks the compressor is sync-flushed (byte
+/// aligned) and reset, so its later back-references never reach into data it did not see.
+struct Gz<W: Write> {
+    out: W,
+    z: flate2::Compress,
+    crc: flate2::Crc,
+    /// The compressor has seen input since its last reset.
+    dirty: bool,
+    want: Arc<AtomicU32>,
+    buf: Vec<u8>,
+}
+
+impl<W: Write> Gz<W> {
+    fn new(mut out: W, want: Arc<AtomicU32>) -> std::io::Result<Self> {
+        out.write_all(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255])?;
+        Ok(Gz {
+            out,
+            z: flate2::Compress::new(flate2::Compression::new(FAST), false),
+            crc: flate2::Crc::new(),
+            dirty: false,
+            want,
+            buf: Vec::with_capacity(256 * 1024),
+        })
+    }
+
+    /// Run the compressor over `input` with `flush`, writing what it produces.
+    fn pump(&mut self, mut input: &[u8], flush: flate2::FlushCompress) -> std::io::Result<bool> {
+        loop {
+            self.buf.clear();
+            let before = self.z.total_in();
+            let status = self
+                .z
+                .compress_vec(input, &mut self.buf, flush)
+                .map_err(std::io::Error::other)?;
+            input = &input[(self.z.total_in() - before) as usize..];
+            self.out.write_all(&self.buf)?;
+            let full = self.buf.len() == self.buf.capacity();
+            if status == flate2::Status::StreamEnd {
+                return Ok(true);
+            }
+            if input.is_empty() && !full {
+                return Ok(false);
+            }
+        }
+    }
+
+    fn stored(&mut self, data: &[u8]) -> std::io::Result<()> {
+        if self.dirty {
+            self.pump(&[], flate2::FlushCompress::Sync)?;
+            self.z.reset();
+            self.dirty = false;
+        }
+        for chunk in data.chunks(65535) {
+            let len = chunk.len() as u16;
+            let mut head = [0u8; 5];
+            head[1..3].copy_from_slice(&len.to_le_bytes());
+            head[3..5].copy_from_slice(&(!len).to_le_bytes());
+            self.out.write_all(&head)?;
+            self.out.write_all(chunk)?;
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> std::io::Result<W> {
+        while !self.pump(&[], flate2::FlushCompress::Finish)? {}
+        let mut trailer = self.crc.sum().to_le_bytes().to_vec();
+        trailer.extend_from_slice(&self.crc.amount().to_le_bytes());
+        self.out.write_all(&trailer)?;
+        Ok(self.out)
+    }
+}
+
+impl<W: Write> Write for Gz<W> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.crc.update(data);
+        if self.want.load(Ordering::Relaxed) == STORED {
+            self.stored(data)?;
+        } else {
+            self.dirty = true;
+            self.pump(data, flate2::FlushCompress::None)?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
     }
 }
 
@@ -184,6 +313,11 @@ mod tests {
         std::fs::write(src.join("a b/c\nd/x\u{e9}.js"), b"one").unwrap();
         std::fs::write(src.join(format!("{}.txt", "long".repeat(40))), b"two").unwrap();
         std::fs::write(src.join("dup"), b"one").unwrap();
+        let noise: Vec<u8> = (0..100_000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        std::fs::write(src.join("noise.png"), &noise).unwrap();
+        std::fs::write(src.join("text.js"), "const x = 1;\n".repeat(5000)).unwrap();
         std::os::unix::fs::symlink("dup", src.join("link")).unwrap();
         let m = scan(&src, &[], None).unwrap();
         let p = diff::plan(&m, None, &Default::default());
@@ -194,9 +328,15 @@ mod tests {
             meta_json: b"{}",
         };
         write(&src, &m, &p, &extras, &mut out, &|_| {}).unwrap();
+        assert!(
+            out.len() < 100_000 + 20_000,
+            "text compressed, noise stored: {}",
+            out.len()
+        );
+        assert!(incompressible(&noise[..8192]) && !incompressible(&[b'a'; 8192]));
         for tar in ["tar", "busybox tar"] {
             let dst = base.join(tar.replace(' ', "_"));
-            std::fs::create_dir_all(dst.join("objects")).unwrap();
+            std::fs::create_dir_all(&dst).unwrap();
             std::fs::write(dst.join("t.tgz"), &out).unwrap();
             let st = std::process::Command::new("sh")
                 .arg("-c")
@@ -210,15 +350,14 @@ mod tests {
                 b"one"
             );
             assert_eq!(std::fs::read(r.join("link")).unwrap(), b"one");
+            assert_eq!(std::fs::read(r.join("noise.png")).unwrap(), noise);
+            assert_eq!(std::fs::read(r.join("text.js")).unwrap().len(), 65000);
             assert_eq!(
                 std::fs::read(r.join(format!("{}.txt", "long".repeat(40)))).unwrap(),
                 b"two"
             );
             assert!(dst.join("incoming/COMPLETE").exists());
-            assert_eq!(
-                std::fs::read_dir(dst.join("incoming/o")).unwrap().count(),
-                2
-            );
+            assert_eq!(std::fs::read_dir(dst.join("objects")).unwrap().count(), 4);
         }
         std::fs::remove_dir_all(&base).unwrap();
     }

@@ -1,10 +1,11 @@
 //! Sync: ship a local build directory to hosts by content-hash diff, into atomic releases.
 //!
-//! A deploy is two exchanges per host. One round trip ([`remote::INVENTORY`]) reads what the host has:
-//! the target's state, releases and their metadata, the live manifest and the names of stored
-//! objects, and which objects were edited since they were placed. The pure [`diff`] decides what is
-//! missing. Then one gzip'd tar stream ([`archive`]) carries the missing objects and the new release
-//! tree as hard links, and [`remote::APPLY`] unpacks it, checks its trailer, names the release and
+//! A deploy is one exec per host ([`remote::DEPLOY`]). It first reports what the host has: the
+//! target's state, releases and their metadata, the live manifest, the names of stored objects, and
+//! which objects were edited since they were placed (a plan reads the same with
+//! [`remote::INVENTORY`], changing nothing). The pure [`diff`] decides what is missing. Then one
+//! gzip'd tar stream ([`archive`]) into the same exec carries the missing objects and the new
+//! release tree as hard links; the script unpacks it, checks its trailer, names the release and
 //! renames a new symlink over `to`. Nothing the live release uses is ever written: new content
 //! arrives under new names, and objects edited on the host are unlinked and re-sent.
 
@@ -24,7 +25,7 @@ use crate::deploy::{StepCtx, StepReport};
 use crate::inventory::Host;
 use crate::playbook::{SyncMode, SyncRemoveStep, SyncStep};
 use crate::report::human_bytes;
-use crate::ssh::Session;
+use crate::ssh::{Process, Session, SharedSink, Stream};
 
 use manifest::Manifest;
 use remote::{Inventory, Paths, TargetState};
@@ -131,14 +132,105 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
     let local = scan_shared(from.clone(), step.exclude.clone()).await?;
     let digest = local.digest();
     tracing::debug!(elapsed = ?started.elapsed(), entries = local.entries.len(), "scanned {}", from.display());
-    let mut inv = inventory(ctx.session, &paths, &digest).await?;
+    // A plan only reads; a deploy reads and applies in one exec (see remote::DEPLOY).
+    let (inv, mut proc) = if ctx.plan {
+        (inventory(ctx.session, &paths, &digest).await?, None)
+    } else {
+        let (inv, proc) = open_deploy(ctx.session, &paths, &digest).await?;
+        (inv, Some(proc))
+    };
     tracing::debug!(elapsed = ?started.elapsed(), objects = inv.objects.len(), same = inv.same, "inventory of {}", paths.to);
-    if inv.same && (inv.drift().is_some()) {
-        // The live tree matches by digest but was edited on the host: fetch the full picture.
-        inv = inventory(ctx.session, &paths, "").await?;
-    }
-    check_target(host, &paths, &inv, step.adopt)?;
+    let decided = decide(ctx, step, &local, &paths, &inv);
+    let (plan, report) = match decided {
+        Ok(Decision::Done(report)) => {
+            if let Some(p) = proc.take() {
+                finish_quietly(host, &paths, p).await?;
+            }
+            return Ok(*report);
+        }
+        Ok(Decision::Send(both)) => *both,
+        Err(e) => {
+            if let Some(p) = proc.take() {
+                let _ = p.finish().await;
+            }
+            return Err(e);
+        }
+    };
+    let proc = proc.expect("deploys hold the process");
     let (files, bytes) = local.file_stats();
+    let live = inv.live().map(str::to_string);
+    let meta = remote::Meta {
+        version: 1,
+        ref_name: ctx.deploy.ref_name.clone(),
+        sha: ctx.deploy.sha.clone(),
+        pipeline: ctx.deploy.pipeline_id.clone(),
+        user: ctx.deploy.user.clone(),
+        time: crate::report::unix_now(),
+        files,
+        bytes,
+        digest: digest.clone(),
+        previous: live.clone(),
+    };
+    let mut releases = inv.releases.clone();
+    releases.push(ctx.release.to_string());
+    let mut protect = vec![ctx.release];
+    if let Some(l) = &live {
+        protect.push(l);
+    }
+    let prune: Vec<String> = diff::prune(&releases, step.keep, &protect)
+        .into_iter()
+        .filter(|r| remote::safe_id(r))
+        .collect();
+    if !remote::safe_id(ctx.release) {
+        bail!(
+            "release id `{}` has characters ferry does not put in paths",
+            ctx.release
+        );
+    }
+    let params = format!(
+        "{} {} {}\n",
+        ctx.release,
+        if step.adopt { 1 } else { 0 },
+        prune.join(" ")
+    );
+    let wire = stream(ctx, proc, &params, &from, &local, &plan, &paths, &meta).await?;
+    let release = wire.release;
+    tracing::debug!(elapsed = ?started.elapsed(), wire = wire.bytes, "applied release {release}");
+    let mut report = report;
+    report.detail["release"] = release.clone().into();
+    report.detail["previous"] = meta.previous.clone().into();
+    report.detail["wire_bytes"] = wire.bytes.into();
+    report.detail["pruned"] = prune.clone().into();
+    report.summary = format!(
+        "{} -> release {release}: {}; sent {} files ({} content, {} on the wire) in {:.1}s",
+        paths.to,
+        report.summary,
+        plan.send.len(),
+        human_bytes(plan.send_bytes),
+        human_bytes(wire.bytes),
+        started.elapsed().as_secs_f64()
+    );
+    report.files_sent = plan.send.len() as u64;
+    report.bytes_sent = wire.bytes;
+    Ok(report)
+}
+
+enum Decision {
+    /// Nothing to send: a no-op or a plan; the report is final.
+    Done(Box<StepReport>),
+    /// Send this; the report's summary holds the change counts so far.
+    Send(Box<(diff::Plan, StepReport)>),
+}
+
+/// The pure middle of a deploy: refuse, report a no-op or a plan, or say what to send.
+fn decide(
+    ctx: &StepCtx<'_>,
+    step: &SyncStep,
+    local: &Manifest,
+    paths: &Paths,
+    inv: &Inventory,
+) -> anyhow::Result<Decision> {
+    check_target(ctx.host.name(), paths, inv, step.adopt)?;
     let plan = if inv.same {
         diff::Plan {
             unchanged: local
@@ -149,7 +241,7 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
             ..Default::default()
         }
     } else {
-        diff::plan(&local, inv.live_manifest.as_ref(), &inv.trusted_objects())
+        diff::plan(local, inv.live_manifest.as_ref(), &inv.trusted_objects())
     };
     let mut log = Vec::new();
     if let Some(d) = inv.drift() {
@@ -160,7 +252,7 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
     }
     let live = inv.live().map(str::to_string);
     let noop = plan.is_noop() && plan.send.is_empty() && inv.handmade == 0 && live.is_some();
-    let mut detail = serde_json::json!({
+    let detail = serde_json::json!({
         "path": paths.to,
         "live": live,
         "added": plan.added.len(),
@@ -184,87 +276,104 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
         plan.deleted.len(),
         human_bytes(plan.changed_bytes)
     );
+    let report = |changed, summary| StepReport {
+        step: "sync".into(),
+        changed,
+        summary,
+        log: log.clone(),
+        detail: detail.clone(),
+        ..Default::default()
+    };
     if noop {
-        return Ok(StepReport {
-            step: "sync".into(),
-            changed: false,
-            summary: format!(
+        return Ok(Decision::Done(Box::new(report(
+            false,
+            format!(
                 "{} unchanged: release {} already live",
                 paths.to,
                 live.unwrap_or_default()
             ),
-            log,
-            detail,
-            ..Default::default()
-        });
+        ))));
     }
     if ctx.plan {
+        let mut r = report(
+            true,
+            format!(
+                "would deploy {}: {counts}; would send {} files ({})",
+                paths.to,
+                plan.send.len(),
+                human_bytes(plan.send_bytes)
+            ),
+        );
         for (sign, list) in [
             ("+", &plan.added),
             ("~", &plan.changed),
             ("-", &plan.deleted),
         ] {
             for p in truncated(list) {
-                log.push(format!("  {sign} {}", p.escape_debug()));
+                r.log.push(format!("  {sign} {}", p.escape_debug()));
             }
         }
-        return Ok(StepReport {
-            step: "sync".into(),
-            changed: true,
-            summary: format!(
-                "would deploy {}: {counts}; would send {} files ({})",
-                paths.to,
-                plan.send.len(),
-                human_bytes(plan.send_bytes)
-            ),
-            log,
-            detail,
-            ..Default::default()
-        });
+        return Ok(Decision::Done(Box::new(r)));
     }
+    Ok(Decision::Send(Box::new((plan, report(true, counts)))))
+}
 
-    let meta = remote::Meta {
-        version: 1,
-        ref_name: ctx.deploy.ref_name.clone(),
-        sha: ctx.deploy.sha.clone(),
-        pipeline: ctx.deploy.pipeline_id.clone(),
-        user: ctx.deploy.user.clone(),
-        time: crate::report::unix_now(),
-        files,
-        bytes,
-        digest: digest.clone(),
-        previous: live.clone(),
+/// Start the deploy script and read its inventory; the process then waits for our decision.
+async fn open_deploy(
+    session: &Session,
+    paths: &Paths,
+    digest: &str,
+) -> anyhow::Result<(Inventory, Process)> {
+    let host = session.name().to_string();
+    let cmd = Session::script_command(remote::DEPLOY, &[&paths.store, &paths.to, digest])?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let sink: SharedSink = Arc::new(move |s: Stream, line: &[u8]| {
+        if s == Stream::Stdout {
+            let _ = tx.send(line.to_vec());
+        }
+    });
+    let proc = session.spawn(&cmd, Some(sink)).await?;
+    let mut buf = Vec::new();
+    let end = loop {
+        match tokio::time::timeout(INVENTORY_TIMEOUT, rx.recv()).await {
+            Ok(Some(line)) => {
+                buf.extend_from_slice(&line);
+                buf.push(b'\n');
+                if let Some(n) = remote::inventory_end(&buf) {
+                    break n;
+                }
+            }
+            Ok(None) => {
+                let out = proc.finish().await?;
+                bail!(
+                    "{host}: reading {} failed ({:?}): {}",
+                    paths.store,
+                    out.status,
+                    out.tail()
+                );
+            }
+            Err(_) => {
+                proc.abort().await;
+                bail!(
+                    "{host}: no inventory of {} within {INVENTORY_TIMEOUT:?}",
+                    paths.store
+                );
+            }
+        }
     };
-    let mut releases = inv.releases.clone();
-    releases.push(ctx.release.to_string());
-    let mut protect = vec![ctx.release];
-    if let Some(l) = &live {
-        protect.push(l);
+    let name = paths.to.rsplit('/').next().unwrap_or_default();
+    let inv = remote::parse_inventory(&buf[..end], name)
+        .with_context(|| format!("{host}: reading {}", paths.store))?;
+    Ok((inv, proc))
+}
+
+/// Close the deploy script's stdin without a decision: it stops after its cleanup.
+async fn finish_quietly(host: &str, paths: &Paths, proc: Process) -> anyhow::Result<()> {
+    let out = proc.finish().await?;
+    if !out.success() {
+        bail!("{host}: cleaning up {} failed: {}", paths.store, out.tail());
     }
-    let prune = diff::prune(&releases, step.keep, &protect);
-    let wire = stream(ctx, &from, &local, &plan, &paths, &meta, step.adopt, &prune).await?;
-    let release = wire.release;
-    tracing::debug!(elapsed = ?started.elapsed(), wire = wire.bytes, "applied release {release}");
-    detail["release"] = release.clone().into();
-    detail["previous"] = meta.previous.clone().into();
-    detail["wire_bytes"] = wire.bytes.into();
-    detail["pruned"] = prune.clone().into();
-    Ok(StepReport {
-        step: "sync".into(),
-        changed: true,
-        summary: format!(
-            "{} -> release {release}: {counts}; sent {} files ({} content, {} on the wire) in {:.1}s",
-            paths.to,
-            plan.send.len(),
-            human_bytes(plan.send_bytes),
-            human_bytes(wire.bytes),
-            started.elapsed().as_secs_f64()
-        ),
-        files_sent: plan.send.len() as u64,
-        bytes_sent: wire.bytes,
-        log,
-        detail,
-    })
+    Ok(())
 }
 
 struct Sent {
@@ -272,27 +381,19 @@ struct Sent {
     bytes: u64,
 }
 
-/// Stream the archive into the host's `tar` and apply it.
+/// Send the parameter line and the archive into the waiting deploy script, and check the result.
 #[allow(clippy::too_many_arguments)]
 async fn stream(
     ctx: &StepCtx<'_>,
+    mut proc: Process,
+    params: &str,
     from: &std::path::Path,
     local: &Arc<Manifest>,
     plan: &diff::Plan,
     paths: &Paths,
     meta: &remote::Meta,
-    adopt: bool,
-    prune: &[String],
 ) -> anyhow::Result<Sent> {
     let host = ctx.host.name().to_string();
-    let mut args: Vec<&str> = vec![
-        &paths.store,
-        &paths.to,
-        ctx.release,
-        if adopt { "1" } else { "0" },
-    ];
-    args.extend(prune.iter().map(String::as_str));
-    let cmd = Session::script_command(remote::APPLY, &args)?;
     let progress = ctx.progress.host(&host, "sync", plan.send_bytes);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
     let builder = {
@@ -314,10 +415,11 @@ async fn stream(
             archive::write(&root, &local, &plan, &extras, out, &|n| progress.add(n))
         })
     };
-    let mut proc = ctx.session.spawn(&cmd, None).await?;
-    let mut bytes = 0u64;
-    let mut write_failed = None;
-    while let Some(chunk) = rx.recv().await {
+    let mut bytes = params.len() as u64;
+    let mut write_failed = proc.write(params.as_bytes()).await.err();
+    while write_failed.is_none()
+        && let Some(chunk) = rx.recv().await
+    {
         if let Err(e) = proc.write(&chunk).await {
             write_failed = Some(e);
             break;
@@ -344,8 +446,8 @@ async fn stream(
     if let Err(e) = built {
         return Err(e).with_context(|| format!("{host}: sending to {}", paths.to));
     }
-    let release = out
-        .stdout_str()
+    let tail_start = remote::inventory_end(&out.stdout).unwrap_or(0);
+    let release = String::from_utf8_lossy(&out.stdout[tail_start..])
         .lines()
         .find_map(|l| l.strip_prefix("release ").map(str::to_string))
         .with_context(|| format!("{host}: the host did not confirm the release"))?;

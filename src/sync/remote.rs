@@ -1,7 +1,7 @@
 //! The host side of a sync: constant POSIX `sh` scripts (run with data as positional arguments, so
 //! nothing is spliced into a command line) and the parsing of what they print. They use only what
-//! both coreutils and BusyBox offer: `tar -xzmo`, `mv -fT`, `mv -t`, `find -newer -links -exec +`,
-//! `ls`, `xargs -r`, `gzip`, `readlink`.
+//! both coreutils and BusyBox offer: `tar -xzmo`, `mv -fT`, `find -newer -links -exec +`, `ls`,
+//! `gzip`, `readlink`, `read`.
 //!
 //! Layout beside the target `<dir>/<name>`:
 //! ```text
@@ -12,6 +12,10 @@
 //! <dir>/.<name>.ferry/stamp                        objects newer than this were edited by hand
 //! <dir>/.<name>.ferry/incoming/                    a deploy in flight; removed by the next one
 //! ```
+//!
+//! An object is trusted while its mtime is not newer than `stamp` (touched after each successful
+//! deploy) and some release links to it; anything else is unlinked by the next deploy before it
+//! lists what the host has, so a truncated object from a cut stream is never reused.
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::Read;
@@ -79,26 +83,72 @@ rec tail gz
 { printf M; [ -n "$live" ] && [ -f "meta/$live.manifest" ] && cat "meta/$live.manifest"; printf '\0\0'; ls objects; } | gzip -1
 "#;
 
-/// Stdin is the gzip'd tar stream. Unpack under `incoming/`, check the trailer, move new objects into
-/// the store, name the release (unique), switch `to` with one rename, prune, collect garbage.
-/// Args: store, to, release id, adopt (0|1), then release ids to prune.
-pub const APPLY: &str = r#"
-set -e
-S=$1 T=$2 id=$3 adopt=$4; shift 4
+/// A whole deploy in one exec. First it cleans up what an interrupted deploy left (`incoming/`,
+/// objects no release links to) and unlinks objects edited by hand (newer than `stamp`), then prints
+/// the same records as [`INVENTORY`] (the tail with its length), then `end`. Then it reads one line
+/// from stdin: `<release id> <adopt 0|1> <ids to prune>...`, or EOF to stop there. The rest of
+/// stdin is the gzip'd tar stream: unpack it (objects straight into `objects/`, the tree under
+/// `incoming/r`), check its trailer, name the release (unique), switch `to` with one rename, prune,
+/// collect garbage. Args: store, to, digest of the local tree.
+pub const DEPLOY: &str = r#"
+S=$1 T=$2 D=$3
 P=${T%/*} N=${T##*/}
-fail() { echo "ferry: $*; the live release is unchanged" >&2; cd "$S" 2>/dev/null && rm -rf incoming; exit 3; }
+rec() { printf '%s\t%s\0' "$1" "$2"; }
+live=
+if [ -L "$T" ]; then
+  t=$(readlink "$T"); rec to link; rec target "$t"
+  case $t in ".$N.ferry/releases/"*) live=${t##*/} ;; esac
+elif [ -d "$T" ]; then rec to dir
+elif [ -e "$T" ]; then rec to other
+else rec to missing
+fi
+if [ -d "$S/releases" ]; then
+  rec store yes
+  cd "$S" || exit 1
+  rm -rf incoming "$P/.$N.ferry-new"
+  [ -e stamp ] || : > stamp
+  drifted=$(find objects -type f -newer stamp)
+  if [ -n "$drifted" ]; then find objects -type f -newer stamp -exec rm -f {} +; fi
+  find objects -type f -links 1 -exec rm -f {} +
+  rec drift "$(printf '%s\n' "$drifted" | tr '\n' ' ')"
+  for r in releases/*; do [ -d "$r" ] && rec release "${r#releases/}"; done
+  for m in meta/*.json; do
+    [ -f "$m" ] || continue
+    n=${m#meta/}; printf 'meta\t%s\t' "${n%.json}"; cat "$m"; printf '\0'
+  done
+  handmade=0
+  if [ -n "$live" ] && [ -d "releases/$live" ]; then
+    handmade=$(find "releases/$live" -type f -links 1 | wc -l); rec handmade "$handmade"
+  fi
+  if [ -z "$drifted" ] && [ "$handmade" -eq 0 ] && [ -n "$live" ] && [ -f "meta/$live.digest" ] &&
+     [ "$(cat "meta/$live.digest")" = "$D" ]; then
+    rec same yes
+  else
+    { printf M; [ -n "$live" ] && [ -f "meta/$live.manifest" ] && cat "meta/$live.manifest"; printf '\0\0'; ls objects; } |
+      gzip -1 > inventory.gz
+    rec tail "$(wc -c < inventory.gz)"; cat inventory.gz; rm -f inventory.gz
+  fi
+else
+  rec store no
+fi
+printf 'end\t\0\n'
+read -r id adopt prune || exit 0
+[ -n "$id" ] || exit 0
+set -e
+fail() {
+  echo "ferry: $*; the live release is unchanged" >&2
+  cd "$S" 2>/dev/null && rm -rf incoming && find objects -type f -links 1 -exec rm -f {} +
+  exit 3
+}
 if [ -d "$T" ] && [ ! -L "$T" ] && [ "$adopt" != 1 ]; then
   echo "ferry: $T is a plain directory, not a ferry release link; set adopt: true to take it over" >&2; exit 4
 fi
 mkdir -p "$S/objects" "$S/releases" "$S/meta"
 cd "$S"
 [ -e stamp ] || : > stamp
-rm -rf incoming
-find objects -type f -newer stamp -exec rm -f {} +
 mkdir incoming
 ( umask 0; tar -xzmof - ) || fail "unpacking the stream failed"
 [ -f incoming/COMPLETE ] || fail "the stream ended early"
-if [ -d incoming/o ]; then (cd incoming/o && ls | xargs -r mv -f -t ../../objects) || fail "placing objects failed"; fi
 rid=$id n=1
 while [ -e "releases/$rid" ]; do n=$((n+1)); rid=$id-$n; done
 mv incoming/r "releases/$rid"
@@ -107,14 +157,43 @@ mv incoming/meta.json "meta/$rid.json"
 mv incoming/digest "meta/$rid.digest"
 rm -rf incoming
 touch stamp
-rm -f "$P/.$N.ferry-new"
 ln -s ".$N.ferry/releases/$rid" "$P/.$N.ferry-new"
 if [ -d "$T" ] && [ ! -L "$T" ]; then mv "$T" "$S/adopted-$rid"; fi
 mv -fT "$P/.$N.ferry-new" "$T"
 printf 'release %s\n' "$rid"
-for r in "$@"; do rm -rf "releases/$r" "meta/$r.json" "meta/$r.manifest" "meta/$r.digest"; done
+for r in $prune; do rm -rf "releases/$r" "meta/$r.json" "meta/$r.manifest" "meta/$r.digest"; done
 find objects -type f -links 1 -exec rm -f {} +
 "#;
+
+/// A release id or prune id safe to pass on the deploy script's parameter line.
+pub fn safe_id(id: &str) -> bool {
+    !id.is_empty()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
+        && !id.starts_with('.')
+}
+
+/// Where the deploy script's inventory ends (just past its `end` record), once it has all arrived.
+pub fn inventory_end(out: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while i < out.len() {
+        let end = i + out[i..].iter().position(|&b| b == 0)?;
+        let rec = &out[i..end];
+        if rec == b"end\t" {
+            return Some(end + 1);
+        }
+        i = end + 1;
+        if let Some(n) = rec.strip_prefix(b"tail\t") {
+            let n: usize = std::str::from_utf8(n).ok()?.trim().parse().ok()?;
+            if out.len() < i + n {
+                return None;
+            }
+            i += n;
+        }
+    }
+    None
+}
 
 /// Switch `to` to an existing release. Args: store, to, release id.
 pub const SWITCH: &str = r#"
@@ -280,10 +359,18 @@ pub fn parse_inventory(out: &[u8], to_name: &str) -> anyhow::Result<Inventory> {
             }
             b"handmade" => inv.handmade = text().trim().parse().unwrap_or(0),
             b"same" => inv.same = true,
-            b"tail" => {
+            b"tail" if value == b"gz" => {
                 parse_tail(after, &mut inv)?;
                 break;
             }
+            b"tail" => {
+                let n: usize = text().trim().parse().context("malformed inventory tail")?;
+                let gz = after.get(..n).context("the inventory was cut short")?;
+                parse_tail(gz, &mut inv)?;
+                rest = &after[n..];
+                continue;
+            }
+            b"end" => break,
             _ => {}
         }
         rest = after;
@@ -360,6 +447,17 @@ mod tests {
         let trusted = inv.trusted_objects();
         assert!(trusted.contains("cc.755") && !trusted.contains("aa.644"));
         assert!(inv.drift().unwrap().contains("2 stored file(s)"));
+    }
+
+    #[test]
+    fn inventory_end_waits_for_the_whole_tail() {
+        let mut out = b"to\tmissing\0tail\t5\0".to_vec();
+        assert_eq!(inventory_end(&out), None);
+        out.extend_from_slice(b"ab\0\0c");
+        assert_eq!(inventory_end(&out), None, "binary tail may hold NULs");
+        out.extend_from_slice(b"end\t\0\nrelease x\n");
+        assert_eq!(inventory_end(&out), Some(out.len() - 11));
+        assert!(safe_id("20261122T101500Z-1a2b3c4d-2") && !safe_id("a b") && !safe_id(".."));
     }
 
     #[test]
