@@ -5,12 +5,24 @@ use crate::support::docker::*;
 use crate::support::*;
 
 /// A playbook with environment `test` over named hosts (`web1`, `web2`, ...) and `steps` (YAML,
-/// indented for the `steps:` list).
-fn pb(dir: &TempDir, hosts: &[(&str, &Sshd)], env_extra: &str, steps: &str) -> std::path::PathBuf {
+/// indented for the `steps:` list). `pub` for reuse by other topic modules.
+pub fn pb(
+    dir: &TempDir,
+    hosts: &[(&str, &Sshd)],
+    env_extra: &str,
+    steps: &str,
+) -> std::path::PathBuf {
     let hosts_yaml: String = hosts
         .iter()
         .map(|(n, h)| format!("      - {{ name: {n}, host: \"{}\" }}\n", h.address()))
         .collect();
+    // FERRY_TEST_DOCKER runs the tests through another docker CLI (e.g. Debian's /usr/bin/docker).
+    let env_extra = match std::env::var("FERRY_TEST_DOCKER") {
+        Ok(cli) if !env_extra.contains("docker:") => {
+            format!("{env_extra}    docker: {{ command: [\"{cli}\"] }}\n")
+        }
+        _ => env_extra.to_string(),
+    };
     let text = format!(
         "app: testapp\nenvironments:\n  test:\n    root: {root}\n{env_extra}    hosts:\n{hosts_yaml}    steps:\n{steps}",
         root = dir.join("root").display()
@@ -178,7 +190,7 @@ fn health_failure_rolls_back_automatically() {
     let steps = format!(
         "      - container:\n          name: \"{prefix}\"\n          image: \"{image}\"\n          \
          ports: [\"127.0.0.1:{port}:8080\"]\n          \
-         health: {{ type: http, url: \"http://127.0.0.1:{port}/health\", timeout: 4s, interval: 200ms }}\n"
+         health: {{ type: http, url: \"http://127.0.0.1:{port}/health\", timeout: 8s, interval: 200ms }}\n"
     );
     let pb = pb(&dir, &[("web1", &host)], "", &steps);
     deploy(&[&host], &pb, "aaaa").success();
