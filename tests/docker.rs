@@ -263,7 +263,7 @@ fn secret_env_reaches_the_container_not_the_output() {
         .trusting(&[&host])
         .arg("deploy")
         .arg(&pb)
-        .args(["--env", "test", "--ref", "main", "--sha", "aaaa", "-v"])
+        .args(["--env", "test", "--ref", "main", "--sha", "aaaa", "-vv"])
         .env("TEST_DB_PW", &secret)
         .run()
         .success();
@@ -272,6 +272,7 @@ fn secret_env_reaches_the_container_not_the_output() {
         "secret in output: {}",
         run.all()
     );
+    assert!(!host.log().contains(&secret), "secret on a command line");
     let env = docker(&[
         "container",
         "inspect",
@@ -454,7 +455,7 @@ fn wrong_registry_password_is_clear_and_never_shown() {
         .trusting(&[&host])
         .arg("deploy")
         .arg(&pb)
-        .args(["--env", "test", "--ref", "main", "--sha", "aaaa", "-v"])
+        .args(["--env", "test", "--ref", "main", "--sha", "aaaa", "-vv"])
         .env("REG_PW", &wrong)
         .run()
         .failure(1);
