@@ -30,6 +30,25 @@ pub fn pb(
     dir.write("ferry.yml", text)
 }
 
+/// A pass-through `docker` for the host that appends each argv (one argument per line) to
+/// `argv.log` in `dir`, then runs the real CLI: what a `ps` on the host could have seen.
+fn recording_docker(dir: &TempDir) -> (String, std::path::PathBuf) {
+    let log = dir.join("argv.log");
+    let script = dir.write(
+        "docker-recorder",
+        format!(
+            "#!/bin/sh\nprintf '%s\\n' \"$@\" >> '{}'\nexec '{}' \"$@\"\n",
+            log.display(),
+            docker_path()
+        ),
+    );
+    run_ok(std::process::Command::new("chmod").arg("755").arg(&script));
+    (
+        format!("    docker: {{ command: [\"{}\"] }}\n", script.display()),
+        log,
+    )
+}
+
 fn deploy(hosts: &[&Sshd], pb: &std::path::Path, sha: &str) -> Run {
     Ferry::new()
         .trusting(hosts)
@@ -258,7 +277,8 @@ fn secret_env_reaches_the_container_not_the_output() {
         "      - container:\n          name: \"{prefix}\"\n          image: \"{image}\"\n          \
          secret_env: {{ DB_PASSWORD: TEST_DB_PW }}\n"
     );
-    let pb = pb(&dir, &[("web1", &host)], "", &steps);
+    let (recorder, argv_log) = recording_docker(&dir);
+    let pb = pb(&dir, &[("web1", &host)], &recorder, &steps);
     let run = Ferry::new()
         .trusting(&[&host])
         .arg("deploy")
@@ -285,6 +305,9 @@ fn secret_env_reaches_the_container_not_the_output() {
             || env.contains(&secret),
         "{env}"
     );
+    let argv = std::fs::read_to_string(&argv_log).unwrap();
+    assert!(argv.contains("--env-file"), "{argv}");
+    assert!(!argv.contains(&secret), "secret on a command line: {argv}");
     let left: Vec<_> = std::fs::read_dir(dir.join("root/.ferry/docker"))
         .map(|d| d.collect())
         .unwrap_or_default();
@@ -449,7 +472,8 @@ fn wrong_registry_password_is_clear_and_never_shown() {
     let steps = format!(
         "      - docker_login: {{ registry: \"{REGISTRY}\", user: {REGISTRY_USER}, password_env: REG_PW }}\n"
     );
-    let pb = pb(&dir, &[("web1", &host)], "", &steps);
+    let (recorder, argv_log) = recording_docker(&dir);
+    let pb = pb(&dir, &[("web1", &host)], &recorder, &steps);
     let wrong = format!("wrong-{}-Pa55", unique("pw"));
     let run = Ferry::new()
         .trusting(&[&host])
@@ -471,6 +495,9 @@ fn wrong_registry_password_is_clear_and_never_shown() {
         "{all}"
     );
     assert!(!all.contains(&wrong), "password leaked: {all}");
+    let argv = std::fs::read_to_string(&argv_log).unwrap();
+    assert!(argv.contains("--password-stdin"), "{argv}");
+    assert!(!argv.contains(&wrong), "password on a command line: {argv}");
     // Unset: named, before anything runs.
     let run = Ferry::new()
         .trusting(&[&host])
