@@ -705,3 +705,41 @@ fn unpullable_registry_image_is_an_error() {
     );
     assert!(!docker_try(&["container", "inspect", &prefix]).0);
 }
+
+/// A deploy killed after moving the old container aside leaves `NAME.ferry-aside` and no NAME: the
+/// next run puts it back (and, the spec being the same, has nothing else to do).
+#[test]
+fn interrupted_deploy_is_recovered() {
+    engine();
+    let host = Sshd::start();
+    let prefix = unique("crash");
+    let _cleanup = Cleanup(vec![prefix.clone()]);
+    let image = format!("{prefix}-img:1");
+    app_image(&image, "c1", true);
+    let port = free_port();
+    let dir = TempDir::new("dcrash");
+    let steps = format!(
+        "      - container:\n          name: \"{prefix}\"\n          image: \"{image}\"\n          \
+         ports: [\"127.0.0.1:{port}:8080\"]\n          \
+         health: {{ type: http, url: \"http://127.0.0.1:{port}/health\", timeout: 20s, interval: 200ms }}\n"
+    );
+    let pb = pb(&dir, &[("web1", &host)], "", &steps);
+    deploy(&[&host], &pb, "aaaa").success();
+    let id = docker(&["container", "inspect", "--format", "{{.Id}}", &prefix]);
+    // What a kill between "move aside" and "start the new one" leaves behind.
+    docker(&["rename", &prefix, &format!("{prefix}.ferry-aside")]);
+    docker(&["stop", &format!("{prefix}.ferry-aside")]);
+    let run = deploy(&[&host], &pb, "aaaa").success();
+    assert!(
+        run.all()
+            .contains(&format!("restored {prefix} from {prefix}.ferry-aside")),
+        "{}",
+        run.all()
+    );
+    assert!(run.all().contains("up to date"), "{}", run.all());
+    assert_eq!(
+        docker(&["container", "inspect", "--format", "{{.Id}}", &prefix]),
+        id
+    );
+    assert_eq!(http_get(port, "/version").as_deref(), Some("c1\n"));
+}

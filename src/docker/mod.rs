@@ -387,9 +387,12 @@ async fn replace(
     let was_running = current.is_some_and(|c| c.running);
     if current.is_some() {
         engine.rename(name, &aside).await?;
-        if was_running {
+        if was_running
             // Free its ports for the new one.
-            engine.stop(&aside).await?;
+            && let Err(e) = engine.stop(&aside).await
+        {
+            let back = put_back(engine, &aside, name, true).await;
+            bail!("{host}: cannot stop {name} to replace it: {e}{back}");
         }
     }
     let labels = ferry_labels(ctx, &r.hash());
@@ -410,9 +413,17 @@ async fn replace(
     match outcome {
         Ok(how) => {
             if current.is_some() {
-                engine.remove(&prev).await?;
-                engine.rename(&aside, &prev).await?;
-                log.push(format!("kept the previous container as {prev}"));
+                // The new container is live; failing to file the old one away is only a warning.
+                let keep = async {
+                    engine.remove(&prev).await?;
+                    engine.rename(&aside, &prev).await
+                };
+                log.push(match keep.await {
+                    Ok(()) => format!("kept the previous container as {prev}"),
+                    Err(e) => format!(
+                        "warning: cannot keep the previous container as {prev} ({e}); it stays as {aside}"
+                    ),
+                });
             }
             Ok(how)
         }
@@ -424,11 +435,7 @@ async fn replace(
             };
             let _ = engine.remove(name).await;
             let restored = if current.is_some() {
-                engine.rename(&aside, name).await?;
-                if was_running {
-                    engine.start(name).await?;
-                }
-                format!("; the previous {name} is back")
+                put_back(engine, &aside, name, was_running).await
             } else {
                 String::new()
             };
@@ -442,6 +449,25 @@ async fn replace(
                 r.spec.image
             )
         }
+    }
+}
+
+/// Put the container moved aside back under `name`; says how that went, for the error message.
+/// If it fails, the container stays as `aside` and the next deploy restores it ([`recover_aside`]).
+async fn put_back(engine: &Engine<'_>, aside: &str, name: &str, start: bool) -> String {
+    let back = async {
+        engine.rename(aside, name).await?;
+        if start {
+            engine.start(name).await?;
+        }
+        Ok::<_, engine::DockerError>(())
+    };
+    match back.await {
+        Ok(()) => format!("; the previous {name} is back"),
+        Err(e) => format!(
+            "; putting the previous container back FAILED ({e}): it is kept as {aside} and the next \
+             deploy restores it"
+        ),
     }
 }
 
@@ -471,16 +497,24 @@ pub async fn rollback(ctx: &StepCtx<'_>, spec: &ContainerSpec) -> anyhow::Result
             vec![],
         ));
     }
+    let mut log = Vec::new();
+    recover_aside(&engine, name, &mut log).await?;
     let current = engine.container(name).await?;
     let was_running = current.as_ref().is_some_and(|c| c.running);
     if current.is_some() {
-        engine.remove(&aside).await?;
         engine.rename(name, &aside).await?;
-        if was_running {
-            engine.stop(&aside).await?;
+        if was_running && let Err(e) = engine.stop(&aside).await {
+            let back = put_back(&engine, &aside, name, true).await;
+            bail!("{host}: cannot stop {name} to roll back: {e}{back}");
         }
     }
-    engine.rename(&prev, name).await?;
+    if let Err(e) = engine.rename(&prev, name).await {
+        let back = match current {
+            Some(_) => put_back(&engine, &aside, name, was_running).await,
+            None => String::new(),
+        };
+        bail!("{host}: cannot bring {prev} back as {name}: {e}{back}");
+    }
     let outcome: anyhow::Result<String> = async {
         engine.start(name).await?;
         Ok(health::wait(&engine, name, r.spec.health.as_ref()).await?)
@@ -489,7 +523,12 @@ pub async fn rollback(ctx: &StepCtx<'_>, spec: &ContainerSpec) -> anyhow::Result
     match outcome {
         Ok(how) => {
             if current.is_some() {
-                engine.rename(&aside, &prev).await?;
+                log.push(match engine.rename(&aside, &prev).await {
+                    Ok(()) => format!("kept the replaced container as {prev}"),
+                    Err(e) => format!(
+                        "warning: cannot keep the replaced container as {prev} ({e}); it stays as {aside}"
+                    ),
+                });
             }
             Ok(report(
                 "container",
@@ -499,21 +538,22 @@ pub async fn rollback(ctx: &StepCtx<'_>, spec: &ContainerSpec) -> anyhow::Result
                     kept.image,
                     kept.labels.get("ferry.ref").map_or("?", String::as_str)
                 ),
-                vec![format!("kept the replaced container as {prev}")],
+                log,
             ))
         }
         Err(e) => {
             let logs = engine.logs(name).await;
             let _ = engine.stop(name).await;
-            engine.rename(name, &prev).await?;
-            if current.is_some() {
-                engine.rename(&aside, name).await?;
-                if was_running {
-                    engine.start(name).await?;
-                }
-            }
+            let kept_back = match engine.rename(name, &prev).await {
+                Ok(()) => String::new(),
+                Err(e) => format!(" (and it could not be renamed back to {prev}: {e})"),
+            };
+            let back = match current {
+                Some(_) => put_back(&engine, &aside, name, was_running).await,
+                None => String::new(),
+            };
             bail!(
-                "{host}: the previous container did not come back healthy, so {name} is unchanged: \
+                "{host}: the previous container did not come back healthy{kept_back}{back}: \
                  {e:#}\nits logs:\n  {}",
                 logs.join("\n  ")
             )
