@@ -193,6 +193,17 @@ fn container_first_run_noop_update_and_rollback() {
     assert_eq!(http_get(p2, "/version").as_deref(), Some("v1\n"));
     let kept = container_image(&format!("{n1}.ferry-prev"));
     assert_ne!(kept, container_image(&n1));
+
+    // A second rollback undoes the first.
+    Ferry::new()
+        .trusting(&[&w1, &w2])
+        .arg("rollback")
+        .arg(&pb)
+        .args(["--env", "test", "--ref", "main", "--sha", "bbbb"])
+        .run()
+        .success();
+    assert_eq!(http_get(p1, "/version").as_deref(), Some("v2\n"));
+    assert_eq!(container_image(&n1), kept);
 }
 
 /// A new image that never gets healthy: its logs are shown, it is removed, and the old container
