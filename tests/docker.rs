@@ -349,6 +349,26 @@ fn tag_push_pull_through_the_registry() {
          \x20     - docker_push: {{ image: \"{repo}:${{tag}}\" }}\n"
     );
     let pb_path = pb(&dir, &[("build", &host)], "", &steps);
+    let plan = Ferry::new()
+        .trusting(&[&host])
+        .arg("deploy")
+        .arg(&pb_path)
+        .args([
+            "--env", "test", "--ref", "v1.2.3", "--tag", "--sha", "cccc", "--plan",
+        ])
+        .env("CI_PIPELINE_ID", "4242")
+        .env("REGISTRY_PASSWORD", REGISTRY_PASSWORD)
+        .run()
+        .success();
+    for would in [
+        format!("would log in to {REGISTRY} as {REGISTRY_USER}"),
+        format!("would build {repo}:build-4242"),
+        format!("would tag {repo}:build-4242 as {repo}:v1.2.3"),
+        format!("would push {repo}:v1.2.3"),
+    ] {
+        assert!(plan.all().contains(&would), "{would}: {}", plan.all());
+    }
+    assert!(!docker_try(&["image", "inspect", &format!("{repo}:build-4242")]).0);
     let run = Ferry::new()
         .trusting(&[&host])
         .arg("deploy")
