@@ -5,17 +5,48 @@ use crate::support::docker::*;
 use crate::support::*;
 
 /// A playbook with environment `test` over named hosts (`web1`, `web2`, ...) and `steps` (YAML,
-/// indented for the `steps:` list).
-fn pb(dir: &TempDir, hosts: &[(&str, &Sshd)], env_extra: &str, steps: &str) -> std::path::PathBuf {
+/// indented for the `steps:` list). `pub` for reuse by other topic modules.
+pub fn pb(
+    dir: &TempDir,
+    hosts: &[(&str, &Sshd)],
+    env_extra: &str,
+    steps: &str,
+) -> std::path::PathBuf {
     let hosts_yaml: String = hosts
         .iter()
         .map(|(n, h)| format!("      - {{ name: {n}, host: \"{}\" }}\n", h.address()))
         .collect();
+    // FERRY_TEST_DOCKER runs the tests through another docker CLI (e.g. Debian's /usr/bin/docker).
+    let env_extra = match std::env::var("FERRY_TEST_DOCKER") {
+        Ok(cli) if !env_extra.contains("docker:") => {
+            format!("{env_extra}    docker: {{ command: [\"{cli}\"] }}\n")
+        }
+        _ => env_extra.to_string(),
+    };
     let text = format!(
         "app: testapp\nenvironments:\n  test:\n    root: {root}\n{env_extra}    hosts:\n{hosts_yaml}    steps:\n{steps}",
         root = dir.join("root").display()
     );
     dir.write("ferry.yml", text)
+}
+
+/// A pass-through `docker` for the host that appends each argv (one argument per line) to
+/// `argv.log` in `dir`, then runs the real CLI: what a `ps` on the host could have seen.
+fn recording_docker(dir: &TempDir) -> (String, std::path::PathBuf) {
+    let log = dir.join("argv.log");
+    let script = dir.write(
+        "docker-recorder",
+        format!(
+            "#!/bin/sh\nprintf '%s\\n' \"$@\" >> '{}'\nexec '{}' \"$@\"\n",
+            log.display(),
+            docker_path()
+        ),
+    );
+    run_ok(std::process::Command::new("chmod").arg("755").arg(&script));
+    (
+        format!("    docker: {{ command: [\"{}\"] }}\n", script.display()),
+        log,
+    )
 }
 
 fn deploy(hosts: &[&Sshd], pb: &std::path::Path, sha: &str) -> Run {
@@ -162,6 +193,17 @@ fn container_first_run_noop_update_and_rollback() {
     assert_eq!(http_get(p2, "/version").as_deref(), Some("v1\n"));
     let kept = container_image(&format!("{n1}.ferry-prev"));
     assert_ne!(kept, container_image(&n1));
+
+    // A second rollback undoes the first.
+    Ferry::new()
+        .trusting(&[&w1, &w2])
+        .arg("rollback")
+        .arg(&pb)
+        .args(["--env", "test", "--ref", "main", "--sha", "bbbb"])
+        .run()
+        .success();
+    assert_eq!(http_get(p1, "/version").as_deref(), Some("v2\n"));
+    assert_eq!(container_image(&n1), kept);
 }
 
 /// A new image that never gets healthy: its logs are shown, it is removed, and the old container
@@ -178,7 +220,7 @@ fn health_failure_rolls_back_automatically() {
     let steps = format!(
         "      - container:\n          name: \"{prefix}\"\n          image: \"{image}\"\n          \
          ports: [\"127.0.0.1:{port}:8080\"]\n          \
-         health: {{ type: http, url: \"http://127.0.0.1:{port}/health\", timeout: 4s, interval: 200ms }}\n"
+         health: {{ type: http, url: \"http://127.0.0.1:{port}/health\", timeout: 8s, interval: 200ms }}\n"
     );
     let pb = pb(&dir, &[("web1", &host)], "", &steps);
     deploy(&[&host], &pb, "aaaa").success();
@@ -246,12 +288,13 @@ fn secret_env_reaches_the_container_not_the_output() {
         "      - container:\n          name: \"{prefix}\"\n          image: \"{image}\"\n          \
          secret_env: {{ DB_PASSWORD: TEST_DB_PW }}\n"
     );
-    let pb = pb(&dir, &[("web1", &host)], "", &steps);
+    let (recorder, argv_log) = recording_docker(&dir);
+    let pb = pb(&dir, &[("web1", &host)], &recorder, &steps);
     let run = Ferry::new()
         .trusting(&[&host])
         .arg("deploy")
         .arg(&pb)
-        .args(["--env", "test", "--ref", "main", "--sha", "aaaa", "-v"])
+        .args(["--env", "test", "--ref", "main", "--sha", "aaaa", "-vv"])
         .env("TEST_DB_PW", &secret)
         .run()
         .success();
@@ -260,6 +303,7 @@ fn secret_env_reaches_the_container_not_the_output() {
         "secret in output: {}",
         run.all()
     );
+    assert!(!host.log().contains(&secret), "secret on a command line");
     let env = docker(&[
         "container",
         "inspect",
@@ -272,6 +316,9 @@ fn secret_env_reaches_the_container_not_the_output() {
             || env.contains(&secret),
         "{env}"
     );
+    let argv = std::fs::read_to_string(&argv_log).unwrap();
+    assert!(argv.contains("--env-file"), "{argv}");
+    assert!(!argv.contains(&secret), "secret on a command line: {argv}");
     let left: Vec<_> = std::fs::read_dir(dir.join("root/.ferry/docker"))
         .map(|d| d.collect())
         .unwrap_or_default();
@@ -302,6 +349,26 @@ fn tag_push_pull_through_the_registry() {
          \x20     - docker_push: {{ image: \"{repo}:${{tag}}\" }}\n"
     );
     let pb_path = pb(&dir, &[("build", &host)], "", &steps);
+    let plan = Ferry::new()
+        .trusting(&[&host])
+        .arg("deploy")
+        .arg(&pb_path)
+        .args([
+            "--env", "test", "--ref", "v1.2.3", "--tag", "--sha", "cccc", "--plan",
+        ])
+        .env("CI_PIPELINE_ID", "4242")
+        .env("REGISTRY_PASSWORD", REGISTRY_PASSWORD)
+        .run()
+        .success();
+    for would in [
+        format!("would log in to {REGISTRY} as {REGISTRY_USER}"),
+        format!("would build {repo}:build-4242"),
+        format!("would tag {repo}:build-4242 as {repo}:v1.2.3"),
+        format!("would push {repo}:v1.2.3"),
+    ] {
+        assert!(plan.all().contains(&would), "{would}: {}", plan.all());
+    }
+    assert!(!docker_try(&["image", "inspect", &format!("{repo}:build-4242")]).0);
     let run = Ferry::new()
         .trusting(&[&host])
         .arg("deploy")
@@ -436,13 +503,14 @@ fn wrong_registry_password_is_clear_and_never_shown() {
     let steps = format!(
         "      - docker_login: {{ registry: \"{REGISTRY}\", user: {REGISTRY_USER}, password_env: REG_PW }}\n"
     );
-    let pb = pb(&dir, &[("web1", &host)], "", &steps);
+    let (recorder, argv_log) = recording_docker(&dir);
+    let pb = pb(&dir, &[("web1", &host)], &recorder, &steps);
     let wrong = format!("wrong-{}-Pa55", unique("pw"));
     let run = Ferry::new()
         .trusting(&[&host])
         .arg("deploy")
         .arg(&pb)
-        .args(["--env", "test", "--ref", "main", "--sha", "aaaa", "-v"])
+        .args(["--env", "test", "--ref", "main", "--sha", "aaaa", "-vv"])
         .env("REG_PW", &wrong)
         .run()
         .failure(1);
@@ -458,6 +526,9 @@ fn wrong_registry_password_is_clear_and_never_shown() {
         "{all}"
     );
     assert!(!all.contains(&wrong), "password leaked: {all}");
+    let argv = std::fs::read_to_string(&argv_log).unwrap();
+    assert!(argv.contains("--password-stdin"), "{argv}");
+    assert!(!argv.contains(&wrong), "password on a command line: {argv}");
     // Unset: named, before anything runs.
     let run = Ferry::new()
         .trusting(&[&host])
@@ -664,4 +735,42 @@ fn unpullable_registry_image_is_an_error() {
         run.all()
     );
     assert!(!docker_try(&["container", "inspect", &prefix]).0);
+}
+
+/// A deploy killed after moving the old container aside leaves `NAME.ferry-aside` and no NAME: the
+/// next run puts it back (and, the spec being the same, has nothing else to do).
+#[test]
+fn interrupted_deploy_is_recovered() {
+    engine();
+    let host = Sshd::start();
+    let prefix = unique("crash");
+    let _cleanup = Cleanup(vec![prefix.clone()]);
+    let image = format!("{prefix}-img:1");
+    app_image(&image, "c1", true);
+    let port = free_port();
+    let dir = TempDir::new("dcrash");
+    let steps = format!(
+        "      - container:\n          name: \"{prefix}\"\n          image: \"{image}\"\n          \
+         ports: [\"127.0.0.1:{port}:8080\"]\n          \
+         health: {{ type: http, url: \"http://127.0.0.1:{port}/health\", timeout: 20s, interval: 200ms }}\n"
+    );
+    let pb = pb(&dir, &[("web1", &host)], "", &steps);
+    deploy(&[&host], &pb, "aaaa").success();
+    let id = docker(&["container", "inspect", "--format", "{{.Id}}", &prefix]);
+    // What a kill between "move aside" and "start the new one" leaves behind.
+    docker(&["rename", &prefix, &format!("{prefix}.ferry-aside")]);
+    docker(&["stop", &format!("{prefix}.ferry-aside")]);
+    let run = deploy(&[&host], &pb, "aaaa").success();
+    assert!(
+        run.all()
+            .contains(&format!("restored {prefix} from {prefix}.ferry-aside")),
+        "{}",
+        run.all()
+    );
+    assert!(run.all().contains("up to date"), "{}", run.all());
+    assert_eq!(
+        docker(&["container", "inspect", "--format", "{{.Id}}", &prefix]),
+        id
+    );
+    assert_eq!(http_get(port, "/version").as_deref(), Some("c1\n"));
 }

@@ -9,6 +9,8 @@ use crate::inventory::Host;
 use crate::ssh::{Output, Session, SshError};
 
 const QUICK: Duration = Duration::from_secs(120);
+/// Pulls and pushes move whole images: give them room.
+pub const TRANSFER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {

@@ -1,0 +1,502 @@
+//! The service container and accessories on one host: create, idempotent no-op, health-gated
+//! replacement that keeps the previous container for rollback, rollback itself, removal, and the
+//! read-only live view for `ferry status`.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, bail};
+
+use super::engine::{self, ContainerState, Engine, TRANSFER_TIMEOUT};
+use super::spec::{self, Resolved, aside_name, prev_name};
+use super::{LiveContainer, health, report, resolve, short_id};
+use crate::deploy::{StepCtx, StepReport};
+use crate::inventory::Host;
+use crate::playbook::{ContainerSpec, DockerRemoveStep};
+use crate::ssh::Session;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// Replaced when the spec or the image behind its tag changes; health-gated, rollback kept.
+    Service,
+    /// Started if missing, replaced only when its spec changes.
+    Accessory,
+}
+
+/// Make sure the engine has `image`, pulling first when the tag may have moved. Returns its id.
+async fn ensure_image(
+    engine: &Engine<'_>,
+    image: &str,
+    role: Role,
+    log: &mut Vec<String>,
+) -> anyhow::Result<String> {
+    let local = engine.image_id(image).await?;
+    let pinned = image.contains("@sha256:");
+    if let Some(id) = &local
+        && (pinned || role == Role::Accessory)
+    {
+        return Ok(id.clone());
+    }
+    let out = engine
+        .raw(&["pull", "--", image], &[], Some(TRANSFER_TIMEOUT))
+        .await?;
+    if out.success() {
+        let id = engine
+            .image_id(image)
+            .await?
+            .with_context(|| format!("{}: pulled {image} but cannot see it", engine.host.name()))?;
+        if local.as_deref() != Some(id.as_str()) {
+            log.push(format!("pulled {image} ({})", short_id(&id)));
+        }
+        return Ok(id);
+    }
+    // A registry image that cannot be pulled is an error (a stale local copy would be deployed as
+    // "up to date"); an image without a registry host may be one built on the host.
+    match local.filter(|_| !spec::names_registry(image)) {
+        Some(id) => {
+            log.push(format!(
+                "cannot pull {image} ({}); using the local image {}",
+                out.tail().lines().last().unwrap_or_default(),
+                short_id(&id)
+            ));
+            Ok(id)
+        }
+        None => bail!(
+            "{}: cannot pull {image}: {}\n(is the name right, and did a docker_login step run for \
+             its registry?)",
+            engine.host.name(),
+            out.tail()
+        ),
+    }
+}
+
+fn ferry_labels(ctx: &StepCtx<'_>, hash: &str) -> BTreeMap<String, String> {
+    [
+        ("ferry.app", ctx.app),
+        ("ferry.env", ctx.env),
+        ("ferry.ref", ctx.deploy.ref_name.as_str()),
+        ("ferry.sha", ctx.deploy.sha.as_str()),
+        ("ferry.release", ctx.release),
+        ("ferry.spec", hash),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+/// A crash between "moved aside" and "kept as previous" leaves `NAME.ferry-aside`: put it back if
+/// nothing took its name, else drop it (the newer container under NAME wins).
+async fn recover_aside(
+    engine: &Engine<'_>,
+    name: &str,
+    log: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    let aside = aside_name(name);
+    if engine.container(&aside).await?.is_none() {
+        return Ok(());
+    }
+    if engine.container(name).await?.is_none() {
+        engine.rename(&aside, name).await?;
+        engine.start(name).await?;
+        log.push(format!(
+            "restored {name} from {aside} (left by an interrupted deploy)"
+        ));
+    } else {
+        engine.remove(&aside).await?;
+        log.push(format!("removed {aside} left by an interrupted deploy"));
+    }
+    Ok(())
+}
+
+pub(crate) async fn run(
+    ctx: &StepCtx<'_>,
+    engine: &Engine<'_>,
+    spec: &ContainerSpec,
+    role: Role,
+) -> anyhow::Result<StepReport> {
+    let kind = match role {
+        Role::Service => "container",
+        Role::Accessory => "accessory",
+    };
+    let r = resolve(ctx.host, spec)?;
+    let hash = r.hash();
+    let name = r.spec.name.clone();
+    let image = r.spec.image.clone();
+    let mut log = Vec::new();
+    if !ctx.plan {
+        recover_aside(engine, &name, &mut log).await?;
+    }
+    let current = engine.container(&name).await?;
+    let image_id = if ctx.plan {
+        engine.image_id(&image).await?
+    } else {
+        Some(ensure_image(engine, &image, role, &mut log).await?)
+    };
+    let spec_same = current
+        .as_ref()
+        .is_some_and(|c| c.labels.get("ferry.spec") == Some(&hash));
+    let image_same = current
+        .as_ref()
+        .is_some_and(|c| Some(&c.image_id) == image_id.as_ref());
+    let matches = spec_same && (role == Role::Accessory || image_same);
+    let detail = serde_json::json!({
+        "name": name, "image": image, "image_id": image_id, "spec": hash,
+    });
+    if matches {
+        let c = current.as_ref().expect("matched a container");
+        if c.running {
+            let mut rep = report(
+                kind,
+                false,
+                format!("{name} up to date ({image}, spec {hash})"),
+                log,
+            );
+            rep.detail = detail;
+            return Ok(rep);
+        }
+        if ctx.plan {
+            return Ok(report(
+                kind,
+                true,
+                format!("would start {name} (stopped, spec unchanged)"),
+                log,
+            ));
+        }
+        engine.start(&name).await?;
+        let how = health::wait(engine, &name, r.spec.health.as_ref())
+            .await
+            .with_context(|| format!("{}: started {name}", ctx.host.name()))?;
+        let mut rep = report(
+            kind,
+            true,
+            format!("started {name} (was stopped, spec unchanged; {how})"),
+            log,
+        );
+        rep.detail = detail;
+        return Ok(rep);
+    }
+    let why = match &current {
+        None => "first deploy of this name".to_string(),
+        Some(_) if !spec_same => "spec changed".to_string(),
+        Some(_) => match &image_id {
+            Some(id) => format!("image {image} now is {}", short_id(id)),
+            None => format!("image {image} to be pulled"),
+        },
+    };
+    if ctx.plan {
+        let verb = if current.is_some() {
+            "replace"
+        } else {
+            "create"
+        };
+        let mut rep = report(
+            kind,
+            true,
+            format!("would {verb} {name} with {image} ({why})"),
+            log,
+        );
+        rep.detail = detail;
+        return Ok(rep);
+    }
+    let how = replace(ctx, engine, &r, current.as_ref(), &mut log).await?;
+    let verb = if current.is_some() {
+        "replaced"
+    } else {
+        "created"
+    };
+    let mut rep = report(
+        kind,
+        true,
+        format!("{verb} {name} with {image} ({why}); {how}"),
+        log,
+    );
+    rep.detail = detail;
+    Ok(rep)
+}
+
+/// Write the secrets env file (0600) on the host, from stdin; returns its path.
+async fn write_secret_file(ctx: &StepCtx<'_>, r: &Resolved) -> anyhow::Result<Option<String>> {
+    let Some(body) = r.secret_env_file() else {
+        return Ok(None);
+    };
+    let dir = format!("{}/docker", ctx.host.state_dir());
+    let file = format!("{dir}/{}.{}.env", r.spec.name, ctx.release);
+    // Also sweeps env files of this container left by a run that was killed before removing them.
+    let cmd = Session::script_command(
+        "set -e; umask 077; mkdir -p -- \"$1\"; rm -f -- \"$1/$3\".*.env; cat > \"$2\"",
+        &[&dir, &file, &r.spec.name],
+    )
+    .map_err(|_| anyhow::anyhow!("NUL byte in a path"))?;
+    let mut p = ctx.session.spawn(&cmd, None).await?;
+    p.write(body.as_bytes())
+        .await
+        .context("sending secret env file")?;
+    let out = p.finish().await?;
+    if !out.success() {
+        bail!(
+            "{}: cannot write the secret env file {file}: {}",
+            ctx.host.name(),
+            out.tail()
+        );
+    }
+    Ok(Some(file))
+}
+
+/// Move `current` aside, create and start the new container, wait for health; undo on failure.
+async fn replace(
+    ctx: &StepCtx<'_>,
+    engine: &Engine<'_>,
+    r: &Resolved,
+    current: Option<&ContainerState>,
+    log: &mut Vec<String>,
+) -> anyhow::Result<String> {
+    let host = ctx.host.name();
+    let name = r.spec.name.as_str();
+    let aside = aside_name(name);
+    let prev = prev_name(name);
+    let was_running = current.is_some_and(|c| c.running);
+    if current.is_some() {
+        engine.rename(name, &aside).await?;
+        if was_running
+            // Free its ports for the new one.
+            && let Err(e) = engine.stop(&aside).await
+        {
+            let back = put_back(engine, &aside, name, true).await;
+            bail!("{host}: cannot stop {name} to replace it: {e}{back}");
+        }
+    }
+    let labels = ferry_labels(ctx, &r.hash());
+    let outcome: anyhow::Result<String> = async {
+        let secret_file = write_secret_file(ctx, r).await?;
+        let args = r.create_args(&labels, secret_file.as_deref());
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let created = engine.run(&argv, None).await;
+        if let Some(f) = &secret_file {
+            // Docker keeps the values in the container's config; the file is no longer needed.
+            let _ = ctx.session.run(&["rm", "-f", "--", f], None).await;
+        }
+        created?;
+        engine.start(name).await?;
+        Ok(health::wait(engine, name, r.spec.health.as_ref()).await?)
+    }
+    .await;
+    match outcome {
+        Ok(how) => {
+            if current.is_some() {
+                // The new container is live; failing to file the old one away is only a warning.
+                let keep = async {
+                    engine.remove(&prev).await?;
+                    engine.rename(&aside, &prev).await
+                };
+                log.push(match keep.await {
+                    Ok(()) => format!("kept the previous container as {prev}"),
+                    Err(e) => format!(
+                        "warning: cannot keep the previous container as {prev} ({e}); it stays as {aside}"
+                    ),
+                });
+            }
+            Ok(how)
+        }
+        Err(e) => {
+            let logs = if engine.container(name).await.ok().flatten().is_some() {
+                engine.logs(name).await
+            } else {
+                vec![]
+            };
+            let _ = engine.remove(name).await;
+            let restored = if current.is_some() {
+                put_back(engine, &aside, name, was_running).await
+            } else {
+                String::new()
+            };
+            let logs = if logs.is_empty() {
+                String::new()
+            } else {
+                format!("\nlogs of the new container:\n  {}", logs.join("\n  "))
+            };
+            bail!(
+                "{host}: new container {name} ({}) failed and was removed{restored}: {e:#}{logs}",
+                r.spec.image
+            )
+        }
+    }
+}
+
+/// Put the container moved aside back under `name`; says how that went, for the error message.
+/// If it fails, the container stays as `aside` and the next deploy restores it ([`recover_aside`]).
+async fn put_back(engine: &Engine<'_>, aside: &str, name: &str, start: bool) -> String {
+    let back = async {
+        engine.rename(aside, name).await?;
+        if start {
+            engine.start(name).await?;
+        }
+        Ok::<_, engine::DockerError>(())
+    };
+    match back.await {
+        Ok(()) => format!("; the previous {name} is back"),
+        Err(e) => format!(
+            "; putting the previous container back FAILED ({e}): it is kept as {aside} and the next \
+             deploy restores it"
+        ),
+    }
+}
+
+/// Bring back the container kept as `NAME.ferry-prev`; the current one becomes the kept one, so a
+/// second rollback undoes the first.
+pub async fn rollback(ctx: &StepCtx<'_>, spec: &ContainerSpec) -> anyhow::Result<StepReport> {
+    let engine = Engine::new(ctx.host, ctx.session);
+    let host = ctx.host.name();
+    let r = resolve(ctx.host, spec)?;
+    let name = r.spec.name.as_str();
+    let (prev, aside) = (prev_name(name), aside_name(name));
+    let Some(kept) = engine.container(&prev).await? else {
+        bail!(
+            "{host}: no previous container {prev} is kept, so there is nothing to roll back to \
+             (one is kept after each successful update)"
+        );
+    };
+    if ctx.plan {
+        return Ok(report(
+            "container",
+            true,
+            format!(
+                "would switch {name} back to {} ({})",
+                kept.image,
+                kept.labels.get("ferry.ref").map_or("?", String::as_str)
+            ),
+            vec![],
+        ));
+    }
+    let mut log = Vec::new();
+    recover_aside(&engine, name, &mut log).await?;
+    let current = engine.container(name).await?;
+    let was_running = current.as_ref().is_some_and(|c| c.running);
+    if current.is_some() {
+        engine.rename(name, &aside).await?;
+        if was_running && let Err(e) = engine.stop(&aside).await {
+            let back = put_back(&engine, &aside, name, true).await;
+            bail!("{host}: cannot stop {name} to roll back: {e}{back}");
+        }
+    }
+    if let Err(e) = engine.rename(&prev, name).await {
+        let back = match current {
+            Some(_) => put_back(&engine, &aside, name, was_running).await,
+            None => String::new(),
+        };
+        bail!("{host}: cannot bring {prev} back as {name}: {e}{back}");
+    }
+    let outcome: anyhow::Result<String> = async {
+        engine.start(name).await?;
+        Ok(health::wait(&engine, name, r.spec.health.as_ref()).await?)
+    }
+    .await;
+    match outcome {
+        Ok(how) => {
+            if current.is_some() {
+                log.push(match engine.rename(&aside, &prev).await {
+                    Ok(()) => format!("kept the replaced container as {prev}"),
+                    Err(e) => format!(
+                        "warning: cannot keep the replaced container as {prev} ({e}); it stays as {aside}"
+                    ),
+                });
+            }
+            Ok(report(
+                "container",
+                true,
+                format!(
+                    "rolled {name} back to {} ({}); {how}",
+                    kept.image,
+                    kept.labels.get("ferry.ref").map_or("?", String::as_str)
+                ),
+                log,
+            ))
+        }
+        Err(e) => {
+            let logs = engine.logs(name).await;
+            let _ = engine.stop(name).await;
+            let kept_back = match engine.rename(name, &prev).await {
+                Ok(()) => String::new(),
+                Err(e) => format!(" (and it could not be renamed back to {prev}: {e})"),
+            };
+            let back = match current {
+                Some(_) => put_back(&engine, &aside, name, was_running).await,
+                None => String::new(),
+            };
+            bail!(
+                "{host}: the previous container did not come back healthy{kept_back}{back}: \
+                 {e:#}\nits logs:\n  {}",
+                logs.join("\n  ")
+            )
+        }
+    }
+}
+
+/// Read what runs as `spec.name` on `host` (templates expanded with the host's variables).
+pub async fn live(
+    host: &Host,
+    session: &Session,
+    spec: &ContainerSpec,
+) -> anyhow::Result<LiveContainer> {
+    // Status needs no secrets: resolve with placeholder values.
+    let r = spec::resolve(spec, host.name(), &|s| host.expand(s), &|_| {
+        Some(String::new())
+    })
+    .with_context(|| format!("{}: container `{}`", host.name(), spec.name))?;
+    let engine = Engine::new(host, session);
+    let name = r.spec.name;
+    Ok(match engine.container(&name).await? {
+        None => LiveContainer {
+            name,
+            ..Default::default()
+        },
+        Some(c) => LiveContainer {
+            name,
+            exists: true,
+            running: c.running,
+            health: c.health,
+            image: Some(c.image),
+            ref_name: c.labels.get("ferry.ref").cloned(),
+            sha: c.labels.get("ferry.sha").cloned(),
+            release: c.labels.get("ferry.release").cloned(),
+        },
+    })
+}
+
+pub(crate) async fn remove(
+    ctx: &StepCtx<'_>,
+    engine: &Engine<'_>,
+    s: &DockerRemoveStep,
+) -> anyhow::Result<StepReport> {
+    let name = ctx.host.expand(&s.name)?;
+    let names = [name.clone(), prev_name(&name), aside_name(&name)];
+    let mut present = Vec::new();
+    for n in &names {
+        if engine.container(n).await?.is_some() {
+            present.push(n.clone());
+        }
+    }
+    if present.is_empty() {
+        return Ok(report(
+            "docker_remove",
+            false,
+            format!("{name} is not there"),
+            vec![],
+        ));
+    }
+    if ctx.plan {
+        return Ok(report(
+            "docker_remove",
+            true,
+            format!("would remove {}", present.join(", ")),
+            vec![],
+        ));
+    }
+    for n in &present {
+        engine.remove(n).await?;
+    }
+    Ok(report(
+        "docker_remove",
+        true,
+        format!("removed {}", present.join(", ")),
+        vec![],
+    ))
+}

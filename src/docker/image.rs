@@ -1,0 +1,334 @@
+//! Image steps on one host: registry login (password on stdin), build from a synced context, tag,
+//! push, pull, and prune (the decision is in `prune`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use anyhow::bail;
+
+use super::engine::{Engine, TRANSFER_TIMEOUT};
+use super::{prune as plan, report, short_id};
+use crate::deploy::{StepCtx, StepReport};
+use crate::playbook::{
+    DockerBuildStep, DockerLoginStep, DockerPruneStep, DockerTagStep, ImageStep,
+};
+
+pub(crate) async fn login(
+    ctx: &StepCtx<'_>,
+    engine: &Engine<'_>,
+    s: &DockerLoginStep,
+) -> anyhow::Result<StepReport> {
+    let host = ctx.host.name();
+    let registry = ctx.host.expand(&s.registry)?;
+    let user = ctx.host.expand(&s.user)?;
+    let password = std::env::var(&s.password_env)
+        .ok()
+        .filter(|p| !p.is_empty());
+    let Some(password) = password else {
+        bail!(
+            "{host}: docker_login to {registry}: environment variable {} is not set; it must hold \
+             the password of `{user}` (a masked CI/CD variable)",
+            s.password_env
+        );
+    };
+    if ctx.plan {
+        return Ok(report(
+            "docker_login",
+            false,
+            format!("would log in to {registry} as {user}"),
+            vec![],
+        ));
+    }
+    let args = [
+        "login",
+        "--username",
+        &user,
+        "--password-stdin",
+        "--",
+        &registry,
+    ];
+    let out = engine
+        .raw(&args, password.as_bytes(), Some(Duration::from_secs(120)))
+        .await?;
+    if !out.success() {
+        // Docker does not echo the password, but never trust output with a secret in play.
+        let tail = out.tail().replace(&password, "***");
+        bail!(
+            "{host}: docker login to {registry} as `{user}` failed: {tail}\n(check the password in \
+             {} and that `{user}` may log in to {registry})",
+            s.password_env
+        );
+    }
+    Ok(report(
+        "docker_login",
+        false,
+        format!("logged in to {registry} as {user}"),
+        vec![],
+    ))
+}
+
+pub(crate) async fn build(
+    ctx: &StepCtx<'_>,
+    engine: &Engine<'_>,
+    s: &DockerBuildStep,
+) -> anyhow::Result<StepReport> {
+    let context = ctx.host.path(&s.context)?;
+    let tag = ctx.host.expand(&s.tag)?;
+    let mut args: Vec<String> = vec!["build".into(), "--tag".into(), tag.clone()];
+    if let Some(f) = &s.file {
+        args.push("--file".into());
+        args.push(format!(
+            "{}/{}",
+            context.trim_end_matches('/'),
+            ctx.host.expand(f)?
+        ));
+    }
+    for (k, v) in &s.build_args {
+        args.push("--build-arg".into());
+        args.push(format!("{k}={}", ctx.host.expand(v)?));
+    }
+    args.push("--".into());
+    args.push(context.clone());
+    if ctx.plan {
+        return Ok(report(
+            "docker_build",
+            true,
+            format!("would build {tag} from {context}"),
+            vec![],
+        ));
+    }
+    let before = engine.image_id(&tag).await?;
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = engine.raw(&argv, &[], Some(s.timeout)).await?;
+    if !out.success() {
+        bail!(
+            "{}: docker build of {tag} from {context} failed: {}",
+            ctx.host.name(),
+            out.tail()
+        );
+    }
+    let id = engine.image_id(&tag).await?.unwrap_or_default();
+    let changed = before.as_deref() != Some(id.as_str());
+    let log: Vec<String> = out
+        .stdout_str()
+        .lines()
+        .rev()
+        .take(5)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .map(str::to_string)
+        .collect();
+    Ok(report(
+        "docker_build",
+        changed,
+        format!("built {tag} ({})", short_id(&id)),
+        log,
+    ))
+}
+
+pub(crate) async fn tag(
+    ctx: &StepCtx<'_>,
+    engine: &Engine<'_>,
+    s: &DockerTagStep,
+) -> anyhow::Result<StepReport> {
+    let src = ctx.host.expand(&s.source)?;
+    let dst = ctx.host.expand(&s.target)?;
+    let host = ctx.host.name();
+    let src_id = engine.image_id(&src).await?;
+    let dst_id = engine.image_id(&dst).await?;
+    if src_id.is_some() && src_id == dst_id {
+        return Ok(report(
+            "docker_tag",
+            false,
+            format!("{dst} already is {src}"),
+            vec![],
+        ));
+    }
+    if ctx.plan {
+        return Ok(report(
+            "docker_tag",
+            true,
+            format!("would tag {src} as {dst}"),
+            vec![],
+        ));
+    }
+    if src_id.is_none() {
+        bail!(
+            "{host}: cannot tag {src}: the engine has no such image (did the build or pull step run?)"
+        );
+    }
+    engine.run(&["tag", &src, &dst], None).await?;
+    Ok(report(
+        "docker_tag",
+        true,
+        format!("tagged {src} as {dst}"),
+        vec![],
+    ))
+}
+
+pub(crate) async fn push(
+    ctx: &StepCtx<'_>,
+    engine: &Engine<'_>,
+    s: &ImageStep,
+) -> anyhow::Result<StepReport> {
+    let image = ctx.host.expand(&s.image)?;
+    if ctx.plan {
+        return Ok(report(
+            "docker_push",
+            true,
+            format!("would push {image}"),
+            vec![],
+        ));
+    }
+    let out = engine
+        .raw(&["push", "--", &image], &[], Some(TRANSFER_TIMEOUT))
+        .await?;
+    if !out.success() {
+        bail!(
+            "{}: docker push {image} failed: {}\n(did a docker_login step for its registry run first?)",
+            ctx.host.name(),
+            out.tail()
+        );
+    }
+    let text = out.stdout_str();
+    let digest = text
+        .split_whitespace()
+        .find(|w| w.starts_with("sha256:"))
+        .unwrap_or("?");
+    Ok(report(
+        "docker_push",
+        true,
+        format!("pushed {image} ({digest})"),
+        vec![],
+    ))
+}
+
+pub(crate) async fn pull(
+    ctx: &StepCtx<'_>,
+    engine: &Engine<'_>,
+    s: &ImageStep,
+) -> anyhow::Result<StepReport> {
+    let image = ctx.host.expand(&s.image)?;
+    let before = engine.image_id(&image).await?;
+    if ctx.plan {
+        return Ok(report(
+            "docker_pull",
+            true,
+            format!("would pull {image}"),
+            vec![],
+        ));
+    }
+    let out = engine
+        .raw(&["pull", "--", &image], &[], Some(TRANSFER_TIMEOUT))
+        .await?;
+    if !out.success() {
+        bail!(
+            "{}: docker pull {image} failed: {}",
+            ctx.host.name(),
+            out.tail()
+        );
+    }
+    let after = engine.image_id(&image).await?.unwrap_or_default();
+    let changed = before.as_deref() != Some(after.as_str());
+    let summary = if changed {
+        format!("pulled {image} ({})", short_id(&after))
+    } else {
+        format!("{image} already current ({})", short_id(&after))
+    };
+    Ok(report("docker_pull", changed, summary, vec![]))
+}
+
+pub(crate) async fn prune(
+    ctx: &StepCtx<'_>,
+    engine: &Engine<'_>,
+    s: &DockerPruneStep,
+) -> anyhow::Result<StepReport> {
+    let repo = ctx.host.expand(&s.repository)?;
+    let rows = plan::parse_rows(
+        &engine
+            .run(
+                &[
+                    "images",
+                    "--no-trunc",
+                    "--format",
+                    "{{.ID}}\t{{.Repository}}\t{{.Tag}}",
+                ],
+                None,
+            )
+            .await?,
+    );
+    // Image ids every container (running or stopped, rollback ones included) was created from.
+    let ids = engine
+        .run(&["ps", "--all", "--quiet", "--no-trunc"], None)
+        .await?;
+    let ids: Vec<&str> = ids.split_whitespace().collect();
+    let mut in_use = BTreeSet::new();
+    if !ids.is_empty() {
+        let mut args = vec!["container", "inspect", "--format", "{{.Image}}", "--"];
+        args.extend(&ids);
+        // A container removed meanwhile makes inspect fail for it; the rest still print.
+        let out = engine.raw(&args, &[], None).await?;
+        in_use.extend(out.stdout_str().split_whitespace().map(str::to_string));
+    }
+    let ours: BTreeSet<&str> = rows
+        .iter()
+        .filter(|r| r.repository == repo)
+        .map(|r| r.id.as_str())
+        .collect();
+    let mut created = BTreeMap::new();
+    if !ours.is_empty() {
+        let mut args = vec![
+            "image",
+            "inspect",
+            "--format",
+            "{{.Id}}\t{{.Created}}",
+            "--",
+        ];
+        args.extend(ours.iter().copied());
+        for line in engine.run(&args, None).await?.lines() {
+            if let Some((id, t)) = line.split_once('\t') {
+                created.insert(id.to_string(), t.to_string());
+            }
+        }
+    }
+    let plan = plan::plan(&rows, &repo, s.keep, &created, &in_use);
+    let mut log: Vec<String> = plan
+        .kept_in_use
+        .iter()
+        .map(|id| format!("kept {} (a container uses it)", short_id(id)))
+        .collect();
+    if ctx.plan || plan.remove.is_empty() {
+        let verb = if ctx.plan { "would remove" } else { "removed" };
+        return Ok(report(
+            "docker_prune",
+            !plan.remove.is_empty(),
+            format!(
+                "{verb} {} tag(s) of {repo}; keeping {} newest and {} in use",
+                plan.remove.len(),
+                plan.kept_newest.len(),
+                plan.kept_in_use.len()
+            ),
+            plan.remove
+                .iter()
+                .map(|t| format!("{verb} {t}"))
+                .chain(log)
+                .collect(),
+        ));
+    }
+    let mut args = vec!["rmi", "--"];
+    args.extend(plan.remove.iter().map(String::as_str));
+    engine.run(&args, None).await?;
+    log.extend(plan.remove.iter().map(|t| format!("removed {t}")));
+    Ok(report(
+        "docker_prune",
+        true,
+        format!(
+            "removed {} tag(s) of {repo}; kept {} newest and {} in use",
+            plan.remove.len(),
+            plan.kept_newest.len(),
+            plan.kept_in_use.len()
+        ),
+        log,
+    ))
+}
