@@ -379,30 +379,33 @@ async fn run_host(
                 shell::quote_str(&t.ref_name),
                 ctx.deploy.short_sha()
             ));
-            Action::Rollback(Some(t.release.clone()))
+            Action::Rollback(t.files_release.clone())
         }
         (a, _) => a.clone(),
     };
-    // Steps run while the lock's lease is renewed; losing the lock stops them.
-    let steps_run = run_steps(ctx, steps, action);
-    let (reports, error) = match &lock {
-        Some(lock) => {
-            tokio::select! {
-                r = steps_run => r,
-                lost = lock.keep_alive(ctx.session) => {
-                    ctx.progress.println(&format!("{}: {lost}", ctx.host.name()));
-                    (Vec::new(), Some(lost.to_string()))
-                }
-                _ = stop.wait_for(|s| *s) => {
-                    (Vec::new(), Some("interrupted (SIGINT/SIGTERM) while the steps ran".to_string()))
-                }
-            }
+    // Steps run while the lock's lease is renewed. Losing the lock stops the deploy before the next
+    // step (cutting a step off half-way would leave it worse); an interrupt stops it at once.
+    let lost: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+    let steps_run = run_steps(ctx, steps, action, &lost);
+    let renew = async {
+        if let Some(lock) = &lock {
+            let e = lock.keep_alive(ctx.session).await;
+            ctx.progress
+                .println(&format!("{}: WARNING: {e}", ctx.host.name()));
+            *lost.lock().unwrap() = Some(e.to_string());
         }
-        None => steps_run.await,
+        std::future::pending::<()>().await
+    };
+    let (reports, error) = tokio::select! {
+        r = steps_run => r,
+        _ = renew => unreachable!("renewal never ends"),
+        _ = stop.wait_for(|s| *s) => {
+            (Vec::new(), Some("interrupted (SIGINT/SIGTERM) while the steps ran".to_string()))
+        }
     };
     let ok = error.is_none();
     if !ctx.plan {
-        let record = Record::new(
+        let mut record = Record::new(
             ctx,
             action.name(),
             &reports,
@@ -411,6 +414,7 @@ async fn run_host(
             started_at,
             started.elapsed(),
         );
+        record.files_release = live_release(&reports);
         if let Err(e) = ledger::append(ctx, &record).await {
             tracing::warn!("cannot record the deploy in the ledger: {e:#}");
         }
@@ -438,10 +442,19 @@ async fn run_steps(
     ctx: &StepCtx<'_>,
     steps: &[Step],
     action: &Action,
+    lost: &std::sync::Mutex<Option<String>>,
 ) -> (Vec<StepReport>, Option<String>) {
     let mut reports = Vec::new();
     let mut error = None;
     for (i, step) in steps.iter().enumerate() {
+        if let Some(why) = lost.lock().unwrap().clone() {
+            error = Some(format!(
+                "stopped before step {} ({}): {why}",
+                i + 1,
+                step.kind()
+            ));
+            break;
+        }
         let name = format!("{}_{}_{}_{}", ctx.env, ctx.host.name(), i + 1, step.kind());
         let mut section = Section::start(
             ctx.style,
@@ -486,6 +499,20 @@ async fn run_steps(
         }
     }
     (reports, error)
+}
+
+/// The files release live after a run, from the sync step's report: a new release, the rollback's
+/// target, or (a sync that changed nothing) the release that stayed live.
+fn live_release(reports: &[StepReport]) -> Option<String> {
+    reports
+        .iter()
+        .filter(|r| r.step == "sync")
+        .find_map(|r| {
+            ["release", "to", "live"]
+                .iter()
+                .find_map(|k| r.detail.get(*k).and_then(|v| v.as_str()))
+        })
+        .map(str::to_string)
 }
 
 /// The ledger's choice of what to roll back to on this host.

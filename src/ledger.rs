@@ -39,8 +39,12 @@ pub struct Record {
     pub sha: String,
     pub pipeline_id: Option<String>,
     pub job_url: Option<String>,
-    /// The release id of this run (also the sync release name).
+    /// This run's release id: names the deploy (`--to` takes it).
     pub release: String,
+    /// The files release live after the run (sync's; a sync that changed nothing keeps the older
+    /// one), when the environment syncs files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files_release: Option<String>,
     /// `deploy`, `rollback` or `stop`.
     pub action: String,
     pub ok: bool,
@@ -91,6 +95,7 @@ impl Record {
             pipeline_id: d.pipeline_id.clone(),
             job_url: d.job_url.clone(),
             release: ctx.release.into(),
+            files_release: None,
             action: action.into(),
             ok,
             error: error.map(|e| truncate(e, MAX_ERROR)),
@@ -169,8 +174,8 @@ pub fn parse(text: &str) -> (Vec<Record>, Vec<String>) {
 }
 
 /// Which earlier deploy a rollback returns to, from one host's records (one app and environment,
-/// oldest first): the release named by `to`, or the last good deploy before the one that made the
-/// live release. `Ok(None)` when the ledger is empty (nothing to choose from: the step modules decide).
+/// oldest first): the deploy whose release (or files release) `to` names, or the last good deploy
+/// before the one that made what is live. `Ok(None)` when the ledger is empty (nothing to choose from: the step modules decide).
 pub fn rollback_target<'a>(
     records: &'a [Record],
     to: Option<&str>,
@@ -185,7 +190,8 @@ pub fn rollback_target<'a>(
         return Ok(None);
     }
     if let Some(to) = to {
-        return match deploys.iter().rev().find(|r| r.release == to) {
+        let named = |r: &&&Record| r.release == to || r.files_release.as_deref() == Some(to);
+        return match deploys.iter().rev().find(named) {
             Some(r) => Ok(Some(*r)),
             None => Err(format!(
                 "no successful deploy of release {to} in the ledger; known releases: {}",
@@ -303,6 +309,7 @@ mod tests {
             pipeline_id: Some("7".into()),
             job_url: None,
             release: format!("2026-{at}"),
+            files_release: None,
             action: "deploy".into(),
             ok,
             error: (!ok).then(|| "boom".into()),
@@ -368,6 +375,17 @@ mod tests {
                 .contains("oldest")
         );
         assert_eq!(rollback_target(&[], None).unwrap(), None);
+        // Deploys that left the files alone share a files release; --to may name either id.
+        for r in rs.iter_mut() {
+            r.files_release = Some("files-1".into());
+        }
+        assert_eq!(
+            rollback_target(&rs, Some("files-1"))
+                .unwrap()
+                .unwrap()
+                .started_at,
+            4
+        );
     }
 
     #[test]

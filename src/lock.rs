@@ -108,10 +108,12 @@ pub enum LockError {
         path: String,
         reason: String,
     },
-    #[error(
-        "{host}: lost the deploy lock {path}: another run took it over after our lease expired"
-    )]
-    Lost { host: String, path: String },
+    #[error("{host}: lost the deploy lock {path}: {why}")]
+    Lost {
+        host: String,
+        path: String,
+        why: String,
+    },
 }
 
 /// A held lock. Release it with [`Lock::release`]; while steps run, drive [`Lock::keep_alive`].
@@ -212,10 +214,13 @@ fi
 echo held; show; exit 1
 "#;
 
-/// args: state dir, lock name, token, lease seconds. exit 0 renewed, 1 lost.
+/// args: state dir, lock name, token, lease seconds. exit 0 renewed, 1 lost (`gone`, or `held` +
+/// the new holder), other: could not tell (retried).
 const RENEW: &str = r#"
 lock="$1/locks/$2"
-[ "$(cat "$lock/token" 2>/dev/null)" = "$3" ] || { echo lost; exit 1; }
+[ -d "$lock" ] || { echo lost gone; exit 1; }
+t=$(cat "$lock/token" 2>/dev/null) || { echo "renew: cannot read $lock/token"; exit 2; }
+[ "$t" = "$3" ] || { printf 'lost held '; cat "$lock/holder.json" 2>/dev/null; echo; exit 1; }
 echo $(( $(date +%s) + $4 )) > "$lock/expires.$3" && mv -f "$lock/expires.$3" "$lock/expires"
 "#;
 
@@ -378,7 +383,8 @@ impl Lock {
     }
 
     /// Renew the lease every third of it until the lock is found lost (returned as the error).
-    /// Transient failures to renew are logged and retried. Run it alongside the steps.
+    /// Transient failures to renew are logged and retried. Run it alongside the steps; a loss stops
+    /// the deploy before its next step (a step is never cut off half-way for it).
     pub async fn keep_alive(&self, session: &Session) -> LockError {
         let every = self.lease / 3;
         loop {
@@ -397,10 +403,24 @@ impl Lock {
                 .await;
             match r {
                 Ok(out) if out.success() => tracing::debug!("renewed the deploy lock"),
-                Ok(out) if out.stdout_str().starts_with("lost") => {
+                Ok(out) if out.status == Some(1) && out.stdout_str().starts_with("lost") => {
+                    let text = out.stdout_str();
+                    let why = match text.strip_prefix("lost held ") {
+                        Some(h) => format!(
+                            "after our lease expired it was taken over by {}",
+                            serde_json::from_str::<Holder>(h.trim())
+                                .map(|h| h.describe())
+                                .unwrap_or_else(|_| "another run".into())
+                        ),
+                        None => {
+                            "the lock directory was removed (by `ferry unlock --force`, or by hand)"
+                                .into()
+                        }
+                    };
                     return LockError::Lost {
                         host: self.host.clone(),
                         path: self.path(),
+                        why,
                     };
                 }
                 Ok(out) => tracing::warn!("cannot renew the deploy lock: {}", out.tail()),

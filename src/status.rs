@@ -619,6 +619,7 @@ mod tests {
             pipeline_id: None,
             job_url: None,
             release: format!("rel-{at}"),
+            files_release: None,
             action: action.into(),
             ok,
             error: (!ok).then(|| "step 1 (run): boom".into()),

@@ -877,3 +877,52 @@ fn a_running_deploy_renews_its_lease() {
     assert!(!second.stderr.contains("took over"), "{}", second.stderr);
     first.join().unwrap().success();
 }
+
+/// The lock removed under a running deploy (`unlock --force`): the running step finishes, the next
+/// one never starts, and the run fails saying why.
+#[test]
+fn a_deploy_that_loses_its_lock_stops_before_the_next_step() {
+    let host = Sshd::start();
+    let dir = TempDir::new("lost");
+    let root = open_root(&dir);
+    let (started, finished) = (dir.join("started"), dir.join("finished"));
+    let p = pb(
+        &dir,
+        &[host.address()],
+        &root,
+        &format!(
+            "      - run: {{ command: [\"sh\", \"-c\", \"touch \\\"$0\\\"; sleep 5; touch \\\"$1\\\"\", \"{}\", \"{}\"] }}\n      - run: {{ command: [\"touch\", \"{}\"] }}\n",
+            started.display(),
+            finished.display(),
+            dir.join("never").display()
+        ),
+        "",
+    );
+    let run = {
+        let ferry = ci(&[&host], "release-lost", SHA, "811")
+            .env("FERRY_LOCK_LEASE", "3s")
+            .arg("deploy")
+            .arg(&p);
+        std::thread::spawn(move || ferry.run())
+    };
+    wait_for("the step to start", || started.exists());
+    Ferry::new()
+        .trusting(&[&host])
+        .args(["unlock", "--force", "--env", "test"])
+        .arg(&p)
+        .run()
+        .success();
+    let run = run.join().unwrap().failure(1);
+    assert!(finished.exists(), "the running step was cut off");
+    assert!(!dir.join("never").exists(), "a step ran without the lock");
+    assert!(
+        run.stdout.contains("stopped before step 2"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("lock directory was removed"),
+        "{}",
+        run.stdout
+    );
+}
