@@ -926,3 +926,55 @@ fn a_deploy_that_loses_its_lock_stops_before_the_next_step() {
         run.stdout
     );
 }
+
+/// With real sync steps: status reads each branch's live files release and commit from the hosts,
+/// and reports drift when a live file was edited by hand.
+#[test]
+fn status_reads_live_files_per_branch_and_flags_hand_edits() {
+    let host = Sshd::start();
+    let dir = TempDir::new("livesync");
+    let root = open_root(&dir);
+    dir.write("dist/index.html", "<h1>hello</h1>\n");
+    let p = pb(
+        &dir,
+        &[host.address()],
+        &format!("{root}/${{ref_slug}}"),
+        &format!(
+            "      - sync: {{ from: \"{}\", to: site }}\n",
+            dir.join("dist").display()
+        ),
+        "",
+    );
+    for (r, sha) in [("feature/a", SHA), ("feature/b", SHA2)] {
+        ci(&[&host], r, sha, "901")
+            .arg("deploy")
+            .arg(&p)
+            .run()
+            .success();
+    }
+    let status = |args: &[&str]| {
+        let run = Ferry::new()
+            .trusting(&[&host])
+            .args(["status", "--json"])
+            .args(args)
+            .arg(&p)
+            .run()
+            .success();
+        let v: serde_json::Value = serde_json::from_str(&run.stdout).expect(&run.stdout);
+        v[0]["rows"].as_array().unwrap().clone()
+    };
+    let rows = status(&[]);
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for row in &rows {
+        assert_eq!(row["state"], "live", "{row}");
+        assert_eq!(row["notes"], serde_json::json!([]), "{row}");
+    }
+    // Edit feature/b's live file by hand.
+    let live = Path::new(&root).join("feature-b/site/index.html");
+    std::fs::write(&live, "<h1>hacked</h1>\n").unwrap();
+    let rows = status(&["--ref", "feature/b"]);
+    let notes = rows[0]["notes"].to_string();
+    assert!(notes.contains("drift"), "{notes}");
+    let rows = status(&["--ref", "feature/a"]);
+    assert_eq!(rows[0]["notes"], serde_json::json!([]), "{rows:?}");
+}
