@@ -122,8 +122,20 @@ pub struct Lock {
     host: String,
     state_dir: String,
     name: String,
+    /// This run's token, shared by its hosts (hosts on shared storage share one lock).
     token: String,
+    /// This host's entry under `holders/`.
+    me: String,
     lease: Duration,
+}
+
+/// A new run token: every host of one run locks with it.
+pub fn run_token() -> String {
+    format!(
+        "{:016x}{:016x}",
+        rand::random::<u64>(),
+        rand::random::<u64>()
+    )
 }
 
 /// The lock directory's name for an app and environment: safe as one path component whatever the
@@ -183,19 +195,33 @@ show() {
 }
 "#;
 
-/// args: state dir, lock name, token, holder JSON, lease seconds.
-/// exit 0 + `acquired` | `took-over` + old holder; exit 1 `held` + holder; other: failure.
+/// args: state dir, lock name, run token, holder JSON, lease seconds, this host's id.
+/// exit 0 + `acquired` | `joined` | `took-over` + old holder; exit 1 `held` + holder; other: failure.
 const ACQUIRE: &str = r#"
-locks="$1/locks"; lock="$locks/$2"; tok=$3; holder=$4; lease=$5
+locks="$1/locks"; lock="$locks/$2"; tok=$3; holder=$4; lease=$5; me=$6
 mkdir -p "$locks" || exit 3
 write_lock() {
   printf '%s\n' "$tok" > "$lock/token" &&
   printf '%s\n' "$holder" > "$lock/holder.json" &&
-  echo $(( $(date +%s) + lease )) > "$lock/expires"
+  echo $(( $(date +%s) + lease )) > "$lock/expires" &&
+  mkdir "$lock/holders" && : > "$lock/holders/$me"
 }
 if mkdir "$lock" 2>/dev/null; then
   write_lock || { rm -rf "$lock"; exit 3; }
   echo acquired; exit 0
+fi
+# Held by this same run (another host on the same storage, e.g. NFS): join it. A lock just made
+# may not have its token yet: give it a moment.
+i=0
+while [ -d "$lock" ] && [ ! -s "$lock/token" ] && [ "$i" -lt 20 ]; do
+  sleep 0.1 2>/dev/null || sleep 1; i=$((i + 1))
+done
+if [ "$(cat "$lock/token" 2>/dev/null)" = "$tok" ]; then
+  guard_take || { echo held; show; exit 1; }
+  if [ "$(cat "$lock/token" 2>/dev/null)" = "$tok" ] && mkdir -p "$lock/holders" && : > "$lock/holders/$me"; then
+    guard_drop; echo joined; exit 0
+  fi
+  guard_drop
 fi
 now=$(date +%s); read_exp
 if [ -n "$exp" ] && [ "$exp" -lt "$now" ]; then
@@ -224,14 +250,20 @@ t=$(cat "$lock/token" 2>/dev/null) || { echo "renew: cannot read $lock/token"; e
 echo $(( $(date +%s) + $4 )) > "$lock/expires.$3" && mv -f "$lock/expires.$3" "$lock/expires"
 "#;
 
-/// args: state dir, lock name, token. Removes the lock only if the token is ours.
+/// args: state dir, lock name, run token, this host's id. Removes the lock only if the token is
+/// ours and no other host of this run still holds it.
 const RELEASE: &str = r#"
 lock="$1/locks/$2"
 [ -d "$lock" ] || { echo gone; exit 0; }
 guard_take || { echo "guard busy"; exit 3; }
 if [ "$(cat "$lock/token" 2>/dev/null)" = "$3" ]; then
-  mv "$lock" "$lock.released.$3" && rm -rf "$lock.released.$3"
-  echo released
+  rm -f "$lock/holders/$4"
+  if [ -n "$(ls -A "$lock/holders" 2>/dev/null)" ]; then
+    echo "released; still held by other hosts of this run"
+  else
+    mv "$lock" "$lock.released.$3.$4" && rm -rf "$lock.released.$3.$4"
+    echo released
+  fi
 else
   echo "not ours"
 fi
@@ -295,16 +327,18 @@ impl Lock {
     }
 
     /// Take the lock on `ctx.host`, waiting up to `wait` for another deploy to finish.
-    pub async fn acquire(ctx: &StepCtx<'_>, wait: Option<Duration>) -> Result<Lock, LockError> {
+    pub async fn acquire(
+        ctx: &StepCtx<'_>,
+        run: &str,
+        wait: Option<Duration>,
+    ) -> Result<Lock, LockError> {
+        let host = ctx.host.name().to_string();
         let lock = Lock {
-            host: ctx.host.name().to_string(),
+            me: blake3::hash(host.as_bytes()).to_hex()[..16].to_string(),
+            host,
             state_dir: ctx.host.state_dir(),
             name: lock_name(ctx.app, ctx.env),
-            token: format!(
-                "{:016x}{:016x}",
-                rand::random::<u64>(),
-                rand::random::<u64>()
-            ),
+            token: run.to_string(),
             lease: lease_from_env(),
         };
         let holder = serde_json::to_string(&Holder::new(&lock.token, ctx.deploy))
@@ -322,6 +356,7 @@ impl Lock {
                         lock.token.as_str(),
                         holder.as_str(),
                         &lock.lease.as_secs().to_string(),
+                        lock.me.as_str(),
                     ],
                     Some(Duration::from_secs(60)),
                 )
@@ -438,6 +473,7 @@ impl Lock {
                     self.state_dir.as_str(),
                     self.name.as_str(),
                     self.token.as_str(),
+                    self.me.as_str(),
                 ],
                 Some(Duration::from_secs(60)),
             )

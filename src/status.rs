@@ -349,7 +349,7 @@ async fn gather(
                 let records: Vec<Record> = match all {
                     Ok(r) => r
                         .into_iter()
-                        .filter(|r| r.app == pb.app && r.env == env)
+                        .filter(|r| r.app == pb.app && r.env == env && r.host == host.name())
                         .collect(),
                     Err(e) => {
                         session.close().await;

@@ -978,3 +978,56 @@ fn status_reads_live_files_per_branch_and_flags_hand_edits() {
     let rows = status(&["--ref", "feature/a"]);
     assert_eq!(rows[0]["notes"], serde_json::json!([]), "{rows:?}");
 }
+
+/// Two hosts on the same storage (as NFS would give, and as test hosts on one machine are): the
+/// hosts of one run share the lock; another run is still kept out; the last host out removes it.
+#[test]
+fn hosts_of_one_run_share_a_lock_on_shared_storage() {
+    let (a, b) = (Sshd::start(), Sshd::start());
+    let dir = TempDir::new("shared");
+    let root = open_root(&dir);
+    let marker = dir.join("running");
+    let p = pb(
+        &dir,
+        &[a.address(), b.address()],
+        &root,
+        &format!(
+            "      - run: {{ command: [\"sh\", \"-c\", \"touch \\\"$0\\\"; sleep 3\", \"{}\"] }}\n",
+            marker.display()
+        ),
+        "",
+    );
+    let first = {
+        let ferry = ci(&[&a, &b], "release-s", SHA, "951").arg("deploy").arg(&p);
+        std::thread::spawn(move || ferry.run())
+    };
+    wait_for("the steps to start", || marker.exists());
+    let other = ci(&[&a, &b], "release-t", SHA2, "952")
+        .arg("deploy")
+        .arg(&p)
+        .run()
+        .failure(1);
+    assert!(
+        other.stdout.contains("held by ref release-s"),
+        "{}",
+        other.stdout
+    );
+    first.join().unwrap().success();
+    let records = ledger(&Path::new(&root).join(".ferry"));
+    assert_eq!(records.len(), 2, "{records:?}");
+    assert!(
+        records
+            .iter()
+            .all(|r| r["ok"] == true && r["ref"] == "release-s")
+    );
+    assert!(!Path::new(&root).join(".ferry/locks/testapp-test").exists());
+    let status = Ferry::new()
+        .trusting(&[&a, &b])
+        .args(["status", "--json"])
+        .arg(&p)
+        .run()
+        .success();
+    let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(v[0]["rows"].as_array().unwrap().len(), 2, "{v}");
+    assert_eq!(v[0]["flags"], serde_json::json!([]), "{v}");
+}
