@@ -1,8 +1,12 @@
 //! Deploy locks: one deploy per app and environment at a time, on each host.
 //!
 //! The lock is a directory `<state dir>/locks/<app>-<env>` made with an atomic `mkdir`. Inside it are
-//! `token` (random, this run's), `holder.json` (ref, sha, pipeline, job URL, user, controller, time) and
-//! `expires` (unix time on the host's clock). A running deploy renews `expires` in the background.
+//! `token` (random, this run's), `holder.json` (ref, sha, pipeline, job URL, user, controller, time),
+//! `expires` (unix time on the host's clock) and `holders/` (one entry per host of the run). A
+//! running deploy renews `expires` in the background.
+//!
+//! Hosts that share storage (an NFS `/srv`) see one lock: the hosts of one run share it (same
+//! token, each adds itself to `holders/`), and the last one out removes it. Another run stays out.
 //!
 //! Taking over an expired lease: Deployer's auto-unlock raced when two controllers both judged a lock
 //! stale and both removed it, or when an unlock removed a lock that someone had just taken. Here every
