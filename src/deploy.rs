@@ -230,7 +230,8 @@ async fn run_env(
 ) -> anyhow::Result<Vec<HostReport>> {
     let release = release_id(ctx);
     let progress = Progress::new(setup.style);
-    let gitlab = if opts.plan {
+    // GitLab hears about deploys and rollbacks; a stop is not a deployment of this commit.
+    let gitlab = if opts.plan || matches!(action, Action::Stop) {
         None
     } else {
         gitlab::Reporter::new(&setup.playbook, ctx, &setup.env)
