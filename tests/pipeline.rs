@@ -133,6 +133,38 @@ fn deploy_records_the_ledger_and_releases_the_lock_on_both_shells() {
             .run()
             .success();
         assert_eq!(ledger(&state).len(), 2);
+        // Reading it back works on this shell too: status, history, lock status, unlock.
+        let status = Ferry::new()
+            .trusting(&[&host])
+            .args(["status", "--json"])
+            .arg(&p)
+            .run()
+            .success();
+        let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+        assert_eq!(v[0]["rows"][0]["sha"], SHA2, "{v}");
+        assert_eq!(v[0]["rows"][0]["state"], "live", "{v}");
+        let history = Ferry::new()
+            .trusting(&[&host])
+            .arg("history")
+            .arg(&p)
+            .run()
+            .success();
+        assert_eq!(history.stdout.lines().count(), 3, "{}", history.stdout);
+        let lock = Ferry::new()
+            .trusting(&[&host])
+            .args(["lock", "status", "--env", "test"])
+            .arg(&p)
+            .run()
+            .success();
+        assert!(lock.stdout.contains("free"), "{}", lock.stdout);
+        stale_lock(&root, 10);
+        let unlock = Ferry::new()
+            .trusting(&[&host])
+            .args(["unlock", "--env", "test"])
+            .arg(&p)
+            .run()
+            .success();
+        assert!(unlock.stdout.contains("removed"), "{}", unlock.stdout);
     }
 }
 
