@@ -45,7 +45,7 @@ cleanup() {
 }
 trap cleanup EXIT
 wire_bytes() {
-  iptables -L INPUT -v -x -n 2>/dev/null | awk -v t="$TAG" 'index($0, t) { s += $2 } END { print s + 0 }'
+  iptables -L INPUT -v -x -n 2>/dev/null | awk -v t="$TAG" 'index($0, t) { s += $2 } END { printf "%d\n", s }'
 }
 
 SSH="ssh -p $PORT -i $KEY -o UserKnownHostsFile=$KH -o StrictHostKeyChecking=yes -o BatchMode=yes"

@@ -230,7 +230,8 @@ async fn run_env(
 ) -> anyhow::Result<Vec<HostReport>> {
     let release = release_id(ctx);
     let progress = Progress::new(setup.style);
-    let gitlab = if opts.plan {
+    // GitLab hears about deploys and rollbacks; a stop is not a deployment of this commit.
+    let gitlab = if opts.plan || matches!(action, Action::Stop) {
         None
     } else {
         gitlab::Reporter::new(&setup.playbook, ctx, &setup.env)
@@ -243,6 +244,7 @@ async fn run_env(
     let started = Instant::now();
     let action = Arc::new(action);
     let (interrupt, stop) = watch_interrupts();
+    let run_token = &crate::lock::run_token();
     let outcomes = fleet::run(
         &setup.connector,
         &setup.hosts,
@@ -262,7 +264,7 @@ async fn run_env(
                     progress,
                     style: setup.style,
                 };
-                let r = run_host(&sctx, steps, opts, &action, stop).await;
+                let r = run_host(&sctx, steps, opts, &action, run_token, stop).await;
                 session.close().await;
                 r
             }
@@ -332,6 +334,7 @@ async fn run_host(
     steps: &[Step],
     opts: &DeployOpts,
     action: &Action,
+    run_token: &str,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<HostReport> {
     let started = Instant::now();
@@ -340,7 +343,7 @@ async fn run_host(
         None
     } else {
         tokio::select! {
-            l = Lock::acquire(ctx, opts.lock_wait) => Some(l?),
+            l = Lock::acquire(ctx, run_token, opts.lock_wait) => Some(l?),
             _ = stop.wait_for(|s| *s) => anyhow::bail!("interrupted before the deploy lock was taken"),
         }
     };
@@ -520,7 +523,7 @@ async fn rollback_target(ctx: &StepCtx<'_>, to: Option<&str>) -> anyhow::Result<
     let records: Vec<Record> = ledger::read(ctx.host, ctx.session)
         .await?
         .into_iter()
-        .filter(|r| r.app == ctx.app && r.env == ctx.env)
+        .filter(|r| r.app == ctx.app && r.env == ctx.env && r.host == ctx.host.name())
         .collect();
     ledger::rollback_target(&records, to)
         .map(|r| r.cloned())

@@ -1,8 +1,12 @@
 //! Deploy locks: one deploy per app and environment at a time, on each host.
 //!
 //! The lock is a directory `<state dir>/locks/<app>-<env>` made with an atomic `mkdir`. Inside it are
-//! `token` (random, this run's), `holder.json` (ref, sha, pipeline, job URL, user, controller, time) and
-//! `expires` (unix time on the host's clock). A running deploy renews `expires` in the background.
+//! `token` (random, this run's), `holder.json` (ref, sha, pipeline, job URL, user, controller, time),
+//! `expires` (unix time on the host's clock) and `holders/` (one entry per host of the run). A
+//! running deploy renews `expires` in the background.
+//!
+//! Hosts that share storage (an NFS `/srv`) see one lock: the hosts of one run share it (same
+//! token, each adds itself to `holders/`), and the last one out removes it. Another run stays out.
 //!
 //! Taking over an expired lease: Deployer's auto-unlock raced when two controllers both judged a lock
 //! stale and both removed it, or when an unlock removed a lock that someone had just taken. Here every
@@ -122,8 +126,20 @@ pub struct Lock {
     host: String,
     state_dir: String,
     name: String,
+    /// This run's token, shared by its hosts (hosts on shared storage share one lock).
     token: String,
+    /// This host's entry under `holders/`.
+    me: String,
     lease: Duration,
+}
+
+/// A new run token: every host of one run locks with it.
+pub fn run_token() -> String {
+    format!(
+        "{:016x}{:016x}",
+        rand::random::<u64>(),
+        rand::random::<u64>()
+    )
 }
 
 /// The lock directory's name for an app and environment: safe as one path component whatever the
@@ -183,19 +199,33 @@ show() {
 }
 "#;
 
-/// args: state dir, lock name, token, holder JSON, lease seconds.
-/// exit 0 + `acquired` | `took-over` + old holder; exit 1 `held` + holder; other: failure.
+/// args: state dir, lock name, run token, holder JSON, lease seconds, this host's id.
+/// exit 0 + `acquired` | `joined` | `took-over` + old holder; exit 1 `held` + holder; other: failure.
 const ACQUIRE: &str = r#"
-locks="$1/locks"; lock="$locks/$2"; tok=$3; holder=$4; lease=$5
+locks="$1/locks"; lock="$locks/$2"; tok=$3; holder=$4; lease=$5; me=$6
 mkdir -p "$locks" || exit 3
 write_lock() {
   printf '%s\n' "$tok" > "$lock/token" &&
   printf '%s\n' "$holder" > "$lock/holder.json" &&
-  echo $(( $(date +%s) + lease )) > "$lock/expires"
+  echo $(( $(date +%s) + lease )) > "$lock/expires" &&
+  mkdir "$lock/holders" && : > "$lock/holders/$me"
 }
 if mkdir "$lock" 2>/dev/null; then
   write_lock || { rm -rf "$lock"; exit 3; }
   echo acquired; exit 0
+fi
+# Held by this same run (another host on the same storage, e.g. NFS): join it. A lock just made
+# may not have its token yet: give it a moment.
+i=0
+while [ -d "$lock" ] && [ ! -s "$lock/token" ] && [ "$i" -lt 20 ]; do
+  sleep 0.1 2>/dev/null || sleep 1; i=$((i + 1))
+done
+if [ "$(cat "$lock/token" 2>/dev/null)" = "$tok" ]; then
+  guard_take || { echo held; show; exit 1; }
+  if [ "$(cat "$lock/token" 2>/dev/null)" = "$tok" ] && mkdir -p "$lock/holders" && : > "$lock/holders/$me"; then
+    guard_drop; echo joined; exit 0
+  fi
+  guard_drop
 fi
 now=$(date +%s); read_exp
 if [ -n "$exp" ] && [ "$exp" -lt "$now" ]; then
@@ -224,14 +254,20 @@ t=$(cat "$lock/token" 2>/dev/null) || { echo "renew: cannot read $lock/token"; e
 echo $(( $(date +%s) + $4 )) > "$lock/expires.$3" && mv -f "$lock/expires.$3" "$lock/expires"
 "#;
 
-/// args: state dir, lock name, token. Removes the lock only if the token is ours.
+/// args: state dir, lock name, run token, this host's id. Removes the lock only if the token is
+/// ours and no other host of this run still holds it.
 const RELEASE: &str = r#"
 lock="$1/locks/$2"
 [ -d "$lock" ] || { echo gone; exit 0; }
 guard_take || { echo "guard busy"; exit 3; }
 if [ "$(cat "$lock/token" 2>/dev/null)" = "$3" ]; then
-  mv "$lock" "$lock.released.$3" && rm -rf "$lock.released.$3"
-  echo released
+  rm -f "$lock/holders/$4"
+  if [ -n "$(ls -A "$lock/holders" 2>/dev/null)" ]; then
+    echo "released; still held by other hosts of this run"
+  else
+    mv "$lock" "$lock.released.$3.$4" && rm -rf "$lock.released.$3.$4"
+    echo released
+  fi
 else
   echo "not ours"
 fi
@@ -295,16 +331,18 @@ impl Lock {
     }
 
     /// Take the lock on `ctx.host`, waiting up to `wait` for another deploy to finish.
-    pub async fn acquire(ctx: &StepCtx<'_>, wait: Option<Duration>) -> Result<Lock, LockError> {
+    pub async fn acquire(
+        ctx: &StepCtx<'_>,
+        run: &str,
+        wait: Option<Duration>,
+    ) -> Result<Lock, LockError> {
+        let host = ctx.host.name().to_string();
         let lock = Lock {
-            host: ctx.host.name().to_string(),
+            me: blake3::hash(host.as_bytes()).to_hex()[..16].to_string(),
+            host,
             state_dir: ctx.host.state_dir(),
             name: lock_name(ctx.app, ctx.env),
-            token: format!(
-                "{:016x}{:016x}",
-                rand::random::<u64>(),
-                rand::random::<u64>()
-            ),
+            token: run.to_string(),
             lease: lease_from_env(),
         };
         let holder = serde_json::to_string(&Holder::new(&lock.token, ctx.deploy))
@@ -322,6 +360,7 @@ impl Lock {
                         lock.token.as_str(),
                         holder.as_str(),
                         &lock.lease.as_secs().to_string(),
+                        lock.me.as_str(),
                     ],
                     Some(Duration::from_secs(60)),
                 )
@@ -438,6 +477,7 @@ impl Lock {
                     self.state_dir.as_str(),
                     self.name.as_str(),
                     self.token.as_str(),
+                    self.me.as_str(),
                 ],
                 Some(Duration::from_secs(60)),
             )

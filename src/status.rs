@@ -349,7 +349,7 @@ async fn gather(
                 let records: Vec<Record> = match all {
                     Ok(r) => r
                         .into_iter()
-                        .filter(|r| r.app == pb.app && r.env == env)
+                        .filter(|r| r.app == pb.app && r.env == env && r.host == host.name())
                         .collect(),
                     Err(e) => {
                         session.close().await;
@@ -562,7 +562,10 @@ pub async fn cli_history(
         }
     }
     records.retain(|r| ref_name.is_none_or(|want| r.ref_name == want));
-    records.sort_by(|a, b| b.started_at.cmp(&a.started_at).then(a.host.cmp(&b.host)));
+    // Newest first; within one second, later in the ledger is newer.
+    let mut records: Vec<(usize, Record)> = records.into_iter().enumerate().collect();
+    records.sort_by(|(ia, a), (ib, b)| b.started_at.cmp(&a.started_at).then(ib.cmp(ia)));
+    let mut records: Vec<Record> = records.into_iter().map(|(_, r)| r).collect();
     records.truncate(n);
     if g.json {
         println!("{}", serde_json::to_string_pretty(&records)?);

@@ -23,8 +23,10 @@ pub fn pb(
         }
         _ => env_extra.to_string(),
     };
+    // Each host gets its own root (its locks, ledger and env files): the test hosts share one
+    // filesystem, real hosts do not.
     let text = format!(
-        "app: testapp\nenvironments:\n  test:\n    root: {root}\n{env_extra}    hosts:\n{hosts_yaml}    steps:\n{steps}",
+        "app: testapp\nenvironments:\n  test:\n    root: \"{root}/${{host}}\"\n{env_extra}    hosts:\n{hosts_yaml}    steps:\n{steps}",
         root = dir.join("root").display()
     );
     dir.write("ferry.yml", text)
@@ -319,9 +321,10 @@ fn secret_env_reaches_the_container_not_the_output() {
     let argv = std::fs::read_to_string(&argv_log).unwrap();
     assert!(argv.contains("--env-file"), "{argv}");
     assert!(!argv.contains(&secret), "secret on a command line: {argv}");
-    let left: Vec<_> = std::fs::read_dir(dir.join("root/.ferry/docker"))
-        .map(|d| d.collect())
-        .unwrap_or_default();
+    // The file was written there (0600), and removed once the container was created.
+    let left: Vec<_> = std::fs::read_dir(dir.join("root/web1/.ferry/docker"))
+        .expect("the env file directory exists")
+        .collect();
     assert!(left.is_empty(), "env file left behind: {left:?}");
 }
 
@@ -337,10 +340,10 @@ fn tag_push_pull_through_the_registry() {
     app_image(&base, "base", true);
     let dir = TempDir::new("dpublish");
     dir.write(
-        "root/context/Dockerfile",
+        "root/build/context/Dockerfile",
         format!("FROM {base}\nCOPY release.txt /www/release.txt\n"),
     );
-    dir.write("root/context/release.txt", "built by ferry\n");
+    dir.write("root/build/context/release.txt", "built by ferry\n");
     let repo = format!("{REGISTRY}/{prefix}/shop");
     let steps = format!(
         "      - docker_login: {{ registry: \"{REGISTRY}\", user: {REGISTRY_USER}, password_env: REGISTRY_PASSWORD }}\n\
@@ -657,11 +660,11 @@ fn busybox_host_runs_the_container_cycle() {
     let port = free_port();
     let dir = TempDir::new("dbb root with space");
     // The deploy user owns the environment's root, as on a real host.
-    std::fs::create_dir_all(dir.join("root")).unwrap();
+    std::fs::create_dir_all(dir.join("root/bb")).unwrap();
     run_ok(
         std::process::Command::new("chown")
             .arg(BUSYBOX_USER)
-            .arg(dir.join("root")),
+            .arg(dir.join("root/bb")),
     );
     let step = |greeting: &str| {
         format!(
@@ -707,7 +710,7 @@ fn busybox_host_runs_the_container_cycle() {
     assert!(second.all().contains("spec changed"), "{}", second.all());
     assert_eq!(http_get(port, "/version").as_deref(), Some("bb1\n"));
     assert!(docker_try(&["container", "inspect", &format!("{prefix}.ferry-prev")]).0);
-    let secrets_dir = dir.join("root/.ferry/docker");
+    let secrets_dir = dir.join("root/bb/.ferry/docker");
     let left: Vec<_> = std::fs::read_dir(&secrets_dir).unwrap().collect();
     assert!(left.is_empty(), "env files left: {left:?}");
     run(&step("two"), "stop").success();

@@ -133,6 +133,38 @@ fn deploy_records_the_ledger_and_releases_the_lock_on_both_shells() {
             .run()
             .success();
         assert_eq!(ledger(&state).len(), 2);
+        // Reading it back works on this shell too: status, history, lock status, unlock.
+        let status = Ferry::new()
+            .trusting(&[&host])
+            .args(["status", "--json"])
+            .arg(&p)
+            .run()
+            .success();
+        let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+        assert_eq!(v[0]["rows"][0]["sha"], SHA2, "{v}");
+        assert_eq!(v[0]["rows"][0]["state"], "live", "{v}");
+        let history = Ferry::new()
+            .trusting(&[&host])
+            .arg("history")
+            .arg(&p)
+            .run()
+            .success();
+        assert_eq!(history.stdout.lines().count(), 3, "{}", history.stdout);
+        let lock = Ferry::new()
+            .trusting(&[&host])
+            .args(["lock", "status", "--env", "test"])
+            .arg(&p)
+            .run()
+            .success();
+        assert!(lock.stdout.contains("free"), "{}", lock.stdout);
+        stale_lock(&root, 10);
+        let unlock = Ferry::new()
+            .trusting(&[&host])
+            .args(["unlock", "--env", "test"])
+            .arg(&p)
+            .run()
+            .success();
+        assert!(unlock.stdout.contains("removed"), "{}", unlock.stdout);
     }
 }
 
@@ -925,4 +957,109 @@ fn a_deploy_that_loses_its_lock_stops_before_the_next_step() {
         "{}",
         run.stdout
     );
+}
+
+/// With real sync steps: status reads each branch's live files release and commit from the hosts,
+/// and reports drift when a live file was edited by hand.
+#[test]
+fn status_reads_live_files_per_branch_and_flags_hand_edits() {
+    let host = Sshd::start();
+    let dir = TempDir::new("livesync");
+    let root = open_root(&dir);
+    dir.write("dist/index.html", "<h1>hello</h1>\n");
+    let p = pb(
+        &dir,
+        &[host.address()],
+        &format!("{root}/${{ref_slug}}"),
+        &format!(
+            "      - sync: {{ from: \"{}\", to: site }}\n",
+            dir.join("dist").display()
+        ),
+        "",
+    );
+    for (r, sha) in [("feature/a", SHA), ("feature/b", SHA2)] {
+        ci(&[&host], r, sha, "901")
+            .arg("deploy")
+            .arg(&p)
+            .run()
+            .success();
+    }
+    let status = |args: &[&str]| {
+        let run = Ferry::new()
+            .trusting(&[&host])
+            .args(["status", "--json"])
+            .args(args)
+            .arg(&p)
+            .run()
+            .success();
+        let v: serde_json::Value = serde_json::from_str(&run.stdout).expect(&run.stdout);
+        v[0]["rows"].as_array().unwrap().clone()
+    };
+    let rows = status(&[]);
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for row in &rows {
+        assert_eq!(row["state"], "live", "{row}");
+        assert_eq!(row["notes"], serde_json::json!([]), "{row}");
+    }
+    // Edit feature/b's live file by hand.
+    let live = Path::new(&root).join("feature-b/site/index.html");
+    std::fs::write(&live, "<h1>hacked</h1>\n").unwrap();
+    let rows = status(&["--ref", "feature/b"]);
+    let notes = rows[0]["notes"].to_string();
+    assert!(notes.contains("drift"), "{notes}");
+    let rows = status(&["--ref", "feature/a"]);
+    assert_eq!(rows[0]["notes"], serde_json::json!([]), "{rows:?}");
+}
+
+/// Two hosts on the same storage (as NFS would give, and as test hosts on one machine are): the
+/// hosts of one run share the lock; another run is still kept out; the last host out removes it.
+#[test]
+fn hosts_of_one_run_share_a_lock_on_shared_storage() {
+    let (a, b) = (Sshd::start(), Sshd::start());
+    let dir = TempDir::new("shared");
+    let root = open_root(&dir);
+    let marker = dir.join("running");
+    let p = pb(
+        &dir,
+        &[a.address(), b.address()],
+        &root,
+        &format!(
+            "      - run: {{ command: [\"sh\", \"-c\", \"touch \\\"$0\\\"; sleep 3\", \"{}\"] }}\n",
+            marker.display()
+        ),
+        "",
+    );
+    let first = {
+        let ferry = ci(&[&a, &b], "release-s", SHA, "951").arg("deploy").arg(&p);
+        std::thread::spawn(move || ferry.run())
+    };
+    wait_for("the steps to start", || marker.exists());
+    let other = ci(&[&a, &b], "release-t", SHA2, "952")
+        .arg("deploy")
+        .arg(&p)
+        .run()
+        .failure(1);
+    assert!(
+        other.stdout.contains("held by ref release-s"),
+        "{}",
+        other.stdout
+    );
+    first.join().unwrap().success();
+    let records = ledger(&Path::new(&root).join(".ferry"));
+    assert_eq!(records.len(), 2, "{records:?}");
+    assert!(
+        records
+            .iter()
+            .all(|r| r["ok"] == true && r["ref"] == "release-s")
+    );
+    assert!(!Path::new(&root).join(".ferry/locks/testapp-test").exists());
+    let status = Ferry::new()
+        .trusting(&[&a, &b])
+        .args(["status", "--json"])
+        .arg(&p)
+        .run()
+        .success();
+    let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(v[0]["rows"].as_array().unwrap().len(), 2, "{v}");
+    assert_eq!(v[0]["flags"], serde_json::json!([]), "{v}");
 }

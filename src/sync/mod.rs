@@ -8,6 +8,14 @@
 //! release tree as hard links; the script unpacks it, checks its trailer, names the release and
 //! renames a new symlink over `to`. Nothing the live release uses is ever written: new content
 //! arrives under new names, and objects edited on the host are unlinked and re-sent.
+//!
+//! What is atomic: a reader of `to` sees the old tree or the new one, never a mix (one `rename(2)`
+//! of a symlink, also for rollback). Not atomic: `adopt: true` moves the existing directory aside
+//! and then renames the link in, so `to` is briefly missing, once. An interrupted deploy (cut
+//! connection, killed controller, full disk) leaves the live release as it was; the next deploy
+//! removes its debris. Symlinks in the tree must be relative and stay inside it; absolute or
+//! escaping links are refused naming the local path. Mode `in-place` is not available yet and is
+//! refused with a clear error.
 
 pub mod archive;
 pub mod diff;

@@ -83,8 +83,8 @@ rec tail gz
 { printf M; [ -n "$live" ] && [ -f "meta/$live.manifest" ] && cat "meta/$live.manifest"; printf '\0\0'; ls objects; } | gzip -1
 "#;
 
-/// A whole deploy in one exec. First it cleans up what an interrupted deploy left (`incoming/`,
-/// objects no release links to) and unlinks objects edited by hand (newer than `stamp`), then prints
+/// A whole deploy in one exec. First it unlinks objects edited by hand (newer than `stamp`) and
+/// cleans up what an interrupted deploy left (`incoming/`, then objects no release links to), prints
 /// the same records as [`INVENTORY`] (the tail with its length), then `end`. Then it reads one line
 /// from stdin: `<release id> <adopt 0|1> <ids to prune>...`, or EOF to stop there. The rest of
 /// stdin is the gzip'd tar stream: unpack it (objects straight into `objects/`, the tree under
@@ -105,11 +105,16 @@ fi
 if [ -d "$S/releases" ]; then
   rec store yes
   cd "$S" || exit 1
-  rm -rf incoming "$P/.$N.ferry-new"
+  rm -f "$P/.$N.ferry-new"
   [ -e stamp ] || : > stamp
   drifted=$(find objects -type f -newer stamp)
   if [ -n "$drifted" ]; then find objects -type f -newer stamp -exec rm -f {} +; fi
-  find objects -type f -links 1 -exec rm -f {} +
+  if [ -e incoming ]; then
+    # incoming/ goes last: it marks that the collection below is still owed.
+    rm -rf incoming/r
+    find objects -type f -links 1 -exec rm -f {} +
+    rm -rf incoming
+  fi
   rec drift "$(printf '%s\n' "$drifted" | tr '\n' ' ')"
   for r in releases/*; do [ -d "$r" ] && rec release "${r#releases/}"; done
   for m in meta/*.json; do
@@ -137,7 +142,7 @@ read -r id adopt prune || exit 0
 set -e
 fail() {
   echo "ferry: $*; the live release is unchanged" >&2
-  cd "$S" 2>/dev/null && rm -rf incoming && find objects -type f -links 1 -exec rm -f {} +
+  cd "$S" 2>/dev/null && rm -rf incoming/r && find objects -type f -links 1 -exec rm -f {} + && rm -rf incoming
   exit 3
 }
 if [ -d "$T" ] && [ ! -L "$T" ] && [ "$adopt" != 1 ]; then
