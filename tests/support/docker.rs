@@ -73,9 +73,18 @@ pub fn docker_try(args: &[&str]) -> (bool, String) {
     )
 }
 
-/// A name unique to this test run, for repositories and containers: `ferry-t<pid>-<tag>`.
+/// A name unique to this call, for repositories and containers: `ferry-t<pid>x<n>-<tag>`. No
+/// result contains another (the counter ends at `-`), so cleanup by name never reaches another
+/// test's things, whatever the tags.
 pub fn unique(tag: &str) -> String {
-    format!("ferry-t{}-{tag}", std::process::id())
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}{n}-{tag}", process_marker())
+}
+
+/// What every [`unique`] name of this process starts with.
+fn process_marker() -> String {
+    format!("ferry-t{}x", std::process::id())
 }
 
 /// Import an image from a busybox-static rootfs whose `httpd` serves `/www` on port 8080.
@@ -206,7 +215,7 @@ impl Drop for Cleanup {
     fn drop(&mut self) {
         for p in &self.0 {
             remove_containers(p);
-            if p.starts_with(&unique("")) {
+            if p.starts_with(&process_marker()) {
                 remove_images(p);
             }
         }
