@@ -497,6 +497,9 @@ async fn run_steps(
                     ..Default::default()
                 });
                 error = Some(format!("step {} ({}): {msg}", i + 1, step.kind()));
+                if matches!(action, Action::Deploy) {
+                    revert_files(ctx, &steps[..i], &mut reports).await;
+                }
                 break;
             }
         }
@@ -504,11 +507,46 @@ async fn run_steps(
     (reports, error)
 }
 
+/// A deploy that failed after its sync steps switched files must not leave the new files live
+/// beside the old containers: switch each of those targets back to the release it replaced. On a
+/// deploy every step before the failed one left exactly one report, so `reports[j]` is `steps[j]`'s.
+async fn revert_files(ctx: &StepCtx<'_>, done: &[Step], reports: &mut Vec<StepReport>) {
+    let host = ctx.host.name();
+    for (i, step) in done.iter().enumerate().rev() {
+        let Step::Sync(s) = step else { continue };
+        let report = &reports[i];
+        let Some(previous) = report.detail.get("previous").and_then(|v| v.as_str()) else {
+            continue;
+        };
+        if !report.changed
+            || report.detail.get("release").and_then(|v| v.as_str()) == Some(previous)
+        {
+            continue;
+        }
+        let previous = previous.to_string();
+        match sync::rollback(ctx, s, Some(&previous)).await {
+            Ok(mut r) => {
+                ctx.progress.println(&format!(
+                    "{host}: sync: switched back to release {previous}: the deploy failed"
+                ));
+                r.summary = format!("reverted to {previous} because a later step failed");
+                reports.push(r);
+            }
+            Err(e) => ctx.progress.println(&format!(
+                "{host}: WARNING: cannot switch {} back to release {previous}: {e:#}",
+                s.to
+            )),
+        }
+    }
+}
+
 /// The files release live after a run, from the sync step's report: a new release, the rollback's
 /// target, or (a sync that changed nothing) the release that stayed live.
 fn live_release(reports: &[StepReport]) -> Option<String> {
+    // The last word wins: a revert after a failed step comes after the sync it undid.
     reports
         .iter()
+        .rev()
         .filter(|r| r.step == "sync")
         .find_map(|r| {
             ["release", "to", "live"]

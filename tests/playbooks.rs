@@ -299,7 +299,6 @@ fn release_branch_deploy_job_end_to_end() {
     remove_containers("shop-");
     let staging = Sshd::start();
     let work = TempDir::new("release");
-    work.write("backend/templates/index.html", "release-1.4 templates\n");
     let mysql = unique("mysql");
     let redis = unique("redis");
     app_image(&mysql, "mysql stand-in", true);
@@ -327,16 +326,18 @@ fn release_branch_deploy_job_end_to_end() {
     };
     let pb = shipped("release-deploy.yml");
     let app_tag = |n: u32| format!("release-1-4-{}", &sha(n)[..8]);
-    let deploy = |n: u32| job(n).arg("deploy").arg(&pb).run();
+    // Each commit's bundle says which commit it is.
+    let deploy = |n: u32| {
+        work.write("backend/templates/index.html", format!("commit {n}\n"));
+        job(n).arg("deploy").arg(&pb).run()
+    };
+    let bundle = || std::fs::read_to_string(work.join("staging/app/templates/index.html")).unwrap();
 
     pushed_image("shop", &app_tag(1), "app one", true);
     let run = deploy(1).success();
     assert!(!run.all().contains("s3cret-db-pass"), "secret leaked");
     assert_eq!(http_get(port, "/version").as_deref(), Some("app one\n"));
-    assert_eq!(
-        std::fs::read_to_string(work.join("staging/app/templates/index.html")).unwrap(),
-        "release-1.4 templates\n"
-    );
+    assert_eq!(bundle(), "commit 1\n");
     let mysql_id = docker(&["inspect", "--format", "{{.Id}}", "shop-mysql"]);
     let env = docker(&["inspect", "--format", "{{json .Config.Env}}", "shop-app"]);
     assert!(
@@ -368,6 +369,7 @@ fn release_branch_deploy_job_end_to_end() {
         Some("app two\n"),
         "the old container serves again"
     );
+    assert_eq!(bundle(), "commit 2\n", "and the old bundle beside it");
 
     job(3)
         .args(["rollback", "--env", "staging"])
@@ -375,6 +377,11 @@ fn release_branch_deploy_job_end_to_end() {
         .run()
         .success();
     assert_eq!(http_get(port, "/version").as_deref(), Some("app one\n"));
+    assert_eq!(
+        bundle(),
+        "commit 1\n",
+        "rollback takes files and containers back together"
+    );
 
     let status = job(3).arg("status").arg(&pb).run().success();
     assert!(status.stdout.contains("release-1.4"), "{}", status.stdout);
