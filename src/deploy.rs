@@ -315,7 +315,7 @@ fn watch_interrupts() -> (tokio::task::JoinHandle<()>, watch::Receiver<bool>) {
             _ = term.recv() => {}
         }
         eprintln!(
-            "interrupted: stopping, recording the attempt and releasing locks (again to quit at once)"
+            "interrupted: stopping the steps (a container switch finishes first), recording the attempt and releasing locks (again to quit at once)"
         );
         let _ = tx.send(true);
         tokio::select! {
@@ -387,9 +387,9 @@ async fn run_host(
         (a, _) => a.clone(),
     };
     // Steps run while the lock's lease is renewed. Losing the lock stops the deploy before the next
-    // step (cutting a step off half-way would leave it worse); an interrupt stops it at once.
+    // step; an interrupt also cuts off a running step unless that would leave the host worse.
     let lost: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
-    let steps_run = run_steps(ctx, steps, action, &lost);
+    let steps_run = run_steps(ctx, steps, action, &lost, &stop);
     let renew = async {
         if let Some(lock) = &lock {
             let e = lock.keep_alive(ctx.session).await;
@@ -402,9 +402,6 @@ async fn run_host(
     let (reports, error) = tokio::select! {
         r = steps_run => r,
         _ = renew => unreachable!("renewal never ends"),
-        _ = stop.wait_for(|s| *s) => {
-            (Vec::new(), Some("interrupted (SIGINT/SIGTERM) while the steps ran".to_string()))
-        }
     };
     let ok = error.is_none();
     if !ctx.plan {
@@ -446,6 +443,7 @@ async fn run_steps(
     steps: &[Step],
     action: &Action,
     lost: &std::sync::Mutex<Option<String>>,
+    interrupted: &watch::Receiver<bool>,
 ) -> (Vec<StepReport>, Option<String>) {
     let mut reports = Vec::new();
     let mut error = None;
@@ -458,15 +456,41 @@ async fn run_steps(
             ));
             break;
         }
+        if *interrupted.borrow() {
+            error = Some(format!(
+                "interrupted (SIGINT/SIGTERM) before step {} ({})",
+                i + 1,
+                step.kind()
+            ));
+            if matches!(action, Action::Deploy) {
+                revert_files(ctx, &steps[..i], &mut reports).await;
+            }
+            break;
+        }
         let name = format!("{}_{}_{}_{}", ctx.env, ctx.host.name(), i + 1, step.kind());
         let mut section = Section::start(
             ctx.style,
             &name,
             &format!("{}: {} ({})", ctx.host.name(), step.kind(), action.name()),
         );
-        let result = match action {
-            Action::Deploy | Action::Stop => run_step(ctx, step).await,
-            Action::Rollback(to) => rollback_step(ctx, step, to.as_deref()).await,
+        let work = async {
+            match action {
+                Action::Deploy | Action::Stop => run_step(ctx, step).await,
+                Action::Rollback(to) => rollback_step(ctx, step, to.as_deref()).await,
+            }
+        };
+        // A container step finishes (it never leaves a service without its container); any other
+        // step is cut off at once, which leaves the live release and containers as they were.
+        let result = if matches!(step, Step::Container(_) | Step::Accessory(_)) {
+            work.await
+        } else {
+            let mut interrupt = interrupted.clone();
+            tokio::select! {
+                r = work => r,
+                _ = interrupt.wait_for(|s| *s) => {
+                    Err(anyhow::anyhow!("interrupted (SIGINT/SIGTERM) during the step"))
+                }
+            }
         };
         match result {
             Ok(Some(r)) => {
