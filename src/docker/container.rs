@@ -340,15 +340,51 @@ async fn put_back(engine: &Engine<'_>, aside: &str, name: &str, start: bool) -> 
     }
 }
 
-/// Bring back the container kept as `NAME.ferry-prev`; the current one becomes the kept one, so a
-/// second rollback undoes the first.
+/// Bring back the container that was live at the rollback's target release (`ctx.release`): of
+/// the current container and the one kept as `NAME.ferry-prev`, the newest made at or before that
+/// release (each carries the release that made it in its `ferry.release` label). If that is the
+/// current one, nothing changes; if it is the kept one, the two swap, so a second rollback can undo
+/// the first; if neither, the container of that release is gone and the step says so.
 pub async fn rollback(ctx: &StepCtx<'_>, spec: &ContainerSpec) -> anyhow::Result<StepReport> {
     let engine = Engine::new(ctx.host, ctx.session);
     let host = ctx.host.name();
     let r = resolve(ctx.host, spec)?;
     let name = r.spec.name.as_str();
     let (prev, aside) = (prev_name(name), aside_name(name));
-    let Some(kept) = engine.container(&prev).await? else {
+    let mut log = Vec::new();
+    if !ctx.plan {
+        recover_aside(&engine, name, &mut log).await?;
+    }
+    let current = engine.container(name).await?;
+    let kept = engine.container(&prev).await?;
+    let made = |c: &Option<ContainerState>| {
+        c.as_ref()
+            .and_then(|c| c.labels.get("ferry.release").cloned())
+            .filter(|r| r.as_str() <= ctx.release)
+    };
+    // A plan has no target release (it reads no ledger): it shows the swap.
+    if !ctx.plan {
+        match (made(&current), made(&kept)) {
+            (Some(c), k) if k.as_ref().is_none_or(|k| *k <= c) => {
+                return Ok(report(
+                    "container",
+                    false,
+                    format!(
+                        "{name} already runs the container of release {c}, live at release {}",
+                        ctx.release
+                    ),
+                    log,
+                ));
+            }
+            (_, Some(_)) => {}
+            (_, None) => bail!(
+                "{host}: the container that was live at release {} is gone: {name} and the kept \
+                 {prev} were both made later (or {prev} is missing); deploy that commit again instead",
+                ctx.release
+            ),
+        }
+    }
+    let Some(kept) = kept else {
         bail!(
             "{host}: no previous container {prev} is kept, so there is nothing to roll back to \
              (one is kept after each successful update)"
@@ -366,9 +402,6 @@ pub async fn rollback(ctx: &StepCtx<'_>, spec: &ContainerSpec) -> anyhow::Result
             vec![],
         ));
     }
-    let mut log = Vec::new();
-    recover_aside(&engine, name, &mut log).await?;
-    let current = engine.container(name).await?;
     let was_running = current.as_ref().is_some_and(|c| c.running);
     if current.is_some() {
         engine.rename(name, &aside).await?;
