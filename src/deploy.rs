@@ -2,6 +2,7 @@
 //! order, record the attempt in the host's ledger, unlock. Also rollback and stop, which walk the
 //! same steps. Step modules (`sync`, `docker`) do the work; this module only sequences and reports.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -161,7 +162,7 @@ pub async fn cli_rollback(
         &ctx,
         &steps,
         opts,
-        Action::Rollback(to.map(str::to_string)),
+        Action::Rollback(to.map(str::to_string), Default::default()),
     )
     .await?;
     finish(g, &reports)
@@ -207,7 +208,9 @@ pub async fn cli_stop(
 #[derive(Debug, Clone)]
 enum Action {
     Deploy,
-    Rollback(Option<String>),
+    /// The release to go back to (`--to`, or the ledger's choice), and per sync target (by
+    /// path) the files release that deploy left live there.
+    Rollback(Option<String>, BTreeMap<String, String>),
     Stop,
 }
 
@@ -215,7 +218,7 @@ impl Action {
     fn name(&self) -> &'static str {
         match self {
             Action::Deploy => "deploy",
-            Action::Rollback(_) => "rollback",
+            Action::Rollback(..) => "rollback",
             Action::Stop => "stop",
         }
     }
@@ -350,7 +353,7 @@ async fn run_host(
     // A rollback goes to an earlier deploy from the ledger (read under the lock), and is recorded
     // with that deploy's ref, commit and release.
     let target = match action {
-        Action::Rollback(to) if !ctx.plan => match rollback_target(ctx, to.as_deref()).await {
+        Action::Rollback(to, _) if !ctx.plan => match rollback_target(ctx, to.as_deref()).await {
             Ok(t) => t,
             Err(e) => {
                 if let Some(lock) = lock {
@@ -374,7 +377,7 @@ async fn run_host(
         style: ctx.style,
     };
     let action = &match (action, &target) {
-        (Action::Rollback(_), Some(t)) => {
+        (Action::Rollback(..), Some(t)) => {
             ctx.progress.println(&format!(
                 "{}: rolling back to release {} (ref {}, commit {})",
                 ctx.host.name(),
@@ -382,7 +385,7 @@ async fn run_host(
                 shell::quote_str(&t.ref_name),
                 ctx.deploy.short_sha()
             ));
-            Action::Rollback(t.files_release.clone())
+            Action::Rollback(t.files_release.clone(), t.files_releases.clone())
         }
         (a, _) => a.clone(),
     };
@@ -414,7 +417,7 @@ async fn run_host(
             started_at,
             started.elapsed(),
         );
-        record.files_release = live_release(&reports);
+        (record.files_releases, record.files_release) = live_releases(&reports);
         if let Err(e) = ledger::append(ctx, &record).await {
             tracing::warn!("cannot record the deploy in the ledger: {e:#}");
         }
@@ -476,7 +479,9 @@ async fn run_steps(
         let work = async {
             match action {
                 Action::Deploy | Action::Stop => run_step(ctx, step).await,
-                Action::Rollback(to) => rollback_step(ctx, step, to.as_deref()).await,
+                Action::Rollback(to, per_path) => {
+                    rollback_step(ctx, step, to.as_deref(), per_path).await
+                }
             }
         };
         // A container step finishes (it never leaves a service without its container); any other
@@ -564,20 +569,23 @@ async fn revert_files(ctx: &StepCtx<'_>, done: &[Step], reports: &mut Vec<StepRe
     }
 }
 
-/// The files release live after a run, from the sync step's report: a new release, the rollback's
-/// target, or (a sync that changed nothing) the release that stayed live.
-fn live_release(reports: &[StepReport]) -> Option<String> {
-    // The last word wins: a revert after a failed step comes after the sync it undid.
-    reports
-        .iter()
-        .rev()
-        .filter(|r| r.step == "sync")
-        .find_map(|r| {
-            ["release", "to", "live"]
-                .iter()
-                .find_map(|k| r.detail.get(*k).and_then(|v| v.as_str()))
-        })
-        .map(str::to_string)
+/// The files release live at each sync target after a run (by path), and the last one reported:
+/// a new release, a rollback's target, or (a sync that changed nothing) the release that stayed
+/// live. The last word wins: a revert after a failed step comes after the sync it undid.
+fn live_releases(reports: &[StepReport]) -> (BTreeMap<String, String>, Option<String>) {
+    let field =
+        |r: &StepReport, k: &str| r.detail.get(k).and_then(|v| v.as_str()).map(str::to_string);
+    let (mut by_path, mut last) = (BTreeMap::new(), None);
+    for r in reports.iter().filter(|r| r.step == "sync") {
+        let Some(release) = ["release", "to", "live"].iter().find_map(|k| field(r, k)) else {
+            continue;
+        };
+        if let Some(path) = field(r, "path") {
+            by_path.insert(path, release.clone());
+        }
+        last = Some(release);
+    }
+    (by_path, last)
 }
 
 /// The ledger's choice of what to roll back to on this host.
@@ -607,9 +615,17 @@ async fn rollback_step(
     ctx: &StepCtx<'_>,
     step: &Step,
     to: Option<&str>,
+    per_path: &BTreeMap<String, String>,
 ) -> anyhow::Result<Option<StepReport>> {
     match step {
-        Step::Sync(s) => Ok(Some(sync::rollback(ctx, s, to).await?)),
+        Step::Sync(s) => {
+            let path = ctx.host.path(&s.to)?;
+            let to = per_path
+                .get(path.trim_end_matches('/'))
+                .map(String::as_str)
+                .or(to);
+            Ok(Some(sync::rollback(ctx, s, to).await?))
+        }
         Step::Container(c) => Ok(Some(docker::rollback(ctx, c).await?)),
         _ => Ok(None),
     }

@@ -45,6 +45,10 @@ pub struct Record {
     /// one), when the environment syncs files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub files_release: Option<String>,
+    /// The same per sync target (path → release): targets of one run can differ (a target whose
+    /// files did not change keeps its older release).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub files_releases: std::collections::BTreeMap<String, String>,
     /// `deploy`, `rollback` or `stop`.
     pub action: String,
     pub ok: bool,
@@ -96,6 +100,7 @@ impl Record {
             job_url: d.job_url.clone(),
             release: ctx.release.into(),
             files_release: None,
+            files_releases: Default::default(),
             action: action.into(),
             ok,
             error: error.map(|e| truncate(e, MAX_ERROR)),
@@ -310,6 +315,7 @@ mod tests {
             job_url: None,
             release: format!("2026-{at}"),
             files_release: None,
+            files_releases: Default::default(),
             action: "deploy".into(),
             ok,
             error: (!ok).then(|| "boom".into()),

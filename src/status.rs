@@ -623,6 +623,7 @@ mod tests {
             job_url: None,
             release: format!("rel-{at}"),
             files_release: None,
+            files_releases: Default::default(),
             action: action.into(),
             ok,
             error: (!ok).then(|| "step 1 (run): boom".into()),

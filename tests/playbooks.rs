@@ -218,6 +218,44 @@ fn frontend_dist_job_end_to_end() {
         "rolled back: {}",
         status.stdout
     );
+
+    // The targets of one deploy can hold different releases: a build that changes only source
+    // maps leaves the site's release as it was. Rolling back to such a deploy puts each back.
+    let dist = work.join("dist");
+    let map = build2.keys().find(|k| k.ends_with(".map")).unwrap().clone();
+    let touch_map = |extra: &str| {
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dist.join(&map))
+            .unwrap();
+        std::io::Write::write_all(&mut f, extra.as_bytes()).unwrap();
+    };
+    touch_map("// 3");
+    job(&sha(3), "103").arg("deploy").arg(&pb).run().success();
+    touch_map("// 4");
+    let build4 = tree(&dist);
+    let maps_only = job(&sha(4), "104").arg("deploy").arg(&pb).run().success();
+    assert!(
+        maps_only.stderr.contains("unchanged"),
+        "{}",
+        maps_only.stderr
+    );
+    run_ok(
+        Command::new("python3")
+            .arg(corpus())
+            .arg(&dist)
+            .args(["--mutate", "5", "--seed", "9"]),
+    );
+    job(&sha(5), "105").arg("deploy").arg(&pb).run().success();
+    job(&sha(5), "105")
+        .args(["rollback", "--env", "production"])
+        .arg(&pb)
+        .run()
+        .success();
+    for web in [&web1, &web2] {
+        assert_eq!(tree(&web.fs("/var/www/shop")), without_maps(&build4));
+        assert_eq!(tree(&web.fs("/var/www/shop-origin")), build4);
+    }
 }
 
 /// Job 3: a tag builds the image on the build host from the synced context, pins it to
