@@ -10,7 +10,7 @@
 # scenario runs ferry (release mode), `rsync -a --delete` (plain) and `rsync -a --delete --link-dest`
 # (a new release directory hard-linked to the previous one, then a symlink switch, as ferry does).
 # Wall time is measured around each command; bytes on the wire are read from iptables counters on the
-# sshd port (both directions, IP and TCP headers included, the same for every tool).
+# sshd port (raw table, both directions, IP and TCP headers included, the same for every tool).
 # The table is printed and written to bench/results.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,16 +36,17 @@ KH=$FERRY_HOSTS_DIR/known_hosts
 TAG="ferry-bench-$PORT"
 
 # Byte counters: client->server and server->client on the sshd port.
-iptables -I INPUT -p tcp --dport "$PORT" -m comment --comment "$TAG" -j ACCEPT 2>/dev/null
-iptables -I INPUT -p tcp --sport "$PORT" -m comment --comment "$TAG" -j ACCEPT 2>/dev/null
+# Rules without a target in the raw table only count; other users of the machine's firewall (docker,
+# tests) do not reorder or flush them, and they change nothing about how packets are handled.
+IPT=(iptables -t raw)
 cleanup() {
-  while iptables -D INPUT -p tcp --dport "$PORT" -m comment --comment "$TAG" -j ACCEPT 2>/dev/null; do :; done
-  while iptables -D INPUT -p tcp --sport "$PORT" -m comment --comment "$TAG" -j ACCEPT 2>/dev/null; do :; done
+  while "${IPT[@]}" -D PREROUTING -p tcp --dport "$PORT" -m comment --comment "$TAG" 2>/dev/null; do :; done
+  while "${IPT[@]}" -D PREROUTING -p tcp --sport "$PORT" -m comment --comment "$TAG" 2>/dev/null; do :; done
   stop_hosts
 }
 trap cleanup EXIT
 wire_bytes() {
-  iptables -L INPUT -v -x -n 2>/dev/null | awk -v t="$TAG" 'index($0, t) { s += $2 } END { printf "%d\n", s }'
+  "${IPT[@]}" -L PREROUTING -v -x -n 2>/dev/null | awk -v t="$TAG" 'index($0, t) { s += $2 } END { printf "%d\n", s }'
 }
 
 SSH="ssh -p $PORT -i $KEY -o UserKnownHostsFile=$KH -o StrictHostKeyChecking=yes -o BatchMode=yes"
@@ -55,17 +56,17 @@ mkdir -p "$HOME"
 ROWS=$WORK/rows.tsv
 : > "$ROWS"
 
-# The counting rules, re-added if something else on the machine flushed INPUT meanwhile.
+# The counting rules, re-added if something else on the machine removed them meanwhile.
 ensure_counters() {
   local dir
   for dir in --dport --sport; do
-    iptables -C INPUT -p tcp "$dir" "$PORT" -m comment --comment "$TAG" -j ACCEPT 2>/dev/null ||
-      iptables -I INPUT -p tcp "$dir" "$PORT" -m comment --comment "$TAG" -j ACCEPT 2>/dev/null
+    "${IPT[@]}" -C PREROUTING -p tcp "$dir" "$PORT" -m comment --comment "$TAG" 2>/dev/null ||
+      "${IPT[@]}" -I PREROUTING -p tcp "$dir" "$PORT" -m comment --comment "$TAG" 2>/dev/null
   done
 }
 counters_present() {
-  iptables -C INPUT -p tcp --dport "$PORT" -m comment --comment "$TAG" -j ACCEPT 2>/dev/null &&
-    iptables -C INPUT -p tcp --sport "$PORT" -m comment --comment "$TAG" -j ACCEPT 2>/dev/null
+  "${IPT[@]}" -C PREROUTING -p tcp --dport "$PORT" -m comment --comment "$TAG" 2>/dev/null &&
+    "${IPT[@]}" -C PREROUTING -p tcp --sport "$PORT" -m comment --comment "$TAG" 2>/dev/null
 }
 
 # measure LABEL CMD...: run, record seconds and wire bytes (-1 if the counters vanished mid-run).
