@@ -46,7 +46,7 @@ cleanup() {
 }
 trap cleanup EXIT
 wire_bytes() {
-  "${IPT[@]}" -L PREROUTING -v -x -n 2>/dev/null | awk -v t="$TAG" 'index($0, t) { s += $2 } END { printf "%d\n", s }'
+  "${IPT[@]}" -L PREROUTING -v -x -n 2>/dev/null | awk -v t="$TAG" 'index($0, t) { s += $2 } END { printf "%.0f\n", s }'
 }
 
 SSH="ssh -p $PORT -i $KEY -o UserKnownHostsFile=$KH -o StrictHostKeyChecking=yes -o BatchMode=yes"
