@@ -10,7 +10,7 @@
 # scenario runs ferry (release mode), `rsync -a --delete` (plain) and `rsync -a --delete --link-dest`
 # (a new release directory hard-linked to the previous one, then a symlink switch, as ferry does).
 # Wall time is measured around each command; bytes on the wire are read from iptables counters on the
-# sshd port (both directions, IP and TCP headers included, the same for every tool).
+# sshd port (raw table, both directions, IP and TCP headers included, the same for every tool).
 # The table is printed and written to bench/results.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,16 +36,17 @@ KH=$FERRY_HOSTS_DIR/known_hosts
 TAG="ferry-bench-$PORT"
 
 # Byte counters: client->server and server->client on the sshd port.
-iptables -I INPUT -p tcp --dport "$PORT" -m comment --comment "$TAG" -j ACCEPT 2>/dev/null
-iptables -I INPUT -p tcp --sport "$PORT" -m comment --comment "$TAG" -j ACCEPT 2>/dev/null
+# Rules without a target in the raw table only count; other users of the machine's firewall (docker,
+# tests) do not reorder or flush them, and they change nothing about how packets are handled.
+IPT=(iptables -t raw)
 cleanup() {
-  while iptables -D INPUT -p tcp --dport "$PORT" -m comment --comment "$TAG" -j ACCEPT 2>/dev/null; do :; done
-  while iptables -D INPUT -p tcp --sport "$PORT" -m comment --comment "$TAG" -j ACCEPT 2>/dev/null; do :; done
+  while "${IPT[@]}" -D PREROUTING -p tcp --dport "$PORT" -m comment --comment "$TAG" 2>/dev/null; do :; done
+  while "${IPT[@]}" -D PREROUTING -p tcp --sport "$PORT" -m comment --comment "$TAG" 2>/dev/null; do :; done
   stop_hosts
 }
 trap cleanup EXIT
 wire_bytes() {
-  iptables -L INPUT -v -x -n 2>/dev/null | awk -v t="$TAG" 'index($0, t) { s += $2 } END { printf "%d\n", s }'
+  "${IPT[@]}" -L PREROUTING -v -x -n 2>/dev/null | awk -v t="$TAG" 'index($0, t) { s += $2 } END { printf "%.0f\n", s }'
 }
 
 SSH="ssh -p $PORT -i $KEY -o UserKnownHostsFile=$KH -o StrictHostKeyChecking=yes -o BatchMode=yes"
@@ -55,13 +56,28 @@ mkdir -p "$HOME"
 ROWS=$WORK/rows.tsv
 : > "$ROWS"
 
-# measure LABEL CMD...: run, record seconds and wire bytes.
+# The counting rules, re-added if something else on the machine removed them meanwhile.
+ensure_counters() {
+  local dir
+  for dir in --dport --sport; do
+    "${IPT[@]}" -C PREROUTING -p tcp "$dir" "$PORT" -m comment --comment "$TAG" 2>/dev/null ||
+      "${IPT[@]}" -I PREROUTING -p tcp "$dir" "$PORT" -m comment --comment "$TAG" 2>/dev/null
+  done
+}
+counters_present() {
+  "${IPT[@]}" -C PREROUTING -p tcp --dport "$PORT" -m comment --comment "$TAG" 2>/dev/null &&
+    "${IPT[@]}" -C PREROUTING -p tcp --sport "$PORT" -m comment --comment "$TAG" 2>/dev/null
+}
+
+# measure LABEL CMD...: run, record seconds and wire bytes (-1 if the counters vanished mid-run).
 measure() {
   local label=$1; shift
   local b0 b1 t0 t1
+  ensure_counters
   b0=$(wire_bytes); t0=$(date +%s.%N)
   "$@" > "$WORK/last.log" 2>&1 || { cat "$WORK/last.log" >&2; echo "FAILED: $label" >&2; exit 1; }
   t1=$(date +%s.%N); b1=$(wire_bytes)
+  counters_present && [ "$b1" -ge "$b0" ] || b1=$((b0 - 1))
   printf '%s\t%s\t%s\n' "$label" "$(echo "$t1 - $t0" | bc -l)" "$((b1 - b0))" >> "$ROWS"
   printf '  %-40s %8.2fs %12d bytes\n' "$label" "$(echo "$t1 - $t0" | bc -l)" "$((b1 - b0))" >&2
 }
@@ -133,17 +149,20 @@ for corpus, scen, tool, secs, byt in rows:
     runs.setdefault((corpus, scen), {}).setdefault(tool, []).append((float(secs), int(byt)))
 by = collections.OrderedDict()
 for key, tools in runs.items():
-    by[key] = {t: (statistics.median(s for s, _ in v), int(statistics.median(b for _, b in v)))
+    by[key] = {t: (statistics.median(s for s, _ in v),
+                   int(statistics.median([b for _, b in v if b >= 0] or [-1])))
                for t, v in tools.items()}
 reps = max(len(v) for tools in runs.values() for v in tools.values())
 targets = {"first": 1.0, "no-change": 0.5, "change-5pct": 0.6}
-def mb(b): return f"{b/1e6:.2f} MB"
+def mb(b): return f"{b/1e6:.2f} MB" if b >= 0 else "n/a"
 out = ["| corpus | scenario | ferry | rsync | ratio | rsync --link-dest | ratio | target | ferry bytes | rsync bytes | --link-dest bytes | bytes ratio (max) |",
        "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 for (corpus, scen), t in by.items():
     f, p, l = t["ferry"], t["rsync"], t["rsync --link-dest"]
+    known = min(f[1], p[1], l[1]) > 0
+    bratio = f"{max(f[1]/p[1], f[1]/l[1]):.2f}x" if known else "n/a"
     out.append(f"| {corpus} | {scen} | {f[0]:.2f}s | {p[0]:.2f}s | {f[0]/p[0]:.2f}x | {l[0]:.2f}s | {f[0]/l[0]:.2f}x | "
-               f"≤ {targets[scen]}x | {mb(f[1])} | {mb(p[1])} | {mb(l[1])} | {max(f[1]/p[1], f[1]/l[1]):.2f}x |")
+               f"≤ {targets[scen]}x | {mb(f[1])} | {mb(p[1])} | {mb(l[1])} | {bratio} |")
 table = "\n".join(out)
 print(table)
 head = (f"# ferry sync vs rsync\n\nMeasured {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC by `bash bench/run.sh` on "

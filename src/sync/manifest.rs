@@ -232,21 +232,25 @@ pub fn scan(
         });
     }
     let cache = cache_file.map(load_cache).unwrap_or_default();
-    let entries: Vec<anyhow::Result<(Entry, Option<CacheRow>)>> = found
+    let entries: Vec<anyhow::Result<(Entry, Option<CacheRow>, bool)>> = found
         .into_par_iter()
         .map(|f| entry_for(f, &cache))
         .collect();
     let mut out = Vec::with_capacity(entries.len());
     let mut rows = Vec::new();
+    let mut hashed = 0usize;
     for e in entries {
-        let (entry, row) = e?;
+        let (entry, row, fresh) = e?;
+        hashed += usize::from(fresh);
         if let Some(r) = row {
             rows.push((entry.path.clone(), r));
         }
         out.push(entry);
     }
     out.sort_by(|a, b| a.path.cmp(&b.path));
+    // Rewrite the cache only when it learned or forgot something.
     if let Some(file) = cache_file
+        && (hashed > 0 || rows.len() != cache.len())
         && let Err(e) = save_cache(file, &rows)
     {
         tracing::debug!("cannot write the hash cache {}: {e:#}", file.display());
@@ -257,10 +261,11 @@ pub fn scan(
     })
 }
 
+/// The entry for one walked path, its cache row (files), and whether its hash was computed afresh.
 fn entry_for(
     f: Found,
     cache: &HashMap<Vec<u8>, CacheRow>,
-) -> anyhow::Result<(Entry, Option<CacheRow>)> {
+) -> anyhow::Result<(Entry, Option<CacheRow>, bool)> {
     let t = f.meta.file_type();
     let kind = if t.is_symlink() {
         let target = std::fs::read_link(&f.full)
@@ -280,9 +285,9 @@ fn entry_for(
         }
     } else if t.is_file() {
         let key = CacheRow::key(&f.meta);
-        let hash = match cache.get(&f.path) {
-            Some(row) if row.same_file(&key) => row.hash,
-            _ => hash_file(&f.full)?,
+        let (hash, fresh) = match cache.get(&f.path) {
+            Some(row) if row.same_file(&key) => (row.hash, false),
+            _ => (hash_file(&f.full)?, true),
         };
         let row = CacheRow { hash, ..key };
         return Ok((
@@ -295,6 +300,7 @@ fn entry_for(
                 },
             },
             Some(row),
+            fresh,
         ));
     } else {
         bail!(
@@ -302,7 +308,7 @@ fn entry_for(
             f.full.display()
         );
     };
-    Ok((Entry { path: f.path, kind }, None))
+    Ok((Entry { path: f.path, kind }, None, false))
 }
 
 pub fn hash_file(path: &Path) -> anyhow::Result<[u8; 32]> {
