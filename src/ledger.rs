@@ -179,8 +179,9 @@ pub fn parse(text: &str) -> (Vec<Record>, Vec<String>) {
 }
 
 /// Which earlier deploy a rollback returns to, from one host's records (one app and environment,
-/// oldest first): the deploy whose release (or files release) `to` names, or the last good deploy
-/// before the one that made what is live. `Ok(None)` when the ledger is empty (nothing to choose from: the step modules decide).
+/// oldest first): the deploy whose release (or files release) `to` names; else, when a deploy made
+/// what is live, what was live before it; when a rollback did, the good deploy before the one that
+/// made that release (so repeated rollbacks walk back through history). `Ok(None)` when the ledger is empty (nothing to choose from: the step modules decide).
 pub fn rollback_target<'a>(
     records: &'a [Record],
     to: Option<&str>,
@@ -204,10 +205,26 @@ pub fn rollback_target<'a>(
             )),
         };
     }
-    let Some(live) = records.iter().rev().find(good) else {
+    let Some(at) = records.iter().rposition(|r| good(&r)) else {
         return Err("no successful deploy in the ledger to roll back from".into());
     };
-    // The deploy that made the live release, then the last good one before it.
+    let live = &records[at];
+    if live.action == "deploy" {
+        // Undo that deploy: back to what was live before it (a deploy, or a rollback's target).
+        return records[..at]
+            .iter()
+            .rev()
+            .filter(good)
+            .find(|r| r.release != live.release)
+            .map(Some)
+            .ok_or_else(|| {
+                format!(
+                    "nothing to roll back to: release {} is the oldest successful deploy in the ledger",
+                    live.release
+                )
+            });
+    }
+    // Already rolled back: go further back, past the deploy that made the live release.
     let made = deploys
         .iter()
         .rposition(|r| r.release == live.release)
@@ -381,6 +398,11 @@ mod tests {
                 .contains("oldest")
         );
         assert_eq!(rollback_target(&[], None).unwrap(), None);
+        // A deploy after a rollback is undone back to the rollback's target, not to the deploy
+        // that happened to come before it.
+        rs.push(record("s", "h", "release-4", "dd", true, 6));
+        assert_eq!(rollback_target(&rs, None).unwrap().unwrap().started_at, 5);
+        rs.pop();
         // Deploys that left the files alone share a files release; --to may name either id.
         for r in rs.iter_mut() {
             r.files_release = Some("files-1".into());

@@ -26,7 +26,7 @@ fn check_shows_table_for_a_reachable_host() {
     let row = columns(
         run.stdout
             .lines()
-            .find(|l| l.starts_with("root@127.0.0.1"))
+            .find(|l| l.starts_with(&host.address()))
             .expect(&run.stdout),
     );
     assert_eq!(&row[1..4], ["yes", "yes", "known"], "{row:?}");
@@ -175,7 +175,8 @@ fn wrong_key_is_an_auth_error_naming_host_and_user() {
         .run()
         .failure(1);
     assert!(
-        run.stdout.contains("authentication as `root` failed"),
+        run.stdout
+            .contains(&format!("authentication as `{}` failed", host.user)),
         "{}",
         run.stdout
     );
@@ -303,7 +304,10 @@ fn a_down_host_and_a_slow_host_do_not_stop_the_others() {
         columns(
             run.stdout
                 .lines()
-                .find(|l| l.starts_with(&format!("root@127.0.0.1:{port} ")))
+                .find(|l| {
+                    l.starts_with(&format!("127.0.0.1:{port} "))
+                        || l.contains(&format!("@127.0.0.1:{port} "))
+                })
                 .unwrap_or_else(|| panic!("no row for {port}: {}", run.stdout)),
         )
     };

@@ -230,13 +230,9 @@ fn sync_lifecycle_on_busybox_host() {
 /// The frontend-dist job: one build to two hosts and two paths (one with excludes), then rollback.
 #[test]
 fn sync_two_hosts_two_paths_and_rollback() {
-    let hosts = vec![
-        Sshd::start(),
-        Sshd::start_with(SshdOptions {
-            busybox: true,
-            ..Default::default()
-        }),
-    ];
+    // One login on both: the hosts share this machine's filesystem, so they share the deploy lock
+    // as hosts on NFS do, which needs one user (BusyBox hosts have their own lifecycle test).
+    let hosts = vec![Sshd::start(), Sshd::start()];
     // Both hosts share this machine: give each its own paths through a per-host variable.
     let site = Site::new("twohosts", hosts, |src, _| {
         format!(
@@ -466,9 +462,15 @@ fn big_file(site: &Site, name: &str, mb: usize, seed: u8) {
     site.write(name.as_bytes(), &data);
 }
 
-/// Wait until the host has started unpacking a deploy, then call `cut`.
+/// Wait until the host has started unpacking a deploy, then call `cut`. The run's deploy lock has
+/// a 2 s lease, so the lock a killed run leaves behind expires soon and the next deploy (with
+/// `--lock-wait`) takes it over, as it would after a CI job was killed.
 fn interrupt_mid_stream(site: &Site, sha: &str, cut: impl FnOnce(&mut std::process::Child)) -> Run {
-    let (mut child, _home) = site.ferry("deploy", sha).spawn();
+    let (mut child, _home) = site
+        .ferry("deploy", sha)
+        .env("FERRY_LOCK_LEASE", "2s")
+        .args(["--lock-wait", "30s"])
+        .spawn();
     let incoming = site.root().join(".app.ferry/incoming");
     let deadline = Instant::now() + Duration::from_secs(60);
     while !incoming.exists() {
@@ -540,9 +542,12 @@ fn sync_survives_controller_killed_and_connection_cut() {
     assert_eq!(run.code, 1, "{}", run.all());
     assert_live_intact(&site, &live);
 
-    // The next deploy succeeds and cleans up what the broken ones left.
+    // The next deploy takes over the expired lock, succeeds and cleans up what the broken ones left.
     site.write(b"index.html", b"v2");
-    site.deploy(&sha(4)).success();
+    site.ferry("deploy", &sha(4))
+        .args(["--lock-wait", "30s"])
+        .run()
+        .success();
     let to = site.root().join("app");
     assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"v2");
     assert!(!site.root().join(".app.ferry/incoming").exists());

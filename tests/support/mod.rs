@@ -162,6 +162,33 @@ pub fn busybox_user() {
     });
 }
 
+/// The login of ordinary test hosts: a second uid-0 user whose shell is `/bin/sh` with no rc
+/// files, so that the test machine's own root dotfiles (a `.bashrc` that runs `pyenv rehash` under
+/// a lock, say) neither slow down nor hang the hosts' sessions.
+pub const ROOT_USER: &str = "ferryroot";
+
+/// Create [`ROOT_USER`] (idempotent; tests run as root).
+pub fn root_user() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let home = "/var/lib/ferry-test-root";
+        std::fs::create_dir_all(home).unwrap();
+        let exists = Command::new("id")
+            .arg(ROOT_USER)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success();
+        if !exists {
+            run_ok(Command::new("useradd").args([
+                "-o", "-u", "0", "-g", "0", "-M", "-d", home, "-s", "/bin/sh", ROOT_USER,
+            ]));
+        }
+        run_ok(Command::new("usermod").args(["-p", "*", ROOT_USER]));
+    });
+}
+
 /// A real OpenSSH server on a loopback port.
 pub struct Sshd {
     pub port: u16,
@@ -194,6 +221,7 @@ impl Sshd {
         authorized.extend(opts.authorized.iter().map(|s| s.trim().to_string()));
         std::fs::write(dir.join("authorized_keys"), authorized.join("\n") + "\n").unwrap();
         let mut extra = opts.extra_config.clone();
+        root_user();
         if opts.busybox {
             busybox_user();
             extra.push(format!("SetEnv PATH={BUSYBOX_DIR}"));
@@ -237,7 +265,11 @@ impl Sshd {
                 if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
                     return Sshd {
                         port,
-                        user: if opts.busybox { BUSYBOX_USER } else { "root" },
+                        user: if opts.busybox {
+                            BUSYBOX_USER
+                        } else {
+                            ROOT_USER
+                        },
                         dir,
                         host_pub,
                         child,
