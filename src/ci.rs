@@ -88,7 +88,7 @@ impl DeployContext {
     }
 
     pub fn short_sha(&self) -> &str {
-        &self.sha[..self.sha.len().min(8)]
+        short_sha(&self.sha)
     }
 
     pub fn ref_slug(&self) -> String {
@@ -117,6 +117,12 @@ impl DeployContext {
         v.insert("user".into(), self.user.clone());
         v
     }
+}
+
+/// The first 8 characters of a commit, as people quote it. Never panics: a sha read back from a
+/// host may be anything.
+pub fn short_sha(sha: &str) -> &str {
+    sha.get(..8).unwrap_or(sha)
 }
 
 fn git(args: &[&str]) -> Option<String> {

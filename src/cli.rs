@@ -181,6 +181,9 @@ pub enum Command {
         ref_name: Option<String>,
     },
     /// Recent deploys from the hosts' ledgers
+    #[command(
+        after_help = "Examples:\n  ferry history ferry.yml --env staging\n  ferry history ferry.yml --ref release-1.4 -n 50 --json"
+    )]
     History {
         #[command(flatten)]
         target: Target,
@@ -192,6 +195,7 @@ pub enum Command {
         limit_entries: usize,
     },
     /// Inspect deploy locks
+    #[command(after_help = "Example:\n  ferry lock status ferry.yml --env staging")]
     Lock {
         #[command(subcommand)]
         command: LockCommand,
@@ -210,6 +214,7 @@ pub enum Command {
 #[derive(Subcommand, Debug)]
 pub enum LockCommand {
     /// Show who holds the lock on each host
+    #[command(after_help = "Example:\n  ferry lock status ferry.yml --env staging")]
     Status {
         #[command(flatten)]
         target: Target,
@@ -328,12 +333,13 @@ fn connector(
     })
 }
 
-/// The environment named by `--env`, or required.
-fn env_of(target: &Target) -> anyhow::Result<String> {
-    target
-        .env
-        .clone()
-        .ok_or_else(|| UsageError("--env is required for this command".into()).into())
+impl Target {
+    /// The environment named by `--env`, for commands that need one.
+    pub fn required_env(&self, command: &str) -> anyhow::Result<String> {
+        self.env
+            .clone()
+            .ok_or_else(|| UsageError(format!("{command} needs --env: which environment?")).into())
+    }
 }
 
 /// Run the parsed command; returns the process exit code.
@@ -396,7 +402,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             timeout,
             command,
         } => {
-            let env = env_of(&target)?;
+            let env = target.required_env("exec")?;
             let s = Setup::new(g, &target.playbook, &env, None)?;
             let argv = &command;
             let json = g.json;

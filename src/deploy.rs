@@ -116,22 +116,20 @@ pub async fn cli_deploy(
     let envs = environments(&pb, target, &ctx)?;
     if envs.is_empty() {
         let kind = if ctx.is_tag { "tag" } else { "branch" };
-        println!(
-            "nothing to deploy for {kind} {}",
-            shell::quote_str(&ctx.ref_name)
-        );
+        nothing_to_do(g, &format!("nothing to deploy for {kind}"), &ctx.ref_name);
         return Ok(0);
     }
+    // Every environment's configuration is checked before any host is touched.
+    let setups = setups(g, &pb, &envs, &ctx)?;
     let mut reports = Vec::new();
-    for env in &envs {
-        let setup = Setup::with_playbook(g, pb.clone(), env, Some(&ctx))?;
-        let steps: Vec<Step> = pb.environments[env]
+    for setup in &setups {
+        let steps: Vec<Step> = pb.environments[&setup.env]
             .steps
             .iter()
             .filter(|s| scope == Scope::All || matches!(s, Step::Sync(_)))
             .cloned()
             .collect();
-        reports.extend(run_env(&setup, &ctx, &steps, opts, Action::Deploy).await?);
+        reports.extend(run_env(setup, &ctx, &steps, opts, Action::Deploy).await?);
     }
     finish(g, &reports)
 }
@@ -144,10 +142,7 @@ pub async fn cli_rollback(
     to: Option<&str>,
     opts: &DeployOpts,
 ) -> anyhow::Result<i32> {
-    let env = target
-        .env
-        .clone()
-        .ok_or_else(|| UsageError("rollback needs --env".into()))?;
+    let env = target.required_env("rollback")?;
     let pb = crate::cli::load_playbook(&target.playbook)?;
     // The ledger names the release to go back to; the ref only matters where paths depend on it.
     let ctx = match context(refs) {
@@ -193,16 +188,37 @@ pub async fn cli_stop(
         .filter(|e| !pb.environments[e].on_stop.is_empty())
         .collect();
     if envs.is_empty() {
-        println!("nothing to stop for {}", shell::quote_str(&ctx.ref_name));
+        nothing_to_do(g, "nothing to stop for", &ctx.ref_name);
         return Ok(0);
     }
+    let setups = setups(g, &pb, &envs, &ctx)?;
     let mut reports = Vec::new();
-    for env in &envs {
-        let setup = Setup::with_playbook(g, pb.clone(), env, Some(&ctx))?;
-        let steps = pb.environments[env].on_stop.clone();
-        reports.extend(run_env(&setup, &ctx, &steps, opts, Action::Stop).await?);
+    for setup in &setups {
+        let steps = pb.environments[&setup.env].on_stop.clone();
+        reports.extend(run_env(setup, &ctx, &steps, opts, Action::Stop).await?);
     }
     finish(g, &reports)
+}
+
+fn setups(
+    g: &Global,
+    pb: &crate::playbook::Playbook,
+    envs: &[String],
+    ctx: &DeployContext,
+) -> anyhow::Result<Vec<Setup>> {
+    envs.iter()
+        .map(|env| Setup::with_playbook(g, pb.clone(), env, Some(ctx)))
+        .collect()
+}
+
+/// A ref with nothing to do exits 0 with one line (an empty host list with `--json`).
+fn nothing_to_do(g: &Global, what: &str, ref_name: &str) {
+    if g.json {
+        println!("[]");
+        eprintln!("{what} {}", shell::quote_str(ref_name));
+    } else {
+        println!("{what} {}", shell::quote_str(ref_name));
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -233,8 +249,10 @@ async fn run_env(
 ) -> anyhow::Result<Vec<HostReport>> {
     let release = release_id(ctx);
     let progress = Progress::new(setup.style);
-    // GitLab hears about deploys and rollbacks; a stop is not a deployment of this commit.
-    let gitlab = if opts.plan || matches!(action, Action::Stop) {
+    // GitLab hears about deploys of this commit. A stop deploys nothing; a rollback puts back an
+    // older commit (each host's own choice from its ledger), which this job's commit status and
+    // deployment would misreport.
+    let gitlab = if opts.plan || !matches!(action, Action::Deploy) {
         None
     } else {
         gitlab::Reporter::new(&setup.playbook, ctx, &setup.env)

@@ -57,8 +57,3 @@ where
     outcomes.sort_by_key(|(i, _)| *i);
     outcomes.into_iter().map(|(_, o)| o).collect()
 }
-
-/// True when every host succeeded.
-pub fn all_ok<T>(outcomes: &[Outcome<T>]) -> bool {
-    outcomes.iter().all(|o| o.result.is_ok())
-}

@@ -21,7 +21,7 @@
 use std::time::{Duration, Instant};
 
 use crate::ci::DeployContext;
-use crate::cli::{Global, Setup, Target, UsageError};
+use crate::cli::{Global, Setup, Target};
 use crate::deploy::StepCtx;
 use crate::inventory::Host;
 use crate::report;
@@ -65,7 +65,7 @@ impl Holder {
         let mut s = format!(
             "ref {} (commit {})",
             crate::shell::quote_str(&self.ref_name),
-            &self.sha[..self.sha.len().min(8)]
+            crate::ci::short_sha(&self.sha)
         );
         if let Some(p) = &self.pipeline_id {
             s += &format!(", pipeline {p}");
@@ -542,16 +542,9 @@ pub fn state_setup(g: &Global, target: &Target, env: &str) -> anyhow::Result<Set
     )
 }
 
-fn env_required(target: &Target) -> anyhow::Result<String> {
-    target
-        .env
-        .clone()
-        .ok_or_else(|| UsageError("--env is required: which environment's lock?".into()).into())
-}
-
 /// `ferry lock status`.
 pub async fn cli_status(g: &Global, target: &Target) -> anyhow::Result<i32> {
-    let env = env_required(target)?;
+    let env = target.required_env("lock status")?;
     let setup = state_setup(g, target, &env)?;
     let app = setup.playbook.app.clone();
     let outcomes = crate::fleet::run(
@@ -607,7 +600,7 @@ pub async fn cli_status(g: &Global, target: &Target) -> anyhow::Result<i32> {
 
 /// `ferry unlock`: remove the lock (a live lease needs `--force`), saying what was removed.
 pub async fn cli_unlock(g: &Global, target: &Target, force: bool) -> anyhow::Result<i32> {
-    let env = env_required(target)?;
+    let env = target.required_env("unlock")?;
     let setup = state_setup(g, target, &env)?;
     let name = lock_name(&setup.playbook.app, &env);
     let outcomes = crate::fleet::run(

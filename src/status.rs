@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-use crate::ci::DeployContext;
+use crate::ci::{DeployContext, short_sha};
 use crate::cli::{Global, Setup, Target, UsageError};
 use crate::inventory::{self, Host, Overrides};
 use crate::ledger::{self, Record};
@@ -69,10 +69,6 @@ pub struct EnvStatus {
     pub rows: Vec<Row>,
     /// Problems across hosts (disagreement, unreadable hosts).
     pub flags: Vec<String>,
-}
-
-fn short(sha: &str) -> &str {
-    &sha[..sha.len().min(8)]
 }
 
 /// Build an environment's status from what its hosts said. `per_branch`: each ref has its own
@@ -137,8 +133,8 @@ pub fn summarize(env: &str, per_branch: bool, hosts: &[HostView]) -> EnvStatus {
                     {
                         notes.push(format!(
                             "drift: the host runs commit {} but the ledger's last good deploy is {}",
-                            short(ls),
-                            short(&g.sha)
+                            short_sha(ls),
+                            short_sha(&g.sha)
                         ));
                     }
                 }
@@ -177,7 +173,7 @@ pub fn summarize(env: &str, per_branch: bool, hosts: &[HostView]) -> EnvStatus {
         if distinct.len() > 1 {
             let who: Vec<String> = live_on
                 .iter()
-                .map(|(h, (r, s))| format!("{h} on {} {}", shell::quote_str(r), short(s)))
+                .map(|(h, (r, s))| format!("{h} on {} {}", shell::quote_str(r), short_sha(s)))
                 .collect();
             st.flags
                 .push(format!("{env}: hosts disagree: {}", who.join(", ")));
@@ -195,7 +191,10 @@ pub fn summarize(env: &str, per_branch: bool, hosts: &[HostView]) -> EnvStatus {
                 st.flags.push(format!(
                     "{env} {}: hosts disagree: commits {}",
                     shell::quote_str(r),
-                    shas.iter().map(|s| short(s)).collect::<Vec<_>>().join(", ")
+                    shas.iter()
+                        .map(|s| short_sha(s))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ));
             }
         }
@@ -492,7 +491,7 @@ pub fn render(statuses: &[EnvStatus]) -> String {
                     r.host.clone(),
                     r.state.clone(),
                     r.release.clone().unwrap_or_else(|| "-".into()),
-                    r.sha.as_deref().map(short).unwrap_or("-").to_string(),
+                    r.sha.as_deref().map(short_sha).unwrap_or("-").to_string(),
                     r.result.clone(),
                     age(r.last_attempt_at),
                     r.notes.join("; "),
@@ -577,7 +576,7 @@ pub async fn cli_history(
                     when(r.started_at),
                     r.env.clone(),
                     shell::quote_str(&r.ref_name),
-                    short(&r.sha).to_string(),
+                    short_sha(&r.sha).to_string(),
                     r.action.clone(),
                     r.host.clone(),
                     if r.ok { "ok".into() } else { "FAILED".into() },

@@ -220,9 +220,10 @@ async fn write_secret_file(ctx: &StepCtx<'_>, r: &Resolved) -> anyhow::Result<Op
     };
     let dir = format!("{}/docker", ctx.host.state_dir());
     let file = format!("{dir}/{}.{}.env", r.spec.name, ctx.release);
-    // Also sweeps env files of this container left by a run that was killed before removing them.
+    // Also sweeps env files of this container left by a run that was killed before removing them:
+    // `NAME.<release id>.env` only (ids start with the date), never `NAME.worker.<id>.env`.
     let cmd = Session::script_command(
-        "set -e; umask 077; mkdir -p -- \"$1\"; rm -f -- \"$1/$3\".*.env; cat > \"$2\"",
+        "set -e; umask 077; mkdir -p -- \"$1\"; rm -f -- \"$1/$3\".[0-9][0-9][0-9][0-9][0-9][0-9][0-9][0-9]T*.env; cat > \"$2\"",
         &[&dir, &file, &r.spec.name],
     )
     .map_err(|_| anyhow::anyhow!("NUL byte in a path"))?;

@@ -83,5 +83,5 @@ pub(crate) fn resolve(host: &Host, spec: &ContainerSpec) -> anyhow::Result<Resol
 /// An image id as `docker images` shows it: 12 hex digits.
 pub(crate) fn short_id(id: &str) -> &str {
     let id = id.strip_prefix("sha256:").unwrap_or(id);
-    &id[..id.len().min(12)]
+    id.get(..12).unwrap_or(id)
 }
