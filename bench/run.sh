@@ -100,7 +100,7 @@ app: bench
 environments:
   bench:
     root: $dst
-    hosts: ["root@127.0.0.1:$PORT"]
+    hosts: ["$FERRY_LOGIN@127.0.0.1:$PORT"]
     steps:
       - sync: { from: "$src", to: ferry, keep: 3 }
 YML
@@ -115,10 +115,10 @@ YML
       rel=$((rel + 1))
       local link=()
       [ "$rel" -gt 1 ] && link=(--link-dest="../rel-$((rel - 1))")
-      rsync -a --delete "${link[@]}" -e "$SSH" "$src/" "root@127.0.0.1:$dst/link/rel-$rel/" &&
-        $SSH root@127.0.0.1 "ln -sfn rel-$rel $dst/link/.cur.tmp && mv -T $dst/link/.cur.tmp $dst/link/current"
+      rsync -a --delete "${link[@]}" -e "$SSH" "$src/" "$FERRY_LOGIN@127.0.0.1:$dst/link/rel-$rel/" &&
+        $SSH $FERRY_LOGIN@127.0.0.1 "ln -sfn rel-$rel $dst/link/.cur.tmp && mv -T $dst/link/.cur.tmp $dst/link/current"
     }
-    rsync_plain() { rsync -a --delete -e "$SSH" "$src/" "root@127.0.0.1:$dst/plain/current/"; }
+    rsync_plain() { rsync -a --delete -e "$SSH" "$src/" "$FERRY_LOGIN@127.0.0.1:$dst/plain/current/"; }
     for scenario in first no-change change-5pct; do
       echo "corpus $name, run $rep/$REPS, $scenario:" >&2
       [ "$scenario" = change-5pct ] && python3 "$CORPUS_PY" "$src" --mutate 5 --seed 11

@@ -24,7 +24,7 @@ echo "web1: 127.0.0.1:$web1   web2: 127.0.0.1:$web2"
 # What a GitLab deploy job has: the key and known hosts in variables, and CI's own variables.
 export SSH_PRIVATE_KEY=$(base64 -w0 < "$FERRY_HOSTS_DIR/id_ed25519")   # masked variables hold base64
 export SSH_KNOWN_HOSTS=$(cat "$FERRY_HOSTS_DIR/known_hosts")
-export FRONTEND_WEB1=root@127.0.0.1:$web1 FRONTEND_WEB2=root@127.0.0.1:$web2
+export FRONTEND_WEB1=$FERRY_LOGIN@127.0.0.1:$web1 FRONTEND_WEB2=$FERRY_LOGIN@127.0.0.1:$web2
 export CI_COMMIT_REF_NAME=main CI_PIPELINE_ID=1001 GITLAB_USER_LOGIN=demo
 export CI_COMMIT_SHA=$(printf 'demo-1' | sha1sum | cut -c1-40)
 
@@ -85,7 +85,7 @@ printf 'FROM %s\nCOPY release.txt /www/release.txt\n' "$base" > "$work/docker/Do
 echo "built by ferry for v1.0.0" > "$work/docker/release.txt"
 (
   cd "$work"
-  export BUILD_HOST=root@127.0.0.1:$build BUILD_ROOT=$FERRY_HOSTS_DIR/build DOCKER_CONTEXT=docker/
+  export BUILD_HOST=$FERRY_LOGIN@127.0.0.1:$build BUILD_ROOT=$FERRY_HOSTS_DIR/build DOCKER_CONTEXT=docker/
   export CI_COMMIT_TAG=v1.0.0 CI_COMMIT_REF_NAME=v1.0.0 CI_PIPELINE_ID=2001
   export CI_COMMIT_SHA=$(printf 'tag-v1' | sha1sum | cut -c1-40)
   "$ferry" deploy "$repo/playbooks/tag-publish.yml"
@@ -95,7 +95,7 @@ docker pull -q "$REGISTRY/shop:v1.0.0" >/dev/null && echo "registry has $REGISTR
 section "push to release-1.4: bundle, MySQL and Redis accessories, health-gated app container"
 app_port=$(free_port)
 mkdir -p "$work/backend" && echo "templates for release-1.4" > "$work/backend/index.html"
-export STAGING_HOST=root@127.0.0.1:$staging STAGING_ROOT=$FERRY_HOSTS_DIR/staging APP_PORT=$app_port
+export STAGING_HOST=$FERRY_LOGIN@127.0.0.1:$staging STAGING_ROOT=$FERRY_HOSTS_DIR/staging APP_PORT=$app_port
 export BUNDLE_DIR=$work/backend STAGING_URL_HOST=127.0.0.1
 export CI_COMMIT_REF_NAME=release-1.4 CI_COMMIT_REF_SLUG=release-1-4 CI_PIPELINE_ID=3001
 export CI_COMMIT_SHA=$(printf 'rel-1' | sha1sum | cut -c1-40)

@@ -9,6 +9,17 @@ free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
 
+# The login on the test hosts: a second uid-0 user whose shell is /bin/sh with no rc files, so the
+# machine's own root dotfiles (a .bashrc running `pyenv init`, say) do not slow or hang sessions.
+# The Rust test harness uses the same user.
+FERRY_LOGIN=ferryroot
+login_user() {
+  mkdir -p /var/lib/ferry-test-root
+  id "$FERRY_LOGIN" >/dev/null 2>&1 ||
+    useradd -o -u 0 -g 0 -M -d /var/lib/ferry-test-root -s /bin/sh "$FERRY_LOGIN"
+  usermod -p '*' "$FERRY_LOGIN"
+}
+
 # client_key: make (once) the client key $FERRY_HOSTS_DIR/id_ed25519.
 client_key() {
   mkdir -p "$FERRY_HOSTS_DIR"
@@ -23,6 +34,7 @@ client_key() {
 start_sshd() {
   local name=$1 dir="$FERRY_HOSTS_DIR/$1" port
   shift
+  login_user
   client_key
   mkdir -p "$dir" /run/sshd
   [ -f "$dir/host_ed25519" ] || ssh-keygen -q -t ed25519 -N '' -f "$dir/host_ed25519"
