@@ -140,25 +140,10 @@ pub fn busybox_user() {
         for applet in String::from_utf8_lossy(&list.stdout).lines() {
             let _ = std::os::unix::fs::symlink("/bin/busybox", Path::new(BUSYBOX_DIR).join(applet));
         }
-        let exists = Command::new("id")
-            .arg(BUSYBOX_USER)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .unwrap()
-            .success();
-        if !exists {
-            run_ok(Command::new("useradd").args([
-                "-M",
-                "-d",
-                "/tmp",
-                "-s",
-                &format!("{BUSYBOX_DIR}/sh"),
-                BUSYBOX_USER,
-            ]));
-        }
-        // A `!` password means "locked" to sshd without PAM; `*` means "no password, keys only".
-        run_ok(Command::new("usermod").args(["-p", "*", BUSYBOX_USER]));
+        ensure_user(
+            BUSYBOX_USER,
+            &["-d", "/tmp", "-s", &format!("{BUSYBOX_DIR}/sh")],
+        );
     });
 }
 
@@ -173,26 +158,33 @@ pub fn root_user() {
     ONCE.get_or_init(|| {
         let home = "/var/lib/ferry-test-root";
         std::fs::create_dir_all(home).unwrap();
-        let exists = Command::new("id")
-            .arg(ROOT_USER)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .unwrap()
-            .success();
-        if !exists {
-            run_ok(Command::new("useradd").args([
-                "-o", "-u", "0", "-g", "0", "-M", "-d", home, "-s", "/bin/sh", ROOT_USER,
-            ]));
-        }
-        run_ok(Command::new("usermod").args(["-p", "*", ROOT_USER]));
+        ensure_user(
+            ROOT_USER,
+            &["-o", "-u", "0", "-g", "0", "-d", home, "-s", "/bin/sh"],
+        );
     });
+}
+
+/// Create a login user with `useradd ARGS` unless it exists, and let it log in with keys only.
+fn ensure_user(name: &str, useradd: &[&str]) {
+    let exists = Command::new("id")
+        .arg(name)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+    if !exists {
+        run_ok(Command::new("useradd").arg("-M").args(useradd).arg(name));
+    }
+    // A `!` password means "locked" to sshd without PAM; `*` means "no password, keys only".
+    run_ok(Command::new("usermod").args(["-p", "*", name]));
 }
 
 /// A real OpenSSH server on a loopback port.
 pub struct Sshd {
     pub port: u16,
-    /// The login user: root, or the BusyBox user.
+    /// The login user: [`ROOT_USER`], or [`BUSYBOX_USER`].
     pub user: &'static str,
     pub dir: TempDir,
     pub host_pub: String,
