@@ -102,7 +102,23 @@ async fn inventory(session: &Session, paths: &Paths, digest: &str) -> anyhow::Re
 }
 
 /// Refuse targets ferry does not own, with the fix.
-fn check_target(host: &str, paths: &Paths, inv: &Inventory, adopt: bool) -> anyhow::Result<()> {
+fn check_target(host: &str, paths: &Paths, inv: &Inventory, step: &SyncStep) -> anyhow::Result<()> {
+    let adopt = step.adopt;
+    if step.mode == SyncMode::InPlace {
+        return match &inv.target {
+            TargetState::Link { target, .. } => bail!(
+                "{host}: {} is a symlink (to {target}); mode `in-place` writes into a real directory \
+                 and will not write through a link. Nothing was changed. Use `mode: release`, or \
+                 remove the link (and run `ferry sync` again) to switch to in-place",
+                paths.to
+            ),
+            TargetState::Other => bail!(
+                "{host}: {} exists and is not a directory; remove it or choose another `to:`",
+                paths.to
+            ),
+            _ => Ok(()),
+        };
+    }
     match &inv.target {
         TargetState::Dir if !adopt => bail!(
             "{host}: {} is a plain directory, not a ferry release link. Nothing was changed. \
@@ -130,11 +146,6 @@ fn truncated(v: &[String]) -> &[String] {
 pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepReport> {
     let started = Instant::now();
     let host = ctx.host.name();
-    if step.mode == SyncMode::InPlace {
-        bail!(
-            "{host}: sync mode `in-place` is not available in this version of ferry; use the default `release` mode"
-        );
-    }
     let from = PathBuf::from(ctx.host.expand(&step.from)?);
     let paths = Paths::new(&ctx.host.path(&step.to)?)?;
     let local = scan_shared(from.clone(), step.exclude.clone()).await?;
@@ -144,7 +155,7 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
     let (inv, mut proc) = if ctx.plan {
         (inventory(ctx.session, &paths, &digest).await?, None)
     } else {
-        let (inv, proc) = open_deploy(ctx.session, &paths, &digest).await?;
+        let (inv, proc) = open_deploy(ctx.session, &paths, &digest, step).await?;
         (inv, Some(proc))
     };
     tracing::debug!(elapsed = ?started.elapsed(), objects = inv.objects.len(), same = inv.same, "inventory of {}", paths.to);
@@ -238,7 +249,7 @@ fn decide(
     paths: &Paths,
     inv: &Inventory,
 ) -> anyhow::Result<Decision> {
-    check_target(ctx.host.name(), paths, inv, step.adopt)?;
+    check_target(ctx.host.name(), paths, inv, step)?;
     let plan = if inv.same {
         diff::Plan {
             unchanged: local
@@ -331,9 +342,19 @@ async fn open_deploy(
     session: &Session,
     paths: &Paths,
     digest: &str,
+    step: &SyncStep,
 ) -> anyhow::Result<(Inventory, Process)> {
     let host = session.name().to_string();
-    let cmd = Session::script_command(remote::DEPLOY, &[&paths.store, &paths.to, digest])?;
+    let cmd = Session::script_command(
+        remote::DEPLOY,
+        &[
+            paths.store.as_str(),
+            paths.to.as_str(),
+            digest,
+            mode_arg(step.mode),
+            if step.delete { "1" } else { "0" },
+        ],
+    )?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
     let sink: SharedSink = Arc::new(move |s: Stream, line: &[u8]| {
         if s == Stream::Stdout {
@@ -373,6 +394,13 @@ async fn open_deploy(
     let inv = remote::parse_inventory(&buf[..end], name)
         .with_context(|| format!("{host}: reading {}", paths.store))?;
     Ok((inv, proc))
+}
+
+fn mode_arg(mode: SyncMode) -> &'static str {
+    match mode {
+        SyncMode::Release => "release",
+        SyncMode::InPlace => "in-place",
+    }
 }
 
 /// Close the deploy script's stdin without a decision: it stops after its cleanup.
@@ -525,14 +553,24 @@ pub async fn rollback(
             ..Default::default()
         });
     }
-    let out = ctx
-        .session
-        .run_script(
-            remote::SWITCH,
-            &[&paths.store, &paths.to, &target],
-            Some(INVENTORY_TIMEOUT),
-        )
-        .await?;
+    let out = if step.mode == SyncMode::InPlace {
+        let delete = if step.delete { "1" } else { "0" };
+        ctx.session
+            .run_script(
+                remote::SWITCH_IN_PLACE,
+                &[&paths.store, &paths.to, &target, delete],
+                Some(INVENTORY_TIMEOUT),
+            )
+            .await?
+    } else {
+        ctx.session
+            .run_script(
+                remote::SWITCH,
+                &[&paths.store, &paths.to, &target],
+                Some(INVENTORY_TIMEOUT),
+            )
+            .await?
+    };
     if !out.success() {
         bail!(
             "{host}: switching {} to {target} failed: {}",
@@ -591,6 +629,7 @@ pub async fn live(host: &Host, session: &Session, step: &SyncStep) -> anyhow::Re
     let release = inv.live().map(str::to_string);
     let meta = release.as_ref().and_then(|r| inv.metas.get(r));
     let drift = match &inv.target {
+        TargetState::Dir if inv.inplace.is_some() => inv.drift(),
         TargetState::Dir => Some(format!(
             "{} is a plain directory, not a ferry release",
             paths.to
