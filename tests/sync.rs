@@ -807,3 +807,34 @@ fn sync_in_place_keeps_extras_and_refuses_a_link() {
             .is_none()
     );
 }
+
+/// In-place: a controller killed mid-stream leaves the directory as it was (nothing is applied
+/// before the whole stream has arrived); the next deploy completes it.
+#[test]
+fn sync_in_place_survives_controller_killed() {
+    let site = Site::new(
+        "inplace-cut",
+        vec![Sshd::start()],
+        one_step("app", ", mode: in-place"),
+    );
+    site.write(b"index.html", b"v1");
+    site.deploy(&sha(1)).success();
+    let to = site.root().join("app");
+    big_file(&site, "big.bin", 200, 2);
+    site.write(b"index.html", b"v2");
+    let run = interrupt_mid_stream(&site, &sha(2), |c| c.kill().unwrap());
+    assert_ne!(run.code, 0);
+    assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"v1");
+    assert!(!to.join("big.bin").exists());
+    site.ferry("deploy", &sha(3))
+        .args(["--lock-wait", "30s"])
+        .run()
+        .success();
+    assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"v2");
+    assert!(
+        std::fs::read(to.join("big.bin")).unwrap()
+            == std::fs::read(site.src.join("big.bin")).unwrap(),
+        "big.bin arrived whole"
+    );
+    assert!(!site.root().join(".app.ferry/incoming").exists());
+}

@@ -14,8 +14,15 @@
 //! and then renames the link in, so `to` is briefly missing, once. An interrupted deploy (cut
 //! connection, killed controller, full disk) leaves the live release as it was; the next deploy
 //! removes its debris. Symlinks in the tree must be relative and stay inside it; absolute or
-//! escaping links are refused naming the local path. Mode `in-place` is not available yet and is
-//! refused with a clear error.
+//! escaping links are refused naming the local path.
+//!
+//! Mode `in-place` (for a directory that must stay a directory, e.g. bind-mounted into a container)
+//! uses the same store, diff and stream; the release tree is then applied into `to` in the same
+//! exec: each changed file is copied to a temp name beside it and renamed over (atomic per file,
+//! never hard-linked to the store), extras are deleted last (unless `delete: false`). A reader may
+//! see a mix of old and new files while it runs. `<store>/inplace` names the applied release, so
+//! the next diff, drift detection (files newer than `<store>/applied`, or missing), `status` and
+//! rollback (re-applying an earlier release from the store) work as in release mode.
 
 pub mod archive;
 pub mod diff;

@@ -1,7 +1,7 @@
 //! The host side of a sync: constant POSIX `sh` scripts (run with data as positional arguments, so
 //! nothing is spliced into a command line) and the parsing of what they print. They use only what
-//! both coreutils and BusyBox offer: `tar -xzmo`, `mv -fT`, `find -newer -links -exec +`, `ls`,
-//! `gzip`, `readlink`, `read`.
+//! both coreutils and BusyBox offer: `tar -xzmo`, `mv -fT`, `find -newer -links -depth -exec +`,
+//! `ls`, `gzip`, `readlink`, `read`, `cp -p`, `stat -c %a`, `test -ef`.
 //!
 //! Layout beside the target `<dir>/<name>`:
 //! ```text
@@ -11,6 +11,8 @@
 //! <dir>/.<name>.ferry/meta/<id>.{json,manifest,digest}
 //! <dir>/.<name>.ferry/stamp                        objects newer than this were edited by hand
 //! <dir>/.<name>.ferry/incoming/                    a deploy in flight; removed by the next one
+//! <dir>/.<name>.ferry/inplace                      in-place mode: id of the release applied in <dir>/<name>
+//! <dir>/.<name>.ferry/applied                      in-place mode: files in <name> newer than this were edited
 //! ```
 //!
 //! An object is trusted while its mtime is not newer than `stamp` (touched after each successful
