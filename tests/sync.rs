@@ -788,6 +788,13 @@ fn sync_in_place_keeps_extras_and_refuses_a_link() {
     site.deploy(&sha(2)).success();
     assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"v2");
     assert_eq!(std::fs::read(to.join("uploads/user.png")).unwrap(), b"png");
+    // A file added by hand later is not drift when extras are kept: a redeploy is a no-op.
+    std::thread::sleep(Duration::from_millis(1100));
+    std::fs::write(to.join("uploads/later.png"), b"png2").unwrap();
+    let s = step(&site.deploy(&sha(2)).success());
+    assert_eq!(s["changed"], false, "{s}");
+    assert!(s["detail"]["drift"].is_null(), "{s}");
+    assert!(to.join("uploads/later.png").exists());
 
     let linked = site.root().join("linked");
     std::fs::create_dir_all(site.root().join("elsewhere")).unwrap();

@@ -86,11 +86,17 @@ async fn scan_shared(from: PathBuf, exclude: Vec<String>) -> anyhow::Result<Arc<
     Ok(m)
 }
 
-async fn inventory(session: &Session, paths: &Paths, digest: &str) -> anyhow::Result<Inventory> {
+async fn inventory(
+    session: &Session,
+    paths: &Paths,
+    digest: &str,
+    step: &SyncStep,
+) -> anyhow::Result<Inventory> {
+    let delete = if step.delete { "1" } else { "0" };
     let out = session
         .run_script(
             remote::INVENTORY,
-            &[&paths.store, &paths.to, digest],
+            &[&paths.store, &paths.to, digest, delete],
             Some(INVENTORY_TIMEOUT),
         )
         .await?;
@@ -160,7 +166,7 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
     tracing::debug!(elapsed = ?started.elapsed(), entries = local.entries.len(), "scanned {}", from.display());
     // A plan only reads; a deploy reads and applies in one exec (see remote::DEPLOY).
     let (inv, mut proc) = if ctx.plan {
-        (inventory(ctx.session, &paths, &digest).await?, None)
+        (inventory(ctx.session, &paths, &digest, step).await?, None)
     } else {
         let (inv, proc) = open_deploy(ctx.session, &paths, &digest, step).await?;
         (inv, Some(proc))
@@ -504,7 +510,7 @@ pub async fn rollback(
 ) -> anyhow::Result<StepReport> {
     let host = ctx.host.name();
     let paths = Paths::new(&ctx.host.path(&step.to)?)?;
-    let inv = inventory(ctx.session, &paths, "-").await?;
+    let inv = inventory(ctx.session, &paths, "-", step).await?;
     let live = inv.live().map(str::to_string);
     let target = match to {
         Some(t) => {
@@ -632,7 +638,7 @@ pub async fn remove(ctx: &StepCtx<'_>, step: &SyncRemoveStep) -> anyhow::Result<
 /// Read what is live at `step.to` on `host` (templates expanded with the host's variables).
 pub async fn live(host: &Host, session: &Session, step: &SyncStep) -> anyhow::Result<LiveSync> {
     let paths = Paths::new(&host.path(&step.to)?)?;
-    let inv = inventory(session, &paths, "-").await?;
+    let inv = inventory(session, &paths, "-", step).await?;
     let release = inv.live().map(str::to_string);
     let meta = release.as_ref().and_then(|r| inv.metas.get(r));
     let drift = match &inv.target {

@@ -88,16 +88,19 @@ for f; do
   del) [ "$f" = "$T" ] && continue
     s=$R${f#"$T"}
     [ -e "$s" ] || [ -L "$s" ] || rm -rf "$f" || exit 1 ;;
+  edited) s=$O${f#"$T"}
+    [ "$DEL" = 1 ] || [ -e "$s" ] || [ -L "$s" ] && n=$((n+1)) ;;
   missing) s=$T${f#"$O"}
     [ -e "$s" ] || [ -L "$s" ] || n=$((n+1)) ;;
   esac
 done
-case $phase in file|missing) echo $n ;; esac'
+case $phase in file|edited|missing) echo $n ;; esac'
 sum() { s=0; while read -r x; do s=$((s+x)); done; echo $s; }
-# Files in $T edited since the last apply (newer than `applied`) or gone; needs O and a cwd in the store.
+# Files in $T edited since the last apply (newer than `applied`) or gone; needs O and a cwd in the
+# store. Files added by hand count only when extras are deleted ($DEL is 1).
 tdrift() {
-  export T O
-  e=0; [ -e applied ] && e=$(find "$T" ! -type d -newer applied -exec sh -c 'echo $#' sh {} + | sum)
+  export T O DEL
+  e=0; [ -e applied ] && e=$(find "$T" ! -type d -newer applied -exec sh -c "$H" sh edited {} + | sum)
   m=$(find "$O" ! -type d -exec sh -c "$H" sh missing {} + | sum)
   echo $((e+m))
 }
@@ -120,13 +123,13 @@ apply() {
     };
 }
 
-/// Read-only: the target's state, the store's releases and metadata, objects edited since the last
-/// deploy, and (unless the live release already has digest `$3`, or `$3` is `-`) a gzip tail with the
+/// Read-only: the target's state, the store's releases and metadata, objects (or in-place files:
+/// `$4` is 0 when extras are kept) edited since the last deploy, and (unless the live release already has digest `$3`, or `$3` is `-`) a gzip tail with the
 /// live manifest and the object list.
 pub const INVENTORY: &str = concat!(
     in_place_sh!(),
     r#"
-S=$1 T=$2 D=$3
+S=$1 T=$2 D=$3 DEL=${4:-1}
 rec() { printf '%s\t%s\0' "$1" "$2"; }
 live= inplace=
 if [ -L "$T" ]; then
