@@ -620,6 +620,10 @@ fn in_place_lifecycle(busybox: bool) {
 
     let s = step(&site.deploy(&sha(1)).success());
     assert_eq!(s["files_sent"], 7, "{s}");
+    assert_eq!(
+        s["detail"]["replaced_in_place"], 8,
+        "7 files and a symlink: {s}"
+    );
     check_hostile(&to);
     let md = std::fs::symlink_metadata(&to).unwrap();
     assert!(
@@ -676,6 +680,10 @@ fn in_place_lifecycle(busybox: bool) {
     let unchanged = inode(&to.join("bin/run.sh"));
     let s = step(&site.deploy(&sha(3)).success());
     assert_eq!(s["files_sent"], 2, "{s}");
+    assert_eq!(
+        s["detail"]["replaced_in_place"], 2,
+        "only changed files are written: {s}"
+    );
     assert_eq!(
         std::fs::read(to.join("index.html")).unwrap(),
         b"<h1>v2</h1>"

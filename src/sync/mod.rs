@@ -232,6 +232,9 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
     report.detail["release"] = release.clone().into();
     report.detail["previous"] = meta.previous.clone().into();
     report.detail["wire_bytes"] = wire.bytes.into();
+    if let Some(n) = wire.copied {
+        report.detail["replaced_in_place"] = n.into();
+    }
     report.detail["pruned"] = prune.clone().into();
     report.summary = format!(
         "{} -> release {release}: {}; sent {} files ({} content, {} on the wire) in {:.1}s",
@@ -428,6 +431,8 @@ async fn finish_quietly(host: &str, paths: &Paths, proc: Process) -> anyhow::Res
 struct Sent {
     release: String,
     bytes: u64,
+    /// In-place mode: files the host replaced in `to`.
+    copied: Option<u64>,
 }
 
 /// Send the parameter line and the archive into the waiting deploy script, and check the result.
@@ -496,11 +501,19 @@ async fn stream(
         return Err(e).with_context(|| format!("{host}: sending to {}", paths.to));
     }
     let tail_start = remote::inventory_end(&out.stdout).unwrap_or(0);
-    let release = String::from_utf8_lossy(&out.stdout[tail_start..])
+    let tail = String::from_utf8_lossy(&out.stdout[tail_start..]);
+    let release = tail
         .lines()
         .find_map(|l| l.strip_prefix("release ").map(str::to_string))
         .with_context(|| format!("{host}: the host did not confirm the release"))?;
-    Ok(Sent { release, bytes })
+    let copied = tail
+        .lines()
+        .find_map(|l| l.strip_prefix("copied ")?.trim().parse().ok());
+    Ok(Sent {
+        release,
+        bytes,
+        copied,
+    })
 }
 
 pub async fn rollback(

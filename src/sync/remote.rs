@@ -109,7 +109,7 @@ tdrift() {
 apply() {
   export T R O
   mkdir -p "$T" || return 1
-  find "$T" -name '.*.ferry-tmp' -exec rm -rf {} + || return 1
+  find "$T" -name '.*.ferry-tmp' ! -type d -exec rm -f {} + || return 1
   find "$R" -type d -exec sh -c "$H" sh dir {} + || return 1
   if [ -n "$O" ] && [ -e applied ]; then
     find "$T" ! -type d -newer applied -exec sh -c "$H" sh fix {} + || return 1
@@ -123,9 +123,9 @@ apply() {
     };
 }
 
-/// Read-only: the target's state, the store's releases and metadata, objects (or in-place files:
-/// `$4` is 0 when extras are kept) edited since the last deploy, and (unless the live release already has digest `$3`, or `$3` is `-`) a gzip tail with the
-/// live manifest and the object list.
+/// Read-only: the target's state, the store's releases and metadata, objects (or in-place files;
+/// `$4` is 0 when extras are kept) edited since the last deploy, and (unless the live release
+/// already has digest `$3`, or `$3` is `-`) a gzip tail with the live manifest and the object list.
 pub const INVENTORY: &str = concat!(
     in_place_sh!(),
     r#"
