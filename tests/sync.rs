@@ -678,12 +678,17 @@ fn in_place_lifecycle(busybox: bool) {
     );
     assert!(to.join("-dash").exists());
     let unchanged = inode(&to.join("bin/run.sh"));
+    // Same content at two paths: one object, but two files (no shared inode) in `to`.
+    site.write(b"copy.html", b"<h1>v2</h1>");
     let s = step(&site.deploy(&sha(3)).success());
     assert_eq!(s["files_sent"], 2, "{s}");
     assert_eq!(
-        s["detail"]["replaced_in_place"], 2,
+        s["detail"]["replaced_in_place"], 3,
         "only changed files are written: {s}"
     );
+    assert_eq!(std::fs::read(to.join("copy.html")).unwrap(), b"<h1>v2</h1>");
+    assert_ne!(inode(&to.join("copy.html")), inode(&to.join("index.html")));
+    assert_eq!(nlink(&to.join("copy.html")), 1);
     assert_eq!(
         std::fs::read(to.join("index.html")).unwrap(),
         b"<h1>v2</h1>"
@@ -739,7 +744,7 @@ fn in_place_lifecycle(busybox: bool) {
         .run()
         .success();
     check_hostile(&to);
-    assert!(!to.join("assets/new file.txt").exists());
+    assert!(!to.join("assets/new file.txt").exists() && !to.join("copy.html").exists());
     assert_eq!(
         std::fs::read_to_string(site.root().join("web/.app.ferry/inplace")).unwrap(),
         first

@@ -225,7 +225,15 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
         if step.adopt { 1 } else { 0 },
         prune.join(" ")
     );
-    let wire = stream(ctx, proc, &params, &from, &local, &plan, &paths, &meta).await?;
+    let copy = if step.mode == SyncMode::InPlace {
+        diff::to_copy(&local, inv.live_manifest.as_ref())
+    } else {
+        Vec::new()
+    };
+    let wire = stream(
+        ctx, proc, &params, &from, &local, &plan, &copy, &paths, &meta,
+    )
+    .await?;
     let release = wire.release;
     tracing::debug!(elapsed = ?started.elapsed(), wire = wire.bytes, "applied release {release}");
     let mut report = report;
@@ -444,6 +452,7 @@ async fn stream(
     from: &std::path::Path,
     local: &Arc<Manifest>,
     plan: &diff::Plan,
+    copy: &[usize],
     paths: &Paths,
     meta: &remote::Meta,
 ) -> anyhow::Result<Sent> {
@@ -452,6 +461,7 @@ async fn stream(
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
     let builder = {
         let (root, local, plan) = (from.to_path_buf(), local.clone(), plan.clone());
+        let copy = copy.to_vec();
         let manifest = local.encode();
         let digest = meta.digest.clone();
         let meta_json = serde_json::to_vec(meta)?;
@@ -461,6 +471,7 @@ async fn stream(
                 manifest: &manifest,
                 digest: &digest,
                 meta_json: &meta_json,
+                copy: &copy,
             };
             let out = archive::ChannelWriter {
                 tx,

@@ -67,6 +67,18 @@ H='put() {
   if [ -d "$2" ] && [ ! -L "$2" ]; then rm -rf "$2" || return 1; fi
   mv -fT "$tmp" "$2"
 }
+mvdir() {
+  dd=$T${1#"$ST"}; sd=$1; set --
+  for e in "$sd"/* "$sd"/.[!.]* "$sd"/..?*; do
+    [ -e "$e" ] || [ -L "$e" ] || continue
+    [ -d "$e" ] && [ ! -L "$e" ] && continue
+    b=$dd/${e##*/}
+    if [ -d "$b" ] && [ ! -L "$b" ]; then rm -rf "$b" || return 1; fi
+    set -- "$@" "$e"
+  done
+  n=$((n+$#))
+  [ $# -eq 0 ] || mv -f "$@" "$dd/"
+}
 phase=$1; shift
 n=0
 for f; do
@@ -76,8 +88,14 @@ for f; do
     rm -f "$d" && mkdir "$d" && chmod "$(stat -c %a "$f")" "$d" || exit 1 ;;
   fix) s=$R${f#"$T"}
     if [ -e "$s" ] || [ -L "$s" ]; then [ -d "$s" ] && [ ! -L "$s" ] || put "$s" "$f" || exit 1; fi ;;
+  move) mvdir "$f" || exit 1 ;;
+  put1) put "$f" "$T${f#"$PP"}" || exit 1; n=$((n+1)) ;;
   file) r=${f#"$R"} d=$T${f#"$R"}
-    if [ -n "$O" ]; then
+    if [ -n "$C" ]; then
+      if [ -L "$f" ]; then [ -L "$d" ] && continue
+      else [ -f "$d" ] && [ ! -L "$d" ] && continue
+      fi
+    elif [ -n "$O" ]; then
       if [ -L "$f" ]; then
         [ -L "$d" ] && [ -L "$O$r" ] && [ "$(readlink "$f")" = "$(readlink "$d")" ] && continue
       else
@@ -94,7 +112,7 @@ for f; do
     [ -e "$s" ] || [ -L "$s" ] || n=$((n+1)) ;;
   esac
 done
-case $phase in file|edited|missing) echo $n ;; esac'
+case $phase in move|put1|file|edited|missing) echo $n ;; esac'
 sum() { s=0; while read -r x; do s=$((s+x)); done; echo $s; }
 # Files in $T edited since the last apply (newer than `applied`) or gone; needs O and a cwd in the
 # store. Files added by hand count only when extras are deleted ($DEL is 1).
@@ -105,16 +123,31 @@ tdrift() {
   echo $((e+m))
 }
 # Make $T hold exactly release $R: dirs, hand-edited files, changed files; extras go last if $1 is 1.
+# With $C (a tree of the changed files, each object once) and $PP (further paths of those objects),
+# one `cp -pR` stages the copies in $T/.ferry-incoming (same filesystem as their destinations) and
+# one `mv -f` per directory renames them over; without, each file that differs from release $O is
+# copied on its own. Then anything of $R still missing in $T is put there.
 # Returns non-zero at the first failure (files replaced so far stay replaced).
 apply() {
-  export T R O
+  ST=$T/.ferry-incoming
+  export T R O C PP ST
   mkdir -p "$T" || return 1
+  rm -rf "$ST" || return 1
   find "$T" -name '.*.ferry-tmp' ! -type d -exec rm -f {} + || return 1
   find "$R" -type d -exec sh -c "$H" sh dir {} + || return 1
   if [ -n "$O" ] && [ -e applied ]; then
     find "$T" ! -type d -newer applied -exec sh -c "$H" sh fix {} + || return 1
   fi
-  copied=$(find "$R" ! -type d -exec sh -c "$H" sh file {} + || echo x)
+  copied=
+  if [ -n "$C" ] && [ -d "$C" ]; then
+    cp -pR "$C" "$ST" || return 1
+    copied=$(find "$ST" -type d -exec sh -c "$H" sh move {} + || echo x)
+    rm -rf "$ST" || return 1
+  fi
+  if [ -n "$C" ] && [ -d "$PP" ]; then
+    copied="$copied $(find "$PP" ! -type d -exec sh -c "$H" sh put1 {} + || echo x)"
+  fi
+  copied="$copied $(find "$R" ! -type d -exec sh -c "$H" sh file {} + || echo x)"
   case $copied in *x*) return 1 ;; esac
   copied=$(printf '%s\n' $copied | sum)
   if [ "$1" = 1 ]; then find "$T" -depth -exec sh -c "$H" sh del {} + || return 1; fi
@@ -249,12 +282,13 @@ mv incoming/r "releases/$rid"
 mv incoming/manifest "meta/$rid.manifest"
 mv incoming/meta.json "meta/$rid.json"
 mv incoming/digest "meta/$rid.digest"
-rm -rf incoming
+[ "$M" = in-place ] || rm -rf incoming
 touch stamp
 if [ "$M" = in-place ]; then
-  R=releases/$rid O=
+  R=releases/$rid O= C=incoming/c PP=incoming/p
   [ -n "$inplace" ] && [ -d "releases/$live" ] && O=releases/$live
   apply "$DEL" || { echo "ferry: applying release $rid into $T failed; files already replaced stay new" >&2; exit 5; }
+  rm -rf incoming
   printf '%s\n' "$rid" > inplace.new; mv -f inplace.new inplace; touch applied
   printf 'copied %s\n' "$copied"
 else
@@ -320,7 +354,7 @@ S=$1 T=$2 rid=$3
 [ -d "$S/releases/$rid" ] || { echo "ferry: release $rid does not exist in $S/releases" >&2; exit 4; }
 if [ -L "$T" ]; then echo "ferry: $T is a symlink, not an in-place target; refusing to write through it" >&2; exit 4; fi
 cd "$S"
-R=releases/$rid O=
+R=releases/$rid O= C= PP=
 if [ -f inplace ]; then live=$(cat inplace); [ -d "releases/$live" ] && O=releases/$live; fi
 apply "$4" || { echo "ferry: applying release $rid into $T failed; files already replaced stay new" >&2; exit 5; }
 printf '%s\n' "$rid" > inplace.new; mv -f inplace.new inplace; touch applied
