@@ -203,7 +203,7 @@ rec tail gz
 /// stdin is the gzip'd tar stream: unpack it (objects straight into `objects/`, the tree under
 /// `incoming/r`), check its trailer, name the release (unique), switch `to` with one rename, prune,
 /// collect garbage. In mode `in-place` the last steps differ: the tree is applied into the directory
-/// `to` ([`in_place_sh`]: copy to a temp name or a staging dir beside each file, rename over), then
+/// `to` (`in_place_sh!`: copy to a temp name or a staging dir beside each file, rename over), then
 /// `inplace` names the release and `applied` is touched. Args: store, to, digest of the local tree,
 /// mode (`release` or `in-place`), delete extras in place (1/0).
 pub const DEPLOY: &str = concat!(
