@@ -594,3 +594,267 @@ fn sync_disk_full_leaves_live_release_and_recovers() {
     site.deploy(&sha(3)).success();
     assert_eq!(std::fs::read(root.join("app/index.html")).unwrap(), b"v2");
 }
+
+fn inode(p: &Path) -> u64 {
+    std::os::unix::fs::MetadataExt::ino(&std::fs::symlink_metadata(p).unwrap())
+}
+
+/// `mode: in-place` on one host flavour: adopt a plain directory, no-change redeploy, an update
+/// (each changed file a new inode, unchanged ones untouched), plan, hand edits repaired, rollback.
+fn in_place_lifecycle(busybox: bool) {
+    let host = Sshd::start_with(SshdOptions {
+        busybox,
+        ..Default::default()
+    });
+    let site = Site::new(
+        "inplace",
+        vec![host],
+        one_step("web/app", ", mode: in-place, keep: 5"),
+    );
+    hostile_tree(&site);
+    let to = site.root().join("web/app");
+    std::fs::create_dir_all(to.join("old")).unwrap();
+    open_up(&[&site.root().join("web"), &to, &to.join("old")]);
+    std::fs::write(to.join("old/stale.html"), b"stale").unwrap();
+    std::fs::write(to.join("index.html"), b"hand made").unwrap();
+
+    let s = step(&site.deploy(&sha(1)).success());
+    assert_eq!(s["files_sent"], 7, "{s}");
+    assert_eq!(
+        s["detail"]["replaced_in_place"], 8,
+        "7 files and a symlink: {s}"
+    );
+    check_hostile(&to);
+    let md = std::fs::symlink_metadata(&to).unwrap();
+    assert!(
+        md.is_dir() && !md.file_type().is_symlink(),
+        "a real directory"
+    );
+    assert!(!to.join("old").exists(), "extras deleted");
+    let nlink = |p: &Path| std::os::unix::fs::MetadataExt::nlink(&std::fs::metadata(p).unwrap());
+    assert_eq!(
+        nlink(&to.join("index.html")),
+        1,
+        "copied, not linked to the store"
+    );
+    let first = std::fs::read_to_string(site.root().join("web/.app.ferry/inplace")).unwrap();
+    assert_eq!(s["detail"]["release"], first.trim());
+    let st = Ferry::new()
+        .trusting(&site.hosts.iter().collect::<Vec<_>>())
+        .arg("status")
+        .arg(&site.pb)
+        .args(["--env", "test", "--json"])
+        .run();
+    assert!(st.stdout.contains(first.trim()), "{}", st.all());
+
+    // Nothing changed: nothing sent, nothing written.
+    let before = inode(&to.join("index.html"));
+    let s = step(&site.deploy(&sha(2)).success());
+    assert_eq!(s["changed"], false, "{s}");
+    assert_eq!(s["files_sent"], 0);
+    assert_eq!(inode(&to.join("index.html")), before);
+
+    // Update: one changed, one added, one deleted; --plan first changes nothing.
+    site.write(b"index.html", b"<h1>v2</h1>");
+    site.write(b"assets/new file.txt", b"new");
+    std::fs::remove_file(site.src.join("-dash")).unwrap();
+    let plan = step(
+        &site
+            .ferry("deploy", &sha(3))
+            .args(["--plan", "--json"])
+            .run()
+            .success(),
+    );
+    let d = &plan["detail"];
+    assert_eq!(
+        d["paths"]["added"],
+        serde_json::json!(["assets/new file.txt"])
+    );
+    assert_eq!(d["paths"]["changed"], serde_json::json!(["index.html"]));
+    assert_eq!(d["paths"]["deleted"], serde_json::json!(["-dash"]));
+    assert_eq!(
+        std::fs::read(to.join("index.html")).unwrap(),
+        b"<h1>v1</h1>"
+    );
+    assert!(to.join("-dash").exists());
+    let unchanged = inode(&to.join("bin/run.sh"));
+    // Same content at two paths: one object, but two files (no shared inode) in `to`.
+    site.write(b"copy.html", b"<h1>v2</h1>");
+    let s = step(&site.deploy(&sha(3)).success());
+    assert_eq!(s["files_sent"], 2, "{s}");
+    assert_eq!(
+        s["detail"]["replaced_in_place"], 3,
+        "only changed files are written: {s}"
+    );
+    assert_eq!(std::fs::read(to.join("copy.html")).unwrap(), b"<h1>v2</h1>");
+    assert_ne!(inode(&to.join("copy.html")), inode(&to.join("index.html")));
+    assert_eq!(nlink(&to.join("copy.html")), 1);
+    assert_eq!(
+        std::fs::read(to.join("index.html")).unwrap(),
+        b"<h1>v2</h1>"
+    );
+    assert_ne!(
+        inode(&to.join("index.html")),
+        before,
+        "a changed file is a new inode"
+    );
+    assert_eq!(
+        inode(&to.join("bin/run.sh")),
+        unchanged,
+        "unchanged files untouched"
+    );
+    assert_eq!(
+        std::fs::read(to.join("assets/new file.txt")).unwrap(),
+        b"new"
+    );
+    assert!(!to.join("-dash").exists());
+    let leftovers: Vec<_> = walk(&to)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains("ferry-tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // Hand edits (a changed file, a removed file) are detected and repaired from the store.
+    std::thread::sleep(Duration::from_millis(1100));
+    std::fs::write(to.join("index.html"), b"hacked").unwrap();
+    std::fs::remove_file(to.join("assets/app.1.js")).unwrap();
+    let s = step(&site.deploy(&sha(4)).success());
+    assert!(
+        s["detail"]["drift"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("2 file(s) edited or removed"),
+        "{s}"
+    );
+    assert_eq!(s["files_sent"], 0, "the store still has the content: {s}");
+    assert_eq!(
+        std::fs::read(to.join("index.html")).unwrap(),
+        b"<h1>v2</h1>"
+    );
+    assert_eq!(
+        std::fs::read(to.join("assets/app.1.js")).unwrap(),
+        b"console.log(1)"
+    );
+    let s = step(&site.deploy(&sha(5)).success());
+    assert_eq!(s["changed"], false, "repaired: {s}");
+
+    // Rollback re-applies an earlier release from the store.
+    site.ferry("rollback", &sha(5))
+        .args(["--to", first.trim()])
+        .run()
+        .success();
+    check_hostile(&to);
+    assert!(!to.join("assets/new file.txt").exists() && !to.join("copy.html").exists());
+    assert_eq!(
+        std::fs::read_to_string(site.root().join("web/.app.ferry/inplace")).unwrap(),
+        first
+    );
+}
+
+/// Let the BusyBox host's own user write in directories the test made.
+fn open_up(dirs: &[&Path]) {
+    for d in dirs {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if std::fs::symlink_metadata(&p).unwrap().is_dir() {
+            out.extend(walk(&p));
+        }
+        out.push(p);
+    }
+    out
+}
+
+#[test]
+fn sync_in_place_on_coreutils_host() {
+    in_place_lifecycle(false);
+}
+
+#[test]
+fn sync_in_place_on_busybox_host() {
+    in_place_lifecycle(true);
+}
+
+/// `delete: false` keeps files the host has that the build does not; a symlinked target is refused.
+#[test]
+fn sync_in_place_keeps_extras_and_refuses_a_link() {
+    let site = Site::new(
+        "inplace-keep",
+        vec![Sshd::start_with(SshdOptions {
+            busybox: true,
+            ..Default::default()
+        })],
+        one_step("app", ", mode: in-place, delete: false"),
+    );
+    site.write(b"index.html", b"v1");
+    let to = site.root().join("app");
+    std::fs::create_dir_all(to.join("uploads")).unwrap();
+    std::fs::write(to.join("uploads/user.png"), b"png").unwrap();
+    open_up(&[&to, &to.join("uploads")]);
+    site.deploy(&sha(1)).success();
+    site.write(b"index.html", b"v2");
+    site.deploy(&sha(2)).success();
+    assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"v2");
+    assert_eq!(std::fs::read(to.join("uploads/user.png")).unwrap(), b"png");
+    // A file added by hand later is not drift when extras are kept: a redeploy is a no-op.
+    std::thread::sleep(Duration::from_millis(1100));
+    std::fs::write(to.join("uploads/later.png"), b"png2").unwrap();
+    let s = step(&site.deploy(&sha(2)).success());
+    assert_eq!(s["changed"], false, "{s}");
+    assert!(s["detail"]["drift"].is_null(), "{s}");
+    assert!(to.join("uploads/later.png").exists());
+
+    let linked = site.root().join("linked");
+    std::fs::create_dir_all(site.root().join("elsewhere")).unwrap();
+    std::os::unix::fs::symlink("elsewhere", &linked).unwrap();
+    let text = std::fs::read_to_string(&site.pb).unwrap();
+    std::fs::write(&site.pb, text.replace("to: \"app\"", "to: \"linked\"")).unwrap();
+    let run = site.deploy(&sha(3)).failure(1);
+    assert!(
+        run.all().contains("is a symlink") && run.all().contains("mode: release"),
+        "{}",
+        run.all()
+    );
+    assert!(
+        std::fs::read_dir(site.root().join("elsewhere"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
+}
+
+/// In-place: a controller killed mid-stream leaves the directory as it was (nothing is applied
+/// before the whole stream has arrived); the next deploy completes it.
+#[test]
+fn sync_in_place_survives_controller_killed() {
+    let site = Site::new(
+        "inplace-cut",
+        vec![Sshd::start()],
+        one_step("app", ", mode: in-place"),
+    );
+    site.write(b"index.html", b"v1");
+    site.deploy(&sha(1)).success();
+    let to = site.root().join("app");
+    big_file(&site, "big.bin", 200, 2);
+    site.write(b"index.html", b"v2");
+    let run = interrupt_mid_stream(&site, &sha(2), |c| c.kill().unwrap());
+    assert_ne!(run.code, 0);
+    assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"v1");
+    assert!(!to.join("big.bin").exists());
+    site.ferry("deploy", &sha(3))
+        .args(["--lock-wait", "30s"])
+        .run()
+        .success();
+    assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"v2");
+    assert!(
+        std::fs::read(to.join("big.bin")).unwrap()
+            == std::fs::read(site.src.join("big.bin")).unwrap(),
+        "big.bin arrived whole"
+    );
+    assert!(!site.root().join(".app.ferry/incoming").exists());
+}

@@ -24,6 +24,10 @@ pub struct Extras<'a> {
     pub manifest: &'a [u8],
     pub digest: &'a str,
     pub meta_json: &'a [u8],
+    /// In-place mode: indices of the entries `to` must get (added or changed). They also go under
+    /// `incoming/c/` (each object once, for one `cp -pR` on the host) and `incoming/p/` (further
+    /// paths of an object already in `c`, copied one by one so no two paths share an inode).
+    pub copy: &'a [usize],
 }
 
 fn header(kind: EntryType, mode: u32, size: u64) -> Header {
@@ -105,6 +109,39 @@ pub fn write(
                     &path,
                     format!("objects/{}", e.object().expect("file")),
                 )?;
+            }
+        }
+    }
+    if !extras.copy.is_empty() {
+        let mut made = std::collections::HashSet::new();
+        let mut objects = std::collections::HashSet::new();
+        for &i in extras.copy {
+            let e = &local.entries[i];
+            let dup = e.object().is_some_and(|obj| !objects.insert(obj));
+            let sub = if dup { "incoming/p/" } else { "incoming/c/" };
+            // Ancestors first (staging dirs; `to`'s own dirs get their modes from the release).
+            let full = [sub.as_bytes(), &e.path].concat();
+            for (j, &b) in full.iter().enumerate().skip("incoming/".len()) {
+                if b == b'/' && made.insert(full[..j].to_vec()) {
+                    let mut h = header(EntryType::Directory, 0o700, 0);
+                    tar.append_data(&mut h, rel("", &full[..j]), std::io::empty())?;
+                }
+            }
+            let path = rel("", &full);
+            match &e.kind {
+                Kind::Symlink { target } => {
+                    let mut h = header(EntryType::Symlink, 0o777, 0);
+                    tar.append_link(&mut h, &path, std::ffi::OsStr::from_bytes(target))?;
+                }
+                Kind::File { mode, .. } => {
+                    let mut h = header(EntryType::Link, *mode, 0);
+                    tar.append_link(
+                        &mut h,
+                        &path,
+                        format!("objects/{}", e.object().expect("file")),
+                    )?;
+                }
+                Kind::Dir { .. } => {}
             }
         }
     }
@@ -326,6 +363,7 @@ mod tests {
             manifest: &m.encode(),
             digest: &m.digest(),
             meta_json: b"{}",
+            copy: &[],
         };
         write(&src, &m, &p, &extras, &mut out, &|_| {}).unwrap();
         assert!(

@@ -82,6 +82,22 @@ pub fn plan(local: &Manifest, live: Option<&Manifest>, have: &HashSet<String>) -
     p
 }
 
+/// In-place mode: indices of the local files and symlinks that `live` (the tree applied last, `None`
+/// on a first deploy) does not already hold as they are, i.e. what `to` must get written.
+pub fn to_copy(local: &Manifest, live: Option<&Manifest>) -> Vec<usize> {
+    let before: BTreeMap<&[u8], &Entry> = live
+        .map(|m| m.entries.iter().map(|e| (e.path.as_slice(), e)).collect())
+        .unwrap_or_default();
+    local
+        .entries
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| !matches!(e.kind, Kind::Dir { .. }))
+        .filter(|(_, e)| !before.get(e.path.as_slice()).is_some_and(|o| same(o, e)))
+        .map(|(i, _)| i)
+        .collect()
+}
+
 fn same(a: &Entry, b: &Entry) -> bool {
     match (&a.kind, &b.kind) {
         (Kind::File { .. }, Kind::File { .. }) => a.object() == b.object(),
@@ -127,6 +143,22 @@ mod tests {
             root_mode: 0o755,
             entries,
         }
+    }
+
+    #[test]
+    fn in_place_copies_what_the_applied_tree_lacks() {
+        let live = tree(vec![file("a", b"1"), file("b", b"2"), file("gone", b"3")]);
+        let local = tree(vec![
+            file("a", b"1"),
+            file("b", b"changed"),
+            file("new", b"1"),
+        ]);
+        assert_eq!(to_copy(&local, Some(&live)), vec![1, 2]);
+        assert_eq!(
+            to_copy(&local, None),
+            vec![0, 1, 2],
+            "first deploy: everything"
+        );
     }
 
     #[test]

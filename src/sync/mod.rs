@@ -14,8 +14,15 @@
 //! and then renames the link in, so `to` is briefly missing, once. An interrupted deploy (cut
 //! connection, killed controller, full disk) leaves the live release as it was; the next deploy
 //! removes its debris. Symlinks in the tree must be relative and stay inside it; absolute or
-//! escaping links are refused naming the local path. Mode `in-place` is not available yet and is
-//! refused with a clear error.
+//! escaping links are refused naming the local path.
+//!
+//! Mode `in-place` (for a directory that must stay a directory, e.g. bind-mounted into a container)
+//! uses the same store, diff and stream; the release tree is then applied into `to` in the same
+//! exec: each changed file is copied to a temp name beside it and renamed over (atomic per file,
+//! never hard-linked to the store), extras are deleted last (unless `delete: false`). A reader may
+//! see a mix of old and new files while it runs. `<store>/inplace` names the applied release, so
+//! the next diff, drift detection (files newer than `<store>/applied`, or missing), `status` and
+//! rollback (re-applying an earlier release from the store) work as in release mode.
 
 pub mod archive;
 pub mod diff;
@@ -79,11 +86,17 @@ async fn scan_shared(from: PathBuf, exclude: Vec<String>) -> anyhow::Result<Arc<
     Ok(m)
 }
 
-async fn inventory(session: &Session, paths: &Paths, digest: &str) -> anyhow::Result<Inventory> {
+async fn inventory(
+    session: &Session,
+    paths: &Paths,
+    digest: &str,
+    step: &SyncStep,
+) -> anyhow::Result<Inventory> {
+    let delete = if step.delete { "1" } else { "0" };
     let out = session
         .run_script(
             remote::INVENTORY,
-            &[&paths.store, &paths.to, digest],
+            &[&paths.store, &paths.to, digest, delete],
             Some(INVENTORY_TIMEOUT),
         )
         .await?;
@@ -102,7 +115,23 @@ async fn inventory(session: &Session, paths: &Paths, digest: &str) -> anyhow::Re
 }
 
 /// Refuse targets ferry does not own, with the fix.
-fn check_target(host: &str, paths: &Paths, inv: &Inventory, adopt: bool) -> anyhow::Result<()> {
+fn check_target(host: &str, paths: &Paths, inv: &Inventory, step: &SyncStep) -> anyhow::Result<()> {
+    let adopt = step.adopt;
+    if step.mode == SyncMode::InPlace {
+        return match &inv.target {
+            TargetState::Link { target, .. } => bail!(
+                "{host}: {} is a symlink (to {target}); mode `in-place` writes into a real directory \
+                 and will not write through a link. Nothing was changed. Use `mode: release`, or \
+                 remove the link (and run `ferry sync` again) to switch to in-place",
+                paths.to
+            ),
+            TargetState::Other => bail!(
+                "{host}: {} exists and is not a directory; remove it or choose another `to:`",
+                paths.to
+            ),
+            _ => Ok(()),
+        };
+    }
     match &inv.target {
         TargetState::Dir if !adopt => bail!(
             "{host}: {} is a plain directory, not a ferry release link. Nothing was changed. \
@@ -130,11 +159,6 @@ fn truncated(v: &[String]) -> &[String] {
 pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepReport> {
     let started = Instant::now();
     let host = ctx.host.name();
-    if step.mode == SyncMode::InPlace {
-        bail!(
-            "{host}: sync mode `in-place` is not available in this version of ferry; use the default `release` mode"
-        );
-    }
     let from = PathBuf::from(ctx.host.expand(&step.from)?);
     let paths = Paths::new(&ctx.host.path(&step.to)?)?;
     let local = scan_shared(from.clone(), step.exclude.clone()).await?;
@@ -142,9 +166,9 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
     tracing::debug!(elapsed = ?started.elapsed(), entries = local.entries.len(), "scanned {}", from.display());
     // A plan only reads; a deploy reads and applies in one exec (see remote::DEPLOY).
     let (inv, mut proc) = if ctx.plan {
-        (inventory(ctx.session, &paths, &digest).await?, None)
+        (inventory(ctx.session, &paths, &digest, step).await?, None)
     } else {
-        let (inv, proc) = open_deploy(ctx.session, &paths, &digest).await?;
+        let (inv, proc) = open_deploy(ctx.session, &paths, &digest, step).await?;
         (inv, Some(proc))
     };
     tracing::debug!(elapsed = ?started.elapsed(), objects = inv.objects.len(), same = inv.same, "inventory of {}", paths.to);
@@ -201,13 +225,24 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
         if step.adopt { 1 } else { 0 },
         prune.join(" ")
     );
-    let wire = stream(ctx, proc, &params, &from, &local, &plan, &paths, &meta).await?;
+    let copy = if step.mode == SyncMode::InPlace {
+        diff::to_copy(&local, inv.live_manifest.as_ref())
+    } else {
+        Vec::new()
+    };
+    let wire = stream(
+        ctx, proc, &params, &from, &local, &plan, &copy, &paths, &meta,
+    )
+    .await?;
     let release = wire.release;
     tracing::debug!(elapsed = ?started.elapsed(), wire = wire.bytes, "applied release {release}");
     let mut report = report;
     report.detail["release"] = release.clone().into();
     report.detail["previous"] = meta.previous.clone().into();
     report.detail["wire_bytes"] = wire.bytes.into();
+    if let Some(n) = wire.copied {
+        report.detail["replaced_in_place"] = n.into();
+    }
     report.detail["pruned"] = prune.clone().into();
     report.summary = format!(
         "{} -> release {release}: {}; sent {} files ({} content, {} on the wire) in {:.1}s",
@@ -238,7 +273,7 @@ fn decide(
     paths: &Paths,
     inv: &Inventory,
 ) -> anyhow::Result<Decision> {
-    check_target(ctx.host.name(), paths, inv, step.adopt)?;
+    check_target(ctx.host.name(), paths, inv, step)?;
     let plan = if inv.same {
         diff::Plan {
             unchanged: local
@@ -331,9 +366,19 @@ async fn open_deploy(
     session: &Session,
     paths: &Paths,
     digest: &str,
+    step: &SyncStep,
 ) -> anyhow::Result<(Inventory, Process)> {
     let host = session.name().to_string();
-    let cmd = Session::script_command(remote::DEPLOY, &[&paths.store, &paths.to, digest])?;
+    let cmd = Session::script_command(
+        remote::DEPLOY,
+        &[
+            paths.store.as_str(),
+            paths.to.as_str(),
+            digest,
+            mode_arg(step.mode),
+            if step.delete { "1" } else { "0" },
+        ],
+    )?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
     let sink: SharedSink = Arc::new(move |s: Stream, line: &[u8]| {
         if s == Stream::Stdout {
@@ -375,6 +420,13 @@ async fn open_deploy(
     Ok((inv, proc))
 }
 
+fn mode_arg(mode: SyncMode) -> &'static str {
+    match mode {
+        SyncMode::Release => "release",
+        SyncMode::InPlace => "in-place",
+    }
+}
+
 /// Close the deploy script's stdin without a decision: it stops after its cleanup.
 async fn finish_quietly(host: &str, paths: &Paths, proc: Process) -> anyhow::Result<()> {
     let out = proc.finish().await?;
@@ -387,6 +439,8 @@ async fn finish_quietly(host: &str, paths: &Paths, proc: Process) -> anyhow::Res
 struct Sent {
     release: String,
     bytes: u64,
+    /// In-place mode: files the host replaced in `to`.
+    copied: Option<u64>,
 }
 
 /// Send the parameter line and the archive into the waiting deploy script, and check the result.
@@ -398,6 +452,7 @@ async fn stream(
     from: &std::path::Path,
     local: &Arc<Manifest>,
     plan: &diff::Plan,
+    copy: &[usize],
     paths: &Paths,
     meta: &remote::Meta,
 ) -> anyhow::Result<Sent> {
@@ -406,6 +461,7 @@ async fn stream(
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
     let builder = {
         let (root, local, plan) = (from.to_path_buf(), local.clone(), plan.clone());
+        let copy = copy.to_vec();
         let manifest = local.encode();
         let digest = meta.digest.clone();
         let meta_json = serde_json::to_vec(meta)?;
@@ -415,6 +471,7 @@ async fn stream(
                 manifest: &manifest,
                 digest: &digest,
                 meta_json: &meta_json,
+                copy: &copy,
             };
             let out = archive::ChannelWriter {
                 tx,
@@ -455,11 +512,19 @@ async fn stream(
         return Err(e).with_context(|| format!("{host}: sending to {}", paths.to));
     }
     let tail_start = remote::inventory_end(&out.stdout).unwrap_or(0);
-    let release = String::from_utf8_lossy(&out.stdout[tail_start..])
+    let tail = String::from_utf8_lossy(&out.stdout[tail_start..]);
+    let release = tail
         .lines()
         .find_map(|l| l.strip_prefix("release ").map(str::to_string))
         .with_context(|| format!("{host}: the host did not confirm the release"))?;
-    Ok(Sent { release, bytes })
+    let copied = tail
+        .lines()
+        .find_map(|l| l.strip_prefix("copied ")?.trim().parse().ok());
+    Ok(Sent {
+        release,
+        bytes,
+        copied,
+    })
 }
 
 pub async fn rollback(
@@ -469,7 +534,7 @@ pub async fn rollback(
 ) -> anyhow::Result<StepReport> {
     let host = ctx.host.name();
     let paths = Paths::new(&ctx.host.path(&step.to)?)?;
-    let inv = inventory(ctx.session, &paths, "-").await?;
+    let inv = inventory(ctx.session, &paths, "-", step).await?;
     let live = inv.live().map(str::to_string);
     let target = match to {
         Some(t) => {
@@ -525,14 +590,24 @@ pub async fn rollback(
             ..Default::default()
         });
     }
-    let out = ctx
-        .session
-        .run_script(
-            remote::SWITCH,
-            &[&paths.store, &paths.to, &target],
-            Some(INVENTORY_TIMEOUT),
-        )
-        .await?;
+    let out = if step.mode == SyncMode::InPlace {
+        let delete = if step.delete { "1" } else { "0" };
+        ctx.session
+            .run_script(
+                remote::SWITCH_IN_PLACE,
+                &[&paths.store, &paths.to, &target, delete],
+                Some(INVENTORY_TIMEOUT),
+            )
+            .await?
+    } else {
+        ctx.session
+            .run_script(
+                remote::SWITCH,
+                &[&paths.store, &paths.to, &target],
+                Some(INVENTORY_TIMEOUT),
+            )
+            .await?
+    };
     if !out.success() {
         bail!(
             "{host}: switching {} to {target} failed: {}",
@@ -587,10 +662,11 @@ pub async fn remove(ctx: &StepCtx<'_>, step: &SyncRemoveStep) -> anyhow::Result<
 /// Read what is live at `step.to` on `host` (templates expanded with the host's variables).
 pub async fn live(host: &Host, session: &Session, step: &SyncStep) -> anyhow::Result<LiveSync> {
     let paths = Paths::new(&host.path(&step.to)?)?;
-    let inv = inventory(session, &paths, "-").await?;
+    let inv = inventory(session, &paths, "-", step).await?;
     let release = inv.live().map(str::to_string);
     let meta = release.as_ref().and_then(|r| inv.metas.get(r));
     let drift = match &inv.target {
+        TargetState::Dir if inv.inplace.is_some() => inv.drift(),
         TargetState::Dir => Some(format!(
             "{} is a plain directory, not a ferry release",
             paths.to

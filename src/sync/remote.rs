@@ -1,7 +1,7 @@
 //! The host side of a sync: constant POSIX `sh` scripts (run with data as positional arguments, so
 //! nothing is spliced into a command line) and the parsing of what they print. They use only what
-//! both coreutils and BusyBox offer: `tar -xzmo`, `mv -fT`, `find -newer -links -exec +`, `ls`,
-//! `gzip`, `readlink`, `read`.
+//! both coreutils and BusyBox offer: `tar -xzmo`, `mv -fT`, `find -newer -links -depth -exec +`,
+//! `ls`, `gzip`, `readlink`, `read`, `cp -p`, `stat -c %a`, `test -ef`.
 //!
 //! Layout beside the target `<dir>/<name>`:
 //! ```text
@@ -11,6 +11,8 @@
 //! <dir>/.<name>.ferry/meta/<id>.{json,manifest,digest}
 //! <dir>/.<name>.ferry/stamp                        objects newer than this were edited by hand
 //! <dir>/.<name>.ferry/incoming/                    a deploy in flight; removed by the next one
+//! <dir>/.<name>.ferry/inplace                      in-place mode: id of the release applied in <dir>/<name>
+//! <dir>/.<name>.ferry/applied                      in-place mode: files in <name> newer than this were edited
 //! ```
 //!
 //! An object is trusted while its mtime is not newer than `stamp` (touched after each successful
@@ -49,17 +51,125 @@ impl Paths {
     }
 }
 
-/// Read-only: the target's state, the store's releases and metadata, objects edited since the last
-/// deploy, and (unless the live release already has digest `$3`, or `$3` is `-`) a gzip tail with the
-/// live manifest and the object list.
-pub const INVENTORY: &str = r#"
-S=$1 T=$2 D=$3
+/// Shell for `mode: in-place`, shared by [`DEPLOY`] and [`SWITCH_IN_PLACE`] (spliced in with
+/// `concat!`). `H` is the body of a `sh -c` that `find -exec ... {} +` runs over many paths at once,
+/// so an unchanged file costs no fork. It needs exported `T` (the target), `R` (the release tree to
+/// apply, relative to the store, the cwd) and `O` (the release applied before, or empty).
+/// `put` copies (never links: the target must not share inodes with the store) to a temp name beside
+/// the destination and renames it over, so each file is replaced atomically.
+macro_rules! in_place_sh {
+    () => {
+        r#"
+H='put() {
+  tmp="${2%/*}/.${2##*/}.ferry-tmp"
+  rm -rf "$tmp" || return 1
+  if [ -L "$1" ]; then ln -s "$(readlink "$1")" "$tmp"; else cp -p "$1" "$tmp"; fi || return 1
+  if [ -d "$2" ] && [ ! -L "$2" ]; then rm -rf "$2" || return 1; fi
+  mv -fT "$tmp" "$2"
+}
+mvdir() {
+  dd=$T${1#"$ST"}; sd=$1; set --
+  for e in "$sd"/* "$sd"/.[!.]* "$sd"/..?*; do
+    [ -e "$e" ] || [ -L "$e" ] || continue
+    [ -d "$e" ] && [ ! -L "$e" ] && continue
+    b=$dd/${e##*/}
+    if [ -d "$b" ] && [ ! -L "$b" ]; then rm -rf "$b" || return 1; fi
+    set -- "$@" "$e"
+  done
+  n=$((n+$#))
+  [ $# -eq 0 ] || mv -f "$@" "$dd/"
+}
+phase=$1; shift
+n=0
+for f; do
+  case $phase in
+  dir) d=$T${f#"$R"}
+    [ -d "$d" ] && [ ! -L "$d" ] && continue
+    rm -f "$d" && mkdir "$d" && chmod "$(stat -c %a "$f")" "$d" || exit 1 ;;
+  fix) s=$R${f#"$T"}
+    if [ -e "$s" ] || [ -L "$s" ]; then [ -d "$s" ] && [ ! -L "$s" ] || put "$s" "$f" || exit 1; fi ;;
+  move) mvdir "$f" || exit 1 ;;
+  put1) put "$f" "$T${f#"$PP"}" || exit 1; n=$((n+1)) ;;
+  file) r=${f#"$R"} d=$T${f#"$R"}
+    if [ -n "$C" ]; then
+      if [ -L "$f" ]; then [ -L "$d" ] && continue
+      else [ -f "$d" ] && [ ! -L "$d" ] && continue
+      fi
+    elif [ -n "$O" ]; then
+      if [ -L "$f" ]; then
+        [ -L "$d" ] && [ -L "$O$r" ] && [ "$(readlink "$f")" = "$(readlink "$d")" ] && continue
+      else
+        [ -f "$d" ] && [ ! -L "$d" ] && [ ! -L "$O$r" ] && [ "$f" -ef "$O$r" ] && continue
+      fi
+    fi
+    put "$f" "$d" || exit 1; n=$((n+1)) ;;
+  del) [ "$f" = "$T" ] && continue
+    s=$R${f#"$T"}
+    [ -e "$s" ] || [ -L "$s" ] || rm -rf "$f" || exit 1 ;;
+  edited) s=$O${f#"$T"}
+    [ "$DEL" = 1 ] || [ -e "$s" ] || [ -L "$s" ] && n=$((n+1)) ;;
+  missing) s=$T${f#"$O"}
+    [ -e "$s" ] || [ -L "$s" ] || n=$((n+1)) ;;
+  esac
+done
+case $phase in move|put1|file|edited|missing) echo $n ;; esac'
+sum() { s=0; while read -r x; do s=$((s+x)); done; echo $s; }
+# Files in $T edited since the last apply (newer than `applied`) or gone; needs O and a cwd in the
+# store. Files added by hand count only when extras are deleted ($DEL is 1).
+tdrift() {
+  export T O DEL
+  e=0; [ -e applied ] && e=$(find "$T" ! -type d -newer applied -exec sh -c "$H" sh edited {} + | sum)
+  m=$(find "$O" ! -type d -exec sh -c "$H" sh missing {} + | sum)
+  echo $((e+m))
+}
+# Make $T hold exactly release $R: dirs, hand-edited files, changed files; extras go last if $1 is 1.
+# With $C (a tree of the changed files, each object once) and $PP (further paths of those objects),
+# one `cp -pR` stages the copies in $T/.ferry-incoming (same filesystem as their destinations) and
+# one `mv -f` per directory renames them over; without, each file that differs from release $O is
+# copied on its own. Then anything of $R still missing in $T is put there.
+# Returns non-zero at the first failure (files replaced so far stay replaced).
+apply() {
+  ST=$T/.ferry-incoming
+  export T R O C PP ST
+  mkdir -p "$T" || return 1
+  rm -rf "$ST" || return 1
+  find "$T" -name '.*.ferry-tmp' ! -type d -exec rm -f {} + || return 1
+  find "$R" -type d -exec sh -c "$H" sh dir {} + || return 1
+  if [ -n "$O" ] && [ -e applied ]; then
+    find "$T" ! -type d -newer applied -exec sh -c "$H" sh fix {} + || return 1
+  fi
+  copied=
+  if [ -n "$C" ] && [ -d "$C" ]; then
+    cp -pR "$C" "$ST" || return 1
+    copied=$(find "$ST" -type d -exec sh -c "$H" sh move {} + || echo x)
+    rm -rf "$ST" || return 1
+  fi
+  if [ -n "$C" ] && [ -d "$PP" ]; then
+    copied="$copied $(find "$PP" ! -type d -exec sh -c "$H" sh put1 {} + || echo x)"
+  fi
+  copied="$copied $(find "$R" ! -type d -exec sh -c "$H" sh file {} + || echo x)"
+  case $copied in *x*) return 1 ;; esac
+  copied=$(printf '%s\n' $copied | sum)
+  if [ "$1" = 1 ]; then find "$T" -depth -exec sh -c "$H" sh del {} + || return 1; fi
+}
+"#
+    };
+}
+
+/// Read-only: the target's state, the store's releases and metadata, objects (or in-place files;
+/// `$4` is 0 when extras are kept) edited since the last deploy, and (unless the live release
+/// already has digest `$3`, or `$3` is `-`) a gzip tail with the live manifest and the object list.
+pub const INVENTORY: &str = concat!(
+    in_place_sh!(),
+    r#"
+S=$1 T=$2 D=$3 DEL=${4:-1}
 rec() { printf '%s\t%s\0' "$1" "$2"; }
-live=
+live= inplace=
 if [ -L "$T" ]; then
   t=$(readlink "$T"); rec to link; rec target "$t"
   case $t in ".${T##*/}.ferry/releases/"*) live=${t##*/} ;; esac
 elif [ -d "$T" ]; then rec to dir
+  if [ -f "$S/inplace" ]; then live=$(cat "$S/inplace") inplace=1; rec inplace "$live"; fi
 elif [ -e "$T" ]; then rec to other
 else rec to missing
 fi
@@ -73,7 +183,9 @@ for m in meta/*.json; do
 done
 [ -e stamp ] && rec drift "$(find objects -type f -newer stamp | tr '\n' ' ')"
 if [ -n "$live" ] && [ -d "releases/$live" ]; then
-  rec handmade "$(find "releases/$live" -type f -links 1 | wc -l)"
+  if [ -n "$inplace" ]; then O=releases/$live; rec handmade "$(tdrift)"
+  else rec handmade "$(find "releases/$live" -type f -links 1 | wc -l)"
+  fi
 fi
 [ "$D" = - ] && exit 0
 if [ -n "$live" ] && [ -f "meta/$live.digest" ] && [ "$(cat "meta/$live.digest")" = "$D" ]; then
@@ -81,7 +193,8 @@ if [ -n "$live" ] && [ -f "meta/$live.digest" ] && [ "$(cat "meta/$live.digest")
 fi
 rec tail gz
 { printf M; [ -n "$live" ] && [ -f "meta/$live.manifest" ] && cat "meta/$live.manifest"; printf '\0\0'; ls objects; } | gzip -1
-"#;
+"#
+);
 
 /// A whole deploy in one exec. First it unlinks objects edited by hand (newer than `stamp`) and
 /// cleans up what an interrupted deploy left (`incoming/`, then objects no release links to), prints
@@ -89,16 +202,22 @@ rec tail gz
 /// from stdin: `<release id> <adopt 0|1> <ids to prune>...`, or EOF to stop there. The rest of
 /// stdin is the gzip'd tar stream: unpack it (objects straight into `objects/`, the tree under
 /// `incoming/r`), check its trailer, name the release (unique), switch `to` with one rename, prune,
-/// collect garbage. Args: store, to, digest of the local tree.
-pub const DEPLOY: &str = r#"
-S=$1 T=$2 D=$3
+/// collect garbage. In mode `in-place` the last steps differ: the tree is applied into the directory
+/// `to` (`in_place_sh!`: copy to a temp name or a staging dir beside each file, rename over), then
+/// `inplace` names the release and `applied` is touched. Args: store, to, digest of the local tree,
+/// mode (`release` or `in-place`), delete extras in place (1/0).
+pub const DEPLOY: &str = concat!(
+    in_place_sh!(),
+    r#"
+S=$1 T=$2 D=$3 M=$4 DEL=$5
 P=${T%/*} N=${T##*/}
 rec() { printf '%s\t%s\0' "$1" "$2"; }
-live=
+live= inplace=
 if [ -L "$T" ]; then
   t=$(readlink "$T"); rec to link; rec target "$t"
   case $t in ".$N.ferry/releases/"*) live=${t##*/} ;; esac
 elif [ -d "$T" ]; then rec to dir
+  if [ -f "$S/inplace" ]; then live=$(cat "$S/inplace") inplace=1; rec inplace "$live"; fi
 elif [ -e "$T" ]; then rec to other
 else rec to missing
 fi
@@ -123,7 +242,10 @@ if [ -d "$S/releases" ]; then
   done
   handmade=0
   if [ -n "$live" ] && [ -d "releases/$live" ]; then
-    handmade=$(find "releases/$live" -type f -links 1 | wc -l); rec handmade "$handmade"
+    if [ -n "$inplace" ]; then O=releases/$live; handmade=$(tdrift)
+    else handmade=$(find "releases/$live" -type f -links 1 | wc -l)
+    fi
+    rec handmade "$handmade"
   fi
   if [ -z "$drifted" ] && [ "$handmade" -eq 0 ] && [ -n "$live" ] && [ -f "meta/$live.digest" ] &&
      [ "$(cat "meta/$live.digest")" = "$D" ]; then
@@ -145,7 +267,10 @@ fail() {
   cd "$S" 2>/dev/null && rm -rf incoming/r && find objects -type f -links 1 -exec rm -f {} + && rm -rf incoming
   exit 3
 }
-if [ -d "$T" ] && [ ! -L "$T" ] && [ "$adopt" != 1 ]; then
+if [ "$M" = in-place ] && [ -L "$T" ]; then
+  echo "ferry: $T is a symlink; mode in-place writes into a real directory: remove the link or use mode release" >&2; exit 4
+fi
+if [ "$M" != in-place ] && [ -d "$T" ] && [ ! -L "$T" ] && [ "$adopt" != 1 ]; then
   echo "ferry: $T is a plain directory, not a ferry release link; set adopt: true to take it over" >&2; exit 4
 fi
 mkdir -p "$S/objects" "$S/releases" "$S/meta"
@@ -160,15 +285,25 @@ mv incoming/r "releases/$rid"
 mv incoming/manifest "meta/$rid.manifest"
 mv incoming/meta.json "meta/$rid.json"
 mv incoming/digest "meta/$rid.digest"
-rm -rf incoming
+[ "$M" = in-place ] || rm -rf incoming
 touch stamp
-ln -s ".$N.ferry/releases/$rid" "$P/.$N.ferry-new"
-if [ -d "$T" ] && [ ! -L "$T" ]; then mv "$T" "$S/adopted-$rid"; fi
-mv -fT "$P/.$N.ferry-new" "$T"
+if [ "$M" = in-place ]; then
+  R=releases/$rid O= C=incoming/c PP=incoming/p
+  [ -n "$inplace" ] && [ -d "releases/$live" ] && O=releases/$live
+  apply "$DEL" || { echo "ferry: applying release $rid into $T failed; files already replaced stay new" >&2; exit 5; }
+  rm -rf incoming
+  printf '%s\n' "$rid" > inplace.new; mv -f inplace.new inplace; touch applied
+  printf 'copied %s\n' "$copied"
+else
+  ln -s ".$N.ferry/releases/$rid" "$P/.$N.ferry-new"
+  if [ -d "$T" ] && [ ! -L "$T" ]; then mv "$T" "$S/adopted-$rid"; fi
+  mv -fT "$P/.$N.ferry-new" "$T"
+fi
 printf 'release %s\n' "$rid"
 for r in $prune; do rm -rf "releases/$r" "meta/$r.json" "meta/$r.manifest" "meta/$r.digest"; done
 find objects -type f -links 1 -exec rm -f {} +
-"#;
+"#
+);
 
 /// A release id or prune id safe to pass on the deploy script's parameter line.
 pub fn safe_id(id: &str) -> bool {
@@ -211,6 +346,24 @@ rm -f "$P/.$N.ferry-new"
 ln -s ".$N.ferry/releases/$rid" "$P/.$N.ferry-new"
 mv -fT "$P/.$N.ferry-new" "$T"
 "#;
+
+/// Re-apply an existing release into an in-place target (rollback). Args: store, to, release id,
+/// delete extras (1/0).
+pub const SWITCH_IN_PLACE: &str = concat!(
+    in_place_sh!(),
+    r#"
+set -e
+S=$1 T=$2 rid=$3
+[ -d "$S/releases/$rid" ] || { echo "ferry: release $rid does not exist in $S/releases" >&2; exit 4; }
+if [ -L "$T" ]; then echo "ferry: $T is a symlink, not an in-place target; refusing to write through it" >&2; exit 4; fi
+cd "$S"
+R=releases/$rid O= C= PP=
+if [ -f inplace ]; then live=$(cat inplace); [ -d "releases/$live" ] && O=releases/$live; fi
+apply "$4" || { echo "ferry: applying release $rid into $T failed; files already replaced stay new" >&2; exit 5; }
+printf '%s\n' "$rid" > inplace.new; mv -f inplace.new inplace; touch applied
+printf 'copied %s\n' "$copied"
+"#
+);
 
 /// Remove the target link and its store. Args: store, to.
 pub const REMOVE: &str = r#"
@@ -267,6 +420,8 @@ pub struct Inventory {
     pub handmade: u64,
     /// The live release already holds exactly the local tree.
     pub same: bool,
+    /// In-place mode: the release last applied into the directory `to`.
+    pub inplace: Option<String>,
     pub live_manifest: Option<Manifest>,
     pub objects: HashSet<String>,
 }
@@ -275,6 +430,7 @@ impl Inventory {
     pub fn live(&self) -> Option<&str> {
         match &self.target {
             TargetState::Link { live, .. } => live.as_deref(),
+            TargetState::Dir => self.inplace.as_deref(),
             _ => None,
         }
     }
@@ -298,7 +454,12 @@ impl Inventory {
                 self.drifted.len()
             ));
         }
-        if self.handmade > 0 {
+        if self.handmade > 0 && self.inplace.is_some() {
+            parts.push(format!(
+                "{} file(s) edited or removed on the host since the last deploy",
+                self.handmade
+            ));
+        } else if self.handmade > 0 {
             parts.push(format!(
                 "{} file(s) in the live release replaced on the host",
                 self.handmade
@@ -364,6 +525,7 @@ pub fn parse_inventory(out: &[u8], to_name: &str) -> anyhow::Result<Inventory> {
             }
             b"handmade" => inv.handmade = text().trim().parse().unwrap_or(0),
             b"same" => inv.same = true,
+            b"inplace" => inv.inplace = Some(text()).filter(|id| safe_id(id)),
             b"tail" if value == b"gz" => {
                 parse_tail(after, &mut inv)?;
                 break;
