@@ -446,7 +446,7 @@ pub struct ContainerSpec {
     #[serde(default)]
     pub volumes: Vec<String>,
     pub network: Option<String>,
-    /// no, always, unless-stopped, on-failure[:N].
+    /// `no`, `always`, `unless-stopped`, `on-failure[:N]`.
     pub restart: Option<String>,
     pub log_driver: Option<String>,
     #[serde(default)]
