@@ -95,7 +95,14 @@ fn from_file(path: &Path, passphrase: Option<&str>) -> Result<Credentials, KeyEr
 /// Decode key text as GitLab variables deliver it.
 pub fn from_text(raw: &str, passphrase: Option<&str>, what: &str) -> Result<Credentials, KeyError> {
     let text = normalize(raw)?;
-    match russh::keys::decode_secret_key(&text, passphrase) {
+    let decoded =
+        russh::keys::decode_secret_key(&text, passphrase).or_else(
+            |e| match pad_short_ecdsa_scalar(&text) {
+                Some(fixed) => russh::keys::decode_secret_key(&fixed, passphrase),
+                None => Err(e),
+            },
+        );
+    match decoded {
         Ok(k) => Ok(Credentials::Key(Arc::new(k))),
         Err(russh::keys::Error::KeyIsEncrypted) => {
             Err(KeyError::NeedPassphrase { what: what.into() })
@@ -109,6 +116,98 @@ pub fn from_text(raw: &str, passphrase: Option<&str>, what: &str) -> Result<Cred
             reason: e.to_string(),
         }),
     }
+}
+
+/// OpenSSH stores an ECDSA private scalar as an mpint, which drops leading zero bytes: about one
+/// P-256 key in 256 has a 31-byte scalar, and the key parser russh uses (ssh-key 0.7) rejects scalars
+/// shorter than 32 bytes. Re-encode such an unencrypted OpenSSH key with the scalar padded to the
+/// curve's size (the same number; the parser strips the padding). `None` when the key is not that
+/// case. The result stays in memory like the key itself.
+fn pad_short_ecdsa_scalar(text: &str) -> Option<String> {
+    const BEGIN: &str = "-----BEGIN OPENSSH PRIVATE KEY-----";
+    const END: &str = "-----END OPENSSH PRIVATE KEY-----";
+    let body: String = text
+        .trim()
+        .strip_prefix(BEGIN)?
+        .strip_suffix(END)?
+        .split_whitespace()
+        .collect();
+    let blob = base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .ok()?;
+    let mut r = Reader(&blob);
+    r.bytes(15).filter(|m| *m == b"openssh-key-v1\0")?;
+    let cipher = r.string()?;
+    if cipher != b"none" {
+        return None;
+    }
+    let (_kdf, _kdf_options) = (r.string()?, r.string()?);
+    let head_len = blob.len() - r.0.len();
+    if r.u32()? != 1 {
+        return None;
+    }
+    let public = r.string()?;
+    let private = r.string()?;
+    let mut p = Reader(private);
+    let checks = p.bytes(8)?;
+    let key_type = p.string()?;
+    let size = match key_type {
+        b"ecdsa-sha2-nistp256" => 32,
+        b"ecdsa-sha2-nistp384" => 48,
+        b"ecdsa-sha2-nistp521" => 66,
+        _ => return None,
+    };
+    let (curve, point, scalar, comment) = (p.string()?, p.string()?, p.string()?, p.string()?);
+    if scalar.len() >= size {
+        return None;
+    }
+    let mut padded = vec![0u8; size - scalar.len()];
+    padded.extend_from_slice(scalar);
+    let mut section = checks.to_vec();
+    for field in [key_type, curve, point, &padded, comment] {
+        put_string(&mut section, field);
+    }
+    let mut pad = 1u8;
+    while section.len() % 8 != 0 {
+        section.push(pad);
+        pad += 1;
+    }
+    let mut out = blob[..head_len].to_vec();
+    out.extend_from_slice(&1u32.to_be_bytes());
+    put_string(&mut out, public);
+    put_string(&mut out, &section);
+    let b64 = base64::engine::general_purpose::STANDARD.encode(out);
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(70)
+        .map(|c| std::str::from_utf8(c).expect("base64 is ASCII"))
+        .collect();
+    Some(format!("{BEGIN}\n{}\n{END}\n", lines.join("\n")))
+}
+
+/// Reads the length-prefixed fields of OpenSSH's key format.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn bytes(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = (self.0.get(..n)?, self.0.get(n..)?);
+        self.0 = rest;
+        Some(head)
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_be_bytes(self.bytes(4)?.try_into().ok()?))
+    }
+
+    fn string(&mut self) -> Option<&'a [u8]> {
+        let n = self.u32()? as usize;
+        self.bytes(n)
+    }
+}
+
+fn put_string(out: &mut Vec<u8>, s: &[u8]) {
+    out.extend_from_slice(&(s.len() as u32).to_be_bytes());
+    out.extend_from_slice(s);
 }
 
 fn is_decrypt_failure(e: &russh::keys::Error) -> bool {

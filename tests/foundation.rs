@@ -521,3 +521,32 @@ impl FerryExt for Ferry {
         self.env("SSH_KNOWN_HOSTS", "")
     }
 }
+
+/// About one P-256 key in 256 stores a 31-byte private scalar, which russh's key parser rejects;
+/// ferry re-encodes it. The fixture is such a key (a throwaway made for this test).
+#[test]
+fn ecdsa_key_with_a_short_scalar_authenticates() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let public = std::fs::read_to_string(fixtures.join("ecdsa_short_scalar.pub")).unwrap();
+    let host = Sshd::start_with(SshdOptions {
+        authorized: vec![public],
+        ..Default::default()
+    });
+    let dir = TempDir::new("shortscalar");
+    let pb = env_pb(&dir, &[host.address()]);
+    let key = std::fs::read_to_string(fixtures.join("ecdsa_short_scalar")).unwrap();
+    for value in [
+        key.clone(),
+        base64::engine::general_purpose::STANDARD.encode(&key),
+    ] {
+        let run = Ferry::new()
+            .env("SSH_PRIVATE_KEY", value)
+            .env("SSH_KNOWN_HOSTS", host.known_hosts_line())
+            .args(["exec", "--env", "test"])
+            .arg(&pb)
+            .args(["--", "echo", "ok"])
+            .run()
+            .success();
+        assert!(run.stdout.contains("| ok"), "{}", run.stdout);
+    }
+}
