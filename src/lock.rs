@@ -210,37 +210,49 @@ write_lock() {
   echo $(( $(date +%s) + lease )) > "$lock/expires" &&
   mkdir "$lock/holders" && : > "$lock/holders/$me"
 }
-if mkdir "$lock" 2>/dev/null; then
-  write_lock || { rm -rf "$lock"; exit 3; }
-  echo acquired; exit 0
-fi
-# Held by this same run (another host on the same storage, e.g. NFS): join it. A lock just made
-# may not have its token yet: give it a moment.
-i=0
-while [ -d "$lock" ] && [ ! -s "$lock/token" ] && [ "$i" -lt 20 ]; do
-  sleep 0.1 2>/dev/null || sleep 1; i=$((i + 1))
-done
-if [ "$(cat "$lock/token" 2>/dev/null)" = "$tok" ]; then
-  guard_take || { echo held; show; exit 1; }
-  if [ "$(cat "$lock/token" 2>/dev/null)" = "$tok" ] && mkdir -p "$lock/holders" && : > "$lock/holders/$me"; then
-    guard_drop; echo joined; exit 0
+# A lock that vanishes while we look (the run we would join just finished) is tried again.
+n=0
+while :; do
+  if mkdir "$lock" 2>/dev/null; then
+    write_lock || { rm -rf "$lock"; exit 3; }
+    echo acquired; exit 0
   fi
-  guard_drop
-fi
-now=$(date +%s); read_exp
-if [ -n "$exp" ] && [ "$exp" -lt "$now" ]; then
-  guard_take || { echo held; show; exit 1; }
+  # Held by this same run (another host on the same storage, e.g. NFS): join it. A lock just made
+  # may not have its token yet: give it a moment.
+  i=0
+  while [ -d "$lock" ] && [ ! -s "$lock/token" ] && [ "$i" -lt 20 ]; do
+    sleep 0.1 2>/dev/null || sleep 1; i=$((i + 1))
+  done
+  if [ "$(cat "$lock/token" 2>/dev/null)" = "$tok" ]; then
+    guard_take || { echo held; show; exit 1; }
+    if [ "$(cat "$lock/token" 2>/dev/null)" = "$tok" ] && mkdir -p "$lock/holders" && : > "$lock/holders/$me"; then
+      guard_drop; echo joined; exit 0
+    fi
+    guard_drop
+  fi
   now=$(date +%s); read_exp
   if [ -n "$exp" ] && [ "$exp" -lt "$now" ]; then
-    echo took-over; show
-    mv "$lock" "$lock.stale.$tok" && rm -rf "$lock.stale.$tok"
-    if mkdir "$lock" 2>/dev/null; then
-      write_lock || { rm -rf "$lock"; guard_drop; exit 3; }
-      guard_drop; exit 0
+    guard_take || { echo held; show; exit 1; }
+    now=$(date +%s); read_exp
+    if [ -n "$exp" ] && [ "$exp" -lt "$now" ]; then
+      echo took-over; show
+      mv "$lock" "$lock.stale.$tok" && rm -rf "$lock.stale.$tok"
+      if mkdir "$lock" 2>/dev/null; then
+        write_lock || { rm -rf "$lock"; guard_drop; exit 3; }
+        guard_drop; exit 0
+      fi
     fi
+    guard_drop
   fi
-  guard_drop
-fi
+  if [ ! -d "$lock" ] && [ "$n" -lt 5 ]; then
+    # A release or takeover may be under way (it holds the guard): let it finish, then look again
+    # only if the lock is really gone.
+    i=0
+    while [ -d "$lock.guard" ] && [ "$i" -lt 50 ]; do sleep 0.1 2>/dev/null || sleep 1; i=$((i + 1)); done
+    if [ ! -d "$lock" ]; then n=$((n + 1)); continue; fi
+  fi
+  break
+done
 echo held; show; exit 1
 "#;
 

@@ -41,6 +41,29 @@ fn header(kind: EntryType, mode: u32, size: u64) -> Header {
     h
 }
 
+/// A symlink entry as it is, or a file as a hard link to its object; a directory adds nothing.
+fn link_entry<W: Write>(
+    tar: &mut tar::Builder<W>,
+    path: &Path,
+    e: &super::manifest::Entry,
+) -> std::io::Result<()> {
+    match &e.kind {
+        Kind::Symlink { target } => {
+            let mut h = header(EntryType::Symlink, 0o777, 0);
+            tar.append_link(&mut h, path, std::ffi::OsStr::from_bytes(target))
+        }
+        Kind::File { mode, .. } => {
+            let mut h = header(EntryType::Link, *mode, 0);
+            tar.append_link(
+                &mut h,
+                path,
+                format!("objects/{}", e.object().expect("file")),
+            )
+        }
+        Kind::Dir { .. } => Ok(()),
+    }
+}
+
 fn rel(prefix: &str, path: &[u8]) -> std::path::PathBuf {
     let mut p = prefix.as_bytes().to_vec();
     p.extend_from_slice(path);
@@ -98,18 +121,7 @@ pub fn write(
                 let mut h = header(EntryType::Directory, *mode, 0);
                 tar.append_data(&mut h, &path, std::io::empty())?;
             }
-            Kind::Symlink { target } => {
-                let mut h = header(EntryType::Symlink, 0o777, 0);
-                tar.append_link(&mut h, &path, std::ffi::OsStr::from_bytes(target))?;
-            }
-            Kind::File { mode, .. } => {
-                let mut h = header(EntryType::Link, *mode, 0);
-                tar.append_link(
-                    &mut h,
-                    &path,
-                    format!("objects/{}", e.object().expect("file")),
-                )?;
-            }
+            Kind::Symlink { .. } | Kind::File { .. } => link_entry(&mut tar, &path, e)?,
         }
     }
     if !extras.copy.is_empty() {
@@ -127,22 +139,7 @@ pub fn write(
                     tar.append_data(&mut h, rel("", &full[..j]), std::io::empty())?;
                 }
             }
-            let path = rel("", &full);
-            match &e.kind {
-                Kind::Symlink { target } => {
-                    let mut h = header(EntryType::Symlink, 0o777, 0);
-                    tar.append_link(&mut h, &path, std::ffi::OsStr::from_bytes(target))?;
-                }
-                Kind::File { mode, .. } => {
-                    let mut h = header(EntryType::Link, *mode, 0);
-                    tar.append_link(
-                        &mut h,
-                        &path,
-                        format!("objects/{}", e.object().expect("file")),
-                    )?;
-                }
-                Kind::Dir { .. } => {}
-            }
+            link_entry(&mut tar, &rel("", &full), e)?;
         }
     }
     for (name, data) in [
