@@ -51,6 +51,25 @@ impl Paths {
     }
 }
 
+/// What `$T` is (a release link, a directory ferry applies in place, something else, missing),
+/// recorded with `rec`; sets `live` and `inplace`. Shared by the inventory and the deploy script.
+macro_rules! target_state_sh {
+    () => {
+        r#"
+rec() { printf '%s\t%s\0' "$1" "$2"; }
+live= inplace=
+if [ -L "$T" ]; then
+  t=$(readlink "$T"); rec to link; rec target "$t"
+  case $t in ".${T##*/}.ferry/releases/"*) live=${t##*/} ;; esac
+elif [ -d "$T" ]; then rec to dir
+  if [ -f "$S/inplace" ]; then live=$(cat "$S/inplace") inplace=1; rec inplace "$live"; fi
+elif [ -e "$T" ]; then rec to other
+else rec to missing
+fi
+"#
+    };
+}
+
 /// Shell for `mode: in-place`, shared by [`DEPLOY`] and [`SWITCH_IN_PLACE`] (spliced in with
 /// `concat!`). `H` is the body of a `sh -c` that `find -exec ... {} +` runs over many paths at once,
 /// so an unchanged file costs no fork. It needs exported `T` (the target), `R` (the release tree to
@@ -163,17 +182,9 @@ pub const INVENTORY: &str = concat!(
     in_place_sh!(),
     r#"
 S=$1 T=$2 D=$3 DEL=${4:-1}
-rec() { printf '%s\t%s\0' "$1" "$2"; }
-live= inplace=
-if [ -L "$T" ]; then
-  t=$(readlink "$T"); rec to link; rec target "$t"
-  case $t in ".${T##*/}.ferry/releases/"*) live=${t##*/} ;; esac
-elif [ -d "$T" ]; then rec to dir
-  if [ -f "$S/inplace" ]; then live=$(cat "$S/inplace") inplace=1; rec inplace "$live"; fi
-elif [ -e "$T" ]; then rec to other
-else rec to missing
-fi
-[ -d "$S/releases" ] || { rec store no; exit 0; }
+"#,
+    target_state_sh!(),
+    r#"[ -d "$S/releases" ] || { rec store no; exit 0; }
 rec store yes
 cd "$S" || exit 1
 for r in releases/*; do [ -d "$r" ] && rec release "${r#releases/}"; done
@@ -211,17 +222,9 @@ pub const DEPLOY: &str = concat!(
     r#"
 S=$1 T=$2 D=$3 M=$4 DEL=$5
 P=${T%/*} N=${T##*/}
-rec() { printf '%s\t%s\0' "$1" "$2"; }
-live= inplace=
-if [ -L "$T" ]; then
-  t=$(readlink "$T"); rec to link; rec target "$t"
-  case $t in ".$N.ferry/releases/"*) live=${t##*/} ;; esac
-elif [ -d "$T" ]; then rec to dir
-  if [ -f "$S/inplace" ]; then live=$(cat "$S/inplace") inplace=1; rec inplace "$live"; fi
-elif [ -e "$T" ]; then rec to other
-else rec to missing
-fi
-if [ -d "$S/releases" ]; then
+"#,
+    target_state_sh!(),
+    r#"if [ -d "$S/releases" ]; then
   rec store yes
   cd "$S" || exit 1
   rm -f "$P/.$N.ferry-new"
