@@ -367,10 +367,13 @@ fn sync_refuses_symlink_leaving_the_tree() {
 }
 
 /// A file edited on the host is detected, reported, and replaced by the next deploy; the edit never
-/// leaks into the new release.
-#[test]
-fn sync_detects_and_repairs_hand_edits() {
-    let site = Site::new("drift", vec![Sshd::start()], one_step("app", ""));
+/// leaks into the new release. Files removed and added by hand are put right too.
+fn hand_edits(busybox: bool) {
+    let host = Sshd::start_with(SshdOptions {
+        busybox,
+        ..Default::default()
+    });
+    let site = Site::new("drift", vec![host], one_step("app", ""));
     site.write(b"index.html", b"original");
     site.write(b"other.html", b"other");
     site.deploy(&sha(1)).success();
@@ -393,6 +396,34 @@ fn sync_detects_and_repairs_hand_edits() {
     let s = step(&site.deploy(&sha(3)).success());
     assert_eq!(s["changed"], false, "{s}");
     assert!(s["detail"]["drift"].is_null(), "{s}");
+    // A file removed and one added by hand: the same tree is deployed again, and it is whole.
+    std::thread::sleep(Duration::from_millis(1100));
+    std::fs::remove_file(to.join("other.html")).unwrap();
+    std::fs::write(to.join("extra.txt"), b"left by hand").unwrap();
+    let s = step(&site.deploy(&sha(4)).success());
+    assert_eq!(s["changed"], true, "{s}");
+    assert!(
+        s["detail"]["drift"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("added, replaced or removed"),
+        "{s}"
+    );
+    assert_eq!(s["files_sent"], 0, "nothing new to send: {s}");
+    assert_eq!(std::fs::read(to.join("other.html")).unwrap(), b"other");
+    assert!(!to.join("extra.txt").exists());
+    let s = step(&site.deploy(&sha(5)).success());
+    assert_eq!(s["changed"], false, "{s}");
+}
+
+#[test]
+fn sync_detects_and_repairs_hand_edits() {
+    hand_edits(false);
+}
+
+#[test]
+fn sync_detects_and_repairs_hand_edits_on_busybox_host() {
+    hand_edits(true);
 }
 
 #[test]

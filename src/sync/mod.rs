@@ -219,11 +219,25 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
             ctx.release
         );
     }
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            v.join(",")
+        }
+    };
+    let drop: Vec<String> = inv
+        .drifted
+        .iter()
+        .filter(|o| remote::safe_id(o))
+        .cloned()
+        .collect();
     let params = format!(
-        "{} {} {}\n",
+        "{} {} {} {}\n",
         ctx.release,
         if step.adopt { 1 } else { 0 },
-        prune.join(" ")
+        list(&prune),
+        list(&drop)
     );
     let copy = if step.mode == SyncMode::InPlace {
         diff::to_copy(&local, inv.live_manifest.as_ref())

@@ -9,15 +9,17 @@
 //! <dir>/.<name>.ferry/objects/<blake3>.<mode>      content store; files never opened for writing
 //! <dir>/.<name>.ferry/releases/<id>/              trees of hard links into objects/
 //! <dir>/.<name>.ferry/meta/<id>.{json,manifest,digest}
-//! <dir>/.<name>.ferry/stamp                        objects newer than this were edited by hand
+//! <dir>/.<name>.ferry/stamp                        live files newer than this were edited by hand
 //! <dir>/.<name>.ferry/incoming/                    a deploy in flight; removed by the next one
 //! <dir>/.<name>.ferry/inplace                      in-place mode: id of the release applied in <dir>/<name>
 //! <dir>/.<name>.ferry/applied                      in-place mode: files in <name> newer than this were edited
 //! ```
 //!
-//! An object is trusted while its mtime is not newer than `stamp` (touched after each successful
-//! deploy) and some release links to it; anything else is unlinked by the next deploy before it
-//! lists what the host has, so a truncated object from a cut stream is never reused.
+//! An object is trusted while some release links to it and the live release's files that share it
+//! are not newer than `stamp` (touched after each successful deploy): objects a broken deploy left
+//! unlinked (a truncated one from a cut stream, say) are collected before the next deploy lists
+//! what the host has, and objects edited by hand through `to` are dropped before the stream lands.
+//! Edits made inside the store itself are not looked for.
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::Read;
@@ -66,6 +68,25 @@ elif [ -d "$T" ]; then rec to dir
 elif [ -e "$T" ]; then rec to other
 else rec to missing
 fi
+"#
+    };
+}
+
+/// Release mode: one pass over the live release (cwd: the store), printing a record per path ferry
+/// did not leave there. A file newer than `stamp` that still shares its inode with an object was
+/// edited in place (`edited`: that object is spoilt); a file with one link (added or replaced), or
+/// anything else newer than `stamp` (a directory whose entries were added, removed or renamed), was
+/// `touched`. Sets `dirty` when it printed anything. Needs `live`.
+macro_rules! live_scan_sh {
+    () => {
+        r#"
+live_scan() {
+  # (BusyBox find runs no `-exec ... +` inside parentheses.)
+  find "releases/$live" -type f -newer stamp ! -links 1 -exec printf 'edited\t%s\0' {} + -o \
+    \( -type f -links 1 -o -newer stamp \) -exec printf 'touched\t%s\0' {} +
+}
+dirty=
+if [ -e stamp ] && [ -n "$(live_scan | head -c 1)" ]; then live_scan; dirty=1; fi
 "#
     };
 }
@@ -192,14 +213,17 @@ for m in meta/*.json; do
   [ -f "$m" ] || continue
   n=${m#meta/}; printf 'meta\t%s\t' "${n%.json}"; cat "$m"; printf '\0'
 done
-[ -e stamp ] && rec drift "$(find objects -type f -newer stamp | tr '\n' ' ')"
+dirty=
 if [ -n "$live" ] && [ -d "releases/$live" ]; then
-  if [ -n "$inplace" ]; then O=releases/$live; rec handmade "$(tdrift)"
-  else rec handmade "$(find "releases/$live" -type f -links 1 | wc -l)"
+  if [ -n "$inplace" ]; then O=releases/$live; n=$(tdrift); rec handmade "$n"; [ "$n" -eq 0 ] || dirty=1
+  else
+"#,
+    live_scan_sh!(),
+    r#"
   fi
 fi
 [ "$D" = - ] && exit 0
-if [ -n "$live" ] && [ -f "meta/$live.digest" ] && [ "$(cat "meta/$live.digest")" = "$D" ]; then
+if [ -z "$dirty" ] && [ -n "$live" ] && [ -f "meta/$live.digest" ] && [ "$(cat "meta/$live.digest")" = "$D" ]; then
   rec same yes; exit 0
 fi
 rec tail gz
@@ -207,13 +231,13 @@ rec tail gz
 "#
 );
 
-/// A whole deploy in one exec. First it unlinks objects edited by hand (newer than `stamp`) and
-/// cleans up what an interrupted deploy left (`incoming/`, then objects no release links to), prints
-/// the same records as [`INVENTORY`] (the tail with its length), then `end`. Then it reads one line
-/// from stdin: `<release id> <adopt 0|1> <ids to prune>...`, or EOF to stop there. The rest of
-/// stdin is the gzip'd tar stream: unpack it (objects straight into `objects/`, the tree under
-/// `incoming/r`), check its trailer, name the release (unique), switch `to` with one rename, prune,
-/// collect garbage. In mode `in-place` the last steps differ: the tree is applied into the directory
+/// A whole deploy in one exec. First it cleans up what an interrupted deploy left (`incoming/`,
+/// then objects no release links to), prints the same records as [`INVENTORY`] (the tail with its
+/// length), then `end`. Then it reads one line from stdin: `<release id> <adopt 0|1> <ids to
+/// prune> <objects to drop>` (lists comma-separated, `-` for none), or EOF to stop there. The rest
+/// of stdin is the gzip'd tar stream: drop the objects edited by hand, unpack the stream (objects
+/// straight into `objects/`, the tree under `incoming/r`), check its trailer, name the release
+/// (unique), switch `to` with one rename, prune and collect the objects nothing links to any more. In mode `in-place` the last steps differ: the tree is applied into the directory
 /// `to` (`in_place_sh!`: copy to a temp name or a staging dir beside each file, rename over), then
 /// `inplace` names the release and `applied` is touched. Args: store, to, digest of the local tree,
 /// mode (`release` or `in-place`), delete extras in place (1/0).
@@ -229,28 +253,28 @@ P=${T%/*} N=${T##*/}
   cd "$S" || exit 1
   rm -f "$P/.$N.ferry-new"
   [ -e stamp ] || : > stamp
-  drifted=$(find objects -type f -newer stamp)
-  if [ -n "$drifted" ]; then find objects -type f -newer stamp -exec rm -f {} +; fi
   if [ -e incoming ]; then
     # incoming/ goes last: it marks that the collection below is still owed.
     rm -rf incoming/r
     find objects -type f -links 1 -exec rm -f {} +
     rm -rf incoming
   fi
-  rec drift "$(printf '%s\n' "$drifted" | tr '\n' ' ')"
   for r in releases/*; do [ -d "$r" ] && rec release "${r#releases/}"; done
   for m in meta/*.json; do
     [ -f "$m" ] || continue
     n=${m#meta/}; printf 'meta\t%s\t' "${n%.json}"; cat "$m"; printf '\0'
   done
-  handmade=0
+  dirty=
   if [ -n "$live" ] && [ -d "releases/$live" ]; then
-    if [ -n "$inplace" ]; then O=releases/$live; handmade=$(tdrift)
-    else handmade=$(find "releases/$live" -type f -links 1 | wc -l)
+    if [ -n "$inplace" ]; then
+      O=releases/$live; n=$(tdrift); rec handmade "$n"; [ "$n" -eq 0 ] || dirty=1
+    else
+"#,
+    live_scan_sh!(),
+    r#"
     fi
-    rec handmade "$handmade"
   fi
-  if [ -z "$drifted" ] && [ "$handmade" -eq 0 ] && [ -n "$live" ] && [ -f "meta/$live.digest" ] &&
+  if [ -z "$dirty" ] && [ -n "$live" ] && [ -f "meta/$live.digest" ] &&
      [ "$(cat "meta/$live.digest")" = "$D" ]; then
     rec same yes
   else
@@ -262,7 +286,7 @@ else
   rec store no
 fi
 printf 'end\t\0\n'
-read -r id adopt prune || exit 0
+read -r id adopt prune drop || exit 0
 [ -n "$id" ] || exit 0
 set -e
 fail() {
@@ -280,6 +304,8 @@ mkdir -p "$S/objects" "$S/releases" "$S/meta"
 cd "$S"
 [ -e stamp ] || : > stamp
 mkdir incoming
+# Objects edited in place by hand go before anything can link to them; the stream brings them anew.
+for o in $(printf '%s' "${drop#-}" | tr , ' '); do rm -f "objects/$o"; done
 ( umask 0; tar -xzmof - ) || fail "unpacking the stream failed"
 [ -f incoming/COMPLETE ] || fail "the stream ended early"
 rid=$id n=1
@@ -303,8 +329,12 @@ else
   mv -fT "$P/.$N.ferry-new" "$T"
 fi
 printf 'release %s\n' "$rid"
-for r in $prune; do rm -rf "releases/$r" "meta/$r.json" "meta/$r.manifest" "meta/$r.digest"; done
-find objects -type f -links 1 -exec rm -f {} +
+if [ "$prune" != - ]; then
+  for r in $(printf '%s' "$prune" | tr , ' '); do
+    rm -rf "releases/$r" "meta/$r.json" "meta/$r.manifest" "meta/$r.digest"
+  done
+  find objects -type f -links 1 -exec rm -f {} +
+fi
 "#
 );
 
@@ -417,9 +447,12 @@ pub struct Inventory {
     pub store: bool,
     pub releases: Vec<String>,
     pub metas: BTreeMap<String, Meta>,
-    /// Objects modified on the host since they were placed.
+    /// Release mode: files of the live release (paths inside it) edited in place by hand.
+    pub edited: Vec<Vec<u8>>,
+    /// The objects those edits spoilt (known when the live manifest came along).
     pub drifted: Vec<String>,
-    /// Files in the live release no longer hard-linked to an object (replaced by hand).
+    /// Paths in the live release added, replaced or removed by hand (release mode: paths of
+    /// changed files and directories), or in-place files edited or removed since the last apply.
     pub handmade: u64,
     /// The live release already holds exactly the local tree.
     pub same: bool,
@@ -451,10 +484,10 @@ impl Inventory {
     /// A one-line description of hand edits, if any.
     pub fn drift(&self) -> Option<String> {
         let mut parts = Vec::new();
-        if !self.drifted.is_empty() {
+        if !self.edited.is_empty() {
             parts.push(format!(
-                "{} stored file(s) modified on the host since deploy",
-                self.drifted.len()
+                "{} file(s) modified on the host since deploy",
+                self.edited.len()
             ));
         }
         if self.handmade > 0 && self.inplace.is_some() {
@@ -464,7 +497,7 @@ impl Inventory {
             ));
         } else if self.handmade > 0 {
             parts.push(format!(
-                "{} file(s) in the live release replaced on the host",
+                "{} path(s) in the live release added, replaced or removed on the host",
                 self.handmade
             ));
         }
@@ -519,13 +552,8 @@ pub fn parse_inventory(out: &[u8], to_name: &str) -> anyhow::Result<Inventory> {
                     }
                 }
             }
-            b"drift" => {
-                inv.drifted = text()
-                    .split_whitespace()
-                    .filter_map(|p| p.strip_prefix("objects/"))
-                    .map(str::to_string)
-                    .collect()
-            }
+            b"edited" => inv.edited.push(value.to_vec()),
+            b"touched" => inv.handmade += 1,
             b"handmade" => inv.handmade = text().trim().parse().unwrap_or(0),
             b"same" => inv.same = true,
             b"inplace" => inv.inplace = Some(text()).filter(|id| safe_id(id)),
@@ -546,6 +574,22 @@ pub fn parse_inventory(out: &[u8], to_name: &str) -> anyhow::Result<Inventory> {
         rest = after;
     }
     inv.releases.sort();
+    // Paths came as `releases/<live>/<path>`; the spoilt objects are those the live manifest names.
+    let prefix = format!("releases/{}/", inv.live().unwrap_or_default());
+    for p in &mut inv.edited {
+        if let Some(rest) = p.strip_prefix(prefix.as_bytes()) {
+            *p = rest.to_vec();
+        }
+    }
+    if let Some(m) = &inv.live_manifest {
+        let edited: HashSet<&[u8]> = inv.edited.iter().map(Vec::as_slice).collect();
+        inv.drifted = m
+            .entries
+            .iter()
+            .filter(|e| edited.contains(e.path.as_slice()))
+            .filter_map(|e| e.object())
+            .collect();
+    }
     Ok(inv)
 }
 
@@ -595,11 +639,24 @@ mod tests {
         out.extend_from_slice(b"to\tlink\0target\t.app.ferry/releases/r2\0store\tyes\0");
         out.extend_from_slice(b"release\tr2\0release\tr1\0");
         out.extend_from_slice(b"meta\tr2\t{\"version\":1,\"ref\":\"main\",\"sha\":\"abc\",\"pipeline\":null,\"user\":\"u\",\"time\":5,\"files\":1,\"bytes\":2,\"digest\":\"d\",\"previous\":\"r1\"}\0");
-        out.extend_from_slice(b"drift\tobjects/aa.644 objects/bb.644 \0handmade\t2\0tail\tgz\0");
-        let m = Manifest::default().encode();
+        out.extend_from_slice(b"edited\treleases/r2/a\0touched\treleases/r2/new\0");
+        out.extend_from_slice(b"touched\treleases/r2\0tail\tgz\0");
+        let live = Manifest {
+            root_mode: 0o755,
+            entries: vec![super::super::manifest::Entry {
+                path: b"a".to_vec(),
+                kind: super::super::manifest::Kind::File {
+                    size: 3,
+                    mode: 0o644,
+                    hash: [0xaa; 32],
+                },
+            }],
+        };
+        let aa = live.entries[0].object().unwrap();
+        let m = live.encode();
         let mut raw = b"M".to_vec();
         raw.extend_from_slice(&m);
-        raw.extend_from_slice(b"\0\0aa.644\ncc.755\n");
+        raw.extend_from_slice(format!("\0\0{aa}\ncc.755\n").as_bytes());
         assert!(
             m.ends_with(b"\0"),
             "the real case: a record's NUL, then the separator"
@@ -611,12 +668,17 @@ mod tests {
         assert_eq!(inv.live(), Some("r2"));
         assert_eq!(inv.releases, ["r1", "r2"]);
         assert_eq!(inv.metas["r2"].previous.as_deref(), Some("r1"));
-        assert_eq!(inv.drifted, ["aa.644", "bb.644"]);
+        assert_eq!(inv.edited, [b"a".to_vec()]);
+        assert_eq!(inv.drifted, [aa.clone()]);
         assert_eq!(inv.handmade, 2);
-        assert_eq!(inv.live_manifest, Some(Manifest::default()));
+        assert_eq!(inv.live_manifest, Some(live));
         let trusted = inv.trusted_objects();
-        assert!(trusted.contains("cc.755") && !trusted.contains("aa.644"));
-        assert!(inv.drift().unwrap().contains("2 stored file(s)"));
+        assert!(trusted.contains("cc.755") && !trusted.contains(&aa));
+        let drift = inv.drift().unwrap();
+        assert!(
+            drift.contains("1 file(s) modified") && drift.contains("2 path(s)"),
+            "{drift}"
+        );
     }
 
     #[test]
