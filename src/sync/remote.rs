@@ -669,7 +669,7 @@ mod tests {
         assert_eq!(inv.releases, ["r1", "r2"]);
         assert_eq!(inv.metas["r2"].previous.as_deref(), Some("r1"));
         assert_eq!(inv.edited, [b"a".to_vec()]);
-        assert_eq!(inv.drifted, [aa.clone()]);
+        assert_eq!(inv.drifted, std::slice::from_ref(&aa));
         assert_eq!(inv.handmade, 2);
         assert_eq!(inv.live_manifest, Some(live));
         let trusted = inv.trusted_objects();
