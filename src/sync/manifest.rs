@@ -179,11 +179,10 @@ pub fn check_symlink(path: &[u8], target: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-/// What the walk found before hashing.
+/// What the walk found; it is stat'ed and hashed in parallel afterwards.
 struct Found {
     path: Vec<u8>,
     full: PathBuf,
-    meta: std::fs::Metadata,
 }
 
 /// Walk `root` and hash it. `cache_file`, if given, is read and rewritten.
@@ -215,23 +214,22 @@ pub fn scan(
             e.depth() == 0 || !gi.matched(e.path(), is_dir).is_ignore()
         })
         .build();
-    let mut found = Vec::new();
-    for item in walker {
-        let item = item.with_context(|| format!("walking {}", root.display()))?;
-        if item.depth() == 0 {
-            continue;
+    // The cache loads while the tree is walked; stat and hashing run in parallel after.
+    let (found, cache) = std::thread::scope(|s| {
+        let cache = s.spawn(|| cache_file.map(load_cache).unwrap_or_default());
+        let mut found = Vec::new();
+        for item in walker {
+            let item = item.with_context(|| format!("walking {}", root.display()))?;
+            if item.depth() == 0 {
+                continue;
+            }
+            let full = item.into_path();
+            let rel = full.strip_prefix(root).expect("walk stays under root");
+            let path = rel.as_os_str().as_bytes().to_vec();
+            found.push(Found { path, full });
         }
-        let full = item.path().to_path_buf();
-        let rel = full.strip_prefix(root).expect("walk stays under root");
-        let meta = std::fs::symlink_metadata(&full)
-            .with_context(|| format!("cannot stat {}", full.display()))?;
-        found.push(Found {
-            path: rel.as_os_str().as_bytes().to_vec(),
-            full,
-            meta,
-        });
-    }
-    let cache = cache_file.map(load_cache).unwrap_or_default();
+        anyhow::Ok((found, cache.join().unwrap_or_default()))
+    })?;
     let entries: Vec<anyhow::Result<(Entry, Option<CacheRow>, bool)>> = found
         .into_par_iter()
         .map(|f| entry_for(f, &cache))
@@ -266,7 +264,9 @@ fn entry_for(
     f: Found,
     cache: &HashMap<Vec<u8>, CacheRow>,
 ) -> anyhow::Result<(Entry, Option<CacheRow>, bool)> {
-    let t = f.meta.file_type();
+    let meta = std::fs::symlink_metadata(&f.full)
+        .with_context(|| format!("cannot stat {}", f.full.display()))?;
+    let t = meta.file_type();
     let kind = if t.is_symlink() {
         let target = std::fs::read_link(&f.full)
             .with_context(|| format!("cannot read symlink {}", f.full.display()))?;
@@ -281,10 +281,10 @@ fn entry_for(
         Kind::Symlink { target }
     } else if t.is_dir() {
         Kind::Dir {
-            mode: f.meta.mode() & 0o7777,
+            mode: meta.mode() & 0o7777,
         }
     } else if t.is_file() {
-        let key = CacheRow::key(&f.meta);
+        let key = CacheRow::key(&meta);
         let (hash, fresh) = match cache.get(&f.path) {
             Some(row) if row.same_file(&key) => (row.hash, false),
             _ => (hash_file(&f.full)?, true),
@@ -294,8 +294,8 @@ fn entry_for(
             Entry {
                 path: f.path,
                 kind: Kind::File {
-                    size: f.meta.len(),
-                    mode: f.meta.mode() & 0o7777,
+                    size: meta.len(),
+                    mode: meta.mode() & 0o7777,
                     hash,
                 },
             },

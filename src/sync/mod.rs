@@ -161,16 +161,22 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
     let host = ctx.host.name();
     let from = PathBuf::from(ctx.host.expand(&step.from)?);
     let paths = Paths::new(&ctx.host.path(&step.to)?)?;
-    let local = scan_shared(from.clone(), step.exclude.clone()).await?;
-    let digest = local.digest();
-    tracing::debug!(elapsed = ?started.elapsed(), entries = local.entries.len(), "scanned {}", from.display());
-    // A plan only reads; a deploy reads and applies in one exec (see remote::DEPLOY).
-    let (inv, mut proc) = if ctx.plan {
-        (inventory(ctx.session, &paths, &digest, step).await?, None)
-    } else {
-        let (inv, proc) = open_deploy(ctx.session, &paths, &digest, step).await?;
-        (inv, Some(proc))
+    let scan = async {
+        let local = scan_shared(from.clone(), step.exclude.clone()).await?;
+        tracing::debug!(elapsed = ?started.elapsed(), entries = local.entries.len(), "scanned {}", from.display());
+        anyhow::Ok(local)
     };
+    // A plan only reads; a deploy reads and applies in one exec (see remote::DEPLOY), which looks
+    // at the host's side while we scan ours.
+    let (local, inv, mut proc) = if ctx.plan {
+        let local = scan.await?;
+        let inv = inventory(ctx.session, &paths, &local.digest(), step).await?;
+        (local, inv, None)
+    } else {
+        let (local, inv, proc) = open_deploy(ctx.session, &paths, scan, step).await?;
+        (local, inv, Some(proc))
+    };
+    let digest = local.digest();
     tracing::debug!(elapsed = ?started.elapsed(), objects = inv.objects.len(), same = inv.same, "inventory of {}", paths.to);
     let decided = decide(ctx, step, &local, &paths, &inv);
     let (plan, report) = match decided {
@@ -375,20 +381,20 @@ fn decide(
     Ok(Decision::Send(Box::new((plan, report(true, counts)))))
 }
 
-/// Start the deploy script and read its inventory; the process then waits for our decision.
+/// Start the deploy script, finish `scan` meanwhile and hand the host its digest, and read the
+/// inventory; the process then waits for our decision.
 async fn open_deploy(
     session: &Session,
     paths: &Paths,
-    digest: &str,
+    scan: impl std::future::Future<Output = anyhow::Result<Arc<Manifest>>>,
     step: &SyncStep,
-) -> anyhow::Result<(Inventory, Process)> {
+) -> anyhow::Result<(Arc<Manifest>, Inventory, Process)> {
     let host = session.name().to_string();
     let cmd = Session::script_command(
         remote::DEPLOY,
         &[
             paths.store.as_str(),
             paths.to.as_str(),
-            digest,
             mode_arg(step.mode),
             if step.delete { "1" } else { "0" },
         ],
@@ -399,7 +405,18 @@ async fn open_deploy(
             let _ = tx.send(line.to_vec());
         }
     });
-    let proc = session.spawn(&cmd, Some(sink)).await?;
+    let (local, proc) = tokio::join!(scan, session.spawn(&cmd, Some(sink)));
+    let mut proc = proc?;
+    let local = match local {
+        Ok(l) => l,
+        Err(e) => {
+            proc.abort().await;
+            return Err(e);
+        }
+    };
+    proc.write(format!("{}\n", local.digest()).as_bytes())
+        .await
+        .with_context(|| format!("{host}: the deploy script at {} went away", paths.store))?;
     let mut buf = Vec::new();
     let end = loop {
         match tokio::time::timeout(INVENTORY_TIMEOUT, rx.recv()).await {
@@ -431,7 +448,7 @@ async fn open_deploy(
     let name = paths.to.rsplit('/').next().unwrap_or_default();
     let inv = remote::parse_inventory(&buf[..end], name)
         .with_context(|| format!("{host}: reading {}", paths.store))?;
-    Ok((inv, proc))
+    Ok((local, inv, proc))
 }
 
 fn mode_arg(mode: SyncMode) -> &'static str {

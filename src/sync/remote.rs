@@ -232,19 +232,20 @@ rec tail gz
 );
 
 /// A whole deploy in one exec. First it cleans up what an interrupted deploy left (`incoming/`,
-/// then objects no release links to), prints the same records as [`INVENTORY`] (the tail with its
-/// length), then `end`. Then it reads one line from stdin: `<release id> <adopt 0|1> <ids to
+/// then objects no release links to) and prints the same records as [`INVENTORY`] up to the
+/// digest check. It reads the local tree's digest from stdin (the controller scans meanwhile),
+/// prints `same` or the tail (with its length), then `end`. Then it reads one line: `<release id> <adopt 0|1> <ids to
 /// prune> <objects to drop>` (lists comma-separated, `-` for none), or EOF to stop there. The rest
 /// of stdin is the gzip'd tar stream: drop the objects edited by hand, unpack the stream (objects
 /// straight into `objects/`, the tree under `incoming/r`), check its trailer, name the release
 /// (unique), switch `to` with one rename, prune and collect the objects nothing links to any more. In mode `in-place` the last steps differ: the tree is applied into the directory
 /// `to` (`in_place_sh!`: copy to a temp name or a staging dir beside each file, rename over), then
-/// `inplace` names the release and `applied` is touched. Args: store, to, digest of the local tree,
-/// mode (`release` or `in-place`), delete extras in place (1/0).
+/// `inplace` names the release and `applied` is touched. Args: store, to, mode (`release` or
+/// `in-place`), delete extras in place (1/0).
 pub const DEPLOY: &str = concat!(
     in_place_sh!(),
     r#"
-S=$1 T=$2 D=$3 M=$4 DEL=$5
+S=$1 T=$2 M=$3 DEL=$4
 P=${T%/*} N=${T##*/}
 "#,
     target_state_sh!(),
@@ -274,6 +275,8 @@ P=${T%/*} N=${T##*/}
     r#"
     fi
   fi
+  # The digest of the local tree comes once the controller has scanned it (meanwhile, we did).
+  read -r D || exit 0
   if [ -z "$dirty" ] && [ -n "$live" ] && [ -f "meta/$live.digest" ] &&
      [ "$(cat "meta/$live.digest")" = "$D" ]; then
     rec same yes
@@ -284,6 +287,7 @@ P=${T%/*} N=${T##*/}
   fi
 else
   rec store no
+  read -r D || exit 0
 fi
 printf 'end\t\0\n'
 read -r id adopt prune drop || exit 0
