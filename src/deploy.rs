@@ -266,6 +266,15 @@ async fn run_env(
     let action = Arc::new(action);
     let (interrupt, stop) = watch_interrupts();
     let run_token = &crate::lock::run_token();
+    if let (Action::Deploy, Some(first)) = (action.as_ref(), setup.hosts.first()) {
+        crate::sync::prefetch(
+            first,
+            steps.iter().filter_map(|s| match s {
+                Step::Sync(s) => Some(s),
+                _ => None,
+            }),
+        );
+    }
     let outcomes = fleet::run(
         &setup.connector,
         &setup.hosts,

@@ -66,6 +66,19 @@ pub struct LiveSync {
     pub drift: Option<String>,
 }
 
+/// Start scanning the sources of `steps` (as `host` expands them) while the hosts connect and
+/// lock; the steps then find the result waiting in [`scan_shared`]'s memo.
+pub fn prefetch<'a>(host: &Host, steps: impl IntoIterator<Item = &'a SyncStep>) {
+    for step in steps {
+        if let Ok(from) = host.expand(&step.from) {
+            let (from, exclude) = (PathBuf::from(from), step.exclude.clone());
+            tokio::spawn(async move {
+                let _ = scan_shared(from, exclude).await;
+            });
+        }
+    }
+}
+
 /// Scan each source once per run, however many hosts and steps share it.
 async fn scan_shared(from: PathBuf, exclude: Vec<String>) -> anyhow::Result<Arc<Manifest>> {
     type Memo = tokio::sync::Mutex<HashMap<(PathBuf, Vec<String>), Arc<Manifest>>>;
