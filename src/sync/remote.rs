@@ -155,11 +155,15 @@ done
 case $phase in move|put1|file|edited|missing) echo $n ;; esac'
 sum() { s=0; while read -r x; do s=$((s+x)); done; echo $s; }
 # Files in $T edited since the last apply (newer than `applied`) or gone; needs O and a cwd in the
-# store. Files added by hand count only when extras are deleted ($DEL is 1).
+# store. Files added by hand count only when extras are deleted ($DEL is 1). A removal changes its
+# directory's mtime, so $O is checked file by file only when a directory in $T is newer.
 tdrift() {
   export T O DEL
-  e=0; [ -e applied ] && e=$(find "$T" ! -type d -newer applied -exec sh -c "$H" sh edited {} + | sum)
-  m=$(find "$O" ! -type d -exec sh -c "$H" sh missing {} + | sum)
+  e=0 m=0
+  [ -e applied ] && e=$(find "$T" ! -type d -newer applied -exec sh -c "$H" sh edited {} + | sum)
+  if [ ! -e applied ] || [ -n "$(find "$T" -type d -newer applied | head -c 1)" ]; then
+    m=$(find "$O" ! -type d -exec sh -c "$H" sh missing {} + | sum)
+  fi
   echo $((e+m))
 }
 # Make $T hold exactly release $R: dirs, hand-edited files, changed files; extras go last if $1 is 1.
