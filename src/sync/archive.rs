@@ -24,6 +24,9 @@ pub struct Extras<'a> {
     pub manifest: &'a [u8],
     pub digest: &'a str,
     pub meta_json: &'a [u8],
+    /// In-place mode, when the host's `to` holds exactly the live release: the paths it must lose,
+    /// sent as `incoming/gone` (NUL-separated), so the host touches only what changes.
+    pub gone: Option<&'a [Vec<u8>]>,
     /// In-place mode: indices of the entries `to` must get (added or changed). They also go under
     /// `incoming/c/` (each object once, for one `cp -pR` on the host) and `incoming/p/` (further
     /// paths of an object already in `c`, copied one by one so no two paths share an inode).
@@ -141,6 +144,11 @@ pub fn write(
             }
             link_entry(&mut tar, &rel("", &full), e)?;
         }
+    }
+    if let Some(gone) = extras.gone {
+        let list: Vec<u8> = gone.iter().flat_map(|p| [&p[..], b"\0"].concat()).collect();
+        let mut h = header(EntryType::Regular, 0o644, list.len() as u64);
+        tar.append_data(&mut h, "incoming/gone", list.as_slice())?;
     }
     for (name, data) in [
         ("incoming/manifest", extras.manifest),
@@ -357,6 +365,7 @@ mod tests {
         let p = diff::plan(&m, None, &Default::default());
         let mut out = Vec::new();
         let extras = Extras {
+            gone: None,
             manifest: &m.encode(),
             digest: &m.digest(),
             meta_json: b"{}",

@@ -98,6 +98,36 @@ pub fn to_copy(local: &Manifest, live: Option<&Manifest>) -> Vec<usize> {
         .collect()
 }
 
+/// In-place mode: the paths of `live` (files, links, directories) that `local` lacks, a directory
+/// once and not what is under it, for the host to remove. Entries whose kind changes are replaced
+/// by the copy step, not listed here.
+pub fn gone(local: &Manifest, live: &Manifest) -> Vec<Vec<u8>> {
+    let now: HashSet<&[u8]> = local.entries.iter().map(|e| e.path.as_slice()).collect();
+    let files: HashSet<&[u8]> = local
+        .entries
+        .iter()
+        .filter(|e| !matches!(e.kind, Kind::Dir { .. }))
+        .map(|e| e.path.as_slice())
+        .collect();
+    // Under a directory that became a file or link: gone with it when that is put in place.
+    let under_file = |p: &[u8]| {
+        p.iter()
+            .enumerate()
+            .any(|(i, &b)| b == b'/' && files.contains(&p[..i]))
+    };
+    let mut out: Vec<Vec<u8>> = Vec::new();
+    // Sorted paths put a directory right before what is under it.
+    for e in &live.entries {
+        let under_gone = out.last().is_some_and(|d| {
+            e.path.len() > d.len() && e.path.starts_with(d) && e.path[d.len()] == b'/'
+        });
+        if !now.contains(e.path.as_slice()) && !under_gone && !under_file(&e.path) {
+            out.push(e.path.clone());
+        }
+    }
+    out
+}
+
 fn same(a: &Entry, b: &Entry) -> bool {
     match (&a.kind, &b.kind) {
         (Kind::File { .. }, Kind::File { .. }) => a.object() == b.object(),
@@ -158,6 +188,34 @@ mod tests {
             to_copy(&local, None),
             vec![0, 1, 2],
             "first deploy: everything"
+        );
+    }
+
+    #[test]
+    fn gone_lists_each_removed_path_once() {
+        let dir = |p: &str| Entry {
+            path: p.as_bytes().to_vec(),
+            kind: Kind::Dir { mode: 0o755 },
+        };
+        let live = tree(vec![
+            file("a", b"1"),
+            dir("d"),
+            file("d/x", b"2"),
+            dir("d/sub"),
+            file("d/sub/y", b"3"),
+            file("d2", b"4"),
+            file("keep", b"5"),
+        ]);
+        let local = tree(vec![file("keep", b"changed"), file("new", b"6")]);
+        assert_eq!(
+            gone(&local, &live),
+            [b"a".to_vec(), b"d".to_vec(), b"d2".to_vec()]
+        );
+        assert!(gone(&live, &live).is_empty());
+        let now_a_file = tree(vec![file("d", b"was a directory")]);
+        assert_eq!(
+            gone(&now_a_file, &live),
+            [b"a".to_vec(), b"d2".to_vec(), b"keep".to_vec()]
         );
     }
 

@@ -263,8 +263,25 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
     } else {
         Vec::new()
     };
+    // In place, with `to` as ferry left it, the host removes only what the build dropped.
+    let gone = match &inv.live_manifest {
+        Some(live)
+            if step.mode == SyncMode::InPlace && inv.inplace.is_some() && inv.handmade == 0 =>
+        {
+            Some(diff::gone(&local, live))
+        }
+        _ => None,
+    };
     let wire = stream(
-        ctx, proc, &params, &from, &local, &plan, &copy, &paths, &meta,
+        ctx,
+        proc,
+        &params,
+        &from,
+        &local,
+        &plan,
+        (&copy, gone.as_deref()),
+        &paths,
+        &meta,
     )
     .await?;
     let release = wire.release;
@@ -496,7 +513,7 @@ async fn stream(
     from: &std::path::Path,
     local: &Arc<Manifest>,
     plan: &diff::Plan,
-    copy: &[usize],
+    (copy, gone): (&[usize], Option<&[Vec<u8>]>),
     paths: &Paths,
     meta: &remote::Meta,
 ) -> anyhow::Result<Sent> {
@@ -505,13 +522,14 @@ async fn stream(
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
     let builder = {
         let (root, local, plan) = (from.to_path_buf(), local.clone(), plan.clone());
-        let copy = copy.to_vec();
+        let (copy, gone) = (copy.to_vec(), gone.map(<[_]>::to_vec));
         let manifest = local.encode();
         let digest = meta.digest.clone();
         let meta_json = serde_json::to_vec(meta)?;
         let progress = progress.clone();
         tokio::task::spawn_blocking(move || {
             let extras = archive::Extras {
+                gone: gone.as_deref(),
                 manifest: &manifest,
                 digest: &digest,
                 meta_json: &meta_json,

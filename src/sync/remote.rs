@@ -171,15 +171,18 @@ tdrift() {
 # one `cp -pR` stages the copies in $T/.ferry-incoming (same filesystem as their destinations) and
 # one `mv -f` per directory renames them over; without, each file that differs from release $O is
 # copied on its own. Then anything of $R still missing in $T is put there.
+# With $KNOWN ($T held exactly $O, and $C and $X, the paths of $O that $R lacks, come from the
+# controller), the passes over every file are skipped: only the changes are touched.
 # Returns non-zero at the first failure (files replaced so far stay replaced).
 apply() {
   ST=$T/.ferry-incoming
   export T R O C PP ST
+  [ -n "$O" ] && [ -n "$C" ] || KNOWN=
   mkdir -p "$T" || return 1
   rm -rf "$ST" || return 1
-  find "$T" -name '.*.ferry-tmp' ! -type d -exec rm -f {} + || return 1
+  [ -n "$KNOWN" ] || find "$T" -name '.*.ferry-tmp' ! -type d -exec rm -f {} + || return 1
   find "$R" -type d -exec sh -c "$H" sh dir {} + || return 1
-  if [ -n "$O" ] && [ -e applied ]; then
+  if [ -z "$KNOWN" ] && [ -n "$O" ] && [ -e applied ]; then
     find "$T" ! -type d -newer applied -exec sh -c "$H" sh fix {} + || return 1
   fi
   copied=
@@ -191,10 +194,15 @@ apply() {
   if [ -n "$C" ] && [ -d "$PP" ]; then
     copied="$copied $(find "$PP" ! -type d -exec sh -c "$H" sh put1 {} + || echo x)"
   fi
-  copied="$copied $(find "$R" ! -type d -exec sh -c "$H" sh file {} + || echo x)"
+  [ -n "$KNOWN" ] || copied="$copied $(find "$R" ! -type d -exec sh -c "$H" sh file {} + || echo x)"
   case $copied in *x*) return 1 ;; esac
   copied=$(printf '%s\n' $copied | sum)
-  if [ "$1" = 1 ]; then find "$T" -depth -exec sh -c "$H" sh del {} + || return 1; fi
+  [ "$1" = 1 ] || return 0
+  if [ -n "$KNOWN" ]; then
+    [ ! -s "$X" ] || ( cd "$T" && xargs -0 rm -rf -- ) < "$X" || return 1
+  else
+    find "$T" -depth -exec sh -c "$H" sh del {} + || return 1
+  fi
 }
 "#
     };
@@ -325,8 +333,9 @@ mv incoming/digest "meta/$rid.digest"
 [ "$M" = in-place ] || rm -rf incoming
 touch stamp
 if [ "$M" = in-place ]; then
-  R=releases/$rid O= C=incoming/c PP=incoming/p
+  R=releases/$rid O= C=incoming/c PP=incoming/p X=incoming/gone KNOWN=
   [ -n "$inplace" ] && [ -d "releases/$live" ] && O=releases/$live
+  [ -n "$dirty" ] || [ ! -f incoming/gone ] || KNOWN=1
   apply "$DEL" || { echo "ferry: applying release $rid into $T failed; files already replaced stay new" >&2; exit 5; }
   rm -rf incoming
   printf '%s\n' "$rid" > inplace.new; mv -f inplace.new inplace; touch applied
