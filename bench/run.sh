@@ -7,8 +7,9 @@
 #
 # It starts a local sshd (tests/env/hosts.sh), makes trees with ../shared/bench/make_corpus.py, and for
 # each corpus runs three scenarios: first deploy, no-change redeploy, 5% change (--mutate 5). Each
-# scenario runs ferry (release mode), `rsync -a --delete` (plain) and `rsync -a --delete --link-dest`
-# (a new release directory hard-linked to the previous one, then a symlink switch, as ferry does).
+# scenario runs ferry in release mode against `rsync -a --delete --link-dest` (a new release
+# directory hard-linked to the previous one, then a symlink switch: the release-directory case), and
+# ferry `mode: in-place` against `rsync -a --delete` (one directory updated in place: the plain case).
 # Wall time is measured around each command; bytes on the wire are read from iptables counters on the
 # sshd port (raw table, both directions, IP and TCP headers included, the same for every tool).
 # The table is printed and written to bench/results.md.
@@ -95,19 +96,21 @@ for spec in $CORPORA; do
     cp -a "$pristine" "$src"
     sync; sleep 2
     mkdir -p "$dst/plain" "$dst/link"
-    cat > "$WORK/ferry-$name.yml" <<YML
-app: bench
+    for mode in release in-place; do
+      cat > "$WORK/ferry-$name-$mode.yml" <<YML
+app: bench-$mode
 environments:
   bench:
     root: $dst
     hosts: ["$FERRY_LOGIN@127.0.0.1:$PORT"]
     steps:
-      - sync: { from: "$src", to: ferry, keep: 3 }
+      - sync: { from: "$src", to: ferry-$mode, keep: 3, mode: $mode }
 YML
+    done
     n=0
     ferry_deploy() {
       n=$((n + 1))
-      "$FERRY" deploy "$WORK/ferry-$name.yml" --env bench --ref main --sha "$(printf '%040x' "$n")" \
+      "$FERRY" deploy "$WORK/ferry-$name-$1.yml" --env bench --ref main --sha "$(printf '%040x' "$n")" \
         --identity "$KEY" --known-hosts "$KH"
     }
     rel=0
@@ -125,18 +128,20 @@ YML
       sync
       # Take turns in a rotating order: whoever goes first after the tree was copied pays for the
       # filesystem's recently freed inodes (ext4 scans past them), so no tool always goes first.
-      order=(ferry rsync link)
-      for k in 0 1 2; do
-        case ${order[$(( (k + rep - 1) % 3 ))]} in
-          ferry) measure "$name	$scenario	ferry" ferry_deploy ;;
+      order=(ferry rsync link inplace)
+      for k in 0 1 2 3; do
+        case ${order[$(( (k + rep - 1) % 4 ))]} in
+          ferry) measure "$name	$scenario	ferry" ferry_deploy release ;;
+          inplace) measure "$name	$scenario	ferry in-place" ferry_deploy in-place ;;
           rsync) measure "$name	$scenario	rsync" rsync_plain ;;
           link) measure "$name	$scenario	rsync --link-dest" rsync_link ;;
         esac
       done
     done
-    # Sanity: ferry's live tree equals the source.
-    diff -r "$src" "$dst/ferry/" > /dev/null || { echo "ferry's tree differs from the source!" >&2; exit 1; }
-    diff -r "$src" "$dst/link/current/" > /dev/null || { echo "rsync's tree differs from the source!" >&2; exit 1; }
+    # Sanity: every tool's live tree equals the source.
+    for t in ferry-release ferry-in-place link/current plain/current; do
+      diff -r "$src" "$dst/$t/" > /dev/null || { echo "$t differs from the source!" >&2; exit 1; }
+    done
   done
   rm -rf "$src" "$dst" "$pristine"
 done
@@ -155,19 +160,27 @@ for key, tools in runs.items():
 reps = max(len(v) for tools in runs.values() for v in tools.values())
 targets = {"first": 1.0, "no-change": 0.5, "change-5pct": 0.6}
 def mb(b): return f"{b/1e6:.2f} MB" if b >= 0 else "n/a"
-out = ["| corpus | scenario | ferry | rsync | ratio | rsync --link-dest | ratio | target | ferry bytes | rsync bytes | --link-dest bytes | bytes ratio (max) |",
+def bratio(a, b): return f"{a[1]/b[1]:.2f}x" if min(a[1], b[1]) > 0 else "n/a"
+out = ["| corpus | scenario | target | ferry release | rsync --link-dest | ratio | bytes ratio | "
+       "ferry in-place | rsync | ratio | bytes ratio | ferry release / rsync |",
        "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 for (corpus, scen), t in by.items():
-    f, p, l = t["ferry"], t["rsync"], t["rsync --link-dest"]
-    known = min(f[1], p[1], l[1]) > 0
-    bratio = f"{max(f[1]/p[1], f[1]/l[1]):.2f}x" if known else "n/a"
-    out.append(f"| {corpus} | {scen} | {f[0]:.2f}s | {p[0]:.2f}s | {f[0]/p[0]:.2f}x | {l[0]:.2f}s | {f[0]/l[0]:.2f}x | "
-               f"≤ {targets[scen]}x | {mb(f[1])} | {mb(p[1])} | {mb(l[1])} | {bratio} |")
+    f, i, p, l = t["ferry"], t["ferry in-place"], t["rsync"], t["rsync --link-dest"]
+    out.append(f"| {corpus} | {scen} | ≤ {targets[scen]}x | {f[0]:.2f}s | {l[0]:.2f}s | {f[0]/l[0]:.2f}x | {bratio(f, l)} | "
+               f"{i[0]:.2f}s | {p[0]:.2f}s | {i[0]/p[0]:.2f}x | {bratio(i, p)} | {f[0]/p[0]:.2f}x |")
+out += ["", "Bytes on the wire:", "",
+        "| corpus | scenario | ferry release | rsync --link-dest | ferry in-place | rsync |",
+        "|---|---|---|---|---|---|"]
+for (corpus, scen), t in by.items():
+    out.append(f"| {corpus} | {scen} | " + " | ".join(mb(t[k][1]) for k in
+               ("ferry", "rsync --link-dest", "ferry in-place", "rsync")) + " |")
 table = "\n".join(out)
 print(table)
 head = (f"# ferry sync vs rsync\n\nMeasured {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC by `bash bench/run.sh` on "
         f"{platform.machine()}, {os.cpu_count()} cores, loopback sshd (OpenSSH). Wall time per command; bytes on the "
-        "wire from iptables counters on the sshd port, both directions. ratio = ferry / rsync (lower is better). "
+        "wire from iptables counters on the sshd port, both directions. ratio = ferry / rsync (lower is better): "
+        "ferry's release mode against `rsync --link-dest` (the release-directory case), ferry's in-place mode "
+        "against `rsync -a --delete` (the plain case), and release mode against plain rsync for reference. "
         f"Medians of {reps} runs. Each run starts from a fresh copy of the tree, so ferry's first deploy hashes everything (cold cache, as in CI); later deploys reuse its hash cache.\n\n")
 open(sys.argv[2], "w").write(head + table + "\n")
 PY
