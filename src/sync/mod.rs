@@ -181,15 +181,15 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
     };
     // A plan only reads; a deploy reads and applies in one exec (see remote::DEPLOY), which looks
     // at the host's side while we scan ours.
-    let (local, inv, mut proc) = if ctx.plan {
+    let (local, digest, inv, mut proc) = if ctx.plan {
         let local = scan.await?;
-        let inv = inventory(ctx.session, &paths, &local.digest(), step).await?;
-        (local, inv, None)
+        let digest = local.digest();
+        let inv = inventory(ctx.session, &paths, &digest, step).await?;
+        (local, digest, inv, None)
     } else {
-        let (local, inv, proc) = open_deploy(ctx.session, &paths, scan, step).await?;
-        (local, inv, Some(proc))
+        let (local, digest, inv, proc) = open_deploy(ctx.session, &paths, scan, step).await?;
+        (local, digest, inv, Some(proc))
     };
-    let digest = local.digest();
     tracing::debug!(elapsed = ?started.elapsed(), objects = inv.objects.len(), same = inv.same, "inventory of {}", paths.to);
     let decided = decide(ctx, step, &local, &paths, &inv);
     let (plan, report) = match decided {
@@ -411,14 +411,14 @@ fn decide(
     Ok(Decision::Send(Box::new((plan, report(true, counts)))))
 }
 
-/// Start the deploy script, finish `scan` meanwhile and hand the host its digest, and read the
-/// inventory; the process then waits for our decision.
+/// Start the deploy script, finish `scan` meanwhile and hand the host its digest (returned too),
+/// and read the inventory; the process then waits for our decision.
 async fn open_deploy(
     session: &Session,
     paths: &Paths,
     scan: impl std::future::Future<Output = anyhow::Result<Arc<Manifest>>>,
     step: &SyncStep,
-) -> anyhow::Result<(Arc<Manifest>, Inventory, Process)> {
+) -> anyhow::Result<(Arc<Manifest>, String, Inventory, Process)> {
     let host = session.name().to_string();
     let cmd = Session::script_command(
         remote::DEPLOY,
@@ -444,7 +444,8 @@ async fn open_deploy(
             return Err(e);
         }
     };
-    proc.write(format!("{}\n", local.digest()).as_bytes())
+    let digest = local.digest();
+    proc.write(format!("{digest}\n").as_bytes())
         .await
         .with_context(|| format!("{host}: the deploy script at {} went away", paths.store))?;
     let mut buf = Vec::new();
@@ -478,7 +479,7 @@ async fn open_deploy(
     let name = paths.to.rsplit('/').next().unwrap_or_default();
     let inv = remote::parse_inventory(&buf[..end], name)
         .with_context(|| format!("{host}: reading {}", paths.store))?;
-    Ok((local, inv, proc))
+    Ok((local, digest, inv, proc))
 }
 
 fn mode_arg(mode: SyncMode) -> &'static str {

@@ -100,6 +100,11 @@ if [ -e stamp ] && [ -n "$(live_scan | head -c 1)" ]; then live_scan; dirty=1; f
 macro_rules! in_place_sh {
     () => {
         r#"
+# Rename staged files (not directories) into the directory $1, replacing a directory in the way;
+# prints how many. `xargs` hands it many at a time. (No `{}` may appear in $H: find refuses it.)
+MV='dd=$1; shift
+for e; do b=$dd/${e##*/}; if [ -d "$b" ] && [ ! -L "$b" ]; then rm -rf "$b" || exit 1; fi; done
+mv -f "$@" "$dd/" && echo $#'
 H='put() {
   tmp="${2%/*}/.${2##*/}.ferry-tmp"
   rm -rf "$tmp" || return 1
@@ -108,16 +113,9 @@ H='put() {
   mv -fT "$tmp" "$2"
 }
 mvdir() {
-  dd=$T${1#"$ST"}; sd=$1; set --
-  for e in "$sd"/* "$sd"/.[!.]* "$sd"/..?*; do
-    [ -e "$e" ] || [ -L "$e" ] || continue
-    [ -d "$e" ] && [ ! -L "$e" ] && continue
-    b=$dd/${e##*/}
-    if [ -d "$b" ] && [ ! -L "$b" ]; then rm -rf "$b" || return 1; fi
-    set -- "$@" "$e"
-  done
-  n=$((n+$#))
-  [ $# -eq 0 ] || mv -f "$@" "$dd/"
+  c=$( (find "$1" -mindepth 1 -maxdepth 1 ! -type d -print0 | xargs -0 -r sh -c "$MV" sh "$T${1#"$ST"}") || echo x)
+  case $c in *x*) return 1 ;; esac
+  for k in $c; do n=$((n+k)); done
 }
 phase=$1; shift
 n=0
@@ -176,7 +174,7 @@ tdrift() {
 # Returns non-zero at the first failure (files replaced so far stay replaced).
 apply() {
   ST=$T/.ferry-incoming
-  export T R O C PP ST
+  export T R O C PP ST MV
   [ -n "$O" ] && [ -n "$C" ] || KNOWN=
   mkdir -p "$T" || return 1
   rm -rf "$ST" || return 1
