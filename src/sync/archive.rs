@@ -28,7 +28,7 @@ pub struct Extras<'a> {
     /// sent as `incoming/gone` (NUL-separated), so the host touches only what changes.
     pub gone: Option<&'a [Vec<u8>]>,
     /// In-place mode: indices of the entries `to` must get (added or changed). They also go under
-    /// `incoming/c/` (each object once, for one `cp -pR` on the host) and `incoming/p/` (further
+    /// `incoming/c/` (each object once, for one tar pipe on the host) and `incoming/p/` (further
     /// paths of an object already in `c`, copied one by one so no two paths share an inode).
     pub copy: &'a [usize],
 }
