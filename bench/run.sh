@@ -90,9 +90,10 @@ for spec in $CORPORA; do
   echo "corpus $name: making the tree..." >&2
   python3 "$CORPUS_PY" "$pristine" --files "$files" --mb "$mb" --seed 7
   for rep in $(seq "$REPS"); do
-    src=$WORK/src-$name
-    dst=$WORK/dst-$name
-    rm -rf "$src" "$dst"
+    # Fresh directories per run, all removed at the end: ext4 makes files slowly for a while after
+    # mass deletions, which would land on whichever tool writes first.
+    src=$WORK/src-$name-$rep
+    dst=$WORK/dst-$name-$rep
     cp -a "$pristine" "$src"
     sync; sleep 2
     mkdir -p "$dst/plain" "$dst/link"
@@ -143,8 +144,8 @@ YML
       diff -r "$src" "$dst/$t/" > /dev/null || { echo "$t differs from the source!" >&2; exit 1; }
     done
   done
-  rm -rf "$src" "$dst" "$pristine"
 done
+rm -rf "$WORK"/src-* "$WORK"/dst-* "$WORK"/pristine-*
 
 python3 - "$ROWS" "$OUT" <<'PY'
 import sys, collections, platform, os, datetime, statistics
