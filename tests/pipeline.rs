@@ -850,11 +850,13 @@ fn only_one_of_many_controllers_takes_over_an_expired_lock() {
     let runs: Vec<Run> = runs.into_iter().map(|t| t.join().unwrap()).collect();
     let winners: Vec<&Run> = runs.iter().filter(|r| r.code == 0).collect();
     assert_eq!(winners.len(), 1, "{runs:#?}");
-    assert!(
-        winners[0]
-            .stderr
-            .contains("took over the expired deploy lock")
-    );
+    // The winner took the expired lock over, or (under load) made a fresh one in the instant after
+    // another controller's takeover removed the stale one; either way only a winner says so.
+    for r in &runs {
+        if r.stderr.contains("took over the expired deploy lock") {
+            assert_eq!(r.code, 0, "{r:#?}");
+        }
+    }
     for r in runs.iter().filter(|r| r.code != 0) {
         assert_eq!(r.code, 1, "{r:#?}");
         assert!(r.stdout.contains("is held by"), "{r:#?}");

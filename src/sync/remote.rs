@@ -189,9 +189,10 @@ apply() {
   if [ -n "$C" ] && [ -d "$C" ]; then
     # A tar pipe, not `cp -pR`: GNU cp tracks sources with several links (these are) and took
     # 25 s for 50,000 files where this takes a few.
-    mkdir "$ST" && rm -f incoming/c.failed || return 1
-    ( cd "$C" && tar -cf - . || : > ../c.failed ) | ( cd "$ST" && tar -xpf - ) || return 1
-    [ ! -e incoming/c.failed ] || return 1
+    cf=$PWD/incoming/c.failed
+    mkdir "$ST" && rm -f "$cf" || return 1
+    ( cd "$C" && tar -cf - . || : > "$cf" ) | ( cd "$ST" && tar -xpf - ) || return 1
+    [ ! -e "$cf" ] || return 1
     copied=$(find "$ST" -type d -exec sh -c "$H" sh move {} + || echo x)
     rm -rf "$ST" || return 1
   fi
@@ -250,14 +251,15 @@ rec tail gz
 /// A whole deploy in one exec. First it cleans up what an interrupted deploy left (`incoming/`,
 /// then objects no release links to) and prints the same records as [`INVENTORY`] up to the
 /// digest check. It reads the local tree's digest from stdin (the controller scans meanwhile),
-/// prints `same` or the tail (with its length), then `end`. Then it reads one line: `<release id> <adopt 0|1> <ids to
-/// prune> <objects to drop>` (lists comma-separated, `-` for none), or EOF to stop there. The rest
-/// of stdin is the gzip'd tar stream: drop the objects edited by hand, unpack the stream (objects
-/// straight into `objects/`, the tree under `incoming/r`), check its trailer, name the release
-/// (unique), switch `to` with one rename, prune and collect the objects nothing links to any more. In mode `in-place` the last steps differ: the tree is applied into the directory
-/// `to` (`in_place_sh!`: copy to a temp name or a staging dir beside each file, rename over), then
-/// `inplace` names the release and `applied` is touched. Args: store, to, mode (`release` or
-/// `in-place`), delete extras in place (1/0).
+/// prints `same` or the tail (with its length), then `end`. Then it reads one line:
+/// `<release id> <adopt 0|1> <ids to prune> <objects to drop>` (lists comma-separated, `-` for
+/// none), or EOF to stop there. The rest of stdin is the gzip'd tar stream: drop the objects edited
+/// by hand, unpack the stream (objects straight into `objects/`, the tree under `incoming/r`), check
+/// its trailer, name the release (unique), switch `to` with one rename, prune and collect the
+/// objects nothing links to any more. In mode `in-place` the last steps differ: the tree is applied
+/// into the directory `to` (`in_place_sh!`: copy to a temp name or a staging dir beside each file,
+/// rename over; with `incoming/gone`, only what changed), then `inplace` names the release and
+/// `applied` is touched. Args: store, to, mode (`release` or `in-place`), delete extras (1/0).
 pub const DEPLOY: &str = concat!(
     in_place_sh!(),
     r#"
