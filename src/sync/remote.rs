@@ -74,21 +74,35 @@ fi
     };
 }
 
-/// Release mode: one pass over the live release (cwd: the store), printing a record per path ferry
-/// did not leave there. A file newer than `stamp` that still shares its inode with an object was
-/// edited in place (`edited`: that object is spoilt); a file with one link (added or replaced), or
-/// anything else newer than `stamp` (a directory whose entries were added, removed or renamed), was
-/// `touched`. Sets `dirty` when it printed anything. Needs `live`.
-macro_rules! live_scan_sh {
+/// What the store holds (cwd: the store), recorded with `rec`: its releases, their metadata, and
+/// what changed by hand since the last deploy. In-place mode asks `tdrift`; release mode makes one
+/// pass over the live release, printing a record per path ferry did not leave there: a file newer
+/// than `stamp` that still shares its inode with an object was edited in place (`edited`: that
+/// object is spoilt); a file with one link (added or replaced), or anything else newer than `stamp`
+/// (a directory whose entries were added, removed or renamed), was `touched`. Sets `dirty` when
+/// anything changed. Needs `live` and `inplace` (`target_state_sh!`). Shared by the inventory and
+/// the deploy script.
+macro_rules! store_state_sh {
     () => {
         r#"
+for r in releases/*; do [ -d "$r" ] && rec release "${r#releases/}"; done
+for m in meta/*.json; do
+  [ -f "$m" ] || continue
+  n=${m#meta/}; printf 'meta\t%s\t' "${n%.json}"; cat "$m"; printf '\0'
+done
 live_scan() {
   # (BusyBox find runs no `-exec ... +` inside parentheses.)
   find "releases/$live" -type f -newer stamp ! -links 1 -exec printf 'edited\t%s\0' {} + -o \
     \( -type f -links 1 -o -newer stamp \) -exec printf 'touched\t%s\0' {} +
 }
 dirty=
-if [ -e stamp ] && [ -n "$(live_scan | head -c 1)" ]; then live_scan; dirty=1; fi
+if [ -n "$live" ] && [ -d "releases/$live" ]; then
+  if [ -n "$inplace" ]; then
+    O=releases/$live; n=$(tdrift); rec handmade "$n"; [ "$n" -eq 0 ] || dirty=1
+  elif [ -e stamp ] && [ -n "$(live_scan | head -c 1)" ]; then
+    live_scan; dirty=1
+  fi
+fi
 "#
     };
 }
@@ -225,21 +239,9 @@ S=$1 T=$2 D=$3 DEL=${4:-1}
     r#"[ -d "$S/releases" ] || { rec store no; exit 0; }
 rec store yes
 cd "$S" || exit 1
-for r in releases/*; do [ -d "$r" ] && rec release "${r#releases/}"; done
-for m in meta/*.json; do
-  [ -f "$m" ] || continue
-  n=${m#meta/}; printf 'meta\t%s\t' "${n%.json}"; cat "$m"; printf '\0'
-done
-dirty=
-if [ -n "$live" ] && [ -d "releases/$live" ]; then
-  if [ -n "$inplace" ]; then O=releases/$live; n=$(tdrift); rec handmade "$n"; [ "$n" -eq 0 ] || dirty=1
-  else
 "#,
-    live_scan_sh!(),
-    r#"
-  fi
-fi
-[ "$D" = - ] && exit 0
+    store_state_sh!(),
+    r#"[ "$D" = - ] && exit 0
 if [ -z "$dirty" ] && [ -n "$live" ] && [ -f "meta/$live.digest" ] && [ "$(cat "meta/$live.digest")" = "$D" ]; then
   rec same yes; exit 0
 fi
@@ -278,21 +280,9 @@ P=${T%/*} N=${T##*/}
     find objects -type f -links 1 -exec rm -f {} +
     rm -rf incoming
   fi
-  for r in releases/*; do [ -d "$r" ] && rec release "${r#releases/}"; done
-  for m in meta/*.json; do
-    [ -f "$m" ] || continue
-    n=${m#meta/}; printf 'meta\t%s\t' "${n%.json}"; cat "$m"; printf '\0'
-  done
-  dirty=
-  if [ -n "$live" ] && [ -d "releases/$live" ]; then
-    if [ -n "$inplace" ]; then
-      O=releases/$live; n=$(tdrift); rec handmade "$n"; [ "$n" -eq 0 ] || dirty=1
-    else
 "#,
-    live_scan_sh!(),
+    store_state_sh!(),
     r#"
-    fi
-  fi
   # The digest of the local tree comes once the controller has scanned it (meanwhile, we did).
   read -r D || exit 0
   if [ -z "$dirty" ] && [ -n "$live" ] && [ -f "meta/$live.digest" ] &&
