@@ -82,6 +82,12 @@ fn step(run: &Run) -> serde_json::Value {
     json(run)[0]["steps"][0].clone()
 }
 
+/// The step reported drift, in words containing `what`.
+fn assert_drift(s: &serde_json::Value, what: &str) {
+    let drift = s["detail"]["drift"].as_str().unwrap_or_default();
+    assert!(drift.contains(what), "drift should mention {what:?}: {s}");
+}
+
 fn live_release(to: &Path) -> String {
     let t = std::fs::read_link(to).unwrap_or_else(|e| panic!("{}: {e}", to.display()));
     t.file_name().unwrap().to_string_lossy().into_owned()
@@ -383,13 +389,7 @@ fn hand_edits(busybox: bool) {
     std::fs::write(to.join("index.html"), b"hacked on the host").unwrap();
     let run = site.deploy(&sha(2)).success();
     let s = step(&run);
-    assert!(
-        s["detail"]["drift"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("modified on the host"),
-        "{s}"
-    );
+    assert_drift(&s, "modified on the host");
     assert_eq!(s["files_sent"], 1, "the edited content is re-sent: {s}");
     assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"original");
     // The next deploy sees no drift.
@@ -402,13 +402,7 @@ fn hand_edits(busybox: bool) {
     std::fs::write(to.join("extra.txt"), b"left by hand").unwrap();
     let s = step(&site.deploy(&sha(4)).success());
     assert_eq!(s["changed"], true, "{s}");
-    assert!(
-        s["detail"]["drift"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("added, replaced or removed"),
-        "{s}"
-    );
+    assert_drift(&s, "added, replaced or removed");
     assert_eq!(s["files_sent"], 0, "nothing new to send: {s}");
     assert_eq!(std::fs::read(to.join("other.html")).unwrap(), b"other");
     assert!(!to.join("extra.txt").exists());
@@ -750,13 +744,7 @@ fn in_place_lifecycle(busybox: bool) {
     std::fs::write(to.join("index.html"), b"hacked").unwrap();
     std::fs::remove_file(to.join("assets/app.1.js")).unwrap();
     let s = step(&site.deploy(&sha(4)).success());
-    assert!(
-        s["detail"]["drift"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("2 file(s) edited or removed"),
-        "{s}"
-    );
+    assert_drift(&s, "2 file(s) edited or removed");
     assert_eq!(s["files_sent"], 0, "the store still has the content: {s}");
     assert_eq!(
         std::fs::read(to.join("index.html")).unwrap(),
