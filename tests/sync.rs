@@ -739,13 +739,15 @@ fn in_place_lifecycle(busybox: bool) {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 
-    // Hand edits (a changed file, a removed file) are detected and repaired from the store.
+    // Hand edits (a changed file, a removed file) are detected and repaired: content the host
+    // still has elsewhere (copy.html) is copied there, the removed file's content is sent again.
     std::thread::sleep(Duration::from_millis(1100));
     std::fs::write(to.join("index.html"), b"hacked").unwrap();
     std::fs::remove_file(to.join("assets/app.1.js")).unwrap();
     let s = step(&site.deploy(&sha(4)).success());
-    assert_drift(&s, "2 file(s) edited or removed");
-    assert_eq!(s["files_sent"], 0, "the store still has the content: {s}");
+    assert_drift(&s, "2 path(s) added, edited or removed");
+    assert_eq!(s["files_sent"], 1, "only what the host lost: {s}");
+    assert_eq!(s["detail"]["replaced_in_place"], 2, "{s}");
     assert_eq!(
         std::fs::read(to.join("index.html")).unwrap(),
         b"<h1>v2</h1>"
@@ -764,6 +766,11 @@ fn in_place_lifecycle(busybox: bool) {
         .success();
     check_hostile(&to);
     assert!(!to.join("assets/new file.txt").exists() && !to.join("copy.html").exists());
+    assert_eq!(
+        nlink(&to.join("index.html")),
+        1,
+        "re-applied from the store as a copy"
+    );
     assert_eq!(
         std::fs::read_to_string(site.root().join("web/.app.ferry/inplace")).unwrap(),
         first

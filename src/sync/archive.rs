@@ -7,6 +7,7 @@
 //! uncompressed bytes. Content that does not compress (images, fonts, archives: judged by the byte
 //! entropy of its first block) goes in stored deflate blocks, which cost almost no CPU on either side.
 
+use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -16,21 +17,14 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use anyhow::{Context, bail};
 use tar::{EntryType, Header};
 
-use super::diff::Plan;
-use super::manifest::{Kind, Manifest};
+use super::diff::{Apply, Plan, Source};
+use super::manifest::{Entry, Kind, Manifest};
 
-/// Small files that travel with the tree.
+/// Small files that travel with the tree (`None` when re-applying a release the host has).
 pub struct Extras<'a> {
     pub manifest: &'a [u8],
     pub digest: &'a str,
     pub meta_json: &'a [u8],
-    /// In-place mode, when the host's `to` holds exactly the live release: the paths it must lose,
-    /// sent as `incoming/gone` (NUL-separated), so the host touches only what changes.
-    pub gone: Option<&'a [Vec<u8>]>,
-    /// In-place mode: indices of the entries `to` must get (added or changed). They also go under
-    /// `incoming/c/` (each object once, for one tar pipe on the host) and `incoming/p/` (further
-    /// paths of an object already in `c`, copied one by one so no two paths share an inode).
-    pub copy: &'a [usize],
 }
 
 fn header(kind: EntryType, mode: u32, size: u64) -> Header {
@@ -44,36 +38,91 @@ fn header(kind: EntryType, mode: u32, size: u64) -> Header {
     h
 }
 
-/// A symlink entry as it is, or a file as a hard link to its object; a directory adds nothing.
-fn link_entry<W: Write>(
-    tar: &mut tar::Builder<W>,
-    path: &Path,
-    e: &super::manifest::Entry,
-) -> std::io::Result<()> {
-    match &e.kind {
-        Kind::Symlink { target } => {
-            let mut h = header(EntryType::Symlink, 0o777, 0);
-            tar.append_link(&mut h, path, std::ffi::OsStr::from_bytes(target))
-        }
-        Kind::File { mode, .. } => {
-            let mut h = header(EntryType::Link, *mode, 0);
-            tar.append_link(
-                &mut h,
-                path,
-                format!("objects/{}", e.object().expect("file")),
-            )
-        }
-        Kind::Dir { .. } => Ok(()),
-    }
-}
-
 fn rel(prefix: &str, path: &[u8]) -> std::path::PathBuf {
     let mut p = prefix.as_bytes().to_vec();
     p.extend_from_slice(path);
     std::path::PathBuf::from(std::ffi::OsStr::from_bytes(&p))
 }
 
-/// Write the stream for `plan` into `out`. `sent(n)` is called as content bytes are read.
+/// The tar builder over the gzip member, and what reading a file needs.
+struct Stream<'a, W: Write> {
+    tar: tar::Builder<Gz<W>>,
+    level: Arc<AtomicU32>,
+    root: &'a Path,
+    sent: &'a dyn Fn(u64),
+}
+
+impl<'a, W: Write> Stream<'a, W> {
+    fn new(out: W, root: &'a Path, sent: &'a dyn Fn(u64)) -> anyhow::Result<Self> {
+        let level = Arc::new(AtomicU32::new(FAST));
+        let gz = Gz::new(out, level.clone())?;
+        Ok(Stream {
+            tar: tar::Builder::new(gz),
+            level,
+            root,
+            sent,
+        })
+    }
+
+    fn dir(&mut self, path: impl AsRef<Path>, mode: u32) -> std::io::Result<()> {
+        let mut h = header(EntryType::Directory, mode, 0);
+        self.tar.append_data(&mut h, path, std::io::empty())
+    }
+
+    fn link(&mut self, kind: EntryType, mode: u32, path: &Path, to: &Path) -> std::io::Result<()> {
+        self.tar.append_link(&mut header(kind, mode, 0), path, to)
+    }
+
+    fn small(&mut self, name: &str, data: &[u8]) -> std::io::Result<()> {
+        let mut h = header(EntryType::Regular, 0o644, data.len() as u64);
+        self.tar.append_data(&mut h, name, data)
+    }
+
+    /// A local file's content under `name`, checked against the hash it was planned with.
+    fn file(&mut self, e: &Entry, name: &Path) -> anyhow::Result<()> {
+        let Kind::File { size, mode, hash } = &e.kind else {
+            bail!("not a file");
+        };
+        let full = self.root.join(std::ffi::OsStr::from_bytes(&e.path));
+        let f = std::fs::File::open(&full)
+            .with_context(|| format!("cannot read {}", full.display()))?;
+        let mut reader = Verify {
+            inner: f.take(*size),
+            hasher: blake3::Hasher::new(),
+            n: 0,
+            sent: self.sent,
+            level: &self.level,
+        };
+        let mut h = header(EntryType::Regular, *mode, *size);
+        self.tar
+            .append_data(&mut h, name, &mut reader)
+            .with_context(|| format!("sending {}", full.display()))?;
+        if reader.n != *size || reader.hasher.finalize().as_bytes() != hash {
+            bail!(
+                "{} changed while ferry was sending it; rebuild or re-run the deploy",
+                full.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// The small files and the trailer, then the end of the stream.
+    fn finish(mut self, dir: &str, extras: Option<&Extras<'_>>) -> anyhow::Result<()> {
+        if let Some(x) = extras {
+            self.small(&format!("{dir}manifest"), x.manifest)?;
+            self.small(&format!("{dir}digest"), x.digest.as_bytes())?;
+            self.small(&format!("{dir}meta.json"), x.meta_json)?;
+        }
+        self.small(&format!("{dir}COMPLETE"), b"ok\n")?;
+        let gz = self.tar.into_inner().context("finishing the stream")?;
+        let mut out = gz.finish().context("finishing the stream")?;
+        out.flush().context("finishing the stream")?;
+        Ok(())
+    }
+}
+
+/// Release mode: the stream for `plan` (unpacked in the store): each missing object, then the new
+/// release tree under `incoming/r/` as links. `sent(n)` is called as content bytes are read.
 pub fn write(
     root: &Path,
     local: &Manifest,
@@ -82,87 +131,114 @@ pub fn write(
     out: impl Write,
     sent: &dyn Fn(u64),
 ) -> anyhow::Result<()> {
-    let level = Arc::new(AtomicU32::new(FAST));
-    let gz = Gz::new(out, level.clone())?;
-    let mut tar = tar::Builder::new(gz);
-    let dir = |tar: &mut tar::Builder<_>, path: &str, mode: u32| -> std::io::Result<()> {
-        let mut h = header(EntryType::Directory, mode, 0);
-        tar.append_data(&mut h, path, std::io::empty())
-    };
-    dir(&mut tar, "objects", 0o755)?;
+    let mut s = Stream::new(out, root, sent)?;
+    s.dir("objects", 0o755)?;
     for &i in &plan.send {
         let e = &local.entries[i];
-        let Kind::File { size, mode, hash } = &e.kind else {
-            continue;
-        };
-        let obj = e.object().expect("file");
-        let full = root.join(std::ffi::OsStr::from_bytes(&e.path));
-        let f = std::fs::File::open(&full)
-            .with_context(|| format!("cannot read {}", full.display()))?;
-        let mut reader = Verify {
-            inner: f.take(*size),
-            hasher: blake3::Hasher::new(),
-            n: 0,
-            sent,
-            level: &level,
-        };
-        let mut h = header(EntryType::Regular, *mode, *size);
-        tar.append_data(&mut h, format!("objects/{obj}"), &mut reader)
-            .with_context(|| format!("sending {}", full.display()))?;
-        if reader.n != *size || reader.hasher.finalize().as_bytes() != hash {
-            bail!(
-                "{} changed while ferry was sending it; rebuild or re-run the deploy",
-                full.display()
-            );
+        if let Some(obj) = e.object() {
+            s.file(e, Path::new(&format!("objects/{obj}")))?;
         }
     }
-    dir(&mut tar, "incoming/r", local.root_mode)?;
+    s.dir("incoming/r", local.root_mode)?;
     for e in &local.entries {
         let path = rel("incoming/r/", &e.path);
         match &e.kind {
-            Kind::Dir { mode } => {
-                let mut h = header(EntryType::Directory, *mode, 0);
-                tar.append_data(&mut h, &path, std::io::empty())?;
+            Kind::Dir { mode } => s.dir(&path, *mode)?,
+            Kind::Symlink { target } => s.link(
+                EntryType::Symlink,
+                0o777,
+                &path,
+                Path::new(OsStr::from_bytes(target)),
+            )?,
+            Kind::File { mode, .. } => {
+                let obj = format!("objects/{}", e.object().expect("file"));
+                s.link(EntryType::Link, *mode, &path, Path::new(&obj))?
             }
-            Kind::Symlink { .. } | Kind::File { .. } => link_entry(&mut tar, &path, e)?,
         }
     }
-    if !extras.copy.is_empty() {
-        let mut made = std::collections::HashSet::new();
-        let mut objects = std::collections::HashSet::new();
-        for &i in extras.copy {
-            let e = &local.entries[i];
-            let dup = e.object().is_some_and(|obj| !objects.insert(obj));
-            let sub = if dup { "incoming/p/" } else { "incoming/c/" };
-            // Ancestors first (staging dirs; `to`'s own dirs get their modes from the release).
-            let full = [sub.as_bytes(), &e.path].concat();
-            for (j, &b) in full.iter().enumerate().skip("incoming/".len()) {
-                if b == b'/' && made.insert(full[..j].to_vec()) {
-                    let mut h = header(EntryType::Directory, 0o700, 0);
-                    tar.append_data(&mut h, rel("", &full[..j]), std::io::empty())?;
-                }
+    s.finish("incoming/", Some(extras))
+}
+
+/// The staging directory inside `to` (same filesystem, so staged files rename into place).
+pub const STAGING: &str = ".ferry-incoming";
+
+/// Mode `in-place`: the stream for `apply`, unpacked in the directory that holds both `to`
+/// (`<name>`) and its store (`.<name>.ferry`). It links each live file whose content leaves `to`
+/// into the store's objects, stages every path `to` gets under `<name>/.ferry-incoming/` (content
+/// from the stream, or a hard link to where the host has it, which the host then copies so no two
+/// paths share an inode), and leaves the lists the host applies in `.<name>.ferry/incoming/`:
+/// `dirs` (`<mode>/<path>`, NUL-separated) and `gone`.
+pub fn write_in_place(
+    root: &Path,
+    name: &str,
+    local: &Manifest,
+    apply: &Apply,
+    extras: Option<&Extras<'_>>,
+    out: impl Write,
+    sent: &dyn Fn(u64),
+) -> anyhow::Result<()> {
+    let mut s = Stream::new(out, root, sent)?;
+    let store = format!(".{name}.ferry/");
+    let staging = format!("{name}/{STAGING}/");
+    for (obj, path) in &apply.preserve {
+        let (at, live) = (
+            format!("{store}objects/{obj}"),
+            rel(&format!("{name}/"), path),
+        );
+        s.link(EntryType::Link, 0o644, Path::new(&at), &live)?;
+    }
+    s.dir(&staging, 0o700)?;
+    let mut made = std::collections::HashSet::new();
+    for (i, from) in &apply.write {
+        let e = &local.entries[*i];
+        for (j, &b) in e.path.iter().enumerate() {
+            if b == b'/' && made.insert(&e.path[..j]) {
+                s.dir(rel(&staging, &e.path[..j]), 0o700)?;
             }
-            link_entry(&mut tar, &rel("", &full), e)?;
+        }
+        let path = rel(&staging, &e.path);
+        let mode = match e.kind {
+            Kind::File { mode, .. } => mode,
+            _ => 0o777,
+        };
+        match (&e.kind, from) {
+            (Kind::Symlink { target }, _) => s.link(
+                EntryType::Symlink,
+                0o777,
+                &path,
+                Path::new(OsStr::from_bytes(target)),
+            )?,
+            (_, Source::Sent) => s.file(e, &path)?,
+            (_, Source::Object(o)) => s.link(
+                EntryType::Link,
+                mode,
+                &path,
+                Path::new(&format!("{store}objects/{o}")),
+            )?,
+            (_, Source::Live(p)) => {
+                s.link(EntryType::Link, mode, &path, &rel(&format!("{name}/"), p))?
+            }
+            (_, Source::Staged(p)) => s.link(EntryType::Link, mode, &path, &rel(&staging, p))?,
         }
     }
-    if let Some(gone) = extras.gone {
-        let list: Vec<u8> = gone.iter().flat_map(|p| [&p[..], b"\0"].concat()).collect();
-        let mut h = header(EntryType::Regular, 0o644, list.len() as u64);
-        tar.append_data(&mut h, "incoming/gone", list.as_slice())?;
-    }
-    for (name, data) in [
-        ("incoming/manifest", extras.manifest),
-        ("incoming/digest", extras.digest.as_bytes()),
-        ("incoming/meta.json", extras.meta_json),
-        ("incoming/COMPLETE", b"ok\n".as_slice()),
-    ] {
-        let mut h = header(EntryType::Regular, 0o644, data.len() as u64);
-        tar.append_data(&mut h, name, data)?;
-    }
-    let gz = tar.into_inner().context("finishing the stream")?;
-    let mut out = gz.finish().context("finishing the stream")?;
-    out.flush().context("finishing the stream")?;
-    Ok(())
+    let list = |items: &mut dyn Iterator<Item = Vec<u8>>| -> Vec<u8> {
+        items
+            .flat_map(|mut p| {
+                p.push(0);
+                p
+            })
+            .collect()
+    };
+    let dirs = list(
+        &mut apply
+            .dirs
+            .iter()
+            .map(|(mode, p)| [format!("{mode:o}/").as_bytes(), p].concat()),
+    );
+    let gone = list(&mut apply.gone.iter().cloned());
+    s.small(&format!("{store}incoming/dirs"), &dirs)?;
+    s.small(&format!("{store}incoming/gone"), &gone)?;
+    s.finish(&format!("{store}incoming/"), extras)
 }
 
 /// Reads a file while hashing it, so that what is sent is exactly what was hashed; picks the
@@ -365,11 +441,9 @@ mod tests {
         let p = diff::plan(&m, None, &Default::default());
         let mut out = Vec::new();
         let extras = Extras {
-            gone: None,
             manifest: &m.encode(),
             digest: &m.digest(),
             meta_json: b"{}",
-            copy: &[],
         };
         write(&src, &m, &p, &extras, &mut out, &|_| {}).unwrap();
         assert!(

@@ -2,7 +2,7 @@
 //! host's store holds (minus those edited by hand), decide what to send and what the change is.
 //! No IO here; tested with data.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::manifest::{Entry, Kind, Manifest};
 
@@ -82,26 +82,165 @@ pub fn plan(local: &Manifest, live: Option<&Manifest>, have: &HashSet<String>) -
     p
 }
 
-/// In-place mode: indices of the local files and symlinks that `live` (the tree applied last, `None`
-/// on a first deploy) does not already hold as they are, i.e. what `to` must get written.
-pub fn to_copy(local: &Manifest, live: Option<&Manifest>) -> Vec<usize> {
-    let before: BTreeMap<&[u8], &Entry> = live
-        .map(|m| m.entries.iter().map(|e| (e.path.as_slice(), e)).collect())
-        .unwrap_or_default();
-    local
-        .entries
-        .iter()
-        .enumerate()
-        .filter(|(_, e)| !matches!(e.kind, Kind::Dir { .. }))
-        .filter(|(_, e)| !before.get(e.path.as_slice()).is_some_and(|o| same(o, e)))
-        .map(|(i, _)| i)
-        .collect()
+/// In-place mode: what the directory `to` holds now, as far as the host could tell.
+#[derive(Debug, Default)]
+pub struct Target<'a> {
+    /// The manifest of the release last applied into `to` (`None`: none yet).
+    pub live: Option<&'a Manifest>,
+    /// Paths (not directories) written, added or replaced by hand since that apply.
+    pub changed: HashSet<&'a [u8]>,
+    /// Every path in `to`, when the host listed them (a directory changed, or none was applied).
+    pub listing: Option<HashSet<&'a [u8]>>,
 }
 
-/// In-place mode: the paths of `live` (files, links, directories) that `local` lacks, a directory
-/// once and not what is under it, for the host to remove. Entries whose kind changes are replaced
-/// by the copy step, not listed here.
-pub fn gone(local: &Manifest, live: &Manifest) -> Vec<Vec<u8>> {
+impl Target<'_> {
+    /// The path still holds what the live release put there.
+    fn intact(&self, path: &[u8]) -> bool {
+        !self.changed.contains(path) && self.listing.as_ref().is_none_or(|l| l.contains(path))
+    }
+
+    /// Objects the host holds in `to`, each at one intact path.
+    pub fn contents(&self) -> BTreeMap<String, &[u8]> {
+        let mut out = BTreeMap::new();
+        for e in self.live.map(|m| m.entries.as_slice()).unwrap_or_default() {
+            if let Some(o) = e.object()
+                && self.intact(&e.path)
+            {
+                out.entry(o).or_insert(e.path.as_slice());
+            }
+        }
+        out
+    }
+}
+
+/// Where a file `to` must get comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// The stream (the local file; symlinks too).
+    Sent,
+    /// The store's object of that name.
+    Object(String),
+    /// A file in `to` that holds this content now.
+    Live(Vec<u8>),
+    /// An earlier path of this apply that gets the same content.
+    Staged(Vec<u8>),
+}
+
+/// In-place mode: the work that turns `to` into the local tree.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Apply {
+    /// Local entries (files, symlinks) `to` must get, and where each comes from.
+    pub write: Vec<(usize, Source)>,
+    /// Live files whose content goes into the store (object, path) before they are replaced or
+    /// removed, so that earlier releases can be applied again.
+    pub preserve: Vec<(String, Vec<u8>)>,
+    /// Directories to make or chmod (mode, path; `.` is `to` itself), parents first.
+    pub dirs: Vec<(u32, Vec<u8>)>,
+    /// Paths removed at the end (extras; a directory once, not what is under it).
+    pub gone: Vec<Vec<u8>>,
+    /// Paths in `to` added, edited or removed by hand since the last apply that this one repairs.
+    pub handmade: u64,
+}
+
+/// In-place mode: compare `local` with what `to` holds. `objects` are the store's trusted objects;
+/// `sent` the entries the stream carries (one per missing content, from [`plan`]); with `delete`,
+/// extras go. Unchanged paths are not touched.
+pub fn in_place(
+    local: &Manifest,
+    target: &Target<'_>,
+    objects: &HashSet<String>,
+    sent: &[usize],
+    delete: bool,
+) -> Apply {
+    let mut a = Apply::default();
+    let live: BTreeMap<&[u8], &Entry> = target
+        .live
+        .map(|m| m.entries.iter().map(|e| (e.path.as_slice(), e)).collect())
+        .unwrap_or_default();
+    let contents = target.contents();
+    let sent: HashSet<usize> = sent.iter().copied().collect();
+    let mut staged: HashMap<String, &[u8]> = HashMap::new();
+    if target.live.map(|m| m.root_mode) != Some(local.root_mode) {
+        a.dirs.push((local.root_mode, b".".to_vec()));
+    }
+    for (i, e) in local.entries.iter().enumerate() {
+        let old = live.get(e.path.as_slice());
+        if target.intact(&e.path) && old.is_some_and(|o| o.kind == e.kind || same(o, e)) {
+            continue;
+        }
+        match &e.kind {
+            Kind::Dir { mode } => a.dirs.push((*mode, e.path.clone())),
+            Kind::Symlink { .. } => a.write.push((i, Source::Sent)),
+            Kind::File { .. } => {
+                let o = e.object().expect("file");
+                let from = if sent.contains(&i) {
+                    Source::Sent
+                } else if let Some(p) = staged.get(&o) {
+                    Source::Staged(p.to_vec())
+                } else if objects.contains(&o) {
+                    Source::Object(o.clone())
+                } else if let Some(p) = contents.get(&o) {
+                    Source::Live(p.to_vec())
+                } else {
+                    Source::Sent
+                };
+                staged.entry(o).or_insert(e.path.as_slice());
+                a.write.push((i, from));
+            }
+        }
+    }
+    // Live content about to leave `to` goes into the store first.
+    let now: BTreeMap<&[u8], &Entry> = local
+        .entries
+        .iter()
+        .map(|e| (e.path.as_slice(), e))
+        .collect();
+    let mut preserved = HashSet::new();
+    for (path, e) in &live {
+        if let Some(o) = e.object()
+            && target.intact(path)
+            && !now.get(path).is_some_and(|n| same(n, e))
+            && !objects.contains(&o)
+            && preserved.insert(o.clone())
+        {
+            a.preserve.push((o, path.to_vec()));
+        }
+    }
+    if target.live.is_some() {
+        for p in &target.changed {
+            if live.contains_key(p) || (delete && !now.contains_key(p)) {
+                a.handmade += 1;
+            }
+        }
+        if let Some(listing) = &target.listing {
+            a.handmade += live
+                .iter()
+                .filter(|(p, e)| !matches!(e.kind, Kind::Dir { .. }) && !listing.contains(*p))
+                .count() as u64;
+            if delete {
+                a.handmade += listing
+                    .iter()
+                    .filter(|p| !live.contains_key(*p) && !target.changed.contains(*p))
+                    .count() as u64;
+            }
+        }
+    }
+    if delete {
+        let mut present: Vec<&[u8]> = match &target.listing {
+            Some(l) => l.iter().copied().collect(),
+            None => live.keys().copied().collect(),
+        };
+        present.extend(target.changed.iter().copied());
+        present.sort_unstable();
+        present.dedup();
+        a.gone = extras(local, &present);
+    }
+    a
+}
+
+/// The paths of `present` (sorted) that `local` lacks, a directory once and not what is under it.
+/// Entries whose kind changes are replaced when the new one is put in place, not listed here.
+fn extras(local: &Manifest, present: &[&[u8]]) -> Vec<Vec<u8>> {
     let now: HashSet<&[u8]> = local.entries.iter().map(|e| e.path.as_slice()).collect();
     let files: HashSet<&[u8]> = local
         .entries
@@ -117,12 +256,12 @@ pub fn gone(local: &Manifest, live: &Manifest) -> Vec<Vec<u8>> {
     };
     let mut out: Vec<Vec<u8>> = Vec::new();
     // Sorted paths put a directory right before what is under it.
-    for e in &live.entries {
-        let under_gone = out.last().is_some_and(|d| {
-            e.path.len() > d.len() && e.path.starts_with(d) && e.path[d.len()] == b'/'
-        });
-        if !now.contains(e.path.as_slice()) && !under_gone && !under_file(&e.path) {
-            out.push(e.path.clone());
+    for p in present {
+        let under_gone = out
+            .last()
+            .is_some_and(|d| p.len() > d.len() && p.starts_with(d) && p[d.len()] == b'/');
+        if !now.contains(p) && !under_gone && !under_file(p) {
+            out.push(p.to_vec());
         }
     }
     out
@@ -175,48 +314,112 @@ mod tests {
         }
     }
 
-    #[test]
-    fn in_place_copies_what_the_applied_tree_lacks() {
-        let live = tree(vec![file("a", b"1"), file("b", b"2"), file("gone", b"3")]);
-        let local = tree(vec![
-            file("a", b"1"),
-            file("b", b"changed"),
-            file("new", b"1"),
-        ]);
-        assert_eq!(to_copy(&local, Some(&live)), vec![1, 2]);
-        assert_eq!(
-            to_copy(&local, None),
-            vec![0, 1, 2],
-            "first deploy: everything"
-        );
+    fn dir(p: &str) -> Entry {
+        Entry {
+            path: p.as_bytes().to_vec(),
+            kind: Kind::Dir { mode: 0o755 },
+        }
+    }
+
+    fn obj(content: &[u8]) -> String {
+        file("x", content).object().unwrap()
     }
 
     #[test]
-    fn gone_lists_each_removed_path_once() {
-        let dir = |p: &str| Entry {
-            path: p.as_bytes().to_vec(),
-            kind: Kind::Dir { mode: 0o755 },
-        };
+    fn in_place_touches_only_what_changed_and_keeps_what_leaves() {
         let live = tree(vec![
             file("a", b"1"),
+            file("b", b"2"),
             dir("d"),
-            file("d/x", b"2"),
-            dir("d/sub"),
-            file("d/sub/y", b"3"),
-            file("d2", b"4"),
-            file("keep", b"5"),
+            file("d/gone", b"3"),
         ]);
-        let local = tree(vec![file("keep", b"changed"), file("new", b"6")]);
+        let local = tree(vec![
+            file("a", b"1"),
+            file("b", b"changed"),
+            file("b2", b"changed"),
+            file("moved", b"3"),
+            file("new", b"1"),
+        ]);
+        let target = Target {
+            live: Some(&live),
+            ..Default::default()
+        };
+        let have: HashSet<String> = target.contents().into_keys().collect();
+        let p = plan(&local, Some(&live), &have);
+        assert_eq!(p.send, vec![1], "only the new content travels");
+        let a = in_place(&local, &target, &HashSet::new(), &p.send, true);
         assert_eq!(
-            gone(&local, &live),
-            [b"a".to_vec(), b"d".to_vec(), b"d2".to_vec()]
+            a.write,
+            vec![
+                (1, Source::Sent),
+                (2, Source::Staged(b"b".to_vec())),
+                (3, Source::Live(b"d/gone".to_vec())),
+                (4, Source::Live(b"a".to_vec())),
+            ]
         );
-        assert!(gone(&live, &live).is_empty());
-        let now_a_file = tree(vec![file("d", b"was a directory")]);
         assert_eq!(
-            gone(&now_a_file, &live),
-            [b"a".to_vec(), b"d2".to_vec(), b"keep".to_vec()]
+            a.preserve,
+            vec![(obj(b"2"), b"b".to_vec()), (obj(b"3"), b"d/gone".to_vec())],
+            "what leaves `to` goes to the store first"
         );
+        assert!(a.dirs.is_empty());
+        assert_eq!(a.gone, [b"d".to_vec()]);
+        assert_eq!(a.handmade, 0);
+        // Content already in the store is not preserved twice, and is copied from there.
+        let stored = HashSet::from([obj(b"2"), obj(b"3")]);
+        let a = in_place(&local, &target, &stored, &p.send, false);
+        assert!(a.preserve.is_empty() && a.gone.is_empty());
+        assert_eq!(a.write[2], (3, Source::Object(obj(b"3"))));
+    }
+
+    #[test]
+    fn in_place_repairs_hand_edits_and_lists_extras() {
+        let live = tree(vec![dir("d"), file("d/a", b"1"), file("d/b", b"2")]);
+        let local = live.clone();
+        let listing: HashSet<&[u8]> = [&b"d"[..], b"d/a", b"d/extra", b"d/extra/x"].into();
+        let target = Target {
+            live: Some(&live),
+            changed: [&b"d/a"[..]].into(),
+            listing: Some(listing),
+        };
+        assert!(
+            target.contents().is_empty(),
+            "edited and removed paths hold nothing known"
+        );
+        let p = plan(&local, Some(&live), &HashSet::new());
+        let a = in_place(&local, &target, &HashSet::new(), &p.send, true);
+        assert_eq!(a.write, vec![(1, Source::Sent), (2, Source::Sent)]);
+        assert!(a.preserve.is_empty(), "edited content is not kept");
+        assert_eq!(a.gone, [b"d/extra".to_vec()]);
+        assert_eq!(
+            a.handmade, 4,
+            "one edited, one removed, a directory and its file added"
+        );
+        let a = in_place(&local, &target, &HashSet::new(), &p.send, false);
+        assert!(a.gone.is_empty());
+        assert_eq!(a.handmade, 2, "extras are kept: not drift");
+    }
+
+    #[test]
+    fn in_place_first_apply_writes_everything_and_fixes_kinds() {
+        let local = tree(vec![dir("d"), file("d/a", b"1"), file("f", b"2")]);
+        // `to` had a file where the build has a directory, and a directory where it has a file.
+        let listing: HashSet<&[u8]> = [&b"d"[..], b"f", b"f/old", b"stale"].into();
+        let target = Target {
+            live: None,
+            listing: Some(listing),
+            ..Default::default()
+        };
+        let p = plan(&local, None, &HashSet::new());
+        let a = in_place(&local, &target, &HashSet::new(), &p.send, true);
+        assert_eq!(a.dirs, [(0o755, b".".to_vec()), (0o755, b"d".to_vec())]);
+        assert_eq!(a.write.len(), 2);
+        assert_eq!(
+            a.gone,
+            [b"stale".to_vec()],
+            "f/old goes with f, replaced by the file"
+        );
+        assert_eq!(a.handmade, 0, "nothing was applied: not drift");
     }
 
     #[test]

@@ -29,7 +29,7 @@ pub mod diff;
 pub mod manifest;
 pub mod remote;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -109,7 +109,7 @@ async fn inventory(
     let out = session
         .run_script(
             remote::INVENTORY,
-            &[&paths.store, &paths.to, digest, delete],
+            &[&paths.store, &paths.to, digest, delete, mode_arg(step.mode)],
             Some(INVENTORY_TIMEOUT),
         )
         .await?;
@@ -122,8 +122,7 @@ async fn inventory(
             out.tail()
         );
     }
-    let name = paths.to.rsplit('/').next().unwrap_or_default();
-    remote::parse_inventory(&out.stdout, name)
+    remote::parse_inventory(&out.stdout, paths.name())
         .with_context(|| format!("{}: reading {}", session.name(), paths.store))
 }
 
@@ -146,6 +145,14 @@ fn check_target(host: &str, paths: &Paths, inv: &Inventory, step: &SyncStep) -> 
         };
     }
     match &inv.target {
+        TargetState::Dir if inv.inplace.is_some() => bail!(
+            "{host}: {} holds release {} applied in place (`mode: in-place`). Nothing was changed. \
+             Keep `mode: in-place`, or remove {} and {} to start over in mode release",
+            paths.to,
+            inv.inplace.as_deref().unwrap_or_default(),
+            paths.to,
+            paths.store
+        ),
         TargetState::Dir if !adopt => bail!(
             "{host}: {} is a plain directory, not a ferry release link. Nothing was changed. \
              To take it over (it is moved into {}/adopted-<release>), set `adopt: true` on the sync step",
@@ -181,7 +188,7 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
     };
     // A plan only reads; a deploy reads and applies in one exec (see remote::DEPLOY), which looks
     // at the host's side while we scan ours.
-    let (local, digest, inv, mut proc) = if ctx.plan {
+    let (local, digest, mut inv, mut proc) = if ctx.plan {
         let local = scan.await?;
         let digest = local.digest();
         let inv = inventory(ctx.session, &paths, &digest, step).await?;
@@ -191,8 +198,8 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
         (local, digest, inv, Some(proc))
     };
     tracing::debug!(elapsed = ?started.elapsed(), objects = inv.objects.len(), same = inv.same, "inventory of {}", paths.to);
-    let decided = decide(ctx, step, &local, &paths, &inv);
-    let (plan, report) = match decided {
+    let decided = decide(ctx, step, &local, &paths, &mut inv);
+    let (plan, apply, report) = match decided {
         Ok(Decision::Done(report)) => {
             if let Some(p) = proc.take() {
                 finish_quietly(host, &paths, p).await?;
@@ -238,57 +245,32 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
             ctx.release
         );
     }
-    let list = |v: &[String]| {
-        if v.is_empty() {
-            "-".to_string()
-        } else {
-            v.join(",")
+    let params = params_line(ctx.release, step.adopt, &prune, &inv.drifted, false);
+    let manifest = local.encode();
+    let meta_json = serde_json::to_vec(&meta)?;
+    let build = {
+        let (root, local, plan) = (from.clone(), local.clone(), plan.clone());
+        let name = paths.name().to_string();
+        move |out: archive::ChannelWriter, sent: &dyn Fn(u64)| {
+            let extras = archive::Extras {
+                manifest: &manifest,
+                digest: &meta.digest,
+                meta_json: &meta_json,
+            };
+            match &apply {
+                Some(apply) => {
+                    archive::write_in_place(&root, &name, &local, apply, Some(&extras), out, sent)
+                }
+                None => archive::write(&root, &local, &plan, &extras, out, sent),
+            }
         }
     };
-    let drop: Vec<String> = inv
-        .drifted
-        .iter()
-        .filter(|o| remote::safe_id(o))
-        .cloned()
-        .collect();
-    let params = format!(
-        "{} {} {} {}\n",
-        ctx.release,
-        if step.adopt { 1 } else { 0 },
-        list(&prune),
-        list(&drop)
-    );
-    let copy = if step.mode == SyncMode::InPlace {
-        diff::to_copy(&local, inv.live_manifest.as_ref())
-    } else {
-        Vec::new()
-    };
-    // In place, with `to` as ferry left it, the host removes only what the build dropped.
-    let gone = match &inv.live_manifest {
-        Some(live)
-            if step.mode == SyncMode::InPlace && inv.inplace.is_some() && inv.handmade == 0 =>
-        {
-            Some(diff::gone(&local, live))
-        }
-        _ => None,
-    };
-    let wire = stream(
-        ctx,
-        proc,
-        &params,
-        &from,
-        &local,
-        &plan,
-        (&copy, gone.as_deref()),
-        &paths,
-        &meta,
-    )
-    .await?;
+    let wire = stream(ctx, proc, &params, plan.send_bytes, build, &paths).await?;
     let release = wire.release;
     tracing::debug!(elapsed = ?started.elapsed(), wire = wire.bytes, "applied release {release}");
     let mut report = report;
     report.detail["release"] = release.clone().into();
-    report.detail["previous"] = meta.previous.clone().into();
+    report.detail["previous"] = live.clone().into();
     report.detail["wire_bytes"] = wire.bytes.into();
     if let Some(n) = wire.copied {
         report.detail["replaced_in_place"] = n.into();
@@ -308,11 +290,69 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
     Ok(report)
 }
 
+/// The deploy script's parameter line (see [`remote::DEPLOY`]).
+fn params_line(id: &str, adopt: bool, prune: &[String], drop: &[String], again: bool) -> String {
+    let list = |v: &[String]| {
+        let v: Vec<&str> = v
+            .iter()
+            .map(String::as_str)
+            .filter(|s| remote::safe_id(s))
+            .collect();
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            v.join(",")
+        }
+    };
+    format!(
+        "{id} {} {} {} {}\n",
+        u8::from(adopt),
+        list(prune),
+        list(drop),
+        u8::from(again)
+    )
+}
+
+/// What a deploy must send and, in mode `in-place`, apply; with the objects the host has.
+fn plan_for(
+    step: &SyncStep,
+    local: &Manifest,
+    inv: &mut Inventory,
+) -> (diff::Plan, Option<diff::Apply>) {
+    if inv.same {
+        let unchanged = local
+            .entries
+            .iter()
+            .filter(|e| !matches!(e.kind, manifest::Kind::Dir { .. }))
+            .count() as u64;
+        let plan = diff::Plan {
+            unchanged,
+            ..Default::default()
+        };
+        let apply = (step.mode == SyncMode::InPlace).then(diff::Apply::default);
+        return (plan, apply);
+    }
+    let objects = inv.trusted_objects();
+    if step.mode == SyncMode::Release {
+        return (
+            diff::plan(local, inv.live_manifest.as_ref(), &objects),
+            None,
+        );
+    }
+    let target = inv.in_place_target();
+    let mut have = objects.clone();
+    have.extend(target.contents().into_keys());
+    let plan = diff::plan(local, target.live, &have);
+    let apply = diff::in_place(local, &target, &objects, &plan.send, step.delete);
+    inv.handmade = apply.handmade;
+    (plan, Some(apply))
+}
+
 enum Decision {
     /// Nothing to send: a no-op or a plan; the report is final.
     Done(Box<StepReport>),
-    /// Send this; the report's summary holds the change counts so far.
-    Send(Box<(diff::Plan, StepReport)>),
+    /// Send this (and apply it, in place); the report's summary holds the change counts so far.
+    Send(Box<(diff::Plan, Option<diff::Apply>, StepReport)>),
 }
 
 /// The pure middle of a deploy: refuse, report a no-op or a plan, or say what to send.
@@ -321,21 +361,23 @@ fn decide(
     step: &SyncStep,
     local: &Manifest,
     paths: &Paths,
-    inv: &Inventory,
+    inv: &mut Inventory,
 ) -> anyhow::Result<Decision> {
     check_target(ctx.host.name(), paths, inv, step)?;
-    let plan = if inv.same {
-        diff::Plan {
-            unchanged: local
-                .entries
-                .iter()
-                .filter(|e| !matches!(e.kind, manifest::Kind::Dir { .. }))
-                .count() as u64,
-            ..Default::default()
-        }
-    } else {
-        diff::plan(local, inv.live_manifest.as_ref(), &inv.trusted_objects())
-    };
+    if step.mode == SyncMode::InPlace
+        && let Some(e) = local
+            .entries
+            .iter()
+            .find(|e| e.path.starts_with(archive::STAGING.as_bytes()))
+    {
+        bail!(
+            "{}: `{}` in {} is a name ferry reserves in mode in-place (its staging area); rename it",
+            ctx.host.name(),
+            e.display(),
+            paths.to
+        );
+    }
+    let (plan, apply) = plan_for(step, local, inv);
     let mut log = Vec::new();
     if let Some(d) = inv.drift() {
         log.push(format!(
@@ -344,7 +386,11 @@ fn decide(
         ));
     }
     let live = inv.live().map(str::to_string);
-    let noop = plan.is_noop() && plan.send.is_empty() && inv.handmade == 0 && live.is_some();
+    let settled = apply
+        .as_ref()
+        .is_none_or(|a| a.write.is_empty() && a.dirs.is_empty() && a.gone.is_empty());
+    let noop =
+        plan.is_noop() && plan.send.is_empty() && inv.handmade == 0 && settled && live.is_some();
     let detail = serde_json::json!({
         "path": paths.to,
         "live": live,
@@ -408,7 +454,11 @@ fn decide(
         }
         return Ok(Decision::Done(Box::new(r)));
     }
-    Ok(Decision::Send(Box::new((plan, report(true, counts)))))
+    Ok(Decision::Send(Box::new((
+        plan,
+        apply,
+        report(true, counts),
+    ))))
 }
 
 /// Start the deploy script, finish `scan` meanwhile and hand the host its digest (returned too),
@@ -505,42 +555,30 @@ struct Sent {
     copied: Option<u64>,
 }
 
-/// Send the parameter line and the archive into the waiting deploy script, and check the result.
-#[allow(clippy::too_many_arguments)]
-async fn stream(
+/// Send the parameter line and the archive (`build` writes it) into the waiting deploy script,
+/// and check the result.
+async fn stream<B>(
     ctx: &StepCtx<'_>,
     mut proc: Process,
     params: &str,
-    from: &std::path::Path,
-    local: &Arc<Manifest>,
-    plan: &diff::Plan,
-    (copy, gone): (&[usize], Option<&[Vec<u8>]>),
+    send_bytes: u64,
+    build: B,
     paths: &Paths,
-    meta: &remote::Meta,
-) -> anyhow::Result<Sent> {
+) -> anyhow::Result<Sent>
+where
+    B: FnOnce(archive::ChannelWriter, &dyn Fn(u64)) -> anyhow::Result<()> + Send + 'static,
+{
     let host = ctx.host.name().to_string();
-    let progress = ctx.progress.host(&host, "sync", plan.send_bytes);
+    let progress = ctx.progress.host(&host, "sync", send_bytes);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
     let builder = {
-        let (root, local, plan) = (from.to_path_buf(), local.clone(), plan.clone());
-        let (copy, gone) = (copy.to_vec(), gone.map(<[_]>::to_vec));
-        let manifest = local.encode();
-        let digest = meta.digest.clone();
-        let meta_json = serde_json::to_vec(meta)?;
         let progress = progress.clone();
         tokio::task::spawn_blocking(move || {
-            let extras = archive::Extras {
-                gone: gone.as_deref(),
-                manifest: &manifest,
-                digest: &digest,
-                meta_json: &meta_json,
-                copy: &copy,
-            };
             let out = archive::ChannelWriter {
                 tx,
                 buf: Vec::new(),
             };
-            archive::write(&root, &local, &plan, &extras, out, &|n| progress.add(n))
+            build(out, &|n| progress.add(n))
         })
     };
     let mut bytes = params.len() as u64;
@@ -653,24 +691,24 @@ pub async fn rollback(
             ..Default::default()
         });
     }
-    let out = if step.mode == SyncMode::InPlace {
-        let delete = if step.delete { "1" } else { "0" };
-        ctx.session
-            .run_script(
-                remote::SWITCH_IN_PLACE,
-                &[&paths.store, &paths.to, &target, delete],
-                Some(INVENTORY_TIMEOUT),
-            )
-            .await?
-    } else {
-        ctx.session
-            .run_script(
-                remote::SWITCH,
-                &[&paths.store, &paths.to, &target],
-                Some(INVENTORY_TIMEOUT),
-            )
-            .await?
-    };
+    if step.mode == SyncMode::InPlace {
+        reapply(ctx, step, &paths, &target).await?;
+        return Ok(StepReport {
+            step: "sync".into(),
+            changed: live.as_deref() != Some(target.as_str()),
+            summary: format!("{} re-applied release {target}{what}", paths.to),
+            detail,
+            ..Default::default()
+        });
+    }
+    let out = ctx
+        .session
+        .run_script(
+            remote::SWITCH,
+            &[&paths.store, &paths.to, &target],
+            Some(INVENTORY_TIMEOUT),
+        )
+        .await?;
     if !out.success() {
         bail!(
             "{host}: switching {} to {target} failed: {}",
@@ -685,6 +723,67 @@ pub async fn rollback(
         detail,
         ..Default::default()
     })
+}
+
+/// Mode `in-place` rollback: apply release `id`'s manifest into `to` again, from what the host
+/// has (the store's objects and the files in `to`); nothing is sent but the lists.
+async fn reapply(
+    ctx: &StepCtx<'_>,
+    step: &SyncStep,
+    paths: &Paths,
+    id: &str,
+) -> anyhow::Result<()> {
+    let host = ctx.host.name();
+    let out = ctx
+        .session
+        .run_script(
+            remote::MANIFEST,
+            &[&paths.store, id],
+            Some(INVENTORY_TIMEOUT),
+        )
+        .await?;
+    if !out.success() {
+        bail!(
+            "{host}: reading release {id} in {} failed: {}",
+            paths.store,
+            out.tail()
+        );
+    }
+    let manifest = Arc::new(
+        Manifest::decode(&out.stdout)
+            .with_context(|| format!("{host}: the manifest of release {id} in {}", paths.store))?,
+    );
+    let (local, _, mut inv, proc) =
+        open_deploy(ctx.session, paths, async { Ok(manifest) }, step).await?;
+    let (plan, apply) = plan_for(step, &local, &mut inv);
+    let apply = apply.expect("in-place");
+    let settled = apply.write.is_empty() && apply.dirs.is_empty() && apply.gone.is_empty();
+    if (inv.same || settled) && inv.live() == Some(id) {
+        return finish_quietly(host, paths, proc).await;
+    }
+    if !plan.send.is_empty() {
+        let _ = proc.finish().await;
+        bail!(
+            "{host}: {} file(s) of release {id} are no longer on the host (edited or removed by \
+             hand after it was applied); nothing was changed. Deploy that commit again instead",
+            plan.send.len()
+        );
+    }
+    let params = params_line(id, false, &[], &inv.drifted, true);
+    let name = paths.name().to_string();
+    let build = move |out: archive::ChannelWriter, sent: &dyn Fn(u64)| {
+        archive::write_in_place(
+            std::path::Path::new("/nonexistent"),
+            &name,
+            &local,
+            &apply,
+            None,
+            out,
+            sent,
+        )
+    };
+    stream(ctx, proc, &params, 0, build, paths).await?;
+    Ok(())
 }
 
 pub async fn remove(ctx: &StepCtx<'_>, step: &SyncRemoveStep) -> anyhow::Result<StepReport> {
@@ -725,7 +824,19 @@ pub async fn remove(ctx: &StepCtx<'_>, step: &SyncRemoveStep) -> anyhow::Result<
 /// Read what is live at `step.to` on `host` (templates expanded with the host's variables).
 pub async fn live(host: &Host, session: &Session, step: &SyncStep) -> anyhow::Result<LiveSync> {
     let paths = Paths::new(&host.path(&step.to)?)?;
-    let inv = inventory(session, &paths, "-", step).await?;
+    // In place, what changed by hand is judged against the live manifest (in the tail).
+    let in_place = step.mode == SyncMode::InPlace;
+    let mut inv = inventory(session, &paths, if in_place { "?" } else { "-" }, step).await?;
+    if in_place && let Some(m) = inv.live_manifest.clone() {
+        inv.handmade = diff::in_place(
+            &m,
+            &inv.in_place_target(),
+            &HashSet::new(),
+            &[],
+            step.delete,
+        )
+        .handmade;
+    }
     let release = inv.live().map(str::to_string);
     let meta = release.as_ref().and_then(|r| inv.metas.get(r));
     let drift = match &inv.target {

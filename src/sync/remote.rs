@@ -28,6 +28,7 @@ use std::io::Read;
 
 use anyhow::Context;
 
+use super::diff::Target;
 use super::manifest::Manifest;
 
 /// The store directory of a target path, and the pieces scripts need.
@@ -53,6 +54,11 @@ impl Paths {
             store: format!("{dir}/.{name}.ferry"),
         })
     }
+
+    /// The last component of `to`.
+    pub fn name(&self) -> &str {
+        self.to.rsplit('/').next().unwrap_or_default()
+    }
 }
 
 /// What `$T` is (a release link, a directory ferry applies in place, something else, missing),
@@ -74,14 +80,13 @@ fi
     };
 }
 
-/// What the store holds (cwd: the store), recorded with `rec`: its releases, their metadata, and
-/// what changed by hand since the last deploy. In-place mode asks `tdrift`; release mode makes one
-/// pass over the live release, printing a record per path ferry did not leave there: a file newer
-/// than `stamp` that still shares its inode with an object was edited in place (`edited`: that
-/// object is spoilt); a file with one link (added or replaced), or anything else newer than `stamp`
-/// (a directory whose entries were added, removed or renamed), was `touched`. Sets `dirty` when
-/// anything changed. Needs `live` and `inplace` (`target_state_sh!`). Shared by the inventory and
-/// the deploy script.
+/// What the store holds (cwd: the store), recorded with `rec`: its releases and their metadata,
+/// and in release mode what changed by hand since the last deploy: one pass over the live release
+/// prints a record per path ferry did not leave there: a file newer than `stamp` that still shares
+/// its inode with an object was edited in place (`edited`: that object is spoilt); a file with one
+/// link (added or replaced), or anything else newer than `stamp` (a directory whose entries were
+/// added, removed or renamed), was `touched`. Sets `dirty` when anything changed. Needs `live` and
+/// `M` (`target_state_sh!`). Shared by the inventory and the deploy script.
 macro_rules! store_state_sh {
     () => {
         r#"
@@ -95,147 +100,95 @@ live_scan() {
   find "releases/$live" -type f -newer stamp ! -links 1 -exec printf 'edited\t%s\0' {} + -o \
     \( -type f -links 1 -o -newer stamp \) -exec printf 'touched\t%s\0' {} +
 }
-dirty=
-if [ -n "$live" ] && [ -d "releases/$live" ]; then
-  if [ -n "$inplace" ]; then
-    O=releases/$live; n=$(tdrift); rec handmade "$n"; [ "$n" -eq 0 ] || dirty=1
-  elif [ -e stamp ] && [ -n "$(live_scan | head -c 1)" ]; then
-    live_scan; dirty=1
-  fi
+if [ "$M" != in-place ] && [ -n "$live" ] && [ -d "releases/$live" ] && [ -e stamp ] &&
+   [ -n "$(live_scan | head -c 1)" ]; then
+  live_scan; dirty=1
 fi
 "#
     };
 }
 
-/// Shell for `mode: in-place`, shared by [`DEPLOY`] and [`SWITCH_IN_PLACE`] (spliced in with
-/// `concat!`). `H` is the body of a `sh -c` that `find -exec ... {} +` runs over many paths at once,
-/// so an unchanged file costs no fork. It needs exported `T` (the target), `R` (the release tree to
-/// apply, relative to the store, the cwd) and `O` (the release applied before, or empty).
-/// `put` copies (never links: the target must not share inodes with the store) to a temp name beside
-/// the destination and renames it over, so each file is replaced atomically.
+/// Shell for `mode: in-place`, shared by [`DEPLOY`] and [`INVENTORY`]. `to` is a real directory
+/// that holds the live release's files (never hard-linked to the store, so nothing written there
+/// reaches a stored object); the store keeps, as objects, the content that left `to` (so earlier
+/// releases can be applied again), and the releases' manifests.
+///
+/// `inplace_scan` prints what changed in `$T` since `$S/applied` (touched after each apply): files
+/// newer than it, `edited` when they share an inode with a store object (spoilt: a deploy that was
+/// cut off after preserving it), else `touched`; and, when a directory changed (an entry added,
+/// removed or renamed) or nothing was applied yet, `listing` and a `have` record per path. Paths
+/// are relative (`./x`); the staging directory is left out.
+///
+/// `apply` runs after the stream is unpacked (it staged every path `to` gets under
+/// `$T/.ferry-incoming`): directories first (parents first; anything else in their way goes), then
+/// staged files that share an inode (content the host already had) are copied, then one `mv` per
+/// directory renames the staged files over their destinations (each replaced atomically), then the
+/// extras go. Sets `copied`; returns non-zero at the first failure (files replaced stay replaced).
 macro_rules! in_place_sh {
     () => {
         r#"
+SG=.ferry-incoming
+ST=$T/$SG
+inplace_scan() {
+  [ -d "$T" ] && [ ! -L "$T" ] || return 0
+  if [ -e "$S/applied" ]; then
+    ( cd "$T" && find . -path "./$SG" -prune -o ! -type d -newer "$S/applied" ! -links 1 \
+        -exec printf 'edited\t%s\0' {} + -o ! -type d -newer "$S/applied" -exec printf 'touched\t%s\0' {} + )
+  fi
+  if [ ! -e "$S/applied" ] ||
+     [ -n "$(cd "$T" && find . -path "./$SG" -prune -o -type d -newer "$S/applied" -print | head -c 1)" ]; then
+    rec listing yes
+    ( cd "$T" && find . -path "./$SG" -prune -o ! -path . -exec printf 'have\t%s\0' {} + )
+  fi
+}
+if [ "$M" = in-place ] && [ -n "$(inplace_scan | head -c 1)" ]; then
+  inplace_scan; dirty=1
+fi
+# Make or fix directories given as `<mode>/<path>` (cwd: $T).
+# A directory that exists keeps its mode if ours may not change it (it may belong to another user).
+MKD='for x; do m=${x%%/*} d=${x#*/}
+  if [ ! -d "$d" ] || [ -L "$d" ]; then rm -f "$d" && mkdir "$d" && chmod "$m" "$d" || exit 1
+  elif [ "$(stat -c %a "$d")" != "$m" ]; then chmod "$m" "$d" 2>/dev/null || :
+  fi
+done'
+# Give each staged file its own inode (it is a link to where the host had the content).
+UNSHARE='for f; do cp -p "$f" "$ST/$SG.copy" && mv -f "$ST/$SG.copy" "$f" || exit 1; done'
 # Rename staged files (not directories) into the directory $1, replacing a directory in the way;
-# prints how many. `xargs` hands it many at a time. (No `{}` may appear in $H: find refuses it.)
+# prints how many. (No `{}` may appear in a script find runs: GNU find refuses it.)
 MV='dd=$1; shift
 for e; do b=$dd/${e##*/}; if [ -d "$b" ] && [ ! -L "$b" ]; then rm -rf "$b" || exit 1; fi; done
 mv -f "$@" "$dd/" && echo $#'
-H='put() {
-  tmp="${2%/*}/.${2##*/}.ferry-tmp"
-  rm -rf "$tmp" || return 1
-  if [ -L "$1" ]; then ln -s "$(readlink "$1")" "$tmp"; else cp -p "$1" "$tmp"; fi || return 1
-  if [ -d "$2" ] && [ ! -L "$2" ]; then rm -rf "$2" || return 1; fi
-  mv -fT "$tmp" "$2"
-}
-mvdir() {
-  c=$( (find "$1" -mindepth 1 -maxdepth 1 ! -type d -print0 | xargs -0 -r sh -c "$MV" sh "$T${1#"$ST"}") || echo x)
-  case $c in *x*) return 1 ;; esac
+MOVE='n=0
+for d; do
+  c=$( (find "$d" -mindepth 1 -maxdepth 1 ! -type d -print0 | xargs -0 -r sh -c "$MV" sh "$T${d#"$ST"}") || echo x)
+  case $c in *x*) exit 1 ;; esac
   for k in $c; do n=$((n+k)); done
-}
-phase=$1; shift
-n=0
-for f; do
-  case $phase in
-  dir) d=$T${f#"$R"}
-    [ -d "$d" ] && [ ! -L "$d" ] && continue
-    rm -f "$d" && mkdir "$d" && chmod "$(stat -c %a "$f")" "$d" || exit 1 ;;
-  fix) s=$R${f#"$T"}
-    if [ -e "$s" ] || [ -L "$s" ]; then [ -d "$s" ] && [ ! -L "$s" ] || put "$s" "$f" || exit 1; fi ;;
-  move) mvdir "$f" || exit 1 ;;
-  put1) put "$f" "$T${f#"$PP"}" || exit 1; n=$((n+1)) ;;
-  file) r=${f#"$R"} d=$T${f#"$R"}
-    if [ -n "$C" ]; then
-      if [ -L "$f" ]; then [ -L "$d" ] && continue
-      else [ -f "$d" ] && [ ! -L "$d" ] && continue
-      fi
-    elif [ -n "$O" ]; then
-      if [ -L "$f" ]; then
-        [ -L "$d" ] && [ -L "$O$r" ] && [ "$(readlink "$f")" = "$(readlink "$d")" ] && continue
-      else
-        [ -f "$d" ] && [ ! -L "$d" ] && [ ! -L "$O$r" ] && [ "$f" -ef "$O$r" ] && continue
-      fi
-    fi
-    put "$f" "$d" || exit 1; n=$((n+1)) ;;
-  del) [ "$f" = "$T" ] && continue
-    s=$R${f#"$T"}
-    [ -e "$s" ] || [ -L "$s" ] || rm -rf "$f" || exit 1 ;;
-  edited) s=$O${f#"$T"}
-    [ "$DEL" = 1 ] || [ -e "$s" ] || [ -L "$s" ] && n=$((n+1)) ;;
-  missing) s=$T${f#"$O"}
-    [ -e "$s" ] || [ -L "$s" ] || n=$((n+1)) ;;
-  esac
 done
-case $phase in move|put1|file|edited|missing) echo $n ;; esac'
-sum() { s=0; while read -r x; do s=$((s+x)); done; echo $s; }
-# Files in $T edited since the last apply (newer than `applied`) or gone; needs O and a cwd in the
-# store. Files added by hand count only when extras are deleted ($DEL is 1). A removal changes its
-# directory's mtime, so $O is checked file by file only when a directory in $T is newer.
-tdrift() {
-  export T O DEL
-  e=0 m=0
-  [ -e applied ] && e=$(find "$T" ! -type d -newer applied -exec sh -c "$H" sh edited {} + | sum)
-  if [ ! -e applied ] || [ -n "$(find "$T" -type d -newer applied | head -c 1)" ]; then
-    m=$(find "$O" ! -type d -exec sh -c "$H" sh missing {} + | sum)
-  fi
-  echo $((e+m))
-}
-# Make $T hold exactly release $R: dirs, hand-edited files, changed files; extras go last if $1 is 1.
-# With $C (a tree of the changed files, each object once) and $PP (further paths of those objects),
-# one tar pipe stages the copies in $T/.ferry-incoming (same filesystem as their destinations) and
-# one `mv -f` per directory renames them over; without, each file that differs from release $O is
-# copied on its own. Then anything of $R still missing in $T is put there.
-# With $KNOWN ($T held exactly $O, and $C and $X, the paths of $O that $R lacks, come from the
-# controller), the passes over every file are skipped: only the changes are touched.
-# Returns non-zero at the first failure (files replaced so far stay replaced).
+echo $n'
 apply() {
-  ST=$T/.ferry-incoming
-  export T R O C PP ST MV
-  [ -n "$O" ] && [ -n "$C" ] || KNOWN=
-  mkdir -p "$T" || return 1
+  export T ST SG MV
+  ( cd "$T" && xargs -0 -r sh -c "$MKD" sh ) < incoming/dirs || return 1
+  find "$ST" -type f -links +1 -exec sh -c "$UNSHARE" sh {} + || return 1
+  copied=$(find "$ST" -type d -exec sh -c "$MOVE" sh {} + || echo x)
+  case $copied in *x*|'') return 1 ;; esac
+  copied=$(printf '%s\n' $copied | { s=0; while read -r x; do s=$((s+x)); done; echo $s; })
   rm -rf "$ST" || return 1
-  [ -n "$KNOWN" ] || find "$T" -name '.*.ferry-tmp' ! -type d -exec rm -f {} + || return 1
-  find "$R" -type d -exec sh -c "$H" sh dir {} + || return 1
-  if [ -z "$KNOWN" ] && [ -n "$O" ] && [ -e applied ]; then
-    find "$T" ! -type d -newer applied -exec sh -c "$H" sh fix {} + || return 1
-  fi
-  copied=
-  if [ -n "$C" ] && [ -d "$C" ]; then
-    # A tar pipe, not `cp -pR`: GNU cp tracks sources with several links (these are) and took
-    # 25 s for 50,000 files where this takes a few.
-    cf=$PWD/incoming/c.failed
-    mkdir "$ST" && rm -f "$cf" || return 1
-    ( cd "$C" && tar -cf - . || : > "$cf" ) | ( cd "$ST" && tar -xpf - ) || return 1
-    [ ! -e "$cf" ] || return 1
-    copied=$(find "$ST" -type d -exec sh -c "$H" sh move {} + || echo x)
-    rm -rf "$ST" || return 1
-  fi
-  if [ -n "$C" ] && [ -d "$PP" ]; then
-    copied="$copied $(find "$PP" ! -type d -exec sh -c "$H" sh put1 {} + || echo x)"
-  fi
-  [ -n "$KNOWN" ] || copied="$copied $(find "$R" ! -type d -exec sh -c "$H" sh file {} + || echo x)"
-  case $copied in *x*) return 1 ;; esac
-  copied=$(printf '%s\n' $copied | sum)
-  [ "$1" = 1 ] || return 0
-  if [ -n "$KNOWN" ]; then
-    [ ! -s "$X" ] || ( cd "$T" && xargs -0 rm -rf -- ) < "$X" || return 1
-  else
-    find "$T" -depth -exec sh -c "$H" sh del {} + || return 1
-  fi
+  [ ! -s incoming/gone ] || ( cd "$T" && xargs -0 rm -rf -- ) < incoming/gone || return 1
 }
 "#
     };
 }
 
-/// Read-only: the target's state, the store's releases and metadata, objects (or in-place files;
-/// `$4` is 0 when extras are kept) edited since the last deploy, and (unless the live release
-/// already has digest `$3`, or `$3` is `-`) a gzip tail with the live manifest and the object list.
+/// Read-only: the target's state, the store's releases and metadata, what changed by hand since
+/// the last deploy, and (unless the live release already has digest `$3`, or `$3` is `-`) a gzip
+/// tail with the live manifest and the object list. Args: store, to, digest, delete extras (1/0),
+/// mode (`release` or `in-place`).
 pub const INVENTORY: &str = concat!(
-    in_place_sh!(),
     r#"
-S=$1 T=$2 D=$3 DEL=${4:-1}
+S=$1 T=$2 D=$3 DEL=${4:-1} M=${5:-release} dirty=
 "#,
     target_state_sh!(),
+    in_place_sh!(),
     r#"[ -d "$S/releases" ] || { rec store no; exit 0; }
 rec store yes
 cd "$S" || exit 1
@@ -251,35 +204,47 @@ rec tail gz
 );
 
 /// A whole deploy in one exec. First it cleans up what an interrupted deploy left (`incoming/`,
-/// then objects no release links to) and prints the same records as [`INVENTORY`] up to the
-/// digest check. It reads the local tree's digest from stdin (the controller scans meanwhile),
-/// prints `same` or the tail (with its length), then `end`. Then it reads one line:
-/// `<release id> <adopt 0|1> <ids to prune> <objects to drop>` (lists comma-separated, `-` for
-/// none), or EOF to stop there. The rest of stdin is the gzip'd tar stream: drop the objects edited
-/// by hand, unpack the stream (objects straight into `objects/`, the tree under `incoming/r`), check
-/// its trailer, name the release (unique), switch `to` with one rename, prune and collect the
-/// objects nothing links to any more. In mode `in-place` the last steps differ: the tree is applied
-/// into the directory `to` (`in_place_sh!`: copy to a temp name or a staging dir beside each file,
-/// rename over; with `incoming/gone`, only what changed), then `inplace` names the release and
-/// `applied` is touched. Args: store, to, mode (`release` or `in-place`), delete extras (1/0).
+/// then in release mode objects no release links to) and prints the same records as
+/// [`INVENTORY`] up to the digest check. It reads the local tree's digest from stdin (the
+/// controller scans meanwhile), prints `same` or the tail (with its length), then `end`. Then it
+/// reads one line: `<release id> <adopt 0|1> <ids to prune> <objects to drop> <again 0|1>` (lists
+/// comma-separated, `-` for none), or EOF to stop there. The rest of stdin is the gzip'd tar
+/// stream. Release mode: drop the objects edited by hand, unpack the stream in the store (objects
+/// straight into `objects/`, the tree under `incoming/r`), check its trailer, name the release
+/// (unique), switch `to` with one rename, prune and collect the objects nothing links to any more.
+/// Mode `in-place`: unpack beside `to` (see `in_place_sh!`), name the release (`again` 1
+/// re-applies an existing one: a rollback), `apply`, then `inplace` names the release and `applied`
+/// is touched; pruning collects the objects no kept manifest names. Args: store, to, mode
+/// (`release` or `in-place`), delete extras (1/0).
 pub const DEPLOY: &str = concat!(
-    in_place_sh!(),
     r#"
-S=$1 T=$2 M=$3 DEL=$4
+S=$1 T=$2 M=$3 DEL=$4 dirty=
 P=${T%/*} N=${T##*/}
 "#,
     target_state_sh!(),
-    r#"if [ -d "$S/releases" ]; then
+    in_place_sh!(),
+    r#"
+# What a deploy in flight left (cwd: the store). incoming/ goes last: it marks the cleanup as owed.
+cleanup() {
+  if [ "$M" = in-place ] || [ -f inplace ]; then
+    [ -L "$T" ] || rm -rf "$ST"
+  else
+    rm -rf incoming/r && find objects -type f -links 1 -exec rm -f {} +
+  fi && rm -rf incoming
+}
+# Objects no kept release's manifest names (in-place stores; cwd: the store).
+collect_unnamed() {
+  for m in meta/*.manifest; do [ -f "$m" ] && tr '\0' '\n' < "$m"; done |
+    LC_ALL=C sed -n 's/^F \([^ ]*\) .*/\1/p' > incoming.keep
+  { ls objects; cat incoming.keep incoming.keep; } | LC_ALL=C sort | uniq -u | ( cd objects && xargs -r rm -f -- )
+  rm -f incoming.keep
+}
+if [ -d "$S/releases" ]; then
   rec store yes
   cd "$S" || exit 1
   rm -f "$P/.$N.ferry-new"
   [ -e stamp ] || : > stamp
-  if [ -e incoming ]; then
-    # incoming/ goes last: it marks that the collection below is still owed.
-    rm -rf incoming/r
-    find objects -type f -links 1 -exec rm -f {} +
-    rm -rf incoming
-  fi
+  [ ! -e incoming ] || cleanup
 "#,
     store_state_sh!(),
     r#"
@@ -298,16 +263,19 @@ else
   read -r D || exit 0
 fi
 printf 'end\t\0\n'
-read -r id adopt prune drop || exit 0
+read -r id adopt prune drop again || exit 0
 [ -n "$id" ] || exit 0
 set -e
 fail() {
   echo "ferry: $*; the live release is unchanged" >&2
-  cd "$S" 2>/dev/null && rm -rf incoming/r && find objects -type f -links 1 -exec rm -f {} + && rm -rf incoming
+  cd "$S" 2>/dev/null && cleanup
   exit 3
 }
 if [ "$M" = in-place ] && [ -L "$T" ]; then
   echo "ferry: $T is a symlink; mode in-place writes into a real directory: remove the link or use mode release" >&2; exit 4
+fi
+if [ "$M" != in-place ] && [ -f "$S/inplace" ]; then
+  echo "ferry: $S holds releases applied in place; remove it (and $T) to switch to mode release" >&2; exit 4
 fi
 if [ "$M" != in-place ] && [ -d "$T" ] && [ ! -L "$T" ] && [ "$adopt" != 1 ]; then
   echo "ferry: $T is a plain directory, not a ferry release link; set adopt: true to take it over" >&2; exit 4
@@ -318,25 +286,32 @@ cd "$S"
 mkdir incoming
 # Objects edited in place by hand go before anything can link to them; the stream brings them anew.
 for o in $(printf '%s' "${drop#-}" | tr , ' '); do rm -f "objects/$o"; done
-( umask 0; tar -xzmof - ) || fail "unpacking the stream failed"
+if [ "$M" = in-place ]; then
+  mkdir -p "$T" && rm -rf "$ST" || fail "cannot write in $T"
+  ( cd "$P" && umask 0 && tar -xzmof - ) || fail "unpacking the stream failed"
+else
+  ( umask 0; tar -xzmof - ) || fail "unpacking the stream failed"
+fi
 [ -f incoming/COMPLETE ] || fail "the stream ended early"
-rid=$id n=1
-while [ -e "releases/$rid" ]; do n=$((n+1)); rid=$id-$n; done
-mv incoming/r "releases/$rid"
-mv incoming/manifest "meta/$rid.manifest"
-mv incoming/meta.json "meta/$rid.json"
-mv incoming/digest "meta/$rid.digest"
-[ "$M" = in-place ] || rm -rf incoming
+if [ "$again" = 1 ]; then
+  rid=$id
+  [ -d "releases/$rid" ] || fail "release $rid is no longer on the host"
+else
+  rid=$id n=1
+  while [ -e "releases/$rid" ]; do n=$((n+1)); rid=$id-$n; done
+  if [ "$M" = in-place ]; then mkdir "releases/$rid"; else mv incoming/r "releases/$rid"; fi
+  mv incoming/manifest "meta/$rid.manifest"
+  mv incoming/meta.json "meta/$rid.json"
+  mv incoming/digest "meta/$rid.digest"
+fi
 touch stamp
 if [ "$M" = in-place ]; then
-  R=releases/$rid O= C=incoming/c PP=incoming/p X=incoming/gone KNOWN=
-  [ -n "$inplace" ] && [ -d "releases/$live" ] && O=releases/$live
-  [ -n "$dirty" ] || [ ! -f incoming/gone ] || KNOWN=1
-  apply "$DEL" || { echo "ferry: applying release $rid into $T failed; files already replaced stay new" >&2; exit 5; }
+  apply || { echo "ferry: applying release $rid into $T failed; files already replaced stay new" >&2; exit 5; }
   rm -rf incoming
   printf '%s\n' "$rid" > inplace.new; mv -f inplace.new inplace; touch applied
   printf 'copied %s\n' "$copied"
 else
+  rm -rf incoming
   ln -s ".$N.ferry/releases/$rid" "$P/.$N.ferry-new"
   if [ -d "$T" ] && [ ! -L "$T" ]; then mv "$T" "$S/adopted-$rid"; fi
   mv -fT "$P/.$N.ferry-new" "$T"
@@ -346,7 +321,7 @@ if [ "$prune" != - ]; then
   for r in $(printf '%s' "$prune" | tr , ' '); do
     rm -rf "releases/$r" "meta/$r.json" "meta/$r.manifest" "meta/$r.digest"
   done
-  find objects -type f -links 1 -exec rm -f {} +
+  if [ "$M" = in-place ]; then collect_unnamed; else find objects -type f -links 1 -exec rm -f {} +; fi
 fi
 "#
 );
@@ -393,23 +368,11 @@ ln -s ".$N.ferry/releases/$rid" "$P/.$N.ferry-new"
 mv -fT "$P/.$N.ferry-new" "$T"
 "#;
 
-/// Re-apply an existing release into an in-place target (rollback). Args: store, to, release id,
-/// delete extras (1/0).
-pub const SWITCH_IN_PLACE: &str = concat!(
-    in_place_sh!(),
-    r#"
-set -e
-S=$1 T=$2 rid=$3
-[ -d "$S/releases/$rid" ] || { echo "ferry: release $rid does not exist in $S/releases" >&2; exit 4; }
-if [ -L "$T" ]; then echo "ferry: $T is a symlink, not an in-place target; refusing to write through it" >&2; exit 4; fi
-cd "$S"
-R=releases/$rid O= C= PP=
-if [ -f inplace ]; then live=$(cat inplace); [ -d "releases/$live" ] && O=releases/$live; fi
-apply "$4" || { echo "ferry: applying release $rid into $T failed; files already replaced stay new" >&2; exit 5; }
-printf '%s\n' "$rid" > inplace.new; mv -f inplace.new inplace; touch applied
-printf 'copied %s\n' "$copied"
-"#
-);
+/// Print a release's manifest. Args: store, release id.
+pub const MANIFEST: &str = r#"
+[ -f "$1/meta/$2.manifest" ] || { echo "ferry: release $2 has no manifest in $1/meta" >&2; exit 4; }
+cat "$1/meta/$2.manifest"
+"#;
 
 /// Remove the target link and its store. Args: store, to.
 pub const REMOVE: &str = r#"
@@ -460,12 +423,16 @@ pub struct Inventory {
     pub store: bool,
     pub releases: Vec<String>,
     pub metas: BTreeMap<String, Meta>,
-    /// Release mode: files of the live release (paths inside it) edited in place by hand.
+    /// Files of the live tree (paths inside it) edited in place by hand, sharing an object's inode.
     pub edited: Vec<Vec<u8>>,
     /// The objects those edits spoilt (known when the live manifest came along).
     pub drifted: Vec<String>,
-    /// Paths in the live release added, replaced or removed by hand (release mode: paths of
-    /// changed files and directories), or in-place files edited or removed since the last apply.
+    /// Other paths of the live tree added, replaced or changed by hand (release mode: also
+    /// directories whose entries changed).
+    pub touched: Vec<Vec<u8>>,
+    /// In-place mode: every path in `to`, when the host listed them.
+    pub listing: Option<Vec<Vec<u8>>>,
+    /// Paths changed by hand that the next deploy repairs (in-place mode: set from the apply).
     pub handmade: u64,
     /// The live release already holds exactly the local tree.
     pub same: bool,
@@ -494,8 +461,36 @@ impl Inventory {
             .collect()
     }
 
+    /// In-place mode: what `to` holds, as the host reported it.
+    pub fn in_place_target(&self) -> Target<'_> {
+        Target {
+            live: self
+                .live_manifest
+                .as_ref()
+                .filter(|_| self.inplace.is_some()),
+            changed: self
+                .edited
+                .iter()
+                .chain(&self.touched)
+                .map(Vec::as_slice)
+                .collect(),
+            listing: self
+                .listing
+                .as_ref()
+                .map(|l| l.iter().map(Vec::as_slice).collect()),
+        }
+    }
+
     /// A one-line description of hand edits, if any.
     pub fn drift(&self) -> Option<String> {
+        if self.inplace.is_some() {
+            return (self.handmade > 0).then(|| {
+                format!(
+                    "{} path(s) added, edited or removed on the host since the last deploy",
+                    self.handmade
+                )
+            });
+        }
         let mut parts = Vec::new();
         if !self.edited.is_empty() {
             parts.push(format!(
@@ -503,12 +498,7 @@ impl Inventory {
                 self.edited.len()
             ));
         }
-        if self.handmade > 0 && self.inplace.is_some() {
-            parts.push(format!(
-                "{} file(s) edited or removed on the host since the last deploy",
-                self.handmade
-            ));
-        } else if self.handmade > 0 {
+        if self.handmade > 0 {
             parts.push(format!(
                 "{} path(s) in the live release added, replaced or removed on the host",
                 self.handmade
@@ -566,8 +556,9 @@ pub fn parse_inventory(out: &[u8], to_name: &str) -> anyhow::Result<Inventory> {
                 }
             }
             b"edited" => inv.edited.push(value.to_vec()),
-            b"touched" => inv.handmade += 1,
-            b"handmade" => inv.handmade = text().trim().parse().unwrap_or(0),
+            b"touched" => inv.touched.push(value.to_vec()),
+            b"listing" => inv.listing = Some(Vec::new()),
+            b"have" => inv.listing.get_or_insert_default().push(value.to_vec()),
             b"same" => inv.same = true,
             b"inplace" => inv.inplace = Some(text()).filter(|id| safe_id(id)),
             b"tail" if value == b"gz" => {
@@ -587,13 +578,20 @@ pub fn parse_inventory(out: &[u8], to_name: &str) -> anyhow::Result<Inventory> {
         rest = after;
     }
     inv.releases.sort();
-    // Paths came as `releases/<live>/<path>`; the spoilt objects are those the live manifest names.
+    // Paths came as `releases/<live>/<path>` (release mode) or `./<path>` (in place); the spoilt
+    // objects are those the live manifest names.
     let prefix = format!("releases/{}/", inv.live().unwrap_or_default());
-    for p in &mut inv.edited {
-        if let Some(rest) = p.strip_prefix(prefix.as_bytes()) {
+    let lists = [&mut inv.edited, &mut inv.touched];
+    for p in lists
+        .into_iter()
+        .flatten()
+        .chain(inv.listing.iter_mut().flatten())
+    {
+        if let Some(rest) = p.strip_prefix(prefix.as_bytes()).or(p.strip_prefix(b"./")) {
             *p = rest.to_vec();
         }
     }
+    inv.handmade = inv.touched.len() as u64;
     if let Some(m) = &inv.live_manifest {
         let edited: HashSet<&[u8]> = inv.edited.iter().map(Vec::as_slice).collect();
         inv.drifted = m
