@@ -188,37 +188,50 @@ pub fn write_in_place(
         s.link(EntryType::Link, 0o644, Path::new(&at), &live)?;
     }
     s.dir(&staging, 0o700)?;
+    // Content the host has is staged as a hard link to it: the first link to each source under
+    // `.ferry-incoming.links/` (the host copies that subtree with one tar pipe), further ones in
+    // place (copied one by one).
+    let links = format!("{staging}{STAGING}.links/");
     let mut made = std::collections::HashSet::new();
+    let mut origin: std::collections::HashMap<&[u8], (String, &str)> = Default::default();
+    let mut copied_once = std::collections::HashSet::new();
     for (i, from) in &apply.write {
         let e = &local.entries[*i];
+        let (key, target) = match from {
+            Source::Sent => (format!("s:{}", e.display()), None),
+            Source::Object(o) => (
+                format!("o:{o}"),
+                Some(rel(&format!("{store}objects/"), o.as_bytes())),
+            ),
+            Source::Live(p) => (
+                format!("l:{}", String::from_utf8_lossy(p)),
+                Some(rel(&format!("{name}/"), p)),
+            ),
+            Source::Staged(p) => {
+                let (key, prefix) = origin.get(p.as_slice()).cloned().unwrap_or_default();
+                (key, Some(rel(prefix, p)))
+            }
+        };
+        let prefix: &str = match (&e.kind, &target) {
+            (Kind::File { .. }, Some(_)) if copied_once.insert(key.clone()) => &links,
+            _ => &staging,
+        };
+        origin.insert(&e.path, (key, prefix));
         for (j, &b) in e.path.iter().enumerate() {
-            if b == b'/' && made.insert(&e.path[..j]) {
-                s.dir(rel(&staging, &e.path[..j]), 0o700)?;
+            if b == b'/' && made.insert((prefix, &e.path[..j])) {
+                s.dir(rel(prefix, &e.path[..j]), 0o700)?;
             }
         }
-        let path = rel(&staging, &e.path);
-        let mode = match e.kind {
-            Kind::File { mode, .. } => mode,
-            _ => 0o777,
-        };
-        match (&e.kind, from) {
+        let path = rel(prefix, &e.path);
+        match (&e.kind, target) {
             (Kind::Symlink { target }, _) => s.link(
                 EntryType::Symlink,
                 0o777,
                 &path,
                 Path::new(OsStr::from_bytes(target)),
             )?,
-            (_, Source::Sent) => s.file(e, &path)?,
-            (_, Source::Object(o)) => s.link(
-                EntryType::Link,
-                mode,
-                &path,
-                Path::new(&format!("{store}objects/{o}")),
-            )?,
-            (_, Source::Live(p)) => {
-                s.link(EntryType::Link, mode, &path, &rel(&format!("{name}/"), p))?
-            }
-            (_, Source::Staged(p)) => s.link(EntryType::Link, mode, &path, &rel(&staging, p))?,
+            (Kind::File { mode, .. }, Some(to)) => s.link(EntryType::Link, *mode, &path, &to)?,
+            _ => s.file(e, &path)?,
         }
     }
     let list = |items: &mut dyn Iterator<Item = Vec<u8>>| -> Vec<u8> {

@@ -121,7 +121,8 @@ fi
 ///
 /// `apply` runs after the stream is unpacked (it staged every path `to` gets under
 /// `$T/.ferry-incoming`): directories first (parents first; anything else in their way goes), then
-/// staged files that share an inode (content the host already had) are copied, then one `mv` per
+/// staged files that share an inode (content the host already had) are copied (one tar pipe for
+/// `.ferry-incoming/.ferry-incoming.links/`, where each source is linked once), then one `mv` per
 /// directory renames the staged files over their destinations (each replaced atomically), then the
 /// extras go. Sets `copied`; returns non-zero at the first failure (files replaced stay replaced).
 macro_rules! in_place_sh {
@@ -168,6 +169,13 @@ echo $n'
 apply() {
   export T ST SG MV
   ( cd "$T" && xargs -0 -r sh -c "$MKD" sh ) < incoming/dirs || return 1
+  SL=$ST/$SG.links
+  if [ -d "$SL" ]; then
+    # One tar pipe copies the first link to each source (a copy of each file, linked to nothing).
+    cf=$S/incoming/copy.failed
+    ( cd "$SL" && tar -cf - . || : > "$cf" ) | ( cd "$ST" && tar -xpf - ) && [ ! -e "$cf" ] || return 1
+    rm -rf "$SL" || return 1
+  fi
   find "$ST" -type f -links +1 -exec sh -c "$UNSHARE" sh {} + || return 1
   copied=$(find "$ST" -type d -exec sh -c "$MOVE" sh {} + || echo x)
   case $copied in *x*|'') return 1 ;; esac
