@@ -1,7 +1,9 @@
 //! The one stream a deploy sends: a gzip'd tar that the host's own `tar -xzmo` (GNU or BusyBox)
-//! unpacks in the store. It holds each missing object once as a regular file `objects/<name>`, then
-//! the whole new release tree under `incoming/r/` as directory, symlink and hard-link entries (links
-//! point at objects, so no content is sent twice), the release's manifest and metadata, and an
+//! unpacks. Release mode ([`write`], unpacked in the store): each missing object once as a regular
+//! file `objects/<name>`, then the whole new release tree under `incoming/r/` as directory, symlink
+//! and hard-link entries (links point at objects, so no content is sent twice). Mode in-place
+//! ([`write_in_place`], unpacked beside `to`): the staged files `to` gets, and links that keep
+//! leaving content in the store. Both end with the release's manifest and metadata and an
 //! `incoming/COMPLETE` trailer the host checks before anything goes live.
 //! gzip squeezes the 512-byte tar headers to a few bytes each, and text assets well below rsync's
 //! uncompressed bytes. Content that does not compress (images, fonts, archives: judged by the byte
@@ -491,5 +493,77 @@ mod tests {
             assert_eq!(std::fs::read_dir(dst.join("objects")).unwrap().count(), 4);
         }
         std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    /// In place: the stream unpacks beside `to`, staging new content, links to content the host
+    /// has, and links keeping content that leaves `to` in the store.
+    #[test]
+    fn in_place_stream_stages_beside_to() {
+        let base = std::env::temp_dir().join(format!("ferry-archive-ip-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let src = base.join("src");
+        std::fs::create_dir_all(src.join("d")).unwrap();
+        std::fs::write(src.join("d/new.js"), b"new").unwrap();
+        std::fs::write(src.join("d/copy.js"), b"new").unwrap();
+        std::fs::write(src.join("renamed.js"), b"old").unwrap();
+        let m = scan(&src, &[], None).unwrap();
+        let live = Manifest {
+            root_mode: m.root_mode,
+            entries: vec![Entry {
+                path: b"old.js".to_vec(),
+                kind: Kind::File {
+                    size: 3,
+                    mode: 0o644,
+                    hash: *blake3::hash(b"old").as_bytes(),
+                },
+            }],
+        };
+        let target = diff::Target {
+            live: Some(&live),
+            ..Default::default()
+        };
+        let have: std::collections::HashSet<String> = target.contents().into_keys().collect();
+        let p = diff::plan(&m, Some(&live), &have);
+        let apply = diff::in_place(&m, &target, &Default::default(), &p.send, true);
+        let mut out = Vec::new();
+        write_in_place(&src, "app", &m, &apply, None, &mut out, &|_| {}).unwrap();
+        let old_obj = live.entries[0].object().unwrap();
+        for tar in ["tar", "busybox tar"] {
+            let dst = base.join(tar.replace(' ', "_"));
+            std::fs::create_dir_all(dst.join(".app.ferry/objects")).unwrap();
+            std::fs::create_dir_all(dst.join(".app.ferry/incoming")).unwrap();
+            std::fs::create_dir_all(dst.join("app")).unwrap();
+            std::fs::write(dst.join("app/old.js"), b"old").unwrap();
+            std::fs::write(dst.join("t.tgz"), &out).unwrap();
+            let st = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(format!("cd '{}' && {tar} -xzmof t.tgz", dst.display()))
+                .status()
+                .unwrap();
+            assert!(st.success(), "{tar}");
+            let staged = dst.join("app/.ferry-incoming");
+            assert_eq!(std::fs::read(staged.join("d/copy.js")).unwrap(), b"new");
+            let links = staged.join(".ferry-incoming.links");
+            assert_eq!(std::fs::read(links.join("d/new.js")).unwrap(), b"new");
+            assert_eq!(inode(&links.join("d/new.js")), inode(&staged.join("d/copy.js")));
+            assert_eq!(std::fs::read(links.join("renamed.js")).unwrap(), b"old");
+            let kept = dst.join(".app.ferry/objects").join(&old_obj);
+            assert_eq!(
+                inode(&kept),
+                inode(&dst.join("app/old.js")),
+                "kept by a link"
+            );
+            assert_eq!(inode(&links.join("renamed.js")), inode(&kept));
+            assert!(dst.join(".app.ferry/incoming/COMPLETE").exists());
+            assert_eq!(
+                std::fs::read(dst.join(".app.ferry/incoming/gone")).unwrap(),
+                b"old.js\0"
+            );
+        }
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    fn inode(p: &Path) -> u64 {
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap())
     }
 }

@@ -17,12 +17,13 @@
 //! escaping links are refused naming the local path.
 //!
 //! Mode `in-place` (for a directory that must stay a directory, e.g. bind-mounted into a container)
-//! uses the same store, diff and stream; the release tree is then applied into `to` in the same
-//! exec: each changed file is copied to a temp name beside it and renamed over (atomic per file,
-//! never hard-linked to the store), extras are deleted last (unless `delete: false`). A reader may
-//! see a mix of old and new files while it runs. `<store>/inplace` names the applied release, so
-//! the next diff, drift detection (files newer than `<store>/applied`, or missing), `status` and
-//! rollback (re-applying an earlier release from the store) work as in release mode.
+//! uses the same diff and one stream, but `to` itself holds the live files: the stream lands in a
+//! staging directory inside `to` (each new file written once) and each staged file is renamed over
+//! its destination (atomic per file); live content about to be replaced or deleted is hard-linked
+//! into the store first, so earlier releases can be applied again (rollback re-applies one, sending
+//! nothing). [`diff::in_place`] decides every path from the live manifest and what the host reports
+//! as changed by hand since `<store>/applied`. A reader may see a mix of old and new files while it
+//! runs; extras are deleted last (unless `delete: false`).
 
 pub mod archive;
 pub mod diff;

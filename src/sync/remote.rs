@@ -1,27 +1,30 @@
 //! The host side of a sync: constant POSIX `sh` scripts (run with data as positional arguments, so
 //! nothing is spliced into a command line) and the parsing of what they print. They use only what
-//! both coreutils and BusyBox offer: `tar -xzmo`, `tar -c`, `mv -fT`, `find -newer -links -depth
-//! -mindepth -maxdepth -print0 -exec +` (never `{}` inside a script `find` runs: GNU find refuses
-//! that), `xargs -0 -r`, `head -c`, `ls`, `gzip`, `readlink`, `read`, `cp -p`, `stat -c %a`,
-//! `test -ef`.
+//! both coreutils and BusyBox offer: `tar -xzmo`, `tar -c`, `mv -fT`, `find -newer -links -path
+//! -prune -mindepth -maxdepth -print0 -exec +` (never `{}` inside a script `find` runs: GNU find
+//! refuses that), `xargs -0 -r`, `head -c`, `ls`, `gzip`, `readlink`, `read`, `cp -p`,
+//! `stat -c %a`, `tr`, `sed -n`, `sort`, `uniq -u`.
 //!
 //! Layout beside the target `<dir>/<name>`:
 //! ```text
 //! <dir>/<name> -> .<name>.ferry/releases/<id>     (release mode; renamed over atomically)
 //! <dir>/.<name>.ferry/objects/<blake3>.<mode>      content store; files never opened for writing
-//! <dir>/.<name>.ferry/releases/<id>/              trees of hard links into objects/
+//! <dir>/.<name>.ferry/releases/<id>/              trees of hard links into objects/ (in place: empty)
 //! <dir>/.<name>.ferry/meta/<id>.{json,manifest,digest}
 //! <dir>/.<name>.ferry/stamp                        live files newer than this were edited by hand
 //! <dir>/.<name>.ferry/incoming/                    a deploy in flight; removed by the next one
 //! <dir>/.<name>.ferry/inplace                      in-place mode: id of the release applied in <dir>/<name>
 //! <dir>/.<name>.ferry/applied                      in-place mode: files in <name> newer than this were edited
+//! <dir>/<name>/.ferry-incoming/                    in-place mode: the staging directory of a deploy in flight
 //! ```
 //!
-//! An object is trusted while some release links to it and the live release's files that share it
-//! are not newer than `stamp` (touched after each successful deploy): objects a broken deploy left
-//! unlinked (a truncated one from a cut stream, say) are collected before the next deploy lists
-//! what the host has, and objects edited by hand through `to` are dropped before the stream lands.
-//! Edits made inside the store itself are not looked for.
+//! Release mode: an object is trusted while some release links to it and the live release's files
+//! that share it are not newer than `stamp` (touched after each successful deploy): objects a
+//! broken deploy left unlinked (a truncated one from a cut stream, say) are collected before the
+//! next deploy lists what the host has, and objects edited by hand through `to` are dropped before
+//! the stream lands. In place, objects are only ever links to whole files that left `to`, and one
+//! that still shares a file edited in `to` is dropped the same way. Edits made inside the store
+//! itself are not looked for.
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::Read;
