@@ -854,6 +854,59 @@ fn sync_in_place_keeps_extras_and_refuses_a_link() {
     );
 }
 
+/// In place, `keep: 2` prunes the oldest release and the store drops the content only it named;
+/// what the kept releases need stays, and a rollback to one of them sends nothing.
+#[test]
+fn sync_in_place_prunes_the_store() {
+    let site = Site::new(
+        "inplace-prune",
+        vec![Sshd::start()],
+        one_step("app", ", mode: in-place, keep: 2"),
+    );
+    let objects = || -> Vec<Vec<u8>> {
+        let dir = site.root().join(".app.ferry/objects");
+        let mut v: Vec<Vec<u8>> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    let mut releases = Vec::new();
+    for (n, content) in [b"v1", b"v2", b"v3"].iter().enumerate() {
+        site.write(b"index.html", *content);
+        site.write(b"same.txt", b"unchanged");
+        let s = step(&site.deploy(&sha(n as u8 + 1)).success());
+        releases.push(s["detail"]["release"].as_str().unwrap().to_string());
+    }
+    assert_eq!(
+        objects(),
+        [b"v2".to_vec()],
+        "v1 left with its release; v3 and same.txt live only in `to`"
+    );
+    let left: Vec<_> = std::fs::read_dir(site.root().join(".app.ferry/releases"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(left.len(), 2, "{left:?}");
+    let r = site
+        .ferry("rollback", &sha(3))
+        .args(["--json"])
+        .run()
+        .success();
+    assert!(r.stdout.contains(&releases[1]), "{}", r.all());
+    let to = site.root().join("app");
+    assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"v2");
+    assert_eq!(
+        objects(),
+        [b"v2".to_vec(), b"v3".to_vec()],
+        "v3 kept for a redeploy"
+    );
+    let s = step(&site.deploy(&sha(3)).success());
+    assert_eq!(s["files_sent"], 0, "v3 is back from the store: {s}");
+    assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"v3");
+}
+
 /// In-place: a controller killed mid-stream leaves the directory as it was (nothing is applied
 /// before the whole stream has arrived); the next deploy completes it.
 #[test]

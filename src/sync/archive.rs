@@ -545,7 +545,10 @@ mod tests {
             assert_eq!(std::fs::read(staged.join("d/copy.js")).unwrap(), b"new");
             let links = staged.join(".ferry-incoming.links");
             assert_eq!(std::fs::read(links.join("d/new.js")).unwrap(), b"new");
-            assert_eq!(inode(&links.join("d/new.js")), inode(&staged.join("d/copy.js")));
+            assert_eq!(
+                inode(&links.join("d/new.js")),
+                inode(&staged.join("d/copy.js"))
+            );
             assert_eq!(std::fs::read(links.join("renamed.js")).unwrap(), b"old");
             let kept = dst.join(".app.ferry/objects").join(&old_obj);
             assert_eq!(

@@ -3,7 +3,7 @@
 //! both coreutils and BusyBox offer: `tar -xzmo`, `tar -c`, `mv -fT`, `find -newer -links -path
 //! -prune -mindepth -maxdepth -print0 -exec +` (never `{}` inside a script `find` runs: GNU find
 //! refuses that), `xargs -0 -r`, `head -c`, `ls`, `gzip`, `readlink`, `read`, `cp -p`,
-//! `stat -c %a`, `tr`, `sed -n`, `sort`, `uniq -u`.
+//! `stat -c %a`, `tr`, `cut`, `sort`, `uniq -u`.
 //!
 //! Layout beside the target `<dir>/<name>`:
 //! ```text
@@ -243,10 +243,10 @@ cleanup() {
     rm -rf incoming/r && find objects -type f -links 1 -exec rm -f {} +
   fi && rm -rf incoming
 }
-# Objects no kept release's manifest names (in-place stores; cwd: the store).
+# Objects no kept release's manifest names (in-place stores; cwd: the store). A manifest record
+# is `F <object> <size>\t<path>`; other lines (names, links) can at worst keep an object longer.
 collect_unnamed() {
-  for m in meta/*.manifest; do [ -f "$m" ] && tr '\0' '\n' < "$m"; done |
-    LC_ALL=C sed -n 's/^F \([^ ]*\) .*/\1/p' > incoming.keep
+  for m in meta/*.manifest; do [ -f "$m" ] && tr '\0' '\n' < "$m"; done | cut -s -d ' ' -f 2 > incoming.keep
   { ls objects; cat incoming.keep incoming.keep; } | LC_ALL=C sort | uniq -u | ( cd objects && xargs -r rm -f -- )
   rm -f incoming.keep
 }
