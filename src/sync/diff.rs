@@ -2,7 +2,9 @@
 //! host's store holds (minus those edited by hand), decide what to send and what the change is.
 //! No IO here; tested with data.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
+
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use super::manifest::{Entry, Kind, Manifest};
 
@@ -44,8 +46,8 @@ pub fn plan(local: &Manifest, live: Option<&Manifest>, have: &HashSet<String>) -
                 .collect()
         })
         .unwrap_or_default();
-    let mut seen_paths = HashSet::new();
-    let mut queued = HashSet::new();
+    let mut seen_paths = HashSet::default();
+    let mut queued = HashSet::default();
     for (i, e) in local.entries.iter().enumerate() {
         if matches!(e.kind, Kind::Dir { .. }) {
             continue;
@@ -153,13 +155,14 @@ pub fn in_place(
     delete: bool,
 ) -> Apply {
     let mut a = Apply::default();
-    let live: BTreeMap<&[u8], &Entry> = target
+    let live: HashMap<&[u8], &Entry> = target
         .live
         .map(|m| m.entries.iter().map(|e| (e.path.as_slice(), e)).collect())
         .unwrap_or_default();
-    let contents = target.contents();
+    // Needed only for content neither sent nor in the store.
+    let contents = std::cell::OnceCell::new();
     let sent: HashSet<usize> = sent.iter().copied().collect();
-    let mut staged: HashMap<String, &[u8]> = HashMap::new();
+    let mut staged: HashMap<String, &[u8]> = HashMap::default();
     if target.live.map(|m| m.root_mode) != Some(local.root_mode) {
         a.dirs.push((local.root_mode, b".".to_vec()));
     }
@@ -179,7 +182,7 @@ pub fn in_place(
                     Source::Staged(p.to_vec())
                 } else if objects.contains(&o) {
                     Source::Object(o.clone())
-                } else if let Some(p) = contents.get(&o) {
+                } else if let Some(p) = contents.get_or_init(|| target.contents()).get(&o) {
                     Source::Live(p.to_vec())
                 } else {
                     Source::Sent
@@ -190,16 +193,22 @@ pub fn in_place(
         }
     }
     // Live content about to leave `to` goes into the store first.
-    let now: BTreeMap<&[u8], &Entry> = local
+    let now: HashMap<&[u8], &Entry> = local
         .entries
         .iter()
         .map(|e| (e.path.as_slice(), e))
         .collect();
-    let mut preserved = HashSet::new();
-    for (path, e) in &live {
-        if let Some(o) = e.object()
-            && target.intact(path)
+    let mut preserved = HashSet::default();
+    for e in target
+        .live
+        .map(|m| m.entries.as_slice())
+        .unwrap_or_default()
+    {
+        let path = e.path.as_slice();
+        if matches!(e.kind, Kind::File { .. })
             && !now.get(path).is_some_and(|n| same(n, e))
+            && target.intact(path)
+            && let Some(o) = e.object()
             && !objects.contains(&o)
             && preserved.insert(o.clone())
         {
@@ -226,13 +235,17 @@ pub fn in_place(
         }
     }
     if delete {
-        let mut present: Vec<&[u8]> = match &target.listing {
-            Some(l) => l.iter().copied().collect(),
-            None => live.keys().copied().collect(),
+        // Sorted: the live manifest already is.
+        let mut present: Vec<&[u8]> = match (&target.listing, target.live) {
+            (Some(l), _) => l.iter().copied().collect(),
+            (None, Some(m)) => m.entries.iter().map(|e| e.path.as_slice()).collect(),
+            (None, None) => Vec::new(),
         };
-        present.extend(target.changed.iter().copied());
-        present.sort_unstable();
-        present.dedup();
+        if target.listing.is_some() || !target.changed.is_empty() {
+            present.extend(target.changed.iter().copied());
+            present.sort_unstable();
+            present.dedup();
+        }
         a.gone = extras(local, &present);
     }
     a
@@ -267,9 +280,17 @@ fn extras(local: &Manifest, present: &[&[u8]]) -> Vec<Vec<u8>> {
     out
 }
 
+/// The same content at a path: the same object (hash and mode), or the same link.
 fn same(a: &Entry, b: &Entry) -> bool {
     match (&a.kind, &b.kind) {
-        (Kind::File { .. }, Kind::File { .. }) => a.object() == b.object(),
+        (
+            Kind::File {
+                hash: h1, mode: m1, ..
+            },
+            Kind::File {
+                hash: h2, mode: m2, ..
+            },
+        ) => h1 == h2 && m1 & 0o7777 == m2 & 0o7777,
         (Kind::Symlink { target: x }, Kind::Symlink { target: y }) => x == y,
         _ => false,
     }
@@ -347,7 +368,7 @@ mod tests {
         let have: HashSet<String> = target.contents().into_keys().collect();
         let p = plan(&local, Some(&live), &have);
         assert_eq!(p.send, vec![1], "only the new content travels");
-        let a = in_place(&local, &target, &HashSet::new(), &p.send, true);
+        let a = in_place(&local, &target, &HashSet::default(), &p.send, true);
         assert_eq!(
             a.write,
             vec![
@@ -366,7 +387,7 @@ mod tests {
         assert_eq!(a.gone, [b"d".to_vec()]);
         assert_eq!(a.handmade, 0);
         // Content already in the store is not preserved twice, and is copied from there.
-        let stored = HashSet::from([obj(b"2"), obj(b"3")]);
+        let stored = [obj(b"2"), obj(b"3")].into_iter().collect();
         let a = in_place(&local, &target, &stored, &p.send, false);
         assert!(a.preserve.is_empty() && a.gone.is_empty());
         assert_eq!(a.write[2], (3, Source::Object(obj(b"3"))));
@@ -376,18 +397,20 @@ mod tests {
     fn in_place_repairs_hand_edits_and_lists_extras() {
         let live = tree(vec![dir("d"), file("d/a", b"1"), file("d/b", b"2")]);
         let local = live.clone();
-        let listing: HashSet<&[u8]> = [&b"d"[..], b"d/a", b"d/extra", b"d/extra/x"].into();
+        let listing: HashSet<&[u8]> = [&b"d"[..], b"d/a", b"d/extra", b"d/extra/x"]
+            .into_iter()
+            .collect();
         let target = Target {
             live: Some(&live),
-            changed: [&b"d/a"[..]].into(),
+            changed: [&b"d/a"[..]].into_iter().collect(),
             listing: Some(listing),
         };
         assert!(
             target.contents().is_empty(),
             "edited and removed paths hold nothing known"
         );
-        let p = plan(&local, Some(&live), &HashSet::new());
-        let a = in_place(&local, &target, &HashSet::new(), &p.send, true);
+        let p = plan(&local, Some(&live), &HashSet::default());
+        let a = in_place(&local, &target, &HashSet::default(), &p.send, true);
         assert_eq!(a.write, vec![(1, Source::Sent), (2, Source::Sent)]);
         assert!(a.preserve.is_empty(), "edited content is not kept");
         assert_eq!(a.gone, [b"d/extra".to_vec()]);
@@ -395,7 +418,7 @@ mod tests {
             a.handmade, 4,
             "one edited, one removed, a directory and its file added"
         );
-        let a = in_place(&local, &target, &HashSet::new(), &p.send, false);
+        let a = in_place(&local, &target, &HashSet::default(), &p.send, false);
         assert!(a.gone.is_empty());
         assert_eq!(a.handmade, 2, "extras are kept: not drift");
     }
@@ -404,14 +427,14 @@ mod tests {
     fn in_place_first_apply_writes_everything_and_fixes_kinds() {
         let local = tree(vec![dir("d"), file("d/a", b"1"), file("f", b"2")]);
         // `to` had a file where the build has a directory, and a directory where it has a file.
-        let listing: HashSet<&[u8]> = [&b"d"[..], b"f", b"f/old", b"stale"].into();
+        let listing: HashSet<&[u8]> = [&b"d"[..], b"f", b"f/old", b"stale"].into_iter().collect();
         let target = Target {
             live: None,
             listing: Some(listing),
             ..Default::default()
         };
-        let p = plan(&local, None, &HashSet::new());
-        let a = in_place(&local, &target, &HashSet::new(), &p.send, true);
+        let p = plan(&local, None, &HashSet::default());
+        let a = in_place(&local, &target, &HashSet::default(), &p.send, true);
         assert_eq!(a.dirs, [(0o755, b".".to_vec()), (0o755, b"d".to_vec())]);
         assert_eq!(a.write.len(), 2);
         assert_eq!(
@@ -429,7 +452,7 @@ mod tests {
             file("b.js", b"same"),
             file("c.js", b"other"),
         ]);
-        let p = plan(&local, None, &HashSet::new());
+        let p = plan(&local, None, &HashSet::default());
         assert_eq!(p.added.len(), 3);
         assert_eq!(p.send, vec![0, 2], "duplicate content goes once");
         assert_eq!(p.send_bytes, 9);
@@ -463,7 +486,7 @@ mod tests {
     #[test]
     fn drifted_object_missing_from_have_is_resent() {
         let live = tree(vec![file("a", b"x")]);
-        let p = plan(&live, Some(&live), &HashSet::new());
+        let p = plan(&live, Some(&live), &HashSet::default());
         assert!(p.is_noop());
         assert_eq!(p.send, vec![0]);
     }

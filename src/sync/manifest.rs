@@ -3,7 +3,6 @@
 //! keyed on path, size, mtime, ctime and inode. Also the manifest's byte format, which the host
 //! stores next to each release (paths are bytes: spaces, newlines and non-UTF-8 are fine).
 
-use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
@@ -12,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use rayon::prelude::*;
+use rustc_hash::FxHashMap as HashMap;
 
 /// What one path of the tree is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,7 +51,15 @@ impl Entry {
 }
 
 pub fn object_name(hash: &[u8; 32], mode: u32) -> String {
-    format!("{}.{:o}", hex::encode(hash), mode & 0o7777)
+    use std::fmt::Write;
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(70);
+    for &b in hash {
+        s.push(HEX[usize::from(b >> 4)] as char);
+        s.push(HEX[usize::from(b & 15)] as char);
+    }
+    let _ = write!(s, ".{:o}", mode & 0o7777);
+    s
 }
 
 /// A whole tree: entries sorted by path (a directory precedes its contents), plus the root's mode.
@@ -374,7 +382,7 @@ pub fn cache_path(root: &Path) -> Option<PathBuf> {
 const CACHE_MAGIC: &[u8; 8] = b"ferryhc1";
 
 fn load_cache(file: &Path) -> HashMap<Vec<u8>, CacheRow> {
-    let mut map = HashMap::new();
+    let mut map = HashMap::default();
     let Ok(data) = std::fs::read(file) else {
         return map;
     };

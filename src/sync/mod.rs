@@ -30,7 +30,7 @@ pub mod diff;
 pub mod manifest;
 pub mod remote;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -832,7 +832,7 @@ pub async fn live(host: &Host, session: &Session, step: &SyncStep) -> anyhow::Re
         inv.handmade = diff::in_place(
             &m,
             &inv.in_place_target(),
-            &HashSet::new(),
+            &Default::default(),
             &[],
             step.delete,
         )

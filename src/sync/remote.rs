@@ -26,10 +26,11 @@
 //! that still shares a file edited in `to` is dropped the same way. Edits made inside the store
 //! itself are not looked for.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::io::Read;
 
 use anyhow::Context;
+use rustc_hash::FxHashSet as HashSet;
 
 use super::diff::Target;
 use super::manifest::Manifest;
@@ -145,7 +146,9 @@ inplace_scan() {
     ( cd "$T" && find . -path "./$SG" -prune -o ! -path . -exec printf 'have\t%s\0' {} + )
   fi
 }
-if [ "$M" = in-place ] && [ -n "$(inplace_scan | head -c 1)" ]; then
+# One pass finds whether anything in $T is newer than the last apply; only then the passes above.
+if [ "$M" = in-place ] && [ -d "$T" ] && [ ! -L "$T" ] && { [ ! -e "$S/applied" ] ||
+   [ -n "$(cd "$T" && find . -path "./$SG" -prune -o -newer "$S/applied" -print | head -c 1)" ]; }; then
   inplace_scan; dirty=1
 fi
 # Make or fix directories given as `<mode>/<path>` (cwd: $T).
