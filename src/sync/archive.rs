@@ -181,7 +181,12 @@ pub fn write_in_place(
 ) -> anyhow::Result<()> {
     let mut s = Stream::new(out, root, sent)?;
     let store = format!(".{name}.ferry/");
-    let staging = format!("{name}/{STAGING}/");
+    // A missing `to` is staged whole (with its directories' modes) in the store, renamed in later.
+    let staging = if apply.fresh {
+        format!("{store}incoming/t/")
+    } else {
+        format!("{name}/{STAGING}/")
+    };
     for (obj, path) in &apply.preserve {
         let (at, live) = (
             format!("{store}objects/{obj}"),
@@ -189,7 +194,16 @@ pub fn write_in_place(
         );
         s.link(EntryType::Link, 0o644, Path::new(&at), &live)?;
     }
-    s.dir(&staging, 0o700)?;
+    if apply.fresh {
+        s.dir(&staging, local.root_mode)?;
+        for e in &local.entries {
+            if let Kind::Dir { mode } = e.kind {
+                s.dir(rel(&staging, &e.path), mode)?;
+            }
+        }
+    } else {
+        s.dir(&staging, 0o700)?;
+    }
     // Content the host has is staged as a hard link to it: the first link to each source under
     // `.ferry-incoming.links/` (the host copies that subtree with one tar pipe), further ones in
     // place (copied one by one).
@@ -215,12 +229,14 @@ pub fn write_in_place(
             }
         };
         let prefix: &str = match (&e.kind, &target) {
-            (Kind::File { .. }, Some(_)) if copied_once.insert(key.clone()) => &links,
+            (Kind::File { .. }, Some(_)) if !apply.fresh && copied_once.insert(key.clone()) => {
+                &links
+            }
             _ => &staging,
         };
         origin.insert(&e.path, (key, prefix));
         for (j, &b) in e.path.iter().enumerate() {
-            if b == b'/' && made.insert((prefix, &e.path[..j])) {
+            if !apply.fresh && b == b'/' && made.insert((prefix, &e.path[..j])) {
                 s.dir(rel(prefix, &e.path[..j]), 0o700)?;
             }
         }

@@ -93,6 +93,8 @@ pub struct Target<'a> {
     pub changed: HashSet<&'a [u8]>,
     /// Every path in `to`, when the host listed them (a directory changed, or none was applied).
     pub listing: Option<HashSet<&'a [u8]>>,
+    /// `to` does not exist yet.
+    pub missing: bool,
 }
 
 impl Target<'_> {
@@ -142,6 +144,8 @@ pub struct Apply {
     pub gone: Vec<Vec<u8>>,
     /// Paths in `to` added, edited or removed by hand since the last apply that this one repairs.
     pub handmade: u64,
+    /// `to` does not exist: the whole tree is staged beside it and renamed into place at once.
+    pub fresh: bool,
 }
 
 /// In-place mode: compare `local` with what `to` holds. `objects` are the store's trusted objects;
@@ -154,7 +158,10 @@ pub fn in_place(
     sent: &[usize],
     delete: bool,
 ) -> Apply {
-    let mut a = Apply::default();
+    let mut a = Apply {
+        fresh: target.missing,
+        ..Default::default()
+    };
     let live: HashMap<&[u8], &Entry> = target
         .live
         .map(|m| m.entries.iter().map(|e| (e.path.as_slice(), e)).collect())
@@ -404,6 +411,7 @@ mod tests {
             live: Some(&live),
             changed: [&b"d/a"[..]].into_iter().collect(),
             listing: Some(listing),
+            missing: false,
         };
         assert!(
             target.contents().is_empty(),

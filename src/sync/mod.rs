@@ -247,6 +247,7 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
         );
     }
     let params = params_line(ctx.release, step.adopt, &prune, &inv.drifted, false);
+    let written = apply.as_ref().map(|a| a.write.len() as u64);
     let manifest = local.encode();
     let meta_json = serde_json::to_vec(&meta)?;
     let build = {
@@ -273,8 +274,8 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
     report.detail["release"] = release.clone().into();
     report.detail["previous"] = live.clone().into();
     report.detail["wire_bytes"] = wire.bytes.into();
-    if let Some(n) = wire.copied {
-        report.detail["replaced_in_place"] = n.into();
+    if let Some(a) = &written {
+        report.detail["replaced_in_place"] = wire.copied.unwrap_or(*a).into();
     }
     report.detail["pruned"] = prune.clone().into();
     report.summary = format!(

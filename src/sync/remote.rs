@@ -128,7 +128,9 @@ fi
 /// staged files that share an inode (content the host already had) are copied (one tar pipe for
 /// `.ferry-incoming/.ferry-incoming.links/`, where each source is linked once), then one `mv` per
 /// directory renames the staged files over their destinations (each replaced atomically), then the
-/// extras go. Sets `copied`; returns non-zero at the first failure (files replaced stay replaced).
+/// extras go. When `to` was missing, the stream staged the whole tree in `incoming/t` instead and
+/// one rename puts it in place. Sets `copied` (empty then); returns non-zero at the first failure
+/// (files replaced stay replaced).
 macro_rules! in_place_sh {
     () => {
         r#"
@@ -173,6 +175,14 @@ for d; do
 done
 echo $n'
 apply() {
+  if [ -d incoming/t ]; then
+    # `to` was missing: the whole tree was staged here; it goes in with one rename.
+    ( ST=$PWD/incoming/t && export ST SG && cd "$ST" &&
+      find . -type f -links +1 -exec sh -c "$UNSHARE" sh {} + ) || return 1
+    mv -T incoming/t "$T" || return 1
+    copied=
+    return 0
+  fi
   export T ST SG MV
   ( cd "$T" && xargs -0 -r sh -c "$MKD" sh ) < incoming/dirs || return 1
   SL=$ST/$SG.links
@@ -323,7 +333,7 @@ if [ "$M" = in-place ]; then
   apply || { echo "ferry: applying release $rid into $T failed; files already replaced stay new" >&2; exit 5; }
   rm -rf incoming
   printf '%s\n' "$rid" > inplace.new; mv -f inplace.new inplace; touch applied
-  printf 'copied %s\n' "$copied"
+  [ -z "$copied" ] || printf 'copied %s\n' "$copied"
 else
   rm -rf incoming
   ln -s ".$N.ferry/releases/$rid" "$P/.$N.ferry-new"
@@ -492,6 +502,7 @@ impl Inventory {
                 .listing
                 .as_ref()
                 .map(|l| l.iter().map(Vec::as_slice).collect()),
+            missing: self.target == TargetState::Missing,
         }
     }
 
