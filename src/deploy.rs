@@ -377,6 +377,7 @@ async fn run_host(
             _ = stop.wait_for(|s| *s) => anyhow::bail!("interrupted before the deploy lock was taken"),
         }
     };
+    tracing::debug!(elapsed = ?started.elapsed(), "locked");
     // A rollback goes to an earlier deploy from the ledger (read under the lock), and is recorded
     // with that deploy's ref, commit and release.
     let target = match action {
@@ -448,6 +449,7 @@ async fn run_host(
         if let Err(e) = ledger::append(ctx, &record).await {
             tracing::warn!("cannot record the deploy in the ledger: {e:#}");
         }
+        tracing::debug!(elapsed = ?started.elapsed(), "recorded in the ledger");
     }
     if let Some(lock) = lock {
         // The deploy's result stands; a lock left behind expires with its lease or `ferry unlock`.
@@ -456,6 +458,7 @@ async fn run_host(
                 .println(&format!("{}: WARNING: {e}", ctx.host.name()));
             tracing::warn!("{e}");
         }
+        tracing::debug!(elapsed = ?started.elapsed(), "unlocked");
     }
     Ok(HostReport {
         host: ctx.host.name().to_string(),

@@ -38,6 +38,7 @@ where
             let start = Instant::now();
             let result = async {
                 let session = connector.connect(&host.target).await?;
+                tracing::debug!(elapsed = ?start.elapsed(), "connected");
                 work(host, session).await
             }
             .instrument(span)
