@@ -855,12 +855,15 @@ fn sync_in_place_keeps_extras_and_refuses_a_link() {
 }
 
 /// In place, `keep: 2` prunes the oldest release and the store drops the content only it named;
-/// what the kept releases need stays, and a rollback to one of them sends nothing.
-#[test]
-fn sync_in_place_prunes_the_store() {
+/// what the kept releases need stays, and a rollback to one of them sends nothing. `to` is missing
+/// at first: the whole tree goes in with one rename.
+fn in_place_prunes(busybox: bool) {
     let site = Site::new(
         "inplace-prune",
-        vec![Sshd::start()],
+        vec![Sshd::start_with(SshdOptions {
+            busybox,
+            ..Default::default()
+        })],
         one_step("app", ", mode: in-place, keep: 2"),
     );
     let objects = || -> Vec<Vec<u8>> {
@@ -905,6 +908,16 @@ fn sync_in_place_prunes_the_store() {
     let s = step(&site.deploy(&sha(3)).success());
     assert_eq!(s["files_sent"], 0, "v3 is back from the store: {s}");
     assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"v3");
+}
+
+#[test]
+fn sync_in_place_prunes_the_store() {
+    in_place_prunes(false);
+}
+
+#[test]
+fn sync_in_place_prunes_the_store_on_busybox_host() {
+    in_place_prunes(true);
 }
 
 /// In-place: a controller killed mid-stream leaves the directory as it was (nothing is applied

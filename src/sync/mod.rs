@@ -528,8 +528,7 @@ async fn open_deploy(
             }
         }
     };
-    let name = paths.to.rsplit('/').next().unwrap_or_default();
-    let inv = remote::parse_inventory(&buf[..end], name)
+    let inv = remote::parse_inventory(&buf[..end], paths.name())
         .with_context(|| format!("{host}: reading {}", paths.store))?;
     Ok((local, digest, inv, proc))
 }
