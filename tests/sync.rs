@@ -920,6 +920,51 @@ fn sync_in_place_prunes_the_store_on_busybox_host() {
     in_place_prunes(true);
 }
 
+/// In place, `to` a mount point (another filesystem than its store beside it): content that leaves
+/// it is copied into the store, and a rollback copies it back; nothing is linked across.
+#[test]
+fn sync_in_place_to_on_another_filesystem() {
+    let site = Site::new(
+        "inplace-xdev",
+        vec![Sshd::start()],
+        one_step("app", ", mode: in-place"),
+    );
+    let to = site.root().join("app");
+    std::fs::create_dir_all(&to).unwrap();
+    run_ok(
+        std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=20m,mode=0777", "ferry-test-xdev"])
+            .arg(&to),
+    );
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(to.clone());
+    site.write(b"index.html", b"v1");
+    site.write(b"old.js", b"old");
+    let first = step(&site.deploy(&sha(1)).success());
+    site.write(b"index.html", b"v2");
+    std::fs::remove_file(site.src.join("old.js")).unwrap();
+    site.write(b"new.js", b"old");
+    let s = step(&site.deploy(&sha(2)).success());
+    assert_eq!(
+        s["files_sent"], 1,
+        "new.js is old.js's content, copied on the host: {s}"
+    );
+    assert_eq!(std::fs::read(to.join("new.js")).unwrap(), b"old");
+    assert!(!to.join("old.js").exists());
+    site.ferry("rollback", &sha(2))
+        .args(["--to", first["detail"]["release"].as_str().unwrap()])
+        .run()
+        .success();
+    assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"v1");
+    assert_eq!(std::fs::read(to.join("old.js")).unwrap(), b"old");
+    assert!(!to.join("new.js").exists());
+}
+
 /// In-place: a controller killed mid-stream leaves the directory as it was (nothing is applied
 /// before the whole stream has arrived); the next deploy completes it.
 #[test]

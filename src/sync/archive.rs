@@ -187,7 +187,19 @@ pub fn write_in_place(
     } else {
         format!("{name}/{STAGING}/")
     };
+    // Records `<object>/<path>` for the host to copy when `to` is on another filesystem.
+    let (mut keep, mut fetch) = (Vec::new(), Vec::new());
+    let record = |list: &mut Vec<u8>, obj: &str, path: &[u8]| {
+        list.extend_from_slice(obj.as_bytes());
+        list.push(b'/');
+        list.extend_from_slice(path);
+        list.push(0);
+    };
     for (obj, path) in &apply.preserve {
+        if apply.xdev {
+            record(&mut keep, obj, path);
+            continue;
+        }
         let (at, live) = (
             format!("{store}objects/{obj}"),
             rel(&format!("{name}/"), path),
@@ -228,8 +240,12 @@ pub fn write_in_place(
                 (key, Some(rel(prefix, p)))
             }
         };
+        // Across filesystems a store object is copied by the host (`fetch`), straight to staging.
+        let fetched = apply.xdev && matches!(from, Source::Object(_));
         let prefix: &str = match (&e.kind, &target) {
-            (Kind::File { .. }, Some(_)) if !apply.fresh && copied_once.insert(key.clone()) => {
+            (Kind::File { .. }, Some(_))
+                if !apply.fresh && !fetched && copied_once.insert(key.clone()) =>
+            {
                 &links
             }
             _ => &staging,
@@ -241,6 +257,10 @@ pub fn write_in_place(
             }
         }
         let path = rel(prefix, &e.path);
+        if let (true, Source::Object(o)) = (fetched, from) {
+            record(&mut fetch, o, &e.path);
+            continue;
+        }
         match (&e.kind, target) {
             (Kind::Symlink { target }, _) => s.link(
                 EntryType::Symlink,
@@ -269,6 +289,8 @@ pub fn write_in_place(
     let gone = list(&mut apply.gone.iter().cloned());
     s.small(&format!("{store}incoming/dirs"), &dirs)?;
     s.small(&format!("{store}incoming/gone"), &gone)?;
+    s.small(&format!("{store}incoming/keep"), &keep)?;
+    s.small(&format!("{store}incoming/fetch"), &fetch)?;
     s.finish(&format!("{store}incoming/"), extras)
 }
 

@@ -95,6 +95,8 @@ pub struct Target<'a> {
     pub listing: Option<HashSet<&'a [u8]>>,
     /// `to` does not exist yet.
     pub missing: bool,
+    /// `to` is on another filesystem than the store.
+    pub xdev: bool,
 }
 
 impl Target<'_> {
@@ -146,6 +148,8 @@ pub struct Apply {
     pub handmade: u64,
     /// `to` does not exist: the whole tree is staged beside it and renamed into place at once.
     pub fresh: bool,
+    /// `to` is on another filesystem than the store: content moves between them by copying.
+    pub xdev: bool,
 }
 
 /// In-place mode: compare `local` with what `to` holds. `objects` are the store's trusted objects;
@@ -160,6 +164,7 @@ pub fn in_place(
 ) -> Apply {
     let mut a = Apply {
         fresh: target.missing,
+        xdev: target.xdev,
         ..Default::default()
     };
     let live: HashMap<&[u8], &Entry> = target
@@ -411,7 +416,7 @@ mod tests {
             live: Some(&live),
             changed: [&b"d/a"[..]].into_iter().collect(),
             listing: Some(listing),
-            missing: false,
+            ..Default::default()
         };
         assert!(
             target.contents().is_empty(),

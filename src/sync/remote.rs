@@ -136,6 +136,10 @@ macro_rules! in_place_sh {
         r#"
 SG=.ferry-incoming
 ST=$T/$SG
+# `to` on another filesystem than its store (a mount point): content is copied, never linked.
+Q=${T%/*}
+if [ "$M" = in-place ] && [ -d "$T" ] && [ ! -L "$T" ] &&
+   [ "$(stat -c %d "$T")" != "$(stat -c %d "${Q:-/}")" ]; then rec xdev 1; fi
 inplace_scan() {
   [ -d "$T" ] && [ ! -L "$T" ] || return 0
   if [ -e "$S/applied" ]; then
@@ -160,6 +164,12 @@ MKD='for x; do m=${x%%/*} d=${x#*/}
   elif [ "$(stat -c %a "$d")" != "$m" ]; then chmod "$m" "$d" 2>/dev/null || :
   fi
 done'
+# Across filesystems: keep content leaving `to` as store objects, and stage store objects into
+# `to`, by copying (records `<object>/<path>`; object names hold no `/`).
+KEEP='for x; do o=${x%%/*} p=${x#*/}
+  [ -e "objects/$o" ] || { cp -p "$T/$p" "objects/$o.tmp" && mv -f "objects/$o.tmp" "objects/$o"; } || exit 1
+done'
+FETCH='for x; do o=${x%%/*} p=${x#*/}; cp -p "objects/$o" "$ST/$p" || exit 1; done'
 # Give each staged file its own inode (it is a link to where the host had the content).
 UNSHARE='for f; do cp -p "$f" "$ST/$SG.copy" && mv -f "$ST/$SG.copy" "$f" || exit 1; done'
 # Rename staged files (not directories) into the directory $1, replacing a directory in the way;
@@ -184,6 +194,8 @@ apply() {
     return 0
   fi
   export T ST SG MV
+  xargs -0 -r sh -c "$KEEP" sh < incoming/keep || return 1
+  xargs -0 -r sh -c "$FETCH" sh < incoming/fetch || return 1
   ( cd "$T" && xargs -0 -r sh -c "$MKD" sh ) < incoming/dirs || return 1
   SL=$ST/$SG.links
   if [ -d "$SL" ]; then
@@ -456,6 +468,8 @@ pub struct Inventory {
     pub touched: Vec<Vec<u8>>,
     /// In-place mode: every path in `to`, when the host listed them.
     pub listing: Option<Vec<Vec<u8>>>,
+    /// In-place mode: `to` is on another filesystem than its store (content is copied, not linked).
+    pub xdev: bool,
     /// Paths changed by hand that the next deploy repairs (in-place mode: set from the apply).
     pub handmade: u64,
     /// The live release already holds exactly the local tree.
@@ -503,6 +517,7 @@ impl Inventory {
                 .as_ref()
                 .map(|l| l.iter().map(Vec::as_slice).collect()),
             missing: self.target == TargetState::Missing,
+            xdev: self.xdev,
         }
     }
 
@@ -583,6 +598,7 @@ pub fn parse_inventory(out: &[u8], to_name: &str) -> anyhow::Result<Inventory> {
             b"edited" => inv.edited.push(value.to_vec()),
             b"touched" => inv.touched.push(value.to_vec()),
             b"listing" => inv.listing = Some(Vec::new()),
+            b"xdev" => inv.xdev = true,
             b"have" => inv.listing.get_or_insert_default().push(value.to_vec()),
             b"same" => inv.same = true,
             b"inplace" => inv.inplace = Some(text()).filter(|id| safe_id(id)),
