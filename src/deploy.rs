@@ -495,7 +495,7 @@ async fn run_steps(
                 i + 1,
                 step.kind()
             ));
-            if matches!(action, Action::Deploy) {
+            if matches!(action, Action::Deploy | Action::Rollback(..)) {
                 revert_files(ctx, &steps[..i], &mut reports).await;
             }
             break;
@@ -556,7 +556,7 @@ async fn run_steps(
                     ..Default::default()
                 });
                 error = Some(format!("step {} ({}): {msg}", i + 1, step.kind()));
-                if matches!(action, Action::Deploy) {
+                if matches!(action, Action::Deploy | Action::Rollback(..)) {
                     revert_files(ctx, &steps[..i], &mut reports).await;
                 }
                 break;
@@ -566,27 +566,43 @@ async fn run_steps(
     (reports, error)
 }
 
-/// A deploy that failed after its sync steps switched files must not leave the new files live
-/// beside the old containers: switch each of those targets back to the release it replaced. On a
-/// deploy every step before the failed one left exactly one report, so `reports[j]` is `steps[j]`'s.
+/// A deploy or rollback that failed after its sync steps switched files must not leave those files
+/// live beside the containers it could not switch: put each of those targets back on the release
+/// it replaced (a deploy's report says `release` and `previous`, a rollback's `to` and `from`; the
+/// report is found by its path, since a rollback leaves none for steps with nothing to undo).
 async fn revert_files(ctx: &StepCtx<'_>, done: &[Step], reports: &mut Vec<StepReport>) {
     let host = ctx.host.name();
-    for (i, step) in done.iter().enumerate().rev() {
+    let what = if reports.iter().any(|r| r.detail.get("from").is_some()) {
+        "rollback"
+    } else {
+        "deploy"
+    };
+    for step in done.iter().rev() {
         let Step::Sync(s) = step else { continue };
-        let report = &reports[i];
-        let Some(previous) = report.detail.get("previous").and_then(|v| v.as_str()) else {
+        let Ok(path) = ctx.host.path(&s.to) else {
             continue;
         };
-        if !report.changed
-            || report.detail.get("release").and_then(|v| v.as_str()) == Some(previous)
-        {
+        let path = path.trim_end_matches('/');
+        let Some(report) = reports.iter().rev().find(|r| {
+            r.step == "sync" && r.detail.get("path").and_then(|v| v.as_str()) == Some(path)
+        }) else {
+            continue;
+        };
+        let field = |a: &str, b: &str| {
+            let d = &report.detail;
+            d.get(a).or(d.get(b)).and_then(|v| v.as_str())
+        };
+        let Some(previous) = field("previous", "from") else {
+            continue;
+        };
+        if !report.changed || field("release", "to") == Some(previous) {
             continue;
         }
         let previous = previous.to_string();
         match sync::rollback(ctx, s, Some(&previous)).await {
             Ok(mut r) => {
                 ctx.progress.println(&format!(
-                    "{host}: sync: switched back to release {previous}: the deploy failed"
+                    "{host}: sync: switched back to release {previous}: the {what} failed"
                 ));
                 r.summary = format!("reverted to {previous} because a later step failed");
                 reports.push(r);

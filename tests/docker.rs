@@ -782,3 +782,63 @@ fn interrupted_deploy_is_recovered() {
     );
     assert_eq!(http_get(port, "/version").as_deref(), Some("c1\n"));
 }
+
+/// A rollback whose container step fails (the kept container was removed by hand) puts the files
+/// it had switched back where they were, so the bundle still matches the container that runs.
+#[test]
+fn a_failed_rollback_switches_the_files_back() {
+    engine();
+    let host = Sshd::start();
+    let prefix = unique("rbfail");
+    let _cleanup = Cleanup(vec![prefix.clone()]);
+    let port = free_port();
+    let dir = TempDir::new("rbfail");
+    let steps = format!(
+        "      - sync: {{ from: \"{src}\", to: site }}\n      - container:\n          \
+         name: \"{prefix}\"\n          image: \"${{env.APP_IMAGE}}\"\n          \
+         ports: [\"127.0.0.1:{port}:8080\"]\n          \
+         health: {{ type: http, url: \"http://127.0.0.1:{port}/health\", timeout: 20s, interval: 200ms }}\n",
+        src = dir.join("dist").display()
+    );
+    let pb = pb(&dir, &[("web1", &host)], "", &steps);
+    let run = |cmd: &str, n: u32, image: &str| {
+        dir.write("dist/index.html", format!("bundle {n}\n"));
+        Ferry::new()
+            .trusting(&[&host])
+            .arg(cmd)
+            .arg(&pb)
+            .args([
+                "--env",
+                "test",
+                "--ref",
+                "main",
+                "--sha",
+                &format!("{n:040}"),
+            ])
+            .env("APP_IMAGE", image)
+            .run()
+    };
+    let (one, two) = (
+        pushed_image(&prefix, "one", "app one", true),
+        pushed_image(&prefix, "two", "app two", true),
+    );
+    run("deploy", 1, &one).success();
+    run("deploy", 2, &two).success();
+    let site = dir.join("root/web1/site/index.html");
+    assert_eq!(std::fs::read_to_string(&site).unwrap(), "bundle 2\n");
+    docker(&["rm", "-f", &format!("{prefix}.ferry-prev")]);
+
+    let failed = run("rollback", 2, &two).failure(1);
+    assert!(
+        failed.all().contains("switched back to release")
+            && failed.all().contains("rollback failed"),
+        "{}",
+        failed.all()
+    );
+    assert_eq!(
+        std::fs::read_to_string(&site).unwrap(),
+        "bundle 2\n",
+        "the files went back with the container"
+    );
+    assert_eq!(http_get(port, "/version").as_deref(), Some("app two\n"));
+}
