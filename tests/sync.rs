@@ -2,6 +2,7 @@
 //! BusyBox): content-hash releases, atomic switch, drift, refusals, and interrupted deploys.
 
 use std::ffi::OsStr;
+use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -643,6 +644,13 @@ fn in_place_lifecycle(busybox: bool) {
     std::fs::write(to.join("old/stale.html"), b"stale").unwrap();
     std::fs::write(to.join("index.html"), b"hand made").unwrap();
 
+    // A directory ferry did not fill is taken over (extras deleted) only when asked.
+    let refused = site.deploy(&sha(1)).failure(1);
+    assert!(refused.all().contains("adopt: true"), "{}", refused.all());
+    assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"hand made");
+    let text = std::fs::read_to_string(&site.pb).unwrap();
+    std::fs::write(&site.pb, text.replace("keep: 5", "keep: 5, adopt: true")).unwrap();
+
     let s = step(&site.deploy(&sha(1)).success());
     assert_eq!(s["files_sent"], 7, "{s}");
     assert_eq!(
@@ -682,6 +690,10 @@ fn in_place_lifecycle(busybox: bool) {
     // Update: one changed, one added, one deleted; --plan first changes nothing.
     site.write(b"index.html", b"<h1>v2</h1>");
     site.write(b"assets/new file.txt", b"new");
+    site.write(
+        b"-new dir/f",
+        b"in a directory whose name starts with a dash",
+    );
     std::fs::remove_file(site.src.join("-dash")).unwrap();
     let plan = step(
         &site
@@ -693,7 +705,7 @@ fn in_place_lifecycle(busybox: bool) {
     let d = &plan["detail"];
     assert_eq!(
         d["paths"]["added"],
-        serde_json::json!(["assets/new file.txt"])
+        serde_json::json!(["-new dir/f", "assets/new file.txt"])
     );
     assert_eq!(d["paths"]["changed"], serde_json::json!(["index.html"]));
     assert_eq!(d["paths"]["deleted"], serde_json::json!(["-dash"]));
@@ -706,9 +718,9 @@ fn in_place_lifecycle(busybox: bool) {
     // Same content at two paths: one object, but two files (no shared inode) in `to`.
     site.write(b"copy.html", b"<h1>v2</h1>");
     let s = step(&site.deploy(&sha(3)).success());
-    assert_eq!(s["files_sent"], 2, "{s}");
+    assert_eq!(s["files_sent"], 3, "{s}");
     assert_eq!(
-        s["detail"]["replaced_in_place"], 3,
+        s["detail"]["replaced_in_place"], 4,
         "only changed files are written: {s}"
     );
     assert_eq!(std::fs::read(to.join("copy.html")).unwrap(), b"<h1>v2</h1>");
@@ -756,6 +768,21 @@ fn in_place_lifecycle(busybox: bool) {
         std::fs::read(to.join("assets/app.1.js")).unwrap(),
         b"console.log(1)"
     );
+    let s = step(&site.deploy(&sha(5)).success());
+    assert_eq!(s["changed"], false, "repaired: {s}");
+    assert_eq!(
+        std::fs::read(to.join("-new dir/f")).unwrap(),
+        b"in a directory whose name starts with a dash"
+    );
+
+    // A file turned into a directory by hand is put back as a file.
+    std::thread::sleep(Duration::from_millis(1100));
+    std::fs::remove_file(to.join("bin/run.sh")).unwrap();
+    std::fs::create_dir_all(to.join("bin/run.sh/inner")).unwrap();
+    open_up(&[&to.join("bin/run.sh")]);
+    let s = step(&site.deploy(&sha(5)).success());
+    assert!(s["detail"]["drift"].is_string(), "{s}");
+    assert!(std::fs::metadata(to.join("bin/run.sh")).unwrap().is_file());
     let s = step(&site.deploy(&sha(5)).success());
     assert_eq!(s["changed"], false, "repaired: {s}");
 
@@ -818,15 +845,34 @@ fn sync_in_place_keeps_extras_and_refuses_a_link() {
         one_step("app", ", mode: in-place, delete: false"),
     );
     site.write(b"index.html", b"v1");
+    site.write(b"dropped.txt", b"release one");
     let to = site.root().join("app");
     std::fs::create_dir_all(to.join("uploads")).unwrap();
     std::fs::write(to.join("uploads/user.png"), b"png").unwrap();
     open_up(&[&to, &to.join("uploads")]);
-    site.deploy(&sha(1)).success();
+    let first = step(&site.deploy(&sha(1)).success());
     site.write(b"index.html", b"v2");
+    std::fs::remove_file(site.src.join("dropped.txt")).unwrap();
     site.deploy(&sha(2)).success();
     assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"v2");
     assert_eq!(std::fs::read(to.join("uploads/user.png")).unwrap(), b"png");
+    // A file the build dropped stays (extras are kept); writing into it does not reach the
+    // store's copy of release one.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(to.join("dropped.txt"))
+        .unwrap()
+        .write_all(b"HAND")
+        .unwrap();
+    site.ferry("rollback", &sha(2))
+        .args(["--to", first["detail"]["release"].as_str().unwrap()])
+        .run()
+        .success();
+    assert_eq!(
+        std::fs::read(to.join("dropped.txt")).unwrap(),
+        b"release one"
+    );
+    site.deploy(&sha(2)).success();
     // A file added by hand later is not drift when extras are kept: a redeploy is a no-op.
     std::thread::sleep(Duration::from_millis(1100));
     std::fs::write(to.join("uploads/later.png"), b"png2").unwrap();
@@ -945,9 +991,11 @@ fn sync_in_place_to_on_another_filesystem() {
     let _guard = Unmount(to.clone());
     site.write(b"index.html", b"v1");
     site.write(b"old.js", b"old");
+    site.write(b"dup.js", b"old");
     let first = step(&site.deploy(&sha(1)).success());
     site.write(b"index.html", b"v2");
     std::fs::remove_file(site.src.join("old.js")).unwrap();
+    std::fs::remove_file(site.src.join("dup.js")).unwrap();
     site.write(b"new.js", b"old");
     let s = step(&site.deploy(&sha(2)).success());
     assert_eq!(
@@ -962,6 +1010,7 @@ fn sync_in_place_to_on_another_filesystem() {
         .success();
     assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"v1");
     assert_eq!(std::fs::read(to.join("old.js")).unwrap(), b"old");
+    assert_eq!(std::fs::read(to.join("dup.js")).unwrap(), b"old");
     assert!(!to.join("new.js").exists());
 }
 

@@ -196,7 +196,7 @@ pub fn write_in_place(
         list.push(0);
     };
     for (obj, path) in &apply.preserve {
-        if apply.xdev {
+        if apply.xdev || apply.copy_kept.contains(path) {
             record(&mut keep, obj, path);
             continue;
         }
@@ -221,44 +221,47 @@ pub fn write_in_place(
     // place (copied one by one).
     let links = format!("{staging}{STAGING}.links/");
     let mut made = std::collections::HashSet::new();
-    let mut origin: std::collections::HashMap<&[u8], (String, &str)> = Default::default();
+    // Where each staged path's content came from: (source key, prefix, copied by `fetch`).
+    let mut origin: std::collections::HashMap<&[u8], (String, &str, bool)> = Default::default();
     let mut copied_once = std::collections::HashSet::new();
     for (i, from) in &apply.write {
         let e = &local.entries[*i];
-        let (key, target) = match from {
-            Source::Sent => (format!("s:{}", e.display()), None),
+        // Across filesystems a store object is copied by the host (`fetch`), straight to staging,
+        // and so is each further path of that content.
+        let (key, target, fetched) = match from {
+            Source::Sent => (format!("s:{}", e.display()), None, false),
+            Source::Object(o) if apply.xdev => (format!("o:{o}"), None, true),
             Source::Object(o) => (
                 format!("o:{o}"),
                 Some(rel(&format!("{store}objects/"), o.as_bytes())),
+                false,
             ),
             Source::Live(p) => (
                 format!("l:{}", String::from_utf8_lossy(p)),
                 Some(rel(&format!("{name}/"), p)),
+                false,
             ),
             Source::Staged(p) => {
-                let (key, prefix) = origin.get(p.as_slice()).cloned().unwrap_or_default();
-                (key, Some(rel(prefix, p)))
+                let (key, prefix, fetched) = origin.get(p.as_slice()).cloned().unwrap_or_default();
+                let target = (!fetched).then(|| rel(prefix, p));
+                (key, target, fetched)
             }
         };
-        // Across filesystems a store object is copied by the host (`fetch`), straight to staging.
-        let fetched = apply.xdev && matches!(from, Source::Object(_));
         let prefix: &str = match (&e.kind, &target) {
-            (Kind::File { .. }, Some(_))
-                if !apply.fresh && !fetched && copied_once.insert(key.clone()) =>
-            {
+            (Kind::File { .. }, Some(_)) if !apply.fresh && copied_once.insert(key.clone()) => {
                 &links
             }
             _ => &staging,
         };
-        origin.insert(&e.path, (key, prefix));
+        origin.insert(&e.path, (key, prefix, fetched));
         for (j, &b) in e.path.iter().enumerate() {
             if !apply.fresh && b == b'/' && made.insert((prefix, &e.path[..j])) {
                 s.dir(rel(prefix, &e.path[..j]), 0o700)?;
             }
         }
         let path = rel(prefix, &e.path);
-        if let (true, Source::Object(o)) = (fetched, from) {
-            record(&mut fetch, o, &e.path);
+        if fetched {
+            record(&mut fetch, &e.object().expect("file"), &e.path);
             continue;
         }
         match (&e.kind, target) {
@@ -280,11 +283,12 @@ pub fn write_in_place(
             })
             .collect()
     };
+    // `<mode>/./<path>`: the host's `mkdir` and `chmod` never take a path for an option.
     let dirs = list(
         &mut apply
             .dirs
             .iter()
-            .map(|(mode, p)| [format!("{mode:o}/").as_bytes(), p].concat()),
+            .map(|(mode, p)| [format!("{mode:o}/./").as_bytes(), p].concat()),
     );
     let gone = list(&mut apply.gone.iter().cloned());
     s.small(&format!("{store}incoming/dirs"), &dirs)?;

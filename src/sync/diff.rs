@@ -93,6 +93,8 @@ pub struct Target<'a> {
     pub changed: HashSet<&'a [u8]>,
     /// Every path in `to`, when the host listed them (a directory changed, or none was applied).
     pub listing: Option<HashSet<&'a [u8]>>,
+    /// The listed paths that are directories.
+    pub dirs: HashSet<&'a [u8]>,
     /// `to` does not exist yet.
     pub missing: bool,
     /// `to` is on another filesystem than the store.
@@ -100,9 +102,14 @@ pub struct Target<'a> {
 }
 
 impl Target<'_> {
-    /// The path still holds what the live release put there.
-    fn intact(&self, path: &[u8]) -> bool {
-        !self.changed.contains(path) && self.listing.as_ref().is_none_or(|l| l.contains(path))
+    /// The entry's path still holds what the live release put there (a file or link is still no
+    /// directory, a directory still one).
+    fn intact(&self, e: &Entry) -> bool {
+        let p = e.path.as_slice();
+        !self.changed.contains(p)
+            && self.listing.as_ref().is_none_or(|l| {
+                l.contains(p) && self.dirs.contains(p) == matches!(e.kind, Kind::Dir { .. })
+            })
     }
 
     /// Objects the host holds in `to`, each at one intact path.
@@ -110,7 +117,7 @@ impl Target<'_> {
         let mut out = BTreeMap::new();
         for e in self.live.map(|m| m.entries.as_slice()).unwrap_or_default() {
             if let Some(o) = e.object()
-                && self.intact(&e.path)
+                && self.intact(e)
             {
                 out.entry(o).or_insert(e.path.as_slice());
             }
@@ -140,6 +147,9 @@ pub struct Apply {
     /// Live files whose content goes into the store (object, path) before they are replaced or
     /// removed, so that earlier releases can be applied again.
     pub preserve: Vec<(String, Vec<u8>)>,
+    /// Of those, the ones that stay in `to` as extras (`delete: false`): kept by copying, since a
+    /// link would share the inode with a file ferry no longer watches.
+    pub copy_kept: HashSet<Vec<u8>>,
     /// Directories to make or chmod (mode, path; `.` is `to` itself), parents first.
     pub dirs: Vec<(u32, Vec<u8>)>,
     /// Paths removed at the end (extras; a directory once, not what is under it).
@@ -180,7 +190,7 @@ pub fn in_place(
     }
     for (i, e) in local.entries.iter().enumerate() {
         let old = live.get(e.path.as_slice());
-        if target.intact(&e.path) && old.is_some_and(|o| o.kind == e.kind || same(o, e)) {
+        if old.is_some_and(|o| (o.kind == e.kind || same(o, e)) && target.intact(o)) {
             continue;
         }
         match &e.kind {
@@ -219,11 +229,14 @@ pub fn in_place(
         let path = e.path.as_slice();
         if matches!(e.kind, Kind::File { .. })
             && !now.get(path).is_some_and(|n| same(n, e))
-            && target.intact(path)
+            && target.intact(e)
             && let Some(o) = e.object()
             && !objects.contains(&o)
             && preserved.insert(o.clone())
         {
+            if !delete && !now.contains_key(path) {
+                a.copy_kept.insert(path.to_vec());
+            }
             a.preserve.push((o, path.to_vec()));
         }
     }
@@ -234,9 +247,10 @@ pub fn in_place(
             }
         }
         if let Some(listing) = &target.listing {
+            // Removed, or turned into another kind of entry.
             a.handmade += live
                 .iter()
-                .filter(|(p, e)| !matches!(e.kind, Kind::Dir { .. }) && !listing.contains(*p))
+                .filter(|(p, e)| !target.changed.contains(*p) && !target.intact(e))
                 .count() as u64;
             if delete {
                 a.handmade += listing
@@ -416,6 +430,7 @@ mod tests {
             live: Some(&live),
             changed: [&b"d/a"[..]].into_iter().collect(),
             listing: Some(listing),
+            dirs: [&b"d"[..], b"d/extra"].into_iter().collect(),
             ..Default::default()
         };
         assert!(
@@ -434,6 +449,21 @@ mod tests {
         let a = in_place(&local, &target, &HashSet::default(), &p.send, false);
         assert!(a.gone.is_empty());
         assert_eq!(a.handmade, 2, "extras are kept: not drift");
+    }
+
+    #[test]
+    fn in_place_a_file_made_a_directory_by_hand_is_not_intact() {
+        let live = tree(vec![file("x", b"1"), file("y", b"1")]);
+        let target = Target {
+            live: Some(&live),
+            listing: Some([&b"x"[..], b"x/inner", b"y"].into_iter().collect()),
+            dirs: [&b"x"[..]].into_iter().collect(),
+            ..Default::default()
+        };
+        let p = plan(&live, Some(&live), &target.contents().into_keys().collect());
+        let a = in_place(&live, &target, &HashSet::default(), &p.send, true);
+        assert_eq!(a.write, vec![(0, Source::Live(b"y".to_vec()))]);
+        assert_eq!(a.handmade, 2, "x is no file any more, x/inner is new");
     }
 
     #[test]

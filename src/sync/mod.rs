@@ -131,6 +131,20 @@ async fn inventory(
 fn check_target(host: &str, paths: &Paths, inv: &Inventory, step: &SyncStep) -> anyhow::Result<()> {
     let adopt = step.adopt;
     if step.mode == SyncMode::InPlace {
+        let filled = inv.listing.as_ref().map_or(0, Vec::len);
+        if inv.target == TargetState::Dir
+            && inv.inplace.is_none()
+            && filled > 0
+            && step.delete
+            && !adopt
+        {
+            bail!(
+                "{host}: {} is a directory ferry did not fill ({filled} entries). Nothing was \
+                 changed. Set `adopt: true` on the sync step to take it over (files not in the \
+                 build are deleted), or `delete: false` to keep them",
+                paths.to
+            );
+        }
         return match &inv.target {
             TargetState::Link { target, .. } => bail!(
                 "{host}: {} is a symlink (to {target}); mode `in-place` writes into a real directory \

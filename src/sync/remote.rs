@@ -140,6 +140,8 @@ ST=$T/$SG
 Q=${T%/*}
 if [ "$M" = in-place ] && [ -d "$T" ] && [ ! -L "$T" ] &&
    [ "$(stat -c %d "$T")" != "$(stat -c %d "${Q:-/}")" ]; then rec xdev 1; fi
+# An apply that did not finish leaves `inplace` without `applied`: nothing in `to` is trusted.
+if [ "$M" = in-place ] && [ -f "$S/inplace" ] && [ ! -e "$S/applied" ]; then rec unfinished 1; fi
 inplace_scan() {
   [ -d "$T" ] && [ ! -L "$T" ] || return 0
   if [ -e "$S/applied" ]; then
@@ -149,7 +151,8 @@ inplace_scan() {
   if [ ! -e "$S/applied" ] ||
      [ -n "$(cd "$T" && find . -path "./$SG" -prune -o -type d -newer "$S/applied" -print | head -c 1)" ]; then
     rec listing yes
-    ( cd "$T" && find . -path "./$SG" -prune -o ! -path . -exec printf 'have\t%s\0' {} + )
+    ( cd "$T" && find . -path "./$SG" -prune -o ! -path . -type d -exec printf 'hdir\t%s\0' {} + \
+        -o ! -path . -exec printf 'have\t%s\0' {} + )
   fi
 }
 # One pass finds whether anything in $T is newer than the last apply; only then the passes above.
@@ -194,9 +197,9 @@ apply() {
     return 0
   fi
   export T ST SG MV
+  # Nothing in $T changes before every copy (the part that needs disk space) is made.
   xargs -0 -r sh -c "$KEEP" sh < incoming/keep || return 1
   xargs -0 -r sh -c "$FETCH" sh < incoming/fetch || return 1
-  ( cd "$T" && xargs -0 -r sh -c "$MKD" sh ) < incoming/dirs || return 1
   SL=$ST/$SG.links
   if [ -d "$SL" ]; then
     # One tar pipe copies the first link to each source (a copy of each file, linked to nothing).
@@ -205,6 +208,7 @@ apply() {
     rm -rf "$SL" || return 1
   fi
   find "$ST" -type f -links +1 -exec sh -c "$UNSHARE" sh {} + || return 1
+  ( cd "$T" && xargs -0 -r sh -c "$MKD" sh ) < incoming/dirs || return 1
   copied=$(find "$ST" -type d -exec sh -c "$MOVE" sh {} + || echo x)
   case $copied in *x*|'') return 1 ;; esac
   copied=$(printf '%s\n' $copied | { s=0; while read -r x; do s=$((s+x)); done; echo $s; })
@@ -324,7 +328,7 @@ mkdir incoming
 for o in $(printf '%s' "${drop#-}" | tr , ' '); do rm -f "objects/$o"; done
 if [ "$M" = in-place ]; then
   mkdir -p "$T" && rm -rf "$ST" || fail "cannot write in $T"
-  ( cd "$P" && umask 0 && tar -xzmof - ) || fail "unpacking the stream failed"
+  ( cd "${P:-/}" && umask 0 && tar -xzmof - ) || fail "unpacking the stream failed"
 else
   ( umask 0; tar -xzmof - ) || fail "unpacking the stream failed"
 fi
@@ -342,6 +346,7 @@ else
 fi
 touch stamp
 if [ "$M" = in-place ]; then
+  rm -f applied
   apply || { echo "ferry: applying release $rid into $T failed; files already replaced stay new" >&2; exit 5; }
   rm -rf incoming
   printf '%s\n' "$rid" > inplace.new; mv -f inplace.new inplace; touch applied
@@ -468,8 +473,12 @@ pub struct Inventory {
     pub touched: Vec<Vec<u8>>,
     /// In-place mode: every path in `to`, when the host listed them.
     pub listing: Option<Vec<Vec<u8>>>,
+    /// In-place mode: the listed paths that are directories.
+    pub listed_dirs: Vec<Vec<u8>>,
     /// In-place mode: `to` is on another filesystem than its store (content is copied, not linked).
     pub xdev: bool,
+    /// In-place mode: the last apply did not finish, so nothing in `to` is known.
+    pub unfinished: bool,
     /// Paths changed by hand that the next deploy repairs (in-place mode: set from the apply).
     pub handmade: u64,
     /// The live release already holds exactly the local tree.
@@ -505,7 +514,7 @@ impl Inventory {
             live: self
                 .live_manifest
                 .as_ref()
-                .filter(|_| self.inplace.is_some()),
+                .filter(|_| self.inplace.is_some() && !self.unfinished),
             changed: self
                 .edited
                 .iter()
@@ -516,6 +525,7 @@ impl Inventory {
                 .listing
                 .as_ref()
                 .map(|l| l.iter().map(Vec::as_slice).collect()),
+            dirs: self.listed_dirs.iter().map(Vec::as_slice).collect(),
             missing: self.target == TargetState::Missing,
             xdev: self.xdev,
         }
@@ -598,7 +608,12 @@ pub fn parse_inventory(out: &[u8], to_name: &str) -> anyhow::Result<Inventory> {
             b"edited" => inv.edited.push(value.to_vec()),
             b"touched" => inv.touched.push(value.to_vec()),
             b"listing" => inv.listing = Some(Vec::new()),
+            b"hdir" => {
+                inv.listing.get_or_insert_default().push(value.to_vec());
+                inv.listed_dirs.push(value.to_vec());
+            }
             b"xdev" => inv.xdev = true,
+            b"unfinished" => inv.unfinished = true,
             b"have" => inv.listing.get_or_insert_default().push(value.to_vec()),
             b"same" => inv.same = true,
             b"inplace" => inv.inplace = Some(text()).filter(|id| safe_id(id)),
@@ -622,7 +637,7 @@ pub fn parse_inventory(out: &[u8], to_name: &str) -> anyhow::Result<Inventory> {
     // Paths came as `releases/<live>/<path>` (release mode) or `./<path>` (in place); the spoilt
     // objects are those the live manifest names.
     let prefix = format!("releases/{}/", inv.live().unwrap_or_default());
-    let lists = [&mut inv.edited, &mut inv.touched];
+    let lists = [&mut inv.edited, &mut inv.touched, &mut inv.listed_dirs];
     for p in lists
         .into_iter()
         .flatten()
