@@ -204,11 +204,13 @@ show() {
 const ACQUIRE: &str = r#"
 locks="$1/locks"; lock="$locks/$2"; tok=$3; holder=$4; lease=$5; me=$6
 mkdir -p "$locks" || exit 3
+# The token goes last: a host of the same run (shared storage) joins once it sees it, and must
+# find the rest in place (it adds itself to holders/).
 write_lock() {
-  printf '%s\n' "$tok" > "$lock/token" &&
+  mkdir "$lock/holders" && : > "$lock/holders/$me" &&
   printf '%s\n' "$holder" > "$lock/holder.json" &&
   echo $(( $(date +%s) + lease )) > "$lock/expires" &&
-  mkdir "$lock/holders" && : > "$lock/holders/$me"
+  printf '%s\n' "$tok" > "$lock/token"
 }
 # A lock that vanishes while we look (the run we would join just finished) is tried again.
 n=0
