@@ -881,6 +881,16 @@ fn sync_in_place_keeps_extras_and_refuses_a_link() {
     assert!(s["detail"]["drift"].is_null(), "{s}");
     assert!(to.join("uploads/later.png").exists());
 
+    // Switching to `delete: true` removes the extras on the next deploy, with nothing else new.
+    let text = std::fs::read_to_string(&site.pb).unwrap();
+    std::fs::write(&site.pb, text.replace("delete: false", "delete: true")).unwrap();
+    let s = step(&site.deploy(&sha(2)).success());
+    assert!(
+        !to.join("uploads").exists() && !to.join("dropped.txt").exists(),
+        "{s}"
+    );
+    assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"v2");
+
     let linked = site.root().join("linked");
     std::fs::create_dir_all(site.root().join("elsewhere")).unwrap();
     std::os::unix::fs::symlink("elsewhere", &linked).unwrap();

@@ -138,8 +138,10 @@ SG=.ferry-incoming
 ST=$T/$SG
 # `to` on another filesystem than its store (a mount point): content is copied, never linked.
 Q=${T%/*}
-if [ "$M" = in-place ] && [ -d "$T" ] && [ ! -L "$T" ] &&
-   [ "$(stat -c %d "$T")" != "$(stat -c %d "${Q:-/}")" ]; then rec xdev 1; fi
+if [ "$M" = in-place ] && [ -d "$T" ] && [ ! -L "$T" ]; then
+  dev=$(stat -c %d "$T" "${Q:-/}")
+  [ "${dev%%[!0-9]*}" = "${dev##*[!0-9]}" ] || rec xdev 1
+fi
 # An apply that did not finish leaves `inplace` without `applied`: nothing in `to` is trusted.
 if [ "$M" = in-place ] && [ -f "$S/inplace" ] && [ ! -e "$S/applied" ]; then rec unfinished 1; fi
 inplace_scan() {
@@ -148,15 +150,17 @@ inplace_scan() {
     ( cd "$T" && find . -path "./$SG" -prune -o ! -type d -newer "$S/applied" ! -links 1 \
         -exec printf 'edited\t%s\0' {} + -o ! -type d -newer "$S/applied" -exec printf 'touched\t%s\0' {} + )
   fi
-  if [ ! -e "$S/applied" ] ||
+  if [ ! -e "$S/applied" ] || extras_owed ||
      [ -n "$(cd "$T" && find . -path "./$SG" -prune -o -type d -newer "$S/applied" -print | head -c 1)" ]; then
     rec listing yes
     ( cd "$T" && find . -path "./$SG" -prune -o ! -path . -type d -exec printf 'hdir\t%s\0' {} + \
         -o ! -path . -exec printf 'have\t%s\0' {} + )
   fi
 }
+# The last apply kept extras (`delete: false`) and this one deletes them: they must be found.
+extras_owed() { [ "$DEL" = 1 ] && [ -e "$S/kept-extras" ]; }
 # One pass finds whether anything in $T is newer than the last apply; only then the passes above.
-if [ "$M" = in-place ] && [ -d "$T" ] && [ ! -L "$T" ] && { [ ! -e "$S/applied" ] ||
+if [ "$M" = in-place ] && [ -d "$T" ] && [ ! -L "$T" ] && { [ ! -e "$S/applied" ] || extras_owed ||
    [ -n "$(cd "$T" && find . -path "./$SG" -prune -o -newer "$S/applied" -print | head -c 1)" ]; }; then
   inplace_scan; dirty=1
 fi
@@ -349,7 +353,9 @@ if [ "$M" = in-place ]; then
   rm -f applied
   apply || { echo "ferry: applying release $rid into $T failed; files already replaced stay new" >&2; exit 5; }
   rm -rf incoming
-  printf '%s\n' "$rid" > inplace.new; mv -f inplace.new inplace; touch applied
+  printf '%s\n' "$rid" > inplace.new; mv -f inplace.new inplace
+  if [ "$DEL" = 1 ]; then rm -f kept-extras; else : > kept-extras; fi
+  touch applied
   [ -z "$copied" ] || printf 'copied %s\n' "$copied"
 else
   rm -rf incoming
