@@ -76,7 +76,7 @@ if [ -L "$T" ]; then
   t=$(readlink "$T"); rec to link; rec target "$t"
   case $t in ".${T##*/}.ferry/releases/"*) live=${t##*/} ;; esac
 elif [ -d "$T" ]; then rec to dir
-  if [ -f "$S/inplace" ]; then live=$(cat "$S/inplace") inplace=1; rec inplace "$live"; fi
+  if [ -f "$S/inplace" ]; then read -r live < "$S/inplace" || :; inplace=1; rec inplace "$live"; fi
 elif [ -e "$T" ]; then rec to other
 else rec to missing
 fi
@@ -94,10 +94,12 @@ fi
 macro_rules! store_state_sh {
     () => {
         r#"
+live_digest_is() { ld=; read -r ld < "meta/$live.digest" || :; [ "$ld" = "$1" ]; }
 for r in releases/*; do [ -d "$r" ] && rec release "${r#releases/}"; done
 for m in meta/*.json; do
   [ -f "$m" ] || continue
-  n=${m#meta/}; printf 'meta\t%s\t' "${n%.json}"; cat "$m"; printf '\0'
+  # (`read`, not `cat`: the metadata is one line, and a process per release adds up.)
+  n=${m#meta/} j=; IFS= read -r j < "$m" || :; printf 'meta\t%s\t%s\0' "${n%.json}" "$j"
 done
 live_scan() {
   # (BusyBox find runs no `-exec ... +` inside parentheses.)
@@ -239,7 +241,7 @@ cd "$S" || exit 1
 "#,
     store_state_sh!(),
     r#"[ "$D" = - ] && exit 0
-if [ -z "$dirty" ] && [ -n "$live" ] && [ -f "meta/$live.digest" ] && [ "$(cat "meta/$live.digest")" = "$D" ]; then
+if [ -z "$dirty" ] && [ -n "$live" ] && [ -f "meta/$live.digest" ] && live_digest_is "$D"; then
   rec same yes; exit 0
 fi
 rec tail gz
@@ -286,7 +288,7 @@ collect_unnamed() {
 if [ -d "$S/releases" ]; then
   rec store yes
   cd "$S" || exit 1
-  rm -f "$P/.$N.ferry-new"
+  if [ -e "$P/.$N.ferry-new" ] || [ -L "$P/.$N.ferry-new" ]; then rm -f "$P/.$N.ferry-new"; fi
   [ -e stamp ] || : > stamp
   [ ! -e incoming ] || cleanup
 "#,
@@ -295,7 +297,7 @@ if [ -d "$S/releases" ]; then
   # The digest of the local tree comes once the controller has scanned it (meanwhile, we did).
   read -r D || exit 0
   if [ -z "$dirty" ] && [ -n "$live" ] && [ -f "meta/$live.digest" ] &&
-     [ "$(cat "meta/$live.digest")" = "$D" ]; then
+     live_digest_is "$D"; then
     rec same yes
   else
     { printf M; [ -n "$live" ] && [ -f "meta/$live.manifest" ] && cat "meta/$live.manifest"; printf '\0\0'; ls objects; } |
