@@ -15,6 +15,8 @@
 //! <dir>/.<name>.ferry/incoming/                    a deploy in flight; removed by the next one
 //! <dir>/.<name>.ferry/inplace                      in-place mode: id of the release applied in <dir>/<name>
 //! <dir>/.<name>.ferry/applied                      in-place mode: files in <name> newer than this were edited
+//!                                                  (missing while an apply runs: if it never finishes, nothing in <name> is trusted)
+//! <dir>/.<name>.ferry/kept-extras                  in-place mode: the last apply kept files not in the build
 //! <dir>/<name>/.ferry-incoming/                    in-place mode: the staging directory of a deploy in flight
 //! ```
 //!
