@@ -91,7 +91,8 @@ pub struct Target<'a> {
     pub live: Option<&'a Manifest>,
     /// Paths (not directories) written, added or replaced by hand since that apply.
     pub changed: HashSet<&'a [u8]>,
-    /// Every path in `to`, when the host listed them (a directory changed, or none was applied).
+    /// Every path in `to`, when the host listed them (a directory changed, none was applied, or
+    /// extras kept before are now to go).
     pub listing: Option<HashSet<&'a [u8]>>,
     /// The listed paths that are directories.
     pub dirs: HashSet<&'a [u8]>,

@@ -124,15 +124,17 @@ fi
 /// `inplace_scan` prints what changed in `$T` since `$S/applied` (touched after each apply): files
 /// newer than it, `edited` when they share an inode with a store object (spoilt: a deploy that was
 /// cut off after preserving it), else `touched`; and, when a directory changed (an entry added,
-/// removed or renamed) or nothing was applied yet, `listing` and a `have` record per path. Paths
-/// are relative (`./x`); the staging directory is left out.
+/// removed or renamed), nothing was applied yet, or extras kept before are now to go, `listing`
+/// and a record per path (`hdir` for directories, `have` for the rest). Paths are relative
+/// (`./x`); the staging directory is left out.
 ///
 /// `apply` runs after the stream is unpacked (it staged every path `to` gets under
-/// `$T/.ferry-incoming`): directories first (parents first; anything else in their way goes), then
-/// staged files that share an inode (content the host already had) are copied (one tar pipe for
-/// `.ferry-incoming/.ferry-incoming.links/`, where each source is linked once), then one `mv` per
-/// directory renames the staged files over their destinations (each replaced atomically), then the
-/// extras go. When `to` was missing, the stream staged the whole tree in `incoming/t` instead and
+/// `$T/.ferry-incoming`): content leaving `to` is copied into the store where it cannot be linked
+/// (`keep`) and store content copied in (`fetch`), staged files that share an inode (content the
+/// host already had) are copied (one tar pipe for `.ferry-incoming/.ferry-incoming.links/`, where
+/// each source is linked once); only then does `to` change: directories (parents first; anything
+/// else in their way goes), one `mv` per directory renaming the staged files over their
+/// destinations (each replaced atomically), then the extras go. When `to` was missing, the stream staged the whole tree in `incoming/t` instead and
 /// one rename puts it in place. Sets `copied` (empty then); returns non-zero at the first failure
 /// (files replaced stay replaced).
 macro_rules! in_place_sh {
@@ -168,15 +170,16 @@ if [ "$M" = in-place ] && [ -d "$T" ] && [ ! -L "$T" ] && { [ ! -e "$S/applied" 
    [ -n "$(cd "$T" && find . -path "./$SG" -prune -o -newer "$S/applied" -print | head -c 1)" ]; }; then
   inplace_scan; dirty=1
 fi
-# Make or fix directories given as `<mode>/<path>` (cwd: $T).
+# Make or fix directories given as `<mode>/./<path>` (cwd: $T).
 # A directory that exists keeps its mode if ours may not change it (it may belong to another user).
 MKD='for x; do m=${x%%/*} d=${x#*/}
   if [ ! -d "$d" ] || [ -L "$d" ]; then rm -f "$d" && mkdir "$d" && chmod "$m" "$d" || exit 1
   elif [ "$(stat -c %a "$d")" != "$m" ]; then chmod "$m" "$d" 2>/dev/null || :
   fi
 done'
-# Across filesystems: keep content leaving `to` as store objects, and stage store objects into
-# `to`, by copying (records `<object>/<path>`; object names hold no `/`).
+# Where a link will not do (another filesystem; an extra that stays in `to`): keep content leaving
+# `to` as store objects, and stage store objects into `to`, by copying (records
+# `<object>/<path>`; object names hold no `/`).
 KEEP='for x; do o=${x%%/*} p=${x#*/}
   [ -e "objects/$o" ] || { cp -p "$T/$p" "objects/$o.tmp" && mv -f "objects/$o.tmp" "objects/$o"; } || exit 1
 done'
