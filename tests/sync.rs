@@ -585,23 +585,31 @@ fn sync_survives_controller_killed_and_connection_cut() {
     );
 }
 
+/// Unmounts when dropped.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A 20 MB tmpfs (anyone may write) mounted on `dir` until the guard is dropped.
+fn tmpfs(dir: &Path) -> Unmount {
+    run_ok(
+        std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=20m,mode=0777", "ferry-test"])
+            .arg(dir),
+    );
+    Unmount(dir.to_path_buf())
+}
+
 /// A small tmpfs as the environment root: a deploy that does not fit fails cleanly.
 #[test]
 fn sync_disk_full_leaves_live_release_and_recovers() {
     let site = Site::new("diskfull", vec![Sshd::start()], one_step("app", ""));
     let root = site.root();
-    run_ok(
-        std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=20m,mode=0777", "ferry-test-full"])
-            .arg(&root),
-    );
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _guard = Unmount(root.clone());
+    let _guard = tmpfs(&root);
     site.write(b"index.html", b"v1");
     site.deploy(&sha(1)).success();
     let live = live_release(&root.join("app"));
@@ -987,18 +995,7 @@ fn sync_in_place_to_on_another_filesystem() {
     );
     let to = site.root().join("app");
     std::fs::create_dir_all(&to).unwrap();
-    run_ok(
-        std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=20m,mode=0777", "ferry-test-xdev"])
-            .arg(&to),
-    );
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _guard = Unmount(to.clone());
+    let _guard = tmpfs(&to);
     site.write(b"index.html", b"v1");
     site.write(b"old.js", b"old");
     site.write(b"dup.js", b"old");

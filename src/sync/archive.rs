@@ -512,13 +512,7 @@ mod tests {
         for tar in ["tar", "busybox tar"] {
             let dst = base.join(tar.replace(' ', "_"));
             std::fs::create_dir_all(&dst).unwrap();
-            std::fs::write(dst.join("t.tgz"), &out).unwrap();
-            let st = std::process::Command::new("sh")
-                .arg("-c")
-                .arg(format!("cd '{}' && {tar} -xzmof t.tgz", dst.display()))
-                .status()
-                .unwrap();
-            assert!(st.success(), "{tar}");
+            untar(tar, &dst, &out);
             let r = dst.join("incoming/r");
             assert_eq!(
                 std::fs::read(r.join("a b/c\nd/x\u{e9}.js")).unwrap(),
@@ -576,13 +570,7 @@ mod tests {
             std::fs::create_dir_all(dst.join(".app.ferry/incoming")).unwrap();
             std::fs::create_dir_all(dst.join("app")).unwrap();
             std::fs::write(dst.join("app/old.js"), b"old").unwrap();
-            std::fs::write(dst.join("t.tgz"), &out).unwrap();
-            let st = std::process::Command::new("sh")
-                .arg("-c")
-                .arg(format!("cd '{}' && {tar} -xzmof t.tgz", dst.display()))
-                .status()
-                .unwrap();
-            assert!(st.success(), "{tar}");
+            untar(tar, &dst, &out);
             let staged = dst.join("app/.ferry-incoming");
             assert_eq!(std::fs::read(staged.join("d/copy.js")).unwrap(), b"new");
             let links = staged.join(".ferry-incoming.links");
@@ -606,6 +594,17 @@ mod tests {
             );
         }
         std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    /// Unpack `stream` in `dir` as the host does, with `tar` (`tar` or `busybox tar`).
+    fn untar(tar: &str, dir: &Path, stream: &[u8]) {
+        std::fs::write(dir.join("t.tgz"), stream).unwrap();
+        let st = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("cd '{}' && {tar} -xzmof t.tgz", dir.display()))
+            .status()
+            .unwrap();
+        assert!(st.success(), "{tar}");
     }
 
     fn inode(p: &Path) -> u64 {

@@ -706,35 +706,31 @@ pub async fn rollback(
             ..Default::default()
         });
     }
-    if step.mode == SyncMode::InPlace {
+    let done = if step.mode == SyncMode::InPlace {
         reapply(ctx, step, &paths, &target).await?;
-        return Ok(StepReport {
-            step: "sync".into(),
-            changed: live.as_deref() != Some(target.as_str()),
-            summary: format!("{} re-applied release {target}{what}", paths.to),
-            detail,
-            ..Default::default()
-        });
-    }
-    let out = ctx
-        .session
-        .run_script(
-            remote::SWITCH,
-            &[&paths.store, &paths.to, &target],
-            Some(INVENTORY_TIMEOUT),
-        )
-        .await?;
-    if !out.success() {
-        bail!(
-            "{host}: switching {} to {target} failed: {}",
-            paths.to,
-            out.tail()
-        );
-    }
+        "re-applied release"
+    } else {
+        let out = ctx
+            .session
+            .run_script(
+                remote::SWITCH,
+                &[&paths.store, &paths.to, &target],
+                Some(INVENTORY_TIMEOUT),
+            )
+            .await?;
+        if !out.success() {
+            bail!(
+                "{host}: switching {} to {target} failed: {}",
+                paths.to,
+                out.tail()
+            );
+        }
+        "switched to release"
+    };
     Ok(StepReport {
         step: "sync".into(),
         changed: live.as_deref() != Some(target.as_str()),
-        summary: format!("{} switched to release {target}{what}", paths.to),
+        summary: format!("{} {done} {target}{what}", paths.to),
         detail,
         ..Default::default()
     })
