@@ -496,7 +496,7 @@ async fn run_steps(
                 step.kind()
             ));
             if matches!(action, Action::Deploy | Action::Rollback(..)) {
-                revert_files(ctx, &steps[..i], &mut reports).await;
+                revert_files(ctx, &steps[..i], &mut reports, action.name()).await;
             }
             break;
         }
@@ -557,7 +557,7 @@ async fn run_steps(
                 });
                 error = Some(format!("step {} ({}): {msg}", i + 1, step.kind()));
                 if matches!(action, Action::Deploy | Action::Rollback(..)) {
-                    revert_files(ctx, &steps[..i], &mut reports).await;
+                    revert_files(ctx, &steps[..i], &mut reports, action.name()).await;
                 }
                 break;
             }
@@ -570,13 +570,8 @@ async fn run_steps(
 /// live beside the containers it could not switch: put each of those targets back on the release
 /// it replaced (a deploy's report says `release` and `previous`, a rollback's `to` and `from`; the
 /// report is found by its path, since a rollback leaves none for steps with nothing to undo).
-async fn revert_files(ctx: &StepCtx<'_>, done: &[Step], reports: &mut Vec<StepReport>) {
+async fn revert_files(ctx: &StepCtx<'_>, done: &[Step], reports: &mut Vec<StepReport>, what: &str) {
     let host = ctx.host.name();
-    let what = if reports.iter().any(|r| r.detail.get("from").is_some()) {
-        "rollback"
-    } else {
-        "deploy"
-    };
     for step in done.iter().rev() {
         let Step::Sync(s) = step else { continue };
         let Ok(path) = ctx.host.path(&s.to) else {

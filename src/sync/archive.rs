@@ -558,7 +558,7 @@ mod tests {
             live: Some(&live),
             ..Default::default()
         };
-        let have: rustc_hash::FxHashSet<String> = target.contents().into_keys().collect();
+        let have: rustc_hash::FxHashSet<String> = target.contents().keys().cloned().collect();
         let p = diff::plan(&m, Some(&live), &have);
         let apply = diff::in_place(&m, &target, &Default::default(), &p.send, true);
         let mut out = Vec::new();

@@ -100,9 +100,11 @@ pub struct Target<'a> {
     pub missing: bool,
     /// `to` is on another filesystem than the store.
     pub xdev: bool,
+    /// [`Target::contents`], once asked for.
+    pub(super) contents: std::cell::OnceCell<BTreeMap<String, &'a [u8]>>,
 }
 
-impl Target<'_> {
+impl<'a> Target<'a> {
     /// The entry's path still holds what the live release put there (a file or link is still no
     /// directory, a directory still one).
     fn intact(&self, e: &Entry) -> bool {
@@ -113,17 +115,19 @@ impl Target<'_> {
             })
     }
 
-    /// Objects the host holds in `to`, each at one intact path.
-    pub fn contents(&self) -> BTreeMap<String, &[u8]> {
-        let mut out = BTreeMap::new();
-        for e in self.live.map(|m| m.entries.as_slice()).unwrap_or_default() {
-            if let Some(o) = e.object()
-                && self.intact(e)
-            {
-                out.entry(o).or_insert(e.path.as_slice());
+    /// Objects the host holds in `to`, each at one intact path (worked out once).
+    pub fn contents(&self) -> &BTreeMap<String, &'a [u8]> {
+        self.contents.get_or_init(|| {
+            let mut out = BTreeMap::new();
+            for e in self.live.map(|m| m.entries.as_slice()).unwrap_or_default() {
+                if let Some(o) = e.object()
+                    && self.intact(e)
+                {
+                    out.entry(o).or_insert(e.path.as_slice());
+                }
             }
-        }
-        out
+            out
+        })
     }
 }
 
@@ -182,8 +186,6 @@ pub fn in_place(
         .live
         .map(|m| m.entries.iter().map(|e| (e.path.as_slice(), e)).collect())
         .unwrap_or_default();
-    // Needed only for content neither sent nor in the store.
-    let contents = std::cell::OnceCell::new();
     let sent: HashSet<usize> = sent.iter().copied().collect();
     let mut staged: HashMap<String, &[u8]> = HashMap::default();
     if target.live.map(|m| m.root_mode) != Some(local.root_mode) {
@@ -205,7 +207,7 @@ pub fn in_place(
                     Source::Staged(p.to_vec())
                 } else if objects.contains(&o) {
                     Source::Object(o.clone())
-                } else if let Some(p) = contents.get_or_init(|| target.contents()).get(&o) {
+                } else if let Some(p) = target.contents().get(&o) {
                     Source::Live(p.to_vec())
                 } else {
                     Source::Sent
@@ -392,7 +394,7 @@ mod tests {
             live: Some(&live),
             ..Default::default()
         };
-        let have: HashSet<String> = target.contents().into_keys().collect();
+        let have: HashSet<String> = target.contents().keys().cloned().collect();
         let p = plan(&local, Some(&live), &have);
         assert_eq!(p.send, vec![1], "only the new content travels");
         let a = in_place(&local, &target, &HashSet::default(), &p.send, true);
@@ -461,7 +463,11 @@ mod tests {
             dirs: [&b"x"[..]].into_iter().collect(),
             ..Default::default()
         };
-        let p = plan(&live, Some(&live), &target.contents().into_keys().collect());
+        let p = plan(
+            &live,
+            Some(&live),
+            &target.contents().keys().cloned().collect(),
+        );
         let a = in_place(&live, &target, &HashSet::default(), &p.send, true);
         assert_eq!(a.write, vec![(0, Source::Live(b"y".to_vec()))]);
         assert_eq!(a.handmade, 2, "x is no file any more, x/inner is new");

@@ -357,7 +357,7 @@ fn plan_for(
     }
     let target = inv.in_place_target();
     let mut have = objects.clone();
-    have.extend(target.contents().into_keys());
+    have.extend(target.contents().keys().cloned());
     let plan = diff::plan(local, target.live, &have);
     let apply = diff::in_place(local, &target, &objects, &plan.send, step.delete);
     inv.handmade = apply.handmade;

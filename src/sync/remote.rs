@@ -143,9 +143,9 @@ macro_rules! in_place_sh {
 SG=.ferry-incoming
 ST=$T/$SG
 # `to` on another filesystem than its store (a mount point): content is copied, never linked.
-Q=${T%/*}
+P=${T%/*}
 if [ "$M" = in-place ] && [ -d "$T" ] && [ ! -L "$T" ]; then
-  dev=$(stat -c %d "$T" "${Q:-/}")
+  dev=$(stat -c %d "$T" "${P:-/}")
   [ "${dev%%[!0-9]*}" = "${dev##*[!0-9]}" ] || rec xdev 1
 fi
 # An apply that did not finish leaves `inplace` without `applied`: nothing in `to` is trusted.
@@ -541,6 +541,7 @@ impl Inventory {
             dirs: self.listed_dirs.iter().map(Vec::as_slice).collect(),
             missing: self.target == TargetState::Missing,
             xdev: self.xdev,
+            ..Default::default()
         }
     }
 
