@@ -146,7 +146,7 @@ pub enum Command {
     },
     /// Switch files and containers back to the previous (or a named) release
     #[command(
-        after_help = "Examples:\n  ferry rollback ferry.yml --env production\n  ferry rollback ferry.yml --env production --to 20261122T101500Z-1a2b3c4d"
+        after_help = "Examples:\n  ferry rollback ferry.yml --env production\n  ferry rollback ferry.yml --env production --to 20261122T101500.250Z-1a2b3c4d"
     )]
     Rollback {
         #[command(flatten)]

@@ -33,7 +33,7 @@ pub struct StepCtx<'a> {
     pub deploy: &'a DeployContext,
     pub app: &'a str,
     pub env: &'a str,
-    /// This run's release id, the same on every host: `20261122T134500Z-1a2b3c4d`.
+    /// This run's release id, the same on every host: `20261122T134500.250Z-1a2b3c4d`.
     pub release: &'a str,
     /// Dry run: report what would change, change nothing.
     pub plan: bool,
@@ -70,10 +70,14 @@ pub struct HostReport {
     pub seconds: f64,
 }
 
-/// A new release id: UTC time then short sha, so ids sort by time and name the commit.
+/// A new release id: UTC time to the millisecond then short sha, so ids sort by time, name the
+/// commit, and two deploys of one commit in the same second (deploys of one host are serialised
+/// by its lock) still get different ids.
 pub fn release_id(ctx: &DeployContext) -> String {
     let now = time::OffsetDateTime::now_utc();
-    let fmt = time::macros::format_description!("[year][month][day]T[hour][minute][second]Z");
+    let fmt = time::macros::format_description!(
+        "[year][month][day]T[hour][minute][second].[subsecond digits:3]Z"
+    );
     format!(
         "{}-{}",
         now.format(fmt).expect("formattable"),

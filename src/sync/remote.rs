@@ -770,7 +770,7 @@ mod tests {
         assert_eq!(inventory_end(&out), None, "binary tail may hold NULs");
         out.extend_from_slice(b"end\t\0\nrelease x\n");
         assert_eq!(inventory_end(&out), Some(out.len() - 11));
-        assert!(safe_id("20261122T101500Z-1a2b3c4d-2") && !safe_id("a b") && !safe_id(".."));
+        assert!(safe_id("20261122T101500.250Z-1a2b3c4d-2") && !safe_id("a b") && !safe_id(".."));
     }
 
     #[test]
