@@ -1051,3 +1051,51 @@ fn sync_in_place_survives_controller_killed() {
     );
     assert!(!site.root().join(".app.ferry/incoming").exists());
 }
+
+/// Big files that do not compress travel in the stream's plain part, ahead of the gzip'd tar:
+/// both modes on both host kinds, into a missing `to` and then as an update, with a duplicate
+/// and an odd name.
+fn plain_part(busybox: bool) {
+    for mode in ["", ", mode: in-place"] {
+        let host = Sshd::start_with(SshdOptions {
+            busybox,
+            ..Default::default()
+        });
+        let site = Site::new("plain", vec![host], one_step("web/app", mode));
+        let to = site.root().join("web/app");
+        let same = |rel: &str| {
+            std::fs::read(to.join(rel)).unwrap() == std::fs::read(site.src.join(rel)).unwrap()
+        };
+        big_file(&site, "img/a b\nc.png", 1, 1);
+        big_file(&site, "copy.png", 1, 1);
+        site.write(b"index.html", b"<h1>v1</h1>");
+        let s = step(&site.deploy(&sha(1)).success());
+        assert_eq!(s["files_sent"], 2, "the noise once, and index.html: {s}");
+        let wire = s["bytes_sent"].as_u64().unwrap();
+        assert!(wire < (1 << 20) + (72 << 10), "{mode}: {wire} bytes");
+        assert!(same("img/a b\nc.png") && same("copy.png") && same("index.html"));
+
+        big_file(&site, "img/a b\nc.png", 1, 2);
+        let s = step(&site.deploy(&sha(2)).success());
+        assert_eq!(s["files_sent"], 1, "{s}");
+        assert!(same("img/a b\nc.png") && same("copy.png"), "{mode}");
+        if !mode.is_empty() {
+            for rel in ["img/a b\nc.png", "copy.png"] {
+                let md = std::fs::metadata(to.join(rel)).unwrap();
+                assert_eq!(std::os::unix::fs::MetadataExt::nlink(&md), 1, "{rel}");
+            }
+            assert!(!to.join(".ferry-incoming").exists());
+        }
+        assert!(!site.root().join("web/.app.ferry/incoming").exists());
+    }
+}
+
+#[test]
+fn sync_sends_incompressible_files_plain_on_coreutils_host() {
+    plain_part(false);
+}
+
+#[test]
+fn sync_sends_incompressible_files_plain_on_busybox_host() {
+    plain_part(true);
+}

@@ -7,7 +7,11 @@
 //! `incoming/COMPLETE` trailer the host checks before anything goes live.
 //! gzip squeezes the 512-byte tar headers to a few bytes each, and text assets well below rsync's
 //! uncompressed bytes. Content that does not compress (images, fonts, archives: judged by the byte
-//! entropy of its first block) goes in stored deflate blocks, which cost almost no CPU on either side.
+//! entropy of its first block) goes in stored deflate blocks or, for big files, in a plain tar sent
+//! ahead of the gzip member, so the host's `gzip -d` (its costliest process) never reads it.
+//!
+//! On the wire: a line with the number of [`PLAIN_BLOCK`]s of plain tar (0: none), that plain tar
+//! (zero-padded; the host reads it with `dd iflag=fullblock`), then the gzip'd tar.
 
 use std::ffi::OsStr;
 use std::io::{Read, Write};
@@ -46,6 +50,129 @@ fn rel(prefix: &str, path: &[u8]) -> std::path::PathBuf {
     std::path::PathBuf::from(std::ffi::OsStr::from_bytes(&p))
 }
 
+/// Where a stream goes, and what the host can take.
+pub struct Sink<'a, W> {
+    pub out: W,
+    /// Called as content bytes are read.
+    pub sent: &'a dyn Fn(u64),
+    /// The host's `dd` reads exact blocks (`iflag=fullblock`), so a plain part can go first.
+    pub plain: bool,
+}
+
+/// Files at least this big whose content does not compress travel in the plain part.
+const PLAIN_MIN: u64 = 8 * 1024;
+/// The plain part is zero-padded to whole blocks of this size (the `dd bs` of `remote::DEPLOY`).
+const PLAIN_BLOCK: u64 = 64 * 1024;
+
+/// What goes in the plain tar ahead of the gzip member: directories (made first), then files
+/// (local entry index, name in the archive).
+#[derive(Default)]
+struct Plain {
+    dirs: Vec<(std::path::PathBuf, u32)>,
+    files: Vec<(usize, std::path::PathBuf)>,
+}
+
+impl Plain {
+    /// The big files of `send` whose first block does not compress (read in parallel), in order.
+    fn pick(root: &Path, local: &Manifest, send: impl Iterator<Item = usize>) -> Vec<usize> {
+        use rayon::prelude::*;
+        let big: Vec<usize> = send
+            .filter(
+                |&i| matches!(local.entries[i].kind, Kind::File { size, .. } if size >= PLAIN_MIN),
+            )
+            .collect();
+        big.into_par_iter()
+            .filter(|&i| {
+                let path = root.join(OsStr::from_bytes(&local.entries[i].path));
+                let mut sample = vec![0; 8192];
+                let n = std::fs::File::open(path)
+                    .and_then(|f| f.take(8192).read(&mut sample))
+                    .unwrap_or(0);
+                incompressible(&sample[..n])
+            })
+            .collect()
+    }
+
+    /// Its length on the wire before padding, from the same headers the real one gets.
+    fn len(&self, local: &Manifest) -> std::io::Result<u64> {
+        let mut b = tar::Builder::new(Counted {
+            inner: std::io::sink(),
+            n: 0,
+        });
+        let mut data = 0;
+        for (path, mode) in &self.dirs {
+            b.append_data(
+                &mut header(EntryType::Directory, *mode, 0),
+                path,
+                std::io::empty(),
+            )?;
+        }
+        for (i, path) in &self.files {
+            if let Kind::File { size, mode, .. } = local.entries[*i].kind {
+                b.append_data(
+                    &mut header(EntryType::Regular, mode, size),
+                    path,
+                    std::io::empty(),
+                )?;
+                data += size.div_ceil(512) * 512;
+            }
+        }
+        Ok(b.into_inner()?.n + data)
+    }
+}
+
+/// A writer that counts what passes through.
+struct Counted<W> {
+    inner: W,
+    n: u64,
+}
+
+impl<W: Write> Write for Counted<W> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(data)?;
+        self.n += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Append `e`'s content under `name`, checked against the hash it was planned with.
+fn append_file<W: Write>(
+    tar: &mut tar::Builder<W>,
+    root: &Path,
+    e: &Entry,
+    name: &Path,
+    sent: &dyn Fn(u64),
+    level: &AtomicU32,
+) -> anyhow::Result<()> {
+    let Kind::File { size, mode, hash } = &e.kind else {
+        bail!("not a file");
+    };
+    let full = root.join(std::ffi::OsStr::from_bytes(&e.path));
+    let f =
+        std::fs::File::open(&full).with_context(|| format!("cannot read {}", full.display()))?;
+    let mut reader = Verify {
+        inner: f.take(*size),
+        hasher: blake3::Hasher::new(),
+        n: 0,
+        sent,
+        level,
+    };
+    let mut h = header(EntryType::Regular, *mode, *size);
+    tar.append_data(&mut h, name, &mut reader)
+        .with_context(|| format!("sending {}", full.display()))?;
+    if reader.n != *size || reader.hasher.finalize().as_bytes() != hash {
+        bail!(
+            "{} changed while ferry was sending it; rebuild or re-run the deploy",
+            full.display()
+        );
+    }
+    Ok(())
+}
+
 /// The tar builder over the gzip member, and what reading a file needs.
 struct Stream<'a, W: Write> {
     tar: tar::Builder<Gz<W>>,
@@ -55,8 +182,37 @@ struct Stream<'a, W: Write> {
 }
 
 impl<'a, W: Write> Stream<'a, W> {
-    fn new(out: W, root: &'a Path, sent: &'a dyn Fn(u64)) -> anyhow::Result<Self> {
+    /// Write the plain part's length and the plain part, then open the gzip member.
+    fn new(
+        mut out: W,
+        root: &'a Path,
+        local: &Manifest,
+        plain: &Plain,
+        sent: &'a dyn Fn(u64),
+    ) -> anyhow::Result<Self> {
         let level = Arc::new(AtomicU32::new(FAST));
+        let blocks = if plain.files.is_empty() {
+            0
+        } else {
+            plain.len(local)?.div_ceil(PLAIN_BLOCK)
+        };
+        writeln!(out, "{blocks}")?;
+        if blocks > 0 {
+            let mut tar = tar::Builder::new(Counted { inner: out, n: 0 });
+            for (path, mode) in &plain.dirs {
+                let mut h = header(EntryType::Directory, *mode, 0);
+                tar.append_data(&mut h, path, std::io::empty())?;
+            }
+            for (i, path) in &plain.files {
+                append_file(&mut tar, root, &local.entries[*i], path, sent, &level)?;
+            }
+            let mut c = tar.into_inner().context("finishing the plain part")?;
+            let pad = (blocks * PLAIN_BLOCK)
+                .checked_sub(c.n)
+                .context("the plain part outgrew its announced length")?;
+            std::io::copy(&mut std::io::repeat(0).take(pad), &mut c)?;
+            out = c.inner;
+        }
         let gz = Gz::new(out, level.clone())?;
         Ok(Stream {
             tar: tar::Builder::new(gz),
@@ -82,30 +238,7 @@ impl<'a, W: Write> Stream<'a, W> {
 
     /// A local file's content under `name`, checked against the hash it was planned with.
     fn file(&mut self, e: &Entry, name: &Path) -> anyhow::Result<()> {
-        let Kind::File { size, mode, hash } = &e.kind else {
-            bail!("not a file");
-        };
-        let full = self.root.join(std::ffi::OsStr::from_bytes(&e.path));
-        let f = std::fs::File::open(&full)
-            .with_context(|| format!("cannot read {}", full.display()))?;
-        let mut reader = Verify {
-            inner: f.take(*size),
-            hasher: blake3::Hasher::new(),
-            n: 0,
-            sent: self.sent,
-            level: &self.level,
-        };
-        let mut h = header(EntryType::Regular, *mode, *size);
-        self.tar
-            .append_data(&mut h, name, &mut reader)
-            .with_context(|| format!("sending {}", full.display()))?;
-        if reader.n != *size || reader.hasher.finalize().as_bytes() != hash {
-            bail!(
-                "{} changed while ferry was sending it; rebuild or re-run the deploy",
-                full.display()
-            );
-        }
-        Ok(())
+        append_file(&mut self.tar, self.root, e, name, self.sent, &self.level)
     }
 
     /// The small files and the trailer, then the end of the stream.
@@ -130,15 +263,26 @@ pub fn write(
     local: &Manifest,
     plan: &Plan,
     extras: &Extras<'_>,
-    out: impl Write,
-    sent: &dyn Fn(u64),
+    sink: Sink<'_, impl Write>,
 ) -> anyhow::Result<()> {
-    let mut s = Stream::new(out, root, sent)?;
+    let object = |i: usize| local.entries[i].object().map(|o| format!("objects/{o}"));
+    let picked = match sink.plain {
+        true => Plain::pick(root, local, plan.send.iter().copied()),
+        false => Vec::new(),
+    };
+    let plain = Plain {
+        dirs: Vec::new(),
+        files: picked
+            .iter()
+            .filter_map(|&i| Some((i, object(i)?.into())))
+            .collect(),
+    };
+    let mut s = Stream::new(sink.out, root, local, &plain, sink.sent)?;
     s.dir("objects", 0o755)?;
-    for &i in &plan.send {
-        let e = &local.entries[i];
-        if let Some(obj) = e.object() {
-            s.file(e, Path::new(&format!("objects/{obj}")))?;
+    let picked: rustc_hash::FxHashSet<usize> = picked.into_iter().collect();
+    for &i in plan.send.iter().filter(|i| !picked.contains(i)) {
+        if let Some(obj) = object(i) {
+            s.file(&local.entries[i], Path::new(&obj))?;
         }
     }
     s.dir("incoming/r", local.root_mode)?;
@@ -176,17 +320,43 @@ pub fn write_in_place(
     local: &Manifest,
     apply: &Apply,
     extras: Option<&Extras<'_>>,
-    out: impl Write,
-    sent: &dyn Fn(u64),
+    sink: Sink<'_, impl Write>,
 ) -> anyhow::Result<()> {
-    let mut s = Stream::new(out, root, sent)?;
     let store = format!(".{name}.ferry/");
     // A missing `to` is staged whole (with its directories' modes) in the store, renamed in later.
-    let staging = if apply.fresh {
-        format!("{store}incoming/t/")
+    let (staging, staging_mode) = if apply.fresh {
+        (format!("{store}incoming/t/"), local.root_mode)
     } else {
-        format!("{name}/{STAGING}/")
+        (format!("{name}/{STAGING}/"), 0o700)
     };
+    // Files of the plain part land in one directory inside staging (the host removes it once
+    // unpacked); their staged paths are hard links to them.
+    let picked = match sink.plain {
+        true => Plain::pick(
+            root,
+            local,
+            apply.write.iter().filter_map(|(i, from)| match from {
+                Source::Sent => Some(*i),
+                _ => None,
+            }),
+        ),
+        false => Vec::new(),
+    };
+    let mut plain = Plain::default();
+    if !picked.is_empty() {
+        let dir = format!("{staging}{STAGING}.plain/");
+        plain.dirs = vec![
+            (staging.clone().into(), staging_mode),
+            (dir.clone().into(), 0o700),
+        ];
+        plain.files = picked
+            .into_iter()
+            .map(|i| (i, format!("{dir}{i}").into()))
+            .collect();
+    }
+    let mut s = Stream::new(sink.out, root, local, &plain, sink.sent)?;
+    let in_plain: rustc_hash::FxHashMap<usize, &Path> =
+        plain.files.iter().map(|(i, p)| (*i, p.as_path())).collect();
     // Records `<object>/<path>` for the host to copy when `to` is on another filesystem.
     let (mut keep, mut fetch) = (Vec::new(), Vec::new());
     let record = |list: &mut Vec<u8>, obj: &str, path: &[u8]| {
@@ -207,14 +377,14 @@ pub fn write_in_place(
         s.link(EntryType::Link, 0o644, Path::new(&at), &live)?;
     }
     if apply.fresh {
-        s.dir(&staging, local.root_mode)?;
+        s.dir(&staging, staging_mode)?;
         for e in &local.entries {
             if let Kind::Dir { mode } = e.kind {
                 s.dir(rel(&staging, &e.path), mode)?;
             }
         }
     } else {
-        s.dir(&staging, 0o700)?;
+        s.dir(&staging, staging_mode)?;
     }
     // Content the host has is staged as a hard link to it: the first link to each source under
     // `.ferry-incoming.links/` (the host copies that subtree with one tar pipe), further ones in
@@ -272,6 +442,9 @@ pub fn write_in_place(
                 Path::new(OsStr::from_bytes(target)),
             )?,
             (Kind::File { mode, .. }, Some(to)) => s.link(EntryType::Link, *mode, &path, &to)?,
+            (Kind::File { mode, .. }, None) if in_plain.contains_key(i) => {
+                s.link(EntryType::Link, *mode, &path, in_plain[i])?
+            }
             _ => s.file(e, &path)?,
         }
     }
@@ -488,9 +661,7 @@ mod tests {
         std::fs::write(src.join("a b/c\nd/x\u{e9}.js"), b"one").unwrap();
         std::fs::write(src.join(format!("{}.txt", "long".repeat(40))), b"two").unwrap();
         std::fs::write(src.join("dup"), b"one").unwrap();
-        let noise: Vec<u8> = (0..100_000u32)
-            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-            .collect();
+        let noise = noise(100_000);
         std::fs::write(src.join("noise.png"), &noise).unwrap();
         std::fs::write(src.join("text.js"), "const x = 1;\n".repeat(5000)).unwrap();
         std::os::unix::fs::symlink("dup", src.join("link")).unwrap();
@@ -502,12 +673,13 @@ mod tests {
             digest: &m.digest(),
             meta_json: b"{}",
         };
-        write(&src, &m, &p, &extras, &mut out, &|_| {}).unwrap();
+        write(&src, &m, &p, &extras, sink(&mut out)).unwrap();
         assert!(
-            out.len() < 100_000 + 20_000,
-            "text compressed, noise stored: {}",
+            out.len() < 2 * 65536 + 20_000,
+            "text compressed, noise plain: {}",
             out.len()
         );
+        assert!(out.starts_with(b"2\n"), "the noise goes in a plain part");
         assert!(incompressible(&noise[..8192]) && !incompressible(&[b'a'; 8192]));
         for tar in ["tar", "busybox tar"] {
             let dst = base.join(tar.replace(' ', "_"));
@@ -542,6 +714,9 @@ mod tests {
         std::fs::write(src.join("d/new.js"), b"new").unwrap();
         std::fs::write(src.join("d/copy.js"), b"new").unwrap();
         std::fs::write(src.join("renamed.js"), b"old").unwrap();
+        let noise = noise(70_000);
+        std::fs::write(src.join("d/noise.png"), &noise).unwrap();
+        std::fs::write(src.join("noise copy.png"), &noise).unwrap();
         let m = scan(&src, &[], None).unwrap();
         let live = Manifest {
             root_mode: m.root_mode,
@@ -562,7 +737,8 @@ mod tests {
         let p = diff::plan(&m, Some(&live), &have);
         let apply = diff::in_place(&m, &target, &Default::default(), &p.send, true);
         let mut out = Vec::new();
-        write_in_place(&src, "app", &m, &apply, None, &mut out, &|_| {}).unwrap();
+        write_in_place(&src, "app", &m, &apply, None, sink(&mut out)).unwrap();
+        assert!(out.starts_with(b"2\n"), "the noise goes in a plain part");
         let old_obj = live.entries[0].object().unwrap();
         for tar in ["tar", "busybox tar"] {
             let dst = base.join(tar.replace(' ', "_"));
@@ -572,6 +748,17 @@ mod tests {
             std::fs::write(dst.join("app/old.js"), b"old").unwrap();
             untar(tar, &dst, &out);
             let staged = dst.join("app/.ferry-incoming");
+            let plain = staged.join(".ferry-incoming.plain");
+            let sent: Vec<_> = std::fs::read_dir(&plain).unwrap().collect();
+            assert_eq!(sent.len(), 1, "the content once");
+            assert_eq!(
+                inode(&staged.join("d/noise.png")),
+                inode(&sent[0].as_ref().unwrap().path()),
+                "staged as a link to the plain part's file"
+            );
+            assert_eq!(std::fs::read(staged.join("d/noise.png")).unwrap(), noise);
+            let copy = staged.join(".ferry-incoming.links/noise copy.png");
+            assert_eq!(std::fs::read(copy).unwrap(), noise);
             assert_eq!(std::fs::read(staged.join("d/copy.js")).unwrap(), b"new");
             let links = staged.join(".ferry-incoming.links");
             assert_eq!(std::fs::read(links.join("d/new.js")).unwrap(), b"new");
@@ -596,14 +783,39 @@ mod tests {
         std::fs::remove_dir_all(&base).unwrap();
     }
 
-    /// Unpack `stream` in `dir` as the host does, with `tar` (`tar` or `busybox tar`).
+    fn sink(out: &mut Vec<u8>) -> Sink<'_, &mut Vec<u8>> {
+        Sink {
+            out,
+            sent: &|_| {},
+            plain: true,
+        }
+    }
+
+    /// Bytes that do not compress.
+    fn noise(n: u32) -> Vec<u8> {
+        (0..n)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect()
+    }
+
+    /// Unpack `stream` in `dir` with the host script's `unpack`, run by `sh` and GNU tools
+    /// (`tar`) or by BusyBox's (`busybox tar`).
     fn untar(tar: &str, dir: &Path, stream: &[u8]) {
-        std::fs::write(dir.join("t.tgz"), stream).unwrap();
-        let st = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(format!("cd '{}' && {tar} -xzmof t.tgz", dir.display()))
-            .status()
-            .unwrap();
+        std::fs::write(dir.join("t.stream"), stream).unwrap();
+        let script = format!("{}\nunpack < t.stream", super::super::remote::UNPACK);
+        let mut cmd = if tar == "busybox tar" {
+            let bin = dir.join("bin");
+            std::fs::create_dir_all(&bin).unwrap();
+            for tool in ["sh", "dd", "tar", "cat", "gzip"] {
+                std::os::unix::fs::symlink("/usr/bin/busybox", bin.join(tool)).unwrap();
+            }
+            let mut c = std::process::Command::new(bin.join("sh"));
+            c.env("PATH", &bin);
+            c
+        } else {
+            std::process::Command::new("sh")
+        };
+        let st = cmd.arg("-c").arg(script).current_dir(dir).status().unwrap();
         assert!(st.success(), "{tar}");
     }
 

@@ -267,17 +267,19 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
     let build = {
         let (root, local, plan) = (from.clone(), local.clone(), plan.clone());
         let name = paths.name().to_string();
+        let plain = inv.plain;
         move |out: archive::ChannelWriter, sent: &dyn Fn(u64)| {
             let extras = archive::Extras {
                 manifest: &manifest,
                 digest: &meta.digest,
                 meta_json: &meta_json,
             };
+            let sink = archive::Sink { out, sent, plain };
             match &apply {
                 Some(apply) => {
-                    archive::write_in_place(&root, &name, &local, apply, Some(&extras), out, sent)
+                    archive::write_in_place(&root, &name, &local, apply, Some(&extras), sink)
                 }
-                None => archive::write(&root, &local, &plan, &extras, out, sent),
+                None => archive::write(&root, &local, &plan, &extras, sink),
             }
         }
     };
@@ -789,8 +791,11 @@ async fn reapply(
             &local,
             &apply,
             None,
-            out,
-            sent,
+            archive::Sink {
+                out,
+                sent,
+                plain: false,
+            },
         )
     };
     stream(ctx, proc, &params, 0, build, paths).await?;

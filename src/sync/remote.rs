@@ -254,13 +254,33 @@ rec tail gz
 "#
 );
 
+/// `unpack` reads the stream from stdin (see `archive`) into the working directory: the plain
+/// part's length in blocks, the plain tar, the gzip'd tar.
+macro_rules! unpack_sh {
+    () => {
+        r#"
+unpack() {
+  read -r pb && case $pb in ''|*[!0-9]*) return 1 ;; esac || return 1
+  if [ "$pb" -gt 0 ]; then
+    dd bs=65536 count="$pb" iflag=fullblock 2>/dev/null | { tar -xmof - && cat > /dev/null; } || return 1
+  fi
+  tar -xzmof -
+}
+"#
+    };
+}
+
+/// The host's `unpack` function, for tests that unpack streams with the system's tools.
+#[cfg(test)]
+pub(super) const UNPACK: &str = unpack_sh!();
+
 /// A whole deploy in one exec. First it cleans up what an interrupted deploy left (`incoming/`,
 /// then in release mode objects no release links to) and prints the same records as
 /// [`INVENTORY`] up to the digest check. It reads the local tree's digest from stdin (the
 /// controller scans meanwhile), prints `same` or the tail (with its length), then `end`. Then it
 /// reads one line: `<release id> <adopt 0|1> <ids to prune> <objects to drop> <again 0|1>` (lists
-/// comma-separated, `-` for none), or EOF to stop there. The rest of stdin is the gzip'd tar
-/// stream. Release mode: drop the objects edited by hand, unpack the stream in the store (objects
+/// comma-separated, `-` for none), or EOF to stop there. The rest of stdin is the stream
+/// (`unpack`). Release mode: drop the objects edited by hand, unpack the stream in the store (objects
 /// straight into `objects/`, the tree under `incoming/r`), check its trailer, name the release
 /// (unique), switch `to` with one rename, prune and collect the objects nothing links to any more.
 /// Mode `in-place`: unpack beside `to` (see `in_place_sh!`), name the release (`again` 1
@@ -313,6 +333,8 @@ else
   rec store no
   read -r D || exit 0
 fi
+# The stream's plain part needs a `dd` that reads exact blocks from a pipe.
+[ "$(printf xy | dd bs=2 count=1 iflag=fullblock 2>/dev/null)" != xy ] || rec plain yes
 printf 'end\t\0\n'
 read -r id adopt prune drop again || exit 0
 [ -n "$id" ] || exit 0
@@ -337,11 +359,16 @@ cd "$S"
 mkdir incoming
 # Objects edited in place by hand go before anything can link to them; the stream brings them anew.
 for o in $(printf '%s' "${drop#-}" | tr , ' '); do rm -f "objects/$o"; done
+"#,
+    unpack_sh!(),
+    r#"
 if [ "$M" = in-place ]; then
   mkdir -p "$T" && rm -rf "$ST" || fail "cannot write in $T"
-  ( cd "${P:-/}" && umask 0 && tar -xzmof - ) || fail "unpacking the stream failed"
+  ( cd "${P:-/}" && umask 0 && unpack ) || fail "unpacking the stream failed"
+  # The plain part's files are linked where they are staged; the extra names go.
+  rm -rf "$ST/$SG.plain" "incoming/t/$SG.plain" || fail "cannot write in $T"
 else
-  ( umask 0; tar -xzmof - ) || fail "unpacking the stream failed"
+  ( umask 0; unpack ) || fail "unpacking the stream failed"
 fi
 [ -f incoming/COMPLETE ] || fail "the stream ended early"
 if [ "$again" = 1 ]; then
@@ -492,6 +519,8 @@ pub struct Inventory {
     pub xdev: bool,
     /// In-place mode: the last apply did not finish, so nothing in `to` is known.
     pub unfinished: bool,
+    /// The host can take a plain part ahead of the gzip'd stream.
+    pub plain: bool,
     /// Paths changed by hand that the next deploy repairs (in-place mode: set from the apply).
     pub handmade: u64,
     /// The live release already holds exactly the local tree.
@@ -627,6 +656,7 @@ pub fn parse_inventory(out: &[u8], to_name: &str) -> anyhow::Result<Inventory> {
                 inv.listed_dirs.push(value.to_vec());
             }
             b"xdev" => inv.xdev = true,
+            b"plain" => inv.plain = true,
             b"unfinished" => inv.unfinished = true,
             b"have" => inv.listing.get_or_insert_default().push(value.to_vec()),
             b"same" => inv.same = true,
