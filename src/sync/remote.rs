@@ -1,9 +1,10 @@
 //! The host side of a sync: constant POSIX `sh` scripts (run with data as positional arguments, so
 //! nothing is spliced into a command line) and the parsing of what they print. They use only what
-//! both coreutils and BusyBox offer: `tar -xzmo`, `tar -c`, `mv -fT`, `find -newer -links -path
-//! -prune -mindepth -maxdepth -print0 -exec +` (never `{}` inside a script `find` runs: GNU find
-//! refuses that), `xargs -0 -r`, `head -c`, `ls`, `gzip`, `readlink`, `read`, `cp -p`,
-//! `stat -c %a`, `tr`, `cut`, `sort`, `uniq -u`.
+//! both coreutils and BusyBox offer: `tar -xzmo`, `tar -c`, `dd iflag=fullblock` (else the stream
+//! has no plain part), `mv -fT`, `find -newer -links -path -prune -mindepth -maxdepth -print0
+//! -exec +` (never `{}` inside a script `find` runs: GNU find refuses that), `xargs -0 -r`,
+//! `head -c`, `ls`, `gzip`, `readlink`, `read`, `cp -p`, `stat -c %a`, `tr`, `cut`, `sort`,
+//! `uniq -u`.
 //!
 //! Layout beside the target `<dir>/<name>`:
 //! ```text
