@@ -1052,11 +1052,11 @@ fn sync_in_place_survives_controller_killed() {
     assert!(!site.root().join(".app.ferry/incoming").exists());
 }
 
-/// Big files that do not compress travel in the stream's plain part, ahead of the gzip'd tar:
-/// both modes on both host kinds, into a missing `to` and then as an update, with a duplicate
-/// and an odd name.
+/// Big files travel in the stream's plain part, ahead of the gzip'd tar (with `compress: all`
+/// only those that do not compress): both modes on both host kinds, into a missing `to` and then
+/// as an update, with a duplicate and an odd name.
 fn plain_part(busybox: bool) {
-    for mode in ["", ", mode: in-place"] {
+    for mode in ["", ", mode: in-place, compress: all"] {
         let host = Sshd::start_with(SshdOptions {
             busybox,
             ..Default::default()
@@ -1069,11 +1069,22 @@ fn plain_part(busybox: bool) {
         big_file(&site, "img/a b\nc.png", 1, 1);
         big_file(&site, "copy.png", 1, 1);
         site.write(b"index.html", b"<h1>v1</h1>");
+        site.write(b"app.js", "let x = 1;\n".repeat(20_000).as_bytes());
         let s = step(&site.deploy(&sha(1)).success());
-        assert_eq!(s["files_sent"], 2, "the noise once, and index.html: {s}");
+        assert_eq!(
+            s["files_sent"], 3,
+            "the noise once, app.js, index.html: {s}"
+        );
         let wire = s["bytes_sent"].as_u64().unwrap();
-        assert!(wire < (1 << 20) + (72 << 10), "{mode}: {wire} bytes");
-        assert!(same("img/a b\nc.png") && same("copy.png") && same("index.html"));
+        let noise = (1 << 20) + (72 << 10);
+        if mode.contains("compress: all") {
+            assert!(wire < noise, "app.js compressed: {wire} bytes");
+        } else {
+            assert!(wire > (1 << 20) + 220_000, "app.js as it is: {wire} bytes");
+        }
+        for rel in ["img/a b\nc.png", "copy.png", "index.html", "app.js"] {
+            assert!(same(rel), "{mode}: {rel}");
+        }
 
         big_file(&site, "img/a b\nc.png", 1, 2);
         let s = step(&site.deploy(&sha(2)).success());
@@ -1091,11 +1102,11 @@ fn plain_part(busybox: bool) {
 }
 
 #[test]
-fn sync_sends_incompressible_files_plain_on_coreutils_host() {
+fn sync_sends_big_files_plain_on_coreutils_host() {
     plain_part(false);
 }
 
 #[test]
-fn sync_sends_incompressible_files_plain_on_busybox_host() {
+fn sync_sends_big_files_plain_on_busybox_host() {
     plain_part(true);
 }

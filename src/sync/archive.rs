@@ -5,11 +5,11 @@
 //! ([`write_in_place`], unpacked beside `to`): the staged files `to` gets, and links that keep
 //! leaving content in the store. Both end with the release's manifest and metadata and an
 //! `incoming/COMPLETE` trailer the host checks before anything goes live.
-//! gzip squeezes the 512-byte tar headers to a few bytes each, and text assets well below rsync's
-//! uncompressed bytes. Files of 8 KiB or more whose content does not compress (images, fonts,
-//! archives: judged by the byte entropy of their first block) go in a plain tar sent ahead of the
-//! gzip member, so that neither end spends CPU on them and the host's `gzip -d` (its costliest
-//! process) never reads them.
+//! Files of 8 KiB or more go in a plain tar sent ahead of a gzip'd one that carries the rest: gzip
+//! squeezes the 512-byte tar headers of small files to a few bytes each (so the stream stays below
+//! rsync's bytes), and big files cost neither end CPU (the host's `gzip -d` is its costliest
+//! process). With `compress: all` (slow links) only big files that do not compress (images, fonts,
+//! archives: judged by the byte entropy of their first block) go plain.
 //!
 //! On the wire: a line with the number of 64 KiB blocks of plain tar (0: none), that plain tar
 //! (zero-padded; the host reads it with `dd iflag=fullblock`), then the gzip'd tar.
@@ -56,9 +56,12 @@ pub struct Sink<'a, W> {
     pub sent: &'a dyn Fn(u64),
     /// The host's `dd` reads exact blocks (`iflag=fullblock`), so a plain part can go first.
     pub plain: bool,
+    /// Gzip every file whose content compresses, not only the small ones.
+    pub compress_all: bool,
 }
 
-/// Files at least this big whose content does not compress travel in the plain part.
+/// Files at least this big travel in the plain part (with `compress_all`, only those whose content
+/// does not compress).
 const PLAIN_MIN: u64 = 8 * 1024;
 /// The plain part is zero-padded to whole blocks of this size (the `dd bs` of `remote::DEPLOY`).
 const PLAIN_BLOCK: u64 = 64 * 1024;
@@ -72,14 +75,24 @@ struct Plain {
 }
 
 impl Plain {
-    /// The big files of `send` whose first block does not compress (read in parallel), in order.
-    fn pick(root: &Path, local: &Manifest, send: impl Iterator<Item = usize>) -> Vec<usize> {
+    /// The files of `send` that go in the plain part, in order: those of [`PLAIN_MIN`] or more;
+    /// with `all` (everything else is compressed), only those whose first block does not
+    /// compress (read in parallel).
+    fn pick(
+        root: &Path,
+        local: &Manifest,
+        send: impl Iterator<Item = usize>,
+        all: bool,
+    ) -> Vec<usize> {
         use rayon::prelude::*;
         let big: Vec<usize> = send
             .filter(
                 |&i| matches!(local.entries[i].kind, Kind::File { size, .. } if size >= PLAIN_MIN),
             )
             .collect();
+        if !all {
+            return big;
+        }
         big.into_par_iter()
             .filter(|&i| {
                 let path = root.join(OsStr::from_bytes(&local.entries[i].path));
@@ -261,7 +274,7 @@ pub fn write(
 ) -> anyhow::Result<()> {
     let object = |i: usize| local.entries[i].object().map(|o| format!("objects/{o}"));
     let picked = match sink.plain {
-        true => Plain::pick(root, local, plan.send.iter().copied()),
+        true => Plain::pick(root, local, plan.send.iter().copied(), sink.compress_all),
         false => Vec::new(),
     };
     let plain = Plain {
@@ -333,6 +346,7 @@ pub fn write_in_place(
                 Source::Sent => Some(*i),
                 _ => None,
             }),
+            sink.compress_all,
         ),
         false => Vec::new(),
     };
@@ -554,7 +568,6 @@ mod tests {
         let noise = noise(100_000);
         std::fs::write(src.join("noise.png"), &noise).unwrap();
         std::fs::write(src.join("text.js"), "const x = 1;\n".repeat(5000)).unwrap();
-        // Several compression jobs, each primed with the window before it.
         let big: String = (0..60_000)
             .map(|i| format!("let v{} = {i};\n", i % 977))
             .collect();
@@ -562,39 +575,41 @@ mod tests {
         std::os::unix::fs::symlink("dup", src.join("link")).unwrap();
         let m = scan(&src, &[], None).unwrap();
         let p = diff::plan(&m, None, &Default::default());
-        let mut out = Vec::new();
         let extras = Extras {
             manifest: &m.encode(),
             digest: &m.digest(),
             meta_json: b"{}",
         };
-        write(&src, &m, &p, &extras, sink(&mut out)).unwrap();
-        assert!(
-            out.len() < 2 * 65536 + big.len() / 4,
-            "text compressed, noise plain: {}",
-            out.len()
-        );
-        assert!(out.starts_with(b"2\n"), "the noise goes in a plain part");
         assert!(incompressible(&noise[..8192]) && !incompressible(&[b'a'; 8192]));
-        for tar in ["tar", "busybox tar"] {
-            let dst = base.join(tar.replace(' ', "_"));
-            std::fs::create_dir_all(&dst).unwrap();
-            untar(tar, &dst, &out);
-            let r = dst.join("incoming/r");
-            assert_eq!(
-                std::fs::read(r.join("a b/c\nd/x\u{e9}.js")).unwrap(),
-                b"one"
-            );
-            assert_eq!(std::fs::read(r.join("link")).unwrap(), b"one");
-            assert_eq!(std::fs::read(r.join("noise.png")).unwrap(), noise);
-            assert_eq!(std::fs::read(r.join("text.js")).unwrap().len(), 65000);
-            assert_eq!(std::fs::read(r.join("big.js")).unwrap(), big.as_bytes());
-            assert_eq!(
-                std::fs::read(r.join(format!("{}.txt", "long".repeat(40)))).unwrap(),
-                b"two"
-            );
-            assert!(dst.join("incoming/COMPLETE").exists());
-            assert_eq!(std::fs::read_dir(dst.join("objects")).unwrap().count(), 5);
+        for all in [true, false] {
+            let mut out = Vec::new();
+            write(&src, &m, &p, &extras, sink(&mut out, all)).unwrap();
+            if all {
+                assert!(out.starts_with(b"2\n"), "only the noise goes plain");
+                assert!(out.len() < 2 * 65536 + big.len() / 4, "{}", out.len());
+            } else {
+                assert!(out.len() > big.len() + 100_000, "the big files go plain");
+            }
+            for tar in ["tar", "busybox tar"] {
+                let dst = base.join(format!("{}-{all}", tar.replace(' ', "_")));
+                std::fs::create_dir_all(&dst).unwrap();
+                untar(tar, &dst, &out);
+                let r = dst.join("incoming/r");
+                assert_eq!(
+                    std::fs::read(r.join("a b/c\nd/x\u{e9}.js")).unwrap(),
+                    b"one"
+                );
+                assert_eq!(std::fs::read(r.join("link")).unwrap(), b"one");
+                assert_eq!(std::fs::read(r.join("noise.png")).unwrap(), noise);
+                assert_eq!(std::fs::read(r.join("text.js")).unwrap().len(), 65000);
+                assert_eq!(std::fs::read(r.join("big.js")).unwrap(), big.as_bytes());
+                assert_eq!(
+                    std::fs::read(r.join(format!("{}.txt", "long".repeat(40)))).unwrap(),
+                    b"two"
+                );
+                assert!(dst.join("incoming/COMPLETE").exists());
+                assert_eq!(std::fs::read_dir(dst.join("objects")).unwrap().count(), 5);
+            }
         }
         std::fs::remove_dir_all(&base).unwrap();
     }
@@ -633,7 +648,7 @@ mod tests {
         let p = diff::plan(&m, Some(&live), &have);
         let apply = diff::in_place(&m, &target, &Default::default(), &p.send, true);
         let mut out = Vec::new();
-        write_in_place(&src, "app", &m, &apply, None, sink(&mut out)).unwrap();
+        write_in_place(&src, "app", &m, &apply, None, sink(&mut out, false)).unwrap();
         assert!(out.starts_with(b"2\n"), "the noise goes in a plain part");
         let old_obj = live.entries[0].object().unwrap();
         for tar in ["tar", "busybox tar"] {
@@ -679,11 +694,12 @@ mod tests {
         std::fs::remove_dir_all(&base).unwrap();
     }
 
-    fn sink(out: &mut Vec<u8>) -> Sink<'_, &mut Vec<u8>> {
+    fn sink(out: &mut Vec<u8>, compress_all: bool) -> Sink<'_, &mut Vec<u8>> {
         Sink {
             out,
             sent: &|_| {},
             plain: true,
+            compress_all,
         }
     }
 

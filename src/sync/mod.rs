@@ -268,13 +268,19 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
         let (root, local, plan) = (from.clone(), local.clone(), plan.clone());
         let name = paths.name().to_string();
         let plain = inv.plain;
+        let compress_all = step.compress == crate::playbook::Compress::All;
         move |out: archive::ChannelWriter, sent: &dyn Fn(u64)| {
             let extras = archive::Extras {
                 manifest: &manifest,
                 digest: &meta.digest,
                 meta_json: &meta_json,
             };
-            let sink = archive::Sink { out, sent, plain };
+            let sink = archive::Sink {
+                out,
+                sent,
+                plain,
+                compress_all,
+            };
             match &apply {
                 Some(apply) => {
                     archive::write_in_place(&root, &name, &local, apply, Some(&extras), sink)
@@ -795,6 +801,7 @@ async fn reapply(
                 out,
                 sent,
                 plain: false,
+                compress_all: false,
             },
         )
     };
