@@ -376,11 +376,12 @@ pub enum SyncMode {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Compress {
-    /// Files under 8 KiB (their tar headers compress away); bigger ones go as they are, as with
-    /// `rsync -a`. Fastest where the link is fast (a LAN), and still fewer bytes than rsync.
+    /// Every file whose content compresses, except in a bulk transfer (64 MiB of content or
+    /// more, such as a first deploy): there files of 8 KiB or more go as they are, as with
+    /// `rsync -a`, since compressing them costs both ends more CPU than a fast link saves.
     #[default]
-    Small,
-    /// Every file whose content compresses, as with `rsync -z`: for slow links.
+    Auto,
+    /// Every file whose content compresses, however much there is: for slow links.
     All,
 }
 
@@ -947,14 +948,14 @@ mod tests {
         .unwrap();
         let steps = &pb.environments["staging"].steps;
         assert!(matches!(&steps[0], Step::Sync(s)
-            if s.keep == 3 && s.mode == SyncMode::Release && s.compress == Compress::Small));
+            if s.keep == 3 && s.mode == SyncMode::Release && s.compress == Compress::Auto));
         assert!(
             matches!(&steps[1], Step::Run(r) if r.command == Command::Argv(vec!["echo".into(), "hi".into()]))
         );
     }
 
     #[test]
-    fn sync_compress_takes_small_or_all() {
+    fn sync_compress_takes_auto_or_all() {
         let step = |v: &str| {
             p(&format!(
                 "{MINIMAL}    steps:\n      - sync: {{ from: d, to: t, compress: {v} }}\n"

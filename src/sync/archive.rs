@@ -5,11 +5,12 @@
 //! ([`write_in_place`], unpacked beside `to`): the staged files `to` gets, and links that keep
 //! leaving content in the store. Both end with the release's manifest and metadata and an
 //! `incoming/COMPLETE` trailer the host checks before anything goes live.
-//! Files of 8 KiB or more go in a plain tar sent ahead of a gzip'd one that carries the rest: gzip
-//! squeezes the 512-byte tar headers of small files to a few bytes each (so the stream stays below
-//! rsync's bytes), and big files cost neither end CPU (the host's `gzip -d` is its costliest
-//! process). With `compress: all` (slow links) only big files that do not compress (images, fonts,
-//! archives: judged by the byte entropy of their first block) go plain.
+//! Files of 8 KiB or more whose content does not compress (images, fonts, archives: judged by the
+//! byte entropy of their first block) go in a plain tar sent ahead of the gzip'd one, so neither
+//! end spends CPU on them (the host's `gzip -d` is its costliest process). In a bulk transfer
+//! ([`BULK`], unless `compress: all`) all files of 8 KiB or more go plain, as rsync sends them:
+//! there compression costs more CPU than a fast link saves, and gzip still squeezes the 512-byte
+//! tar headers of the small files to a few bytes each, so the stream stays below rsync's bytes.
 //!
 //! On the wire: a line with the number of 64 KiB blocks of plain tar (0: none), that plain tar
 //! (zero-padded; the host reads it with `dd iflag=fullblock`), then the gzip'd tar.
@@ -59,6 +60,9 @@ pub struct Sink<'a, W> {
     /// Gzip every file whose content compresses, not only the small ones.
     pub compress_all: bool,
 }
+
+/// Content to send from which `compress: auto` sends files of [`PLAIN_MIN`] or more as they are.
+pub const BULK: u64 = 64 << 20;
 
 /// Files at least this big travel in the plain part (with `compress_all`, only those whose content
 /// does not compress).

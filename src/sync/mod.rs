@@ -268,7 +268,8 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
         let (root, local, plan) = (from.clone(), local.clone(), plan.clone());
         let name = paths.name().to_string();
         let plain = inv.plain;
-        let compress_all = step.compress == crate::playbook::Compress::All;
+        let compress_all =
+            step.compress == crate::playbook::Compress::All || plan.send_bytes < archive::BULK;
         move |out: archive::ChannelWriter, sent: &dyn Fn(u64)| {
             let extras = archive::Extras {
                 manifest: &manifest,
