@@ -2,8 +2,6 @@
 //! host's store holds (minus those edited by hand), decide what to send and what the change is.
 //! No IO here; tested with data.
 
-use std::collections::BTreeMap;
-
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use super::manifest::{Entry, Kind, Manifest};
@@ -37,15 +35,12 @@ impl Plan {
 /// Compare. `live` is `None` on a first deploy; `have` holds object names present and trusted.
 pub fn plan(local: &Manifest, live: Option<&Manifest>, have: &HashSet<String>) -> Plan {
     let mut p = Plan::default();
-    let before: BTreeMap<&[u8], &Entry> = live
-        .map(|m| {
-            m.entries
-                .iter()
-                .filter(|e| !matches!(e.kind, Kind::Dir { .. }))
-                .map(|e| (e.path.as_slice(), e))
-                .collect()
-        })
-        .unwrap_or_default();
+    let live_files = || {
+        live.into_iter()
+            .flat_map(|m| &m.entries)
+            .filter(|e| !matches!(e.kind, Kind::Dir { .. }))
+    };
+    let before: HashMap<&[u8], &Entry> = live_files().map(|e| (e.path.as_slice(), e)).collect();
     let mut seen_paths = HashSet::default();
     let mut queued = HashSet::default();
     for (i, e) in local.entries.iter().enumerate() {
@@ -76,9 +71,9 @@ pub fn plan(local: &Manifest, live: Option<&Manifest>, have: &HashSet<String>) -
             p.send_bytes += size;
         }
     }
-    for path in before.keys() {
-        if !seen_paths.contains(path) {
-            p.deleted.push(String::from_utf8_lossy(path).into_owned());
+    for e in live_files() {
+        if !seen_paths.contains(e.path.as_slice()) {
+            p.deleted.push(e.display());
         }
     }
     p
@@ -101,7 +96,7 @@ pub struct Target<'a> {
     /// `to` is on another filesystem than the store.
     pub xdev: bool,
     /// [`Target::contents`], once asked for.
-    pub(super) contents: std::cell::OnceCell<BTreeMap<String, &'a [u8]>>,
+    pub(super) contents: std::cell::OnceCell<HashMap<String, &'a [u8]>>,
 }
 
 impl<'a> Target<'a> {
@@ -116,9 +111,9 @@ impl<'a> Target<'a> {
     }
 
     /// Objects the host holds in `to`, each at one intact path (worked out once).
-    pub fn contents(&self) -> &BTreeMap<String, &'a [u8]> {
+    pub fn contents(&self) -> &HashMap<String, &'a [u8]> {
         self.contents.get_or_init(|| {
-            let mut out = BTreeMap::new();
+            let mut out = HashMap::default();
             for e in self.live.map(|m| m.entries.as_slice()).unwrap_or_default() {
                 if let Some(o) = e.object()
                     && self.intact(e)

@@ -222,6 +222,7 @@ pub fn scan(
             e.depth() == 0 || !gi.matched(e.path(), is_dir).is_ignore()
         })
         .build();
+    let started = std::time::Instant::now();
     // The cache loads while the tree is walked; stat and hashing run in parallel after.
     let (found, cache) = std::thread::scope(|s| {
         let cache = s.spawn(|| cache_file.map(load_cache).unwrap_or_default());
@@ -238,6 +239,7 @@ pub fn scan(
         }
         anyhow::Ok((found, cache.join().unwrap_or_default()))
     })?;
+    let walked = started.elapsed();
     let entries: Vec<anyhow::Result<(Entry, Option<CacheRow>, bool)>> = found
         .into_par_iter()
         .map(|f| entry_for(f, &cache))
@@ -254,6 +256,7 @@ pub fn scan(
         out.push(entry);
     }
     out.sort_by(|a, b| a.path.cmp(&b.path));
+    let stated = started.elapsed();
     // Rewrite the cache only when it learned or forgot something.
     if let Some(file) = cache_file
         && (hashed > 0 || rows.len() != cache.len())
@@ -261,6 +264,7 @@ pub fn scan(
     {
         tracing::debug!("cannot write the hash cache {}: {e:#}", file.display());
     }
+    tracing::debug!(?walked, ?stated, saved = ?started.elapsed(), hashed, "scan phases");
     Ok(Manifest {
         root_mode: root_meta.mode() & 0o7777,
         entries: out,
