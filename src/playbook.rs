@@ -406,6 +406,7 @@ pub struct SyncStep {
     /// Take over an existing plain directory at `to` on the first deploy.
     #[serde(default)]
     pub adopt: bool,
+    /// Which files the stream gzips.
     #[serde(default)]
     pub compress: Compress,
 }

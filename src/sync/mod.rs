@@ -6,8 +6,9 @@
 //! [`remote::INVENTORY`], changing nothing). The pure [`diff`] decides what is missing. Then one
 //! tar stream ([`archive`], gzip'd but for big incompressible files) into the same exec carries
 //! the missing objects and the new release tree as hard links; the script unpacks it, checks its
-//! trailer, names the release and renames a new symlink over `to`. Nothing the live release uses is ever written: new content
-//! arrives under new names, and objects edited on the host are unlinked and re-sent.
+//! trailer, names the release and renames a new symlink over `to`. Nothing the live release uses
+//! is ever written: new content arrives under new names, and objects edited on the host are
+//! unlinked and re-sent.
 //!
 //! What is atomic: a reader of `to` sees the old tree or the new one, never a mix (one `rename(2)`
 //! of a symlink, also for rollback). Not atomic: `adopt: true` moves the existing directory aside
