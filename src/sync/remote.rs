@@ -135,8 +135,9 @@ fi
 /// host already had) are copied (one tar pipe for `.ferry-incoming/.ferry-incoming.links/`, where
 /// each source is linked once); only then does `to` change: directories (parents first; anything
 /// else in their way goes), one `mv` per directory renaming the staged files over their
-/// destinations (each replaced atomically), then the extras go. When `to` was missing, the stream staged the whole tree in `incoming/t` instead and
-/// one rename puts it in place. Sets `copied` (empty then); returns non-zero at the first failure
+/// destinations (each replaced atomically; one `find` and one `sh` for them all), then the extras
+/// go. When `to` was missing, the stream staged the whole tree in `incoming/t` instead and one
+/// rename puts it in place. Sets `copied` (empty then); returns non-zero at the first failure
 /// (files replaced stay replaced).
 macro_rules! in_place_sh {
     () => {
@@ -187,16 +188,21 @@ done'
 FETCH='for x; do o=${x%%/*} p=${x#*/}; cp -p "objects/$o" "$ST/$p" || exit 1; done'
 # Give each staged file its own inode (it is a link to where the host had the content).
 UNSHARE='for f; do cp -p "$f" "$ST/$SG.copy" && mv -f "$ST/$SG.copy" "$f" || exit 1; done'
-# Rename staged files (not directories) into the directory $1, replacing a directory in the way;
-# prints how many. (No `{}` may appear in a script find runs: GNU find refuses it.)
-MV='dd=$1; shift
-for e; do b=$dd/${e##*/}; if [ -d "$b" ] && [ ! -L "$b" ]; then rm -rf "$b" || exit 1; fi; done
-mv -f "$@" "$dd/" && echo $#'
+# Rename the staged files given (paths under $ST, not directories) over their places in $T, one
+# `mv` per run of files in one directory, replacing a directory in the way; prints how many.
+# (`eval` sees only `"${N}"`, never a path. No `{}` may appear in a script find runs.)
 MOVE='n=0
-for d; do
-  c=$( (find "$d" -mindepth 1 -maxdepth 1 ! -type d -print0 | xargs -0 -r sh -c "$MV" sh "$T${d#"$ST"}") || echo x)
-  case $c in *x*) exit 1 ;; esac
-  for k in $c; do n=$((n+k)); done
+while [ $# -gt 0 ]; do
+  d=${1%/*} k=0 list=
+  dd=$T${d#"$ST"}
+  for e; do
+    [ "${e%/*}" = "$d" ] || break
+    k=$((k+1)); list="$list \"\${$k}\""
+    b=$dd/${e##*/}
+    if [ -d "$b" ] && [ ! -L "$b" ]; then rm -rf "$b" || exit 1; fi
+  done
+  eval "mv -f $list \"\$dd/\"" || exit 1
+  n=$((n+k)); shift $k
 done
 echo $n'
 apply() {
@@ -208,7 +214,7 @@ apply() {
     copied=
     return 0
   fi
-  export T ST SG MV
+  export T ST SG
   # Nothing in $T changes before every copy (the part that needs disk space) is made.
   xargs -0 -r sh -c "$KEEP" sh < incoming/keep || return 1
   xargs -0 -r sh -c "$FETCH" sh < incoming/fetch || return 1
@@ -221,9 +227,9 @@ apply() {
   fi
   find "$ST" -type f -links +1 -exec sh -c "$UNSHARE" sh {} + || return 1
   ( cd "$T" && xargs -0 -r sh -c "$MKD" sh ) < incoming/dirs || return 1
-  copied=$(find "$ST" -type d -exec sh -c "$MOVE" sh {} + || echo x)
-  case $copied in *x*|'') return 1 ;; esac
-  copied=$(printf '%s\n' $copied | { s=0; while read -r x; do s=$((s+x)); done; echo $s; })
+  copied=$(find "$ST" ! -type d -print0 | xargs -0 -r sh -c "$MOVE" sh || echo x)
+  case $copied in *x*) return 1 ;; esac
+  copied=$(printf '%s\n' $copied | { s=0; while read -r x; do s=$((s+${x:-0})); done; echo $s; })
   rm -rf "$ST" || return 1
   [ ! -s incoming/gone ] || ( cd "$T" && xargs -0 rm -rf -- ) < incoming/gone || return 1
 }
