@@ -1,10 +1,11 @@
-//! The one stream a deploy sends: a gzip'd tar that the host's own `tar -xzmo` (GNU or BusyBox)
+//! The one stream a deploy sends: tar, mostly gzip'd, that the host's own `tar` (GNU or BusyBox)
 //! unpacks. Release mode ([`write`], unpacked in the store): each missing object once as a regular
 //! file `objects/<name>`, then the whole new release tree under `incoming/r/` as directory, symlink
 //! and hard-link entries (links point at objects, so no content is sent twice). Mode in-place
 //! ([`write_in_place`], unpacked beside `to`): the staged files `to` gets, and links that keep
 //! leaving content in the store. Both end with the release's manifest and metadata and an
 //! `incoming/COMPLETE` trailer the host checks before anything goes live.
+//!
 //! Files of 8 KiB or more whose content does not compress (images, fonts, archives: judged by the
 //! byte entropy of their first block) go in a plain tar sent ahead of the gzip'd one, so neither
 //! end spends CPU on them (the host's `gzip -d` is its costliest process). In a bulk transfer
