@@ -110,31 +110,40 @@ impl Plain {
             .collect()
     }
 
-    /// Its length on the wire before padding, from the same headers the real one gets.
-    fn len(&self, local: &Manifest) -> std::io::Result<u64> {
-        let mut b = tar::Builder::new(Counted {
+    /// Append the directories, then each file through `file` (its content, or for [`Plain::len`]
+    /// only its header), so the length and the part itself come from the same entries.
+    fn append<W: Write>(
+        &self,
+        tar: &mut tar::Builder<W>,
+        local: &Manifest,
+        mut file: impl FnMut(&mut tar::Builder<W>, &Entry, &Path) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        for (path, mode) in &self.dirs {
+            let mut h = header(EntryType::Directory, *mode, 0);
+            tar.append_data(&mut h, path, std::io::empty())?;
+        }
+        for (i, path) in &self.files {
+            file(tar, &local.entries[*i], path)?;
+        }
+        Ok(())
+    }
+
+    /// Its length on the wire before padding.
+    fn len(&self, local: &Manifest) -> anyhow::Result<u64> {
+        let mut tar = tar::Builder::new(Counted {
             inner: std::io::sink(),
             n: 0,
         });
         let mut data = 0;
-        for (path, mode) in &self.dirs {
-            b.append_data(
-                &mut header(EntryType::Directory, *mode, 0),
-                path,
-                std::io::empty(),
-            )?;
-        }
-        for (i, path) in &self.files {
-            if let Kind::File { size, mode, .. } = local.entries[*i].kind {
-                b.append_data(
-                    &mut header(EntryType::Regular, mode, size),
-                    path,
-                    std::io::empty(),
-                )?;
+        self.append(&mut tar, local, |tar, e, path| {
+            if let Kind::File { size, mode, .. } = e.kind {
+                let mut h = header(EntryType::Regular, mode, size);
+                tar.append_data(&mut h, path, std::io::empty())?;
                 data += size.div_ceil(512) * 512;
             }
-        }
-        Ok(b.into_inner()?.n + data)
+            Ok(())
+        })?;
+        Ok(tar.into_inner()?.n + data)
     }
 }
 
@@ -212,13 +221,9 @@ impl<'a, W: Write> Stream<'a, W> {
         writeln!(out, "{blocks}")?;
         if blocks > 0 {
             let mut tar = tar::Builder::new(Counted { inner: out, n: 0 });
-            for (path, mode) in &plain.dirs {
-                let mut h = header(EntryType::Directory, *mode, 0);
-                tar.append_data(&mut h, path, std::io::empty())?;
-            }
-            for (i, path) in &plain.files {
-                append_file(&mut tar, root, &local.entries[*i], path, sent)?;
-            }
+            plain.append(&mut tar, local, |tar, e, path| {
+                append_file(tar, root, e, path, sent)
+            })?;
             let mut c = tar.into_inner().context("finishing the plain part")?;
             let pad = (blocks * PLAIN_BLOCK)
                 .checked_sub(c.n)
