@@ -288,8 +288,9 @@ pub(super) const UNPACK: &str = unpack_sh!();
 /// reads one line: `<release id> <adopt 0|1> <ids to prune> <objects to drop> <again 0|1>` (lists
 /// comma-separated, `-` for none), or EOF to stop there. The rest of stdin is the stream
 /// (`unpack`). Release mode: drop the objects edited by hand, unpack the stream in the store
-/// (objects straight into `objects/`, the tree under `incoming/r`), check its trailer, name the release
-/// (unique), switch `to` with one rename, prune and collect the objects nothing links to any more.
+/// (objects straight into `objects/`, the tree under `incoming/r`), check its trailer, name the
+/// release (unique), switch `to` with one rename, prune and collect the objects nothing links to
+/// any more.
 /// Mode `in-place`: unpack beside `to` (see `in_place_sh!`), name the release (`again` 1
 /// re-applies an existing one: a rollback), `apply`, then `inplace` names the release and `applied`
 /// is touched; pruning collects the objects no kept manifest names. Args: store, to, mode
