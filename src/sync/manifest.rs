@@ -83,18 +83,23 @@ impl Manifest {
     /// The stored form: a header line, then one NUL-terminated record per entry:
     /// `F <object> <size>\t<path>`, `D <mode>\t<path>`, `L\t<path>\0<target>`.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = MAGIC.to_vec();
-        out.extend_from_slice(format!("R {:o}\0", self.root_mode).as_bytes());
+        use std::io::Write;
+        // (Written in place, not formatted per record: this runs twice per deploy on big trees.)
+        let mut out = Vec::with_capacity(self.entries.len() * 110);
+        out.extend_from_slice(MAGIC);
+        let _ = write!(out, "R {:o}\0", self.root_mode);
         for e in &self.entries {
-            match &e.kind {
-                Kind::File { size, .. } => {
-                    out.extend_from_slice(
-                        format!("F {} {size}\t", e.object().expect("file")).as_bytes(),
-                    );
+            let _ = match &e.kind {
+                Kind::File { size, mode, hash } => {
+                    let mut hex = [0; 64];
+                    hex::encode_to_slice(hash, &mut hex).expect("64 digits for 32 bytes");
+                    out.extend_from_slice(b"F ");
+                    out.extend_from_slice(&hex);
+                    write!(out, ".{:o} {size}\t", mode & 0o7777)
                 }
-                Kind::Dir { mode } => out.extend_from_slice(format!("D {mode:o}\t").as_bytes()),
-                Kind::Symlink { .. } => out.extend_from_slice(b"L\t"),
-            }
+                Kind::Dir { mode } => write!(out, "D {mode:o}\t"),
+                Kind::Symlink { .. } => out.write_all(b"L\t"),
+            };
             out.extend_from_slice(&e.path);
             out.push(0);
             if let Kind::Symlink { target } = &e.kind {
@@ -123,8 +128,9 @@ impl Manifest {
             let tab = rec.iter().position(|&b| b == b'\t').ok_or_else(bad)?;
             let (head, path) = (&rec[..tab], rec[tab + 1..].to_vec());
             let head = std::str::from_utf8(head).map_err(|_| bad())?;
-            let kind = match head.split(' ').collect::<Vec<_>>()[..] {
-                ["F", obj, size] => {
+            let mut f = head.split(' ');
+            let kind = match [f.next(), f.next(), f.next(), f.next()] {
+                [Some("F"), Some(obj), Some(size), None] => {
                     let (hex_hash, mode) = obj.split_once('.').ok_or_else(bad)?;
                     let mut hash = [0u8; 32];
                     hex::decode_to_slice(hex_hash, &mut hash).map_err(|_| bad())?;
@@ -134,10 +140,10 @@ impl Manifest {
                         hash,
                     }
                 }
-                ["D", mode] => Kind::Dir {
+                [Some("D"), Some(mode), None, None] => Kind::Dir {
                     mode: parse_mode(mode.as_bytes()).ok_or_else(bad)?,
                 },
-                ["L"] => Kind::Symlink {
+                [Some("L"), None, None, None] => Kind::Symlink {
                     target: fields.next().ok_or_else(bad)?.to_vec(),
                 },
                 _ => return Err(bad()),
@@ -327,17 +333,19 @@ pub fn hash_file(path: &Path) -> anyhow::Result<[u8; 32]> {
     let mut h = blake3::Hasher::new();
     let mut f =
         std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = f
-            .read(&mut buf)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        if n == 0 {
-            break;
+    // One buffer per thread: a fresh zeroed one per file cost more than hashing small files.
+    thread_local!(static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; 256 * 1024]));
+    BUF.with_borrow_mut(|buf| {
+        loop {
+            let n = f
+                .read(buf)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            if n == 0 {
+                return Ok(*h.finalize().as_bytes());
+            }
+            h.update(&buf[..n]);
         }
-        h.update(&buf[..n]);
-    }
-    Ok(*h.finalize().as_bytes())
+    })
 }
 
 /// One cached hash and the stat facts it is valid for.
@@ -512,6 +520,13 @@ mod tests {
             ],
         };
         assert_eq!(Manifest::decode(&m.encode()).unwrap(), m);
+        // The host reads a file's record as `F <object> <size>\t<path>` (remote::collect_unnamed).
+        let file = format!("F {} 3\ta dir/x\ny\t", m.entries[1].object().unwrap());
+        let encoded = m.encode();
+        let at = encoded
+            .windows(file.len())
+            .position(|w| w == file.as_bytes());
+        assert!(at.is_some(), "{}", String::from_utf8_lossy(&encoded));
     }
 
     #[test]
