@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tokio::sync::Semaphore;
 
@@ -80,7 +79,8 @@ pub struct Target {
     /// The playbook file
     #[arg(default_value = "ferry.yml", env = "FERRY_PLAYBOOK")]
     pub playbook: PathBuf,
-    /// The environment (default: chosen by the ref's rule)
+    /// The environment (deploy, sync, stop: chosen by the ref's rule if not given; check, status,
+    /// history: all if not given; rollback, exec, unlock, lock status: required)
     #[arg(long, short = 'e')]
     pub env: Option<String>,
 }
@@ -306,9 +306,8 @@ fn connector(
     let from_env =
         |text: String| KnownHosts::parse(&text, "SSH_KNOWN_HOSTS".into(), default_file());
     let known_hosts = match &settings.known_hosts {
-        KnownHostsSource::File(p) => {
-            KnownHosts::from_file(p).with_context(|| format!("reading {}", p.display()))?
-        }
+        KnownHostsSource::File(p) => KnownHosts::from_file(p)
+            .map_err(|e| UsageError(format!("cannot read known_hosts {}: {e}", p.display())))?,
         KnownHostsSource::Env => match std::env::var("SSH_KNOWN_HOSTS") {
             Ok(t) => from_env(t),
             Err(_) => {
@@ -320,8 +319,12 @@ fn connector(
         },
         KnownHostsSource::Auto => match std::env::var("SSH_KNOWN_HOSTS") {
             Ok(t) if !t.trim().is_empty() => from_env(t),
-            _ => KnownHosts::from_file(&default_file())
-                .with_context(|| format!("reading {}", default_file().display()))?,
+            _ => KnownHosts::from_file(&default_file()).map_err(|e| {
+                UsageError(format!(
+                    "cannot read known_hosts {}: {e}",
+                    default_file().display()
+                ))
+            })?,
         },
     };
     Ok(Connector {

@@ -777,8 +777,9 @@ fn first_line(s: &str) -> String {
 fn validate(pb: &Playbook, text: &str) -> Result<(), String> {
     let at = |needle: &str| -> String {
         text.lines()
-            .position(|l| l.contains(needle))
-            .map(|n| format!("line {}: ", n + 1))
+            .enumerate()
+            .find_map(|(n, l)| Some((n, l[..l.find(needle)?].chars().count())))
+            .map(|(n, c)| format!("line {}, column {}: ", n + 1, c + 1))
             .unwrap_or_default()
     };
     if !is_name(&pb.app) {
@@ -806,6 +807,20 @@ fn validate(pb: &Playbook, text: &str) -> Result<(), String> {
         }
         let mut seen = std::collections::BTreeSet::new();
         for h in &env.hosts {
+            // One key, one known_hosts and one connection budget serve a whole run.
+            let run_wide = [
+                ("key", h.ssh.key.is_some()),
+                ("known_hosts", h.ssh.known_hosts.is_some()),
+                ("connect_timeout", h.ssh.connect_timeout.is_some()),
+                ("forks", h.ssh.forks.is_some()),
+            ];
+            if let Some((field, _)) = run_wide.iter().find(|(_, set)| *set) {
+                return Err(format!(
+                    "{}host `{}`: `ssh.{field}` applies to a whole run; set it under `environments.{name}.ssh` or at the top",
+                    at(&format!("{field}:")),
+                    h.label()
+                ));
+            }
             if !seen.insert(h.label()) {
                 return Err(format!(
                     "{}environment `{name}` lists host `{}` twice",
@@ -988,7 +1003,20 @@ mod tests {
         ))
         .unwrap_err();
         assert!(err.to_string().contains("`prod`"), "{err}");
-        assert!(err.to_string().contains("line 7"), "{err}");
+        assert!(err.to_string().contains("line 7, column 5"), "{err}");
+    }
+
+    #[test]
+    fn run_wide_ssh_settings_are_refused_on_a_host() {
+        let pb = "app: a\nenvironments:\n  e:\n    hosts:\n      - host: h1\n        ssh: { key: agent }\n";
+        let err = p(pb).unwrap_err().to_string();
+        assert!(
+            err.contains("host `h1`: `ssh.key` applies to a whole run"),
+            "{err}"
+        );
+        assert!(err.contains("line 6, column 16"), "{err}");
+        let ok = "app: a\nenvironments:\n  e:\n    hosts:\n      - host: h1\n        ssh: { user: u, port: 2 }\n";
+        assert!(p(ok).is_ok());
     }
 
     #[test]

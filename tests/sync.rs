@@ -475,6 +475,107 @@ fn sync_stop_removes_path_and_store() {
     assert!(!site.root().join(".app.ferry").exists());
 }
 
+#[test]
+fn sync_stop_leaves_what_ferry_does_not_own() {
+    let host = Sshd::start();
+    let site = Site::new("stop-foreign", vec![host], |src, _| {
+        format!(
+            "      - sync: {{ from: \"{}\", to: app, mode: in-place }}\n      - sync: {{ from: \"{0}\", to: rel }}\n    on_stop:\n      - sync_remove: {{ to: app }}\n      - sync_remove: {{ to: rel }}\n",
+            src.display()
+        )
+    });
+    site.write(b"index.html", b"x");
+    site.deploy(&sha(1)).success();
+    // `rel` now links somewhere else by hand: not ferry's to remove.
+    let rel = site.root().join("rel");
+    std::fs::remove_file(&rel).unwrap();
+    std::os::unix::fs::symlink("app", &rel).unwrap();
+    let run = site.ferry("stop", &sha(1)).arg("--json").run().success();
+    let steps = &json(&run)[0]["steps"];
+    // A directory applied in place keeps its files; its store goes.
+    assert_eq!(
+        std::fs::read(site.root().join("app/index.html")).unwrap(),
+        b"x"
+    );
+    assert!(!site.root().join(".app.ferry").exists());
+    let s0 = steps[0]["summary"].as_str().unwrap();
+    assert!(s0.contains("left as it is"), "{s0}");
+    assert_eq!(std::fs::read_link(&rel).unwrap(), Path::new("app"));
+    assert!(!site.root().join(".rel.ferry").exists());
+    let s1 = &steps[1];
+    assert!(
+        s1["log"]
+            .to_string()
+            .contains("links outside its release store"),
+        "{s1}"
+    );
+}
+
+#[test]
+fn sync_remakes_a_live_release_deleted_by_hand() {
+    let site = Site::new("remake", vec![Sshd::start()], one_step("app", ""));
+    site.write(b"index.html", b"v1");
+    site.deploy(&sha(1)).success();
+    let to = site.root().join("app");
+    let live = live_release(&to);
+    std::fs::remove_dir_all(site.root().join(".app.ferry/releases").join(&live)).unwrap();
+    let run = site.deploy(&sha(1)).success();
+    assert_eq!(step(&run)["changed"], true, "{}", run.stdout);
+    assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"v1");
+}
+
+#[test]
+fn sync_in_place_drops_objects_an_unfinished_apply_left_shared() {
+    let site = Site::new(
+        "inplace-shared",
+        vec![Sshd::start()],
+        one_step("app", ", mode: in-place"),
+    );
+    site.write(b"index.html", b"v1");
+    site.deploy(&sha(1)).success();
+    // What a cut apply leaves: no `applied`, an object still sharing a file of `to`.
+    let store = site.root().join(".app.ferry");
+    std::fs::remove_file(store.join("applied")).unwrap();
+    let shared = store.join("objects/shared.644");
+    std::fs::hard_link(site.root().join("app/index.html"), &shared).unwrap();
+    site.write(b"index.html", b"v2");
+    site.deploy(&sha(2)).success();
+    assert!(
+        !shared.exists(),
+        "an object sharing a file of `to` stays trusted"
+    );
+    assert_eq!(
+        std::fs::read(site.root().join("app/index.html")).unwrap(),
+        b"v2"
+    );
+    assert!(store.join("applied").exists());
+}
+
+#[test]
+fn sync_in_place_first_deploy_cut_leaves_no_target() {
+    let site = Site::new(
+        "inplace-first-cut",
+        vec![Sshd::start()],
+        one_step("app", ", mode: in-place"),
+    );
+    big_file(&site, "big.bin", 200, 3);
+    site.write(b"index.html", b"v1");
+    let run = interrupt_mid_stream(&site, &sha(1), |c| c.kill().unwrap());
+    assert_ne!(run.code, 0);
+    assert!(
+        !site.root().join("app").exists(),
+        "a cut first deploy left `to` behind"
+    );
+    site.ferry("deploy", &sha(1))
+        .args(["--lock-wait", "30s"])
+        .run()
+        .success();
+    assert_eq!(
+        std::fs::read(site.root().join("app/index.html")).unwrap(),
+        b"v1"
+    );
+}
+
 /// Random (incompressible) bytes, so a transfer takes a while.
 fn big_file(site: &Site, name: &str, mb: usize, seed: u8) {
     let mut data = vec![0u8; mb << 20];

@@ -415,8 +415,11 @@ fn decide(
     let settled = apply
         .as_ref()
         .is_none_or(|a| a.write.is_empty() && a.dirs.is_empty() && a.gone.is_empty());
-    let noop =
-        plan.is_noop() && plan.send.is_empty() && inv.handmade == 0 && settled && live.is_some();
+    // (A live release whose directory was deleted by hand is made anew.)
+    let intact = live
+        .as_ref()
+        .is_some_and(|l| inv.releases.iter().any(|r| r == l));
+    let noop = plan.is_noop() && plan.send.is_empty() && inv.handmade == 0 && settled && intact;
     let detail = serde_json::json!({
         "path": paths.to,
         "live": live,
@@ -837,10 +840,21 @@ pub async fn remove(ctx: &StepCtx<'_>, step: &SyncRemoveStep) -> anyhow::Result<
         .lines()
         .map(str::to_string)
         .collect();
+    let done = out.stdout_str();
+    let (link, store) = (
+        done.contains("removed link"),
+        done.contains("removed store"),
+    );
+    let summary = match (link, store) {
+        (true, true) => format!("removed {} and its releases", paths.to),
+        (true, false) => format!("removed {}", paths.to),
+        (false, true) => format!("removed the releases of {}; {0} left as it is", paths.to),
+        (false, false) => format!("nothing to remove at {}", paths.to),
+    };
     Ok(StepReport {
         step: "sync_remove".into(),
-        changed: true,
-        summary: format!("removed {} and its releases", paths.to),
+        changed: link || store,
+        summary,
         log,
         ..Default::default()
     })

@@ -97,7 +97,8 @@ fi
 macro_rules! store_state_sh {
     () => {
         r#"
-live_digest_is() { ld=; read -r ld < "meta/$live.digest" || :; [ "$ld" = "$1" ]; }
+# (A live release whose directory went missing is never the same: the deploy makes it anew.)
+live_digest_is() { ld=; [ -d "releases/$live" ] && read -r ld < "meta/$live.digest" || :; [ "$ld" = "$1" ]; }
 for r in releases/*; do [ -d "$r" ] && rec release "${r#releases/}"; done
 for m in meta/*.json; do
   [ -f "$m" ] || continue
@@ -324,6 +325,9 @@ if [ -d "$S/releases" ]; then
   if [ -e "$P/.$N.ferry-new" ] || [ -L "$P/.$N.ferry-new" ]; then rm -f "$P/.$N.ferry-new"; fi
   [ -e stamp ] || : > stamp
   [ ! -e incoming ] || cleanup
+  # An apply that did not finish can leave objects sharing an inode with files in `to`, where an
+  # edit would change them unseen: they go (their content is sent again when needed).
+  if [ -f inplace ] && [ ! -e applied ]; then find objects -type f -links +1 -exec rm -f {} +; fi
 "#,
     store_state_sh!(),
     r#"
@@ -371,7 +375,8 @@ for o in $(printf '%s' "${drop#-}" | tr , ' '); do rm -f "objects/$o"; done
     unpack_sh!(),
     r#"
 if [ "$M" = in-place ]; then
-  mkdir -p "$T" && rm -rf "$ST" || fail "cannot write in $T"
+  # (A missing `to` stays missing until its tree is renamed in whole.)
+  if [ -d "$T" ]; then rm -rf "$ST"; else mkdir -p "${P:-/}"; fi || fail "cannot write in $T"
   ( cd "${P:-/}" && umask 0 && unpack ) || fail "unpacking the stream failed"
   # The plain part's files are linked where they are staged; the extra names go.
   rm -rf "$ST/$SG.plain" "incoming/t/$SG.plain" || fail "cannot write in $T"
@@ -402,8 +407,13 @@ if [ "$M" = in-place ]; then
 else
   rm -rf incoming
   ln -s ".$N.ferry/releases/$rid" "$P/.$N.ferry-new"
-  if [ -d "$T" ] && [ ! -L "$T" ]; then mv "$T" "$S/adopted-$rid"; fi
-  mv -fT "$P/.$N.ferry-new" "$T"
+  if [ -d "$T" ] && [ ! -L "$T" ]; then
+    mv "$T" "$S/adopted-$rid"
+    # (Without a working `mv -T`, the adopted directory goes back where it was.)
+    mv -fT "$P/.$N.ferry-new" "$T" || { mv "$S/adopted-$rid" "$T"; fail "cannot switch $T (mv -T)"; }
+  else
+    mv -fT "$P/.$N.ferry-new" "$T"
+  fi
 fi
 printf 'release %s\n' "$rid"
 if [ "$prune" != - ]; then
@@ -463,14 +473,20 @@ pub const MANIFEST: &str = r#"
 cat "$1/meta/$2.manifest"
 "#;
 
-/// Remove the target link and its store. Args: store, to.
+/// Remove the target link (only one into the store) and the store; prints `removed <what>` for
+/// each. A directory applied in place stays: it may be mounted or read elsewhere. Args: store, to.
 pub const REMOVE: &str = r#"
 S=$1 T=$2
 P=${T%/*} N=${T##*/}
-if [ -L "$T" ]; then rm -f "$T"
-elif [ -e "$T" ]; then echo "ferry: $T is not a release link; left it alone" >&2
+if [ -L "$T" ]; then
+  case $(readlink "$T") in
+    ".$N.ferry/releases/"*) rm -f "$T" && echo "removed link" ;;
+    *) echo "ferry: $T links outside its release store; left it alone" >&2 ;;
+  esac
+elif [ -e "$T" ]; then echo "ferry: $T is a directory, not a release link; left it and its files alone" >&2
 fi
-rm -rf "$P/.$N.ferry-new" "$S"
+rm -rf "$P/.$N.ferry-new"
+if [ -e "$S" ]; then rm -rf "$S" && echo "removed store"; fi
 "#;
 
 /// Release metadata, stored as `meta/<id>.json` on the host.
