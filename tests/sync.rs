@@ -385,6 +385,7 @@ fn hand_edits(busybox: bool) {
     site.write(b"other.html", b"other");
     site.deploy(&sha(1)).success();
     let to = site.root().join("app");
+    let first = live_release(&to);
     // Edit through the live path after a moment, so the mtime is clearly newer.
     std::thread::sleep(Duration::from_millis(1100));
     std::fs::write(to.join("index.html"), b"hacked on the host").unwrap();
@@ -409,6 +410,15 @@ fn hand_edits(busybox: bool) {
     assert!(!to.join("extra.txt").exists());
     let s = step(&site.deploy(&sha(5)).success());
     assert_eq!(s["changed"], false, "{s}");
+    // The first release shares the file edited by hand (a hard link): a rollback to it says so.
+    let run = site
+        .ferry("rollback", &sha(5))
+        .args(["--to", &first, "--json"])
+        .run()
+        .success();
+    let log = step(&run)["log"].to_string();
+    assert!(log.contains("edited by hand") && log.contains("index.html"), "{log}");
+    assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"hacked on the host");
 }
 
 #[test]

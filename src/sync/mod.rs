@@ -719,6 +719,7 @@ pub async fn rollback(
             ..Default::default()
         });
     }
+    let mut log = Vec::new();
     let done = if step.mode == SyncMode::InPlace {
         reapply(ctx, step, &paths, &target).await?;
         "re-applied release"
@@ -738,12 +739,30 @@ pub async fn rollback(
                 out.tail()
             );
         }
+        let mut edited: Vec<String> = out
+            .stdout
+            .split(|&b| b == 0)
+            .filter(|p| !p.is_empty())
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .collect();
+        edited.sort();
+        edited.dedup();
+        if !edited.is_empty() {
+            log.push(format!(
+                "WARNING: {} file(s) of release {target} were edited by hand on the host after it was deployed \
+                 (they share the edited file with a later release) and are served as edited: {}; \
+                 deploy its commit again to restore them",
+                edited.len(),
+                truncated(&edited).join(", ")
+            ));
+        }
         "switched to release"
     };
     Ok(StepReport {
         step: "sync".into(),
         changed: live.as_deref() != Some(target.as_str()),
         summary: format!("{} {done} {target}{what}", paths.to),
+        log,
         detail,
         ..Default::default()
     })

@@ -12,6 +12,7 @@
 //! <dir>/.<name>.ferry/objects/<blake3>.<mode>      content store; files never opened for writing
 //! <dir>/.<name>.ferry/releases/<id>/              trees of hard links into objects/ (in place: empty)
 //! <dir>/.<name>.ferry/meta/<id>.{json,manifest,digest}
+//! <dir>/.<name>.ferry/meta/<id>.edited              paths of that release edited by hand in place (shared inode)
 //! <dir>/.<name>.ferry/stamp                        live files newer than this were edited by hand
 //! <dir>/.<name>.ferry/incoming/                    a deploy in flight; removed by the next one
 //! <dir>/.<name>.ferry/inplace                      in-place mode: id of the release applied in <dir>/<name>
@@ -370,7 +371,15 @@ cd "$S"
 [ -e stamp ] || : > stamp
 mkdir incoming
 # Objects edited in place by hand go before anything can link to them; the stream brings them anew.
-for o in $(printf '%s' "${drop#-}" | tr , ' '); do rm -f "objects/$o"; done
+# Releases that share the edited file (hard links) are marked in `meta/<id>.edited`: a rollback
+# to one says which of its files no longer hold what they were deployed with.
+for o in $(printf '%s' "${drop#-}" | tr , ' '); do
+  if [ -f "objects/$o" ]; then
+    find releases -inum "$(stat -c %i "objects/$o")" -exec sh -c \
+      'for f; do r=${f#releases/} && p=${r#*/} && printf "%s\0" "$p" >> "meta/${r%%/*}.edited"; done' sh {} +
+  fi
+  rm -f "objects/$o"
+done
 "#,
     unpack_sh!(),
     r#"
@@ -418,7 +427,7 @@ fi
 printf 'release %s\n' "$rid"
 if [ "$prune" != - ]; then
   for r in $(printf '%s' "$prune" | tr , ' '); do
-    rm -rf "releases/$r" "meta/$r.json" "meta/$r.manifest" "meta/$r.digest"
+    rm -rf "releases/$r" "meta/$r.json" "meta/$r.manifest" "meta/$r.digest" "meta/$r.edited"
   done
   if [ "$M" = in-place ]; then collect_unnamed; else find objects -type f -links 1 -exec rm -f {} +; fi
 fi
@@ -455,7 +464,8 @@ pub fn inventory_end(out: &[u8]) -> Option<usize> {
     None
 }
 
-/// Switch `to` to an existing release. Args: store, to, release id.
+/// Switch `to` to an existing release; prints the paths of it edited by hand since it was made
+/// (NUL-terminated). Args: store, to, release id.
 pub const SWITCH: &str = r#"
 set -e
 S=$1 T=$2 rid=$3
@@ -465,6 +475,7 @@ if [ -e "$T" ] && [ ! -L "$T" ]; then echo "ferry: $T is not a release link; ref
 rm -f "$P/.$N.ferry-new"
 ln -s ".$N.ferry/releases/$rid" "$P/.$N.ferry-new"
 mv -fT "$P/.$N.ferry-new" "$T"
+if [ -f "$S/meta/$rid.edited" ]; then cat "$S/meta/$rid.edited"; fi
 "#;
 
 /// Print a release's manifest. Args: store, release id.
