@@ -346,8 +346,8 @@ pub fn write_in_place(
     } else {
         (format!("{name}/{STAGING}/"), 0o700)
     };
-    // Files of the plain part land in one directory inside staging (the host removes it once
-    // unpacked); their staged paths are hard links to them.
+    // Files of the plain part land where they are staged; its directories come first, private
+    // (the gzip'd part gives a missing `to`'s directories their modes).
     let picked = match sink.plain {
         true => Plain::pick(
             root,
@@ -362,19 +362,23 @@ pub fn write_in_place(
     };
     let mut plain = Plain::default();
     if !picked.is_empty() {
-        let dir = format!("{staging}{STAGING}.plain/");
-        plain.dirs = vec![
-            (staging.clone().into(), staging_mode),
-            (dir.clone().into(), 0o700),
-        ];
+        plain.dirs.push((staging.clone().into(), staging_mode));
+        let mut made = rustc_hash::FxHashSet::default();
+        for &i in &picked {
+            let path = &local.entries[i].path;
+            for (j, &b) in path.iter().enumerate() {
+                if b == b'/' && made.insert(&path[..j]) {
+                    plain.dirs.push((rel(&staging, &path[..j]), 0o700));
+                }
+            }
+        }
         plain.files = picked
             .into_iter()
-            .map(|i| (i, format!("{dir}{i}").into()))
+            .map(|i| (i, rel(&staging, &local.entries[i].path)))
             .collect();
     }
     let mut s = Stream::new(sink.out, root, local, &plain, sink.sent)?;
-    let in_plain: rustc_hash::FxHashMap<usize, &Path> =
-        plain.files.iter().map(|(i, p)| (*i, p.as_path())).collect();
+    let in_plain: rustc_hash::FxHashSet<usize> = plain.files.iter().map(|(i, _)| *i).collect();
     // Records `<object>/<path>` for the host to copy when `to` is on another filesystem.
     let (mut keep, mut fetch) = (Vec::new(), Vec::new());
     let record = |list: &mut Vec<u8>, obj: &str, path: &[u8]| {
@@ -460,9 +464,8 @@ pub fn write_in_place(
                 Path::new(OsStr::from_bytes(target)),
             )?,
             (Kind::File { mode, .. }, Some(to)) => s.link(EntryType::Link, *mode, &path, &to)?,
-            (Kind::File { mode, .. }, None) if in_plain.contains_key(i) => {
-                s.link(EntryType::Link, *mode, &path, in_plain[i])?
-            }
+            // (Already staged by the plain part.)
+            (Kind::File { .. }, None) if in_plain.contains(i) => {}
             _ => s.file(e, &path)?,
         }
     }
@@ -669,15 +672,13 @@ mod tests {
             std::fs::write(dst.join("app/old.js"), b"old").unwrap();
             untar(tar, &dst, &out);
             let staged = dst.join("app/.ferry-incoming");
-            let plain = staged.join(".ferry-incoming.plain");
-            let sent: Vec<_> = std::fs::read_dir(&plain).unwrap().collect();
-            assert_eq!(sent.len(), 1, "the content once");
-            assert_eq!(
-                inode(&staged.join("d/noise.png")),
-                inode(&sent[0].as_ref().unwrap().path()),
-                "staged as a link to the plain part's file"
-            );
             assert_eq!(std::fs::read(staged.join("d/noise.png")).unwrap(), noise);
+            let mode = |p: &Path| {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+            };
+            assert_eq!(mode(&staged), 0o700, "staging stays private");
+            assert_eq!(mode(&staged.join("d")), 0o700);
             let copy = staged.join(".ferry-incoming.links/noise copy.png");
             assert_eq!(std::fs::read(copy).unwrap(), noise);
             assert_eq!(std::fs::read(staged.join("d/copy.js")).unwrap(), b"new");

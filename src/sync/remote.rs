@@ -387,8 +387,6 @@ if [ "$M" = in-place ]; then
   # (A missing `to` stays missing until its tree is renamed in whole.)
   if [ -d "$T" ]; then rm -rf "$ST"; else mkdir -p "${P:-/}"; fi || fail "cannot write in $T"
   ( cd "${P:-/}" && umask 0 && unpack ) || fail "unpacking the stream failed"
-  # The plain part's files are linked where they are staged; the extra names go.
-  rm -rf "$ST/$SG.plain" "incoming/t/$SG.plain" || fail "cannot write in $T"
 else
   ( umask 0; unpack ) || fail "unpacking the stream failed"
 fi
