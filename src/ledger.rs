@@ -260,7 +260,7 @@ fn known(deploys: &[&Record]) -> String {
 
 const APPEND: &str = r#"set -e
 dir=$1
-mkdir -p "$dir"
+[ -d "$dir" ] || mkdir -p "$dir"
 tmp="$dir/.ledger.$$.tmp"
 printf '%s\n' "$2" > "$tmp"
 cat "$tmp" >> "$dir/ledger.jsonl"

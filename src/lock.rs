@@ -203,7 +203,7 @@ show() {
 /// exit 0 + `acquired` | `joined` | `took-over` + old holder; exit 1 `held` + holder; other: failure.
 const ACQUIRE: &str = r#"
 locks="$1/locks"; lock="$locks/$2"; tok=$3; holder=$4; lease=$5; me=$6
-mkdir -p "$locks" || exit 3
+[ -d "$locks" ] || mkdir -p "$locks" || exit 3
 # The token goes last: a host of the same run (shared storage) joins once it sees it, and must
 # find the rest in place (it adds itself to holders/).
 write_lock() {
@@ -274,9 +274,14 @@ const RELEASE: &str = r#"
 lock="$1/locks/$2"
 [ -d "$lock" ] || { echo gone; exit 0; }
 guard_take || { echo "guard busy"; exit 3; }
-if [ "$(cat "$lock/token" 2>/dev/null)" = "$3" ]; then
+t=; read -r t < "$lock/token" 2>/dev/null || :
+if [ "$t" = "$3" ]; then
   rm -f "$lock/holders/$4"
-  if [ -n "$(ls -A "$lock/holders" 2>/dev/null)" ]; then
+  others=
+  for h in "$lock/holders"/* "$lock/holders"/.[!.]* "$lock/holders"/..?*; do
+    if [ -e "$h" ]; then others=1; break; fi
+  done
+  if [ -n "$others" ]; then
     echo "released; still held by other hosts of this run"
   else
     mv "$lock" "$lock.released.$3.$4" && rm -rf "$lock.released.$3.$4"

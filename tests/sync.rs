@@ -417,8 +417,14 @@ fn hand_edits(busybox: bool) {
         .run()
         .success();
     let log = step(&run)["log"].to_string();
-    assert!(log.contains("edited by hand") && log.contains("index.html"), "{log}");
-    assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"hacked on the host");
+    assert!(
+        log.contains("edited by hand") && log.contains("index.html"),
+        "{log}"
+    );
+    assert_eq!(
+        std::fs::read(to.join("index.html")).unwrap(),
+        b"hacked on the host"
+    );
 }
 
 #[test]
@@ -834,17 +840,21 @@ fn in_place_lifecycle(busybox: bool) {
     );
     assert!(to.join("-dash").exists());
     let unchanged = inode(&to.join("bin/run.sh"));
-    // Same content at two paths: one object, but two files (no shared inode) in `to`.
+    // Same content at three paths: one object, but three files (no shared inode) in `to`.
     site.write(b"copy.html", b"<h1>v2</h1>");
+    site.write(b"copy 2.html", b"<h1>v2</h1>");
     let s = step(&site.deploy(&sha(3)).success());
     assert_eq!(s["files_sent"], 3, "{s}");
     assert_eq!(
-        s["detail"]["replaced_in_place"], 4,
+        s["detail"]["replaced_in_place"], 5,
         "only changed files are written: {s}"
     );
-    assert_eq!(std::fs::read(to.join("copy.html")).unwrap(), b"<h1>v2</h1>");
-    assert_ne!(inode(&to.join("copy.html")), inode(&to.join("index.html")));
-    assert_eq!(nlink(&to.join("copy.html")), 1);
+    for copy in ["copy.html", "copy 2.html"] {
+        assert_eq!(std::fs::read(to.join(copy)).unwrap(), b"<h1>v2</h1>");
+        assert_ne!(inode(&to.join(copy)), inode(&to.join("index.html")));
+        assert_eq!(nlink(&to.join(copy)), 1, "{copy}");
+    }
+    assert_eq!(nlink(&to.join("index.html")), 1);
     assert_eq!(
         std::fs::read(to.join("index.html")).unwrap(),
         b"<h1>v2</h1>"

@@ -416,6 +416,9 @@ pub fn write_in_place(
     // Where each staged path's content came from: (source key, prefix, copied by `fetch`).
     let mut origin: std::collections::HashMap<&[u8], (String, &str, bool)> = Default::default();
     let mut copied_once = std::collections::HashSet::new();
+    // Whether any staged path outside `.ferry-incoming.links/` is a hard link (the host then
+    // gives each its own copy).
+    let mut shared = false;
     for (i, from) in &apply.write {
         let e = &local.entries[*i];
         // Across filesystems a store object is copied by the host (`fetch`), straight to staging,
@@ -463,7 +466,10 @@ pub fn write_in_place(
                 &path,
                 Path::new(OsStr::from_bytes(target)),
             )?,
-            (Kind::File { mode, .. }, Some(to)) => s.link(EntryType::Link, *mode, &path, &to)?,
+            (Kind::File { mode, .. }, Some(to)) => {
+                shared |= prefix != links.as_str();
+                s.link(EntryType::Link, *mode, &path, &to)?
+            }
             // (Already staged by the plain part.)
             (Kind::File { .. }, None) if in_plain.contains(i) => {}
             _ => s.file(e, &path)?,
@@ -489,6 +495,9 @@ pub fn write_in_place(
     s.small(&format!("{store}incoming/gone"), &gone)?;
     s.small(&format!("{store}incoming/keep"), &keep)?;
     s.small(&format!("{store}incoming/fetch"), &fetch)?;
+    if shared {
+        s.small(&format!("{store}incoming/shared"), b"")?;
+    }
     s.finish(&format!("{store}incoming/"), extras)
 }
 

@@ -210,7 +210,7 @@ echo $n'
 apply() {
   if [ -d incoming/t ]; then
     # `to` was missing: the whole tree was staged here; it goes in with one rename.
-    ( ST=$PWD/incoming/t && export ST SG && cd "$ST" &&
+    [ ! -e incoming/shared ] || ( ST=$PWD/incoming/t && export ST SG && cd "$ST" &&
       find . -type f -links +1 -exec sh -c "$UNSHARE" sh {} + ) || return 1
     mv -T incoming/t "$T" || return 1
     copied=
@@ -218,8 +218,9 @@ apply() {
   fi
   export T ST SG
   # Nothing in $T changes before every copy (the part that needs disk space) is made.
-  xargs -0 -r sh -c "$KEEP" sh < incoming/keep || return 1
-  xargs -0 -r sh -c "$FETCH" sh < incoming/fetch || return 1
+  # (Empty lists and absent markers cost no process.)
+  [ ! -s incoming/keep ] || xargs -0 -r sh -c "$KEEP" sh < incoming/keep || return 1
+  [ ! -s incoming/fetch ] || xargs -0 -r sh -c "$FETCH" sh < incoming/fetch || return 1
   SL=$ST/$SG.links
   if [ -d "$SL" ]; then
     # One tar pipe copies the first link to each source (a copy of each file, linked to nothing).
@@ -227,8 +228,9 @@ apply() {
     ( cd "$SL" && tar -cf - . || : > "$cf" ) | ( cd "$ST" && tar -xpf - ) && [ ! -e "$cf" ] || return 1
     rm -rf "$SL" || return 1
   fi
-  find "$ST" -type f -links +1 -exec sh -c "$UNSHARE" sh {} + || return 1
-  ( cd "$T" && xargs -0 -r sh -c "$MKD" sh ) < incoming/dirs || return 1
+  # `shared`: the stream staged hard links besides the `.links` subtree.
+  [ ! -e incoming/shared ] || find "$ST" -type f -links +1 -exec sh -c "$UNSHARE" sh {} + || return 1
+  [ ! -s incoming/dirs ] || ( cd "$T" && xargs -0 -r sh -c "$MKD" sh ) < incoming/dirs || return 1
   copied=$(find "$ST" ! -type d -print0 | xargs -0 -r sh -c "$MOVE" sh || echo x)
   case $copied in *x*) return 1 ;; esac
   copied=$(printf '%s\n' $copied | { s=0; while read -r x; do s=$((s+${x:-0})); done; echo $s; })
@@ -366,26 +368,29 @@ fi
 if [ "$M" != in-place ] && [ -d "$T" ] && [ ! -L "$T" ] && [ "$adopt" != 1 ]; then
   echo "ferry: $T is a plain directory, not a ferry release link; set adopt: true to take it over" >&2; exit 4
 fi
-mkdir -p "$S/objects" "$S/releases" "$S/meta"
+[ -d "$S/objects" ] && [ -d "$S/releases" ] && [ -d "$S/meta" ] || mkdir -p "$S/objects" "$S/releases" "$S/meta"
 cd "$S"
 [ -e stamp ] || : > stamp
 mkdir incoming
 # Objects edited in place by hand go before anything can link to them; the stream brings them anew.
 # Releases that share the edited file (hard links) are marked in `meta/<id>.edited`: a rollback
 # to one says which of its files no longer hold what they were deployed with.
-for o in $(printf '%s' "${drop#-}" | tr , ' '); do
+ifs=$IFS IFS=,
+for o in ${drop#-}; do
+  IFS=$ifs
   if [ -f "objects/$o" ]; then
     find releases -inum "$(stat -c %i "objects/$o")" -exec sh -c \
       'for f; do r=${f#releases/} && p=${r#*/} && printf "%s\0" "$p" >> "meta/${r%%/*}.edited"; done' sh {} +
   fi
   rm -f "objects/$o"
 done
+IFS=$ifs
 "#,
     unpack_sh!(),
     r#"
 if [ "$M" = in-place ]; then
   # (A missing `to` stays missing until its tree is renamed in whole.)
-  if [ -d "$T" ]; then rm -rf "$ST"; else mkdir -p "${P:-/}"; fi || fail "cannot write in $T"
+  if [ -d "$T" ]; then [ ! -e "$ST" ] || rm -rf "$ST"; else mkdir -p "${P:-/}"; fi || fail "cannot write in $T"
   ( cd "${P:-/}" && umask 0 && unpack ) || fail "unpacking the stream failed"
 else
   ( umask 0; unpack ) || fail "unpacking the stream failed"
@@ -402,14 +407,15 @@ else
   mv incoming/meta.json "meta/$rid.json"
   mv incoming/digest "meta/$rid.digest"
 fi
-touch stamp
+# (A truncating open sets the mtime, as `touch` would, without a process.)
+: > stamp
 if [ "$M" = in-place ]; then
   rm -f applied
   apply || { echo "ferry: applying release $rid into $T failed; files already replaced stay new" >&2; exit 5; }
   rm -rf incoming
   printf '%s\n' "$rid" > inplace.new; mv -f inplace.new inplace
-  if [ "$DEL" = 1 ]; then rm -f kept-extras; else : > kept-extras; fi
-  touch applied
+  if [ "$DEL" = 1 ]; then [ ! -e kept-extras ] || rm -f kept-extras; else : > kept-extras; fi
+  : > applied
   [ -z "$copied" ] || printf 'copied %s\n' "$copied"
 else
   rm -rf incoming
@@ -424,9 +430,12 @@ else
 fi
 printf 'release %s\n' "$rid"
 if [ "$prune" != - ]; then
-  for r in $(printf '%s' "$prune" | tr , ' '); do
+  ifs=$IFS IFS=,
+  for r in $prune; do
+    IFS=$ifs
     rm -rf "releases/$r" "meta/$r.json" "meta/$r.manifest" "meta/$r.digest" "meta/$r.edited"
   done
+  IFS=$ifs
   if [ "$M" = in-place ]; then collect_unnamed; else find objects -type f -links 1 -exec rm -f {} +; fi
 fi
 "#
