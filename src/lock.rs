@@ -276,16 +276,19 @@ lock="$1/locks/$2"
 guard_take || { echo "guard busy"; exit 3; }
 t=; read -r t < "$lock/token" 2>/dev/null || :
 if [ "$t" = "$3" ]; then
-  rm -f "$lock/holders/$4"
   others=
   for h in "$lock/holders"/* "$lock/holders"/.[!.]* "$lock/holders"/..?*; do
-    if [ -e "$h" ]; then others=1; break; fi
+    if [ -e "$h" ] && [ "$h" != "$lock/holders/$4" ]; then others=1; break; fi
   done
   if [ -n "$others" ]; then
+    rm -f "$lock/holders/$4"
     echo "released; still held by other hosts of this run"
   else
-    mv "$lock" "$lock.released.$3.$4" && rm -rf "$lock.released.$3.$4"
-    echo released
+    # (One `rm` takes the lock, moved aside first so no one sees it half gone, and the guard.)
+    if mv "$lock" "$lock.released.$3.$4"; then
+      rm -rf "$lock.released.$3.$4" "$lock.guard"; echo released; exit 0
+    fi
+    echo "cannot remove $lock"
   fi
 else
   echo "not ours"
