@@ -592,6 +592,48 @@ fn sync_in_place_first_deploy_cut_leaves_no_target() {
     );
 }
 
+/// A build with a read-only directory, deployed by a non-root login whose `tar` (BusyBox) sets a
+/// directory's mode when it makes it: shipped with its mode, and pruned later.
+#[test]
+fn sync_ships_read_only_directories_on_busybox_host() {
+    let host = Sshd::start_with(SshdOptions {
+        busybox: true,
+        ..Default::default()
+    });
+    let site = Site::new("read-only", vec![host], |src, _| {
+        format!(
+            "      - sync: {{ from: \"{0}\", to: app, keep: 2 }}\n      - sync: {{ from: \"{0}\", to: web, mode: in-place }}\n",
+            src.display()
+        )
+    });
+    site.write(b"ro/f.txt", b"locked");
+    std::fs::set_permissions(site.src.join("ro"), std::fs::Permissions::from_mode(0o555)).unwrap();
+    for i in 1..=3u8 {
+        site.write(b"index.html", format!("v{i}").as_bytes());
+        let run = site.deploy(&sha(i)).success();
+        for s in json(&run)[0]["steps"].as_array().unwrap() {
+            assert_eq!(s["log"].as_array().map_or(0, Vec::len), 0, "{s}");
+        }
+    }
+    for to in ["app", "web"] {
+        let ro = site.root().join(to).join("ro");
+        let mode = std::fs::metadata(&ro).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o555, "{to}");
+        assert_eq!(std::fs::read(ro.join("f.txt")).unwrap(), b"locked");
+        assert_eq!(
+            std::fs::read(site.root().join(to).join("index.html")).unwrap(),
+            b"v3"
+        );
+    }
+    let releases = std::fs::read_dir(site.root().join(".app.ferry/releases"))
+        .unwrap()
+        .count();
+    assert_eq!(
+        releases, 2,
+        "the oldest release, read-only directory and all, was pruned"
+    );
+}
+
 /// Random (incompressible) bytes, so a transfer takes a while.
 fn big_file(site: &Site, name: &str, mb: usize, seed: u8) {
     let mut data = vec![0u8; mb << 20];

@@ -202,6 +202,9 @@ struct Stream<'a, W: Write> {
     tar: tar::Builder<flate2::write::GzEncoder<W>>,
     root: &'a Path,
     sent: &'a dyn Fn(u64),
+    /// Directories of the tree the owner may not write to: made writable, their modes listed for
+    /// the host to set once the tree is complete (`finish`).
+    read_only: Vec<(std::path::PathBuf, u32)>,
 }
 
 impl<'a, W: Write> Stream<'a, W> {
@@ -236,12 +239,23 @@ impl<'a, W: Write> Stream<'a, W> {
             tar: tar::Builder::new(gz),
             root,
             sent,
+            read_only: Vec::new(),
         })
     }
 
     fn dir(&mut self, path: impl AsRef<Path>, mode: u32) -> std::io::Result<()> {
         let mut h = header(EntryType::Directory, mode, 0);
         self.tar.append_data(&mut h, path, std::io::empty())
+    }
+
+    /// A directory of the deployed tree: writable by the owner while the stream fills it (`tar`
+    /// sets a directory's mode when it makes it, and BusyBox's, run by another user than root,
+    /// never changes it after), its own mode set by the host at the end (`finish`).
+    fn tree_dir(&mut self, path: std::path::PathBuf, mode: u32) -> std::io::Result<()> {
+        if mode & 0o300 != 0o300 {
+            self.read_only.push((path.clone(), mode));
+        }
+        self.dir(path, mode | 0o300)
     }
 
     fn link(&mut self, kind: EntryType, mode: u32, path: &Path, to: &Path) -> std::io::Result<()> {
@@ -260,6 +274,19 @@ impl<'a, W: Write> Stream<'a, W> {
 
     /// The small files and the trailer, then the end of the stream.
     fn finish(mut self, dir: &str, extras: Option<&Extras<'_>>) -> anyhow::Result<()> {
+        // `incoming/modes`: `<mode>/./<path under incoming/>`, deepest first (a parent that loses
+        // its search bit would hide its children).
+        let mut modes = Vec::new();
+        for (path, mode) in self.read_only.iter().rev() {
+            let path = path.as_os_str().as_bytes();
+            let path = path.strip_prefix(dir.as_bytes()).unwrap_or(path);
+            modes.extend_from_slice(format!("{mode:o}/./").as_bytes());
+            modes.extend_from_slice(path);
+            modes.push(0);
+        }
+        if !modes.is_empty() {
+            self.small(&format!("{dir}modes"), &modes)?;
+        }
         if let Some(x) = extras {
             self.small(&format!("{dir}manifest"), x.manifest)?;
             self.small(&format!("{dir}digest"), x.digest.as_bytes())?;
@@ -302,11 +329,11 @@ pub fn write(
             s.file(&local.entries[i], Path::new(&obj))?;
         }
     }
-    s.dir("incoming/r", local.root_mode)?;
+    s.tree_dir("incoming/r".into(), local.root_mode)?;
     for e in &local.entries {
         let path = rel("incoming/r/", &e.path);
         match &e.kind {
-            Kind::Dir { mode } => s.dir(&path, *mode)?,
+            Kind::Dir { mode } => s.tree_dir(path, *mode)?,
             Kind::Symlink { target } => s.link(
                 EntryType::Symlink,
                 0o777,
@@ -362,7 +389,9 @@ pub fn write_in_place(
     };
     let mut plain = Plain::default();
     if !picked.is_empty() {
-        plain.dirs.push((staging.clone().into(), staging_mode));
+        plain
+            .dirs
+            .push((staging.clone().into(), staging_mode | 0o300));
         let mut made = rustc_hash::FxHashSet::default();
         for &i in &picked {
             let path = &local.entries[i].path;
@@ -399,10 +428,10 @@ pub fn write_in_place(
         s.link(EntryType::Link, 0o644, Path::new(&at), &live)?;
     }
     if apply.fresh {
-        s.dir(&staging, staging_mode)?;
+        s.tree_dir(staging.clone().into(), staging_mode)?;
         for e in &local.entries {
             if let Kind::Dir { mode } = e.kind {
-                s.dir(rel(&staging, &e.path), mode)?;
+                s.tree_dir(rel(&staging, &e.path), mode)?;
             }
         }
     } else {

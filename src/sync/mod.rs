@@ -302,6 +302,7 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
         report.detail["replaced_in_place"] = wire.copied.unwrap_or(*a).into();
     }
     report.detail["pruned"] = prune.clone().into();
+    report.log.extend(wire.warnings);
     report.summary = format!(
         "{} -> release {release}: {}; sent {} files ({} content, {} on the wire) in {:.1}s",
         paths.to,
@@ -581,6 +582,8 @@ struct Sent {
     bytes: u64,
     /// In-place mode: files the host replaced in `to`.
     copied: Option<u64>,
+    /// What the host reported but did not fail on (a release it could not prune).
+    warnings: Vec<String>,
 }
 
 /// Send the parameter line and the archive (`build` writes it) into the waiting deploy script,
@@ -649,10 +652,16 @@ where
     let copied = tail
         .lines()
         .find_map(|l| l.strip_prefix("copied ")?.trim().parse().ok());
+    let warnings = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| l.starts_with("ferry: "))
+        .map(|l| format!("WARNING: {}", &l["ferry: ".len()..]))
+        .collect();
     Ok(Sent {
         release,
         bytes,
         copied,
+        warnings,
     })
 }
 

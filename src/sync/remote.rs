@@ -1,6 +1,6 @@
 //! The host side of a sync: constant POSIX `sh` scripts (run with data as positional arguments, so
 //! nothing is spliced into a command line) and the parsing of what they print. They use only what
-//! both coreutils and BusyBox offer: `tar -xzmo`, `tar -c`, `dd iflag=fullblock` (else the stream
+//! both coreutils and BusyBox offer: `tar -xzpmo`, `tar -c`, `dd iflag=fullblock` (else the stream
 //! has no plain part), `mv -fT`, `find -newer -links -path -prune -mindepth -maxdepth -print0
 //! -exec +` (never `{}` inside a script `find` runs: GNU find refuses that), `xargs -0 -r`,
 //! `head -c`, `ls`, `gzip`, `readlink`, `read`, `cp -p`, `stat -c %a`, `tr`, `cut`, `sort`,
@@ -181,6 +181,12 @@ MKD='for x; do m=${x%%/*} d=${x#*/}
   elif [ "$(stat -c %a "$d")" != "$m" ]; then chmod "$m" "$d" 2>/dev/null || :
   fi
 done'
+# Directories the owner may not write to came writable; they get their modes once the tree under
+# `incoming/` is complete (records `<mode>/./<path>`, deepest first).
+set_modes() {
+  [ ! -s incoming/modes ] ||
+    ( cd incoming && xargs -0 sh -c 'for x; do chmod "${x%%/*}" "${x#*/}" || exit 1; done' sh ) < incoming/modes
+}
 # Where a link will not do (another filesystem; an extra that stays in `to`): keep content leaving
 # `to` as store objects, and stage store objects into `to`, by copying (records
 # `<object>/<path>`; object names hold no `/`).
@@ -212,6 +218,7 @@ apply() {
     # `to` was missing: the whole tree was staged here; it goes in with one rename.
     [ ! -e incoming/shared ] || ( ST=$PWD/incoming/t && export ST SG && cd "$ST" &&
       find . -type f -links +1 -exec sh -c "$UNSHARE" sh {} + ) || return 1
+    set_modes || return 1
     mv -T incoming/t "$T" || return 1
     copied=
     return 0
@@ -273,9 +280,9 @@ macro_rules! unpack_sh {
 unpack() {
   read -r pb && case $pb in ''|*[!0-9]*) return 1 ;; esac || return 1
   if [ "$pb" -gt 0 ]; then
-    dd bs=65536 count="$pb" iflag=fullblock 2>/dev/null | { tar -xmof - && cat > /dev/null; } || return 1
+    dd bs=65536 count="$pb" iflag=fullblock 2>/dev/null | { tar -xpmof - && cat > /dev/null; } || return 1
   fi
-  tar -xzmof -
+  tar -xzpmof -
 }
 "#
     };
@@ -307,13 +314,16 @@ P=${T%/*} N=${T##*/}
     target_state_sh!(),
     in_place_sh!(),
     r#"
+# `rm -rf` that also takes trees with read-only directories (a build may ship some). Only
+# directories are made writable: files share their inodes (and modes) with the store's objects.
+rmtree() { rm -rf "$@" 2>/dev/null || { find "$@" -type d -exec chmod u+w {} + 2>/dev/null; rm -rf "$@"; }; }
 # What a deploy in flight left (cwd: the store). incoming/ goes last: it marks the cleanup as owed.
 cleanup() {
   if [ "$M" = in-place ] || [ -f inplace ]; then
-    [ -L "$T" ] || rm -rf "$ST"
+    [ -L "$T" ] || rmtree "$ST"
   else
-    rm -rf incoming/r && find objects -type f -links 1 -exec rm -f {} +
-  fi && rm -rf incoming
+    rmtree incoming/r && find objects -type f -links 1 -exec rm -f {} +
+  fi && rmtree incoming
 }
 # Objects no kept release's manifest names (in-place stores; cwd: the store). A manifest record
 # is `F <object> <size>\t<path>`; other lines (names, links) can at worst keep an object longer.
@@ -402,7 +412,9 @@ if [ "$again" = 1 ]; then
 else
   rid=$id n=1
   while [ -e "releases/$rid" ]; do n=$((n+1)); rid=$id-$n; done
-  if [ "$M" = in-place ]; then mkdir "releases/$rid"; else mv incoming/r "releases/$rid"; fi
+  if [ "$M" = in-place ]; then mkdir "releases/$rid"
+  else set_modes || fail "cannot set the modes of read-only directories"; mv incoming/r "releases/$rid"
+  fi
   mv incoming/manifest "meta/$rid.manifest"
   mv incoming/meta.json "meta/$rid.json"
   mv incoming/digest "meta/$rid.digest"
@@ -433,7 +445,9 @@ if [ "$prune" != - ]; then
   ifs=$IFS IFS=,
   for r in $prune; do
     IFS=$ifs
-    rm -rf "releases/$r" "meta/$r.json" "meta/$r.manifest" "meta/$r.digest" "meta/$r.edited"
+    # (The new release is live: a release that cannot be pruned is reported, not fatal.)
+    rmtree "releases/$r" "meta/$r.json" "meta/$r.manifest" "meta/$r.digest" "meta/$r.edited" ||
+      echo "ferry: could not prune release $r in $S/releases" >&2
   done
   IFS=$ifs
   if [ "$M" = in-place ]; then collect_unnamed; else find objects -type f -links 1 -exec rm -f {} +; fi
@@ -504,7 +518,10 @@ if [ -L "$T" ]; then
 elif [ -e "$T" ]; then echo "ferry: $T is a directory, not a release link; left it and its files alone" >&2
 fi
 rm -rf "$P/.$N.ferry-new"
-if [ -e "$S" ]; then rm -rf "$S" && echo "removed store"; fi
+if [ -e "$S" ]; then
+  { rm -rf "$S" 2>/dev/null || { find "$S" -type d -exec chmod u+w {} + 2>/dev/null; rm -rf "$S"; }; } &&
+    echo "removed store"
+fi
 "#;
 
 /// Release metadata, stored as `meta/<id>.json` on the host.
