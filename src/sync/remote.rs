@@ -272,6 +272,17 @@ rec tail gz
 "#
 );
 
+/// `rmtree`: `rm -rf` that also takes trees with read-only directories (a build may ship some).
+/// Only directories are made writable: files share their inodes (and modes) with the store's
+/// objects. Shared by [`DEPLOY`] and [`REMOVE`].
+macro_rules! rmtree_sh {
+    () => {
+        r#"
+rmtree() { rm -rf "$@" 2>/dev/null || { find "$@" -type d -exec chmod u+w {} + 2>/dev/null; rm -rf "$@"; }; }
+"#
+    };
+}
+
 /// `unpack` reads the stream from stdin (see `archive`) into the working directory: the plain
 /// part's length in blocks, the plain tar, the gzip'd tar.
 macro_rules! unpack_sh {
@@ -311,12 +322,10 @@ pub const DEPLOY: &str = concat!(
 S=$1 T=$2 M=$3 DEL=$4 dirty=
 P=${T%/*} N=${T##*/}
 "#,
+    rmtree_sh!(),
     target_state_sh!(),
     in_place_sh!(),
     r#"
-# `rm -rf` that also takes trees with read-only directories (a build may ship some). Only
-# directories are made writable: files share their inodes (and modes) with the store's objects.
-rmtree() { rm -rf "$@" 2>/dev/null || { find "$@" -type d -exec chmod u+w {} + 2>/dev/null; rm -rf "$@"; }; }
 # What a deploy in flight left (cwd: the store). incoming/ goes last: it marks the cleanup as owed.
 cleanup() {
   if [ "$M" = in-place ] || [ -f inplace ]; then
@@ -507,7 +516,9 @@ cat "$1/meta/$2.manifest"
 
 /// Remove the target link (only one into the store) and the store; prints `removed <what>` for
 /// each. A directory applied in place stays: it may be mounted or read elsewhere. Args: store, to.
-pub const REMOVE: &str = r#"
+pub const REMOVE: &str = concat!(
+    rmtree_sh!(),
+    r#"
 S=$1 T=$2
 P=${T%/*} N=${T##*/}
 if [ -L "$T" ]; then
@@ -518,11 +529,9 @@ if [ -L "$T" ]; then
 elif [ -e "$T" ]; then echo "ferry: $T is a directory, not a release link; left it and its files alone" >&2
 fi
 rm -rf "$P/.$N.ferry-new"
-if [ -e "$S" ]; then
-  { rm -rf "$S" 2>/dev/null || { find "$S" -type d -exec chmod u+w {} + 2>/dev/null; rm -rf "$S"; }; } &&
-    echo "removed store"
-fi
-"#;
+if [ -e "$S" ]; then rmtree "$S" && echo "removed store"; fi
+"#
+);
 
 /// Release metadata, stored as `meta/<id>.json` on the host.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
