@@ -676,17 +676,68 @@ async fn rollback_step(
     }
 }
 
+/// Exports `NAME=value` lines from stdin up to an empty line, then runs its arguments: how a `run`
+/// step's secrets reach it (NAME is checked to be a plain identifier first).
+const WITH_SECRETS: &str =
+    r#"while IFS= read -r l && [ -n "$l" ]; do export "$l" || exit 125; done; exec "$@""#;
+
+/// A `run` step's secrets as `NAME=value` lines for [`WITH_SECRETS`], read from the controller's
+/// environment.
+fn run_secrets(step: &RunStep) -> anyhow::Result<Vec<(String, String)>> {
+    step.secret_env
+        .iter()
+        .map(|(name, var)| {
+            let plain = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !plain {
+                anyhow::bail!("run: secret_env name `{name}` is not a shell variable name (letters, digits, `_`)");
+            }
+            let value = std::env::var(var).map_err(|_| {
+                anyhow::anyhow!("run: secret_env {name} reads environment variable {var}, which is not set; set it in the CI/CD variables")
+            })?;
+            if value.contains('\n') {
+                anyhow::bail!("run: secret_env {name} (from {var}) contains a newline, which ferry does not pass to commands");
+            }
+            Ok((name.clone(), value))
+        })
+        .collect()
+}
+
+/// `text` with each secret value of four or more characters replaced by `[MASKED]`.
+fn mask(text: &str, secrets: &[(String, String)]) -> String {
+    secrets
+        .iter()
+        .filter(|(_, v)| v.len() >= 4)
+        .fold(text.to_string(), |t, (_, v)| {
+            t.replace(v.as_str(), "[MASKED]")
+        })
+}
+
 async fn run_command(ctx: &StepCtx<'_>, step: &RunStep) -> anyhow::Result<StepReport> {
-    let cmd = match &step.command {
-        Command::Argv(argv) => {
-            let argv: Vec<String> = argv
-                .iter()
-                .map(|a| ctx.host.expand(a))
-                .collect::<anyhow::Result<_>>()?;
-            shell::join_str(&argv)
-        }
-        Command::Shell(s) => shell::join_str(&["sh", "-c", &ctx.host.expand(s)?]),
+    let mut argv = match &step.command {
+        Command::Argv(argv) => argv
+            .iter()
+            .map(|a| ctx.host.expand(a))
+            .collect::<anyhow::Result<Vec<_>>>()?,
+        Command::Shell(s) => vec!["sh".into(), "-c".into(), ctx.host.expand(s)?],
     };
+    let cmd = shell::join_str(&argv);
+    let secrets = run_secrets(step)?;
+    let mut stdin = Vec::new();
+    if !secrets.is_empty() {
+        for (name, value) in &secrets {
+            stdin.extend_from_slice(format!("{name}={value}\n").as_bytes());
+        }
+        stdin.push(b'\n');
+        let mut wrapped = vec![
+            "sh".into(),
+            "-c".into(),
+            WITH_SECRETS.into(),
+            "ferry-run".into(),
+        ];
+        wrapped.append(&mut argv);
+        argv = wrapped;
+    }
     if ctx.plan {
         return Ok(StepReport {
             step: "run".into(),
@@ -697,9 +748,9 @@ async fn run_command(ctx: &StepCtx<'_>, step: &RunStep) -> anyhow::Result<StepRe
     let timeout = step.timeout.or(Some(Duration::from_secs(600)));
     let out = ctx
         .session
-        .run_raw(cmd.as_bytes(), &[], timeout, None)
+        .run_raw(shell::join_str(&argv).as_bytes(), &stdin, timeout, None)
         .await?;
-    let log: Vec<String> = String::from_utf8_lossy(&out.stdout)
+    let log: Vec<String> = mask(&String::from_utf8_lossy(&out.stdout), &secrets)
         .lines()
         .map(str::to_string)
         .collect();
@@ -708,7 +759,7 @@ async fn run_command(ctx: &StepCtx<'_>, step: &RunStep) -> anyhow::Result<StepRe
             || "no exit status (killed?)".to_string(),
             |c| format!("exit code {c}"),
         );
-        let tail = out.tail();
+        let tail = mask(&out.tail(), &secrets);
         anyhow::bail!(
             "`{cmd}` failed with {status}{}",
             if tail.is_empty() {
@@ -765,4 +816,29 @@ fn finish(g: &Global, reports: &[HostReport]) -> anyhow::Result<i32> {
         );
     }
     Ok(if reports.iter().all(|r| r.ok) { 0 } else { 1 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_secrets_need_plain_names_and_are_masked() {
+        let step = |name: &str| RunStep {
+            command: Command::Shell("true".into()),
+            timeout: None,
+            secret_env: [(name.to_string(), "FERRY_TEST_UNSET_VAR".to_string())].into(),
+        };
+        for bad in ["A B", "1X", "X;rm", ""] {
+            let e = run_secrets(&step(bad)).unwrap_err().to_string();
+            assert!(e.contains("not a shell variable name"), "{bad}: {e}");
+        }
+        let e = run_secrets(&step("TOKEN")).unwrap_err().to_string();
+        assert!(e.contains("FERRY_TEST_UNSET_VAR, which is not set"), "{e}");
+        let secrets = [
+            ("A".to_string(), "hunter2".to_string()),
+            ("B".to_string(), "x".to_string()),
+        ];
+        assert_eq!(mask("pw hunter2, x", &secrets), "pw [MASKED], x");
+    }
 }

@@ -577,6 +577,10 @@ pub struct RunStep {
     pub command: Command,
     #[serde(default, deserialize_with = "opt_duration")]
     pub timeout: Option<Duration>,
+    /// Environment variables of the command (name -> the controller variable holding the value),
+    /// sent over stdin, never on its command line, and masked in its output.
+    #[serde(default)]
+    pub secret_env: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -194,6 +194,61 @@ fn a_failed_step_is_recorded_releases_the_lock_and_exits_1() {
     assert!(!Path::new(&root).join("never").exists());
 }
 
+/// A `run` step's secrets reach the command as environment variables over stdin, on both shells:
+/// never on a command line (sshd's log), in ferry's output or in the ledger; a missing one fails
+/// the step before anything runs, naming the variable.
+#[test]
+fn run_step_secret_env_reaches_the_command_only() {
+    let secret = "s3cr3t-'quoted' $(touch pwned) \\x";
+    for busybox in [false, true] {
+        let host = Sshd::start_with(SshdOptions {
+            busybox,
+            ..Default::default()
+        });
+        let dir = TempDir::new("runsecret");
+        let root = open_root(&dir);
+        let out = Path::new(&root).join("token");
+        let p = pb(
+            &dir,
+            &[host.address()],
+            &root,
+            &format!(
+                "      - run:\n          command: [\"sh\", \"-c\", \"printf '%s' \\\"$TOKEN\\\" > \\\"$0\\\"; echo \\\"token is $TOKEN\\\"\", \"{}\"]\n          secret_env: {{ TOKEN: TEST_RUN_TOKEN }}\n",
+                out.display()
+            ),
+            "",
+        );
+        let run = ci(&[&host], "release-1", SHA, "9")
+            .env("TEST_RUN_TOKEN", secret)
+            .arg("deploy")
+            .arg(&p)
+            .run()
+            .success();
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), secret);
+        assert!(
+            !run.all().contains(secret),
+            "secret in output: {}",
+            run.all()
+        );
+        assert!(run.all().contains("token is [MASKED]"), "{}", run.all());
+        assert!(!host.log().contains("s3cr3t"), "secret on a command line");
+        let ledger = std::fs::read_to_string(Path::new(&root).join(".ferry/ledger.jsonl")).unwrap();
+        assert!(!ledger.contains("s3cr3t"), "{ledger}");
+        let run = ci(&[&host], "release-1", SHA, "10")
+            .arg("deploy")
+            .arg(&p)
+            .run()
+            .failure(1);
+        assert!(
+            run.all().contains(
+                "secret_env TOKEN reads environment variable TEST_RUN_TOKEN, which is not set"
+            ),
+            "{}",
+            run.all()
+        );
+    }
+}
+
 /// Two deploys at once: the second fails fast naming the first; with --lock-wait it waits its turn.
 #[test]
 fn concurrent_deploys_are_serialised_by_the_lock() {
