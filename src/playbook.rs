@@ -483,6 +483,31 @@ pub struct ContainerSpec {
     pub hosts: BTreeMap<String, serde_json::Value>,
 }
 
+impl ContainerSpec {
+    /// The spec for `host`: its overrides in `hosts` (the fields given replace the base spec's),
+    /// and no `hosts` left. Errors say what is wrong with the override.
+    pub fn for_host(&self, host: &str) -> Result<ContainerSpec, String> {
+        let Some(over) = self.hosts.get(host) else {
+            let mut s = self.clone();
+            s.hosts.clear();
+            return Ok(s);
+        };
+        let serde_json::Value::Object(over) = over else {
+            return Err("expected a map of container fields".into());
+        };
+        let mut base = serde_json::to_value(self).map_err(|e| e.to_string())?;
+        let obj = base.as_object_mut().expect("a struct serializes to a map");
+        obj.remove("hosts");
+        for (k, v) in over {
+            if k == "hosts" {
+                return Err("`hosts` cannot be overridden per host".into());
+            }
+            obj.insert(k.clone(), v.clone());
+        }
+        serde_json::from_value(base).map_err(|e| e.to_string())
+    }
+}
+
 /// How ferry decides a new container is healthy.
 #[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -843,6 +868,13 @@ fn validate(pb: &Playbook, text: &str) -> Result<(), String> {
                             c.name
                         ));
                     }
+                    if let Err(e) = c.for_host(host) {
+                        return Err(format!(
+                            "{}container `{}`: override for host `{host}` is invalid: {e}",
+                            at(&format!("{host}:")),
+                            c.name
+                        ));
+                    }
                 }
                 if let Some(h) = &c.health {
                     let missing = match h.kind {
@@ -1008,6 +1040,24 @@ mod tests {
         .unwrap_err();
         assert!(err.to_string().contains("`prod`"), "{err}");
         assert!(err.to_string().contains("line 7, column 5"), "{err}");
+    }
+
+    #[test]
+    fn container_overrides_are_checked_at_load() {
+        let pb = |over: &str| {
+            format!(
+                "app: a\nenvironments:\n  e:\n    hosts: [h1]\n    steps:\n      - container:\n          name: web\n          image: i\n          hosts:\n            h1: {over}\n"
+            )
+        };
+        let err = p(&pb("{ portz: ['80:80'] }")).unwrap_err().to_string();
+        assert!(
+            err.contains("line 10, column 13: container `web`: override for host `h1` is invalid")
+                && err.contains("portz"),
+            "{err}"
+        );
+        assert!(p(&pb("{ ports: ['80:80'] }")).is_ok());
+        let err = p(&pb("{ hosts: {} }")).unwrap_err().to_string();
+        assert!(err.contains("cannot be overridden per host"), "{err}");
     }
 
     #[test]
