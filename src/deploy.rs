@@ -705,12 +705,16 @@ fn run_secrets(step: &RunStep) -> anyhow::Result<Vec<(String, String)>> {
 
 /// `text` with each secret value of four or more characters replaced by `[MASKED]`.
 fn mask(text: &str, secrets: &[(String, String)]) -> String {
-    secrets
+    // Longest first: a secret inside another must not leave the rest of that one readable.
+    let mut values: Vec<&str> = secrets
         .iter()
-        .filter(|(_, v)| v.len() >= 4)
-        .fold(text.to_string(), |t, (_, v)| {
-            t.replace(v.as_str(), "[MASKED]")
-        })
+        .map(|(_, v)| v.as_str())
+        .filter(|v| v.len() >= 4)
+        .collect();
+    values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+    values
+        .into_iter()
+        .fold(text.to_string(), |t, v| t.replace(v, "[MASKED]"))
 }
 
 async fn run_command(ctx: &StepCtx<'_>, step: &RunStep) -> anyhow::Result<StepReport> {
@@ -722,6 +726,13 @@ async fn run_command(ctx: &StepCtx<'_>, step: &RunStep) -> anyhow::Result<StepRe
         Command::Shell(s) => vec!["sh".into(), "-c".into(), ctx.host.expand(s)?],
     };
     let cmd = shell::join_str(&argv);
+    if ctx.plan {
+        return Ok(StepReport {
+            step: "run".into(),
+            summary: format!("would run: {cmd}"),
+            ..Default::default()
+        });
+    }
     let secrets = run_secrets(step)?;
     let mut stdin = Vec::new();
     if !secrets.is_empty() {
@@ -737,13 +748,6 @@ async fn run_command(ctx: &StepCtx<'_>, step: &RunStep) -> anyhow::Result<StepRe
         ];
         wrapped.append(&mut argv);
         argv = wrapped;
-    }
-    if ctx.plan {
-        return Ok(StepReport {
-            step: "run".into(),
-            summary: format!("would run: {cmd}"),
-            ..Default::default()
-        });
     }
     let timeout = step.timeout.or(Some(Duration::from_secs(600)));
     let out = ctx
@@ -840,5 +844,10 @@ mod tests {
             ("B".to_string(), "x".to_string()),
         ];
         assert_eq!(mask("pw hunter2, x", &secrets), "pw [MASKED], x");
+        let nested = [
+            ("A".to_string(), "abcd".to_string()),
+            ("B".to_string(), "abcdefgh".to_string()),
+        ];
+        assert_eq!(mask("abcdefgh abcd", &nested), "[MASKED] [MASKED]");
     }
 }

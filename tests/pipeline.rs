@@ -1,6 +1,7 @@
 //! The pipeline: deploy locks, the ledger, `ferry status` / `history`, stop, and GitLab reporting,
 //! with the real binary against real sshd hosts (OpenSSH + coreutils, and BusyBox-only).
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -201,12 +202,27 @@ fn a_failed_step_is_recorded_releases_the_lock_and_exits_1() {
 fn run_step_secret_env_reaches_the_command_only() {
     let secret = "s3cr3t-'quoted' $(touch pwned) \\x";
     for busybox in [false, true] {
-        let host = Sshd::start_with(SshdOptions {
-            busybox,
-            ..Default::default()
-        });
+        // Every command line the host runs is written down (sshd logs none of them).
         let dir = TempDir::new("runsecret");
         let root = open_root(&dir);
+        let commands = Path::new(&root).join("commands.log");
+        let wrapper = Path::new(&root).join("log-commands");
+        std::fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\nprintf '%s\\n' \"$SSH_ORIGINAL_COMMAND\" >> '{}'\nexec sh -c \"$SSH_ORIGINAL_COMMAND\"\n",
+                commands.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(&commands, "").unwrap();
+        std::fs::set_permissions(&commands, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let host = Sshd::start_with(SshdOptions {
+            busybox,
+            extra_config: vec![format!("ForceCommand {}", wrapper.display())],
+            ..Default::default()
+        });
         let out = Path::new(&root).join("token");
         let p = pb(
             &dir,
@@ -231,7 +247,15 @@ fn run_step_secret_env_reaches_the_command_only() {
             run.all()
         );
         assert!(run.all().contains("token is [MASKED]"), "{}", run.all());
-        assert!(!host.log().contains("s3cr3t"), "secret on a command line");
+        let logged = std::fs::read_to_string(&commands).unwrap();
+        assert!(
+            logged.contains("ferry-run"),
+            "the wrapper saw the commands: {logged}"
+        );
+        assert!(
+            !logged.contains("s3cr3t"),
+            "secret on a command line: {logged}"
+        );
         let ledger = std::fs::read_to_string(Path::new(&root).join(".ferry/ledger.jsonl")).unwrap();
         assert!(!ledger.contains("s3cr3t"), "{ledger}");
         let run = ci(&[&host], "release-1", SHA, "10")

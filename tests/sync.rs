@@ -608,6 +608,8 @@ fn sync_ships_read_only_directories_on_busybox_host() {
     });
     site.write(b"ro/f.txt", b"locked");
     std::fs::set_permissions(site.src.join("ro"), std::fs::Permissions::from_mode(0o555)).unwrap();
+    // A big file that does not compress travels in the plain part, which makes its directory.
+    big_file(&site, "assets/noise.bin", 1, 9);
     for i in 1..=3u8 {
         site.write(b"index.html", format!("v{i}").as_bytes());
         let run = site.deploy(&sha(i)).success();
@@ -632,6 +634,45 @@ fn sync_ships_read_only_directories_on_busybox_host() {
         releases, 2,
         "the oldest release, read-only directory and all, was pruned"
     );
+    let assets = std::fs::metadata(site.root().join("web/assets")).unwrap();
+    assert_eq!(
+        assets.permissions().mode() & 0o777,
+        0o755,
+        "the plain part's directory"
+    );
+}
+
+/// A build whose top directory is read-only (a Nix output, `chmod -R a-w dist`): each release gets
+/// its mode once it is in place (a directory one may not write to cannot be moved), and pruning
+/// takes it.
+#[test]
+fn sync_ships_a_read_only_top_directory_on_busybox_host() {
+    let host = Sshd::start_with(SshdOptions {
+        busybox: true,
+        ..Default::default()
+    });
+    let site = Site::new("read-only-top", vec![host], one_step("app", ", keep: 2"));
+    for i in 1..=3u8 {
+        std::fs::set_permissions(&site.src, std::fs::Permissions::from_mode(0o755)).unwrap();
+        site.write(b"index.html", format!("v{i}").as_bytes());
+        std::fs::set_permissions(&site.src, std::fs::Permissions::from_mode(0o555)).unwrap();
+        let run = site.deploy(&sha(i)).success();
+        assert_eq!(
+            step(&run)["log"].as_array().map_or(0, Vec::len),
+            0,
+            "{}",
+            run.stdout
+        );
+    }
+    let to = site.root().join("app");
+    assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"v3");
+    let mode = std::fs::metadata(&to).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o555);
+    let releases = std::fs::read_dir(site.root().join(".app.ferry/releases"))
+        .unwrap()
+        .count();
+    assert_eq!(releases, 2);
+    std::fs::set_permissions(&site.src, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
 /// Random (incompressible) bytes, so a transfer takes a while.

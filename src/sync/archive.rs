@@ -205,6 +205,9 @@ struct Stream<'a, W: Write> {
     /// Directories of the tree the owner may not write to: made writable, their modes listed for
     /// the host to set once the tree is complete (`finish`).
     read_only: Vec<(std::path::PathBuf, u32)>,
+    /// The tree's top directory's mode, if the owner may not write to it: the host sets it after
+    /// renaming the tree into place (a directory one may not write to cannot move to another).
+    root_mode: Option<u32>,
 }
 
 impl<'a, W: Write> Stream<'a, W> {
@@ -240,6 +243,7 @@ impl<'a, W: Write> Stream<'a, W> {
             root,
             sent,
             read_only: Vec::new(),
+            root_mode: None,
         })
     }
 
@@ -254,6 +258,14 @@ impl<'a, W: Write> Stream<'a, W> {
     fn tree_dir(&mut self, path: std::path::PathBuf, mode: u32) -> std::io::Result<()> {
         if mode & 0o300 != 0o300 {
             self.read_only.push((path.clone(), mode));
+        }
+        self.dir(path, mode | 0o300)
+    }
+
+    /// The top directory of the deployed tree (see [`Stream::tree_dir`]; its mode is set last).
+    fn tree_root(&mut self, path: std::path::PathBuf, mode: u32) -> std::io::Result<()> {
+        if mode & 0o300 != 0o300 {
+            self.root_mode = Some(mode);
         }
         self.dir(path, mode | 0o300)
     }
@@ -286,6 +298,9 @@ impl<'a, W: Write> Stream<'a, W> {
         }
         if !modes.is_empty() {
             self.small(&format!("{dir}modes"), &modes)?;
+        }
+        if let Some(mode) = self.root_mode {
+            self.small(&format!("{dir}rootmode"), format!("{mode:o}\n").as_bytes())?;
         }
         if let Some(x) = extras {
             self.small(&format!("{dir}manifest"), x.manifest)?;
@@ -329,7 +344,7 @@ pub fn write(
             s.file(&local.entries[i], Path::new(&obj))?;
         }
     }
-    s.tree_dir("incoming/r".into(), local.root_mode)?;
+    s.tree_root("incoming/r".into(), local.root_mode)?;
     for e in &local.entries {
         let path = rel("incoming/r/", &e.path);
         match &e.kind {
@@ -392,12 +407,26 @@ pub fn write_in_place(
         plain
             .dirs
             .push((staging.clone().into(), staging_mode | 0o300));
+        // A missing `to`'s directories get their own modes (writable while filled: BusyBox `tar`
+        // under a login other than root never changes a directory's mode once made).
+        let modes: rustc_hash::FxHashMap<&[u8], u32> = match apply.fresh {
+            true => local
+                .entries
+                .iter()
+                .filter_map(|e| match e.kind {
+                    Kind::Dir { mode } => Some((e.path.as_slice(), mode | 0o300)),
+                    _ => None,
+                })
+                .collect(),
+            false => Default::default(),
+        };
         let mut made = rustc_hash::FxHashSet::default();
         for &i in &picked {
             let path = &local.entries[i].path;
             for (j, &b) in path.iter().enumerate() {
                 if b == b'/' && made.insert(&path[..j]) {
-                    plain.dirs.push((rel(&staging, &path[..j]), 0o700));
+                    let mode = modes.get(&path[..j]).copied().unwrap_or(0o700);
+                    plain.dirs.push((rel(&staging, &path[..j]), mode));
                 }
             }
         }
@@ -428,7 +457,7 @@ pub fn write_in_place(
         s.link(EntryType::Link, 0o644, Path::new(&at), &live)?;
     }
     if apply.fresh {
-        s.tree_dir(staging.clone().into(), staging_mode)?;
+        s.tree_root(staging.clone().into(), staging_mode)?;
         for e in &local.entries {
             if let Kind::Dir { mode } = e.kind {
                 s.tree_dir(rel(&staging, &e.path), mode)?;

@@ -187,6 +187,8 @@ set_modes() {
   [ ! -s incoming/modes ] ||
     ( cd incoming && xargs -0 sh -c 'for x; do chmod "${x%%/*}" "${x#*/}" || exit 1; done' sh ) < incoming/modes
 }
+# The tree's top directory, once renamed into place ($1).
+set_root_mode() { [ ! -s incoming/rootmode ] || { read -r rm < incoming/rootmode && chmod "$rm" "$1"; }; }
 # Where a link will not do (another filesystem; an extra that stays in `to`): keep content leaving
 # `to` as store objects, and stage store objects into `to`, by copying (records
 # `<object>/<path>`; object names hold no `/`).
@@ -219,7 +221,7 @@ apply() {
     [ ! -e incoming/shared ] || ( ST=$PWD/incoming/t && export ST SG && cd "$ST" &&
       find . -type f -links +1 -exec sh -c "$UNSHARE" sh {} + ) || return 1
     set_modes || return 1
-    mv -T incoming/t "$T" || return 1
+    mv -T incoming/t "$T" && set_root_mode "$T" || return 1
     copied=
     return 0
   fi
@@ -349,6 +351,7 @@ if [ -d "$S/releases" ]; then
   [ ! -e incoming ] || cleanup
   # An apply that did not finish can leave objects sharing an inode with files in `to`, where an
   # edit would change them unseen: they go (their content is sent again when needed).
+  # (Only in a store of in-place releases: in release mode every object has links.)
   if [ -f inplace ] && [ ! -e applied ]; then find objects -type f -links +1 -exec rm -f {} +; fi
 "#,
     store_state_sh!(),
@@ -398,8 +401,9 @@ ifs=$IFS IFS=,
 for o in ${drop#-}; do
   IFS=$ifs
   if [ -f "objects/$o" ]; then
+    # (A release left unmarked is no reason to stop the deploy that repairs the live one.)
     find releases -inum "$(stat -c %i "objects/$o")" -exec sh -c \
-      'for f; do r=${f#releases/} && p=${r#*/} && printf "%s\0" "$p" >> "meta/${r%%/*}.edited"; done' sh {} +
+      'for f; do r=${f#releases/} && p=${r#*/} && printf "%s\0" "$p" >> "meta/${r%%/*}.edited"; done' sh {} + || :
   fi
   rm -f "objects/$o"
 done
@@ -422,7 +426,9 @@ else
   rid=$id n=1
   while [ -e "releases/$rid" ]; do n=$((n+1)); rid=$id-$n; done
   if [ "$M" = in-place ]; then mkdir "releases/$rid"
-  else set_modes || fail "cannot set the modes of read-only directories"; mv incoming/r "releases/$rid"
+  else
+    set_modes && mv incoming/r "releases/$rid" && set_root_mode "releases/$rid" ||
+      fail "cannot move the release in place (or set its read-only directories' modes)"
   fi
   mv incoming/manifest "meta/$rid.manifest"
   mv incoming/meta.json "meta/$rid.json"
