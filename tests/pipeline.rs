@@ -1,7 +1,6 @@
 //! The pipeline: deploy locks, the ledger, `ferry status` / `history`, stop, and GitLab reporting,
 //! with the real binary against real sshd hosts (OpenSSH + coreutils, and BusyBox-only).
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -205,22 +204,10 @@ fn run_step_secret_env_reaches_the_command_only() {
         // Every command line the host runs is written down (sshd logs none of them).
         let dir = TempDir::new("runsecret");
         let root = open_root(&dir);
-        let commands = Path::new(&root).join("commands.log");
-        let wrapper = Path::new(&root).join("log-commands");
-        std::fs::write(
-            &wrapper,
-            format!(
-                "#!/bin/sh\nprintf '%s\\n' \"$SSH_ORIGINAL_COMMAND\" >> '{}'\nexec sh -c \"$SSH_ORIGINAL_COMMAND\"\n",
-                commands.display()
-            ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
-        std::fs::write(&commands, "").unwrap();
-        std::fs::set_permissions(&commands, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let (log_commands, commands) = logging_commands(Path::new(&root));
         let host = Sshd::start_with(SshdOptions {
             busybox,
-            extra_config: vec![format!("ForceCommand {}", wrapper.display())],
+            extra_config: vec![log_commands],
             ..Default::default()
         });
         let out = Path::new(&root).join("token");

@@ -126,6 +126,27 @@ pub struct SshdOptions {
     pub private_dirs: Vec<&'static str>,
 }
 
+/// For a host that writes down every command line it runs (sshd logs none) into the returned log:
+/// the `ForceCommand` line for [`SshdOptions::extra_config`] and its wrapper, made under `dir`
+/// (which the host's login must be able to read).
+pub fn logging_commands(dir: &Path) -> (String, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let log = dir.join("commands.log");
+    let wrapper = dir.join("log-commands");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nprintf '%s\\n' \"$SSH_ORIGINAL_COMMAND\" >> '{}'\nexec sh -c \"$SSH_ORIGINAL_COMMAND\"\n",
+            log.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(&log, "").unwrap();
+    std::fs::set_permissions(&log, std::fs::Permissions::from_mode(0o666)).unwrap();
+    (format!("ForceCommand {}", wrapper.display()), log)
+}
+
 /// BusyBox applets only, as on a minimal host: the busybox test user's shell and PATH.
 pub const BUSYBOX_DIR: &str = "/usr/local/lib/ferry-test-busybox";
 /// A user whose login shell is BusyBox `sh` and whose PATH has only BusyBox applets.
