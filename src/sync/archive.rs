@@ -68,6 +68,8 @@ pub const BULK: u64 = 64 << 20;
 /// Files at least this big travel in the plain part (with `compress_all`, only those whose content
 /// does not compress).
 const PLAIN_MIN: u64 = 8 * 1024;
+/// Mode bits a directory needs for its owner to put entries in it (write and search).
+const FILL: u32 = 0o300;
 /// The plain part is zero-padded to whole blocks of this size (the `dd bs` of `remote::DEPLOY`).
 const PLAIN_BLOCK: u64 = 64 * 1024;
 
@@ -256,18 +258,18 @@ impl<'a, W: Write> Stream<'a, W> {
     /// sets a directory's mode when it makes it, and BusyBox's, run by another user than root,
     /// never changes it after), its own mode set by the host at the end (`finish`).
     fn tree_dir(&mut self, path: std::path::PathBuf, mode: u32) -> std::io::Result<()> {
-        if mode & 0o300 != 0o300 {
+        if mode & FILL != FILL {
             self.read_only.push((path.clone(), mode));
         }
-        self.dir(path, mode | 0o300)
+        self.dir(path, mode | FILL)
     }
 
     /// The top directory of the deployed tree (see [`Stream::tree_dir`]; its mode is set last).
     fn tree_root(&mut self, path: std::path::PathBuf, mode: u32) -> std::io::Result<()> {
-        if mode & 0o300 != 0o300 {
+        if mode & FILL != FILL {
             self.root_mode = Some(mode);
         }
-        self.dir(path, mode | 0o300)
+        self.dir(path, mode | FILL)
     }
 
     fn link(&mut self, kind: EntryType, mode: u32, path: &Path, to: &Path) -> std::io::Result<()> {
@@ -388,8 +390,8 @@ pub fn write_in_place(
     } else {
         (format!("{name}/{STAGING}/"), 0o700)
     };
-    // Files of the plain part land where they are staged; its directories come first, private
-    // (the gzip'd part gives a missing `to`'s directories their modes).
+    // Files of the plain part land where they are staged; its directories come first: private in
+    // staging, with their own modes when `to` is missing (filled, then set like the tree's).
     let picked = match sink.plain {
         true => Plain::pick(
             root,
@@ -406,7 +408,7 @@ pub fn write_in_place(
     if !picked.is_empty() {
         plain
             .dirs
-            .push((staging.clone().into(), staging_mode | 0o300));
+            .push((staging.clone().into(), staging_mode | FILL));
         // A missing `to`'s directories get their own modes (writable while filled: BusyBox `tar`
         // under a login other than root never changes a directory's mode once made).
         let modes: rustc_hash::FxHashMap<&[u8], u32> = match apply.fresh {
@@ -414,7 +416,7 @@ pub fn write_in_place(
                 .entries
                 .iter()
                 .filter_map(|e| match e.kind {
-                    Kind::Dir { mode } => Some((e.path.as_slice(), mode | 0o300)),
+                    Kind::Dir { mode } => Some((e.path.as_slice(), mode | FILL)),
                     _ => None,
                 })
                 .collect(),

@@ -181,14 +181,6 @@ MKD='for x; do m=${x%%/*} d=${x#*/}
   elif [ "$(stat -c %a "$d")" != "$m" ]; then chmod "$m" "$d" 2>/dev/null || :
   fi
 done'
-# Directories the owner may not write to came writable; they get their modes once the tree under
-# `incoming/` is complete (records `<mode>/./<path>`, deepest first).
-set_modes() {
-  [ ! -s incoming/modes ] ||
-    ( cd incoming && xargs -0 sh -c 'for x; do chmod "${x%%/*}" "${x#*/}" || exit 1; done' sh ) < incoming/modes
-}
-# The tree's top directory, once renamed into place ($1).
-set_root_mode() { [ ! -s incoming/rootmode ] || { read -r rm < incoming/rootmode && chmod "$rm" "$1"; }; }
 # Where a link will not do (another filesystem; an extra that stays in `to`): keep content leaving
 # `to` as store objects, and stage store objects into `to`, by copying (records
 # `<object>/<path>`; object names hold no `/`).
@@ -286,7 +278,8 @@ rmtree() { rm -rf "$@" 2>/dev/null || { find "$@" -type d -exec chmod u+w {} + 2
 }
 
 /// `unpack` reads the stream from stdin (see `archive`) into the working directory: the plain
-/// part's length in blocks, the plain tar, the gzip'd tar.
+/// part's length in blocks, the plain tar, the gzip'd tar. `set_modes` and `set_root_mode` give
+/// the unpacked tree's read-only directories the modes the stream lists.
 macro_rules! unpack_sh {
     () => {
         r#"
@@ -297,6 +290,14 @@ unpack() {
   fi
   tar -xzpmof -
 }
+# Directories of the tree the owner may not write to came writable; they get their modes once the
+# tree under `incoming/` is complete (records `<mode>/./<path>`, deepest first; cwd: the store).
+set_modes() {
+  [ ! -s incoming/modes ] ||
+    ( cd incoming && xargs -0 sh -c 'for x; do chmod "${x%%/*}" "${x#*/}" || exit 1; done' sh ) < incoming/modes
+}
+# The tree's top directory, once renamed into place ($1).
+set_root_mode() { [ ! -s incoming/rootmode ] || { read -r m < incoming/rootmode && chmod "$m" "$1"; }; }
 "#
     };
 }
