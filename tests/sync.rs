@@ -1256,6 +1256,59 @@ fn sync_in_place_survives_controller_killed() {
     assert!(!site.root().join(".app.ferry/incoming").exists());
 }
 
+/// A first deploy (no store on the host) sends files without hashing them first and hashes them
+/// on the way: copies end up as one content (links to one object in release mode, each path
+/// its own file in place), big copies are found before sending and sent once, and the next
+/// deploy of the same tree is a no-op without drift. Both modes, both host kinds.
+fn first_deploy_learns(busybox: bool) {
+    for mode in ["", ", mode: in-place"] {
+        let host = Sshd::start_with(SshdOptions {
+            busybox,
+            ..Default::default()
+        });
+        let site = Site::new("learn", vec![host], one_step("app", mode));
+        site.write(b"a.txt", b"same");
+        site.write(b"d/b.txt", b"same");
+        big_file(&site, "x.bin", 1, 1);
+        big_file(&site, "y/x copy.bin", 1, 1);
+        big_file(&site, "z.bin", 1, 2);
+        let s = step(&site.deploy(&sha(1)).success());
+        assert_eq!(s["files_sent"], 4, "the big copy once: {s}");
+        let wire = s["bytes_sent"].as_u64().unwrap();
+        assert!(wire < (2 << 20) + (128 << 10), "{mode}: {wire} bytes");
+        let to = site.root().join("app");
+        for rel in ["a.txt", "d/b.txt", "x.bin", "y/x copy.bin", "z.bin"] {
+            assert_eq!(
+                std::fs::read(to.join(rel)).unwrap(),
+                std::fs::read(site.src.join(rel)).unwrap(),
+                "{mode}: {rel}"
+            );
+        }
+        let shared = |a: &str, b: &str| inode(&to.join(a)) == inode(&to.join(b));
+        if mode.is_empty() {
+            assert!(shared("a.txt", "d/b.txt") && shared("x.bin", "y/x copy.bin"));
+            let objects = std::fs::read_dir(site.root().join(".app.ferry/objects")).unwrap();
+            assert_eq!(objects.count(), 3, "one object per content");
+        } else {
+            assert!(!shared("a.txt", "d/b.txt") && !shared("x.bin", "y/x copy.bin"));
+        }
+        let s = step(&site.deploy(&sha(2)).success());
+        assert_eq!(s["changed"], false, "{mode}: {s}");
+        assert_eq!(s["files_sent"], 0);
+        assert!(s["detail"]["drift"].is_null(), "{mode}: {s}");
+    }
+}
+
+#[test]
+fn sync_first_deploy_learns_hashes_on_coreutils_host() {
+    first_deploy_learns(false);
+}
+
+#[test]
+fn sync_first_deploy_learns_hashes_on_busybox_host() {
+    first_deploy_learns(true);
+}
+
 /// Big files that do not compress travel in the stream's plain part, ahead of the gzip'd tar,
 /// and in a bulk transfer (64 MiB or more) all big files do, unless `compress: all`: both modes on
 /// both host kinds, into a missing `to` and then as an update, with a duplicate and an odd name.

@@ -25,14 +25,17 @@ use anyhow::{Context, bail};
 use tar::{EntryType, Header};
 
 use super::diff::{Apply, Plan, Source};
-use super::manifest::{Entry, Kind, Manifest};
+use super::manifest::{Entry, Kind, Manifest, UNHASHED};
 
-/// Small files that travel with the tree (`None` when re-applying a release the host has).
-pub struct Extras<'a> {
-    pub manifest: &'a [u8],
-    pub digest: &'a str,
-    pub meta_json: &'a [u8],
+/// Small files that travel with the tree, made from its manifest (the trailer).
+pub struct Extras {
+    pub manifest: Vec<u8>,
+    pub digest: String,
+    pub meta_json: Vec<u8>,
 }
+
+/// Makes the trailer from the manifest sent (`None` when re-applying a release the host has).
+pub type Trailer<'a> = Option<&'a dyn Fn(&Manifest) -> anyhow::Result<Extras>>;
 
 fn header(kind: EntryType, mode: u32, size: u64) -> Header {
     let mut h = Header::new_gnu();
@@ -60,6 +63,9 @@ pub struct Sink<'a, W> {
     pub plain: bool,
     /// Gzip every file whose content compresses, not only the small ones.
     pub compress_all: bool,
+    /// The local files' hashes are not known yet (a first deploy, where every file is sent):
+    /// the stream hashes each file as it reads it, and the writer returns the whole manifest.
+    pub learn: bool,
 }
 
 /// Content to send from which `compress: auto` sends files of [`PLAIN_MIN`] or more as they are.
@@ -117,15 +123,14 @@ impl Plain {
     fn append<W: Write>(
         &self,
         tar: &mut tar::Builder<W>,
-        local: &Manifest,
-        mut file: impl FnMut(&mut tar::Builder<W>, &Entry, &Path) -> anyhow::Result<()>,
+        mut file: impl FnMut(&mut tar::Builder<W>, usize, &Path) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
         for (path, mode) in &self.dirs {
             let mut h = header(EntryType::Directory, *mode, 0);
             tar.append_data(&mut h, path, std::io::empty())?;
         }
         for (i, path) in &self.files {
-            file(tar, &local.entries[*i], path)?;
+            file(tar, *i, path)?;
         }
         Ok(())
     }
@@ -137,8 +142,8 @@ impl Plain {
             n: 0,
         });
         let mut data = 0;
-        self.append(&mut tar, local, |tar, e, path| {
-            if let Kind::File { size, mode, .. } = e.kind {
+        self.append(&mut tar, |tar, i, path| {
+            if let Kind::File { size, mode, .. } = local.entries[i].kind {
                 let mut h = header(EntryType::Regular, mode, size);
                 tar.append_data(&mut h, path, std::io::empty())?;
                 data += size.div_ceil(512) * 512;
@@ -167,14 +172,16 @@ impl<W: Write> Write for Counted<W> {
     }
 }
 
-/// Append `e`'s content under `name`, checked against the hash it was planned with.
+/// Append `e`'s content under `name`; returns the hash of what was read. `check`: the hash it was
+/// planned with, which that must be.
 fn append_file<W: Write>(
     tar: &mut tar::Builder<W>,
     root: &Path,
     e: &Entry,
     name: &Path,
     sent: &dyn Fn(u64),
-) -> anyhow::Result<()> {
+    check: bool,
+) -> anyhow::Result<[u8; 32]> {
     let Kind::File { size, mode, hash } = &e.kind else {
         bail!("not a file");
     };
@@ -190,20 +197,24 @@ fn append_file<W: Write>(
     let mut h = header(EntryType::Regular, *mode, *size);
     tar.append_data(&mut h, name, &mut reader)
         .with_context(|| format!("sending {}", full.display()))?;
-    if reader.n != *size || reader.hasher.finalize().as_bytes() != hash {
+    let read = *reader.hasher.finalize().as_bytes();
+    if reader.n != *size || (check && read != *hash) {
         bail!(
             "{} changed while ferry was sending it; rebuild or re-run the deploy",
             full.display()
         );
     }
-    Ok(())
+    Ok(read)
 }
 
 /// The tar builder over the gzip member, and what reading a file needs.
 struct Stream<'a, W: Write> {
     tar: tar::Builder<flate2::write::GzEncoder<W>>,
     root: &'a Path,
+    local: &'a Manifest,
     sent: &'a dyn Fn(u64),
+    /// With [`Sink::learn`]: each file's hash as it was read (by entry index; zero until sent).
+    learned: Option<Vec<[u8; 32]>>,
     /// Directories of the tree the owner may not write to: made writable, their modes listed for
     /// the host to set once the tree is complete (`finish`).
     read_only: Vec<(std::path::PathBuf, u32)>,
@@ -217,10 +228,12 @@ impl<'a, W: Write> Stream<'a, W> {
     fn new(
         mut out: W,
         root: &'a Path,
-        local: &Manifest,
+        local: &'a Manifest,
         plain: &Plain,
         sent: &'a dyn Fn(u64),
+        learn: bool,
     ) -> anyhow::Result<Self> {
+        let mut learned = learn.then(|| vec![[0; 32]; local.entries.len()]);
         let blocks = if plain.files.is_empty() {
             0
         } else {
@@ -229,8 +242,14 @@ impl<'a, W: Write> Stream<'a, W> {
         writeln!(out, "{blocks}")?;
         if blocks > 0 {
             let mut tar = tar::Builder::new(Counted { inner: out, n: 0 });
-            plain.append(&mut tar, local, |tar, e, path| {
-                append_file(tar, root, e, path, sent)
+            plain.append(&mut tar, |tar, i, path| {
+                let e = &local.entries[i];
+                let check = !matches!(e.kind, Kind::File { hash, .. } if hash == UNHASHED);
+                let hash = append_file(tar, root, e, path, sent, check)?;
+                if let Some(l) = &mut learned {
+                    l[i] = hash;
+                }
+                Ok(())
             })?;
             let mut c = tar.into_inner().context("finishing the plain part")?;
             let pad = (blocks * PLAIN_BLOCK)
@@ -243,7 +262,9 @@ impl<'a, W: Write> Stream<'a, W> {
         Ok(Stream {
             tar: tar::Builder::new(gz),
             root,
+            local,
             sent,
+            learned,
             read_only: Vec::new(),
             root_mode: None,
         })
@@ -281,13 +302,21 @@ impl<'a, W: Write> Stream<'a, W> {
         self.tar.append_data(&mut h, name, data)
     }
 
-    /// A local file's content under `name`, checked against the hash it was planned with.
-    fn file(&mut self, e: &Entry, name: &Path) -> anyhow::Result<()> {
-        append_file(&mut self.tar, self.root, e, name, self.sent)
+    /// Local entry `i`'s content under `name`: checked against the hash it was planned with, or
+    /// (learning, not hashed yet) hashed as it is read. Returns that hash.
+    fn file(&mut self, i: usize, name: &Path) -> anyhow::Result<[u8; 32]> {
+        let e = &self.local.entries[i];
+        let check = !matches!(e.kind, Kind::File { hash, .. } if hash == UNHASHED);
+        let hash = append_file(&mut self.tar, self.root, e, name, self.sent, check)?;
+        if let Some(l) = &mut self.learned {
+            l[i] = hash;
+        }
+        Ok(hash)
     }
 
-    /// The small files and the trailer, then the end of the stream.
-    fn finish(mut self, dir: &str, extras: Option<&Extras<'_>>) -> anyhow::Result<()> {
+    /// The small files and the trailer, then the end of the stream. Returns the manifest sent
+    /// when the stream learned its hashes.
+    fn finish(mut self, dir: &str, trailer: Trailer<'_>) -> anyhow::Result<Option<Manifest>> {
         // `incoming/modes`: `<mode>/./<path under incoming/>`, deepest first (a parent that loses
         // its search bit would hide its children).
         let mut modes = Vec::new();
@@ -304,16 +333,28 @@ impl<'a, W: Write> Stream<'a, W> {
         if let Some(mode) = self.root_mode {
             self.small(&format!("{dir}rootmode"), format!("{mode:o}\n").as_bytes())?;
         }
-        if let Some(x) = extras {
-            self.small(&format!("{dir}manifest"), x.manifest)?;
+        let learned = self.learned.take().map(|hashes| {
+            let mut m = self.local.clone();
+            for (e, h) in m.entries.iter_mut().zip(hashes) {
+                if let Kind::File { hash, .. } = &mut e.kind
+                    && h != UNHASHED
+                {
+                    *hash = h;
+                }
+            }
+            m
+        });
+        if let Some(trailer) = trailer {
+            let x = trailer(learned.as_ref().unwrap_or(self.local))?;
+            self.small(&format!("{dir}manifest"), &x.manifest)?;
             self.small(&format!("{dir}digest"), x.digest.as_bytes())?;
-            self.small(&format!("{dir}meta.json"), x.meta_json)?;
+            self.small(&format!("{dir}meta.json"), &x.meta_json)?;
         }
         self.small(&format!("{dir}COMPLETE"), b"ok\n")?;
         let gz = self.tar.into_inner().context("finishing the stream")?;
         let mut out = gz.finish().context("finishing the stream")?;
         out.flush().context("finishing the stream")?;
-        Ok(())
+        Ok(learned)
     }
 }
 
@@ -323,9 +364,12 @@ pub fn write(
     root: &Path,
     local: &Manifest,
     plan: &Plan,
-    extras: &Extras<'_>,
+    trailer: Trailer<'_>,
     sink: Sink<'_, impl Write>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<Manifest>> {
+    if sink.learn {
+        return write_learning(root, local, plan, trailer, sink);
+    }
     let object = |i: usize| local.entries[i].object().map(|o| format!("objects/{o}"));
     let picked = match sink.plain {
         true => Plain::pick(root, local, plan.send.iter().copied(), sink.compress_all),
@@ -338,12 +382,12 @@ pub fn write(
             .filter_map(|&i| Some((i, object(i)?.into())))
             .collect(),
     };
-    let mut s = Stream::new(sink.out, root, local, &plain, sink.sent)?;
+    let mut s = Stream::new(sink.out, root, local, &plain, sink.sent, false)?;
     s.dir("objects", 0o755)?;
     let picked: rustc_hash::FxHashSet<usize> = picked.into_iter().collect();
     for &i in plan.send.iter().filter(|i| !picked.contains(i)) {
         if let Some(obj) = object(i) {
-            s.file(&local.entries[i], Path::new(&obj))?;
+            s.file(i, Path::new(&obj))?;
         }
     }
     s.tree_root("incoming/r".into(), local.root_mode)?;
@@ -363,7 +407,80 @@ pub fn write(
             }
         }
     }
-    s.finish("incoming/", Some(extras))
+    s.finish("incoming/", trailer)
+}
+
+/// Release mode when most hashes are not known yet (a first deploy: `plan.send` is every file
+/// but known copies). An object's name is known only once its content is read, so each file
+/// goes to its path in the tree and its object follows as a hard link to it; a later path with
+/// the same content is linked to that object (if not known as a copy before, its content
+/// travelled once more: only small files, see `COPY_MIN` in [`super`]).
+fn write_learning(
+    root: &Path,
+    local: &Manifest,
+    plan: &Plan,
+    trailer: Trailer<'_>,
+    sink: Sink<'_, impl Write>,
+) -> anyhow::Result<Option<Manifest>> {
+    let tree = |p: &[u8]| rel("incoming/r/", p);
+    let picked = match sink.plain {
+        true => Plain::pick(root, local, plan.send.iter().copied(), sink.compress_all),
+        false => Vec::new(),
+    };
+    // The plain part makes the tree's directories (writable while filled) before its files.
+    let mut plain = Plain::default();
+    if !picked.is_empty() {
+        plain
+            .dirs
+            .push(("incoming/r".into(), local.root_mode | FILL));
+        plain
+            .dirs
+            .extend(local.entries.iter().filter_map(|e| match e.kind {
+                Kind::Dir { mode } => Some((tree(&e.path), mode | FILL)),
+                _ => None,
+            }));
+        plain.files = picked
+            .iter()
+            .map(|&i| (i, tree(&local.entries[i].path)))
+            .collect();
+    }
+    let mut s = Stream::new(sink.out, root, local, &plain, sink.sent, true)?;
+    s.dir("objects", 0o755)?;
+    let in_plain: rustc_hash::FxHashSet<usize> = picked.into_iter().collect();
+    let send: rustc_hash::FxHashSet<usize> = plan.send.iter().copied().collect();
+    s.tree_root("incoming/r".into(), local.root_mode)?;
+    let mut objects = rustc_hash::FxHashSet::default();
+    for (i, e) in local.entries.iter().enumerate() {
+        let path = tree(&e.path);
+        match &e.kind {
+            Kind::Dir { mode } => s.tree_dir(path, *mode)?,
+            Kind::Symlink { target } => s.link(
+                EntryType::Symlink,
+                0o777,
+                &path,
+                Path::new(OsStr::from_bytes(target)),
+            )?,
+            Kind::File { mode, hash, .. } => {
+                let hash = if in_plain.contains(&i) {
+                    s.learned.as_ref().expect("learning")[i]
+                } else if send.contains(&i) {
+                    s.file(i, &path)?
+                } else {
+                    *hash
+                };
+                let obj = std::path::PathBuf::from(format!(
+                    "objects/{}",
+                    super::manifest::object_name(&hash, *mode)
+                ));
+                if objects.insert(obj.clone()) {
+                    s.link(EntryType::Link, *mode, &obj, &path)?
+                } else {
+                    s.link(EntryType::Link, *mode, &path, &obj)?
+                }
+            }
+        }
+    }
+    s.finish("incoming/", trailer)
 }
 
 /// The staging directory inside `to` (same filesystem, so staged files rename into place).
@@ -380,9 +497,13 @@ pub fn write_in_place(
     name: &str,
     local: &Manifest,
     apply: &Apply,
-    extras: Option<&Extras<'_>>,
+    trailer: Trailer<'_>,
     sink: Sink<'_, impl Write>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<Manifest>> {
+    // (Learning, nothing can come from the host: `to` and the store are missing.)
+    if sink.learn && !apply.fresh {
+        bail!("hashes are learned only for a missing `to`");
+    }
     let store = format!(".{name}.ferry/");
     // A missing `to` is staged whole (with its directories' modes) in the store, renamed in later.
     let (staging, staging_mode) = if apply.fresh {
@@ -437,7 +558,7 @@ pub fn write_in_place(
             .map(|i| (i, rel(&staging, &local.entries[i].path)))
             .collect();
     }
-    let mut s = Stream::new(sink.out, root, local, &plain, sink.sent)?;
+    let mut s = Stream::new(sink.out, root, local, &plain, sink.sent, sink.learn)?;
     let in_plain: rustc_hash::FxHashSet<usize> = plain.files.iter().map(|(i, _)| *i).collect();
     // Records `<object>/<path>` for the host to copy when `to` is on another filesystem.
     let (mut keep, mut fetch) = (Vec::new(), Vec::new());
@@ -532,7 +653,9 @@ pub fn write_in_place(
             }
             // (Already staged by the plain part.)
             (Kind::File { .. }, None) if in_plain.contains(i) => {}
-            _ => s.file(e, &path)?,
+            _ => {
+                s.file(*i, &path)?;
+            }
         }
     }
     let list = |items: &mut dyn Iterator<Item = Vec<u8>>| -> Vec<u8> {
@@ -558,7 +681,7 @@ pub fn write_in_place(
     if shared {
         s.small(&format!("{store}incoming/shared"), b"")?;
     }
-    s.finish(&format!("{store}incoming/"), extras)
+    s.finish(&format!("{store}incoming/"), trailer)
 }
 
 /// Reads a file while hashing it, so that what is sent is exactly what was hashed.
@@ -657,15 +780,28 @@ mod tests {
         std::os::unix::fs::symlink("dup", src.join("link")).unwrap();
         let m = scan(&src, &[], None).unwrap();
         let p = diff::plan(&m, None, &Default::default());
-        let extras = Extras {
-            manifest: &m.encode(),
-            digest: &m.digest(),
-            meta_json: b"{}",
+        let trailer = |m: &Manifest| {
+            Ok(Extras {
+                manifest: m.encode(),
+                digest: m.digest(),
+                meta_json: b"{}".to_vec(),
+            })
         };
         assert!(incompressible(&noise[..8192]) && !incompressible(&[b'a'; 8192]));
-        for all in [true, false] {
+        // (compress_all, learn): learning, the stream hashes the files it sends.
+        for (all, learn) in [(true, false), (false, false), (false, true), (true, true)] {
             let mut out = Vec::new();
-            write(&src, &m, &p, &extras, sink(&mut out, all)).unwrap();
+            let mut sink = sink(&mut out, all);
+            sink.learn = learn;
+            let learned = if learn {
+                let unhashed = crate::sync::manifest::walk(&src, &[], None).unwrap();
+                assert_eq!(unhashed.unhashed.len(), 6);
+                let all_files = diff::plan_all(&unhashed.manifest);
+                write(&src, &unhashed.manifest, &all_files, Some(&trailer), sink).unwrap()
+            } else {
+                write(&src, &m, &p, Some(&trailer), sink).unwrap()
+            };
+            assert_eq!(learned.as_ref(), learn.then_some(&m));
             if all {
                 assert!(out.starts_with(b"2\n"), "only the noise goes plain");
                 assert!(out.len() < 2 * 65536 + big.len() / 4, "{}", out.len());
@@ -673,7 +809,7 @@ mod tests {
                 assert!(out.len() > big.len() + 100_000, "the big files go plain");
             }
             for tar in ["tar", "busybox tar"] {
-                let dst = base.join(format!("{}-{all}", tar.replace(' ', "_")));
+                let dst = base.join(format!("{}-{all}-{learn}", tar.replace(' ', "_")));
                 std::fs::create_dir_all(&dst).unwrap();
                 untar(tar, &dst, &out);
                 let r = dst.join("incoming/r");
@@ -691,6 +827,19 @@ mod tests {
                 );
                 assert!(dst.join("incoming/COMPLETE").exists());
                 assert_eq!(std::fs::read_dir(dst.join("objects")).unwrap().count(), 5);
+                // Every file is a link to its object; the copy of `one` too.
+                for e in &m.entries {
+                    if let Some(o) = e.object() {
+                        let f = r.join(OsStr::from_bytes(&e.path));
+                        assert_eq!(
+                            inode(&f),
+                            inode(&dst.join("objects").join(o)),
+                            "{tar} {f:?}"
+                        );
+                    }
+                }
+                let sent = std::fs::read(dst.join("incoming/manifest")).unwrap();
+                assert_eq!(Manifest::decode(&sent).unwrap(), m);
             }
         }
         std::fs::remove_dir_all(&base).unwrap();
@@ -780,6 +929,7 @@ mod tests {
             sent: &|_| {},
             plain: true,
             compress_all,
+            learn: false,
         }
     }
 

@@ -4,7 +4,7 @@
 
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
-use super::manifest::{Entry, Kind, Manifest};
+use super::manifest::{Entry, Kind, Manifest, UNHASHED};
 
 /// What a deploy changes on one host, and what it must send.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -75,6 +75,28 @@ pub fn plan(local: &Manifest, live: Option<&Manifest>, have: &HashSet<String>) -
         if !seen_paths.contains(e.path.as_slice()) {
             p.deleted.push(e.display());
         }
+    }
+    p
+}
+
+/// A first deploy whose hashes are mostly not known yet (the stream learns them): every path is
+/// added, every file sent but copies of content already queued (as far as hashes are known).
+pub fn plan_all(local: &Manifest) -> Plan {
+    let mut p = Plan::default();
+    let mut queued = HashSet::default();
+    for (i, e) in local.entries.iter().enumerate() {
+        match e.kind {
+            Kind::Dir { .. } => continue,
+            Kind::File { size, hash, mode } => {
+                p.changed_bytes += size;
+                if hash == UNHASHED || queued.insert((hash, mode)) {
+                    p.send.push(i);
+                    p.send_bytes += size;
+                }
+            }
+            Kind::Symlink { .. } => {}
+        }
+        p.added.push(e.display());
     }
     p
 }

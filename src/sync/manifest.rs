@@ -205,6 +205,28 @@ pub fn scan(
     exclude: &[String],
     cache_file: Option<&Path>,
 ) -> anyhow::Result<Manifest> {
+    walk(root, exclude, cache_file)?.hash()
+}
+
+/// A walked tree: every entry stat'ed, files' hashes taken from the cache where it still knows
+/// them. The rest are hashed by [`Walked::hash`], or by the stream that sends them
+/// ([`Walked::complete`] then takes what it learned).
+pub struct Walked {
+    /// The tree; the files of `unhashed` carry a zero hash.
+    pub manifest: Manifest,
+    /// Indices of the files the cache did not know.
+    pub unhashed: Vec<usize>,
+    root: PathBuf,
+    /// Each file's stat facts (its cache row without the hash), by entry index.
+    keys: Vec<(usize, CacheRow)>,
+    cache_file: Option<PathBuf>,
+    /// Rows the cache held when it was read.
+    cached: usize,
+}
+
+/// Walk `root` (excludes, no symlink followed) and stat every entry in parallel, reading the
+/// hash cache `cache_file` meanwhile. Hashes nothing the cache does not know.
+pub fn walk(root: &Path, exclude: &[String], cache_file: Option<&Path>) -> anyhow::Result<Walked> {
     let root_meta = std::fs::metadata(root)
         .with_context(|| format!("cannot read the sync source {}", root.display()))?;
     if !root_meta.is_dir() {
@@ -229,7 +251,7 @@ pub fn scan(
         })
         .build();
     let started = std::time::Instant::now();
-    // The cache loads while the tree is walked; stat and hashing run in parallel after.
+    // The cache loads while the tree is walked; stat runs in parallel after.
     let (found, cache) = std::thread::scope(|s| {
         let cache = s.spawn(|| cache_file.map(load_cache).unwrap_or_default());
         let mut found = Vec::new();
@@ -246,38 +268,113 @@ pub fn scan(
         anyhow::Ok((found, cache.join().unwrap_or_default()))
     })?;
     let walked = started.elapsed();
-    let entries: Vec<anyhow::Result<(Entry, Option<CacheRow>, bool)>> = found
+    let mut entries = found
         .into_par_iter()
         .map(|f| entry_for(f, &cache))
-        .collect();
-    let mut out = Vec::with_capacity(entries.len());
-    let mut rows = Vec::new();
-    let mut hashed = 0usize;
-    for e in entries {
-        let (entry, row, fresh) = e?;
-        hashed += usize::from(fresh);
-        if let Some(r) = row {
-            rows.push((entry.path.clone(), r));
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    entries.sort_by(|a, b| a.0.path.cmp(&b.0.path));
+    let mut out = Walked {
+        manifest: Manifest {
+            root_mode: root_meta.mode() & 0o7777,
+            entries: Vec::with_capacity(entries.len()),
+        },
+        unhashed: Vec::new(),
+        root: root.to_path_buf(),
+        keys: Vec::new(),
+        cache_file: cache_file.map(Path::to_path_buf),
+        cached: cache.len(),
+    };
+    for (i, (entry, key, known)) in entries.into_iter().enumerate() {
+        if let Some(k) = key {
+            out.keys.push((i, k));
+            if !known {
+                out.unhashed.push(i);
+            }
         }
-        out.push(entry);
+        out.manifest.entries.push(entry);
     }
-    out.sort_by(|a, b| a.path.cmp(&b.path));
-    let stated = started.elapsed();
-    // Rewrite the cache only when it learned or forgot something.
-    if let Some(file) = cache_file
-        && (hashed > 0 || rows.len() != cache.len())
-        && let Err(e) = save_cache(file, &rows)
-    {
-        tracing::debug!("cannot write the hash cache {}: {e:#}", file.display());
-    }
-    tracing::debug!(?walked, ?stated, saved = ?started.elapsed(), hashed, "scan phases");
-    Ok(Manifest {
-        root_mode: root_meta.mode() & 0o7777,
-        entries: out,
-    })
+    tracing::debug!(?walked, stated = ?started.elapsed(), unhashed = out.unhashed.len(), "walked {}", root.display());
+    Ok(out)
 }
 
-/// The entry for one walked path, its cache row (files), and whether its hash was computed afresh.
+/// The hash of a file not hashed yet.
+pub const UNHASHED: [u8; 32] = [0; 32];
+
+impl Walked {
+    /// The manifest, hashing in parallel what the cache did not know; the cache learns it.
+    pub fn hash(&self) -> anyhow::Result<Manifest> {
+        self.hash_some(|_| true)
+    }
+
+    /// The manifest for a stream that hashes files as it sends them: only files of `min` bytes
+    /// or more that share their size with another are hashed now (so copies of big content are
+    /// found before sending); the other files the cache did not know are [`UNHASHED`].
+    pub fn hash_copies(&self, min: u64) -> anyhow::Result<Manifest> {
+        let size = |i: usize| match self.manifest.entries[i].kind {
+            Kind::File { size, .. } if size >= min => Some(size),
+            _ => None,
+        };
+        let mut sizes: HashMap<u64, u32> = HashMap::default();
+        for (i, _) in &self.keys {
+            if let Some(n) = size(*i) {
+                *sizes.entry(n).or_default() += 1;
+            }
+        }
+        self.hash_some(|i| size(i).is_some_and(|n| sizes[&n] > 1))
+    }
+
+    /// The manifest with the unhashed files that `pick` picks hashed (in parallel).
+    fn hash_some(&self, pick: impl Fn(usize) -> bool + Sync) -> anyhow::Result<Manifest> {
+        let started = std::time::Instant::now();
+        let hashes = self
+            .unhashed
+            .par_iter()
+            .filter(|&&i| pick(i))
+            .map(|&i| {
+                let path = OsStr::from_bytes(&self.manifest.entries[i].path);
+                Ok((i, hash_file(&self.root.join(path))?))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let mut m = self.manifest.clone();
+        let n = hashes.len();
+        for (i, h) in hashes {
+            if let Kind::File { hash, .. } = &mut m.entries[i].kind {
+                *hash = h;
+            }
+        }
+        tracing::debug!(elapsed = ?started.elapsed(), hashed = n, "hashed {}", self.root.display());
+        if n == self.unhashed.len() {
+            self.remember(&m);
+        }
+        Ok(m)
+    }
+
+    /// Write the hashes of `m` (this tree, hashed) to the cache, if it learned or forgot any.
+    pub fn remember(&self, m: &Manifest) {
+        let Some(file) = &self.cache_file else {
+            return;
+        };
+        if self.unhashed.is_empty() && self.keys.len() == self.cached {
+            return;
+        }
+        let rows: Vec<(&[u8], CacheRow)> = self
+            .keys
+            .iter()
+            .filter_map(|&(i, k)| match m.entries.get(i)?.kind {
+                Kind::File { hash, .. } => {
+                    Some((m.entries[i].path.as_slice(), CacheRow { hash, ..k }))
+                }
+                _ => None,
+            })
+            .collect();
+        if let Err(e) = save_cache(file, &rows) {
+            tracing::debug!("cannot write the hash cache {}: {e:#}", file.display());
+        }
+    }
+}
+
+/// The entry for one walked path; for a file, its stat facts (a cache row without the hash) and
+/// whether the cache knew its hash (else it is zero).
 fn entry_for(
     f: Found,
     cache: &HashMap<Vec<u8>, CacheRow>,
@@ -303,22 +400,18 @@ fn entry_for(
         }
     } else if t.is_file() {
         let key = CacheRow::key(&meta);
-        let (hash, fresh) = match cache.get(&f.path) {
-            Some(row) if row.same_file(&key) => (row.hash, false),
-            _ => (hash_file(&f.full)?, true),
-        };
-        let row = CacheRow { hash, ..key };
+        let known = cache.get(&f.path).filter(|row| row.same_file(&key));
         return Ok((
             Entry {
                 path: f.path,
                 kind: Kind::File {
                     size: meta.len(),
                     mode: meta.mode() & 0o7777,
-                    hash,
+                    hash: known.map_or(UNHASHED, |row| row.hash),
                 },
             },
-            Some(row),
-            fresh,
+            Some(key),
+            known.is_some(),
         ));
     } else {
         bail!(
@@ -442,7 +535,7 @@ fn load_cache(file: &Path) -> HashMap<Vec<u8>, CacheRow> {
     map
 }
 
-fn save_cache(file: &Path, rows: &[(Vec<u8>, CacheRow)]) -> anyhow::Result<()> {
+fn save_cache(file: &Path, rows: &[(&[u8], CacheRow)]) -> anyhow::Result<()> {
     let mut out = CACHE_MAGIC.to_vec();
     for (p, r) in rows {
         for v in [

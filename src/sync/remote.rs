@@ -344,8 +344,9 @@ collect_unnamed() {
   { ls objects; cat incoming.keep incoming.keep; } | LC_ALL=C sort | uniq -u | ( cd objects && xargs -r rm -f -- )
   rm -f incoming.keep
 }
+# (The store record ends a line: the controller decides on it whether to hash its tree.)
 if [ -d "$S/releases" ]; then
-  rec store yes
+  rec store yes; echo
   cd "$S" || exit 1
   if [ -e "$P/.$N.ferry-new" ] || [ -L "$P/.$N.ferry-new" ]; then rm -f "$P/.$N.ferry-new"; fi
   [ -e stamp ] || : > stamp
@@ -368,7 +369,7 @@ if [ -d "$S/releases" ]; then
     rec tail "$(wc -c < inventory.gz)"; cat inventory.gz; rm -f inventory.gz
   fi
 else
-  rec store no
+  rec store no; echo
   read -r D || exit 0
 fi
 # The stream's plain part needs a `dd` that reads exact blocks from a pipe.
@@ -481,11 +482,25 @@ pub fn safe_id(id: &str) -> bool {
 }
 
 /// Where the deploy script's inventory ends (just past its `end` record), once it has all arrived.
+/// Where the deploy script's `store` record ends, once it came (records before it hold no tail).
+pub fn store_known(out: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while i < out.len() {
+        let end = i + out[i..].iter().position(|&b| b == 0)?;
+        let rec = out[i..end].strip_prefix(b"\n").unwrap_or(&out[i..end]);
+        if rec.starts_with(b"store\t") {
+            return Some(end + 1);
+        }
+        i = end + 1;
+    }
+    None
+}
+
 pub fn inventory_end(out: &[u8]) -> Option<usize> {
     let mut i = 0;
     while i < out.len() {
         let end = i + out[i..].iter().position(|&b| b == 0)?;
-        let rec = &out[i..end];
+        let rec = out[i..end].strip_prefix(b"\n").unwrap_or(&out[i..end]);
         if rec == b"end\t" {
             return Some(end + 1);
         }
@@ -682,7 +697,8 @@ pub fn parse_inventory(out: &[u8], to_name: &str) -> anyhow::Result<Inventory> {
     let mut rest = out;
     while !rest.is_empty() {
         let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
-        let rec = &rest[..end];
+        // (A record may start a line: the deploy script ends one after `store`.)
+        let rec = rest[..end].strip_prefix(b"\n").unwrap_or(&rest[..end]);
         let after = &rest[(end + 1).min(rest.len())..];
         let (key, value) = match rec.iter().position(|&b| b == b'\t') {
             Some(t) => (&rec[..t], &rec[t + 1..]),
