@@ -308,8 +308,9 @@ pub(super) const UNPACK: &str = unpack_sh!();
 
 /// A whole deploy in one exec. First it cleans up what an interrupted deploy left (`incoming/`,
 /// then in release mode objects no release links to) and prints the same records as
-/// [`INVENTORY`] up to the digest check. It reads the local tree's digest from stdin (the
-/// controller scans meanwhile), prints `same` or the tail (with its length), then `end`. Then it
+/// [`INVENTORY`] up to the digest check (the `store` record ends a line: without a store, the
+/// controller sends without hashing first). It reads the local tree's digest (or `-`) from stdin
+/// (the controller hashes meanwhile), prints `same` or the tail (with its length), then `end`. Then it
 /// reads one line: `<release id> <adopt 0|1> <ids to prune> <objects to drop> <again 0|1>` (lists
 /// comma-separated, `-` for none), or EOF to stop there. The rest of stdin is the stream
 /// (`unpack`). Release mode: drop the objects edited by hand, unpack the stream in the store
@@ -358,7 +359,7 @@ if [ -d "$S/releases" ]; then
 "#,
     store_state_sh!(),
     r#"
-  # The digest of the local tree comes once the controller has scanned it (meanwhile, we did).
+  # The digest of the local tree comes once the controller has hashed it (meanwhile, we scanned).
   read -r D || exit 0
   if [ -z "$dirty" ] && [ -n "$live" ] && [ -f "meta/$live.digest" ] &&
      live_digest_is "$D"; then
