@@ -470,7 +470,7 @@ fn write_learning(
                 };
                 let obj = std::path::PathBuf::from(format!(
                     "objects/{}",
-                    super::manifest::object_name(&hash, *mode)
+                    super::manifest::ObjectId::new(hash, *mode)
                 ));
                 if objects.insert(obj.clone()) {
                     s.link(EntryType::Link, *mode, &obj, &path)?
@@ -562,8 +562,8 @@ pub fn write_in_place(
     let in_plain: rustc_hash::FxHashSet<usize> = plain.files.iter().map(|(i, _)| *i).collect();
     // Records `<object>/<path>` for the host to copy when `to` is on another filesystem.
     let (mut keep, mut fetch) = (Vec::new(), Vec::new());
-    let record = |list: &mut Vec<u8>, obj: &str, path: &[u8]| {
-        list.extend_from_slice(obj.as_bytes());
+    let record = |list: &mut Vec<u8>, obj: &super::manifest::ObjectId, path: &[u8]| {
+        list.extend_from_slice(obj.to_string().as_bytes());
         list.push(b'/');
         list.extend_from_slice(path);
         list.push(0);
@@ -609,7 +609,7 @@ pub fn write_in_place(
             Source::Object(o) if apply.xdev => (format!("o:{o}"), None, true),
             Source::Object(o) => (
                 format!("o:{o}"),
-                Some(rel(&format!("{store}objects/"), o.as_bytes())),
+                Some(rel(&format!("{store}objects/"), o.to_string().as_bytes())),
                 false,
             ),
             Source::Live(p) => (
@@ -833,7 +833,7 @@ mod tests {
                         let f = r.join(OsStr::from_bytes(&e.path));
                         assert_eq!(
                             inode(&f),
-                            inode(&dst.join("objects").join(o)),
+                            inode(&dst.join("objects").join(o.to_string())),
                             "{tar} {f:?}"
                         );
                     }
@@ -875,7 +875,7 @@ mod tests {
             live: Some(&live),
             ..Default::default()
         };
-        let have: rustc_hash::FxHashSet<String> = target.contents().keys().cloned().collect();
+        let have: rustc_hash::FxHashSet<_> = target.contents().keys().copied().collect();
         let p = diff::plan(&m, Some(&live), &have);
         let apply = diff::in_place(&m, &target, &Default::default(), &p.send, true);
         let mut out = Vec::new();
@@ -907,7 +907,7 @@ mod tests {
                 inode(&staged.join("d/copy.js"))
             );
             assert_eq!(std::fs::read(links.join("renamed.js")).unwrap(), b"old");
-            let kept = dst.join(".app.ferry/objects").join(&old_obj);
+            let kept = dst.join(".app.ferry/objects").join(old_obj.to_string());
             assert_eq!(
                 inode(&kept),
                 inode(&dst.join("app/old.js")),

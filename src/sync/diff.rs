@@ -4,7 +4,7 @@
 
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
-use super::manifest::{Entry, Kind, Manifest, UNHASHED};
+use super::manifest::{Entry, Kind, Manifest, ObjectId, UNHASHED};
 
 /// What a deploy changes on one host, and what it must send.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -21,8 +21,6 @@ pub struct Plan {
     pub send: Vec<usize>,
     /// Content bytes to send (before compression).
     pub send_bytes: u64,
-    /// Objects the store holds but that were edited on the host; they are replaced if needed.
-    pub drifted: Vec<String>,
 }
 
 impl Plan {
@@ -33,7 +31,7 @@ impl Plan {
 }
 
 /// Compare. `live` is `None` on a first deploy; `have` holds object names present and trusted.
-pub fn plan(local: &Manifest, live: Option<&Manifest>, have: &HashSet<String>) -> Plan {
+pub fn plan(local: &Manifest, live: Option<&Manifest>, have: &HashSet<ObjectId>) -> Plan {
     let mut p = Plan::default();
     let live_files = || {
         live.into_iter()
@@ -118,7 +116,7 @@ pub struct Target<'a> {
     /// `to` is on another filesystem than the store.
     pub xdev: bool,
     /// [`Target::contents`], once asked for.
-    pub(super) contents: std::cell::OnceCell<HashMap<String, &'a [u8]>>,
+    pub(super) contents: std::cell::OnceCell<HashMap<ObjectId, &'a [u8]>>,
 }
 
 impl<'a> Target<'a> {
@@ -133,7 +131,7 @@ impl<'a> Target<'a> {
     }
 
     /// Objects the host holds in `to`, each at one intact path (worked out once).
-    pub fn contents(&self) -> &HashMap<String, &'a [u8]> {
+    pub fn contents(&self) -> &HashMap<ObjectId, &'a [u8]> {
         self.contents.get_or_init(|| {
             let mut out = HashMap::default();
             for e in self.live.map(|m| m.entries.as_slice()).unwrap_or_default() {
@@ -154,7 +152,7 @@ pub enum Source {
     /// The stream (the local file; symlinks too).
     Sent,
     /// The store's object of that name.
-    Object(String),
+    Object(ObjectId),
     /// A file in `to` that holds this content now.
     Live(Vec<u8>),
     /// An earlier path of this apply that gets the same content.
@@ -168,7 +166,7 @@ pub struct Apply {
     pub write: Vec<(usize, Source)>,
     /// Live files whose content goes into the store (object, path) before they are replaced or
     /// removed, so that earlier releases can be applied again.
-    pub preserve: Vec<(String, Vec<u8>)>,
+    pub preserve: Vec<(ObjectId, Vec<u8>)>,
     /// Of those, the ones that stay in `to` as extras (`delete: false`): kept by copying, since a
     /// link would share the inode with a file ferry no longer watches.
     pub copy_kept: HashSet<Vec<u8>>,
@@ -190,7 +188,7 @@ pub struct Apply {
 pub fn in_place(
     local: &Manifest,
     target: &Target<'_>,
-    objects: &HashSet<String>,
+    objects: &HashSet<ObjectId>,
     sent: &[usize],
     delete: bool,
 ) -> Apply {
@@ -204,7 +202,7 @@ pub fn in_place(
         .map(|m| m.entries.iter().map(|e| (e.path.as_slice(), e)).collect())
         .unwrap_or_default();
     let sent: HashSet<usize> = sent.iter().copied().collect();
-    let mut staged: HashMap<String, &[u8]> = HashMap::default();
+    let mut staged: HashMap<ObjectId, &[u8]> = HashMap::default();
     if target.live.map(|m| m.root_mode) != Some(local.root_mode) {
         a.dirs.push((local.root_mode, b".".to_vec()));
     }
@@ -223,7 +221,7 @@ pub fn in_place(
                 } else if let Some(p) = staged.get(&o) {
                     Source::Staged(p.to_vec())
                 } else if objects.contains(&o) {
-                    Source::Object(o.clone())
+                    Source::Object(o)
                 } else if let Some(p) = target.contents().get(&o) {
                     Source::Live(p.to_vec())
                 } else {
@@ -252,7 +250,7 @@ pub fn in_place(
             && target.intact(e)
             && let Some(o) = e.object()
             && !objects.contains(&o)
-            && preserved.insert(o.clone())
+            && preserved.insert(o)
         {
             if !delete && !now.contains_key(path) {
                 a.copy_kept.insert(path.to_vec());
@@ -388,7 +386,7 @@ mod tests {
         }
     }
 
-    fn obj(content: &[u8]) -> String {
+    fn obj(content: &[u8]) -> ObjectId {
         file("x", content).object().unwrap()
     }
 
@@ -411,7 +409,7 @@ mod tests {
             live: Some(&live),
             ..Default::default()
         };
-        let have: HashSet<String> = target.contents().keys().cloned().collect();
+        let have: HashSet<ObjectId> = target.contents().keys().cloned().collect();
         let p = plan(&local, Some(&live), &have);
         assert_eq!(p.send, vec![1], "only the new content travels");
         let a = in_place(&local, &target, &HashSet::default(), &p.send, true);
@@ -528,7 +526,7 @@ mod tests {
     #[test]
     fn renamed_file_is_not_sent_again_and_changes_are_classified() {
         let live = tree(vec![file("chunk.1.js", b"code"), file("index.html", b"v1")]);
-        let have: HashSet<String> = live.entries.iter().filter_map(Entry::object).collect();
+        let have: HashSet<ObjectId> = live.entries.iter().filter_map(Entry::object).collect();
         let local = tree(vec![file("chunk.2.js", b"code"), file("index.html", b"v2")]);
         let p = plan(&local, Some(&live), &have);
         assert_eq!(p.added, ["chunk.2.js"]);
@@ -540,7 +538,7 @@ mod tests {
     #[test]
     fn mode_change_is_a_change_and_a_new_object() {
         let live = tree(vec![file("run.sh", b"#!/bin/sh")]);
-        let have: HashSet<String> = live.entries.iter().filter_map(Entry::object).collect();
+        let have: HashSet<ObjectId> = live.entries.iter().filter_map(Entry::object).collect();
         let mut exec = file("run.sh", b"#!/bin/sh");
         if let Kind::File { mode, .. } = &mut exec.kind {
             *mode = 0o755;

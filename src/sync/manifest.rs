@@ -37,10 +37,10 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// The content-store name of a file: `<blake3 hex>.<octal mode>` (hard links share the mode).
-    pub fn object(&self) -> Option<String> {
+    /// A file's content-store object (hard links share the mode).
+    pub fn object(&self) -> Option<ObjectId> {
         match &self.kind {
-            Kind::File { mode, hash, .. } => Some(object_name(hash, *mode)),
+            Kind::File { mode, hash, .. } => Some(ObjectId::new(*hash, *mode)),
             _ => None,
         }
     }
@@ -50,16 +50,54 @@ impl Entry {
     }
 }
 
-pub fn object_name(hash: &[u8; 32], mode: u32) -> String {
-    use std::fmt::Write;
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(70);
-    for &b in hash {
-        s.push(HEX[usize::from(b >> 4)] as char);
-        s.push(HEX[usize::from(b & 15)] as char);
+/// A content-store object: a blake3 hash and a mode, named `<hash hex>.<octal mode>` on the host
+/// (formatted only when a name is written: planning compares these by value).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectId {
+    pub hash: [u8; 32],
+    pub mode: u32,
+}
+
+impl ObjectId {
+    pub fn new(hash: [u8; 32], mode: u32) -> ObjectId {
+        ObjectId {
+            hash,
+            mode: mode & 0o7777,
+        }
     }
-    let _ = write!(s, ".{:o}", mode & 0o7777);
-    s
+
+    /// Parse an object's name as ferry spells it (lowercase hex, the mode without a leading
+    /// zero); `None` for any other name.
+    pub fn parse(name: &[u8]) -> Option<ObjectId> {
+        let (hex, mode) = (name.get(..64)?, name.get(65..)?);
+        let lower = |b: &u8| b.is_ascii_digit() || (b'a'..=b'f').contains(b);
+        let octal = |b: &u8| (b'0'..=b'7').contains(b);
+        if name[64] != b'.'
+            || !hex.iter().all(lower)
+            || mode.is_empty()
+            || mode.len() > 4
+            || !mode.iter().all(octal)
+            || (mode[0] == b'0' && mode.len() > 1)
+        {
+            return None;
+        }
+        let mut hash = [0u8; 32];
+        hex::decode_to_slice(hex, &mut hash).ok()?;
+        Some(ObjectId::new(hash, parse_mode(mode)?))
+    }
+}
+
+impl std::fmt::Display for ObjectId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut hex = [0u8; 64];
+        for (i, &b) in self.hash.iter().enumerate() {
+            hex[2 * i] = HEX[usize::from(b >> 4)];
+            hex[2 * i + 1] = HEX[usize::from(b & 15)];
+        }
+        let hex = std::str::from_utf8(&hex).expect("hex digits");
+        write!(f, "{hex}.{:o}", self.mode)
+    }
 }
 
 /// A whole tree: entries sorted by path (a directory precedes its contents), plus the root's mode.
@@ -575,6 +613,28 @@ mod tests {
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).unwrap();
         p
+    }
+
+    #[test]
+    fn object_names_round_trip_and_others_are_refused() {
+        let o = ObjectId::new([0xab; 32], 0o100644);
+        assert_eq!(o.mode, 0o644, "only permission bits name an object");
+        let name = o.to_string();
+        assert_eq!(name, format!("{}.644", "ab".repeat(32)));
+        assert_eq!(ObjectId::parse(name.as_bytes()), Some(o));
+        let exec = ObjectId::new([1; 32], 0o4755).to_string();
+        assert_eq!(ObjectId::parse(exec.as_bytes()).unwrap().mode, 0o4755);
+        for bad in [
+            name.to_uppercase(),
+            format!("{}.0644", "ab".repeat(32)),
+            format!("{}.648", "ab".repeat(32)),
+            format!("{}.", "ab".repeat(32)),
+            format!("{}.644", "ab".repeat(31)),
+            format!("{}.644.tmp", "ab".repeat(32)),
+            "cc.755".into(),
+        ] {
+            assert_eq!(ObjectId::parse(bad.as_bytes()), None, "{bad}");
+        }
     }
 
     #[test]

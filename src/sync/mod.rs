@@ -408,7 +408,14 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
 }
 
 /// The deploy script's parameter line (see [`remote::DEPLOY`]).
-fn params_line(id: &str, adopt: bool, prune: &[String], drop: &[String], again: bool) -> String {
+fn params_line(
+    id: &str,
+    adopt: bool,
+    prune: &[String],
+    drop: &[manifest::ObjectId],
+    again: bool,
+) -> String {
+    let drop: Vec<String> = drop.iter().map(ToString::to_string).collect();
     let list = |v: &[String]| {
         let v: Vec<&str> = v
             .iter()
@@ -425,7 +432,7 @@ fn params_line(id: &str, adopt: bool, prune: &[String], drop: &[String], again: 
         "{id} {} {} {} {}\n",
         u8::from(adopt),
         list(prune),
-        list(drop),
+        list(&drop),
         u8::from(again)
     )
 }

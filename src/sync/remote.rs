@@ -37,7 +37,7 @@ use anyhow::Context;
 use rustc_hash::FxHashSet as HashSet;
 
 use super::diff::Target;
-use super::manifest::Manifest;
+use super::manifest::{Manifest, ObjectId};
 
 /// The store directory of a target path, and the pieces scripts need.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -598,7 +598,7 @@ pub struct Inventory {
     /// Files of the live tree (paths inside it) edited in place by hand, sharing an object's inode.
     pub edited: Vec<Vec<u8>>,
     /// The objects those edits spoilt (known when the live manifest came along).
-    pub drifted: Vec<String>,
+    pub drifted: Vec<ObjectId>,
     /// Other paths of the live tree added, replaced or changed by hand (release mode: also
     /// directories whose entries changed).
     pub touched: Vec<Vec<u8>>,
@@ -619,7 +619,7 @@ pub struct Inventory {
     /// In-place mode: the release last applied into the directory `to`.
     pub inplace: Option<String>,
     pub live_manifest: Option<Manifest>,
-    pub objects: HashSet<String>,
+    pub objects: HashSet<ObjectId>,
 }
 
 impl Inventory {
@@ -632,13 +632,12 @@ impl Inventory {
     }
 
     /// Objects present and not edited by hand.
-    pub fn trusted_objects(&self) -> HashSet<String> {
-        let drifted: HashSet<&str> = self.drifted.iter().map(String::as_str).collect();
-        self.objects
-            .iter()
-            .filter(|o| !drifted.contains(o.as_str()))
-            .cloned()
-            .collect()
+    pub fn trusted_objects(&self) -> HashSet<ObjectId> {
+        let mut trusted = self.objects.clone();
+        for o in &self.drifted {
+            trusted.remove(o);
+        }
+        trusted
     }
 
     /// In-place mode: what `to` holds, as the host reported it.
@@ -814,11 +813,10 @@ fn parse_tail(gz: &[u8], inv: &mut Inventory) -> anyhow::Result<()> {
             Some(Manifest::decode(manifest).context("the live release's manifest")?);
     }
     // The manifest ends with a NUL and the separator adds two; skip them all.
-    inv.objects = String::from_utf8_lossy(&data[split..])
-        .trim_start_matches('\0')
-        .lines()
-        .filter(|l| !l.is_empty())
-        .map(str::to_string)
+    // (Names ferry did not write are no object of any tree.)
+    inv.objects = data[split..]
+        .split(|&b| b == b'\n' || b == 0)
+        .filter_map(ObjectId::parse)
         .collect();
     Ok(())
 }
@@ -859,7 +857,9 @@ mod tests {
         let m = live.encode();
         let mut raw = b"M".to_vec();
         raw.extend_from_slice(&m);
-        raw.extend_from_slice(format!("\0\0{aa}\ncc.755\n").as_bytes());
+        let cc = ObjectId::new([0xcc; 32], 0o755);
+        let upper = cc.to_string().to_uppercase();
+        raw.extend_from_slice(format!("\0\0{aa}\n{cc}\ncc.755\n{upper}\n").as_bytes());
         assert!(
             m.ends_with(b"\0"),
             "the real case: a record's NUL, then the separator"
@@ -876,7 +876,12 @@ mod tests {
         assert_eq!(inv.handmade, 2);
         assert_eq!(inv.live_manifest, Some(live));
         let trusted = inv.trusted_objects();
-        assert!(trusted.contains("cc.755") && !trusted.contains(&aa));
+        assert!(trusted.contains(&cc) && !trusted.contains(&aa));
+        assert_eq!(
+            inv.objects.len(),
+            2,
+            "names ferry did not write are not objects"
+        );
         let drift = inv.drift().unwrap();
         assert!(
             drift.contains("1 file(s) modified") && drift.contains("2 path(s)"),
