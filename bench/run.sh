@@ -75,6 +75,8 @@ measure() {
   local label=$1; shift
   local b0 b1 t0 t1
   ensure_counters
+  # (The previous tool's writes go to disk first: writeback of 500 MB would land on this one.)
+  sync
   b0=$(wire_bytes); t0=$(date +%s.%N)
   "$@" > "$WORK/last.log" 2>&1 || { cat "$WORK/last.log" >&2; echo "FAILED: $label" >&2; exit 1; }
   t1=$(date +%s.%N); b1=$(wire_bytes)

@@ -642,6 +642,78 @@ fn sync_ships_read_only_directories_on_busybox_host() {
     );
 }
 
+/// In place, by a non-root login: files replaced, added and removed inside read-only directories
+/// (and a read-only `to`), a new read-only directory, and a read-only directory that leaves the
+/// build. Each keeps its mode; nothing stops half-way.
+#[test]
+fn sync_in_place_updates_read_only_directories_on_busybox_host() {
+    let host = Sshd::start_with(SshdOptions {
+        busybox: true,
+        ..Default::default()
+    });
+    let site = Site::new(
+        "ro-inplace",
+        vec![host],
+        one_step("app", ", mode: in-place"),
+    );
+    let lock = |rel: &str, mode: u32| {
+        let p = if rel.is_empty() {
+            site.src.clone()
+        } else {
+            site.src.join(rel)
+        };
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    site.write(b"index.html", b"v1");
+    site.write(b"ro/a.txt", b"a1");
+    site.write(b"ro/old.txt", b"old");
+    site.write(b"gone/x.txt", b"x");
+    lock("ro", 0o555);
+    lock("gone", 0o555);
+    site.deploy(&sha(1)).success();
+    let to = site.root().join("app");
+    let mode = |rel: &str| {
+        std::fs::metadata(to.join(rel))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!((mode("ro"), mode("gone")), (0o555, 0o555));
+
+    for rel in ["ro", "gone", ""] {
+        lock(rel, 0o755);
+    }
+    site.write(b"index.html", b"v2");
+    site.write(b"ro/a.txt", b"a2");
+    site.write(b"ro/new.txt", b"new");
+    std::fs::remove_file(site.src.join("ro/old.txt")).unwrap();
+    std::fs::remove_dir_all(site.src.join("gone")).unwrap();
+    site.write(b"ro2/b.txt", b"b");
+    for (rel, m) in [("ro", 0o555), ("ro2", 0o500), ("", 0o555)] {
+        lock(rel, m);
+    }
+    let run = site.deploy(&sha(2)).success();
+    assert_eq!(step(&run)["changed"], true, "{}", run.stdout);
+    for (rel, want) in [
+        ("index.html", &b"v2"[..]),
+        ("ro/a.txt", b"a2"),
+        ("ro/new.txt", b"new"),
+        ("ro2/b.txt", b"b"),
+    ] {
+        assert_eq!(std::fs::read(to.join(rel)).unwrap(), want, "{rel}");
+    }
+    assert!(!to.join("ro/old.txt").exists() && !to.join("gone").exists());
+    assert_eq!((mode("ro"), mode("ro2"), mode("")), (0o555, 0o500, 0o555));
+    assert!(!to.join(".ferry-incoming").exists());
+    let s = step(&site.deploy(&sha(3)).success());
+    assert_eq!(
+        s["changed"], false,
+        "no drift from opening and closing: {s}"
+    );
+    lock("", 0o755);
+}
+
 /// A build whose top directory is read-only (a Nix output, `chmod -R a-w dist`): each release gets
 /// its mode once it is in place (a directory one may not write to cannot be moved), and pruning
 /// takes it.

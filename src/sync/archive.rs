@@ -666,16 +666,38 @@ pub fn write_in_place(
             })
             .collect()
     };
-    // `<mode>/./<path>`: the host's `mkdir` and `chmod` never take a path for an option.
+    // `<mode>/./<path>`: the host's `mkdir` and `chmod` never take a path for an option. A
+    // directory the owner may not write to is made writable and stays so while the apply fills
+    // it (`open`: the tree's such directories that exist, parents first); `close` gives them
+    // their modes at the end, deepest first. (A missing `to` was filled in staging: `modes`.)
     let dirs = list(
         &mut apply
             .dirs
             .iter()
+            .map(|(mode, p)| [format!("{:o}/./", mode | FILL).as_bytes(), p].concat()),
+    );
+    let locked: Vec<(u32, &[u8])> = match apply.fresh {
+        true => Vec::new(),
+        false => std::iter::once((local.root_mode, &b"."[..]))
+            .chain(local.entries.iter().filter_map(|e| match e.kind {
+                Kind::Dir { mode } => Some((mode, e.path.as_slice())),
+                _ => None,
+            }))
+            .filter(|(mode, _)| mode & FILL != FILL)
+            .collect(),
+    };
+    let open = list(&mut locked.iter().map(|(_, p)| [b"./", *p].concat()));
+    let close = list(
+        &mut locked
+            .iter()
+            .rev()
             .map(|(mode, p)| [format!("{mode:o}/./").as_bytes(), p].concat()),
     );
     let gone = list(&mut apply.gone.iter().cloned());
     s.small(&format!("{store}incoming/dirs"), &dirs)?;
     s.small(&format!("{store}incoming/gone"), &gone)?;
+    s.small(&format!("{store}incoming/open"), &open)?;
+    s.small(&format!("{store}incoming/close"), &close)?;
     s.small(&format!("{store}incoming/keep"), &keep)?;
     s.small(&format!("{store}incoming/fetch"), &fetch)?;
     if shared {

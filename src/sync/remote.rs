@@ -135,10 +135,11 @@ fi
 /// `$T/.ferry-incoming`): content leaving `to` is copied into the store where it cannot be linked
 /// (`keep`) and store content copied in (`fetch`), staged files that share an inode (content the
 /// host already had) are copied (one tar pipe for `.ferry-incoming/.ferry-incoming.links/`, where
-/// each source is linked once); only then does `to` change: directories (parents first; anything
-/// else in their way goes), one `mv` per directory renaming the staged files over their
-/// destinations (each replaced atomically; one `find` and one `sh` for them all), then the extras
-/// go. When `to` was missing, the stream staged the whole tree in `incoming/t` instead and one
+/// each source is linked once); only then does `to` change: the tree's read-only directories are
+/// made writable (`open`), directories made (parents first; anything else in their way goes),
+/// one `mv` per directory renaming the staged files over their destinations (each replaced
+/// atomically; one `find` and one `sh` for them all), the extras go, and the read-only
+/// directories get their modes (`close`). When `to` was missing, the stream staged the whole tree in `incoming/t` instead and one
 /// rename puts it in place. Sets `copied` (empty then); returns non-zero at the first failure
 /// (files replaced stay replaced).
 macro_rules! in_place_sh {
@@ -181,6 +182,11 @@ MKD='for x; do m=${x%%/*} d=${x#*/}
   elif [ "$(stat -c %a "$d")" != "$m" ]; then chmod "$m" "$d" 2>/dev/null || :
   fi
 done'
+OPEN='for d; do [ ! -d "$d" ] || [ -L "$d" ] || chmod u+wx "$d" || exit 1; done'
+# Remove extras (paths relative to $T); a read-only directory among them is made writable first.
+GONE='rm -rf -- "$@" 2>/dev/null && exit 0
+for p; do [ ! -d "./$p" ] || [ -L "./$p" ] || find "./$p" -type d -exec chmod u+wx {} +; done
+rm -rf -- "$@"'
 # Where a link will not do (another filesystem; an extra that stays in `to`): keep content leaving
 # `to` as store objects, and stage store objects into `to`, by copying (records
 # `<object>/<path>`; object names hold no `/`).
@@ -231,12 +237,15 @@ apply() {
   fi
   # `shared`: the stream staged hard links besides the `.links` subtree.
   [ ! -e incoming/shared ] || find "$ST" -type f -links +1 -exec sh -c "$UNSHARE" sh {} + || return 1
+  # Read-only directories of the tree are writable while the apply fills them (`close`: modes).
+  [ ! -s incoming/open ] || ( cd "$T" && xargs -0 sh -c "$OPEN" sh ) < incoming/open || return 1
   [ ! -s incoming/dirs ] || ( cd "$T" && xargs -0 -r sh -c "$MKD" sh ) < incoming/dirs || return 1
   copied=$(find "$ST" ! -type d -print0 | xargs -0 -r sh -c "$MOVE" sh || echo x)
   case $copied in *x*) return 1 ;; esac
   copied=$(printf '%s\n' $copied | { s=0; while read -r x; do s=$((s+${x:-0})); done; echo $s; })
   rm -rf "$ST" || return 1
-  [ ! -s incoming/gone ] || ( cd "$T" && xargs -0 rm -rf -- ) < incoming/gone || return 1
+  [ ! -s incoming/gone ] || ( cd "$T" && xargs -0 sh -c "$GONE" sh ) < incoming/gone || return 1
+  [ ! -s incoming/close ] || ( cd "$T" && xargs -0 sh -c "$CHMODS" sh ) < incoming/close || return 1
 }
 "#
     };
@@ -292,9 +301,9 @@ unpack() {
 }
 # Directories of the tree the owner may not write to came writable; they get their modes once the
 # tree under `incoming/` is complete (records `<mode>/./<path>`, deepest first; cwd: the store).
+CHMODS='for x; do chmod "${x%%/*}" "${x#*/}" || exit 1; done'
 set_modes() {
-  [ ! -s incoming/modes ] ||
-    ( cd incoming && xargs -0 sh -c 'for x; do chmod "${x%%/*}" "${x#*/}" || exit 1; done' sh ) < incoming/modes
+  [ ! -s incoming/modes ] || ( cd incoming && xargs -0 sh -c "$CHMODS" sh ) < incoming/modes
 }
 # The tree's top directory, once renamed into place ($1).
 set_root_mode() { [ ! -s incoming/rootmode ] || { read -r m < incoming/rootmode && chmod "$m" "$1"; }; }
@@ -416,7 +425,9 @@ IFS=$ifs
     r#"
 if [ "$M" = in-place ]; then
   # (A missing `to` stays missing until its tree is renamed in whole.)
-  if [ -d "$T" ]; then [ ! -e "$ST" ] || rm -rf "$ST"; else mkdir -p "${P:-/}"; fi || fail "cannot write in $T"
+  # (A read-only `to` is opened for the staging directory; the apply's `close` sets its mode.)
+  if [ -d "$T" ]; then { [ -w "$T" ] || chmod u+w "$T"; } && { [ ! -e "$ST" ] || rm -rf "$ST"; }
+  else mkdir -p "${P:-/}"; fi || fail "cannot write in $T"
   ( cd "${P:-/}" && umask 0 && unpack ) || fail "unpacking the stream failed"
 else
   ( umask 0; unpack ) || fail "unpacking the stream failed"
