@@ -341,7 +341,16 @@ pub const UNHASHED: [u8; 32] = [0; 32];
 impl Walked {
     /// The manifest, hashing in parallel what the cache did not know; the cache learns it.
     pub fn hash(&self) -> anyhow::Result<Manifest> {
-        self.hash_some(|_| true)
+        let never = std::sync::atomic::AtomicBool::new(false);
+        Ok(self.hash_some(|_| true, &never)?.expect("not stopped"))
+    }
+
+    /// [`Walked::hash`] that gives up (`None`) once `stop` is set.
+    pub fn hash_unless(
+        &self,
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> anyhow::Result<Option<Manifest>> {
+        self.hash_some(|_| true, stop)
     }
 
     /// The manifest for a stream that hashes files as it sends them: only files of `min` bytes
@@ -358,21 +367,36 @@ impl Walked {
                 *sizes.entry(n).or_default() += 1;
             }
         }
-        self.hash_some(|i| size(i).is_some_and(|n| sizes[&n] > 1))
+        let never = std::sync::atomic::AtomicBool::new(false);
+        let pick = |i| size(i).is_some_and(|n| sizes[&n] > 1);
+        Ok(self.hash_some(pick, &never)?.expect("not stopped"))
     }
 
-    /// The manifest with the unhashed files that `pick` picks hashed (in parallel).
-    fn hash_some(&self, pick: impl Fn(usize) -> bool + Sync) -> anyhow::Result<Manifest> {
+    /// The manifest with the unhashed files that `pick` picks hashed (in parallel); `None` if
+    /// `stop` was set meanwhile.
+    fn hash_some(
+        &self,
+        pick: impl Fn(usize) -> bool + Sync,
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> anyhow::Result<Option<Manifest>> {
+        use std::sync::atomic::Ordering::Relaxed;
         let started = std::time::Instant::now();
         let hashes = self
             .unhashed
             .par_iter()
             .filter(|&&i| pick(i))
             .map(|&i| {
+                if stop.load(Relaxed) {
+                    return Ok(None);
+                }
                 let path = OsStr::from_bytes(&self.manifest.entries[i].path);
-                Ok((i, hash_file(&self.root.join(path))?))
+                Ok(Some((i, hash_file(&self.root.join(path))?)))
             })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+            .collect::<anyhow::Result<Option<Vec<_>>>>()?;
+        let Some(hashes) = hashes else {
+            tracing::debug!(elapsed = ?started.elapsed(), "stopped hashing {}", self.root.display());
+            return Ok(None);
+        };
         let mut m = self.manifest.clone();
         let n = hashes.len();
         for (i, h) in hashes {
@@ -384,7 +408,7 @@ impl Walked {
         if n == self.unhashed.len() {
             self.remember(&m);
         }
-        Ok(m)
+        Ok(Some(m))
     }
 
     /// Write the hashes of `m` (this tree, hashed) to the cache, if it learned or forgot any.

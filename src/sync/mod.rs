@@ -72,14 +72,20 @@ pub struct LiveSync {
     pub drift: Option<String>,
 }
 
-/// Start walking the sources of `steps` (as `host` expands them) while the hosts connect and
-/// lock; the steps then find the walk waiting in [`source`]'s memo.
+/// Start walking and hashing the sources of `steps` (as `host` expands them) while the hosts
+/// connect and lock; the steps then find the result waiting in [`source`]'s memo. (A first
+/// deploy stops the hashing: it hashes as it sends. `FERRY_HASH_AHEAD=0` hashes only when a
+/// host needs it: tests use it to see a small tree learned.)
 pub fn prefetch<'a>(host: &Host, steps: impl IntoIterator<Item = &'a SyncStep>) {
     for step in steps {
         if let Ok(from) = host.expand(&step.from) {
             let (from, exclude) = (PathBuf::from(from), step.exclude.clone());
             tokio::spawn(async move {
-                let _ = source(from, exclude).await;
+                if let Ok(src) = source(from, exclude).await
+                    && std::env::var_os("FERRY_HASH_AHEAD").is_none_or(|v| v != "0")
+                {
+                    let _ = src.hash_once().await;
+                }
             });
         }
     }
@@ -91,6 +97,8 @@ pub fn prefetch<'a>(host: &Host, steps: impl IntoIterator<Item = &'a SyncStep>) 
 struct Source {
     walked: Option<manifest::Walked>,
     hashed: tokio::sync::OnceCell<Arc<Manifest>>,
+    /// Set by a first deploy: hashing ahead would only compete with its stream for the CPU.
+    stop: std::sync::atomic::AtomicBool,
 }
 
 impl Source {
@@ -98,30 +106,52 @@ impl Source {
         Source {
             walked: None,
             hashed: tokio::sync::OnceCell::new_with(Some(Arc::new(m))),
+            stop: Default::default(),
         }
     }
 
     /// The whole manifest, hashing what the cache did not know (once per run).
     async fn manifest(self: &Arc<Self>) -> anyhow::Result<Arc<Manifest>> {
+        loop {
+            // (Whoever needs the hashes hashes on: a first deploy stopped only the hashing ahead.)
+            self.stop.store(false, std::sync::atomic::Ordering::Relaxed);
+            if let Some(m) = self.hash_once().await? {
+                return Ok(m);
+            }
+        }
+    }
+
+    /// One try at [`Source::manifest`]; `None` when a first deploy stopped it.
+    async fn hash_once(self: &Arc<Self>) -> anyhow::Result<Option<Arc<Manifest>>> {
         let me = self.clone();
-        let m = self
-            .hashed
-            .get_or_try_init(|| async move {
-                let m = tokio::task::spawn_blocking(move || {
-                    me.walked.as_ref().expect("a walked source").hash()
-                })
-                .await
-                .context("hashing task failed")??;
-                anyhow::Ok(Arc::new(m))
+        let init = || async move {
+            let m = tokio::task::spawn_blocking(move || {
+                me.walked
+                    .as_ref()
+                    .expect("a walked source")
+                    .hash_unless(&me.stop)
             })
-            .await?;
-        Ok(m.clone())
+            .await
+            .context("hashing task failed")
+            .and_then(|m| m);
+            match m {
+                Ok(Some(m)) => Ok(Arc::new(m)),
+                Ok(None) => Err(None),
+                Err(e) => Err(Some(e)),
+            }
+        };
+        match self.hashed.get_or_try_init(init).await {
+            Ok(m) => Ok(Some(m.clone())),
+            Err(None) => Ok(None),
+            Err(Some(e)) => Err(e),
+        }
     }
 
     /// For a stream that hashes files as it sends them: the tree with only copies of big content
     /// hashed (see [`manifest::Walked::hash_copies`]); `None` when all hashes are known anyway.
     async fn for_learning(self: &Arc<Self>) -> Option<anyhow::Result<Manifest>> {
         let w = self.walked.as_ref()?;
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         if w.unhashed.is_empty() || self.hashed.initialized() {
             return None;
         }
@@ -168,6 +198,7 @@ async fn source(from: PathBuf, exclude: Vec<String>) -> anyhow::Result<Arc<Sourc
     let s = Arc::new(Source {
         walked: Some(walked),
         hashed: Default::default(),
+        stop: Default::default(),
     });
     memo.insert(key, s.clone());
     Ok(s)
