@@ -184,7 +184,7 @@ head = (f"# ferry sync vs rsync\n\nMeasured {datetime.datetime.utcnow():%Y-%m-%d
         "wire from iptables counters on the sshd port, both directions. ratio = ferry / rsync (lower is better): "
         "ferry's release mode against `rsync --link-dest` (the release-directory case), ferry's in-place mode "
         "against `rsync -a --delete` (the plain case), and release mode against plain rsync for reference. "
-        f"Medians of {reps} runs. Each run starts from a fresh copy of the tree, so ferry's first deploy hashes everything (cold cache, as in CI); later deploys reuse its hash cache.\n\n")
+        f"Medians of {reps} runs. Each run starts from a fresh copy of the tree, so ferry's hash cache is cold for the first deploy (as in CI); later deploys reuse it.\n\n")
 open(sys.argv[2], "w").write(head + table + "\n")
 PY
 echo "written to $OUT" >&2

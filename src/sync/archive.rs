@@ -172,15 +172,14 @@ impl<W: Write> Write for Counted<W> {
     }
 }
 
-/// Append `e`'s content under `name`; returns the hash of what was read. `check`: the hash it was
-/// planned with, which that must be.
+/// Append `e`'s content under `name`, checked against the hash it was planned with (unless that is
+/// [`UNHASHED`]: the stream learns it); returns the hash of what was read.
 fn append_file<W: Write>(
     tar: &mut tar::Builder<W>,
     root: &Path,
     e: &Entry,
     name: &Path,
     sent: &dyn Fn(u64),
-    check: bool,
 ) -> anyhow::Result<[u8; 32]> {
     let Kind::File { size, mode, hash } = &e.kind else {
         bail!("not a file");
@@ -198,7 +197,7 @@ fn append_file<W: Write>(
     tar.append_data(&mut h, name, &mut reader)
         .with_context(|| format!("sending {}", full.display()))?;
     let read = *reader.hasher.finalize().as_bytes();
-    if reader.n != *size || (check && read != *hash) {
+    if reader.n != *size || (*hash != UNHASHED && read != *hash) {
         bail!(
             "{} changed while ferry was sending it; rebuild or re-run the deploy",
             full.display()
@@ -243,9 +242,7 @@ impl<'a, W: Write> Stream<'a, W> {
         if blocks > 0 {
             let mut tar = tar::Builder::new(Counted { inner: out, n: 0 });
             plain.append(&mut tar, |tar, i, path| {
-                let e = &local.entries[i];
-                let check = !matches!(e.kind, Kind::File { hash, .. } if hash == UNHASHED);
-                let hash = append_file(tar, root, e, path, sent, check)?;
+                let hash = append_file(tar, root, &local.entries[i], path, sent)?;
                 if let Some(l) = &mut learned {
                     l[i] = hash;
                 }
@@ -306,8 +303,7 @@ impl<'a, W: Write> Stream<'a, W> {
     /// (learning, not hashed yet) hashed as it is read. Returns that hash.
     fn file(&mut self, i: usize, name: &Path) -> anyhow::Result<[u8; 32]> {
         let e = &self.local.entries[i];
-        let check = !matches!(e.kind, Kind::File { hash, .. } if hash == UNHASHED);
-        let hash = append_file(&mut self.tar, self.root, e, name, self.sent, check)?;
+        let hash = append_file(&mut self.tar, self.root, e, name, self.sent)?;
         if let Some(l) = &mut self.learned {
             l[i] = hash;
         }

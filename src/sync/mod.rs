@@ -8,7 +8,8 @@
 //! the missing objects and the new release tree as hard links; the script unpacks it, checks its
 //! trailer, names the release and renames a new symlink over `to`. Nothing the live release uses
 //! is ever written: new content arrives under new names, and objects edited on the host are
-//! unlinked and re-sent.
+//! unlinked and re-sent. A host with nothing stored yet needs no hashes to know what to send:
+//! its stream starts at once and hashes each file as it reads it (the tree is read once).
 //!
 //! What is atomic: a reader of `to` sees the old tree or the new one, never a mix (one `rename(2)`
 //! of a symlink, also for rollback). Not atomic: `adopt: true` moves the existing directory aside
