@@ -294,6 +294,22 @@ impl<'a, W: Write> Stream<'a, W> {
         self.tar.append_link(&mut header(kind, mode, 0), path, to)
     }
 
+    fn symlink(&mut self, path: &Path, target: &[u8]) -> std::io::Result<()> {
+        let target = Path::new(OsStr::from_bytes(target));
+        self.link(EntryType::Symlink, 0o777, path, target)
+    }
+
+    /// Entry `e` of a release tree under `path` if it is a directory or a symlink; `false` for a
+    /// file (the caller's to send or link).
+    fn tree_entry(&mut self, path: &Path, e: &Entry) -> std::io::Result<bool> {
+        match &e.kind {
+            Kind::Dir { mode } => self.tree_dir(path.to_path_buf(), *mode)?,
+            Kind::Symlink { target } => self.symlink(path, target)?,
+            Kind::File { .. } => return Ok(false),
+        }
+        Ok(true)
+    }
+
     fn small(&mut self, name: &str, data: &[u8]) -> std::io::Result<()> {
         let mut h = header(EntryType::Regular, 0o644, data.len() as u64);
         self.tar.append_data(&mut h, name, data)
@@ -389,18 +405,9 @@ pub fn write(
     s.tree_root("incoming/r".into(), local.root_mode)?;
     for e in &local.entries {
         let path = rel("incoming/r/", &e.path);
-        match &e.kind {
-            Kind::Dir { mode } => s.tree_dir(path, *mode)?,
-            Kind::Symlink { target } => s.link(
-                EntryType::Symlink,
-                0o777,
-                &path,
-                Path::new(OsStr::from_bytes(target)),
-            )?,
-            Kind::File { mode, .. } => {
-                let obj = format!("objects/{}", e.object().expect("file"));
-                s.link(EntryType::Link, *mode, &path, Path::new(&obj))?
-            }
+        if let (Kind::File { mode, .. }, false) = (&e.kind, s.tree_entry(&path, e)?) {
+            let obj = format!("objects/{}", e.object().expect("file"));
+            s.link(EntryType::Link, *mode, &path, Path::new(&obj))?
         }
     }
     s.finish("incoming/", trailer)
@@ -448,32 +455,24 @@ fn write_learning(
     let mut objects = rustc_hash::FxHashSet::default();
     for (i, e) in local.entries.iter().enumerate() {
         let path = tree(&e.path);
-        match &e.kind {
-            Kind::Dir { mode } => s.tree_dir(path, *mode)?,
-            Kind::Symlink { target } => s.link(
-                EntryType::Symlink,
-                0o777,
-                &path,
-                Path::new(OsStr::from_bytes(target)),
-            )?,
-            Kind::File { mode, hash, .. } => {
-                let hash = if in_plain.contains(&i) {
-                    s.learned.as_ref().expect("learning")[i]
-                } else if send.contains(&i) {
-                    s.file(i, &path)?
-                } else {
-                    *hash
-                };
-                let obj = std::path::PathBuf::from(format!(
-                    "objects/{}",
-                    super::manifest::ObjectId::new(hash, *mode)
-                ));
-                if objects.insert(obj.clone()) {
-                    s.link(EntryType::Link, *mode, &obj, &path)?
-                } else {
-                    s.link(EntryType::Link, *mode, &path, &obj)?
-                }
-            }
+        let (Kind::File { mode, hash, .. }, false) = (&e.kind, s.tree_entry(&path, e)?) else {
+            continue;
+        };
+        let hash = if in_plain.contains(&i) {
+            s.learned.as_ref().expect("learning")[i]
+        } else if send.contains(&i) {
+            s.file(i, &path)?
+        } else {
+            *hash
+        };
+        let obj = std::path::PathBuf::from(format!(
+            "objects/{}",
+            super::manifest::ObjectId::new(hash, *mode)
+        ));
+        if objects.insert(obj.clone()) {
+            s.link(EntryType::Link, *mode, &obj, &path)?
+        } else {
+            s.link(EntryType::Link, *mode, &path, &obj)?
         }
     }
     s.finish("incoming/", trailer)
@@ -637,12 +636,7 @@ pub fn write_in_place(
             continue;
         }
         match (&e.kind, target) {
-            (Kind::Symlink { target }, _) => s.link(
-                EntryType::Symlink,
-                0o777,
-                &path,
-                Path::new(OsStr::from_bytes(target)),
-            )?,
+            (Kind::Symlink { target }, _) => s.symlink(&path, target)?,
             (Kind::File { mode, .. }, Some(to)) => {
                 shared |= prefix != links.as_str();
                 s.link(EntryType::Link, *mode, &path, &to)?
