@@ -389,11 +389,13 @@ fn hand_edits(busybox: bool) {
     // Edit through the live path after a moment, so the mtime is clearly newer.
     std::thread::sleep(Duration::from_millis(1100));
     std::fs::write(to.join("index.html"), b"hacked on the host").unwrap();
+    std::fs::write(to.join("other.html"), b"hacked too").unwrap();
     let run = site.deploy(&sha(2)).success();
     let s = step(&run);
-    assert_drift(&s, "modified on the host");
-    assert_eq!(s["files_sent"], 1, "the edited content is re-sent: {s}");
+    assert_drift(&s, "2 file(s) modified on the host");
+    assert_eq!(s["files_sent"], 2, "the edited content is re-sent: {s}");
     assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"original");
+    assert_eq!(std::fs::read(to.join("other.html")).unwrap(), b"other");
     // The next deploy sees no drift.
     let s = step(&site.deploy(&sha(3)).success());
     assert_eq!(s["changed"], false, "{s}");
@@ -410,7 +412,7 @@ fn hand_edits(busybox: bool) {
     assert!(!to.join("extra.txt").exists());
     let s = step(&site.deploy(&sha(5)).success());
     assert_eq!(s["changed"], false, "{s}");
-    // The first release shares the file edited by hand (a hard link): a rollback to it says so.
+    // The first release shares the files edited by hand (hard links): a rollback to it says so.
     let run = site
         .ferry("rollback", &sha(5))
         .args(["--to", &first, "--json"])
@@ -418,13 +420,14 @@ fn hand_edits(busybox: bool) {
         .success();
     let log = step(&run)["log"].to_string();
     assert!(
-        log.contains("edited by hand") && log.contains("index.html"),
+        log.contains("edited by hand") && log.contains("index.html") && log.contains("other.html"),
         "{log}"
     );
     assert_eq!(
         std::fs::read(to.join("index.html")).unwrap(),
         b"hacked on the host"
     );
+    assert_eq!(std::fs::read(to.join("other.html")).unwrap(), b"hacked too");
 }
 
 #[test]

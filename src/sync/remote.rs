@@ -409,17 +409,19 @@ mkdir incoming
 # Objects edited in place by hand go before anything can link to them; the stream brings them anew.
 # Releases that share the edited file (hard links) are marked in `meta/<id>.edited`: a rollback
 # to one says which of its files no longer hold what they were deployed with.
+# One `find` looks for all of them; object names hold no blanks or wildcards.
 ifs=$IFS IFS=,
-for o in ${drop#-}; do
-  IFS=$ifs
-  if [ -f "objects/$o" ]; then
-    # (A release left unmarked is no reason to stop the deploy that repairs the live one.)
-    find releases -inum "$(stat -c %i "objects/$o")" -exec sh -c \
-      'for f; do r=${f#releases/} && p=${r#*/} && printf "%s\0" "$p" >> "meta/${r%%/*}.edited"; done' sh {} + || :
-  fi
-  rm -f "objects/$o"
-done
+edited=
+for o in ${drop#-}; do [ ! -f "objects/$o" ] || edited="$edited objects/$o"; done
 IFS=$ifs
+if [ -n "$edited" ]; then
+  inums=
+  for i in $(stat -c %i $edited); do inums="$inums${inums:+ -o} -inum $i"; done
+  # (A release left unmarked is no reason to stop the deploy that repairs the live one.)
+  find releases \( $inums \) -exec sh -c \
+    'for f; do r=${f#releases/} && p=${r#*/} && printf "%s\0" "$p" >> "meta/${r%%/*}.edited"; done' sh {} + || :
+  rm -f $edited
+fi
 "#,
     unpack_sh!(),
     r#"
