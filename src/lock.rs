@@ -509,7 +509,14 @@ impl Lock {
         if !out.success() {
             return Err(self.failed(out.tail()));
         }
-        if !text.starts_with("released") {
+        if text.starts_with("cannot remove") {
+            tracing::warn!(
+                "{}: could not remove the deploy lock {}; it stays until its lease runs out (or \
+                 `ferry unlock`): check the directory's permissions",
+                self.host,
+                self.path()
+            );
+        } else if !text.starts_with("released") {
             tracing::warn!(
                 "{}: the deploy lock {} was no longer ours at release ({})",
                 self.host,

@@ -499,7 +499,7 @@ fn sync_stop_leaves_what_ferry_does_not_own() {
     let host = Sshd::start();
     let site = Site::new("stop-foreign", vec![host], |src, _| {
         format!(
-            "      - sync: {{ from: \"{}\", to: app, mode: in-place }}\n      - sync: {{ from: \"{0}\", to: rel }}\n    on_stop:\n      - sync_remove: {{ to: app }}\n      - sync_remove: {{ to: rel }}\n",
+            "      - sync: {{ from: \"{}\", to: app, mode: in-place }}\n      - sync: {{ from: \"{0}\", to: rel }}\n      - sync: {{ from: \"{0}\", to: gone }}\n    on_stop:\n      - sync_remove: {{ to: app }}\n      - sync_remove: {{ to: rel }}\n      - sync_remove: {{ to: gone }}\n",
             src.display()
         )
     });
@@ -509,6 +509,8 @@ fn sync_stop_leaves_what_ferry_does_not_own() {
     let rel = site.root().join("rel");
     std::fs::remove_file(&rel).unwrap();
     std::os::unix::fs::symlink("app", &rel).unwrap();
+    // `gone` was removed by hand: only its releases are left to remove.
+    std::fs::remove_file(site.root().join("gone")).unwrap();
     let run = site.ferry("stop", &sha(1)).arg("--json").run().success();
     let steps = &json(&run)[0]["steps"];
     // A directory applied in place keeps its files; its store goes.
@@ -528,6 +530,9 @@ fn sync_stop_leaves_what_ferry_does_not_own() {
             .contains("links outside its release store"),
         "{s1}"
     );
+    let s2 = steps[2]["summary"].as_str().unwrap();
+    assert!(s2.contains("already gone"), "{s2}");
+    assert!(!site.root().join(".gone.ferry").exists());
 }
 
 #[test]

@@ -1085,6 +1085,9 @@ pub async fn remove(ctx: &StepCtx<'_>, step: &SyncRemoveStep) -> anyhow::Result<
     let summary = match (link, store) {
         (true, true) => format!("removed {} and its releases", paths.to),
         (true, false) => format!("removed {}", paths.to),
+        (false, true) if done.contains("no target") => {
+            format!("removed the releases of {} (it was already gone)", paths.to)
+        }
         (false, true) => format!("removed the releases of {}; {0} left as it is", paths.to),
         (false, false) => format!("nothing to remove at {}", paths.to),
     };

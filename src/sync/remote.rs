@@ -551,7 +551,7 @@ cat "$1/meta/$2.manifest"
 "#;
 
 /// Remove the target link (only one into the store) and the store; prints `removed <what>` for
-/// each. A directory applied in place stays: it may be mounted or read elsewhere. Args: store, to.
+/// each (`no target` when `to` is missing). A directory applied in place stays: it may be mounted or read elsewhere. Args: store, to.
 pub const REMOVE: &str = concat!(
     rmtree_sh!(),
     r#"
@@ -563,6 +563,7 @@ if [ -L "$T" ]; then
     *) echo "ferry: $T links outside its release store; left it alone" >&2 ;;
   esac
 elif [ -e "$T" ]; then echo "ferry: $T is a directory, not a release link; left it and its files alone" >&2
+else echo "no target"
 fi
 rm -rf "$P/.$N.ferry-new"
 if [ -e "$S" ]; then rmtree "$S" && echo "removed store"; fi
