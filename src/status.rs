@@ -142,6 +142,13 @@ pub fn summarize(env: &str, per_branch: bool, hosts: &[HostView]) -> EnvStatus {
                     live_on.insert(h.host.clone(), (r.to_string(), g.sha.clone()));
                 }
             }
+            // (A deploy that changed no files keeps an older files release: name it.)
+            if let Some(g) = good
+                && let Some(f) = &g.files_release
+                && f != &g.release
+            {
+                notes.push(format!("files: release {f}"));
+            }
             if !last.ok {
                 notes.push(format!(
                     "last attempt failed{}",
@@ -696,6 +703,20 @@ mod tests {
         assert_eq!(r.result, "deploy FAILED");
         assert!(r.notes[0].contains("last attempt failed"), "{:?}", r.notes);
         assert!(st.flags.is_empty());
+    }
+
+    #[test]
+    fn a_deploy_that_changed_no_files_names_the_files_release() {
+        let mut noop = rec("web1", "main", "aaaa", true, 20, "deploy");
+        noop.files_release = Some("rel-10".into());
+        let web1 = view(
+            "web1",
+            vec![rec("web1", "main", "aaaa", true, 10, "deploy"), noop],
+        );
+        let st = summarize("staging", false, &[web1]);
+        let r = &st.rows[0];
+        assert_eq!(r.release.as_deref(), Some("rel-20"));
+        assert_eq!(r.notes, ["files: release rel-10"]);
     }
 
     #[test]
