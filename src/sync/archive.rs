@@ -68,6 +68,16 @@ pub struct Sink<'a, W> {
     pub learn: bool,
 }
 
+impl<W> Sink<'_, W> {
+    /// The files of `send` for the plain part (none when the host cannot take one).
+    fn pick(&self, root: &Path, local: &Manifest, send: impl Iterator<Item = usize>) -> Vec<usize> {
+        match self.plain {
+            true => Plain::pick(root, local, send, self.compress_all),
+            false => Vec::new(),
+        }
+    }
+}
+
 /// Content to send from which `compress: auto` sends files of [`PLAIN_MIN`] or more as they are.
 pub const BULK: u64 = 64 << 20;
 
@@ -383,10 +393,7 @@ pub fn write(
         return write_learning(root, local, plan, trailer, sink);
     }
     let object = |i: usize| local.entries[i].object().map(|o| format!("objects/{o}"));
-    let picked = match sink.plain {
-        true => Plain::pick(root, local, plan.send.iter().copied(), sink.compress_all),
-        false => Vec::new(),
-    };
+    let picked = sink.pick(root, local, plan.send.iter().copied());
     let plain = Plain {
         dirs: Vec::new(),
         files: picked
@@ -426,10 +433,7 @@ fn write_learning(
     sink: Sink<'_, impl Write>,
 ) -> anyhow::Result<Option<Manifest>> {
     let tree = |p: &[u8]| rel("incoming/r/", p);
-    let picked = match sink.plain {
-        true => Plain::pick(root, local, plan.send.iter().copied(), sink.compress_all),
-        false => Vec::new(),
-    };
+    let picked = sink.pick(root, local, plan.send.iter().copied());
     // The plain part makes the tree's directories (writable while filled) before its files.
     let mut plain = Plain::default();
     if !picked.is_empty() {
@@ -508,18 +512,14 @@ pub fn write_in_place(
     };
     // Files of the plain part land where they are staged; its directories come first: private in
     // staging, with their own modes when `to` is missing (filled, then set like the tree's).
-    let picked = match sink.plain {
-        true => Plain::pick(
-            root,
-            local,
-            apply.write.iter().filter_map(|(i, from)| match from {
-                Source::Sent => Some(*i),
-                _ => None,
-            }),
-            sink.compress_all,
-        ),
-        false => Vec::new(),
-    };
+    let picked = sink.pick(
+        root,
+        local,
+        apply.write.iter().filter_map(|(i, from)| match from {
+            Source::Sent => Some(*i),
+            _ => None,
+        }),
+    );
     let mut plain = Plain::default();
     if !picked.is_empty() {
         plain
