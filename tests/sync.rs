@@ -1462,3 +1462,112 @@ fn sync_sends_big_files_plain_on_coreutils_host() {
 fn sync_sends_big_files_plain_on_busybox_host() {
     plain_part(true);
 }
+
+/// The same files (paths and content) under `a` and `b`; in-place staging left nothing behind.
+fn assert_same_tree(a: &Path, b: &Path) {
+    let rel = |d: &Path| {
+        let mut v: Vec<PathBuf> = walk(d)
+            .into_iter()
+            .map(|p| p.strip_prefix(d).unwrap().to_path_buf())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(rel(a), rel(b));
+    for p in rel(a) {
+        if std::fs::symlink_metadata(a.join(&p)).unwrap().is_file() {
+            assert_eq!(
+                std::fs::read(a.join(&p)).unwrap(),
+                std::fs::read(b.join(&p)).unwrap(),
+                "{}",
+                p.display()
+            );
+        }
+    }
+}
+
+/// A controller keeps the manifests it sent: redeploying over a release it made, the host does
+/// not send the live manifest back. Another controller's release, or a kept file whose content
+/// no longer matches its name, makes the host send it as before. Hand edits are still found
+/// (release mode: the edited object is re-sent), and removed files still go.
+fn kept_manifests(busybox: bool) {
+    for mode in ["", ", mode: in-place"] {
+        let host = Sshd::start_with(SshdOptions {
+            busybox,
+            ..Default::default()
+        });
+        let site = Site::new("kept", vec![host], one_step("app", mode));
+        let to = site.root().join("app");
+        let (ours, theirs) = (site.dir.join("ours"), site.dir.join("theirs"));
+        let deploy = |home: &Path, n: u8| {
+            let run = site
+                .ferry("deploy", &sha(n))
+                .arg("--json")
+                .env("HOME", home)
+                .env("FERRY_LOG", "ferry=debug")
+                .run()
+                .success();
+            let kept = run.stderr.contains("the live manifest was kept here");
+            (step(&run), kept)
+        };
+        site.write(b"a.txt", b"one");
+        site.write(b"b.txt", b"two");
+        site.write(b"c/d.txt", b"three");
+        let (_, kept) = deploy(&ours, 1);
+        assert!(!kept, "{mode}: a first deploy has nothing live");
+        std::fs::remove_file(site.src.join("b.txt")).unwrap();
+        site.write(b"a.txt", b"one, changed");
+        site.write(b"e.txt", b"new");
+        let (s, kept) = deploy(&ours, 2);
+        assert!(kept, "{mode}: our own release: {s}");
+        assert_eq!(s["files_sent"], 2, "{mode}: {s}");
+        assert_same_tree(&site.src, &to);
+
+        // Another controller deploys; ours does not know that release.
+        std::fs::remove_dir_all(site.src.join("c")).unwrap();
+        let (_, kept) = deploy(&theirs, 3);
+        assert!(!kept, "{mode}: a fresh controller");
+        site.write(b"f.txt", b"four");
+        let (s, kept) = deploy(&ours, 4);
+        assert!(!kept, "{mode}: their release: {s}");
+        assert_same_tree(&site.src, &to);
+
+        // A kept manifest whose content does not match its name is ignored.
+        let dir = ours.join(".cache/ferry/manifests");
+        let live: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        for f in &live {
+            std::fs::write(f, b"ferry-manifest 1\n").unwrap();
+        }
+        site.write(b"g.txt", b"five");
+        let (s, kept) = deploy(&ours, 5);
+        assert!(!kept, "{mode}: a damaged cache: {s}");
+        assert_same_tree(&site.src, &to);
+
+        // A hand edit on the host, then a change: the kept manifest names what was edited.
+        std::thread::sleep(Duration::from_millis(1100));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(to.join("a.txt"))
+            .unwrap();
+        f.write_all(b"hacked").unwrap();
+        drop(f);
+        site.write(b"h.txt", b"six");
+        let (s, kept) = deploy(&ours, 6);
+        assert!(kept, "{mode}: {s}");
+        assert!(!s["detail"]["drift"].is_null(), "{mode}: {s}");
+        assert_same_tree(&site.src, &to);
+    }
+}
+
+#[test]
+fn sync_redeploys_with_the_manifest_it_kept() {
+    kept_manifests(false);
+}
+
+#[test]
+fn sync_redeploys_with_the_manifest_it_kept_on_busybox_host() {
+    kept_manifests(true);
+}

@@ -20,6 +20,7 @@ use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use tar::{EntryType, Header};
@@ -29,7 +30,7 @@ use super::manifest::{Entry, Kind, Manifest, UNHASHED};
 
 /// Small files that travel with the tree, made from its manifest (the trailer).
 pub struct Extras {
-    pub manifest: Vec<u8>,
+    pub manifest: Arc<Vec<u8>>,
     pub digest: String,
     pub meta_json: Vec<u8>,
 }
@@ -794,7 +795,7 @@ mod tests {
         let p = diff::plan(&m, None, &Default::default());
         let trailer = |m: &Manifest| {
             Ok(Extras {
-                manifest: m.encode(),
+                manifest: Arc::new(m.encode()),
                 digest: m.digest(),
                 meta_json: b"{}".to_vec(),
             })

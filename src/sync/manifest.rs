@@ -8,6 +8,7 @@ use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use rayon::prelude::*;
@@ -193,8 +194,30 @@ impl Manifest {
 
     /// A digest of the content: equal digests mean identical trees (paths, modes, bytes, links).
     pub fn digest(&self) -> String {
-        blake3::hash(&self.encode()).to_hex()[..32].to_string()
+        digest_of(&self.encode())
     }
+
+    /// The encoding and its digest, made once (the digest goes to the host first, the bytes in
+    /// the trailer and to [`super::sent`]).
+    pub fn seal(&self) -> Sealed {
+        let bytes = self.encode();
+        Sealed {
+            digest: digest_of(&bytes),
+            bytes: Arc::new(bytes),
+        }
+    }
+}
+
+/// A manifest's encoding (see [`Manifest::encode`]) and its digest.
+#[derive(Debug, Clone)]
+pub struct Sealed {
+    pub digest: String,
+    pub bytes: Arc<Vec<u8>>,
+}
+
+/// The digest of an encoded manifest: the first 128 bits of its blake3, in hex.
+pub fn digest_of(encoded: &[u8]) -> String {
+    blake3::hash(encoded).to_hex()[..32].to_string()
 }
 
 fn parse_mode(s: &[u8]) -> Option<u32> {
@@ -536,14 +559,19 @@ impl CacheRow {
     }
 }
 
-/// Where the hash cache of a source directory lives: `$XDG_CACHE_HOME/ferry` or `~/.cache/ferry`.
-pub fn cache_path(root: &Path) -> Option<PathBuf> {
+/// ferry's cache directory: `$XDG_CACHE_HOME/ferry` or `~/.cache/ferry`.
+pub fn cache_dir() -> Option<PathBuf> {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("ferry"))
+}
+
+/// Where the hash cache of a source directory lives (in [`cache_dir`]).
+pub fn cache_path(root: &Path) -> Option<PathBuf> {
     let abs = std::fs::canonicalize(root).ok()?;
     let key = blake3::hash(abs.as_os_str().as_bytes()).to_hex();
-    Some(base.join("ferry").join(format!("hashes-{}", &key[..16])))
+    Some(cache_dir()?.join(format!("hashes-{}", &key[..16])))
 }
 
 const CACHE_MAGIC: &[u8; 8] = b"ferryhc1";
@@ -614,16 +642,24 @@ fn save_cache(file: &Path, rows: &[(&[u8], CacheRow)]) -> anyhow::Result<()> {
         out.extend_from_slice(&(p.len() as u64).to_le_bytes());
         out.extend_from_slice(p);
     }
+    replace_file(file, &out)
+}
+
+/// Write `file` whole or not at all (a temp file renamed over it); makes its directory.
+pub fn replace_file(file: &Path, data: &[u8]) -> anyhow::Result<()> {
+    // (One name per writer: hosts of one run may write the same file at once.)
+    static WRITER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let dir = file.parent().context("cache path has a parent")?;
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(
-        ".{}.{}",
+        ".{}.{}.{}",
         file.file_name()
             .unwrap_or(OsStr::new("c"))
             .to_string_lossy(),
-        std::process::id()
+        std::process::id(),
+        WRITER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
-    std::fs::write(&tmp, out)?;
+    std::fs::write(&tmp, data)?;
     std::fs::rename(&tmp, file)?;
     Ok(())
 }

@@ -31,6 +31,7 @@ pub mod archive;
 pub mod diff;
 pub mod manifest;
 pub mod remote;
+pub mod sent;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -45,7 +46,7 @@ use crate::playbook::{SyncMode, SyncRemoveStep, SyncStep};
 use crate::report::human_bytes;
 use crate::ssh::{Process, Session, SharedSink, Stream};
 
-use manifest::Manifest;
+use manifest::{Manifest, Sealed};
 use remote::{Inventory, Paths, TargetState};
 
 const INVENTORY_TIMEOUT: Duration = Duration::from_secs(300);
@@ -312,6 +313,7 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
             src,
             local,
             learn: false,
+            sealed: None,
             inv,
         };
         (o, None)
@@ -323,6 +325,7 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
         src,
         local,
         learn,
+        sealed,
         mut inv,
     } = opened;
     tracing::debug!(elapsed = ?started.elapsed(), objects = inv.objects.len(), same = inv.same, learn, "inventory of {}", paths.to);
@@ -375,7 +378,10 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
     }
     let params = params_line(ctx.release, step.adopt, &prune, &inv.drifted, false);
     let written = apply.as_ref().map(|a| a.write.len() as u64);
+    // The manifest the trailer carried, kept for the next deploy (see `sent`).
+    let carried = Arc::new(OnceLock::<Sealed>::new());
     let build = {
+        let carried = carried.clone();
         let (root, local, plan) = (from.clone(), local.clone(), plan.clone());
         let name = paths.name().to_string();
         let plain = inv.plain;
@@ -384,14 +390,18 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
         move |out: archive::ChannelWriter, sent: &dyn Fn(u64)| {
             // (Made from the manifest sent: when the stream learns the hashes, only at its end.)
             let trailer = |m: &Manifest| {
-                let digest = m.digest();
+                let s = match &sealed {
+                    Some(s) if std::ptr::eq(m, &*local) => s.clone(),
+                    _ => m.seal(),
+                };
+                let _ = carried.set(s.clone());
                 let meta = remote::Meta {
-                    digest: digest.clone(),
+                    digest: s.digest.clone(),
                     ..meta.clone()
                 };
                 Ok(archive::Extras {
-                    manifest: m.encode(),
-                    digest,
+                    manifest: s.bytes,
+                    digest: s.digest,
                     meta_json: serde_json::to_vec(&meta)?,
                 })
             };
@@ -413,6 +423,9 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
     let wire = stream(ctx, proc, &params, plan.send_bytes, build, &paths).await?;
     if let Some(m) = wire.learned {
         src.learned(m).await;
+    }
+    if let Some(s) = carried.get().cloned() {
+        let _ = tokio::task::spawn_blocking(move || sent::keep(&s)).await;
     }
     let release = wire.release;
     tracing::debug!(elapsed = ?started.elapsed(), wire = wire.bytes, "applied release {release}");
@@ -639,6 +652,8 @@ struct Opened {
     /// Nothing on the host can spare sending a file (no store; in place, no `to` either): the
     /// stream sends every file unhashed and hashes it as it reads it.
     learn: bool,
+    /// `local` encoded, unless it learns its hashes on the way.
+    sealed: Option<Sealed>,
     inv: Inventory,
 }
 
@@ -689,33 +704,58 @@ async fn open_deploy(
         true => src.for_learning().await,
         false => None,
     };
+    // The live manifest, if we kept it (see `sent`): looked up while we hash when files changed.
+    let recall = |d: String| tokio::task::spawn_blocking(move || sent::recall(&d));
+    let changed = src.walked.as_ref().is_some_and(|w| !w.unhashed.is_empty());
+    let early_recall = early.live_digest.clone().filter(|_| changed).map(recall);
     let hashed = match learning {
-        Some(m) => m.map(|m| (Arc::new(m), true, "-".to_string())),
-        None => src.manifest().await.map(|m| {
-            let d = m.digest();
-            (m, false, d)
-        }),
+        Some(m) => m.map(|m| (Arc::new(m), None)),
+        None => match src.manifest().await {
+            Ok(m) => {
+                let me = m.clone();
+                let sealed = tokio::task::spawn_blocking(move || me.seal()).await;
+                sealed.context("hashing task failed").map(|s| (m, Some(s)))
+            }
+            Err(e) => Err(e),
+        },
     };
-    let (local, learn, digest) = match hashed {
+    let (local, sealed) = match hashed {
         Ok(x) => x,
         Err(e) => {
             proc.abort().await;
             return Err(e);
         }
     };
-    proc.write(format!("{digest}\n").as_bytes())
+    // (An unchanged tree needs no live manifest.)
+    let kept = match (&early.live_digest, &sealed) {
+        (Some(live), Some(s)) if *live != s.digest => {
+            let job = early_recall.unwrap_or_else(|| recall(live.clone()));
+            job.await.ok().flatten()
+        }
+        _ => None,
+    };
+    let digest = sealed.as_ref().map_or("-", |s| s.digest.as_str());
+    proc.write(format!("{digest} {}\n", u8::from(kept.is_some())).as_bytes())
         .await
         .with_context(|| format!("{host}: the deploy script at {} went away", paths.store))?;
     let end = match read_until(&mut rx, &mut buf, remote::inventory_end).await {
         Ok(end) => end,
         Err(timed_out) => return Err(inventory_failed(&host, paths, proc, timed_out).await),
     };
-    let inv = remote::parse_inventory(&buf[..end], paths.name())
+    let mut inv = remote::parse_inventory(&buf[..end], paths.name())
         .with_context(|| format!("{host}: reading {}", paths.store))?;
+    if let Some(m) = kept
+        && !inv.same
+        && inv.live_manifest.is_none()
+    {
+        tracing::debug!("the live manifest was kept here; the host did not send it");
+        inv.set_live_manifest(m);
+    }
     let opened = Opened {
         src,
         local,
-        learn,
+        learn: sealed.is_none(),
+        sealed,
         inv,
     };
     Ok((opened, proc))

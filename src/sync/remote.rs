@@ -317,9 +317,11 @@ pub(super) const UNPACK: &str = unpack_sh!();
 
 /// A whole deploy in one exec. First it cleans up what an interrupted deploy left (`incoming/`,
 /// then in release mode objects no release links to) and prints the same records as
-/// [`INVENTORY`] up to the digest check (the `store` record ends a line: without a store, the
-/// controller sends without hashing first). It reads the local tree's digest (or `-`) from stdin
-/// (the controller hashes meanwhile), prints `same` or the tail (with its length), then `end`. Then it
+/// [`INVENTORY`] up to the digest check, and the live release's `digest` (the `store` record ends a
+/// line: without a store, the controller sends without hashing first). It reads a line from stdin
+/// (the controller hashes meanwhile): the local tree's digest (or `-`), then `1` when the
+/// controller holds the live manifest (see `sent`); it prints `same` or the tail (with its length;
+/// without the live manifest after a `1`), then `end`. Then it
 /// reads one line: `<release id> <adopt 0|1> <ids to prune> <objects to drop> <again 0|1>` (lists
 /// comma-separated, `-` for none), or EOF to stop there. The rest of stdin is the stream
 /// (`unpack`). Release mode: drop the objects edited by hand, unpack the stream in the store
@@ -356,6 +358,11 @@ collect_unnamed() {
 }
 # (The store record ends a line: the controller decides on it whether to hash its tree.)
 if [ -d "$S/releases" ]; then
+  # The live release's digest: a controller that kept that manifest is not sent it (`C` below).
+  lv=
+  [ -z "$live" ] || [ ! -d "$S/releases/$live" ] || [ ! -f "$S/meta/$live.manifest" ] ||
+    { read -r lv < "$S/meta/$live.digest" || :; } 2>/dev/null
+  [ -z "$lv" ] || rec digest "$lv"
   rec store yes; echo
   cd "$S" || exit 1
   if [ -e "$P/.$N.ferry-new" ] || [ -L "$P/.$N.ferry-new" ]; then rm -f "$P/.$N.ferry-new"; fi
@@ -368,13 +375,15 @@ if [ -d "$S/releases" ]; then
 "#,
     store_state_sh!(),
     r#"
-  # The digest of the local tree comes once the controller has hashed it (meanwhile, we scanned).
-  read -r D || exit 0
+  # The digest of the local tree comes once the controller has hashed it (meanwhile, we scanned),
+  # and C=1 when it holds the live manifest.
+  read -r D C || exit 0
   if [ -z "$dirty" ] && [ -n "$live" ] && [ -f "meta/$live.digest" ] &&
      live_digest_is "$D"; then
     rec same yes
   else
-    { printf M; [ -n "$live" ] && [ -f "meta/$live.manifest" ] && cat "meta/$live.manifest"; printf '\0\0'; ls objects; } |
+    { printf M; [ "$C" = 1 ] || { [ -n "$live" ] && [ -f "meta/$live.manifest" ] && cat "meta/$live.manifest"; }
+      printf '\0\0'; ls objects; } |
       gzip -1 > inventory.gz
     rec tail "$(wc -c < inventory.gz)"; cat inventory.gz; rm -f inventory.gz
   fi
@@ -632,6 +641,8 @@ pub struct Inventory {
     pub same: bool,
     /// In-place mode: the release last applied into the directory `to`.
     pub inplace: Option<String>,
+    /// The live release's digest (the deploy script says it before the controller's digest).
+    pub live_digest: Option<String>,
     pub live_manifest: Option<Manifest>,
     pub objects: HashSet<ObjectId>,
 }
@@ -643,6 +654,19 @@ impl Inventory {
             TargetState::Dir => self.inplace.as_deref(),
             _ => None,
         }
+    }
+
+    /// The live manifest, from the host or kept by the controller; finds the objects that hand
+    /// edits spoilt (those the manifest names at edited paths).
+    pub fn set_live_manifest(&mut self, m: Manifest) {
+        let edited: HashSet<&[u8]> = self.edited.iter().map(Vec::as_slice).collect();
+        self.drifted = m
+            .entries
+            .iter()
+            .filter(|e| edited.contains(e.path.as_slice()))
+            .filter_map(|e| e.object())
+            .collect();
+        self.live_manifest = Some(m);
     }
 
     /// Objects present and not edited by hand.
@@ -766,6 +790,7 @@ pub fn parse_inventory(out: &[u8], to_name: &str) -> anyhow::Result<Inventory> {
             b"have" => inv.listing.get_or_insert_default().push(value.to_vec()),
             b"same" => inv.same = true,
             b"inplace" => inv.inplace = Some(text()).filter(|id| safe_id(id)),
+            b"digest" => inv.live_digest = Some(text()),
             b"tail" if value == b"gz" => {
                 parse_tail(after, &mut inv)?;
                 break;
@@ -797,14 +822,8 @@ pub fn parse_inventory(out: &[u8], to_name: &str) -> anyhow::Result<Inventory> {
         }
     }
     inv.handmade = inv.touched.len() as u64;
-    if let Some(m) = &inv.live_manifest {
-        let edited: HashSet<&[u8]> = inv.edited.iter().map(Vec::as_slice).collect();
-        inv.drifted = m
-            .entries
-            .iter()
-            .filter(|e| edited.contains(e.path.as_slice()))
-            .filter_map(|e| e.object())
-            .collect();
+    if let Some(m) = inv.live_manifest.take() {
+        inv.set_live_manifest(m);
     }
     Ok(inv)
 }
