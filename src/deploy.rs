@@ -439,7 +439,9 @@ async fn run_host(
         _ = renew => unreachable!("renewal never ends"),
     };
     let ok = error.is_none();
-    if !ctx.plan {
+    // The ledger record, then the unlock, in one exec (a plan holds no lock and records nothing).
+    // The deploy's result stands; a lock left behind expires with its lease or `ferry unlock`.
+    if let Some(lock) = lock {
         let mut record = Record::new(
             ctx,
             action.name(),
@@ -450,19 +452,21 @@ async fn run_host(
             started.elapsed(),
         );
         (record.files_releases, record.files_release) = live_releases(&reports);
-        if let Err(e) = ledger::append(ctx, &record).await {
-            tracing::warn!("cannot record the deploy in the ledger: {e:#}");
+        let appending = ledger::Appending::new(ctx, &record, 5);
+        match lock.release_after(ctx.session, Some(&appending)).await {
+            Ok(stderr) if ledger::Appending::failed(&stderr) => tracing::warn!(
+                "cannot record the deploy in {}/ledger.jsonl: {}",
+                ctx.host.state_dir(),
+                stderr.trim()
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                ctx.progress
+                    .println(&format!("{}: WARNING: {e}", ctx.host.name()));
+                tracing::warn!("{e}; the deploy may not be recorded in the ledger");
+            }
         }
-        tracing::debug!(elapsed = ?started.elapsed(), "recorded in the ledger");
-    }
-    if let Some(lock) = lock {
-        // The deploy's result stands; a lock left behind expires with its lease or `ferry unlock`.
-        if let Err(e) = lock.release(ctx.session).await {
-            ctx.progress
-                .println(&format!("{}: WARNING: {e}", ctx.host.name()));
-            tracing::warn!("{e}");
-        }
-        tracing::debug!(elapsed = ?started.elapsed(), "unlocked");
+        tracing::debug!(elapsed = ?started.elapsed(), "recorded in the ledger and unlocked");
     }
     Ok(HostReport {
         host: ctx.host.name().to_string(),

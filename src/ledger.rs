@@ -5,7 +5,7 @@
 //!
 //! Appending: the record is written to a temp file and added with one `cat tmp >> ledger`, then
 //! `sync FILE` (GNU coreutils ≥ 8.24 and BusyBox both have it). A deploy appends while it holds the
-//! app/environment lock. Environments that share a root also share the ledger and hold different
+//! app/environment lock, in the exec that then releases it ([`Appending`]). Environments that share a root also share the ledger and hold different
 //! locks, so their appends may race. Each append is a single `write(2)` of one line (well under
 //! `cat`'s 128 KiB buffer) to an `O_APPEND` file, and Linux applies those whole at the end of the file,
 //! so lines do not interleave. A reader skips a line it cannot parse, with a warning, and does not fail.
@@ -258,35 +258,44 @@ fn known(deploys: &[&Record]) -> String {
     }
 }
 
-const APPEND: &str = r#"set -e
-dir=$1
-[ -d "$dir" ] || mkdir -p "$dir"
-tmp="$dir/.ledger.$$.tmp"
-printf '%s\n' "$2" > "$tmp"
-cat "$tmp" >> "$dir/ledger.jsonl"
-rm -f "$tmp"
-sync "$dir/ledger.jsonl" 2>/dev/null || sync
+/// Shell: `ledger_append DIR LINE` appends LINE to `DIR/ledger.jsonl`, fsync'd; non-zero (and
+/// the reason on stderr) when it cannot.
+/// (Chained with `&&`: `set -e` does nothing in a function whose status `||` tests.)
+const APPEND_FN: &str = r#"
+ledger_append() {
+  lt="$1/.ledger.$$.tmp"
+  { [ -d "$1" ] || mkdir -p "$1"; } && printf '%s\n' "$2" > "$lt" &&
+    { cat "$lt" >> "$1/ledger.jsonl" || { rm -f "$lt"; false; }; } &&
+    rm -f "$lt" && { sync "$1/ledger.jsonl" 2>/dev/null || sync; }
+}
 "#;
 
-/// Append `record` to the host's ledger, fsync'd.
-pub async fn append(ctx: &StepCtx<'_>, record: &Record) -> anyhow::Result<()> {
-    let dir = ctx.host.state_dir();
-    let out = ctx
-        .session
-        .run_script(
-            APPEND,
-            &[dir.as_str(), record.to_line().as_str()],
-            Some(Duration::from_secs(60)),
-        )
-        .await?;
-    if !out.success() {
-        anyhow::bail!(
-            "{}: cannot append to {dir}/ledger.jsonl: {}",
-            ctx.host.name(),
-            out.tail()
-        );
+/// Printed on stderr by [`Appending`]'s script when the record could not be added.
+const FAILED: &str = "ferry-ledger: not recorded";
+
+/// A record to append as the first part of another script (the deploy lock's release: one exec
+/// for both). The script's own arguments come first; `$n` and `$n+1` are the ledger's.
+pub struct Appending {
+    pub script: String,
+    pub args: [String; 2],
+}
+
+impl Appending {
+    /// `first_arg`: the number of the first positional parameter after the script's own.
+    pub fn new(ctx: &StepCtx<'_>, record: &Record, first_arg: usize) -> Appending {
+        let (d, l) = (first_arg, first_arg + 1);
+        Appending {
+            script: format!(
+                "{APPEND_FN}ledger_append \"${{{d}}}\" \"${{{l}}}\" || echo '{FAILED}' >&2\n"
+            ),
+            args: [ctx.host.state_dir(), record.to_line()],
+        }
     }
-    Ok(())
+
+    /// Whether the record was not added, judged from the script's stderr.
+    pub fn failed(stderr: &str) -> bool {
+        stderr.contains(FAILED)
+    }
 }
 
 const READ: &str = r#"f="$1/ledger.jsonl"

@@ -24,6 +24,7 @@ use crate::ci::DeployContext;
 use crate::cli::{Global, Setup, Target};
 use crate::deploy::StepCtx;
 use crate::inventory::Host;
+use crate::ledger;
 use crate::report;
 use crate::ssh::Session;
 
@@ -492,17 +493,30 @@ impl Lock {
 
     /// Remove the lock if it is still ours.
     pub async fn release(self, session: &Session) -> Result<(), LockError> {
+        self.release_after(session, None).await.map(|_| ())
+    }
+
+    /// Append a ledger record, then remove the lock if it is still ours: one exec. Returns the
+    /// script's stderr (where the ledger says if it could not add the record).
+    pub async fn release_after(
+        self,
+        session: &Session,
+        record: Option<&ledger::Appending>,
+    ) -> Result<String, LockError> {
+        let mut args = vec![
+            self.state_dir.as_str(),
+            self.name.as_str(),
+            self.token.as_str(),
+            self.me.as_str(),
+        ];
+        let mut body = String::new();
+        if let Some(r) = record {
+            body.push_str(&r.script);
+            args.extend(r.args.iter().map(String::as_str));
+        }
+        body.push_str(RELEASE);
         let out = session
-            .run_script(
-                &script(RELEASE),
-                &[
-                    self.state_dir.as_str(),
-                    self.name.as_str(),
-                    self.token.as_str(),
-                    self.me.as_str(),
-                ],
-                Some(Duration::from_secs(60)),
-            )
+            .run_script(&script(&body), &args, Some(Duration::from_secs(60)))
             .await
             .map_err(|e| self.failed(format!("{e:#}")))?;
         let text = out.stdout_str();
@@ -524,7 +538,7 @@ impl Lock {
                 text.trim()
             );
         }
-        Ok(())
+        Ok(String::from_utf8_lossy(&out.stderr).into_owned())
     }
 }
 

@@ -1571,3 +1571,31 @@ fn sync_redeploys_with_the_manifest_it_kept() {
 fn sync_redeploys_with_the_manifest_it_kept_on_busybox_host() {
     kept_manifests(true);
 }
+
+/// A ledger that cannot be appended to does not fail the deploy: it is named in a warning, and
+/// the lock (released by the same exec) is gone, so the next deploy runs and is recorded.
+#[test]
+fn sync_ledger_failure_warns_and_unlocks() {
+    let site = Site::new("ledger", vec![Sshd::start()], one_step("app", ""));
+    site.write(b"index.html", b"v1");
+    let state = site.root().join(".ferry");
+    std::fs::create_dir_all(state.join("ledger.jsonl")).unwrap();
+    let run = site.deploy(&sha(1)).success();
+    assert!(
+        run.stderr.contains("cannot record the deploy in") && run.stderr.contains("ledger.jsonl"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(
+        std::fs::read_dir(state.join("locks")).unwrap().count(),
+        0,
+        "the lock is released"
+    );
+    std::fs::remove_dir(state.join("ledger.jsonl")).unwrap();
+    site.write(b"index.html", b"v2");
+    let run = site.deploy(&sha(2)).success();
+    assert!(!run.stderr.contains("cannot record"), "{}", run.stderr);
+    let ledger = std::fs::read_to_string(state.join("ledger.jsonl")).unwrap();
+    assert_eq!(ledger.lines().count(), 1, "{ledger}");
+    assert!(ledger.contains(&sha(2)), "{ledger}");
+}
