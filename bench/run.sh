@@ -57,6 +57,14 @@ mkdir -p "$HOME"
 ROWS=$WORK/rows.tsv
 : > "$ROWS"
 
+# What every rsync run pays before it moves a byte: an OpenSSH connection (key exchange, auth,
+# session). Reported beside the table, so a ratio can be read with it in mind.
+SSH_TRUE=$WORK/ssh-true.txt
+for _ in 1 2 3 4 5; do
+  t0=$(date +%s.%N); $SSH "$FERRY_LOGIN@127.0.0.1" true; t1=$(date +%s.%N)
+  echo "$t1 - $t0" | bc -l
+done | sort -n | sed -n 3p > "$SSH_TRUE"
+
 # The counting rules, re-added if something else on the machine removed them meanwhile.
 ensure_counters() {
   local dir
@@ -149,7 +157,7 @@ YML
 done
 rm -rf "$WORK"/src-* "$WORK"/dst-* "$WORK"/pristine-*
 
-python3 - "$ROWS" "$OUT" <<'PY'
+python3 - "$ROWS" "$OUT" "$SSH_TRUE" <<'PY'
 import sys, collections, platform, os, datetime, statistics
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 runs = collections.OrderedDict()
@@ -184,7 +192,9 @@ head = (f"# ferry sync vs rsync\n\nMeasured {datetime.datetime.utcnow():%Y-%m-%d
         "wire from iptables counters on the sshd port, both directions. ratio = ferry / rsync (lower is better): "
         "ferry's release mode against `rsync --link-dest` (the release-directory case), ferry's in-place mode "
         "against `rsync -a --delete` (the plain case), and release mode against plain rsync for reference. "
-        f"Medians of {reps} runs. Each run starts from a fresh copy of the tree, so ferry's hash cache is cold for the first deploy (as in CI); later deploys reuse it.\n\n")
+        f"Medians of {reps} runs. Each run starts from a fresh copy of the tree, so ferry's hash cache is cold for the first deploy (as in CI); later deploys reuse it, and the manifests ferry kept of what it sent.\n\n"
+        f"An OpenSSH connection (`ssh host true`, median of 5), which each rsync command pays before it moves a byte: "
+        f"{float(open(sys.argv[3]).read()):.2f}s. ferry connects with russh in its own process.\n\n")
 open(sys.argv[2], "w").write(head + table + "\n")
 PY
 echo "written to $OUT" >&2
