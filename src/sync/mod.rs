@@ -714,7 +714,7 @@ async fn open_deploy(
             Ok(m) => {
                 let me = m.clone();
                 let sealed = tokio::task::spawn_blocking(move || me.seal()).await;
-                sealed.context("hashing task failed").map(|s| (m, Some(s)))
+                sealed.context("encoding task failed").map(|s| (m, Some(s)))
             }
             Err(e) => Err(e),
         },
