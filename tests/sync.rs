@@ -1599,3 +1599,47 @@ fn sync_ledger_failure_warns_and_unlocks() {
     assert_eq!(ledger.lines().count(), 1, "{ledger}");
     assert!(ledger.contains(&sha(2)), "{ledger}");
 }
+
+/// A first in-place deploy onto a filled `to` (adopted) whose apply stops part-way (a directory
+/// the login may not write to) stores nothing of `to` (there is no earlier release to apply
+/// again), so no object shares an inode with a file in `to`, where a hand edit would change it
+/// unseen; the next deploy, which keeps one of those files, finishes the job.
+#[test]
+fn sync_in_place_cut_first_apply_leaves_no_shared_objects() {
+    let host = Sshd::start_with(SshdOptions {
+        busybox: true,
+        ..Default::default()
+    });
+    let site = Site::new(
+        "inplace-first-apply",
+        vec![host],
+        one_step("app", ", mode: in-place, adopt: true"),
+    );
+    let to = site.root().join("app");
+    std::fs::create_dir_all(to.join("locked")).unwrap();
+    std::fs::write(to.join("old.txt"), b"old").unwrap();
+    std::fs::write(to.join("locked/x.txt"), b"x").unwrap();
+    open_up(&[&to]);
+    std::fs::set_permissions(to.join("locked"), std::fs::Permissions::from_mode(0o555)).unwrap();
+    site.write(b"index.html", b"v1");
+    site.write(b"locked/x.txt", b"new x");
+    let run = site.deploy(&sha(1));
+    assert_ne!(
+        run.code, 0,
+        "the apply cannot write in `locked`: {}",
+        run.stderr
+    );
+    // The build now ships old.txt as it is in `to`, and `locked` is opened up.
+    site.write(b"old.txt", b"old");
+    std::fs::set_permissions(to.join("locked"), std::fs::Permissions::from_mode(0o777)).unwrap();
+    site.deploy(&sha(2)).success();
+    assert_same_tree(&site.src, &to);
+    for e in std::fs::read_dir(site.root().join(".app.ferry/objects")).unwrap() {
+        let md = e.unwrap().metadata().unwrap();
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::nlink(&md),
+            1,
+            "an object shares its inode with a file in `to`"
+        );
+    }
+}
