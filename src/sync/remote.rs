@@ -334,7 +334,7 @@ pub(super) const UNPACK: &str = unpack_sh!();
 /// (`release` or `in-place`), delete extras (1/0).
 pub const DEPLOY: &str = concat!(
     r#"
-S=$1 T=$2 M=$3 DEL=$4 dirty=
+S=$1 T=$2 M=$3 DEL=$4 dirty= same=
 P=${T%/*} N=${T##*/}
 "#,
     rmtree_sh!(),
@@ -380,7 +380,7 @@ if [ -d "$S/releases" ]; then
   read -r D C || exit 0
   if [ -z "$dirty" ] && [ -n "$live" ] && [ -f "meta/$live.digest" ] &&
      live_digest_is "$D"; then
-    rec same yes
+    rec same yes; same=1
   else
     { printf M; [ "$C" = 1 ] || { [ -n "$live" ] && [ -f "meta/$live.manifest" ] && cat "meta/$live.manifest"; }
       printf '\0\0'; ls objects; } |
@@ -391,8 +391,10 @@ else
   rec store no; echo
   read -r D || exit 0
 fi
-# The stream's plain part needs a `dd` that reads exact blocks from a pipe.
-[ "$(printf xy | dd bs=2 count=1 iflag=fullblock 2>/dev/null)" != xy ] || rec plain yes
+# The stream's plain part needs a `dd` that reads exact blocks from a pipe (an unchanged tree
+# gets no stream: no need to look).
+[ -n "$same" ] || [ "$(printf xy | dd bs=2 count=1 iflag=fullblock 2>/dev/null)" != xy ] ||
+  rec plain yes
 printf 'end\t\0\n'
 read -r id adopt prune drop again || exit 0
 [ -n "$id" ] || exit 0
