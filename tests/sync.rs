@@ -74,6 +74,15 @@ fn one_step(to: &str, extra: &str) -> impl Fn(&Path, &Path) -> String {
     }
 }
 
+/// A site with one sync step on one host, BusyBox or coreutils.
+fn one_host_site(tag: &str, busybox: bool, to: &str, extra: &str) -> Site {
+    let host = Sshd::start_with(SshdOptions {
+        busybox,
+        ..Default::default()
+    });
+    Site::new(tag, vec![host], one_step(to, extra))
+}
+
 fn json(run: &Run) -> serde_json::Value {
     serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{e}: {}", run.stdout))
 }
@@ -146,11 +155,7 @@ fn check_hostile(to: &Path) {
 
 /// Deploy, no-change redeploy, a change with a renamed chunk, rollback: on one host flavour.
 fn lifecycle(busybox: bool) {
-    let host = Sshd::start_with(SshdOptions {
-        busybox,
-        ..Default::default()
-    });
-    let site = Site::new("lifecycle", vec![host], one_step("web/app", ", keep: 5"));
+    let site = one_host_site("lifecycle", busybox, "web/app", ", keep: 5");
     hostile_tree(&site);
     let to = site.root().join("web/app");
 
@@ -376,11 +381,7 @@ fn sync_refuses_symlink_leaving_the_tree() {
 /// A file edited on the host is detected, reported, and replaced by the next deploy; the edit never
 /// leaks into the new release. Files removed and added by hand are put right too.
 fn hand_edits(busybox: bool) {
-    let host = Sshd::start_with(SshdOptions {
-        busybox,
-        ..Default::default()
-    });
-    let site = Site::new("drift", vec![host], one_step("app", ""));
+    let site = one_host_site("drift", busybox, "app", "");
     site.write(b"index.html", b"original");
     site.write(b"other.html", b"other");
     site.deploy(&sha(1)).success();
@@ -655,15 +656,7 @@ fn sync_ships_read_only_directories_on_busybox_host() {
 /// build. Each keeps its mode; nothing stops half-way.
 #[test]
 fn sync_in_place_updates_read_only_directories_on_busybox_host() {
-    let host = Sshd::start_with(SshdOptions {
-        busybox: true,
-        ..Default::default()
-    });
-    let site = Site::new(
-        "ro-inplace",
-        vec![host],
-        one_step("app", ", mode: in-place"),
-    );
+    let site = one_host_site("ro-inplace", true, "app", ", mode: in-place");
     let lock = |rel: &str, mode: u32| {
         let p = if rel.is_empty() {
             site.src.clone()
@@ -727,11 +720,7 @@ fn sync_in_place_updates_read_only_directories_on_busybox_host() {
 /// takes it.
 #[test]
 fn sync_ships_a_read_only_top_directory_on_busybox_host() {
-    let host = Sshd::start_with(SshdOptions {
-        busybox: true,
-        ..Default::default()
-    });
-    let site = Site::new("read-only-top", vec![host], one_step("app", ", keep: 2"));
+    let site = one_host_site("read-only-top", true, "app", ", keep: 2");
     for i in 1..=3u8 {
         std::fs::set_permissions(&site.src, std::fs::Permissions::from_mode(0o755)).unwrap();
         site.write(b"index.html", format!("v{i}").as_bytes());
@@ -916,15 +905,7 @@ fn inode(p: &Path) -> u64 {
 /// `mode: in-place` on one host flavour: adopt a plain directory, no-change redeploy, an update
 /// (each changed file a new inode, unchanged ones untouched), plan, hand edits repaired, rollback.
 fn in_place_lifecycle(busybox: bool) {
-    let host = Sshd::start_with(SshdOptions {
-        busybox,
-        ..Default::default()
-    });
-    let site = Site::new(
-        "inplace",
-        vec![host],
-        one_step("web/app", ", mode: in-place, keep: 5"),
-    );
+    let site = one_host_site("inplace", busybox, "web/app", ", mode: in-place, keep: 5");
     hostile_tree(&site);
     let to = site.root().join("web/app");
     std::fs::create_dir_all(to.join("old")).unwrap();
@@ -1128,13 +1109,11 @@ fn sync_in_place_on_busybox_host() {
 /// `delete: false` keeps files the host has that the build does not; a symlinked target is refused.
 #[test]
 fn sync_in_place_keeps_extras_and_refuses_a_link() {
-    let site = Site::new(
+    let site = one_host_site(
         "inplace-keep",
-        vec![Sshd::start_with(SshdOptions {
-            busybox: true,
-            ..Default::default()
-        })],
-        one_step("app", ", mode: in-place, delete: false"),
+        true,
+        "app",
+        ", mode: in-place, delete: false",
     );
     site.write(b"index.html", b"v1");
     site.write(b"dropped.txt", b"release one");
@@ -1206,14 +1185,7 @@ fn sync_in_place_keeps_extras_and_refuses_a_link() {
 /// what the kept releases need stays, and a rollback to one of them sends nothing. `to` is missing
 /// at first: the whole tree goes in with one rename.
 fn in_place_prunes(busybox: bool) {
-    let site = Site::new(
-        "inplace-prune",
-        vec![Sshd::start_with(SshdOptions {
-            busybox,
-            ..Default::default()
-        })],
-        one_step("app", ", mode: in-place, keep: 2"),
-    );
+    let site = one_host_site("inplace-prune", busybox, "app", ", mode: in-place, keep: 2");
     let objects = || -> Vec<Vec<u8>> {
         let dir = site.root().join(".app.ferry/objects");
         let mut v: Vec<Vec<u8>> = std::fs::read_dir(dir)
@@ -1342,11 +1314,7 @@ fn sync_in_place_survives_controller_killed() {
 /// deploy of the same tree is a no-op without drift. Both modes, both host kinds.
 fn first_deploy_learns(busybox: bool) {
     for mode in ["", ", mode: in-place"] {
-        let host = Sshd::start_with(SshdOptions {
-            busybox,
-            ..Default::default()
-        });
-        let site = Site::new("learn", vec![host], one_step("app", mode));
+        let site = one_host_site("learn", busybox, "app", mode);
         site.write(b"a.txt", b"same");
         site.write(b"d/b.txt", b"same");
         big_file(&site, "x.bin", 1, 1);
@@ -1401,11 +1369,7 @@ fn sync_first_deploy_learns_hashes_on_busybox_host() {
 /// both host kinds, into a missing `to` and then as an update, with a duplicate and an odd name.
 fn plain_part(busybox: bool) {
     for mode in ["", ", mode: in-place, compress: all"] {
-        let host = Sshd::start_with(SshdOptions {
-            busybox,
-            ..Default::default()
-        });
-        let site = Site::new("plain", vec![host], one_step("web/app", mode));
+        let site = one_host_site("plain", busybox, "web/app", mode);
         let to = site.root().join("web/app");
         let same = |rel: &str| {
             std::fs::read(to.join(rel)).unwrap() == std::fs::read(site.src.join(rel)).unwrap()
@@ -1492,11 +1456,7 @@ fn assert_same_tree(a: &Path, b: &Path) {
 /// (release mode: the edited object is re-sent), and removed files still go.
 fn kept_manifests(busybox: bool) {
     for mode in ["", ", mode: in-place"] {
-        let host = Sshd::start_with(SshdOptions {
-            busybox,
-            ..Default::default()
-        });
-        let site = Site::new("kept", vec![host], one_step("app", mode));
+        let site = one_host_site("kept", busybox, "app", mode);
         let to = site.root().join("app");
         let (ours, theirs) = (site.dir.join("ours"), site.dir.join("theirs"));
         let deploy = |home: &Path, n: u8| {
@@ -1606,14 +1566,11 @@ fn sync_ledger_failure_warns_and_unlocks() {
 /// unseen; the next deploy, which keeps one of those files, finishes the job.
 #[test]
 fn sync_in_place_cut_first_apply_leaves_no_shared_objects() {
-    let host = Sshd::start_with(SshdOptions {
-        busybox: true,
-        ..Default::default()
-    });
-    let site = Site::new(
+    let site = one_host_site(
         "inplace-first-apply",
-        vec![host],
-        one_step("app", ", mode: in-place, adopt: true"),
+        true,
+        "app",
+        ", mode: in-place, adopt: true",
     );
     let to = site.root().join("app");
     std::fs::create_dir_all(to.join("locked")).unwrap();
