@@ -452,7 +452,7 @@ async fn run_host(
             started.elapsed(),
         );
         (record.files_releases, record.files_release) = live_releases(&reports);
-        let appending = ledger::Appending::new(ctx, &record, 5);
+        let appending = ledger::Appending::new(ctx, &record);
         match lock.release_after(ctx.session, Some(&appending)).await {
             Ok(stderr) if ledger::Appending::failed(&stderr) => tracing::warn!(
                 "cannot record the deploy in {}/ledger.jsonl: {}",

@@ -5,8 +5,8 @@
 //!
 //! Appending: the record is written to a temp file and added with one `cat tmp >> ledger`, then
 //! `sync FILE` (GNU coreutils ≥ 8.24 and BusyBox both have it). A deploy appends while it holds the
-//! app/environment lock, in the exec that then releases it ([`Appending`]). Environments that share a root also share the ledger and hold different
-//! locks, so their appends may race. Each append is a single `write(2)` of one line (well under
+//! app/environment lock, in the exec that then releases it ([`Appending`]). Environments that
+//! share a root also share the ledger and hold different locks, so their appends may race. Each append is a single `write(2)` of one line (well under
 //! `cat`'s 128 KiB buffer) to an `O_APPEND` file, and Linux applies those whole at the end of the file,
 //! so lines do not interleave. A reader skips a line it cannot parse, with a warning, and does not fail.
 
@@ -274,22 +274,25 @@ ledger_append() {
 const FAILED: &str = "ferry-ledger: not recorded";
 
 /// A record to append as the first part of another script (the deploy lock's release: one exec
-/// for both). The script's own arguments come first; `$n` and `$n+1` are the ledger's.
+/// for both).
 pub struct Appending {
-    pub script: String,
+    /// The state directory and the record's line: the script's arguments.
     pub args: [String; 2],
 }
 
 impl Appending {
-    /// `first_arg`: the number of the first positional parameter after the script's own.
-    pub fn new(ctx: &StepCtx<'_>, record: &Record, first_arg: usize) -> Appending {
-        let (d, l) = (first_arg, first_arg + 1);
+    pub fn new(ctx: &StepCtx<'_>, record: &Record) -> Appending {
         Appending {
-            script: format!(
-                "{APPEND_FN}ledger_append \"${{{d}}}\" \"${{{l}}}\" || echo '{FAILED}' >&2\n"
-            ),
             args: [ctx.host.state_dir(), record.to_line()],
         }
+    }
+
+    /// The shell that appends, finding [`Self::args`] at positional parameter `first` and the next.
+    pub fn script(&self, first: usize) -> String {
+        let next = first + 1;
+        format!(
+            "{APPEND_FN}ledger_append \"${{{first}}}\" \"${{{next}}}\" || echo '{FAILED}' >&2\n"
+        )
     }
 
     /// Whether the record was not added, judged from the script's stderr.

@@ -511,7 +511,7 @@ impl Lock {
         ];
         let mut body = String::new();
         if let Some(r) = record {
-            body.push_str(&r.script);
+            body.push_str(&r.script(args.len() + 1));
             args.extend(r.args.iter().map(String::as_str));
         }
         body.push_str(RELEASE);
