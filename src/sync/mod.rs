@@ -692,7 +692,18 @@ async fn open_deploy(
         }
     };
     let mut buf = Vec::new();
-    // (The store record comes first: the host writes a line after it.)
+    // The live digest comes first (the host writes a line after it), then, after the host's scans,
+    // the store record. Meanwhile we look up the live manifest, if files changed (see `sent`).
+    if let Err(timed_out) = read_until(&mut rx, &mut buf, remote::digest_known).await {
+        return Err(inventory_failed(&host, paths, proc, timed_out).await);
+    }
+    let recall = |d: String| tokio::task::spawn_blocking(move || sent::recall(&d));
+    let changed = src.walked.as_ref().is_some_and(|w| !w.unhashed.is_empty());
+    let early_recall = remote::parse_inventory(&buf, paths.name())
+        .ok()
+        .and_then(|i| i.live_digest)
+        .filter(|_| changed)
+        .map(recall);
     if let Err(timed_out) = read_until(&mut rx, &mut buf, remote::store_known).await {
         return Err(inventory_failed(&host, paths, proc, timed_out).await);
     }
@@ -704,10 +715,6 @@ async fn open_deploy(
         true => src.for_learning().await,
         false => None,
     };
-    // The live manifest, if we kept it (see `sent`): looked up while we hash when files changed.
-    let recall = |d: String| tokio::task::spawn_blocking(move || sent::recall(&d));
-    let changed = src.walked.as_ref().is_some_and(|w| !w.unhashed.is_empty());
-    let early_recall = early.live_digest.clone().filter(|_| changed).map(recall);
     let hashed = match learning {
         Some(m) => m.map(|m| (Arc::new(m), None)),
         None => match src.manifest().await {

@@ -317,11 +317,12 @@ pub(super) const UNPACK: &str = unpack_sh!();
 
 /// A whole deploy in one exec. First it cleans up what an interrupted deploy left (`incoming/`,
 /// then in release mode objects no release links to) and prints the same records as
-/// [`INVENTORY`] up to the digest check, and the live release's `digest` (the `store` record ends a
-/// line: without a store, the controller sends without hashing first). It reads a line from stdin
+/// [`INVENTORY`] up to the digest check, the live release's `digest` first (the `digest` and
+/// `store` records end a line: without a store, the controller sends without hashing first). It reads a line from stdin
 /// (the controller hashes meanwhile): the local tree's digest (or `-`), then `1` when the
 /// controller holds the live manifest (see `sent`); it prints `same` or the tail (with its length;
-/// without the live manifest after a `1`), then `end`. Then it
+/// after a `1` without the live manifest, and in place just the `objects` record), then `end`.
+/// Then it
 /// reads one line: `<release id> <adopt 0|1> <ids to prune> <objects to drop> <again 0|1>` (lists
 /// comma-separated, `-` for none), or EOF to stop there. The rest of stdin is the stream
 /// (`unpack`). Release mode: drop the objects edited by hand, unpack the stream in the store
@@ -339,6 +340,14 @@ P=${T%/*} N=${T##*/}
 "#,
     rmtree_sh!(),
     target_state_sh!(),
+    r#"
+# The live release's digest, ahead of the scans: a controller that kept that manifest reads it
+# meanwhile, and is not sent it (`C` below). (The record ends a line, to arrive at once.)
+if [ -n "$live" ] && [ -d "$S/releases/$live" ] && [ -f "$S/meta/$live.manifest" ]; then
+  lv=; { read -r lv < "$S/meta/$live.digest"; } 2>/dev/null || :
+  [ -z "$lv" ] || { rec digest "$lv"; echo; }
+fi
+"#,
     in_place_sh!(),
     r#"
 # What a deploy in flight left (cwd: the store). incoming/ goes last: it marks the cleanup as owed.
@@ -358,11 +367,6 @@ collect_unnamed() {
 }
 # (The store record ends a line: the controller decides on it whether to hash its tree.)
 if [ -d "$S/releases" ]; then
-  # The live release's digest: a controller that kept that manifest is not sent it (`C` below).
-  lv=
-  [ -z "$live" ] || [ ! -d "$S/releases/$live" ] || [ ! -f "$S/meta/$live.manifest" ] ||
-    { read -r lv < "$S/meta/$live.digest" || :; } 2>/dev/null
-  [ -z "$lv" ] || rec digest "$lv"
   rec store yes; echo
   cd "$S" || exit 1
   if [ -e "$P/.$N.ferry-new" ] || [ -L "$P/.$N.ferry-new" ]; then rm -f "$P/.$N.ferry-new"; fi
@@ -381,6 +385,9 @@ if [ -d "$S/releases" ]; then
   if [ -z "$dirty" ] && [ -n "$live" ] && [ -f "meta/$live.digest" ] &&
      live_digest_is "$D"; then
     rec same yes; same=1
+  elif [ "$C" = 1 ] && [ "$M" = in-place ]; then
+    # Only the object list, short in place (what left `to`): one record, no gzip and no file.
+    rec objects "$(ls objects)"
   else
     { printf M; [ "$C" = 1 ] || { [ -n "$live" ] && [ -f "meta/$live.manifest" ] && cat "meta/$live.manifest"; }
       printf '\0\0'; ls objects; } |
@@ -506,14 +513,25 @@ pub fn safe_id(id: &str) -> bool {
         && !id.starts_with('.')
 }
 
-/// Where the deploy script's inventory ends (just past its `end` record), once it has all arrived.
 /// Where the deploy script's `store` record ends, once it came (records before it hold no tail).
 pub fn store_known(out: &[u8]) -> Option<usize> {
+    record_end(out, b"store\t")
+}
+
+/// Where the live release's `digest` record ends (it comes before the host's scans), or the
+/// `store` record if there is none.
+pub fn digest_known(out: &[u8]) -> Option<usize> {
+    record_end(out, b"digest\t").or_else(|| store_known(out))
+}
+
+/// Just past the first record that starts with `key`, once it came (records before it hold no
+/// tail).
+fn record_end(out: &[u8], key: &[u8]) -> Option<usize> {
     let mut i = 0;
     while i < out.len() {
         let end = i + out[i..].iter().position(|&b| b == 0)?;
         let rec = out[i..end].strip_prefix(b"\n").unwrap_or(&out[i..end]);
-        if rec.starts_with(b"store\t") {
+        if rec.starts_with(key) {
             return Some(end + 1);
         }
         i = end + 1;
@@ -521,6 +539,7 @@ pub fn store_known(out: &[u8]) -> Option<usize> {
     None
 }
 
+/// Where the deploy script's inventory ends (just past its `end` record), once it has all arrived.
 pub fn inventory_end(out: &[u8]) -> Option<usize> {
     let mut i = 0;
     while i < out.len() {
@@ -793,6 +812,7 @@ pub fn parse_inventory(out: &[u8], to_name: &str) -> anyhow::Result<Inventory> {
             b"same" => inv.same = true,
             b"inplace" => inv.inplace = Some(text()).filter(|id| safe_id(id)),
             b"digest" => inv.live_digest = Some(text()),
+            b"objects" => inv.objects = object_names(value),
             b"tail" if value == b"gz" => {
                 parse_tail(after, &mut inv)?;
                 break;
@@ -848,12 +868,15 @@ fn parse_tail(gz: &[u8], inv: &mut Inventory) -> anyhow::Result<()> {
             Some(Manifest::decode(manifest).context("the live release's manifest")?);
     }
     // The manifest ends with a NUL and the separator adds two; skip them all.
-    // (Names ferry did not write are no object of any tree.)
-    inv.objects = data[split..]
-        .split(|&b| b == b'\n' || b == 0)
-        .filter_map(ObjectId::parse)
-        .collect();
+    inv.objects = object_names(&data[split..]);
     Ok(())
+}
+
+/// The object ids in `ls objects` output (names ferry did not write are no object of any tree).
+fn object_names(list: &[u8]) -> HashSet<ObjectId> {
+    list.split(|&b| b == b'\n' || b == 0)
+        .filter_map(ObjectId::parse)
+        .collect()
 }
 
 #[cfg(test)]
@@ -922,6 +945,33 @@ mod tests {
             drift.contains("1 file(s) modified") && drift.contains("2 path(s)"),
             "{drift}"
         );
+    }
+
+    /// The deploy script's early records: the live digest on its own line ahead of the scans,
+    /// then (after them) the store record; in place, a kept manifest gets just the object list.
+    #[test]
+    fn parses_the_early_digest_and_an_object_list() {
+        let digest = b"to\tdir\0inplace\tr2\0digest\t0123456789abcdef0123456789abcdef\0\n";
+        assert_eq!(digest_known(digest), Some(digest.len() - 1));
+        assert_eq!(store_known(digest), None);
+        let mut out = digest.to_vec();
+        out.extend_from_slice(b"touched\t./x\0store\tyes\0\n");
+        assert_eq!(store_known(&out), Some(out.len() - 1));
+        let cc = ObjectId::new([0xcc; 32], 0o644);
+        out.extend_from_slice(format!("objects\t{cc}\nnot-an-object\0end\t\0\n").as_bytes());
+        assert_eq!(inventory_end(&out), Some(out.len() - 1));
+        let inv = parse_inventory(&out, "app").unwrap();
+        assert_eq!(
+            inv.live_digest.as_deref(),
+            Some("0123456789abcdef0123456789abcdef")
+        );
+        assert_eq!(inv.live(), Some("r2"));
+        assert_eq!(inv.touched, [b"x".to_vec()]);
+        assert!(inv.objects.len() == 1 && inv.objects.contains(&cc));
+        assert!(inv.live_manifest.is_none() && !inv.same);
+        // A host without a live release: the first read waits for the store record.
+        let bare = b"to\tmissing\0store\tno\0\n";
+        assert_eq!(digest_known(bare), Some(bare.len() - 1));
     }
 
     #[test]
