@@ -1,5 +1,5 @@
 //! The one stream a deploy sends: tar, mostly gzip'd, that the host's own `tar` (GNU or BusyBox)
-//! unpacks. Release mode ([`write`], unpacked in the store): each missing object once as a regular
+//! unpacks. Release mode ([`write()`], unpacked in the store): each missing object once as a regular
 //! file `objects/<name>`, then the whole new release tree under `incoming/r/` as directory, symlink
 //! and hard-link entries (links point at objects, so no content is sent twice). Mode in-place
 //! ([`write_in_place`], unpacked beside `to`): the staged files `to` gets, and links that keep
@@ -79,7 +79,8 @@ impl<W> Sink<'_, W> {
     }
 }
 
-/// Content to send from which `compress: auto` sends files of [`PLAIN_MIN`] or more as they are.
+/// Content to send from which `compress: auto` sends files of 8 KiB (`PLAIN_MIN`) or more as
+/// they are.
 pub const BULK: u64 = 64 << 20;
 
 /// Files at least this big travel in the plain part (with `compress_all`, only those whose content

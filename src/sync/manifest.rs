@@ -271,7 +271,7 @@ pub fn scan(
 
 /// A walked tree: every entry stat'ed, files' hashes taken from the cache where it still knows
 /// them. The rest are hashed by [`Walked::hash`], or by the stream that sends them
-/// ([`Walked::complete`] then takes what it learned).
+/// ([`Walked::remember`] then keeps what it learned).
 pub struct Walked {
     /// The tree; the files of `unhashed` carry a zero hash.
     pub manifest: Manifest,

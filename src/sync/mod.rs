@@ -75,7 +75,7 @@ pub struct LiveSync {
 }
 
 /// Start walking and hashing the sources of `steps` (as `host` expands them) while the hosts
-/// connect and lock; the steps then find the result waiting in [`source`]'s memo. (A first
+/// connect and lock; the steps then find the result waiting in `source`'s memo. (A first
 /// deploy stops the hashing: it hashes as it sends. `FERRY_HASH_AHEAD=0` hashes only when a
 /// host needs it: tests use it to see a small tree learned.)
 pub fn prefetch<'a>(host: &Host, steps: impl IntoIterator<Item = &'a SyncStep>) {

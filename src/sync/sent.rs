@@ -23,7 +23,7 @@ fn valid(digest: &str) -> bool {
 }
 
 /// Keep a manifest sent (best effort: a cache that cannot be written only costs a later deploy
-/// the round trip), and drop the oldest beyond [`KEEP`].
+/// the round trip), and drop the oldest beyond the 16 newest.
 pub fn keep(sealed: &Sealed) {
     if let Some(dir) = dir() {
         keep_in(&dir, sealed);
