@@ -642,7 +642,28 @@ fn save_cache(file: &Path, rows: &[(&[u8], CacheRow)]) -> anyhow::Result<()> {
         out.extend_from_slice(&(p.len() as u64).to_le_bytes());
         out.extend_from_slice(p);
     }
-    replace_file(file, &out)
+    replace_file(file, &out)?;
+    sweep_temps(file.parent().context("cache path has a parent")?);
+    Ok(())
+}
+
+/// Remove temp files of [`replace_file`] (names starting with `.`) an hour old or more from
+/// `dir`: a run killed while writing left them, and no later write reuses their names.
+pub fn sweep_temps(dir: &Path) {
+    const STALE: std::time::Duration = std::time::Duration::from_secs(3600);
+    let Ok(read) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in read.flatten() {
+        let stale = || {
+            e.metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > STALE))
+        };
+        if e.file_name().as_encoded_bytes().starts_with(b".") && stale() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// Write `file` whole or not at all (a temp file renamed over it); makes its directory.

@@ -9,8 +9,6 @@ use super::manifest::{self, Manifest, Sealed};
 
 /// Manifests kept; older ones go (each is about 110 bytes per file of its tree).
 const KEEP: usize = 16;
-/// A temp file this old is no write in progress.
-const STALE: std::time::Duration = std::time::Duration::from_secs(3600);
 
 fn dir() -> Option<PathBuf> {
     Some(manifest::cache_dir()?.join("manifests"))
@@ -40,21 +38,12 @@ fn keep_in(dir: &Path, sealed: &Sealed) {
     let Ok(read) = std::fs::read_dir(dir) else {
         return;
     };
-    let mut kept = Vec::new();
-    for e in read.flatten() {
-        let Some(modified) = e.metadata().ok().and_then(|m| m.modified().ok()) else {
-            continue;
-        };
-        let name = e.file_name();
-        if name.to_str().is_some_and(valid) {
-            kept.push((modified, e.path()));
-        } else if name.as_encoded_bytes().starts_with(b".")
-            && modified.elapsed().is_ok_and(|age| age > STALE)
-        {
-            // A temp file a killed run left (`replace_file` writes one first).
-            let _ = std::fs::remove_file(e.path());
-        }
-    }
+    let mut kept: Vec<_> = read
+        .flatten()
+        .filter(|e| e.file_name().to_str().is_some_and(valid))
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    manifest::sweep_temps(dir);
     if kept.len() > KEEP {
         kept.sort();
         for (_, p) in &kept[..kept.len() - KEEP] {
@@ -128,7 +117,7 @@ mod tests {
         let (old, fresh) = (dir.join(".x.1.0"), dir.join(".x.2.0"));
         std::fs::write(&old, b"partial").unwrap();
         std::fs::write(&fresh, b"partial").unwrap();
-        let hours_ago = std::time::SystemTime::now() - STALE * 2;
+        let hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
         let f = std::fs::File::options().append(true).open(&old).unwrap();
         f.set_modified(hours_ago).unwrap();
         for n in 0..(KEEP as u8 + 4) {
