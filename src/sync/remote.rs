@@ -318,12 +318,12 @@ pub(super) const UNPACK: &str = unpack_sh!();
 /// A whole deploy in one exec. First it cleans up what an interrupted deploy left (`incoming/`,
 /// then in release mode objects no release links to) and prints the same records as
 /// [`INVENTORY`] up to the digest check, the live release's `digest` first (the `digest` and
-/// `store` records end a line: without a store, the controller sends without hashing first). It reads a line from stdin
-/// (the controller hashes meanwhile): the local tree's digest (or `-`), then `1` when the
-/// controller holds the live manifest (see `sent`); it prints `same` or the tail (with its length;
-/// after a `1` without the live manifest, and in place just the `objects` record), then `end`.
-/// Then it
-/// reads one line: `<release id> <adopt 0|1> <ids to prune> <objects to drop> <again 0|1>` (lists
+/// `store` records end a line: without a store, the controller sends without hashing first). It
+/// reads a line from stdin (the controller hashes meanwhile): the local tree's digest (or `-`),
+/// then `1` when the controller holds the live manifest (see `sent`); it prints `same` or the tail
+/// (with its length; after a `1` without the live manifest, and in place just the `objects`
+/// record), then `end`. Then it reads one line:
+/// `<release id> <adopt 0|1> <ids to prune> <objects to drop> <again 0|1>` (lists
 /// comma-separated, `-` for none), or EOF to stop there. The rest of stdin is the stream
 /// (`unpack`). Release mode: drop the objects edited by hand, unpack the stream in the store
 /// (objects straight into `objects/`, the tree under `incoming/r`), check its trailer, name the
@@ -581,7 +581,8 @@ cat "$1/meta/$2.manifest"
 "#;
 
 /// Remove the target link (only one into the store) and the store; prints `removed <what>` for
-/// each (`no target` when `to` is missing). A directory applied in place stays: it may be mounted or read elsewhere. Args: store, to.
+/// each (`no target` when `to` is missing). A directory applied in place stays: it may be mounted
+/// or read elsewhere. Args: store, to.
 pub const REMOVE: &str = concat!(
     rmtree_sh!(),
     r#"
