@@ -762,8 +762,14 @@ pub enum PlaybookError {
         column: u64,
         message: String,
     },
-    #[error("{path}: {message}")]
-    Invalid { path: PathBuf, message: String },
+    /// Valid YAML whose fields do not fit together; `at` is the line and column of the node at
+    /// fault, when it could be found.
+    #[error("{path}:{}{message}", at.map(|(l, c)| format!("{l}:{c}: ")).unwrap_or_else(|| " ".into()))]
+    Invalid {
+        path: PathBuf,
+        at: Option<(u64, u64)>,
+        message: String,
+    },
 }
 
 /// Read and validate a playbook file.
@@ -790,8 +796,9 @@ pub fn parse(text: &str, path: &Path) -> Result<Playbook, PlaybookError> {
         }
     })?;
     pb.path = path.to_path_buf();
-    validate(&pb, text).map_err(|message| PlaybookError::Invalid {
+    validate(&pb).map_err(|Invalid { at, message }| PlaybookError::Invalid {
         path: path.to_path_buf(),
+        at: locate(text, &at),
         message,
     })?;
     Ok(pb)
@@ -802,40 +809,143 @@ fn first_line(s: &str) -> String {
     s.lines().next().unwrap_or(s).trim().to_string()
 }
 
-/// Cross-field checks serde cannot express. Messages point at the line of the offending key when found.
-fn validate(pb: &Playbook, text: &str) -> Result<(), String> {
-    let at = |needle: &str| -> String {
-        text.lines()
-            .enumerate()
-            .find_map(|(n, l)| Some((n, l[..l.find(needle)?].chars().count())))
-            .map(|(n, c)| format!("line {}, column {}: ", n + 1, c + 1))
-            .unwrap_or_default()
-    };
+/// One step of a path from the document's root to a node: a map key or a list index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Seg {
+    Key(String),
+    Index(usize),
+}
+
+fn key(k: &str) -> Seg {
+    Seg::Key(k.to_string())
+}
+
+/// A cross-field error and the node it is about (the deepest part of `at` that exists).
+#[derive(Debug)]
+struct Invalid {
+    at: Vec<Seg>,
+    message: String,
+}
+
+/// A YAML node with where each of its children starts: read again, leniently, only to point a
+/// cross-field error at its line and column (serde keeps no positions in the validated types).
+#[derive(Debug, Default)]
+enum Node {
+    Map(Vec<(String, serde_saphyr::Spanned<Node>)>),
+    Seq(Vec<serde_saphyr::Spanned<Node>>),
+    #[default]
+    Leaf,
+}
+
+impl<'de> Deserialize<'de> for Node {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Node;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any YAML node")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Node, A::Error> {
+                let mut out = Vec::new();
+                while let Some(k) = m.next_key::<serde_json::Value>()? {
+                    let k = match k {
+                        serde_json::Value::String(s) => s,
+                        other => other.to_string(),
+                    };
+                    out.push((k, m.next_value()?));
+                }
+                Ok(Node::Map(out))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut s: A) -> Result<Node, A::Error> {
+                let mut out = Vec::new();
+                while let Some(n) = s.next_element()? {
+                    out.push(n);
+                }
+                Ok(Node::Seq(out))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Node, E> {
+                Ok(Node::Leaf)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Node, E> {
+                Ok(Node::Leaf)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Node, E> {
+                Ok(Node::Leaf)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Node, E> {
+                Ok(Node::Leaf)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Node, E> {
+                Ok(Node::Leaf)
+            }
+            fn visit_unit<E>(self) -> Result<Node, E> {
+                Ok(Node::Leaf)
+            }
+            fn visit_none<E>(self) -> Result<Node, E> {
+                Ok(Node::Leaf)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The line and column of the node at `path` in `text`, or of its deepest ancestor that exists.
+fn locate(text: &str, path: &[Seg]) -> Option<(u64, u64)> {
+    let root: serde_saphyr::Spanned<Node> = serde_saphyr::from_str(text).ok()?;
+    let mut node = &root;
+    for seg in path {
+        let child = match (&node.value, seg) {
+            (Node::Map(m), Seg::Key(k)) => m.iter().find(|(name, _)| name == k).map(|(_, n)| n),
+            (Node::Seq(s), Seg::Index(i)) => s.get(*i),
+            _ => None,
+        };
+        match child {
+            Some(c) => node = c,
+            None => break,
+        }
+    }
+    let l = node.referenced;
+    (l.line() > 0).then(|| (l.line(), l.column()))
+}
+
+/// Cross-field checks serde cannot express; each error names the node at fault.
+fn validate(pb: &Playbook) -> Result<(), Invalid> {
+    let fail = |at: Vec<Seg>, message: String| Err(Invalid { at, message });
     if !is_name(&pb.app) {
-        return Err(format!(
-            "{}app `{}`: use letters, digits, `-`, `_` and `.` only",
-            at("app:"),
-            pb.app
-        ));
+        return fail(
+            vec![key("app")],
+            format!(
+                "app `{}`: use letters, digits, `-`, `_` and `.` only",
+                pb.app
+            ),
+        );
     }
     if pb.environments.is_empty() {
-        return Err("no environments: add `environments:` with at least one".into());
+        return fail(
+            vec![key("environments")],
+            "no environments: add `environments:` with at least one".into(),
+        );
     }
     for (name, env) in &pb.environments {
+        let here = |rest: &[Seg]| {
+            let mut at = vec![key("environments"), key(name)];
+            at.extend_from_slice(rest);
+            at
+        };
         if !is_name(name) {
-            return Err(format!(
-                "{}environment `{name}`: use letters, digits, `-`, `_` and `.` only",
-                at(&format!("{name}:"))
-            ));
+            return fail(
+                here(&[]),
+                format!("environment `{name}`: use letters, digits, `-`, `_` and `.` only"),
+            );
         }
         if env.hosts.is_empty() {
-            return Err(format!(
-                "{}environment `{name}` has no hosts",
-                at(&format!("{name}:"))
-            ));
+            return fail(
+                here(&[key("hosts")]),
+                format!("environment `{name}` has no hosts"),
+            );
         }
         let mut seen = std::collections::BTreeSet::new();
-        for h in &env.hosts {
+        for (i, h) in env.hosts.iter().enumerate() {
             // One key, one known_hosts and one connection budget serve a whole run.
             let run_wide = [
                 ("key", h.ssh.key.is_some()),
@@ -844,36 +954,50 @@ fn validate(pb: &Playbook, text: &str) -> Result<(), String> {
                 ("forks", h.ssh.forks.is_some()),
             ];
             if let Some((field, _)) = run_wide.iter().find(|(_, set)| *set) {
-                return Err(format!(
-                    "{}host `{}`: `ssh.{field}` applies to a whole run; set it under `environments.{name}.ssh` or at the top",
-                    at(&format!("{field}:")),
-                    h.label()
-                ));
+                return fail(
+                    here(&[key("hosts"), Seg::Index(i), key("ssh"), key(field)]),
+                    format!(
+                        "host `{}`: `ssh.{field}` applies to a whole run; set it under `environments.{name}.ssh` or at the top",
+                        h.label()
+                    ),
+                );
             }
             if !seen.insert(h.label()) {
-                return Err(format!(
-                    "{}environment `{name}` lists host `{}` twice",
-                    at(h.label()),
-                    h.label()
-                ));
+                return fail(
+                    here(&[key("hosts"), Seg::Index(i)]),
+                    format!("environment `{name}` lists host `{}` twice", h.label()),
+                );
             }
         }
-        for step in env.steps.iter().chain(&env.on_stop) {
-            if let Step::Container(c) | Step::Accessory(c) = step {
+        for (list, steps) in [("steps", &env.steps), ("on_stop", &env.on_stop)] {
+            for (i, step) in steps.iter().enumerate() {
+                let (Step::Container(c) | Step::Accessory(c)) = step else {
+                    continue;
+                };
+                let body = |rest: &[Seg]| {
+                    let mut at = here(&[key(list), Seg::Index(i), key(step.kind())]);
+                    at.extend_from_slice(rest);
+                    at
+                };
                 for host in c.hosts.keys() {
+                    let at = body(&[key("hosts"), key(host)]);
                     if !env.hosts.iter().any(|h| h.label() == host) {
-                        return Err(format!(
-                            "{}container `{}` overrides host `{host}`, which environment `{name}` does not list",
-                            at(&format!("{host}:")),
-                            c.name
-                        ));
+                        return fail(
+                            at,
+                            format!(
+                                "container `{}` overrides host `{host}`, which environment `{name}` does not list",
+                                c.name
+                            ),
+                        );
                     }
                     if let Err(e) = c.for_host(host) {
-                        return Err(format!(
-                            "{}container `{}`: override for host `{host}` is invalid: {e}",
-                            at(&format!("{host}:")),
-                            c.name
-                        ));
+                        return fail(
+                            at,
+                            format!(
+                                "container `{}`: override for host `{host}` is invalid: {e}",
+                                c.name
+                            ),
+                        );
                     }
                 }
                 if let Some(h) = &c.health {
@@ -883,35 +1007,43 @@ fn validate(pb: &Playbook, text: &str) -> Result<(), String> {
                         _ => None,
                     };
                     if let Some(field) = missing {
-                        return Err(format!(
-                            "{}container `{}`: health check type {:?} needs `{field}`",
-                            at("health:"),
-                            c.name,
-                            h.kind
-                        ));
+                        return fail(
+                            body(&[key("health")]),
+                            format!(
+                                "container `{}`: health check type {:?} needs `{field}`",
+                                c.name, h.kind
+                            ),
+                        );
                     }
                 }
             }
         }
     }
-    for rule in &pb.rules {
+    for (i, rule) in pb.rules.iter().enumerate() {
+        let here = |rest: &[Seg]| {
+            let mut at = vec![key("rules"), Seg::Index(i)];
+            at.extend_from_slice(rest);
+            at
+        };
         if rule.branch.is_some() == rule.tag.is_some() {
-            return Err(format!(
-                "{}a rule needs exactly one of `branch:` or `tag:`",
-                at("rules:")
-            ));
+            return fail(
+                here(&[]),
+                "a rule needs exactly one of `branch:` or `tag:`".into(),
+            );
         }
-        for e in &rule.deploy {
+        for (j, e) in rule.deploy.iter().enumerate() {
             if !pb.environments.contains_key(e) {
-                return Err(format!(
-                    "{}rule deploys to `{e}`, which is not under `environments:` (have: {})",
-                    at(&format!("deploy: {e}")),
-                    pb.environments
-                        .keys()
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ));
+                return fail(
+                    here(&[key("deploy"), Seg::Index(j)]),
+                    format!(
+                        "rule deploys to `{e}`, which is not under `environments:` (have: {})",
+                        pb.environments
+                            .keys()
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                );
             }
         }
     }
@@ -1039,7 +1171,10 @@ mod tests {
         ))
         .unwrap_err();
         assert!(err.to_string().contains("`prod`"), "{err}");
-        assert!(err.to_string().contains("line 7, column 5"), "{err}");
+        assert!(
+            err.to_string().starts_with("pb.yml:7:13: rule deploys"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -1051,7 +1186,7 @@ mod tests {
         };
         let err = p(&pb("{ portz: ['80:80'] }")).unwrap_err().to_string();
         assert!(
-            err.contains("line 10, column 13: container `web`: override for host `h1` is invalid")
+            err.starts_with("pb.yml:10:17: container `web`: override for host `h1` is invalid")
                 && err.contains("portz"),
             "{err}"
         );
@@ -1068,9 +1203,52 @@ mod tests {
             err.contains("host `h1`: `ssh.key` applies to a whole run"),
             "{err}"
         );
-        assert!(err.contains("line 6, column 16"), "{err}");
+        assert!(err.starts_with("pb.yml:6:21: "), "{err}");
         let ok = "app: a\nenvironments:\n  e:\n    hosts:\n      - host: h1\n        ssh: { user: u, port: 2 }\n";
         assert!(p(ok).is_ok());
+    }
+
+    #[test]
+    fn cross_field_errors_point_at_the_node_at_fault() {
+        // Each error names the node it is about, not the first line that mentions the same key.
+        let pb = "app: a\nenvironments:\n  e:\n    hosts: [h1, h2]\n    steps:\n      - container:\n          name: one\n          image: i\n          health: { type: http, url: 'http://x/' }\n      - container:\n          name: two\n          image: i\n          health:\n            type: http\n";
+        let err = p(pb).unwrap_err().to_string();
+        assert!(
+            err.starts_with("pb.yml:14:13: container `two`: health check type Http needs `url`"),
+            "{err}"
+        );
+        let twice = "app: a\nenvironments:\n  e:\n    hosts:\n      - h1\n      - h2\n      - h1\n";
+        let err = p(twice).unwrap_err().to_string();
+        assert!(
+            err.starts_with("pb.yml:7:9: environment `e` lists host `h1` twice"),
+            "{err}"
+        );
+        let stop = "app: a\nenvironments:\n  h9:\n    hosts: [h1]\n    on_stop:\n      - accessory:\n          name: db\n          image: i\n          hosts:\n            h9: { image: j }\n";
+        let err = p(stop).unwrap_err().to_string();
+        assert!(
+            err.starts_with("pb.yml:10:17: container `db` overrides host `h9`"),
+            "{err}"
+        );
+        let rule = format!(
+            "{MINIMAL}rules:\n  - branch: main\n    deploy: staging\n  - deploy: [staging]\n"
+        );
+        let err = p(&rule).unwrap_err().to_string();
+        assert!(
+            err.starts_with("pb.yml:8:5: a rule needs exactly one of `branch:` or `tag:`"),
+            "{err}"
+        );
+        let list = format!("{MINIMAL}rules:\n  - tag: 'v*'\n    deploy: [staging, prod]\n");
+        let err = p(&list).unwrap_err().to_string();
+        assert!(
+            err.starts_with("pb.yml:7:23: rule deploys to `prod`"),
+            "{err}"
+        );
+        let empty = "app: a\nenvironments:\n  e:\n    hosts: []\n";
+        let err = p(empty).unwrap_err().to_string();
+        assert!(
+            err.starts_with("pb.yml:4:12: environment `e` has no hosts"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -488,6 +488,22 @@ fn malformed_playbook_reports_file_line_and_column() {
         .failure(2);
     assert!(run.stderr.contains("ferry.yml:5:5"), "{}", run.stderr);
     assert!(run.stderr.contains("stepz"), "{}", run.stderr);
+    // A check across fields points at the node it is about: here the second host `a`.
+    let pb = dir.write(
+        "twice.yml",
+        "app: x\nenvironments:\n  test:\n    hosts:\n      - a\n      - a\n",
+    );
+    let run = Ferry::new()
+        .args(["check", "--env", "test"])
+        .arg(&pb)
+        .run()
+        .failure(2);
+    assert!(
+        run.stderr
+            .contains("twice.yml:6:9: environment `test` lists host `a` twice"),
+        "{}",
+        run.stderr
+    );
 }
 
 #[test]
