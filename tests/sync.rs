@@ -376,6 +376,34 @@ fn sync_refuses_symlink_leaving_the_tree() {
         run.all()
     );
     assert!(!site.root().join("app").exists());
+    // A chain of links, each inside the tree by its text, that climbs out once followed.
+    std::fs::remove_file(site.src.join("pw")).unwrap();
+    std::fs::create_dir(site.src.join("d")).unwrap();
+    std::os::unix::fs::symlink("..", site.src.join("d/l")).unwrap();
+    std::os::unix::fs::symlink("d/l/..", site.src.join("up")).unwrap();
+    let run = site.deploy(&sha(2)).failure(1);
+    assert!(
+        run.all()
+            .contains("symlink up -> d/l/.. leads outside the tree"),
+        "{}",
+        run.all()
+    );
+    assert!(!site.root().join("app").exists());
+}
+
+/// `to` may not hold ferry's own state: adopting the environment's root would move its ledger
+/// and lock into a release.
+#[test]
+fn sync_refuses_a_target_holding_ferrys_state() {
+    let site = Site::new(
+        "selfstate",
+        vec![Sshd::start()],
+        one_step("", ", adopt: true"),
+    );
+    site.write(b"index.html", b"x");
+    let run = site.deploy(&sha(1)).failure(1);
+    assert!(run.all().contains("ferry's own state"), "{}", run.all());
+    assert!(site.root().join(".ferry").is_dir());
 }
 
 /// A file edited on the host is detected, reported, and replaced by the next deploy; the edit never

@@ -254,6 +254,69 @@ pub fn check_symlink(path: &[u8], target: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// Refuse a link that leaves the tree once the links it passes through are followed, as the host
+/// will: each link may stay inside by its text alone, yet `..` after another link climbs from
+/// wherever that one points (`up -> d/l/..` with `d/l -> ../u`, chained, reaches `/`). Resolves
+/// every link's target through the tree's links, like `realpath`, and fails on the first that
+/// climbs above the root or follows more than 40 links.
+pub fn check_link_chains(m: &Manifest) -> Result<(), String> {
+    let links: HashMap<&[u8], &[u8]> = m
+        .entries
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Kind::Symlink { target } => Some((e.path.as_slice(), target.as_slice())),
+            _ => None,
+        })
+        .collect();
+    for (path, target) in &links {
+        let mut dir: Vec<&[u8]> = path.split(|&b| b == b'/').collect();
+        dir.pop();
+        let mut hops = 0;
+        if let Err(why) = resolve(&links, &mut dir, target, &mut hops) {
+            return Err(format!(
+                "symlink {} -> {} {why}",
+                String::from_utf8_lossy(path),
+                String::from_utf8_lossy(target)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Walk `target` from the directory `dir` (components), following the tree's links.
+fn resolve<'a>(
+    links: &HashMap<&'a [u8], &'a [u8]>,
+    dir: &mut Vec<&'a [u8]>,
+    target: &'a [u8],
+    hops: &mut usize,
+) -> Result<(), String> {
+    if target.starts_with(b"/") {
+        return Err("leads to an absolute path".into());
+    }
+    for part in target.split(|&b| b == b'/') {
+        match part {
+            b"" | b"." => {}
+            b".." => {
+                if dir.pop().is_none() {
+                    return Err("leads outside the tree through the links it passes".into());
+                }
+            }
+            _ => {
+                dir.push(part);
+                if let Some(next) = links.get(dir.join(&b'/').as_slice()) {
+                    *hops += 1;
+                    if *hops > 40 {
+                        return Err("is part of a loop of links".into());
+                    }
+                    dir.pop();
+                    resolve(links, dir, next, hops)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// What the walk found; it is stat'ed and hashed in parallel afterwards.
 struct Found {
     path: Vec<u8>,
@@ -354,6 +417,13 @@ pub fn walk(root: &Path, exclude: &[String], cache_file: Option<&Path>) -> anyho
         }
         out.manifest.entries.push(entry);
     }
+    check_link_chains(&out.manifest).map_err(|why| {
+        anyhow::anyhow!(
+            "{why} in {}: ferry ships only links that stay inside the tree; replace it with a \
+             relative link inside the tree, or exclude it",
+            root.display()
+        )
+    })?;
     tracing::debug!(?walked, stated = ?started.elapsed(), unhashed = out.unhashed.len(), "walked {}", root.display());
     Ok(out)
 }
@@ -726,6 +796,48 @@ mod tests {
         assert!(check_symlink(b"a/link", b"../../x").is_err());
         assert!(check_symlink(b"a/link", b"/etc/passwd").is_err());
         assert!(check_symlink(b"a/link", b"").is_err());
+    }
+
+    #[test]
+    fn link_chains_are_followed() {
+        let link = |p: &str, t: &str| Entry {
+            path: p.as_bytes().to_vec(),
+            kind: Kind::Symlink {
+                target: t.as_bytes().to_vec(),
+            },
+        };
+        let dir = |p: &str| Entry {
+            path: p.as_bytes().to_vec(),
+            kind: Kind::Dir { mode: 0o755 },
+        };
+        let tree = |entries: Vec<Entry>| Manifest {
+            root_mode: 0o755,
+            entries,
+        };
+        // Each stays inside by its text; followed, `up` is the parent of the tree.
+        let climb = tree(vec![dir("d"), link("d/l", ".."), link("up", "d/l/..")]);
+        let err = check_link_chains(&climb).unwrap_err();
+        assert!(err.contains("symlink up -> d/l/.. leads outside"), "{err}");
+        // Through a link to the root, then one more `..`.
+        let deep = tree(vec![
+            dir("a"),
+            link("a/x", ".."),
+            link("d", "a"),
+            link("e", "d/x/.."),
+        ]);
+        assert!(check_link_chains(&deep).is_err());
+        let looped = tree(vec![link("a", "b"), link("b", "a")]);
+        assert!(check_link_chains(&looped).unwrap_err().contains("loop"));
+        // Links into links that stay inside are fine, dangling ones too.
+        let ok = tree(vec![
+            dir("d"),
+            dir("d/e"),
+            link("d/l", "e"),
+            link("m", "d/l/.."),
+            link("n", "d/l/gone"),
+            link("top", "d/.."),
+        ]);
+        check_link_chains(&ok).unwrap();
     }
 
     #[test]

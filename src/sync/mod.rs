@@ -297,11 +297,32 @@ fn truncated(v: &[String]) -> &[String] {
     &v[..v.len().min(LIST_LIMIT)]
 }
 
+/// The store paths of a step's `to`, refused when it would hold ferry's own state: the host's
+/// `.ferry` directory (ledger, locks) or a release store (adopting either would move it away).
+fn target_paths(host: &Host, to: &str) -> anyhow::Result<Paths> {
+    let paths = Paths::new(&host.path(to)?)?;
+    let state = host.state_dir();
+    let holds = |dir: &str| dir == paths.to || dir.starts_with(&format!("{}/", paths.to));
+    let store = paths
+        .to
+        .split('/')
+        .any(|c| c == ".ferry" || (c.starts_with('.') && c.ends_with(".ferry")));
+    if holds(&state) || store {
+        bail!(
+            "{}: sync target {} would hold or be part of ferry's own state ({state}, or a \
+             `.<name>.ferry` release store); point `to:` at a directory of its own",
+            host.name(),
+            paths.to
+        );
+    }
+    Ok(paths)
+}
+
 pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepReport> {
     let started = Instant::now();
     let host = ctx.host.name();
     let from = PathBuf::from(ctx.host.expand(&step.from)?);
-    let paths = Paths::new(&ctx.host.path(&step.to)?)?;
+    let paths = target_paths(ctx.host, &step.to)?;
     let src = source(from.clone(), step.exclude.clone());
     // A plan only reads; a deploy reads and applies in one exec (see remote::DEPLOY), which looks
     // at the host's side while we hash ours.
@@ -928,7 +949,7 @@ pub async fn rollback(
     to: Option<&str>,
 ) -> anyhow::Result<StepReport> {
     let host = ctx.host.name();
-    let paths = Paths::new(&ctx.host.path(&step.to)?)?;
+    let paths = target_paths(ctx.host, &step.to)?;
     let inv = inventory(ctx.session, &paths, "-", step).await?;
     let live = inv.live().map(str::to_string);
     let target = match to {
@@ -1100,7 +1121,7 @@ async fn reapply(
 
 pub async fn remove(ctx: &StepCtx<'_>, step: &SyncRemoveStep) -> anyhow::Result<StepReport> {
     let host = ctx.host.name();
-    let paths = Paths::new(&ctx.host.path(&step.to)?)?;
+    let paths = target_paths(ctx.host, &step.to)?;
     if ctx.plan {
         return Ok(StepReport {
             step: "sync_remove".into(),

@@ -207,7 +207,9 @@ while [ $# -gt 0 ]; do
     [ "${e%/*}" = "$d" ] || break
     k=$((k+1)); list="$list \"\${$k}\""
     b=$dd/${e##*/}
-    if [ -d "$b" ] && [ ! -L "$b" ]; then rm -rf "$b" || exit 1; fi
+    if [ -d "$b" ] && [ ! -L "$b" ]; then
+      rm -rf "$b" 2>/dev/null || { find "$b" -type d -exec chmod u+wx {} +; rm -rf "$b"; } || exit 1
+    fi
   done
   eval "mv -f $list \"\$dd/\"" || exit 1
   n=$((n+k)); shift $k
@@ -232,6 +234,9 @@ apply() {
   if [ -d "$SL" ]; then
     # One tar pipe copies the first link to each source (a copy of each file, linked to nothing).
     cf=$S/incoming/copy.failed
+    # (Unpacked under umask 0, `$SL` came 0777; tar would give `$ST` that mode, letting anyone
+    # put files into what is renamed into `to`.)
+    chmod 700 "$SL" || return 1
     ( cd "$SL" && tar -cf - . || : > "$cf" ) | ( cd "$ST" && tar -xpf - ) && [ ! -e "$cf" ] || return 1
     rm -rf "$SL" || return 1
   fi
