@@ -41,6 +41,13 @@ impl DeployContext {
                 ),
             },
         };
+        // Git refuses these in ref names; here they would reach tables, logs and the ledger.
+        if ref_name.is_empty() || ref_name.chars().any(|c| c.is_control()) {
+            anyhow::bail!(
+                "ref {ref_name:?} is empty or holds control characters (newline, escape, ...), \
+                 which no git branch or tag has; pass the branch or tag name"
+            );
+        }
         let sha = match sha_flag
             .map(str::to_string)
             .or_else(|| env("CI_COMMIT_SHA"))

@@ -518,6 +518,21 @@ fn no_key_is_a_usage_error_with_the_fix() {
     assert!(run.stderr.contains("SSH_PRIVATE_KEY"), "{}", run.stderr);
 }
 
+#[test]
+fn a_ref_with_control_characters_is_refused() {
+    let dir = TempDir::new("ctlref");
+    let pb = env_pb(&dir, &["root@127.0.0.1:1".into()]);
+    for r in ["release-\u{1b}[31mred", "release-1\nrelease-2", ""] {
+        let run = Ferry::new()
+            .args(["deploy", "--env", "test", "--sha", "abc123", "--ref", r])
+            .arg(&pb)
+            .run()
+            .failure(2);
+        assert!(run.stderr.contains("control characters"), "{}", run.stderr);
+        assert!(!run.stderr.contains('\u{1b}'), "{}", run.stderr);
+    }
+}
+
 /// Split a table row into its columns (separated by two or more spaces).
 fn columns(line: &str) -> Vec<String> {
     line.split("  ")

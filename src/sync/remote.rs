@@ -4,7 +4,7 @@
 //! has no plain part), `mv -fT`, `find -newer -links -path -prune -mindepth -maxdepth -print0
 //! -exec +` (never `{}` inside a script `find` runs: GNU find refuses that), `xargs -0 -r`,
 //! `head -c`, `ls`, `gzip`, `readlink`, `read`, `cp -p`, `stat -c %a`, `tr`, `cut`, `sort`,
-//! `uniq -u`.
+//! `uniq -u`, `date -r`, `sleep`.
 //!
 //! Layout beside the target `<dir>/<name>`:
 //! ```text
@@ -506,6 +506,13 @@ if [ "$prune" != - ]; then
   IFS=$ifs
   if [ "$M" = in-place ]; then collect_unnamed; else find objects -type f -links 1 -exec rm -f {} +; fi
 fi
+# BusyBox `find -newer` compares whole seconds: an edit made in the second `stamp` (in place:
+# `applied`) got would pass for ours. There, return only once that second is over.
+case $(find --version 2>/dev/null) in *GNU*) ;; *)
+  st=stamp; [ "$M" != in-place ] || st=applied
+  s=$(date -r "$st" +%s)
+  while [ "$(date +%s)" = "$s" ]; do sleep 0.1 2>/dev/null || sleep 1; done ;;
+esac
 "#
 );
 
