@@ -927,11 +927,7 @@ fn validate(pb: &Playbook) -> Result<(), Invalid> {
         );
     }
     for (name, env) in &pb.environments {
-        let here = |rest: &[Seg]| {
-            let mut at = vec![key("environments"), key(name)];
-            at.extend_from_slice(rest);
-            at
-        };
+        let here = |rest: &[Seg]| [&[key("environments"), key(name)], rest].concat();
         if !is_name(name) {
             return fail(
                 here(&[]),
@@ -975,9 +971,7 @@ fn validate(pb: &Playbook) -> Result<(), Invalid> {
                     continue;
                 };
                 let body = |rest: &[Seg]| {
-                    let mut at = here(&[key(list), Seg::Index(i), key(step.kind())]);
-                    at.extend_from_slice(rest);
-                    at
+                    [&here(&[key(list), Seg::Index(i), key(step.kind())]), rest].concat()
                 };
                 for host in c.hosts.keys() {
                     let at = body(&[key("hosts"), key(host)]);
@@ -1020,11 +1014,7 @@ fn validate(pb: &Playbook) -> Result<(), Invalid> {
         }
     }
     for (i, rule) in pb.rules.iter().enumerate() {
-        let here = |rest: &[Seg]| {
-            let mut at = vec![key("rules"), Seg::Index(i)];
-            at.extend_from_slice(rest);
-            at
-        };
+        let here = |rest: &[Seg]| [&[key("rules"), Seg::Index(i)], rest].concat();
         if rule.branch.is_some() == rule.tag.is_some() {
             return fail(
                 here(&[]),
@@ -1211,44 +1201,37 @@ mod tests {
     #[test]
     fn cross_field_errors_point_at_the_node_at_fault() {
         // Each error names the node it is about, not the first line that mentions the same key.
-        let pb = "app: a\nenvironments:\n  e:\n    hosts: [h1, h2]\n    steps:\n      - container:\n          name: one\n          image: i\n          health: { type: http, url: 'http://x/' }\n      - container:\n          name: two\n          image: i\n          health:\n            type: http\n";
-        let err = p(pb).unwrap_err().to_string();
-        assert!(
-            err.starts_with("pb.yml:14:13: container `two`: health check type Http needs `url`"),
-            "{err}"
-        );
-        let twice = "app: a\nenvironments:\n  e:\n    hosts:\n      - h1\n      - h2\n      - h1\n";
-        let err = p(twice).unwrap_err().to_string();
-        assert!(
-            err.starts_with("pb.yml:7:9: environment `e` lists host `h1` twice"),
-            "{err}"
-        );
-        let stop = "app: a\nenvironments:\n  h9:\n    hosts: [h1]\n    on_stop:\n      - accessory:\n          name: db\n          image: i\n          hosts:\n            h9: { image: j }\n";
-        let err = p(stop).unwrap_err().to_string();
-        assert!(
-            err.starts_with("pb.yml:10:17: container `db` overrides host `h9`"),
-            "{err}"
-        );
-        let rule = format!(
-            "{MINIMAL}rules:\n  - branch: main\n    deploy: staging\n  - deploy: [staging]\n"
-        );
-        let err = p(&rule).unwrap_err().to_string();
-        assert!(
-            err.starts_with("pb.yml:8:5: a rule needs exactly one of `branch:` or `tag:`"),
-            "{err}"
-        );
-        let list = format!("{MINIMAL}rules:\n  - tag: 'v*'\n    deploy: [staging, prod]\n");
-        let err = p(&list).unwrap_err().to_string();
-        assert!(
-            err.starts_with("pb.yml:7:23: rule deploys to `prod`"),
-            "{err}"
-        );
-        let empty = "app: a\nenvironments:\n  e:\n    hosts: []\n";
-        let err = p(empty).unwrap_err().to_string();
-        assert!(
-            err.starts_with("pb.yml:4:12: environment `e` has no hosts"),
-            "{err}"
-        );
+        let rules = |r: &str| format!("{MINIMAL}rules:\n{r}");
+        let cases = [
+            (
+                "app: a\nenvironments:\n  e:\n    hosts: [h1, h2]\n    steps:\n      - container:\n          name: one\n          image: i\n          health: { type: http, url: 'http://x/' }\n      - container:\n          name: two\n          image: i\n          health:\n            type: http\n".to_string(),
+                "pb.yml:14:13: container `two`: health check type Http needs `url`",
+            ),
+            (
+                "app: a\nenvironments:\n  e:\n    hosts:\n      - h1\n      - h2\n      - h1\n".into(),
+                "pb.yml:7:9: environment `e` lists host `h1` twice",
+            ),
+            (
+                "app: a\nenvironments:\n  h9:\n    hosts: [h1]\n    on_stop:\n      - accessory:\n          name: db\n          image: i\n          hosts:\n            h9: { image: j }\n".into(),
+                "pb.yml:10:17: container `db` overrides host `h9`",
+            ),
+            (
+                rules("  - branch: main\n    deploy: staging\n  - deploy: [staging]\n"),
+                "pb.yml:8:5: a rule needs exactly one of `branch:` or `tag:`",
+            ),
+            (
+                rules("  - tag: 'v*'\n    deploy: [staging, prod]\n"),
+                "pb.yml:7:23: rule deploys to `prod`",
+            ),
+            (
+                "app: a\nenvironments:\n  e:\n    hosts: []\n".into(),
+                "pb.yml:4:12: environment `e` has no hosts",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = p(&text).unwrap_err().to_string();
+            assert!(err.starts_with(want), "{err}");
+        }
     }
 
     #[test]
