@@ -12,7 +12,8 @@ pub struct HostCheck {
     pub host: String,
     pub address: String,
     pub reachable: bool,
-    pub authenticated: bool,
+    /// `None` when authentication was never tried (unreachable, or the host key failed first).
+    pub authenticated: Option<bool>,
     /// `known`, `accepted`, `mismatch`, `unknown`, `revoked`, or `-` when never reached.
     pub host_key: String,
     pub os: Option<String>,
@@ -55,7 +56,7 @@ pub async fn probe(host: &Host, session: &Session) -> anyhow::Result<HostCheck> 
         host: host.name().to_string(),
         address: host.target.to_string(),
         reachable: true,
-        authenticated: true,
+        authenticated: Some(true),
         host_key: match session.host_key {
             HostKeyStatus::Known => "known",
             HostKeyStatus::Accepted => "accepted",
@@ -78,19 +79,19 @@ pub async fn probe(host: &Host, session: &Session) -> anyhow::Result<HostCheck> 
 
 /// A row for a host whose connection failed, classified by how far it got.
 pub fn failed(host: &Host, err: &anyhow::Error) -> HostCheck {
-    let (reachable, host_key) = match err.downcast_ref::<SshError>() {
-        Some(SshError::Connect { .. } | SshError::Timeout { .. }) => (false, "-"),
-        Some(SshError::HostKeyMismatch { .. }) => (true, "MISMATCH"),
-        Some(SshError::HostKeyUnknown { .. }) => (true, "unknown"),
-        Some(SshError::HostKeyRevoked { .. }) => (true, "REVOKED"),
-        Some(SshError::AuthFailed { .. } | SshError::Agent { .. }) => (true, "known"),
-        _ => (true, "?"),
+    let (reachable, authenticated, host_key) = match err.downcast_ref::<SshError>() {
+        Some(SshError::Connect { .. } | SshError::Timeout { .. }) => (false, None, "-"),
+        Some(SshError::HostKeyMismatch { .. }) => (true, None, "MISMATCH"),
+        Some(SshError::HostKeyUnknown { .. }) => (true, None, "unknown"),
+        Some(SshError::HostKeyRevoked { .. }) => (true, None, "REVOKED"),
+        Some(SshError::AuthFailed { .. } | SshError::Agent { .. }) => (true, Some(false), "known"),
+        _ => (true, None, "?"),
     };
     HostCheck {
         host: host.name().to_string(),
         address: host.target.to_string(),
         reachable,
-        authenticated: false,
+        authenticated,
         host_key: host_key.into(),
         os: None,
         docker: None,
@@ -120,7 +121,7 @@ pub fn render(rows: &[HostCheck]) -> String {
             vec![
                 r.host.clone(),
                 yn(r.reachable),
-                yn(r.authenticated),
+                r.authenticated.map_or_else(|| "-".into(), yn),
                 r.host_key.clone(),
                 r.os.clone().unwrap_or_else(|| "-".into()),
                 match (&r.docker, r.docker_ok) {

@@ -306,6 +306,14 @@ fn connector(
     let from_env =
         |text: String| KnownHosts::parse(&text, "SSH_KNOWN_HOSTS".into(), default_file());
     let known_hosts = match &settings.known_hosts {
+        // A file named on purpose must exist, unless --accept-new is to start it.
+        KnownHostsSource::File(p) if !accept_new && !p.exists() => {
+            return Err(UsageError(format!(
+                "known_hosts file {} does not exist: create it (ssh-keyscan -p PORT HOST > {0}, then check the fingerprints), or pass --accept-new to record host keys on first contact",
+                p.display()
+            ))
+            .into());
+        }
         KnownHostsSource::File(p) => KnownHosts::from_file(p)
             .map_err(|e| UsageError(format!("cannot read known_hosts {}: {e}", p.display())))?,
         KnownHostsSource::Env => match std::env::var("SSH_KNOWN_HOSTS") {
@@ -460,7 +468,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                         ),
                         Err(_) => (String::new(), String::new()),
                     };
-                    json_out.push(serde_json::json!({"host": o.host, "exit": status, "stdout": stdout, "stderr": stderr, "error": err}));
+                    // `exit` is the number, or null when the command died of a signal or never ran.
+                    let exit = o.result.as_ref().ok().and_then(|out| out.status);
+                    json_out.push(serde_json::json!({"host": o.host, "exit": exit, "stdout": stdout, "stderr": stderr, "error": err}));
                 }
                 rows.push(vec![
                     o.host.clone(),

@@ -125,15 +125,20 @@ pub async fn cli_deploy(
     }
     // Every environment's configuration is checked before any host is touched.
     let setups = setups(g, &pb, &envs, &ctx)?;
-    let mut reports = Vec::new();
-    for setup in &setups {
-        let steps: Vec<Step> = pb.environments[&setup.env]
+    let steps_of = |setup: &Setup| -> Vec<Step> {
+        pb.environments[&setup.env]
             .steps
             .iter()
             .filter(|s| scope == Scope::All || matches!(s, Step::Sync(_)))
             .cloned()
-            .collect();
-        reports.extend(run_env(setup, &ctx, &steps, opts, Action::Deploy).await?);
+            .collect()
+    };
+    for setup in &setups {
+        preflight(setup, &steps_of(setup), opts.plan)?;
+    }
+    let mut reports = Vec::new();
+    for setup in &setups {
+        reports.extend(run_env(setup, &ctx, &steps_of(setup), opts, Action::Deploy).await?);
     }
     finish(g, &reports)
 }
@@ -156,6 +161,7 @@ pub async fn cli_rollback(
     };
     let setup = Setup::with_playbook(g, pb, &env, Some(&ctx))?;
     let steps = setup.playbook.environments[&env].steps.clone();
+    preflight(&setup, &steps, opts.plan)?;
     let reports = run_env(
         &setup,
         &ctx,
@@ -196,12 +202,48 @@ pub async fn cli_stop(
         return Ok(0);
     }
     let setups = setups(g, &pb, &envs, &ctx)?;
+    for setup in &setups {
+        preflight(setup, &pb.environments[&setup.env].on_stop, opts.plan)?;
+    }
     let mut reports = Vec::new();
     for setup in &setups {
         let steps = pb.environments[&setup.env].on_stop.clone();
         reports.extend(run_env(setup, &ctx, &steps, opts, Action::Stop).await?);
     }
     finish(g, &reports)
+}
+
+/// Each step's values for each host (paths, container specs, secrets), worked out before any host
+/// is touched: a bad value stops the run with exit 2 instead of failing on one host half-way.
+fn preflight(setup: &Setup, steps: &[Step], plan: bool) -> anyhow::Result<()> {
+    let check = |host: &Host, step: &Step| -> anyhow::Result<()> {
+        match step {
+            Step::Sync(s) => {
+                host.expand(&s.from)?;
+                sync::target_paths(host, &s.to)?;
+            }
+            Step::SyncRemove(s) => {
+                sync::target_paths(host, &s.to)?;
+            }
+            Step::Container(c) | Step::Accessory(c) => {
+                docker::resolve(host, c)?;
+            }
+            Step::Run(r) => {
+                command_argv(host, &r.command)?;
+                if !plan {
+                    run_secrets(r)?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    };
+    for host in &setup.hosts {
+        for step in steps {
+            check(host, step).map_err(|e| UsageError(format!("{e:#}")))?;
+        }
+    }
+    Ok(())
 }
 
 fn setups(
@@ -721,14 +763,19 @@ fn mask(text: &str, secrets: &[(String, String)]) -> String {
         .fold(text.to_string(), |t, v| t.replace(v, "[MASKED]"))
 }
 
-async fn run_command(ctx: &StepCtx<'_>, step: &RunStep) -> anyhow::Result<StepReport> {
-    let mut argv = match &step.command {
+/// A `run` step's command for one host, its templates expanded.
+fn command_argv(host: &Host, command: &Command) -> anyhow::Result<Vec<String>> {
+    Ok(match command {
         Command::Argv(argv) => argv
             .iter()
-            .map(|a| ctx.host.expand(a))
+            .map(|a| host.expand(a))
             .collect::<anyhow::Result<Vec<_>>>()?,
-        Command::Shell(s) => vec!["sh".into(), "-c".into(), ctx.host.expand(s)?],
-    };
+        Command::Shell(s) => vec!["sh".into(), "-c".into(), host.expand(s)?],
+    })
+}
+
+async fn run_command(ctx: &StepCtx<'_>, step: &RunStep) -> anyhow::Result<StepReport> {
+    let mut argv = command_argv(ctx.host, &step.command)?;
     let cmd = shell::join_str(&argv);
     if ctx.plan {
         return Ok(StepReport {

@@ -98,7 +98,7 @@ pub struct LockState {
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
     #[error(
-        "{host}: the deploy lock {path} is held by {holder}{lease}; wait for it with --lock-wait 10m, or if that run was killed remove it with `ferry unlock --env {env}`"
+        "{host}: the deploy lock {path} is held by {holder}{lease}; wait for it with --lock-wait 10m, or if that run was killed remove it with `ferry unlock --env {env} --force`"
     )]
     Held {
         host: String,

@@ -1009,6 +1009,23 @@ fn validate(pb: &Playbook) -> Result<(), Invalid> {
                             ),
                         );
                     }
+                    let timing = if h.timeout.is_zero() {
+                        Some(("timeout", "must be more than 0s".to_string()))
+                    } else if h.interval.is_zero() || h.interval > h.timeout {
+                        let t = format_duration(h.timeout);
+                        Some((
+                            "interval",
+                            format!("must be more than 0s and at most the timeout ({t})"),
+                        ))
+                    } else {
+                        None
+                    };
+                    if let Some((field, why)) = timing {
+                        return fail(
+                            body(&[key("health"), key(field)]),
+                            format!("container `{}`: health `{field}` {why}", c.name),
+                        );
+                    }
                 }
             }
         }
@@ -1226,6 +1243,14 @@ mod tests {
             (
                 "app: a\nenvironments:\n  e:\n    hosts: []\n".into(),
                 "pb.yml:4:12: environment `e` has no hosts",
+            ),
+            (
+                "app: a\nenvironments:\n  e:\n    hosts: [h1]\n    steps:\n      - container:\n          name: c\n          image: i\n          health: { type: docker, timeout: 0s }\n".into(),
+                "pb.yml:9:44: container `c`: health `timeout` must be more than 0s",
+            ),
+            (
+                "app: a\nenvironments:\n  e:\n    hosts: [h1]\n    steps:\n      - container:\n          name: c\n          image: i\n          health:\n            type: docker\n            interval: 2m\n".into(),
+                "pb.yml:11:23: container `c`: health `interval` must be more than 0s and at most the timeout (60s)",
             ),
         ];
         for (text, want) in cases {

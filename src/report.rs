@@ -130,9 +130,15 @@ pub fn unix_now() -> u64 {
 }
 
 /// Render rows as an aligned text table.
+/// Cells may hold what a host or an old ledger says: control characters (a newline, a terminal
+/// escape) are shown escaped, never sent to the terminal.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| escape_controls(c)).collect())
+        .collect();
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
-    for r in rows {
+    for r in &rows {
         for (i, c) in r.iter().enumerate() {
             if i < widths.len() {
                 widths[i] = widths[i].max(c.chars().count());
@@ -152,10 +158,26 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
         s.trim_end().to_string() + "\n"
     };
     let mut out = line(headers.to_vec());
-    for r in rows {
+    for r in &rows {
         out.push_str(&line(r.iter().map(String::as_str).collect()));
     }
     out
+}
+
+/// `s` with its control characters escaped (`\n`, `\u{1b}`); other text as it is.
+pub fn escape_controls(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_string();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 pub fn human_bytes(n: u64) -> String {
@@ -289,6 +311,9 @@ mod tests {
             ],
         );
         assert_eq!(t, "host  ok\nweb1  yes\ndb    no\n");
+        // What a host or an old ledger holds never reaches the terminal raw.
+        let t = table(&["ref"], &[vec!["a\nb\u{1b}[31m".into()]]);
+        assert_eq!(t, "ref\na\\nb\\u{1b}[31m\n");
     }
 
     #[test]

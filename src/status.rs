@@ -487,7 +487,10 @@ pub fn render(statuses: &[EnvStatus]) -> String {
         out.push_str("no deploys recorded\n");
     }
     for (b, _) in &branches {
-        out.push_str(&format!("\n{}\n", shell::quote_str(b)));
+        out.push_str(&format!(
+            "\n{}\n",
+            report::escape_controls(&shell::quote_str(b))
+        ));
         let rows: Vec<Vec<String>> = statuses
             .iter()
             .flat_map(|st| st.rows.iter())
@@ -528,11 +531,11 @@ pub fn render(statuses: &[EnvStatus]) -> String {
     if !flags.is_empty() || !failed.is_empty() {
         out.push_str("\nattention:\n");
         for f in flags {
-            out.push_str(&format!("  {f}\n"));
+            out.push_str(&format!("  {}\n", report::escape_controls(f)));
         }
         for r in failed {
-            out.push_str(&format!(
-                "  {} {} on {}: {}{}\n",
+            let line = format!(
+                "  {} {} on {}: {}{}",
                 r.env,
                 shell::quote_str(&r.ref_name),
                 r.host,
@@ -541,7 +544,9 @@ pub fn render(statuses: &[EnvStatus]) -> String {
                     .as_deref()
                     .map(|e| format!(" ({})", e.lines().next().unwrap_or("")))
                     .unwrap_or_default()
-            ));
+            );
+            out.push_str(&report::escape_controls(&line));
+            out.push('\n');
         }
     }
     out

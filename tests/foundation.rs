@@ -240,10 +240,16 @@ fn unknown_host_fails_unless_accept_new_records_it() {
             .arg(&pb)
             .args(["--", "true"])
     };
+    // A known_hosts file named on purpose must exist (a typo is not an empty file).
+    let run = base("-v").run().failure(2);
+    assert!(run.stderr.contains("does not exist"), "{}", run.stderr);
+    assert!(run.stderr.contains("--accept-new"), "{}", run.stderr);
+    std::fs::write(&kh, "").unwrap();
     let run = base("-v").run().failure(1);
     assert!(run.stderr.contains("unknown host key"), "{}", run.stderr);
     assert!(run.stderr.contains("--accept-new"), "{}", run.stderr);
-    assert!(!kh.exists() || std::fs::read_to_string(&kh).unwrap().is_empty());
+    assert!(std::fs::read_to_string(&kh).unwrap().is_empty());
+    std::fs::remove_file(&kh).unwrap();
     base("--accept-new").run().success();
     let recorded = std::fs::read_to_string(&kh).unwrap();
     assert!(
@@ -312,8 +318,8 @@ fn a_down_host_and_a_slow_host_do_not_stop_the_others() {
         )
     };
     assert_eq!(row(good.port)[1..3], ["yes", "yes"], "{}", run.stdout);
-    assert_eq!(row(silent.port)[1..3], ["NO", "NO"], "{}", run.stdout);
-    assert_eq!(row(down)[1..3], ["NO", "NO"], "{}", run.stdout);
+    assert_eq!(row(silent.port)[1..3], ["NO", "-"], "{}", run.stdout);
+    assert_eq!(row(down)[1..3], ["NO", "-"], "{}", run.stdout);
     assert!(run.stdout.contains("no answer within 2s"), "{}", run.stdout);
     assert!(run.stdout.contains("cannot connect"), "{}", run.stdout);
     // Three attempts with backoff at most; not an unbounded hang.
@@ -516,6 +522,50 @@ fn no_key_is_a_usage_error_with_the_fix() {
         .run()
         .failure(2);
     assert!(run.stderr.contains("SSH_PRIVATE_KEY"), "{}", run.stderr);
+}
+
+/// Values worked out per host (paths, container names, templates) are checked before any
+/// connection: the host here does not even listen.
+#[test]
+fn per_host_values_are_checked_before_any_host_is_touched() {
+    let dir = TempDir::new("preflight");
+    let cases = [
+        (
+            "      - sync: { from: dist, to: \".\" }\n",
+            "must be an absolute path naming a directory",
+        ),
+        (
+            "      - sync: { from: dist, to: \"web/${nope}\" }\n",
+            "nope",
+        ),
+        (
+            "      - container: { name: \"web;reboot\", image: i }\n",
+            "container name `web;reboot`",
+        ),
+    ];
+    for (step, want) in cases {
+        let pb = playbook(
+            &dir,
+            "ferry.yml",
+            &["root@127.0.0.1:1".into()],
+            &format!("    steps:\n{step}"),
+        );
+        let run = Ferry::new()
+            .trusting(&[])
+            .args([
+                "deploy", "--env", "test", "--sha", "abc123", "--ref", "main",
+            ])
+            .arg(&pb)
+            .run()
+            .failure(2);
+        assert!(run.stderr.contains(want), "{step}: {}", run.stderr);
+        assert!(
+            run.stderr.contains("127.0.0.1:1"),
+            "names the host: {}",
+            run.stderr
+        );
+        assert!(!run.stderr.contains("cannot connect"), "{}", run.stderr);
+    }
 }
 
 #[test]

@@ -245,11 +245,12 @@ fn run_step_secret_env_reaches_the_command_only() {
         );
         let ledger = std::fs::read_to_string(Path::new(&root).join(".ferry/ledger.jsonl")).unwrap();
         assert!(!ledger.contains("s3cr3t"), "{ledger}");
+        // Found before any host is touched: a usage error.
         let run = ci(&[&host], "release-1", SHA, "10")
             .arg("deploy")
             .arg(&p)
             .run()
-            .failure(1);
+            .failure(2);
         assert!(
             run.all().contains(
                 "secret_env TOKEN reads environment variable TEST_RUN_TOKEN, which is not set"

@@ -401,9 +401,13 @@ fn sync_refuses_a_target_holding_ferrys_state() {
         one_step("", ", adopt: true"),
     );
     site.write(b"index.html", b"x");
-    let run = site.deploy(&sha(1)).failure(1);
+    // Refused before any host is touched (exit 2: the playbook's to fix).
+    let run = site.deploy(&sha(1)).failure(2);
     assert!(run.all().contains("ferry's own state"), "{}", run.all());
-    assert!(site.root().join(".ferry").is_dir());
+    assert!(
+        !site.root().join(".ferry").exists(),
+        "nothing is made on the host"
+    );
 }
 
 /// A file edited on the host is detected, reported, and replaced by the next deploy; the edit never

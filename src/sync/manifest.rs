@@ -47,8 +47,28 @@ impl Entry {
     }
 
     pub fn display(&self) -> String {
-        String::from_utf8_lossy(&self.path).into_owned()
+        display_path(&self.path)
     }
+}
+
+/// A path (or link target) as text for people: bytes that are not UTF-8 as `\xNN`, control
+/// characters escaped (`\n`), and `\` as `\\`, so that two different names never look alike
+/// and none writes to the terminal.
+pub fn display_path(path: &[u8]) -> String {
+    let mut out = String::with_capacity(path.len());
+    for chunk in path.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c == '\\' || c.is_control() {
+                out.extend(c.escape_default());
+            } else {
+                out.push(c);
+            }
+        }
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
 }
 
 /// A content-store object: a blake3 hash and a mode, named `<hash hex>.<octal mode>` on the host
@@ -232,7 +252,7 @@ pub fn check_symlink(path: &[u8], target: &[u8]) -> Result<(), String> {
     if target.starts_with(b"/") {
         return Err(format!(
             "points to the absolute path {}",
-            String::from_utf8_lossy(target)
+            display_path(target)
         ));
     }
     let mut depth: i64 = path.split(|&b| b == b'/').count() as i64 - 1;
@@ -244,7 +264,7 @@ pub fn check_symlink(path: &[u8], target: &[u8]) -> Result<(), String> {
                 if depth < 0 {
                     return Err(format!(
                         "points outside the tree ({})",
-                        String::from_utf8_lossy(target)
+                        display_path(target)
                     ));
                 }
             }
@@ -275,8 +295,8 @@ pub fn check_link_chains(m: &Manifest) -> Result<(), String> {
         if let Err(why) = resolve(&links, &mut dir, target, &mut hops) {
             return Err(format!(
                 "symlink {} -> {} {why}",
-                String::from_utf8_lossy(path),
-                String::from_utf8_lossy(target)
+                display_path(path),
+                display_path(target)
             ));
         }
     }
@@ -758,6 +778,17 @@ pub fn replace_file(file: &Path, data: &[u8]) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paths_display_distinctly_and_without_control_characters() {
+        assert_eq!(display_path(b"dist/app.js"), "dist/app.js");
+        assert_eq!(display_path("caf\u{e9}".as_bytes()), "caf\u{e9}");
+        assert_eq!(display_path(b"\xffa"), "\\xffa");
+        assert_eq!(display_path(b"\xfea"), "\\xfea");
+        assert_eq!(display_path(b"a\nb\x1b[0m"), "a\\nb\\u{1b}[0m");
+        // A name that holds the text `\xff` is not the byte 0xff.
+        assert_eq!(display_path(b"\\xff"), "\\\\xff");
+    }
 
     fn tmp(tag: &str) -> PathBuf {
         let p = std::env::temp_dir().join(format!("ferry-manifest-{tag}-{}", std::process::id()));

@@ -299,8 +299,8 @@ fn truncated(v: &[String]) -> &[String] {
 
 /// The store paths of a step's `to`, refused when it would hold ferry's own state: the host's
 /// `.ferry` directory (ledger, locks) or a release store (adopting either would move it away).
-fn target_paths(host: &Host, to: &str) -> anyhow::Result<Paths> {
-    let paths = Paths::new(&host.path(to)?)?;
+pub(crate) fn target_paths(host: &Host, to: &str) -> anyhow::Result<Paths> {
+    let paths = Paths::new(&host.path(to)?).with_context(|| host.name().to_string())?;
     let state = host.state_dir();
     let holds = |dir: &str| dir == paths.to || dir.starts_with(&format!("{}/", paths.to));
     let store = paths
@@ -1030,7 +1030,7 @@ pub async fn rollback(
             .stdout
             .split(|&b| b == 0)
             .filter(|p| !p.is_empty())
-            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .map(manifest::display_path)
             .collect();
         edited.sort();
         edited.dedup();
