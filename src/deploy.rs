@@ -39,6 +39,8 @@ pub struct StepCtx<'a> {
     pub plan: bool,
     pub progress: &'a Progress,
     pub style: Style,
+    /// Turns true on SIGINT/SIGTERM: for steps that stop at a safe point themselves (sync).
+    pub stop: watch::Receiver<bool>,
 }
 
 /// What a step did, for the summary, the ledger and `--json`.
@@ -339,8 +341,9 @@ async fn run_env(
                     plan: opts.plan,
                     progress,
                     style: setup.style,
+                    stop,
                 };
-                let r = run_host(&sctx, steps, opts, &action, run_token, stop).await;
+                let r = run_host(&sctx, steps, opts, &action, run_token).await;
                 session.close().await;
                 r
             }
@@ -391,7 +394,7 @@ fn watch_interrupts() -> (tokio::task::JoinHandle<()>, watch::Receiver<bool>) {
             _ = term.recv() => {}
         }
         eprintln!(
-            "interrupted: stopping the steps (a container switch finishes first), recording the attempt and releasing locks (again to quit at once)"
+            "interrupted: stopping the steps (a container switch, or a sync whose stream is all sent, finishes first and is switched back unless it was the last step), recording the attempt and releasing locks (again to quit at once)"
         );
         let _ = tx.send(true);
         tokio::select! {
@@ -403,6 +406,13 @@ fn watch_interrupts() -> (tokio::task::JoinHandle<()>, watch::Receiver<bool>) {
     (task, rx)
 }
 
+/// Returns once SIGINT or SIGTERM came (never, for a receiver whose sender is gone).
+pub async fn interrupted(stop: &watch::Receiver<bool>) {
+    if stop.clone().wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// One host: lock, steps, ledger, unlock. Step failures become a failed report, not an `Err`, so
 /// that they are recorded; `Err` is for failures before anything ran (lock held, ...).
 async fn run_host(
@@ -411,7 +421,6 @@ async fn run_host(
     opts: &DeployOpts,
     action: &Action,
     run_token: &str,
-    mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<HostReport> {
     let started = Instant::now();
     let started_at = report::unix_now();
@@ -420,7 +429,7 @@ async fn run_host(
     } else {
         tokio::select! {
             l = Lock::acquire(ctx, run_token, opts.lock_wait) => Some(l?),
-            _ = stop.wait_for(|s| *s) => anyhow::bail!("interrupted before the deploy lock was taken"),
+            _ = interrupted(&ctx.stop) => anyhow::bail!("interrupted before the deploy lock was taken"),
         }
     };
     tracing::debug!(elapsed = ?started.elapsed(), "locked");
@@ -449,6 +458,7 @@ async fn run_host(
         plan: ctx.plan,
         progress: ctx.progress,
         style: ctx.style,
+        stop: ctx.stop.clone(),
     };
     let action = &match (action, &target) {
         (Action::Rollback(..), Some(t)) => {
@@ -466,7 +476,7 @@ async fn run_host(
     // Steps run while the lock's lease is renewed. Losing the lock stops the deploy before the next
     // step; an interrupt also cuts off a running step unless that would leave the host worse.
     let lost: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
-    let steps_run = run_steps(ctx, steps, action, &lost, &stop);
+    let steps_run = run_steps(ctx, steps, action, &lost);
     let renew = async {
         if let Some(lock) = &lock {
             let e = lock.keep_alive(ctx.session).await;
@@ -526,7 +536,6 @@ async fn run_steps(
     steps: &[Step],
     action: &Action,
     lost: &std::sync::Mutex<Option<String>>,
-    interrupted: &watch::Receiver<bool>,
 ) -> (Vec<StepReport>, Option<String>) {
     let mut reports = Vec::new();
     let mut error = None;
@@ -539,7 +548,7 @@ async fn run_steps(
             ));
             break;
         }
-        if *interrupted.borrow() {
+        if *ctx.stop.borrow() {
             error = Some(format!(
                 "interrupted (SIGINT/SIGTERM) before step {} ({})",
                 i + 1,
@@ -564,15 +573,22 @@ async fn run_steps(
                 }
             }
         };
-        // A container step finishes (it never leaves a service without its container); any other
-        // step is cut off at once, which leaves the live release and containers as they were.
-        let result = if matches!(step, Step::Container(_) | Step::Accessory(_)) {
+        // A container step finishes (it never leaves a service without its container); a sync
+        // step stops itself at a safe point (before its switch, the host cleaned up; once its
+        // whole stream is sent, it finishes and is switched back below like the steps before it);
+        // any other step is cut off at once, which leaves the live release and containers as
+        // they were.
+        let finishes = match step {
+            Step::Container(_) | Step::Accessory(_) => true,
+            Step::Sync(_) => !ctx.plan,
+            _ => false,
+        };
+        let result = if finishes {
             work.await
         } else {
-            let mut interrupt = interrupted.clone();
             tokio::select! {
                 r = work => r,
-                _ = interrupt.wait_for(|s| *s) => {
+                _ = interrupted(&ctx.stop) => {
                     Err(anyhow::anyhow!("interrupted (SIGINT/SIGTERM) during the step"))
                 }
             }
@@ -621,6 +637,11 @@ async fn run_steps(
 /// it replaced (a deploy's report says `release` and `previous`, a rollback's `to` and `from`; the
 /// report is found by its path, since a rollback leaves none for steps with nothing to undo).
 async fn revert_files(ctx: &StepCtx<'_>, done: &[Step], reports: &mut Vec<StepReport>, what: &str) {
+    // Switching back is what an interrupt asks for: it does not stop for one.
+    let ctx = &StepCtx {
+        stop: watch::channel(false).1,
+        ..*ctx
+    };
     let host = ctx.host.name();
     for step in done.iter().rev() {
         let Step::Sync(s) = step else { continue };

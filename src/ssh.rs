@@ -466,7 +466,8 @@ pub type SharedSink = Arc<dyn Fn(Stream, &[u8]) + Send + Sync>;
 /// A running remote command whose stdin the caller streams.
 pub struct Process {
     writer: Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
-    reader: tokio::task::JoinHandle<Result<Output, russh::Error>>,
+    /// Taken by `finish` or `abort`: the command's end is awaited once.
+    reader: Option<tokio::task::JoinHandle<Result<Output, russh::Error>>>,
     write_half: russh::ChannelWriteHalf<client::Msg>,
     host: String,
     _permit: tokio::sync::OwnedSemaphorePermit,
@@ -478,14 +479,20 @@ impl Process {
         self.writer.write_all(data).await
     }
 
-    /// Close stdin and wait for the command to finish.
-    pub async fn finish(mut self) -> Result<Output, SshError> {
+    /// Close stdin and wait for the command to finish. (Borrowed, so that a caller that lent the
+    /// process to a step it cut off can still finish it.)
+    pub async fn finish(&mut self) -> Result<Output, SshError> {
         let host = self.host.clone();
+        let Some(reader) = self.reader.take() else {
+            return Err(SshError::Protocol {
+                host,
+                source: russh::Error::IO(std::io::Error::other("the command was already finished")),
+            });
+        };
         let _ = self.writer.flush().await;
         let _ = self.writer.shutdown().await;
         let _ = self.write_half.eof().await;
-        let out = self
-            .reader
+        let out = reader
             .await
             .map_err(|e| SshError::Protocol {
                 host: host.clone(),
@@ -500,9 +507,11 @@ impl Process {
     }
 
     /// Abort: close the channel without waiting.
-    pub async fn abort(self) {
+    pub async fn abort(&mut self) {
         let _ = self.write_half.close().await;
-        self.reader.abort();
+        if let Some(reader) = self.reader.take() {
+            reader.abort();
+        }
     }
 }
 
@@ -535,7 +544,7 @@ impl Session {
         let reader = tokio::spawn(drain(read_half, sink));
         Ok(Process {
             writer,
-            reader,
+            reader: Some(reader),
             write_half,
             host,
             _permit: permit,

@@ -895,6 +895,106 @@ fn sync_survives_controller_killed_and_connection_cut() {
     );
 }
 
+/// The last record of the site's ledger.
+fn last_ledger_record(site: &Site) -> serde_json::Value {
+    let text = std::fs::read_to_string(site.root().join(".ferry/ledger.jsonl")).unwrap();
+    serde_json::from_str(text.lines().last().unwrap()).unwrap()
+}
+
+/// Send SIGINT (Ctrl-C) to a running ferry.
+fn ctrl_c(child: &std::process::Child) {
+    let st = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// Ctrl-C mid-stream: the stream ends without its trailer, the host cleans up, and only then is
+/// the attempt recorded and the lock released (the next deploy needs no --lock-wait).
+#[test]
+fn sync_ctrl_c_mid_stream_cleans_up_before_the_lock_goes() {
+    let site = Site::new("ctrlc", vec![Sshd::start()], one_step("app", ""));
+    site.write(b"index.html", b"v1");
+    site.deploy(&sha(1)).success();
+    let live = live_release(&site.root().join("app"));
+    big_file(&site, "big.bin", 200, 2);
+    let run = interrupt_mid_stream(&site, &sha(2), |c| ctrl_c(c));
+    assert_eq!(run.code, 1, "{}", run.all());
+    assert!(run.all().contains("interrupted"), "{}", run.all());
+    assert_live_intact(&site, &live);
+    assert!(
+        !site.root().join(".app.ferry/incoming").exists(),
+        "the host cleaned up before ferry exited"
+    );
+    let last = last_ledger_record(&site);
+    assert_eq!(last["ok"], false, "{last}");
+    assert!(
+        last["error"].as_str().unwrap().contains("interrupted"),
+        "{last}"
+    );
+    site.write(b"index.html", b"v2");
+    site.deploy(&sha(3)).success();
+    assert_eq!(
+        std::fs::read(site.root().join("app/index.html")).unwrap(),
+        b"v2"
+    );
+}
+
+/// Ctrl-C once the host has the whole stream (it is applying it in place): the sync finishes, the
+/// run stops before its next step and puts the files back, and the ledger says so. (Before, the
+/// step was cut off on the controller while the host went on to switch: the ledger said
+/// "interrupted" with the new files live.)
+#[test]
+fn sync_ctrl_c_after_the_stream_was_sent_switches_back() {
+    let site = Site::new("ctrlc-sent", vec![Sshd::start()], |src: &Path, _: &Path| {
+        format!(
+            "      - sync: {{ from: \"{}\", to: app, mode: in-place }}\n      - run: {{ command: [sleep, \"3\"] }}\n",
+            src.display()
+        )
+    });
+    let files = 3000;
+    for i in 0..files {
+        site.write(format!("d{}/f{i}.txt", i % 30).as_bytes(), b"v1");
+    }
+    site.deploy(&sha(1)).success();
+    for i in 0..files {
+        site.write(
+            format!("d{}/f{i}.txt", i % 30).as_bytes(),
+            format!("v2 {i}").as_bytes(),
+        );
+    }
+    let (mut child, _home) = site.ferry("deploy", &sha(2)).spawn();
+    let complete = site.root().join(".app.ferry/incoming/COMPLETE");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !complete.exists() {
+        assert!(Instant::now() < deadline, "the stream never arrived whole");
+        if let Ok(Some(_)) = child.try_wait() {
+            panic!("ferry finished before it could be interrupted");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    ctrl_c(&child);
+    let out = child.wait_with_output().unwrap();
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    let to = site.root().join("app");
+    for i in (0..files).step_by(97) {
+        let f = to.join(format!("d{}/f{i}.txt", i % 30));
+        assert_eq!(std::fs::read(&f).unwrap(), b"v1", "{}: {all}", f.display());
+    }
+    let last = last_ledger_record(&site);
+    assert_eq!(last["ok"], false, "{last}");
+    assert!(
+        last["error"].as_str().unwrap().contains("interrupted"),
+        "{last}"
+    );
+}
+
 /// Unmounts when dropped.
 struct Unmount(PathBuf);
 

@@ -339,7 +339,7 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
         };
         (o, None)
     } else {
-        let (o, proc) = open_deploy(ctx.session, &paths, src, step).await?;
+        let (o, proc) = open_deploy(ctx.session, &paths, src, step, &ctx.stop).await?;
         (o, Some(proc))
     };
     let Opened {
@@ -360,7 +360,7 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
         }
         Ok(Decision::Send(both)) => *both,
         Err(e) => {
-            if let Some(p) = proc.take() {
+            if let Some(mut p) = proc.take() {
                 let _ = p.finish().await;
             }
             return Err(e);
@@ -686,6 +686,7 @@ async fn open_deploy(
     paths: &Paths,
     src: impl std::future::Future<Output = anyhow::Result<Arc<Source>>>,
     step: &SyncStep,
+    stop: &tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<(Opened, Process)> {
     let host = session.name().to_string();
     let cmd = Session::script_command(
@@ -697,7 +698,7 @@ async fn open_deploy(
             if step.delete { "1" } else { "0" },
         ],
     )?;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
     let sink: SharedSink = Arc::new(move |s: Stream, line: &[u8]| {
         if s == Stream::Stdout {
             let _ = tx.send(line.to_vec());
@@ -712,11 +713,44 @@ async fn open_deploy(
             return Err(e);
         }
     };
+    // An interrupt stops the exchange; the script, told nothing, ends without a change.
+    let exchanged = tokio::select! {
+        r = exchange(&host, &mut proc, rx, src, paths, step.mode) => Some(r),
+        _ = crate::deploy::interrupted(stop) => None,
+    };
+    match exchanged {
+        Some(Ok(opened)) => Ok((opened, proc)),
+        Some(Err(e)) => Err(e),
+        None => {
+            let _ = proc.finish().await;
+            Err(interrupted(&host, paths))
+        }
+    }
+}
+
+/// The error for an interrupt that stopped a deploy before its switch.
+fn interrupted(host: &str, paths: &Paths) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{host}: interrupted (SIGINT/SIGTERM) before the switch; {} is unchanged",
+        paths.to
+    )
+}
+
+/// The deploy script's inventory, our tree's digest (hashed meanwhile), and the rest of the
+/// inventory: what [`open_deploy`] needs to decide. Stops the script on failure.
+async fn exchange(
+    host: &str,
+    proc: &mut Process,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+    src: Arc<Source>,
+    paths: &Paths,
+    mode: SyncMode,
+) -> anyhow::Result<Opened> {
     let mut buf = Vec::new();
     // The live digest comes first (the host writes a line after it), then, after the host's scans,
     // the store record. Meanwhile we look up the live manifest, if files changed (see `sent`).
     if let Err(timed_out) = read_until(&mut rx, &mut buf, remote::digest_known).await {
-        return Err(inventory_failed(&host, paths, proc, timed_out).await);
+        return Err(inventory_failed(host, paths, proc, timed_out).await);
     }
     let recall = |d: String| tokio::task::spawn_blocking(move || sent::recall(&d));
     let changed = src.walked.as_ref().is_some_and(|w| !w.unhashed.is_empty());
@@ -726,12 +760,11 @@ async fn open_deploy(
         .filter(|_| changed)
         .map(recall);
     if let Err(timed_out) = read_until(&mut rx, &mut buf, remote::store_known).await {
-        return Err(inventory_failed(&host, paths, proc, timed_out).await);
+        return Err(inventory_failed(host, paths, proc, timed_out).await);
     }
     let early = remote::parse_inventory(&buf, paths.name())
         .with_context(|| format!("{host}: reading {}", paths.store))?;
-    let bare =
-        !early.store && (step.mode == SyncMode::Release || early.target == TargetState::Missing);
+    let bare = !early.store && (mode == SyncMode::Release || early.target == TargetState::Missing);
     let learning = match bare {
         true => src.for_learning().await,
         false => None,
@@ -768,7 +801,7 @@ async fn open_deploy(
         .with_context(|| format!("{host}: the deploy script at {} went away", paths.store))?;
     let end = match read_until(&mut rx, &mut buf, remote::inventory_end).await {
         Ok(end) => end,
-        Err(timed_out) => return Err(inventory_failed(&host, paths, proc, timed_out).await),
+        Err(timed_out) => return Err(inventory_failed(host, paths, proc, timed_out).await),
     };
     let mut inv = remote::parse_inventory(&buf[..end], paths.name())
         .with_context(|| format!("{host}: reading {}", paths.store))?;
@@ -779,14 +812,13 @@ async fn open_deploy(
         tracing::debug!("the live manifest was kept here; the host did not send it");
         inv.set_live_manifest(m);
     }
-    let opened = Opened {
+    Ok(Opened {
         src,
         local,
         learn: sealed.is_none(),
         sealed,
         inv,
-    };
-    Ok((opened, proc))
+    })
 }
 
 /// Read the host's output lines into `buf` until `until` finds where what we wait for ends.
@@ -815,7 +847,7 @@ async fn read_until(
 async fn inventory_failed(
     host: &str,
     paths: &Paths,
-    proc: Process,
+    proc: &mut Process,
     timed_out: bool,
 ) -> anyhow::Error {
     if timed_out {
@@ -844,7 +876,7 @@ fn mode_arg(mode: SyncMode) -> &'static str {
 }
 
 /// Close the deploy script's stdin without a decision: it stops after its cleanup.
-async fn finish_quietly(host: &str, paths: &Paths, proc: Process) -> anyhow::Result<()> {
+async fn finish_quietly(host: &str, paths: &Paths, mut proc: Process) -> anyhow::Result<()> {
     let out = proc.finish().await?;
     if !out.success() {
         bail!("{host}: cleaning up {} failed: {}", paths.store, out.tail());
@@ -892,25 +924,33 @@ where
         })
     };
     let mut bytes = params.len() as u64;
-    let mut write_failed = proc.write(params.as_bytes()).await.err();
-    while write_failed.is_none()
-        && let Some(chunk) = rx.recv().await
-    {
-        if let Err(e) = proc.write(&chunk).await {
-            write_failed = Some(e);
-            break;
+    let forward = async {
+        proc.write(params.as_bytes()).await?;
+        while let Some(chunk) = rx.recv().await {
+            proc.write(&chunk).await?;
+            bytes += chunk.len() as u64;
         }
-        bytes += chunk.len() as u64;
-    }
+        Ok::<_, std::io::Error>(())
+    };
+    // An interrupt ends the stream where it is: without its trailer the host cleans up and keeps
+    // the live release (the script's verdict below says which happened, should the last bytes
+    // have gone out already).
+    let (write_failed, stopped) = tokio::select! {
+        r = forward => (r.err(), false),
+        _ = crate::deploy::interrupted(&ctx.stop) => (None, true),
+    };
     drop(rx);
     let built = builder.await.context("stream task failed")?;
     progress.finish();
-    if let (Err(e), None) = (&built, &write_failed) {
+    if let (Err(e), None, false) = (&built, &write_failed, stopped) {
         proc.abort().await;
         return Err(anyhow::anyhow!("{e:#}"))
             .with_context(|| format!("{host}: deploy to {} aborted", paths.to));
     }
     let out = proc.finish().await?;
+    if stopped && !out.success() {
+        return Err(interrupted(&host, paths));
+    }
     if !out.success() {
         bail!(
             "{host}: deploy to {} failed (exit {:?}): {}",
@@ -1082,7 +1122,8 @@ async fn reapply(
     let manifest = Manifest::decode(&out.stdout)
         .with_context(|| format!("{host}: the manifest of release {id} in {}", paths.store))?;
     let src = async { Ok(Arc::new(Source::known(manifest))) };
-    let (Opened { local, mut inv, .. }, proc) = open_deploy(ctx.session, paths, src, step).await?;
+    let (Opened { local, mut inv, .. }, mut proc) =
+        open_deploy(ctx.session, paths, src, step, &ctx.stop).await?;
     let (plan, apply) = plan_for(step, &local, &mut inv, false);
     let apply = apply.expect("in-place");
     let settled = apply.write.is_empty() && apply.dirs.is_empty() && apply.gone.is_empty();
