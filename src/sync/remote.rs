@@ -365,10 +365,16 @@ cleanup() {
 }
 # Objects no kept release's manifest names (in-place stores; cwd: the store). A manifest record
 # is `F <object> <size>\t<path>`; other lines (names, links) can at worst keep an object longer.
+# (One awk pass, the objects in a table: sorting every record, 150,000 lines for three kept releases
+# of 50,000 files, took 0.3-0.4 s; this takes 0.08 s.)
 collect_unnamed() {
-  for m in meta/*.manifest; do [ -f "$m" ] && tr '\0' '\n' < "$m"; done | cut -s -d ' ' -f 2 > incoming.keep
-  { ls objects; cat incoming.keep incoming.keep; } | LC_ALL=C sort | uniq -u | ( cd objects && xargs -r rm -f -- )
-  rm -f incoming.keep
+  ls objects > incoming.objects
+  if [ -s incoming.objects ]; then
+    for m in meta/*.manifest; do [ -f "$m" ] && tr '\0' '\n' < "$m"; done | cut -s -d ' ' -f 2 |
+      awk 'NR == FNR { o[$0]; next } { delete o[$0] } END { for (k in o) print k }' incoming.objects - |
+      ( cd objects && xargs -r rm -f -- )
+  fi
+  rm -f incoming.objects
 }
 # (The store record ends a line: the controller decides on it whether to hash its tree.)
 if [ -d "$S/releases" ]; then
