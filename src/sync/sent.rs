@@ -31,7 +31,15 @@ pub fn keep(sealed: &Sealed) {
 }
 
 fn keep_in(dir: &Path, sealed: &Sealed) {
-    if let Err(e) = manifest::replace_file(&dir.join(&sealed.digest), &sealed.bytes) {
+    let file = dir.join(&sealed.digest);
+    // Kept already (another host, a redeploy): it only becomes the newest.
+    if std::fs::read(&file).is_ok_and(|b| b == *sealed.bytes)
+        && let Ok(f) = std::fs::File::options().append(true).open(&file)
+        && f.set_modified(std::time::SystemTime::now()).is_ok()
+    {
+        return;
+    }
+    if let Err(e) = manifest::replace_file(&file, &sealed.bytes) {
         tracing::debug!("cannot keep the manifest sent in {}: {e:#}", dir.display());
         return;
     }
@@ -106,13 +114,15 @@ mod tests {
         let s = m.seal();
         assert!(recall_in(&dir, &s.digest).is_none());
         keep_in(&dir, &s);
-        assert_eq!(recall_in(&dir, &s.digest), Some(m));
+        assert_eq!(recall_in(&dir, &s.digest), Some(m.clone()));
         assert!(recall_in(&dir, "../../etc/passwd").is_none());
         std::fs::write(dir.join(&s.digest), tree(2).encode()).unwrap();
         assert!(
             recall_in(&dir, &s.digest).is_none(),
             "content that does not match its name"
         );
+        keep_in(&dir, &s);
+        assert_eq!(recall_in(&dir, &s.digest), Some(m), "kept again: repaired");
         // A temp file a killed run left: it goes once it is old, a fresh one stays.
         let (old, fresh) = (dir.join(".x.1.0"), dir.join(".x.2.0"));
         std::fs::write(&old, b"partial").unwrap();
