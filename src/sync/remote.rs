@@ -183,10 +183,6 @@ MKD='for x; do m=${x%%/*} d=${x#*/}
   fi
 done'
 OPEN='for d; do [ ! -d "$d" ] || [ -L "$d" ] || chmod u+wx "$d" || exit 1; done'
-# Remove extras (paths relative to $T); a read-only directory among them is made writable first.
-GONE='rm -rf -- "$@" 2>/dev/null && exit 0
-for p; do [ ! -d "./$p" ] || [ -L "./$p" ] || find "./$p" -type d -exec chmod u+wx {} +; done
-rm -rf -- "$@"'
 # Where a link will not do (another filesystem; an extra that stays in `to`): keep content leaving
 # `to` as store objects, and stage store objects into `to`, by copying (records
 # `<object>/<path>`; object names hold no `/`).
@@ -207,9 +203,7 @@ while [ $# -gt 0 ]; do
     [ "${e%/*}" = "$d" ] || break
     k=$((k+1)); list="$list \"\${$k}\""
     b=$dd/${e##*/}
-    if [ -d "$b" ] && [ ! -L "$b" ]; then
-      rm -rf "$b" 2>/dev/null || { find "$b" -type d -exec chmod u+wx {} +; rm -rf "$b"; } || exit 1
-    fi
+    if [ -d "$b" ] && [ ! -L "$b" ]; then rmtree "$b" || exit 1; fi
   done
   eval "mv -f $list \"\$dd/\"" || exit 1
   n=$((n+k)); shift $k
@@ -245,11 +239,13 @@ apply() {
   # Read-only directories of the tree are writable while the apply fills them (`close`: modes).
   [ ! -s incoming/open ] || ( cd "$T" && xargs -0 sh -c "$OPEN" sh ) < incoming/open || return 1
   [ ! -s incoming/dirs ] || ( cd "$T" && xargs -0 -r sh -c "$MKD" sh ) < incoming/dirs || return 1
-  copied=$(find "$ST" ! -type d -print0 | xargs -0 -r sh -c "$MOVE" sh || echo x)
+  copied=$(find "$ST" ! -type d -print0 | xargs -0 -r sh -c "$RMTREE$MOVE" sh || echo x)
   case $copied in *x*) return 1 ;; esac
   copied=$(printf '%s\n' $copied | { s=0; while read -r x; do s=$((s+${x:-0})); done; echo $s; })
   rm -rf "$ST" || return 1
-  [ ! -s incoming/gone ] || ( cd "$T" && xargs -0 sh -c "$GONE" sh ) < incoming/gone || return 1
+  # The extras (paths relative to $T).
+  [ ! -s incoming/gone ] || ( cd "$T" && xargs -0 sh -c "$RMTREE"'rmtree "$@"' sh ) < incoming/gone ||
+    return 1
   [ ! -s incoming/close ] || ( cd "$T" && xargs -0 sh -c "$CHMODS" sh ) < incoming/close || return 1
 }
 "#
@@ -282,11 +278,21 @@ rec tail gz
 
 /// `rmtree`: `rm -rf` that also takes trees with read-only directories (a build may ship some).
 /// Only directories are made writable: files share their inodes (and modes) with the store's
-/// objects. Shared by [`DEPLOY`] and [`REMOVE`].
+/// objects. Defined here and, as `$RMTREE`, for the scripts the apply runs with `sh -c`. Shared by
+/// [`DEPLOY`] and [`REMOVE`].
 macro_rules! rmtree_sh {
     () => {
         r#"
-rmtree() { rm -rf "$@" 2>/dev/null || { find "$@" -type d -exec chmod u+w {} + 2>/dev/null; rm -rf "$@"; }; }
+RMTREE='rmtree() {
+  rm -rf -- "$@" 2>/dev/null && return 0
+  for p; do
+    case $p in /*) ;; *) p=./$p ;; esac
+    [ ! -d "$p" ] || [ -L "$p" ] || find "$p" -type d -exec chmod u+wx {} + 2>/dev/null
+  done
+  rm -rf -- "$@"
+}
+'
+eval "$RMTREE"
 "#
     };
 }
