@@ -136,7 +136,7 @@ pub async fn cli_deploy(
             .collect()
     };
     for setup in &setups {
-        preflight(setup, &steps_of(setup), opts.plan)?;
+        preflight(setup, &steps_of(setup), opts.plan, false)?;
     }
     let mut reports = Vec::new();
     for setup in &setups {
@@ -163,7 +163,7 @@ pub async fn cli_rollback(
     };
     let setup = Setup::with_playbook(g, pb, &env, Some(&ctx))?;
     let steps = setup.playbook.environments[&env].steps.clone();
-    preflight(&setup, &steps, opts.plan)?;
+    preflight(&setup, &steps, opts.plan, true)?;
     let reports = run_env(
         &setup,
         &ctx,
@@ -205,7 +205,12 @@ pub async fn cli_stop(
     }
     let setups = setups(g, &pb, &envs, &ctx)?;
     for setup in &setups {
-        preflight(setup, &pb.environments[&setup.env].on_stop, opts.plan)?;
+        preflight(
+            setup,
+            &pb.environments[&setup.env].on_stop,
+            opts.plan,
+            false,
+        )?;
     }
     let mut reports = Vec::new();
     for setup in &setups {
@@ -217,9 +222,14 @@ pub async fn cli_stop(
 
 /// Each step's values for each host (paths, container specs, secrets), worked out before any host
 /// is touched: a bad value stops the run with exit 2 instead of failing on one host half-way.
-fn preflight(setup: &Setup, steps: &[Step], plan: bool) -> anyhow::Result<()> {
+fn preflight(setup: &Setup, steps: &[Step], plan: bool, rollback: bool) -> anyhow::Result<()> {
     let check = |host: &Host, step: &Step| -> anyhow::Result<()> {
         match step {
+            // (A rollback reads no `from` and runs no `run` step.)
+            Step::Sync(s) if rollback => {
+                sync::target_paths(host, &s.to)?;
+            }
+            Step::Run(_) if rollback => {}
             Step::Sync(s) => {
                 host.expand(&s.from)?;
                 sync::target_paths(host, &s.to)?;
@@ -394,7 +404,7 @@ fn watch_interrupts() -> (tokio::task::JoinHandle<()>, watch::Receiver<bool>) {
             _ = term.recv() => {}
         }
         eprintln!(
-            "interrupted: stopping the steps (a container switch, or a sync whose stream is all sent, finishes first and is switched back unless it was the last step), recording the attempt and releasing locks (again to quit at once)"
+            "interrupted: stopping the steps (a container switch, or a sync whose stream is all sent, finishes first; files are switched back unless that was the last step or a container was switched), recording the attempt and releasing locks (again to quit at once)"
         );
         let _ = tx.send(true);
         tokio::select! {
@@ -576,11 +586,12 @@ async fn run_steps(
         // A container step finishes (it never leaves a service without its container); a sync
         // step stops itself at a safe point (before its switch, the host cleaned up; once its
         // whole stream is sent, it finishes and is switched back below like the steps before it);
-        // any other step is cut off at once, which leaves the live release and containers as
-        // they were.
+        // a store removal finishes; any other step is cut off at once (a `run` command goes on
+        // on the host, as over `ssh` without a terminal).
         let finishes = match step {
             Step::Container(_) | Step::Accessory(_) => true,
-            Step::Sync(_) => !ctx.plan,
+            // (Removing a store is short, and cut off it would go on after the unlock.)
+            Step::Sync(_) | Step::SyncRemove(_) => !ctx.plan,
             _ => false,
         };
         let result = if finishes {
@@ -643,6 +654,15 @@ async fn revert_files(ctx: &StepCtx<'_>, done: &[Step], reports: &mut Vec<StepRe
         ..*ctx
     };
     let host = ctx.host.name();
+    // Files put back under a service container this run switched would run it on other files
+    // than it was started with (bind mounts): both stay, and `ferry rollback` takes both back.
+    if reports.iter().any(|r| r.step == "container" && r.changed) {
+        ctx.progress.println(&format!(
+            "{host}: the {what} stopped after the service container was switched: files and \
+             container stay on the new release (`ferry rollback` takes both back)"
+        ));
+        return;
+    }
     for step in done.iter().rev() {
         let Step::Sync(s) = step else { continue };
         let Ok(path) = ctx.host.path(&s.to) else {

@@ -984,48 +984,22 @@ fn validate(pb: &Playbook) -> Result<(), Invalid> {
                             ),
                         );
                     }
-                    if let Err(e) = c.for_host(host) {
+                    let why = match c.for_host(host) {
+                        Err(e) => Some(format!("is invalid: {e}")),
+                        Ok(spec) => spec.health.as_ref().and_then(health_problem).map(|p| p.1),
+                    };
+                    if let Some(why) = why {
                         return fail(
                             at,
-                            format!(
-                                "container `{}`: override for host `{host}` is invalid: {e}",
-                                c.name
-                            ),
+                            format!("container `{}`: override for host `{host}` {why}", c.name),
                         );
                     }
                 }
-                if let Some(h) = &c.health {
-                    let missing = match h.kind {
-                        HealthKind::Http if h.url.is_none() => Some("url"),
-                        HealthKind::Tcp if h.address.is_none() => Some("address"),
-                        _ => None,
-                    };
-                    if let Some(field) = missing {
-                        return fail(
-                            body(&[key("health")]),
-                            format!(
-                                "container `{}`: health check type {:?} needs `{field}`",
-                                c.name, h.kind
-                            ),
-                        );
-                    }
-                    let timing = if h.timeout.is_zero() {
-                        Some(("timeout", "must be more than 0s".to_string()))
-                    } else if h.interval.is_zero() || h.interval > h.timeout {
-                        let t = format_duration(h.timeout);
-                        Some((
-                            "interval",
-                            format!("must be more than 0s and at most the timeout ({t})"),
-                        ))
-                    } else {
-                        None
-                    };
-                    if let Some((field, why)) = timing {
-                        return fail(
-                            body(&[key("health"), key(field)]),
-                            format!("container `{}`: health `{field}` {why}", c.name),
-                        );
-                    }
+                if let Some((field, why)) = c.health.as_ref().and_then(health_problem) {
+                    return fail(
+                        body(&[key("health"), key(field)]),
+                        format!("container `{}`: {why}", c.name),
+                    );
                 }
             }
         }
@@ -1055,6 +1029,25 @@ fn validate(pb: &Playbook) -> Result<(), Invalid> {
         }
     }
     Ok(())
+}
+
+/// What is wrong with a health check, if anything: the field at fault and why.
+fn health_problem(h: &HealthCheck) -> Option<(&'static str, String)> {
+    let missing = match h.kind {
+        HealthKind::Http if h.url.is_none() => Some("url"),
+        HealthKind::Tcp if h.address.is_none() => Some("address"),
+        _ => None,
+    };
+    if let Some(field) = missing {
+        return Some((
+            field,
+            format!("health check type {:?} needs `{field}`", h.kind),
+        ));
+    }
+    [("timeout", h.timeout), ("interval", h.interval)]
+        .into_iter()
+        .find(|(_, d)| d.is_zero())
+        .map(|(field, _)| (field, format!("health `{field}` must be more than 0s")))
 }
 
 /// Names that go into paths and container names unquoted must be plain.
@@ -1249,8 +1242,12 @@ mod tests {
                 "pb.yml:9:44: container `c`: health `timeout` must be more than 0s",
             ),
             (
-                "app: a\nenvironments:\n  e:\n    hosts: [h1]\n    steps:\n      - container:\n          name: c\n          image: i\n          health:\n            type: docker\n            interval: 2m\n".into(),
-                "pb.yml:11:23: container `c`: health `interval` must be more than 0s and at most the timeout (60s)",
+                "app: a\nenvironments:\n  e:\n    hosts: [h1]\n    steps:\n      - container:\n          name: c\n          image: i\n          health:\n            type: docker\n            interval: 0s\n".into(),
+                "pb.yml:11:23: container `c`: health `interval` must be more than 0s",
+            ),
+            (
+                "app: a\nenvironments:\n  e:\n    hosts: [h1]\n    steps:\n      - container:\n          name: c\n          image: i\n          health: { type: docker }\n          hosts:\n            h1: { health: { type: docker, timeout: 0s } }\n".into(),
+                "pb.yml:11:17: container `c`: override for host `h1` health `timeout` must be more than 0s",
             ),
         ];
         for (text, want) in cases {

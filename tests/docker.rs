@@ -854,3 +854,59 @@ fn a_failed_rollback_switches_the_files_back() {
     );
     assert_eq!(http_get(port, "/version").as_deref(), Some("app two\n"));
 }
+
+/// A step after the service container's switch fails: the files stay with the container on the new
+/// release (putting them back would run the new container on the old files), and the run says
+/// how to go back.
+#[test]
+fn a_failure_after_the_container_switch_keeps_files_and_container_together() {
+    engine();
+    let host = Sshd::start();
+    let prefix = unique("after");
+    let _cleanup = Cleanup(vec![prefix.clone()]);
+    let port = free_port();
+    let dir = TempDir::new("after");
+    let steps = format!(
+        "      - sync: {{ from: \"{src}\", to: site }}\n      - container:\n          \
+         name: \"{prefix}\"\n          image: \"${{env.APP_IMAGE}}\"\n          \
+         ports: [\"127.0.0.1:{port}:8080\"]\n          \
+         health: {{ type: http, url: \"http://127.0.0.1:{port}/health\", timeout: 20s, interval: 200ms }}\n      \
+         - run: {{ command: [sh, -c, \"test \\\"$0\\\" != fail\", \"${{env.SMOKE}}\"] }}\n",
+        src = dir.join("dist").display()
+    );
+    let pb = pb(&dir, &[("web1", &host)], "", &steps);
+    let run = |n: u32, image: &str, smoke: &str| {
+        dir.write("dist/index.html", format!("bundle {n}\n"));
+        Ferry::new()
+            .trusting(&[&host])
+            .arg("deploy")
+            .arg(&pb)
+            .args([
+                "--env",
+                "test",
+                "--ref",
+                "main",
+                "--sha",
+                &format!("{n:040}"),
+            ])
+            .env("APP_IMAGE", image)
+            .env("SMOKE", smoke)
+            .run()
+    };
+    let (one, two) = (
+        pushed_image(&prefix, "one", "app one", true),
+        pushed_image(&prefix, "two", "app two", true),
+    );
+    run(1, &one, "ok").success();
+    let failed = run(2, &two, "fail").failure(1);
+    assert!(
+        failed
+            .all()
+            .contains("files and container stay on the new release"),
+        "{}",
+        failed.all()
+    );
+    let site = dir.join("root/web1/site/index.html");
+    assert_eq!(std::fs::read_to_string(&site).unwrap(), "bundle 2\n");
+    assert_eq!(http_get(port, "/version").as_deref(), Some("app two\n"));
+}

@@ -755,16 +755,19 @@ fn rollback_returns_to_the_previous_deploy_and_is_recorded() {
         &dir,
         &[host.address()],
         &root,
-        "      - run: { command: [\"true\"] }\n",
+        // (A rollback runs no `run` step, so it needs none of their secrets.)
+        "      - run: { command: [\"true\"], secret_env: { TOKEN: TEST_ROLLBACK_TOKEN } }\n",
         "",
     );
     ci(&[&host], "release-1", SHA, "601")
+        .env("TEST_ROLLBACK_TOKEN", "t")
         .arg("deploy")
         .arg(&p)
         .run()
         .success();
     std::thread::sleep(Duration::from_millis(1100)); // release ids have second resolution
     ci(&[&host], "release-2", SHA2, "602")
+        .env("TEST_ROLLBACK_TOKEN", "t")
         .arg("deploy")
         .arg(&p)
         .run()

@@ -323,6 +323,12 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
     let host = ctx.host.name();
     let from = PathBuf::from(ctx.host.expand(&step.from)?);
     let paths = target_paths(ctx.host, &step.to)?;
+    if !remote::safe_id(ctx.release) {
+        bail!(
+            "release id `{}` has characters ferry does not put in paths",
+            ctx.release
+        );
+    }
     let src = source(from.clone(), step.exclude.clone());
     // A plan only reads; a deploy reads and applies in one exec (see remote::DEPLOY), which looks
     // at the host's side while we hash ours.
@@ -391,12 +397,6 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
         .into_iter()
         .filter(|r| remote::safe_id(r))
         .collect();
-    if !remote::safe_id(ctx.release) {
-        bail!(
-            "release id `{}` has characters ferry does not put in paths",
-            ctx.release
-        );
-    }
     let params = params_line(ctx.release, step.adopt, &prune, &inv.drifted, false);
     let written = apply.as_ref().map(|a| a.write.len() as u64);
     // The manifest the trailer carried, kept for the next deploy (see `sent`).
@@ -720,7 +720,11 @@ async fn open_deploy(
     };
     match exchanged {
         Some(Ok(opened)) => Ok((opened, proc)),
-        Some(Err(e)) => Err(e),
+        Some(Err(e)) => {
+            // (Stopped already when the failure was the script's; else it waits for a line.)
+            proc.abort().await;
+            Err(e)
+        }
         None => {
             let _ = proc.finish().await;
             Err(interrupted(&host, paths))
@@ -932,20 +936,26 @@ where
         })
     };
     let mut bytes = params.len() as u64;
-    let forward = async {
-        proc.write(params.as_bytes()).await?;
-        while let Some(chunk) = rx.recv().await {
-            proc.write(&chunk).await?;
-            bytes += chunk.len() as u64;
-        }
-        Ok::<_, std::io::Error>(())
-    };
     // An interrupt ends the stream where it is: without its trailer the host cleans up and keeps
     // the live release (the script's verdict below says which happened, should the last bytes
     // have gone out already).
-    let (write_failed, stopped) = tokio::select! {
-        r = forward => (r.err(), false),
-        _ = crate::deploy::interrupted(&ctx.stop) => (None, true),
+    let already = *ctx.stop.borrow();
+    let (write_failed, stopped) = if already {
+        (None, true)
+    } else {
+        let forward = async {
+            proc.write(params.as_bytes()).await?;
+            while let Some(chunk) = rx.recv().await {
+                proc.write(&chunk).await?;
+                bytes += chunk.len() as u64;
+            }
+            Ok::<_, std::io::Error>(())
+        };
+        tokio::select! {
+            biased;
+            _ = crate::deploy::interrupted(&ctx.stop) => (None, true),
+            r = forward => (r.err(), false),
+        }
     };
     drop(rx);
     let built = builder.await.context("stream task failed")?;
@@ -956,8 +966,22 @@ where
             .with_context(|| format!("{host}: deploy to {} aborted", paths.to));
     }
     let out = proc.finish().await?;
-    if stopped && !out.success() {
-        return Err(interrupted(&host, paths));
+    let tail_start = remote::inventory_end(&out.stdout).unwrap_or(0);
+    let tail = String::from_utf8_lossy(&out.stdout[tail_start..]);
+    let release = tail
+        .lines()
+        .find_map(|l| l.strip_prefix("release ").map(str::to_string));
+    if stopped && (release.is_none() || !out.success()) {
+        // Exit 0 without a release (told nothing) or 3 (stopped and cleaned up): `to` is as it was.
+        return Err(match out.status {
+            Some(0 | 3) => interrupted(&host, paths),
+            _ => anyhow::anyhow!(
+                "{host}: interrupted (SIGINT/SIGTERM) while deploying to {} (exit {:?}): {}",
+                paths.to,
+                out.status,
+                out.tail()
+            ),
+        });
     }
     if !out.success() {
         bail!(
@@ -968,12 +992,8 @@ where
         );
     }
     let learned = built.with_context(|| format!("{host}: sending to {}", paths.to))?;
-    let tail_start = remote::inventory_end(&out.stdout).unwrap_or(0);
-    let tail = String::from_utf8_lossy(&out.stdout[tail_start..]);
-    let release = tail
-        .lines()
-        .find_map(|l| l.strip_prefix("release ").map(str::to_string))
-        .with_context(|| format!("{host}: the host did not confirm the release"))?;
+    let release =
+        release.with_context(|| format!("{host}: the host did not confirm the release"))?;
     let copied = tail
         .lines()
         .find_map(|l| l.strip_prefix("copied ")?.trim().parse().ok());

@@ -3,8 +3,8 @@
 //! both coreutils and BusyBox offer: `tar -xzpmo`, `tar -c`, `dd iflag=fullblock` (else the stream
 //! has no plain part), `mv -fT`, `find -newer -links -path -prune -mindepth -maxdepth -print0
 //! -exec +` (never `{}` inside a script `find` runs: GNU find refuses that), `xargs -0 -r`,
-//! `head -c`, `ls`, `gzip`, `readlink`, `read`, `cp -p`, `stat -c %a`, `tr`, `cut`, `sort`,
-//! `uniq -u`, `date -r`, `sleep`.
+//! `head -c`, `ls`, `gzip`, `readlink`, `read`, `cp -p`, `stat -c %a`, `tr`, `cut`, `awk`,
+//! `date -r`, `sleep`.
 //!
 //! Layout beside the target `<dir>/<name>`:
 //! ```text
