@@ -795,6 +795,18 @@ fn interrupted_deploy_is_recovered() {
     assert_eq!(http_get(port, "/version").as_deref(), Some("c1\n"));
 }
 
+/// Steps: `dist/` to `site`, then the service container `prefix` from `$APP_IMAGE`, health-checked
+/// over HTTP on `port`.
+fn bundle_and_app(dir: &TempDir, prefix: &str, port: u16) -> String {
+    format!(
+        "      - sync: {{ from: \"{src}\", to: site }}\n      - container:\n          \
+         name: \"{prefix}\"\n          image: \"${{env.APP_IMAGE}}\"\n          \
+         ports: [\"127.0.0.1:{port}:8080\"]\n          \
+         health: {{ type: http, url: \"http://127.0.0.1:{port}/health\", timeout: 20s, interval: 200ms }}\n",
+        src = dir.join("dist").display()
+    )
+}
+
 /// A rollback whose container step fails (the kept container was removed by hand) puts the files
 /// it had switched back where they were, so the bundle still matches the container that runs.
 #[test]
@@ -805,14 +817,12 @@ fn a_failed_rollback_switches_the_files_back() {
     let _cleanup = Cleanup(vec![prefix.clone()]);
     let port = free_port();
     let dir = TempDir::new("rbfail");
-    let steps = format!(
-        "      - sync: {{ from: \"{src}\", to: site }}\n      - container:\n          \
-         name: \"{prefix}\"\n          image: \"${{env.APP_IMAGE}}\"\n          \
-         ports: [\"127.0.0.1:{port}:8080\"]\n          \
-         health: {{ type: http, url: \"http://127.0.0.1:{port}/health\", timeout: 20s, interval: 200ms }}\n",
-        src = dir.join("dist").display()
+    let pb = pb(
+        &dir,
+        &[("web1", &host)],
+        "",
+        &bundle_and_app(&dir, &prefix, port),
     );
-    let pb = pb(&dir, &[("web1", &host)], "", &steps);
     let run = |cmd: &str, n: u32, image: &str| {
         dir.write("dist/index.html", format!("bundle {n}\n"));
         Ferry::new()
@@ -867,12 +877,8 @@ fn a_failure_after_the_container_switch_keeps_files_and_container_together() {
     let port = free_port();
     let dir = TempDir::new("after");
     let steps = format!(
-        "      - sync: {{ from: \"{src}\", to: site }}\n      - container:\n          \
-         name: \"{prefix}\"\n          image: \"${{env.APP_IMAGE}}\"\n          \
-         ports: [\"127.0.0.1:{port}:8080\"]\n          \
-         health: {{ type: http, url: \"http://127.0.0.1:{port}/health\", timeout: 20s, interval: 200ms }}\n      \
-         - run: {{ command: [sh, -c, \"test \\\"$0\\\" != fail\", \"${{env.SMOKE}}\"] }}\n",
-        src = dir.join("dist").display()
+        "{}      - run: {{ command: [sh, -c, \"test \\\"$0\\\" != fail\", \"${{env.SMOKE}}\"] }}\n",
+        bundle_and_app(&dir, &prefix, port)
     );
     let pb = pb(&dir, &[("web1", &host)], "", &steps);
     let run = |n: u32, image: &str, smoke: &str| {
