@@ -807,6 +807,31 @@ fn bundle_and_app(dir: &TempDir, prefix: &str, port: u16) -> String {
     )
 }
 
+/// `ferry CMD` of commit `n` (`bundle n` in `dist/index.html`) with `$APP_IMAGE` set to `image`.
+fn bundle_run(
+    dir: &TempDir,
+    host: &Sshd,
+    pb: &std::path::Path,
+    cmd: &str,
+    n: u32,
+    image: &str,
+) -> Ferry {
+    dir.write("dist/index.html", format!("bundle {n}\n"));
+    Ferry::new()
+        .trusting(&[host])
+        .arg(cmd)
+        .arg(pb)
+        .args([
+            "--env",
+            "test",
+            "--ref",
+            "main",
+            "--sha",
+            &format!("{n:040}"),
+        ])
+        .env("APP_IMAGE", image)
+}
+
 /// A rollback whose container step fails (the kept container was removed by hand) puts the files
 /// it had switched back where they were, so the bundle still matches the container that runs.
 #[test]
@@ -823,23 +848,7 @@ fn a_failed_rollback_switches_the_files_back() {
         "",
         &bundle_and_app(&dir, &prefix, port),
     );
-    let run = |cmd: &str, n: u32, image: &str| {
-        dir.write("dist/index.html", format!("bundle {n}\n"));
-        Ferry::new()
-            .trusting(&[&host])
-            .arg(cmd)
-            .arg(&pb)
-            .args([
-                "--env",
-                "test",
-                "--ref",
-                "main",
-                "--sha",
-                &format!("{n:040}"),
-            ])
-            .env("APP_IMAGE", image)
-            .run()
-    };
+    let run = |cmd: &str, n: u32, image: &str| bundle_run(&dir, &host, &pb, cmd, n, image).run();
     let (one, two) = (
         pushed_image(&prefix, "one", "app one", true),
         pushed_image(&prefix, "two", "app two", true),
@@ -882,20 +891,7 @@ fn a_failure_after_the_container_switch_keeps_files_and_container_together() {
     );
     let pb = pb(&dir, &[("web1", &host)], "", &steps);
     let run = |n: u32, image: &str, smoke: &str| {
-        dir.write("dist/index.html", format!("bundle {n}\n"));
-        Ferry::new()
-            .trusting(&[&host])
-            .arg("deploy")
-            .arg(&pb)
-            .args([
-                "--env",
-                "test",
-                "--ref",
-                "main",
-                "--sha",
-                &format!("{n:040}"),
-            ])
-            .env("APP_IMAGE", image)
+        bundle_run(&dir, &host, &pb, "deploy", n, image)
             .env("SMOKE", smoke)
             .run()
     };
