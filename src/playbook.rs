@@ -1031,8 +1031,9 @@ fn validate(pb: &Playbook) -> Result<(), Invalid> {
     Ok(())
 }
 
-/// What is wrong with a health check, if anything: the field at fault and why.
-fn health_problem(h: &HealthCheck) -> Option<(&'static str, String)> {
+/// What is wrong with a health check, if anything: the field at fault and why. (Also checked on
+/// each host's resolved spec, `docker::spec`.)
+pub fn health_problem(h: &HealthCheck) -> Option<(&'static str, String)> {
     let missing = match h.kind {
         HealthKind::Http if h.url.is_none() => Some("url"),
         HealthKind::Tcp if h.address.is_none() => Some("address"),

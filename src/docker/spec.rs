@@ -42,12 +42,8 @@ pub enum SpecError {
         "container name `{name}`: use letters, digits, `_`, `.` and `-`, starting with a letter or digit"
     )]
     BadName { name: String },
-    #[error("container `{name}`: health check {kind} needs `{field}`")]
-    HealthField {
-        name: String,
-        kind: &'static str,
-        field: &'static str,
-    },
+    #[error("container `{name}`: {why}")]
+    HealthField { name: String, why: String },
 }
 
 /// A spec for one host: overrides applied, templates expanded, secrets read.
@@ -148,18 +144,12 @@ fn check_name(name: &str) -> Result<(), SpecError> {
 }
 
 fn check_health(name: &str, h: Option<&HealthCheck>) -> Result<(), SpecError> {
-    use crate::playbook::HealthKind;
-    let missing = |kind, field| SpecError::HealthField {
-        name: name.into(),
-        kind,
-        field,
-    };
-    match h {
-        Some(h) if h.kind == HealthKind::Http && h.url.is_none() => Err(missing("http", "url")),
-        Some(h) if h.kind == HealthKind::Tcp && h.address.is_none() => {
-            Err(missing("tcp", "address"))
-        }
-        _ => Ok(()),
+    match h.and_then(crate::playbook::health_problem) {
+        Some((_, why)) => Err(SpecError::HealthField {
+            name: name.into(),
+            why,
+        }),
+        None => Ok(()),
     }
 }
 
