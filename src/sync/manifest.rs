@@ -337,12 +337,6 @@ fn resolve<'a>(
     Ok(())
 }
 
-/// What the walk found; it is stat'ed and hashed in parallel afterwards.
-struct Found {
-    path: Vec<u8>,
-    full: PathBuf,
-}
-
 /// Walk `root` and hash it. `cache_file`, if given, is read and rewritten.
 pub fn scan(
     root: &Path,
@@ -379,44 +373,23 @@ pub fn walk(root: &Path, exclude: &[String], cache_file: Option<&Path>) -> anyho
             root.display()
         );
     }
-    let mut gi = ignore::gitignore::GitignoreBuilder::new(root);
+    // Paths are matched relative to the tree (the matcher's root, `/`, never prefixes them).
+    let mut gi = ignore::gitignore::GitignoreBuilder::new("/");
     for pat in exclude {
         gi.add_line(None, pat)
             .with_context(|| format!("bad exclude pattern `{pat}`"))?;
     }
     let gi = gi.build().context("building exclude patterns")?;
-    let walker = ignore::WalkBuilder::new(root)
-        .standard_filters(false)
-        .hidden(false)
-        .follow_links(false)
-        .filter_entry(move |e| {
-            let is_dir = e.file_type().is_some_and(|t| t.is_dir());
-            e.depth() == 0 || !gi.matched(e.path(), is_dir).is_ignore()
-        })
-        .build();
     let started = std::time::Instant::now();
-    // The cache loads while the tree is walked; stat runs in parallel after.
-    let (found, cache) = std::thread::scope(|s| {
+    // The cache loads while the tree is walked.
+    let (entries, cache) = std::thread::scope(|s| {
         let cache = s.spawn(|| cache_file.map(load_cache).unwrap_or_default());
-        let mut found = Vec::new();
-        for item in walker {
-            let item = item.with_context(|| format!("walking {}", root.display()))?;
-            if item.depth() == 0 {
-                continue;
-            }
-            let full = item.into_path();
-            let rel = full.strip_prefix(root).expect("walk stays under root");
-            let path = rel.as_os_str().as_bytes().to_vec();
-            found.push(Found { path, full });
-        }
-        anyhow::Ok((found, cache.join().unwrap_or_default()))
-    })?;
+        let entries = walk_dir(root, b"", &gi);
+        (entries, cache.join().unwrap_or_default())
+    });
+    let mut entries = entries?;
     let walked = started.elapsed();
-    let mut entries = found
-        .into_par_iter()
-        .map(|f| entry_for(f, &cache))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    entries.sort_by(|a, b| a.0.path.cmp(&b.0.path));
+    entries.par_sort_unstable_by(|a, b| a.0.path.cmp(&b.0.path));
     let mut out = Walked {
         manifest: Manifest {
             root_mode: root_meta.mode() & 0o7777,
@@ -428,11 +401,12 @@ pub fn walk(root: &Path, exclude: &[String], cache_file: Option<&Path>) -> anyho
         cache_file: cache_file.map(Path::to_path_buf),
         cached: cache.len(),
     };
-    for (i, (entry, key, known)) in entries.into_iter().enumerate() {
-        if let Some(k) = key {
+    for (i, (mut entry, key)) in entries.into_iter().enumerate() {
+        if let (Some(k), Kind::File { hash, .. }) = (key, &mut entry.kind) {
             out.keys.push((i, k));
-            if !known {
-                out.unhashed.push(i);
+            match cache.get(&entry.path).filter(|row| row.same_file(&k)) {
+                Some(row) => *hash = row.hash,
+                None => out.unhashed.push(i),
             }
         }
         out.manifest.entries.push(entry);
@@ -548,24 +522,69 @@ impl Walked {
     }
 }
 
-/// The entry for one walked path; for a file, its stat facts (a cache row without the hash) and
-/// whether the cache knew its hash (else it is zero).
-fn entry_for(
-    f: Found,
-    cache: &HashMap<Vec<u8>, CacheRow>,
-) -> anyhow::Result<(Entry, Option<CacheRow>, bool)> {
-    let meta = std::fs::symlink_metadata(&f.full)
-        .with_context(|| format!("cannot stat {}", f.full.display()))?;
+/// The entries under `dir` (at `rel` in the tree; excludes left out), each stat'ed through its
+/// directory's descriptor (no path lookup per entry), subdirectories walked in parallel. Files
+/// carry their stat facts (a cache row without the hash) and a zero hash.
+fn walk_dir(
+    dir: &Path,
+    rel: &[u8],
+    gi: &ignore::gitignore::Gitignore,
+) -> anyhow::Result<Vec<(Entry, Option<CacheRow>)>> {
+    let mut found = Vec::new();
+    let read = std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+    for de in read {
+        let de = de.with_context(|| format!("cannot read {}", dir.display()))?;
+        let name = de.file_name();
+        let mut path = Vec::with_capacity(rel.len() + 1 + name.len());
+        if !rel.is_empty() {
+            path.extend_from_slice(rel);
+            path.push(b'/');
+        }
+        path.extend_from_slice(name.as_bytes());
+        let is_dir = de.file_type().is_ok_and(|t| t.is_dir());
+        if !gi
+            .matched(Path::new(OsStr::from_bytes(&path)), is_dir)
+            .is_ignore()
+        {
+            found.push((de, path));
+        }
+    }
+    let stated = found
+        .into_par_iter()
+        .map(|(de, path)| {
+            let (entry, key) = stat_entry(&de, path)?;
+            let below = match entry.kind {
+                Kind::Dir { .. } => walk_dir(&de.path(), &entry.path, gi)?,
+                _ => Vec::new(),
+            };
+            Ok(((entry, key), below))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut out = Vec::with_capacity(stated.iter().map(|(_, b)| 1 + b.len()).sum());
+    for (one, below) in stated {
+        out.push(one);
+        out.extend(below);
+    }
+    Ok(out)
+}
+
+/// The entry for one directory entry (a file's hash zero), and for a file its stat facts.
+fn stat_entry(de: &std::fs::DirEntry, path: Vec<u8>) -> anyhow::Result<(Entry, Option<CacheRow>)> {
+    // (On Linux this is `statx` relative to the directory's descriptor, not following links.)
+    let meta = de
+        .metadata()
+        .with_context(|| format!("cannot stat {}", de.path().display()))?;
     let t = meta.file_type();
     let kind = if t.is_symlink() {
-        let target = std::fs::read_link(&f.full)
-            .with_context(|| format!("cannot read symlink {}", f.full.display()))?;
+        let full = de.path();
+        let target = std::fs::read_link(&full)
+            .with_context(|| format!("cannot read symlink {}", full.display()))?;
         let target = target.as_os_str().as_bytes().to_vec();
-        if let Err(why) = check_symlink(&f.path, &target) {
+        if let Err(why) = check_symlink(&path, &target) {
             bail!(
                 "symlink {} {why}: ferry ships only links that stay inside the tree; \
                  replace it with a relative link inside the tree, or exclude it",
-                f.full.display()
+                full.display()
             );
         }
         Kind::Symlink { target }
@@ -574,27 +593,19 @@ fn entry_for(
             mode: meta.mode() & 0o7777,
         }
     } else if t.is_file() {
-        let key = CacheRow::key(&meta);
-        let known = cache.get(&f.path).filter(|row| row.same_file(&key));
-        return Ok((
-            Entry {
-                path: f.path,
-                kind: Kind::File {
-                    size: meta.len(),
-                    mode: meta.mode() & 0o7777,
-                    hash: known.map_or(UNHASHED, |row| row.hash),
-                },
-            },
-            Some(key),
-            known.is_some(),
-        ));
+        let kind = Kind::File {
+            size: meta.len(),
+            mode: meta.mode() & 0o7777,
+            hash: UNHASHED,
+        };
+        return Ok((Entry { path, kind }, Some(CacheRow::key(&meta))));
     } else {
         bail!(
             "{} is not a regular file, directory or symlink (a socket, fifo or device): exclude it",
-            f.full.display()
+            de.path().display()
         );
     };
-    Ok((Entry { path: f.path, kind }, None, false))
+    Ok((Entry { path, kind }, None))
 }
 
 pub fn hash_file(path: &Path) -> anyhow::Result<[u8; 32]> {
@@ -667,13 +678,14 @@ pub fn cache_path(root: &Path) -> Option<PathBuf> {
 const CACHE_MAGIC: &[u8; 8] = b"ferryhc1";
 
 fn load_cache(file: &Path) -> HashMap<Vec<u8>, CacheRow> {
-    let mut map = HashMap::default();
     let Ok(data) = std::fs::read(file) else {
-        return map;
+        return HashMap::default();
     };
     let Some(mut rest) = data.strip_prefix(CACHE_MAGIC.as_slice()) else {
-        return map;
+        return HashMap::default();
     };
+    // (Rows are 88 bytes and a path: sized once, not grown row by row.)
+    let mut map = HashMap::with_capacity_and_hasher(rest.len() / 128, Default::default());
     let take8 = |r: &mut &[u8]| -> Option<u64> {
         let (a, b) = r.split_at_checked(8)?;
         *r = b;
@@ -932,6 +944,31 @@ mod tests {
         };
         assert_eq!(hash, blake3::hash(b"HELLO").as_bytes());
         assert_ne!(m.digest(), m2.digest());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// Patterns match paths relative to the tree, as in a `.gitignore` at its top.
+    #[test]
+    fn excludes_are_anchored_at_the_tree() {
+        let d = tmp("anchored");
+        let root = d.join("src");
+        for dir in ["src", "cache", "js"] {
+            std::fs::create_dir_all(root.join(dir)).unwrap();
+        }
+        for f in [
+            "keep.txt",
+            "src/keep.txt",
+            "cache/x",
+            "js/cache",
+            "a.log",
+            "b.log",
+        ] {
+            std::fs::write(root.join(f), f).unwrap();
+        }
+        let exclude = ["/keep.txt", "cache/", "*.log", "!b.log"].map(String::from);
+        let m = scan(&root, &exclude, None).unwrap();
+        let paths: Vec<String> = m.entries.iter().map(Entry::display).collect();
+        assert_eq!(paths, ["b.log", "js", "js/cache", "src", "src/keep.txt"]);
         std::fs::remove_dir_all(&d).unwrap();
     }
 
