@@ -565,7 +565,7 @@ async fn run_steps(
                 step.kind()
             ));
             if matches!(action, Action::Deploy | Action::Rollback(..)) {
-                revert_files(ctx, &steps[..i], &mut reports, action.name()).await;
+                revert_run(ctx, &steps[..i], &mut reports, action).await;
             }
             break;
         }
@@ -634,7 +634,7 @@ async fn run_steps(
                 });
                 error = Some(format!("step {} ({}): {msg}", i + 1, step.kind()));
                 if matches!(action, Action::Deploy | Action::Rollback(..)) {
-                    revert_files(ctx, &steps[..i], &mut reports, action.name()).await;
+                    revert_run(ctx, &steps[..i], &mut reports, action).await;
                 }
                 break;
             }
@@ -643,25 +643,64 @@ async fn run_steps(
     (reports, error)
 }
 
-/// A deploy or rollback that failed after its sync steps switched files must not leave those files
-/// live beside the containers it could not switch: put each of those targets back on the release
-/// it replaced (a deploy's report says `release` and `previous`, a rollback's `to` and `from`; the
-/// report is found by its path, since a rollback leaves none for steps with nothing to undo).
-async fn revert_files(ctx: &StepCtx<'_>, done: &[Step], reports: &mut Vec<StepReport>, what: &str) {
+/// A deploy or rollback that failed (or was interrupted) after it switched things must not leave
+/// half of them live. A deploy's service containers go back to the ones they replaced (kept as
+/// `NAME.ferry-prev`), newest first; then each sync target goes back on the release it replaced (a
+/// deploy's report says `release` and `previous`, a rollback's `to` and `from`; the report is
+/// found by its path, since a rollback leaves none for steps with nothing to undo). Files put back
+/// under a container that stays new would run it on other files than it was started with (bind
+/// mounts): when a container cannot go back, the files stay with it.
+async fn revert_run(
+    ctx: &StepCtx<'_>,
+    done: &[Step],
+    reports: &mut Vec<StepReport>,
+    action: &Action,
+) {
     // Switching back is what an interrupt asks for: it does not stop for one.
     let ctx = &StepCtx {
         stop: watch::channel(false).1,
         ..*ctx
     };
-    let host = ctx.host.name();
-    // Files put back under a service container this run switched would run it on other files
-    // than it was started with (bind mounts): both stay, and `ferry rollback` takes both back.
-    if reports.iter().any(|r| r.step == "container" && r.changed) {
+    let (host, what) = (ctx.host.name(), action.name());
+    let stay = |why: &str| {
         ctx.progress.println(&format!(
-            "{host}: the {what} stopped after the service container was switched: files and \
+            "{host}: the {what} stopped after the service container was switched{why}: files and \
              container stay on the new release (`ferry rollback` takes both back)"
-        ));
-        return;
+        ))
+    };
+    let switched = |r: &StepReport| r.step == "container" && r.changed;
+    let mut left = reports.iter().filter(|r| switched(r)).count();
+    if left > 0 && !matches!(action, Action::Deploy) {
+        return stay("");
+    }
+    for step in done.iter().rev() {
+        let Step::Container(c) = step else { continue };
+        let Ok(name) = docker::resolve(ctx.host, c).map(|r| r.spec.name) else {
+            continue;
+        };
+        let ours = reports
+            .iter()
+            .any(|r| switched(r) && r.detail.get("name").and_then(|v| v.as_str()) == Some(&name));
+        if !ours {
+            continue;
+        }
+        match docker::revert(ctx, c).await {
+            Ok(mut r) => {
+                // (Unchanged: the run only started the container it found stopped.)
+                if r.changed {
+                    ctx.progress.println(&format!(
+                        "{host}: container: switched {name} back: the {what} failed"
+                    ));
+                    r.summary = format!("{} because a later step failed", r.summary);
+                    reports.push(r);
+                }
+                left -= 1;
+            }
+            Err(e) => return stay(&format!(" and could not go back ({e:#})")),
+        }
+    }
+    if left > 0 {
+        return stay("");
     }
     for step in done.iter().rev() {
         let Step::Sync(s) = step else { continue };

@@ -874,11 +874,10 @@ fn a_failed_rollback_switches_the_files_back() {
     assert_eq!(http_get(port, "/version").as_deref(), Some("app two\n"));
 }
 
-/// A step after the service container's switch fails: the files stay with the container on the new
-/// release (putting them back would run the new container on the old files), and the run says
-/// how to go back.
+/// A step after the service container's switch fails: the container goes back to the one it
+/// replaced, then the files, so the host runs what it ran before the deploy.
 #[test]
-fn a_failure_after_the_container_switch_keeps_files_and_container_together() {
+fn a_failure_after_the_container_switch_takes_container_and_files_back() {
     engine();
     let host = Sshd::start();
     let prefix = unique("after");
@@ -901,14 +900,63 @@ fn a_failure_after_the_container_switch_keeps_files_and_container_together() {
     );
     run(1, &one, "ok").success();
     let failed = run(2, &two, "fail").failure(1);
+    let all = failed.all();
     assert!(
-        failed
-            .all()
-            .contains("files and container stay on the new release"),
-        "{}",
-        failed.all()
+        all.contains(&format!("switched {prefix} back"))
+            && all.contains("sync: switched back to release"),
+        "{all}"
     );
     let site = dir.join("root/web1/site/index.html");
+    assert_eq!(std::fs::read_to_string(&site).unwrap(), "bundle 1\n");
+    assert_eq!(http_get(port, "/version").as_deref(), Some("app one\n"));
+    // The next deploy of the fixed commit goes ahead from there.
+    run(2, &two, "ok").success();
     assert_eq!(std::fs::read_to_string(&site).unwrap(), "bundle 2\n");
     assert_eq!(http_get(port, "/version").as_deref(), Some("app two\n"));
+}
+
+/// Two service containers: the second fails its health check on the new release, so it is put
+/// back by its own step, and the run takes the first container and the files back with it.
+#[test]
+fn a_failed_second_container_takes_the_first_back() {
+    engine();
+    let host = Sshd::start();
+    let prefix = unique("pair");
+    let worker = format!("{prefix}-worker");
+    let _cleanup = Cleanup(vec![prefix.clone(), worker.clone()]);
+    let (port, worker_port) = (free_port(), free_port());
+    let dir = TempDir::new("pair");
+    let steps = format!(
+        "{}      - container:\n          name: \"{worker}\"\n          \
+         image: \"${{env.WORKER_IMAGE}}\"\n          ports: [\"127.0.0.1:{worker_port}:8080\"]\n          \
+         health: {{ type: http, url: \"http://127.0.0.1:{worker_port}/health\", timeout: 3s, interval: 200ms }}\n",
+        bundle_and_app(&dir, &prefix, port)
+    );
+    let pb = pb(&dir, &[("web1", &host)], "", &steps);
+    let run = |n: u32, image: &str, worker_image: &str| {
+        bundle_run(&dir, &host, &pb, "deploy", n, image)
+            .env("WORKER_IMAGE", worker_image)
+            .run()
+    };
+    let (one, two) = (
+        pushed_image(&prefix, "one", "app one", true),
+        pushed_image(&prefix, "two", "app two", true),
+    );
+    let (w_one, w_sick) = (
+        pushed_image(&worker, "one", "worker one", true),
+        pushed_image(&worker, "sick", "worker sick", false),
+    );
+    run(1, &one, &w_one).success();
+    let failed = run(2, &two, &w_sick).failure(1);
+    let all = failed.all();
+    assert!(all.contains(&format!("switched {prefix} back")), "{all}");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("root/web1/site/index.html")).unwrap(),
+        "bundle 1\n"
+    );
+    assert_eq!(http_get(port, "/version").as_deref(), Some("app one\n"));
+    assert_eq!(
+        http_get(worker_port, "/version").as_deref(),
+        Some("worker one\n")
+    );
 }

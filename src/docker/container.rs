@@ -347,6 +347,22 @@ async fn put_back(engine: &Engine<'_>, aside: &str, name: &str, start: bool) -> 
 /// current one, nothing changes; if it is the kept one, the two swap, so a second rollback can undo
 /// the first; if neither, the container of that release is gone and the step says so.
 pub async fn rollback(ctx: &StepCtx<'_>, spec: &ContainerSpec) -> anyhow::Result<StepReport> {
+    swap_back(ctx, spec, |made| made <= ctx.release).await
+}
+
+/// Undo this run's switch of the service container (its release is `ctx.release`): bring back the
+/// container it replaced, kept as `NAME.ferry-prev`, as [`rollback`] does. Nothing changes when
+/// this run did not replace it.
+pub async fn revert(ctx: &StepCtx<'_>, spec: &ContainerSpec) -> anyhow::Result<StepReport> {
+    swap_back(ctx, spec, |made| made < ctx.release).await
+}
+
+/// [`rollback`] to the newest container whose `ferry.release` label passes `live`.
+async fn swap_back(
+    ctx: &StepCtx<'_>,
+    spec: &ContainerSpec,
+    live: impl Fn(&str) -> bool,
+) -> anyhow::Result<StepReport> {
     let engine = Engine::new(ctx.host, ctx.session);
     let host = ctx.host.name();
     let r = resolve(ctx.host, spec)?;
@@ -361,7 +377,7 @@ pub async fn rollback(ctx: &StepCtx<'_>, spec: &ContainerSpec) -> anyhow::Result
     let made = |c: &Option<ContainerState>| {
         c.as_ref()
             .and_then(|c| c.labels.get("ferry.release").cloned())
-            .filter(|r| r.as_str() <= ctx.release)
+            .filter(|r| live(r))
     };
     // A plan has no target release (it reads no ledger): it shows the swap.
     if !ctx.plan {
