@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
@@ -586,8 +587,8 @@ async fn run_steps(
         // A container step finishes (it never leaves a service without its container); a sync
         // step stops itself at a safe point (before its switch, the host cleaned up; once its
         // whole stream is sent, it finishes and is switched back below like the steps before it);
-        // a store removal finishes; any other step is cut off at once (a `run` command goes on
-        // on the host, as over `ssh` without a terminal).
+        // a store removal finishes; any other step is cut off at once (a `run` command's channel
+        // closes, and the host stops the command: see `RUN`).
         let finishes = match step {
             Step::Container(_) | Step::Accessory(_) => true,
             // (Removing a store is short, and cut off it would go on after the unlock.)
@@ -802,12 +803,23 @@ async fn rollback_step(
     }
 }
 
-/// Exports `NAME=value` lines from stdin up to an empty line, then runs its arguments: how a `run`
-/// step's secrets reach it (NAME is checked to be a plain identifier first).
-const WITH_SECRETS: &str =
-    r#"while IFS= read -r l && [ -n "$l" ]; do export "$l" || exit 125; done; exec "$@""#;
+/// How a `run` step's command runs on the host (`sh -c RUN ferry-run ARGV...`). It exports the
+/// `NAME=value` lines on stdin up to an empty line (the step's secrets; NAME is checked to be a
+/// plain identifier first), then runs its arguments with stdin from /dev/null. ferry keeps stdin
+/// open until the command ends: should it close first (the step cut off by Ctrl-C or its timeout,
+/// ferry killed, the connection lost), the command and everything it started (this SSH session's
+/// process group) get SIGTERM, and SIGKILL 5 s later, as a terminal's hangup would do.
+const RUN: &str = r#"while IFS= read -r l && [ -n "$l" ]; do export "$l" || exit 125; done
+exec 3<&0
+"$@" < /dev/null 3<&- &
+pid=$!
+{ while read -r _ <&3; do :; done; trap '' TERM; kill -TERM 0; sleep 5; kill -KILL 0; } 3<&3 &
+w=$!
+wait "$pid"; st=$?
+kill "$w" 2>/dev/null
+exit "$st""#;
 
-/// A `run` step's secrets as `NAME=value` lines for [`WITH_SECRETS`], read from the controller's
+/// A `run` step's secrets as `NAME=value` lines for [`RUN`], read from the controller's
 /// environment.
 fn run_secrets(step: &RunStep) -> anyhow::Result<Vec<(String, String)>> {
     step.secret_env
@@ -866,25 +878,27 @@ async fn run_command(ctx: &StepCtx<'_>, step: &RunStep) -> anyhow::Result<StepRe
     }
     let secrets = run_secrets(step)?;
     let mut stdin = Vec::new();
-    if !secrets.is_empty() {
-        for (name, value) in &secrets {
-            stdin.extend_from_slice(format!("{name}={value}\n").as_bytes());
-        }
-        stdin.push(b'\n');
-        let mut wrapped = vec![
-            "sh".into(),
-            "-c".into(),
-            WITH_SECRETS.into(),
-            "ferry-run".into(),
-        ];
-        wrapped.append(&mut argv);
-        argv = wrapped;
+    for (name, value) in &secrets {
+        stdin.extend_from_slice(format!("{name}={value}\n").as_bytes());
     }
-    let timeout = step.timeout.or(Some(Duration::from_secs(600)));
-    let out = ctx
+    stdin.push(b'\n');
+    let mut wrapped = vec!["sh".into(), "-c".into(), RUN.into(), "ferry-run".into()];
+    wrapped.append(&mut argv);
+    let timeout = step.timeout.unwrap_or(Duration::from_secs(600));
+    let host = ctx.host.name();
+    let mut proc = ctx
         .session
-        .run_raw(shell::join_str(&argv).as_bytes(), &stdin, timeout, None)
+        .spawn(shell::join_str(&wrapped).as_bytes(), None)
         .await?;
+    proc.write(&stdin)
+        .await
+        .with_context(|| format!("{host}: sending `{cmd}` its environment"))?;
+    // (Cut off, the process is dropped: its channel closes, and the host stops the command.)
+    let out = tokio::time::timeout(timeout, proc.wait())
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!("{host}: `{cmd}` did not finish within {timeout:?} (the step's timeout); it was stopped")
+        })??;
     let log: Vec<String> = mask(&String::from_utf8_lossy(&out.stdout), &secrets)
         .lines()
         .map(str::to_string)

@@ -463,12 +463,14 @@ pub type LineSink<'a> = &'a (dyn Fn(Stream, &[u8]) + Send + Sync);
 /// An owned [`LineSink`], for output drained by a background task.
 pub type SharedSink = Arc<dyn Fn(Stream, &[u8]) + Send + Sync>;
 
-/// A running remote command whose stdin the caller streams.
+/// A running remote command whose stdin the caller streams. Dropped before it finished (a step
+/// cut off), it closes its channel: the host's sshd closes the command's stdin.
 pub struct Process {
     writer: Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
-    /// Taken by `finish` or `abort`: the command's end is awaited once.
+    /// Taken by `finish`, `wait` or `abort`: the command's end is awaited once.
     reader: Option<tokio::task::JoinHandle<Result<Output, russh::Error>>>,
-    write_half: russh::ChannelWriteHalf<client::Msg>,
+    /// Taken when the channel is closed.
+    write_half: Option<russh::ChannelWriteHalf<client::Msg>>,
     host: String,
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
@@ -482,16 +484,37 @@ impl Process {
     /// Close stdin and wait for the command to finish. (Borrowed, so that a caller that lent the
     /// process to a step it cut off can still finish it.)
     pub async fn finish(&mut self) -> Result<Output, SshError> {
-        let host = self.host.clone();
-        let Some(reader) = self.reader.take() else {
-            return Err(SshError::Protocol {
-                host,
-                source: russh::Error::IO(std::io::Error::other("the command was already finished")),
-            });
-        };
+        let reader = self.take_reader()?;
         let _ = self.writer.flush().await;
         let _ = self.writer.shutdown().await;
-        let _ = self.write_half.eof().await;
+        if let Some(w) = &self.write_half {
+            let _ = w.eof().await;
+        }
+        self.exited(reader).await
+    }
+
+    /// Wait for the command to finish with its stdin left open: for a command that watches its
+    /// stdin to learn that ferry gave up (a `run` step; see `deploy`).
+    pub async fn wait(&mut self) -> Result<Output, SshError> {
+        let reader = self.take_reader()?;
+        let _ = self.writer.flush().await;
+        self.exited(reader).await
+    }
+
+    fn take_reader(
+        &mut self,
+    ) -> Result<tokio::task::JoinHandle<Result<Output, russh::Error>>, SshError> {
+        self.reader.take().ok_or_else(|| SshError::Protocol {
+            host: self.host.clone(),
+            source: russh::Error::IO(std::io::Error::other("the command was already finished")),
+        })
+    }
+
+    async fn exited(
+        &mut self,
+        reader: tokio::task::JoinHandle<Result<Output, russh::Error>>,
+    ) -> Result<Output, SshError> {
+        let host = self.host.clone();
         let out = reader
             .await
             .map_err(|e| SshError::Protocol {
@@ -502,15 +525,34 @@ impl Process {
                 host: host.clone(),
                 source,
             })?;
-        let _ = self.write_half.close().await;
+        self.close().await;
         Ok(out)
+    }
+
+    async fn close(&mut self) {
+        if let Some(w) = self.write_half.take() {
+            let _ = w.close().await;
+        }
     }
 
     /// Abort: close the channel without waiting.
     pub async fn abort(&mut self) {
-        let _ = self.write_half.close().await;
+        self.close().await;
         if let Some(reader) = self.reader.take() {
             reader.abort();
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let (Some(w), Ok(rt)) = (
+            self.write_half.take(),
+            tokio::runtime::Handle::try_current(),
+        ) {
+            rt.spawn(async move {
+                let _ = w.close().await;
+            });
         }
     }
 }
@@ -545,7 +587,7 @@ impl Session {
         Ok(Process {
             writer,
             reader: Some(reader),
-            write_half,
+            write_half: Some(write_half),
             host,
             _permit: permit,
         })

@@ -1135,3 +1135,84 @@ fn hosts_of_one_run_share_a_lock_on_shared_storage() {
     assert_eq!(v[0]["rows"].as_array().unwrap().len(), 2, "{v}");
     assert_eq!(v[0]["flags"], serde_json::json!([]), "{v}");
 }
+
+/// Whether process `pid` is gone (or only a zombie waiting to be reaped).
+fn gone(pid: &str) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|s| s.trim_start().starts_with('Z')),
+    }
+}
+
+/// A playbook whose one `run` step writes its pid to `pidfile`, then sleeps for a minute.
+fn sleeper(dir: &TempDir, host: &Sshd, root: &str, pidfile: &Path, extra: &str) -> PathBuf {
+    pb(
+        dir,
+        &[host.address()],
+        root,
+        &format!(
+            "      - run: {{ command: [\"sh\", \"-c\", \"echo $$ > \\\"$0\\\"; exec sleep 60\", \"{}\"]{extra} }}\n",
+            pidfile.display()
+        ),
+        "",
+    )
+}
+
+/// A `run` step cut off by its timeout is stopped on the host too (it does not go on there after
+/// the lock is released), under a coreutils and a BusyBox login.
+#[test]
+fn a_run_step_past_its_timeout_is_stopped_on_the_host() {
+    for busybox in [false, true] {
+        let host = Sshd::start_with(SshdOptions {
+            busybox,
+            ..Default::default()
+        });
+        let dir = TempDir::new("runtimeout");
+        let root = open_root(&dir);
+        let pidfile = dir.join("pid");
+        let p = sleeper(&dir, &host, &root, &pidfile, ", timeout: 1s");
+        let run = ci(&[&host], "release-1", SHA, "301")
+            .arg("deploy")
+            .arg(&p)
+            .run()
+            .failure(1);
+        assert!(
+            run.all().contains("did not finish within 1s"),
+            "{}",
+            run.all()
+        );
+        let pid = std::fs::read_to_string(&pidfile).unwrap();
+        wait_for("the command to be stopped", || gone(pid.trim()));
+    }
+}
+
+/// Ctrl-C during a `run` step stops the command on the host too (ferry closes its channel at once;
+/// the host's wrapper then sends the command SIGTERM).
+#[test]
+fn a_run_step_cut_off_by_ctrl_c_is_stopped_on_the_host() {
+    let host = Sshd::start();
+    let dir = TempDir::new("runctrlc");
+    let root = open_root(&dir);
+    let pidfile = dir.join("pid");
+    let p = sleeper(&dir, &host, &root, &pidfile, "");
+    let (mut child, _home) = ci(&[&host], "release-1", SHA, "302")
+        .arg("deploy")
+        .arg(&p)
+        .spawn();
+    wait_for("the command to start", || {
+        std::fs::read_to_string(&pidfile).is_ok_and(|p| p.ends_with('\n'))
+    });
+    let pid = std::fs::read_to_string(&pidfile).unwrap();
+    let st = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(1));
+    wait_for("the command to be stopped", || gone(pid.trim()));
+    assert!(!Path::new(&root).join(".ferry/locks/testapp-test").exists());
+}
