@@ -650,7 +650,8 @@ async fn run_steps(
 /// deploy's report says `release` and `previous`, a rollback's `to` and `from`; the report is
 /// found by its path, since a rollback leaves none for steps with nothing to undo). Files put back
 /// under a container that stays new would run it on other files than it was started with (bind
-/// mounts): when a container cannot go back, the files stay with it.
+/// mounts): when a container cannot go back (none kept to go back to: checked for all before any
+/// moves; or it fails its health check), the files stay with it.
 async fn revert_run(
     ctx: &StepCtx<'_>,
     done: &[Step],
@@ -662,29 +663,51 @@ async fn revert_run(
         stop: watch::channel(false).1,
         ..*ctx
     };
+    if ctx.plan {
+        return;
+    }
     let (host, what) = (ctx.host.name(), action.name());
     let stay = |why: &str| {
         ctx.progress.println(&format!(
-            "{host}: the {what} stopped after the service container was switched{why}: files and \
-             container stay on the new release (`ferry rollback` takes both back)"
+            "{host}: the {what} stopped after the service container was switched{why}: the files \
+             stay on the new release with it (`ferry rollback` takes files and containers back)"
         ))
     };
     let switched = |r: &StepReport| r.step == "container" && r.changed;
-    let mut left = reports.iter().filter(|r| switched(r)).count();
-    if left > 0 && !matches!(action, Action::Deploy) {
+    let count = reports.iter().filter(|r| switched(r)).count();
+    if count > 0 && !matches!(action, Action::Deploy) {
         return stay("");
     }
+    // This run's switched service containers, newest first.
+    let mut ours = Vec::new();
     for step in done.iter().rev() {
         let Step::Container(c) = step else { continue };
         let Ok(name) = docker::resolve(ctx.host, c).map(|r| r.spec.name) else {
             continue;
         };
-        let ours = reports
+        if reports
             .iter()
-            .any(|r| switched(r) && r.detail.get("name").and_then(|v| v.as_str()) == Some(&name));
-        if !ours {
-            continue;
+            .any(|r| switched(r) && r.detail.get("name").and_then(|v| v.as_str()) == Some(&name))
+        {
+            ours.push((name, c));
         }
+    }
+    if ours.len() < count {
+        return stay("");
+    }
+    // Each must have the container it replaced to go back to before any goes back.
+    let look = StepCtx {
+        plan: true,
+        stop: ctx.stop.clone(),
+        ..*ctx
+    };
+    for (name, c) in &ours {
+        if let Err(e) = docker::revert(&look, c).await {
+            return stay(&format!(" and {name} cannot go back ({e:#})"));
+        }
+    }
+    let mut back: Vec<&str> = Vec::new();
+    for (name, c) in &ours {
         match docker::revert(ctx, c).await {
             Ok(mut r) => {
                 // (Unchanged: the run only started the container it found stopped.)
@@ -694,14 +717,17 @@ async fn revert_run(
                     ));
                     r.summary = format!("{} because a later step failed", r.summary);
                     reports.push(r);
+                    back.push(name);
                 }
-                left -= 1;
             }
-            Err(e) => return stay(&format!(" and could not go back ({e:#})")),
+            Err(e) => {
+                let went = match back.is_empty() {
+                    true => String::new(),
+                    false => format!("; {} went back", back.join(", ")),
+                };
+                return stay(&format!(" and {name} could not go back ({e:#}){went}"));
+            }
         }
-    }
-    if left > 0 {
-        return stay("");
     }
     for step in done.iter().rev() {
         let Step::Sync(s) = step else { continue };
@@ -809,13 +835,15 @@ async fn rollback_step(
 /// open until the command ends: should it close first (the step cut off by Ctrl-C or its timeout,
 /// ferry killed, the connection lost), the command and everything it started (this SSH session's
 /// process group) get SIGTERM, and SIGKILL 5 s later, as a terminal's hangup would do.
+/// (The command runs in the foreground: a background job would start with SIGINT and SIGQUIT
+/// ignored, and so would all it starts. The process group is the session's own: OpenSSH's sshd
+/// starts each session with `setsid`.)
 const RUN: &str = r#"while IFS= read -r l && [ -n "$l" ]; do export "$l" || exit 125; done
 exec 3<&0
-"$@" < /dev/null 3<&- &
-pid=$!
-{ while read -r _ <&3; do :; done; trap '' TERM; kill -TERM 0; sleep 5; kill -KILL 0; } 3<&3 &
+{ while read -r _ <&3; do :; done; trap '' TERM; kill -TERM 0; sleep 5; kill -KILL 0; } < /dev/null &
 w=$!
-wait "$pid"; st=$?
+"$@" < /dev/null 3<&-
+st=$?
 kill "$w" 2>/dev/null
 exit "$st""#;
 

@@ -1138,6 +1138,7 @@ fn hosts_of_one_run_share_a_lock_on_shared_storage() {
 
 /// Whether process `pid` is gone (or only a zombie waiting to be reaped).
 fn gone(pid: &str) -> bool {
+    assert!(pid.parse::<u32>().is_ok(), "not a pid: {pid:?}");
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => true,
         Ok(stat) => stat
@@ -1154,7 +1155,7 @@ fn sleeper(dir: &TempDir, host: &Sshd, root: &str, pidfile: &Path, extra: &str) 
         &[host.address()],
         root,
         &format!(
-            "      - run: {{ command: [\"sh\", \"-c\", \"echo $$ > \\\"$0\\\"; exec sleep 60\", \"{}\"]{extra} }}\n",
+            "      - run: {{ command: [\"sh\", \"-c\", \"echo $$$$ > \\\"$0\\\"; exec sleep 60\", \"{}\"]{extra} }}\n",
             pidfile.display()
         ),
         "",
@@ -1185,6 +1186,7 @@ fn a_run_step_past_its_timeout_is_stopped_on_the_host() {
             run.all()
         );
         let pid = std::fs::read_to_string(&pidfile).unwrap();
+        assert!(pid.trim().parse::<u32>().is_ok(), "pid file: {pid:?}");
         wait_for("the command to be stopped", || gone(pid.trim()));
     }
 }
@@ -1206,6 +1208,7 @@ fn a_run_step_cut_off_by_ctrl_c_is_stopped_on_the_host() {
         std::fs::read_to_string(&pidfile).is_ok_and(|p| p.ends_with('\n'))
     });
     let pid = std::fs::read_to_string(&pidfile).unwrap();
+    assert!(!gone(pid.trim()), "the command runs as pid {pid}");
     let st = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
@@ -1215,4 +1218,33 @@ fn a_run_step_cut_off_by_ctrl_c_is_stopped_on_the_host() {
     assert_eq!(status.code(), Some(1));
     wait_for("the command to be stopped", || gone(pid.trim()));
     assert!(!Path::new(&root).join(".ferry/locks/testapp-test").exists());
+}
+
+/// A `run` command starts with the signal dispositions of a plain `ssh host cmd` (its wrapper runs
+/// it in the foreground: a background job would have SIGINT and SIGQUIT ignored, and so would
+/// every daemon it starts).
+#[test]
+fn a_run_command_does_not_inherit_ignored_signals() {
+    let host = Sshd::start();
+    let dir = TempDir::new("runsig");
+    let root = open_root(&dir);
+    let p = pb(
+        &dir,
+        &[host.address()],
+        &root,
+        "      - run: { command: [\"sh\", \"-c\", \"grep SigIgn /proc/$$$$/status\"] }\n",
+        "",
+    );
+    let run = ci(&[&host], "release-1", SHA, "303")
+        .arg("deploy")
+        .arg(&p)
+        .run()
+        .success();
+    let all = run.all();
+    let mask = all
+        .lines()
+        .find_map(|l| Some(l.split("SigIgn:").nth(1)?.trim().to_string()))
+        .unwrap_or_else(|| panic!("no SigIgn line: {all}"));
+    let mask = u64::from_str_radix(&mask, 16).unwrap();
+    assert_eq!(mask & 0b110, 0, "SIGINT or SIGQUIT ignored: {mask:x}");
 }

@@ -549,20 +549,26 @@ fn walk_dir(
             found.push((de, path));
         }
     }
+    // (The entries, and with them the directory's descriptor, go before the subdirectories are
+    // walked: a deep tree holds no descriptor per level.)
     let stated = found
         .into_par_iter()
         .map(|(de, path)| {
             let (entry, key) = stat_entry(&de, path)?;
-            let below = match entry.kind {
-                Kind::Dir { .. } => walk_dir(&de.path(), &entry.path, gi)?,
-                _ => Vec::new(),
-            };
-            Ok(((entry, key), below))
+            let sub = matches!(entry.kind, Kind::Dir { .. }).then(|| de.path());
+            Ok((entry, key, sub))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let mut out = Vec::with_capacity(stated.iter().map(|(_, b)| 1 + b.len()).sum());
-    for (one, below) in stated {
-        out.push(one);
+    let below = stated
+        .par_iter()
+        .map(|(entry, _, sub)| match sub {
+            Some(sub) => walk_dir(sub, &entry.path, gi),
+            None => Ok(Vec::new()),
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut out = Vec::with_capacity(stated.len() + below.iter().map(Vec::len).sum::<usize>());
+    for ((entry, key, _), below) in stated.into_iter().zip(below) {
+        out.push((entry, key));
         out.extend(below);
     }
     Ok(out)
