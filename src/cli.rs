@@ -433,8 +433,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                             Stream::Stderr => eprintln!("{name} ! {line}"),
                         }
                     };
-                    let cmd = crate::shell::join(argv).map_err(|e| UsageError(e.to_string()))?;
-                    let out = session.run_raw(&cmd, &[], timeout, Some(&sink)).await;
+                    crate::shell::join(argv).map_err(|e| UsageError(e.to_string()))?;
+                    // (Watched: past its timeout, or with ferry stopped, the command is stopped.)
+                    let out = session.run_watched(argv, &[], timeout, Some(&sink)).await;
                     session.close().await;
                     Ok(out?)
                 },

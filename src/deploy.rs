@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
@@ -17,7 +16,7 @@ use crate::ledger::{self, Record};
 use crate::lock::Lock;
 use crate::playbook::{Command, RunStep, Step};
 use crate::report::{self, Progress, Section, Style};
-use crate::ssh::Session;
+use crate::ssh::{Session, SshError};
 use crate::{docker, fleet, gitlab, rules, shell, sync};
 
 /// Which steps a run executes.
@@ -588,7 +587,7 @@ async fn run_steps(
         // step stops itself at a safe point (before its switch, the host cleaned up; once its
         // whole stream is sent, it finishes and is switched back below like the steps before it);
         // a store removal finishes; any other step is cut off at once (a `run` command's channel
-        // closes, and the host stops the command: see `RUN`).
+        // closes, and the host stops the command: see `Session::run_watched`).
         let finishes = match step {
             Step::Container(_) | Step::Accessory(_) => true,
             // (Removing a store is short, and cut off it would go on after the unlock.)
@@ -829,26 +828,8 @@ async fn rollback_step(
     }
 }
 
-/// How a `run` step's command runs on the host (`sh -c RUN ferry-run ARGV...`). It exports the
-/// `NAME=value` lines on stdin up to an empty line (the step's secrets; NAME is checked to be a
-/// plain identifier first), then runs its arguments with stdin from /dev/null. ferry keeps stdin
-/// open until the command ends: should it close first (the step cut off by Ctrl-C or its timeout,
-/// ferry killed, the connection lost), the command and everything it started (this SSH session's
-/// process group) get SIGTERM, and SIGKILL 5 s later, as a terminal's hangup would do.
-/// (The command runs in the foreground: a background job would start with SIGINT and SIGQUIT
-/// ignored, and so would all it starts. The process group is the session's own: OpenSSH's sshd
-/// starts each session with `setsid`.)
-const RUN: &str = r#"while IFS= read -r l && [ -n "$l" ]; do export "$l" || exit 125; done
-exec 3<&0
-{ while read -r _ <&3; do :; done; trap '' TERM; kill -TERM 0; sleep 5; kill -KILL 0; } < /dev/null &
-w=$!
-"$@" < /dev/null 3<&-
-st=$?
-kill "$w" 2>/dev/null
-exit "$st""#;
-
-/// A `run` step's secrets as `NAME=value` lines for [`RUN`], read from the controller's
-/// environment.
+/// A `run` step's secrets as `NAME=value` pairs for [`Session::run_watched`], read from the
+/// controller's environment.
 fn run_secrets(step: &RunStep) -> anyhow::Result<Vec<(String, String)>> {
     step.secret_env
         .iter()
@@ -895,7 +876,7 @@ fn command_argv(host: &Host, command: &Command) -> anyhow::Result<Vec<String>> {
 }
 
 async fn run_command(ctx: &StepCtx<'_>, step: &RunStep) -> anyhow::Result<StepReport> {
-    let mut argv = command_argv(ctx.host, &step.command)?;
+    let argv = command_argv(ctx.host, &step.command)?;
     let cmd = shell::join_str(&argv);
     if ctx.plan {
         return Ok(StepReport {
@@ -905,28 +886,19 @@ async fn run_command(ctx: &StepCtx<'_>, step: &RunStep) -> anyhow::Result<StepRe
         });
     }
     let secrets = run_secrets(step)?;
-    let mut stdin = Vec::new();
-    for (name, value) in &secrets {
-        stdin.extend_from_slice(format!("{name}={value}\n").as_bytes());
-    }
-    stdin.push(b'\n');
-    let mut wrapped = vec!["sh".into(), "-c".into(), RUN.into(), "ferry-run".into()];
-    wrapped.append(&mut argv);
     let timeout = step.timeout.unwrap_or(Duration::from_secs(600));
-    let host = ctx.host.name();
-    let mut proc = ctx
+    // (Cut off, the step drops the command: its channel closes, and the host stops it.)
+    let out = match ctx
         .session
-        .spawn(shell::join_str(&wrapped).as_bytes(), None)
-        .await?;
-    proc.write(&stdin)
+        .run_watched(&argv, &secrets, Some(timeout), None)
         .await
-        .with_context(|| format!("{host}: sending `{cmd}` its environment"))?;
-    // (Cut off, the process is dropped: its channel closes, and the host stops the command.)
-    let out = tokio::time::timeout(timeout, proc.wait())
-        .await
-        .map_err(|_| {
-            anyhow::anyhow!("{host}: `{cmd}` did not finish within {timeout:?} (the step's timeout); it was stopped")
-        })??;
+    {
+        Err(SshError::CommandTimeout { .. }) => anyhow::bail!(
+            "{}: `{cmd}` did not finish within {timeout:?} (the step's timeout); it was stopped",
+            ctx.host.name()
+        ),
+        r => r?,
+    };
     let log: Vec<String> = mask(&String::from_utf8_lossy(&out.stdout), &secrets)
         .lines()
         .map(str::to_string)

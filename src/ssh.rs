@@ -23,6 +23,23 @@ use crate::shell;
 const MAX_CHANNELS: usize = 8;
 const CONNECT_ATTEMPTS: u32 = 3;
 
+/// How [`Session::run_watched`] runs a command on the host (`sh -c WATCHED ferry-run ARGV...`). It
+/// exports the `NAME=value` lines on stdin up to an empty line, then runs its arguments with stdin
+/// from /dev/null. ferry keeps stdin open until the command ends: should it close first (a timeout,
+/// Ctrl-C, ferry killed, the connection lost), the command and everything it started (this SSH
+/// session's process group) get SIGTERM, and SIGKILL 5 s later, as a terminal's hangup would do.
+/// (The command runs in the foreground: a background job would start with SIGINT and SIGQUIT
+/// ignored, and so would all it starts. The process group is the session's own: OpenSSH's sshd
+/// starts each session with `setsid`.)
+const WATCHED: &str = r#"while IFS= read -r l && [ -n "$l" ]; do export "$l" || exit 125; done
+exec 3<&0
+{ while read -r _ <&3; do :; done; trap '' TERM; kill -TERM 0; sleep 5; kill -KILL 0; } < /dev/null &
+w=$!
+"$@" < /dev/null 3<&-
+st=$?
+kill "$w" 2>/dev/null
+exit "$st""#;
+
 /// Where to connect: a resolved host with an optional bastion in front.
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -601,6 +618,51 @@ impl Session {
         timeout: Option<Duration>,
         sink: Option<LineSink<'_>>,
     ) -> Result<Output, SshError> {
+        self.run_inner(command, stdin, false, timeout, sink, command)
+            .await
+    }
+
+    /// Run an argv that must not outlive ferry's wait for it (a `run` step, `ferry exec`), under
+    /// [`WATCHED`]: `env` (`NAME=value`, names checked by the caller) reaches it on stdin, never
+    /// in argv; output lines go to `sink` as they come; on `timeout`, or when the caller stops
+    /// waiting, the host stops the command and all it started.
+    pub async fn run_watched<S: AsRef<OsStr>>(
+        &self,
+        argv: &[S],
+        env: &[(String, String)],
+        timeout: Option<Duration>,
+        sink: Option<LineSink<'_>>,
+    ) -> Result<Output, SshError> {
+        let nul = |_| SshError::Nul {
+            host: self.target.host.clone(),
+        };
+        let mut wrapped: Vec<&OsStr> = ["sh", "-c", WATCHED, "ferry-run"]
+            .into_iter()
+            .map(OsStr::new)
+            .collect();
+        wrapped.extend(argv.iter().map(|a| a.as_ref()));
+        let mut stdin = Vec::new();
+        for (name, value) in env {
+            stdin.extend_from_slice(format!("{name}={value}\n").as_bytes());
+        }
+        stdin.push(b'\n');
+        let shown = shell::join(argv).map_err(nul)?;
+        let cmd = shell::join(wrapped).map_err(nul)?;
+        self.run_inner(&cmd, &stdin, true, timeout, sink, &shown)
+            .await
+    }
+
+    /// [`Session::run_raw`], or with `keep_open` the stdin left open until the command ends.
+    /// `shown` names the command in a timeout error.
+    async fn run_inner(
+        &self,
+        command: &[u8],
+        stdin: &[u8],
+        keep_open: bool,
+        timeout: Option<Duration>,
+        sink: Option<LineSink<'_>>,
+        shown: &[u8],
+    ) -> Result<Output, SshError> {
         // The sink is borrowed; forward lines through a channel so the drain task can own its end.
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Stream, Vec<u8>)>();
         let forward: Option<SharedSink> = sink.map(|_| {
@@ -616,7 +678,10 @@ impl Session {
                     source: russh::Error::IO(e),
                 })?;
             }
-            p.finish().await
+            match keep_open {
+                true => p.wait().await,
+                false => p.finish().await,
+            }
         };
         let printer = async {
             if let Some(sink) = sink {
@@ -634,8 +699,7 @@ impl Session {
                 Err(SshError::CommandTimeout {
                     host: self.target.host.clone(),
                     after,
-                    command: String::from_utf8_lossy(&command[..command.len().min(120)])
-                        .into_owned(),
+                    command: String::from_utf8_lossy(&shown[..shown.len().min(120)]).into_owned(),
                 })
             }),
             None => both.await,

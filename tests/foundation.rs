@@ -400,19 +400,29 @@ fn exec_streams_output_prefixed_and_reports_exit_codes() {
     );
 }
 
+/// `exec --timeout` gives up on the command and stops it on the host.
 #[test]
 fn exec_timeout_is_enforced() {
     let host = Sshd::start();
     let dir = TempDir::new("timeout");
     let pb = env_pb(&dir, &[host.address()]);
+    let pidfile = dir.join("pid");
     let run = Ferry::new()
         .trusting(&[&host])
         .args(["exec", "--env", "test", "--timeout", "1s"])
         .arg(&pb)
-        .args(["--", "sleep", "30"])
+        .args(["--", "sh", "-c", "echo $$ > \"$0\"; exec sleep 30"])
+        .arg(&pidfile)
         .run()
         .failure(1);
     assert!(run.stderr.contains("timed out after 1s"), "{}", run.stderr);
+    assert!(run.stderr.contains("exec sleep 30"), "{}", run.stderr);
+    let pid = std::fs::read_to_string(&pidfile).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !gone(pid.trim()) {
+        assert!(std::time::Instant::now() < deadline, "pid {pid} still runs");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 #[test]

@@ -1136,18 +1136,6 @@ fn hosts_of_one_run_share_a_lock_on_shared_storage() {
     assert_eq!(v[0]["flags"], serde_json::json!([]), "{v}");
 }
 
-/// Whether process `pid` is gone (or only a zombie waiting to be reaped).
-fn gone(pid: &str) -> bool {
-    assert!(pid.parse::<u32>().is_ok(), "not a pid: {pid:?}");
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|s| s.trim_start().starts_with('Z')),
-    }
-}
-
 /// A playbook whose one `run` step writes its pid to `pidfile`, then sleeps for a minute.
 fn sleeper(dir: &TempDir, host: &Sshd, root: &str, pidfile: &Path, extra: &str) -> PathBuf {
     pb(

@@ -469,3 +469,15 @@ pub fn playbook(dir: &TempDir, name: &str, hosts: &[String], env_extra: &str) ->
     dir.write(name, text)
 }
 pub mod docker;
+
+/// Whether process `pid` is gone (or only a zombie waiting to be reaped).
+pub fn gone(pid: &str) -> bool {
+    assert!(pid.parse::<u32>().is_ok(), "not a pid: {pid:?}");
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|s| s.trim_start().starts_with('Z')),
+    }
+}
