@@ -416,6 +416,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             let env = target.required_env("exec")?;
             let s = Setup::new(g, &target.playbook, &env, None)?;
             let argv = &command;
+            // (A NUL byte cannot reach a remote command: a usage error, before any host.)
+            crate::shell::join(argv).map_err(|e| UsageError(e.to_string()))?;
             let json = g.json;
             let outcomes = fleet::run(
                 &s.connector,
@@ -433,7 +435,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                             Stream::Stderr => eprintln!("{name} ! {line}"),
                         }
                     };
-                    crate::shell::join(argv).map_err(|e| UsageError(e.to_string()))?;
                     // (Watched: past its timeout, or with ferry stopped, the command is stopped.)
                     let out = session.run_watched(argv, &[], timeout, Some(&sink)).await;
                     session.close().await;

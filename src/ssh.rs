@@ -511,7 +511,7 @@ impl Process {
     }
 
     /// Wait for the command to finish with its stdin left open: for a command that watches its
-    /// stdin to learn that ferry gave up (a `run` step; see `deploy`).
+    /// stdin to learn that ferry gave up (see [`Session::run_watched`]).
     pub async fn wait(&mut self) -> Result<Output, SshError> {
         let reader = self.take_reader()?;
         let _ = self.writer.flush().await;
