@@ -254,6 +254,15 @@ fn preflight(setup: &Setup, steps: &[Step], plan: bool, rollback: bool) -> anyho
         for step in steps {
             check(host, step).map_err(|e| UsageError(format!("{e:#}")))?;
         }
+        // (Each `to` passed `check` above.)
+        let targets: Vec<String> = steps
+            .iter()
+            .filter_map(|step| match step {
+                Step::Sync(s) => sync::target_paths(host, &s.to).ok().map(|p| p.to),
+                _ => None,
+            })
+            .collect();
+        sync::disjoint(host.name(), &targets).map_err(|e| UsageError(format!("{e:#}")))?;
     }
     Ok(())
 }

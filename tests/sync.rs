@@ -461,6 +461,12 @@ fn hand_edits(busybox: bool) {
         b"hacked on the host"
     );
     assert_eq!(std::fs::read(to.join("other.html")).unwrap(), b"hacked too");
+    // As the warning says, deploying its commit again restores them.
+    let s = step(&site.deploy(&sha(1)).success());
+    assert_eq!(s["changed"], true, "{s}");
+    assert_drift(&s, "found edited by hand before it was rolled back to");
+    assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"original");
+    assert_eq!(std::fs::read(to.join("other.html")).unwrap(), b"other");
 }
 
 #[test]
@@ -471,6 +477,69 @@ fn sync_detects_and_repairs_hand_edits() {
 #[test]
 fn sync_detects_and_repairs_hand_edits_on_busybox_host() {
     hand_edits(true);
+}
+
+/// Content edited by hand through a release that is no longer live (it was rolled away from), or
+/// whose mode was changed (`chmod` leaves the mtime alone), is never linked into a new release.
+fn stored_edits(busybox: bool) {
+    let site = one_host_site("spoilt", busybox, "app", "");
+    let to = site.root().join("app");
+    let mode = |p: &str| std::fs::metadata(to.join(p)).unwrap().permissions().mode() & 0o777;
+    site.write(b"index.html", b"v1");
+    site.write(b"page.html", b"page");
+    site.deploy(&sha(1)).success();
+    site.write(b"index.html", b"v2");
+    site.deploy(&sha(2)).success();
+    // Edited in place through v2, then v1 goes live again: the live release is clean.
+    std::fs::write(to.join("index.html"), b"v2, hacked").unwrap();
+    site.ferry("rollback", &sha(2)).run().success();
+    assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"v1");
+    // v2's content again: it is sent anew, not linked from the edited copy.
+    let s = step(&site.deploy(&sha(3)).success());
+    assert_drift(&s, "1 stored file(s) changed by hand");
+    assert_eq!(s["files_sent"], 1, "{s}");
+    assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"v2");
+    // A mode changed by hand on a live file: the same commit is deployed anew, with its mode.
+    std::fs::set_permissions(to.join("page.html"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let s = step(&site.deploy(&sha(3)).success());
+    assert_eq!(s["changed"], true, "{s}");
+    assert_drift(&s, "1 stored file(s) changed by hand (content or mode)");
+    assert_eq!(mode("page.html"), 0o644);
+    assert_eq!(std::fs::read(to.join("page.html")).unwrap(), b"page");
+    // And then nothing is left to repair.
+    let s = step(&site.deploy(&sha(3)).success());
+    assert_eq!(s["changed"], false, "{s}");
+    assert!(s["detail"]["drift"].is_null(), "{s}");
+    // An edit to a file two releases share; the next deploy finds it, and a rollback brings the
+    // edited file back (with a warning). Deploying that release's commit again restores it.
+    site.write(b"extra.txt", b"x");
+    site.deploy(&sha(4)).success();
+    std::fs::write(to.join("index.html"), b"v2, hacked again").unwrap();
+    site.write(b"index.html", b"v5");
+    assert_drift(&step(&site.deploy(&sha(5)).success()), "1 file(s) modified");
+    site.ferry("rollback", &sha(5)).run().success();
+    assert_eq!(
+        std::fs::read(to.join("index.html")).unwrap(),
+        b"v2, hacked again"
+    );
+    site.write(b"index.html", b"v2");
+    let s = step(&site.deploy(&sha(4)).success());
+    assert_eq!(s["changed"], true, "{s}");
+    assert_drift(
+        &s,
+        "1 file(s) of the live release were found edited by hand before",
+    );
+    assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"v2");
+}
+
+#[test]
+fn sync_never_reuses_content_edited_through_any_release() {
+    stored_edits(false);
+}
+
+#[test]
+fn sync_never_reuses_content_edited_through_any_release_on_busybox_host() {
+    stored_edits(true);
 }
 
 #[test]

@@ -318,6 +318,27 @@ pub(crate) fn target_paths(host: &Host, to: &str) -> anyhow::Result<Paths> {
     Ok(paths)
 }
 
+/// Refuses sync targets of one host that are the same or nested: the outer one's deploy would
+/// replace or delete the inner one's files and store, and in release mode the inner one would
+/// write into the outer one's live release.
+pub(crate) fn disjoint(host: &str, targets: &[String]) -> anyhow::Result<()> {
+    for (i, a) in targets.iter().enumerate() {
+        for b in &targets[i + 1..] {
+            let inside = |outer: &str, inner: &str| {
+                inner == outer || inner.starts_with(&format!("{}/", outer.trim_end_matches('/')))
+            };
+            if inside(a, b) || inside(b, a) {
+                bail!(
+                    "{host}: sync targets {a} and {b} overlap (one is or lies inside the other): a deploy \
+                     of the outer one replaces the inner one, and in release mode the inner one \
+                     writes into the outer one's live release; give each step a directory of its own"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepReport> {
     let started = Instant::now();
     let host = ctx.host.name();
@@ -1280,4 +1301,25 @@ pub async fn live(host: &Host, session: &Session, step: &SyncStep) -> anyhow::Re
         release,
         drift,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn targets_of_one_host_may_not_nest() {
+        let t =
+            |v: &[&str]| super::disjoint("h", &v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert!(t(&["/var/www/shop", "/var/www/shop-origin", "/srv/app"]).is_ok());
+        for bad in [
+            ["/srv/app", "/srv/app/public"],
+            ["/srv/app/public", "/srv/app"],
+            ["/srv/app", "/srv/app"],
+        ] {
+            let e = t(&bad).unwrap_err().to_string();
+            assert!(
+                e.starts_with("h: sync targets") && e.contains("overlap"),
+                "{e}"
+            );
+        }
+    }
 }

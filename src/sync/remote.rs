@@ -22,13 +22,13 @@
 //! <dir>/<name>/.ferry-incoming/                    in-place mode: the staging directory of a deploy in flight
 //! ```
 //!
-//! Release mode: an object is trusted while some release links to it and the live release's files
-//! that share it are not newer than `stamp` (touched after each successful deploy): objects a
+//! Release mode: an object is trusted while some release links to it, it is not newer than
+//! `stamp` (touched after each successful deploy) and its mode is the one in its name: objects a
 //! broken deploy left unlinked (a truncated one from a cut stream, say) are collected before the
-//! next deploy lists what the host has, and objects edited by hand through `to` are dropped before
-//! the stream lands. In place, objects are only ever links to whole files that left `to`, and one
-//! that still shares a file edited in `to` is dropped the same way. Edits made inside the store
-//! itself are not looked for.
+//! next deploy lists what the host has, and objects edited by hand (through `to` or any release)
+//! are dropped before the stream lands. In place, objects are only ever links to whole files that
+//! left `to`, and one that still shares a file edited in `to` is dropped the same way; edits made
+//! inside an in-place store itself are not looked for.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -93,8 +93,12 @@ fi
 /// prints a record per path ferry did not leave there: a file newer than `stamp` that still shares
 /// its inode with an object was edited in place (`edited`: that object is spoilt); a file with one
 /// link (added or replaced), or anything else newer than `stamp` (a directory whose entries were
-/// added, removed or renamed), was `touched`. Sets `dirty` when anything changed. Needs `live` and
-/// `M` (`target_state_sh!`). Shared by the inventory and the deploy script.
+/// added, removed or renamed), was `touched`. One pass over `objects/` finds the objects whose
+/// content or mode changed through any release, live or not (`spoilt`: an edit through a release
+/// since rolled away from, or a `chmod`, which leaves the mtime alone). The live release's files
+/// that an earlier deploy found edited (`meta/<id>.edited`: it was rolled back to since) are
+/// `marked`. Sets `dirty` when anything changed. Needs `live` and `M` (`target_state_sh!`).
+/// Shared by the inventory and the deploy script.
 macro_rules! store_state_sh {
     () => {
         r#"
@@ -114,6 +118,24 @@ live_scan() {
 if [ "$M" != in-place ] && [ -n "$live" ] && [ -d "releases/$live" ] && [ -e stamp ] &&
    [ -n "$(live_scan | head -c 1)" ]; then
   live_scan; dirty=1
+fi
+# An object is named `<hash>.<mode>`: one `-name '*.644' ! -perm 644` per mode in use (modes with
+# special bits are left out: tar may not restore them for a user). Modes are digits only.
+store_scan() {
+  set --
+  for m in $(ls objects | awk -F. 'NF == 2 && $2 ~ /^[0-7][0-7][0-7]$/ && !s[$2]++ { print $2 }'); do
+    set -- "$@" -o -name "*.$m" ! -perm "$m"
+  done
+  find objects -type f \( -newer stamp "$@" \) -print
+}
+if [ "$M" != in-place ] && [ ! -f inplace ] && [ -d objects ] && [ -e stamp ]; then
+  sp=$(store_scan)
+  if [ -n "$sp" ]; then
+    printf '%s\n' "$sp" | while IFS= read -r o; do rec spoilt "${o#objects/}"; done; dirty=1
+  fi
+fi
+if [ "$M" != in-place ] && [ -n "$live" ] && [ -s "meta/$live.edited" ]; then
+  xargs -0 printf 'marked\t%s\0' < "meta/$live.edited"; dirty=1
 fi
 "#
     };
@@ -507,16 +529,18 @@ else
   fi
 fi
 printf 'release %s\n' "$rid"
+# The new release is live: what follows is housekeeping, whose failures are reported, not fatal.
+set +e
 if [ "$prune" != - ]; then
   ifs=$IFS IFS=,
   for r in $prune; do
     IFS=$ifs
-    # (The new release is live: a release that cannot be pruned is reported, not fatal.)
     rmtree "releases/$r" "meta/$r.json" "meta/$r.manifest" "meta/$r.digest" "meta/$r.edited" ||
       echo "ferry: could not prune release $r in $S/releases" >&2
   done
   IFS=$ifs
-  if [ "$M" = in-place ]; then collect_unnamed; else find objects -type f -links 1 -exec rm -f {} +; fi
+  if [ "$M" = in-place ]; then collect_unnamed; else find objects -type f -links 1 -exec rm -f {} +; fi ||
+    echo "ferry: could not remove the content no release uses any more from $S/objects" >&2
 fi
 # BusyBox `find -newer` compares whole seconds: an edit made in the second `stamp` (in place:
 # `applied`) got would pass for ours. There, return only once that second is over.
@@ -525,6 +549,7 @@ case $(find --version 2>/dev/null) in *GNU*) ;; *)
   s=$(date -r "$st" +%s)
   while [ "$(date +%s)" = "$s" ]; do sleep 0.1 2>/dev/null || sleep 1; done ;;
 esac
+exit 0
 "#
 );
 
@@ -666,8 +691,14 @@ pub struct Inventory {
     pub metas: BTreeMap<String, Meta>,
     /// Files of the live tree (paths inside it) edited in place by hand, sharing an object's inode.
     pub edited: Vec<Vec<u8>>,
-    /// The objects those edits spoilt (known when the live manifest came along).
+    /// The objects those edits spoilt (known when the live manifest came along), and the
+    /// `spoilt` ones.
     pub drifted: Vec<ObjectId>,
+    /// Objects whose content or mode changed by hand, through whichever release (release mode).
+    pub spoilt: Vec<ObjectId>,
+    /// Files of the live release that an earlier deploy found edited by hand (it was rolled back
+    /// to since): a deploy makes the release anew.
+    pub marked: Vec<Vec<u8>>,
     /// Other paths of the live tree added, replaced or changed by hand (release mode: also
     /// directories whose entries changed).
     pub touched: Vec<Vec<u8>>,
@@ -703,15 +734,19 @@ impl Inventory {
     }
 
     /// The live manifest, from the host or kept by the controller; finds the objects that hand
-    /// edits spoilt (those the manifest names at edited paths).
+    /// edits spoilt (those the manifest names at edited paths, and the `spoilt` ones).
     pub fn set_live_manifest(&mut self, m: Manifest) {
         let edited: HashSet<&[u8]> = self.edited.iter().map(Vec::as_slice).collect();
-        self.drifted = m
+        let mut drifted: Vec<ObjectId> = m
             .entries
             .iter()
             .filter(|e| edited.contains(e.path.as_slice()))
             .filter_map(|e| e.object())
+            .chain(self.spoilt.iter().copied())
             .collect();
+        drifted.sort();
+        drifted.dedup();
+        self.drifted = drifted;
         self.live_manifest = Some(m);
     }
 
@@ -771,6 +806,19 @@ impl Inventory {
                 self.handmade
             ));
         }
+        if !self.marked.is_empty() {
+            parts.push(format!(
+                "{} file(s) of the live release were found edited by hand before it was rolled back to",
+                self.marked.len()
+            ));
+        }
+        if !self.spoilt.is_empty() {
+            parts.push(format!(
+                "{} stored file(s) changed by hand (content or mode) since they were deployed; \
+                 they are not reused",
+                self.spoilt.len()
+            ));
+        }
         (!parts.is_empty()).then(|| parts.join("; "))
     }
 }
@@ -825,6 +873,8 @@ pub fn parse_inventory(out: &[u8], to_name: &str) -> anyhow::Result<Inventory> {
             }
             b"edited" => inv.edited.push(value.to_vec()),
             b"touched" => inv.touched.push(value.to_vec()),
+            b"marked" => inv.marked.push(value.to_vec()),
+            b"spoilt" => inv.spoilt.extend(object_names(value)),
             b"listing" => inv.listing = Some(Vec::new()),
             b"hdir" => {
                 inv.listing.get_or_insert_default().push(value.to_vec());
@@ -869,6 +919,10 @@ pub fn parse_inventory(out: &[u8], to_name: &str) -> anyhow::Result<Inventory> {
         }
     }
     inv.handmade = inv.touched.len() as u64;
+    inv.marked.sort();
+    inv.marked.dedup();
+    inv.spoilt.sort();
+    inv.drifted.clone_from(&inv.spoilt);
     if let Some(m) = inv.live_manifest.take() {
         inv.set_live_manifest(m);
     }
@@ -970,6 +1024,32 @@ mod tests {
             drift.contains("1 file(s) modified") && drift.contains("2 path(s)"),
             "{drift}"
         );
+    }
+
+    /// Objects spoilt through any release are not trusted, whether or not the live manifest came;
+    /// files of the live release found edited before it was rolled back to are reported.
+    #[test]
+    fn spoilt_objects_are_dropped_and_marked_files_reported() {
+        let cc = ObjectId::new([0xcc; 32], 0o644);
+        let dd = ObjectId::new([0xdd; 32], 0o755);
+        let out = format!(
+            "to\tlink\0target\t.app.ferry/releases/r1\0store\tyes\0spoilt\t{cc}\0\
+             marked\tindex.html\0marked\tindex.html\0objects\t{cc}\n{dd}\0end\t\0"
+        );
+        let mut inv = parse_inventory(out.as_bytes(), "app").unwrap();
+        assert_eq!(inv.drifted, [cc]);
+        assert_eq!(inv.marked, [b"index.html".to_vec()]);
+        let drift = inv.drift().unwrap();
+        assert!(
+            drift.contains("1 stored file(s) changed by hand")
+                && drift.contains("1 file(s) of the live release were found edited"),
+            "{drift}"
+        );
+        // The kept live manifest arrives later: the spoilt object stays out.
+        inv.set_live_manifest(Manifest::default());
+        assert_eq!(inv.drifted, [cc]);
+        let trusted = inv.trusted_objects();
+        assert!(trusted.contains(&dd) && !trusted.contains(&cc));
     }
 
     /// The deploy script's early records: the live digest on its own line ahead of the scans,
