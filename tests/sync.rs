@@ -501,10 +501,27 @@ fn stored_edits(busybox: bool) {
     assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"v2");
     // A mode changed by hand on a live file: the same commit is deployed anew, with its mode.
     std::fs::set_permissions(to.join("page.html"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let hosts: Vec<&Sshd> = site.hosts.iter().collect();
+    let status = Ferry::new()
+        .trusting(&hosts)
+        .args(["status", "--json"])
+        .arg(&site.pb)
+        .run()
+        .success();
+    assert!(
+        status.stdout.contains("1 stored file(s) changed by hand"),
+        "{}",
+        status.stdout
+    );
+    // (As in a store made before deploys listed the modes in use: they are looked for.)
+    let modes = site.root().join(".app.ferry/modes-used");
+    assert_eq!(std::fs::read_to_string(&modes).unwrap(), "644\n");
+    std::fs::remove_file(&modes).unwrap();
     let s = step(&site.deploy(&sha(3)).success());
     assert_eq!(s["changed"], true, "{s}");
     assert_drift(&s, "1 stored file(s) changed by hand (content or mode)");
     assert_eq!(mode("page.html"), 0o644);
+    assert_eq!(std::fs::read_to_string(&modes).unwrap(), "644\n");
     assert_eq!(std::fs::read(to.join("page.html")).unwrap(), b"page");
     // And then nothing is left to repair.
     let s = step(&site.deploy(&sha(3)).success());

@@ -33,6 +33,8 @@ pub struct Extras {
     pub manifest: Arc<Vec<u8>>,
     pub digest: String,
     pub meta_json: Vec<u8>,
+    /// Release mode: `incoming/modes-used` (see [`super::remote::object_modes`]).
+    pub object_modes: Option<String>,
 }
 
 /// Makes the trailer from the manifest sent (`None` when re-applying a release the host has).
@@ -373,6 +375,9 @@ impl<'a, W: Write> Stream<'a, W> {
             self.small(&format!("{dir}manifest"), &x.manifest)?;
             self.small(&format!("{dir}digest"), x.digest.as_bytes())?;
             self.small(&format!("{dir}meta.json"), &x.meta_json)?;
+            if let Some(m) = &x.object_modes {
+                self.small(&format!("{dir}modes-used"), m.as_bytes())?;
+            }
         }
         self.small(&format!("{dir}COMPLETE"), b"ok\n")?;
         let gz = self.tar.into_inner().context("finishing the stream")?;
@@ -799,6 +804,7 @@ mod tests {
                 manifest: Arc::new(m.encode()),
                 digest: m.digest(),
                 meta_json: b"{}".to_vec(),
+                object_modes: None,
             })
         };
         assert!(incompressible(&noise[..8192]) && !incompressible(&[b'a'; 8192]));

@@ -422,6 +422,10 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
     let written = apply.as_ref().map(|a| a.write.len() as u64);
     // The manifest the trailer carried, kept for the next deploy (see `sent`).
     let carried = Arc::new(OnceLock::<Sealed>::new());
+    // Release mode: the modes of the objects the store holds, for its `modes-used`.
+    let store_modes: Option<std::collections::BTreeSet<u32>> = apply
+        .is_none()
+        .then(|| inv.objects.iter().map(|o| o.mode).collect());
     let build = {
         let carried = carried.clone();
         let (root, local, plan) = (from.clone(), local.clone(), plan.clone());
@@ -445,6 +449,7 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
                     manifest: s.bytes,
                     digest: s.digest,
                     meta_json: serde_json::to_vec(&meta)?,
+                    object_modes: store_modes.as_ref().map(|s| remote::object_modes(s, m)),
                 })
             };
             let sink = archive::Sink {

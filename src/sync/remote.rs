@@ -14,6 +14,7 @@
 //! <dir>/.<name>.ferry/meta/<id>.{json,manifest,digest}
 //! <dir>/.<name>.ferry/meta/<id>.edited              paths of that release edited by hand in place (shared inode)
 //! <dir>/.<name>.ferry/stamp                        live files newer than this were edited by hand
+//! <dir>/.<name>.ferry/modes-used                   release mode: the file modes objects/ holds
 //! <dir>/.<name>.ferry/incoming/                    a deploy in flight; removed by the next one
 //! <dir>/.<name>.ferry/inplace                      in-place mode: id of the release applied in <dir>/<name>
 //! <dir>/.<name>.ferry/applied                      in-place mode: files in <name> newer than this were edited
@@ -110,6 +111,27 @@ for m in meta/*.json; do
   # (`read`, not `cat`: the metadata is one line, and a process per release adds up.)
   n=${m#meta/} j=; IFS= read -r j < "$m" || :; printf 'meta\t%s\t%s\0' "${n%.json}" "$j"
 done
+# An object is named `<hash>.<mode>`: one `-name '*.644' ! -perm 644` per mode in use, as each
+# deploy lists them in `modes-used` (a store made before that: as `ls` finds them). Modes with
+# special bits are left out: tar may not restore them for a user.
+store_scan() {
+  set --
+  if [ -f modes-used ]; then
+    while read -r m; do
+      case $m in ''|*[!0-7]*) ;; *) set -- "$@" -o -name "*.$m" ! -perm "$m" ;; esac
+    done < modes-used
+  else
+    for m in $(ls objects | awk -F. 'NF == 2 && $2 ~ /^[0-7][0-7][0-7]$/ && !s[$2]++ { print $2 }'); do
+      set -- "$@" -o -name "*.$m" ! -perm "$m"
+    done
+  fi
+  find objects -type f \( -newer stamp "$@" \) -print
+}
+# (The deploy script, which may write in the store, runs it beside the pass over the live release.)
+sp= sp_pid=
+if [ "$M" != in-place ] && [ ! -f inplace ] && [ -d objects ] && [ -e stamp ]; then
+  if [ -n "$BG" ]; then store_scan > scan.spoilt & sp_pid=$!; else sp=$(store_scan); fi
+fi
 live_scan() {
   # (BusyBox find runs no `-exec ... +` inside parentheses.)
   find "releases/$live" -type f -newer stamp ! -links 1 -exec printf 'edited\t%s\0' {} + -o \
@@ -119,20 +141,12 @@ if [ "$M" != in-place ] && [ -n "$live" ] && [ -d "releases/$live" ] && [ -e sta
    [ -n "$(live_scan | head -c 1)" ]; then
   live_scan; dirty=1
 fi
-# An object is named `<hash>.<mode>`: one `-name '*.644' ! -perm 644` per mode in use (modes with
-# special bits are left out: tar may not restore them for a user). Modes are digits only.
-store_scan() {
-  set --
-  for m in $(ls objects | awk -F. 'NF == 2 && $2 ~ /^[0-7][0-7][0-7]$/ && !s[$2]++ { print $2 }'); do
-    set -- "$@" -o -name "*.$m" ! -perm "$m"
-  done
-  find objects -type f \( -newer stamp "$@" \) -print
-}
-if [ "$M" != in-place ] && [ ! -f inplace ] && [ -d objects ] && [ -e stamp ]; then
-  sp=$(store_scan)
-  if [ -n "$sp" ]; then
-    printf '%s\n' "$sp" | while IFS= read -r o; do rec spoilt "${o#objects/}"; done; dirty=1
-  fi
+if [ -n "$sp_pid" ]; then
+  wait "$sp_pid" || :
+  while IFS= read -r o; do rec spoilt "${o#objects/}"; dirty=1; done < scan.spoilt
+  rm -f scan.spoilt
+elif [ -n "$sp" ]; then
+  printf '%s\n' "$sp" | while IFS= read -r o; do rec spoilt "${o#objects/}"; done; dirty=1
 fi
 if [ "$M" != in-place ] && [ -n "$live" ] && [ -s "meta/$live.edited" ]; then
   xargs -0 printf 'marked\t%s\0' < "meta/$live.edited"; dirty=1
@@ -280,7 +294,7 @@ apply() {
 /// mode (`release` or `in-place`).
 pub const INVENTORY: &str = concat!(
     r#"
-S=$1 T=$2 D=$3 DEL=${4:-1} M=${5:-release} dirty=
+S=$1 T=$2 D=$3 DEL=${4:-1} M=${5:-release} dirty= BG=
 "#,
     target_state_sh!(),
     in_place_sh!(),
@@ -368,7 +382,7 @@ pub(super) const UNPACK: &str = unpack_sh!();
 /// (`release` or `in-place`), delete extras (1/0).
 pub const DEPLOY: &str = concat!(
     r#"
-S=$1 T=$2 M=$3 DEL=$4 dirty= same=
+S=$1 T=$2 M=$3 DEL=$4 dirty= same= BG=1
 P=${T%/*} N=${T##*/}
 "#,
     rmtree_sh!(),
@@ -506,6 +520,7 @@ else
   mv incoming/manifest "meta/$rid.manifest"
   mv incoming/meta.json "meta/$rid.json"
   mv incoming/digest "meta/$rid.digest"
+  [ ! -f incoming/modes-used ] || mv -f incoming/modes-used modes-used
 fi
 # (A truncating open sets the mtime, as `touch` would, without a process.)
 : > stamp
@@ -552,6 +567,19 @@ esac
 exit 0
 "#
 );
+
+/// `modes-used` in a release store: the file modes (octal, one per line) of every object it holds
+/// after a deploy of `m`, given those it held before; the store scan checks each object's mode
+/// against its name with them. Modes with special bits are left out.
+pub fn object_modes(store: &std::collections::BTreeSet<u32>, m: &Manifest) -> String {
+    let mut modes = store.clone();
+    modes.extend(m.entries.iter().filter_map(|e| e.object()).map(|o| o.mode));
+    modes
+        .iter()
+        .filter(|&&m| m & !0o777 == 0)
+        .map(|m| format!("{m:o}\n"))
+        .collect()
+}
 
 /// A release id or prune id safe to pass on the deploy script's parameter line.
 pub fn safe_id(id: &str) -> bool {
@@ -1050,6 +1078,24 @@ mod tests {
         assert_eq!(inv.drifted, [cc]);
         let trusted = inv.trusted_objects();
         assert!(trusted.contains(&dd) && !trusted.contains(&cc));
+    }
+
+    #[test]
+    fn modes_used_cover_the_store_and_the_new_release() {
+        let file = |mode| super::super::manifest::Entry {
+            path: format!("{mode:o}").into_bytes(),
+            kind: super::super::manifest::Kind::File {
+                size: 1,
+                mode,
+                hash: [1; 32],
+            },
+        };
+        let m = Manifest {
+            root_mode: 0o755,
+            entries: vec![file(0o644), file(0o4755), file(0o600)],
+        };
+        let store = [0o644, 0o755].into_iter().collect();
+        assert_eq!(object_modes(&store, &m), "600\n644\n755\n");
     }
 
     /// The deploy script's early records: the live digest on its own line ahead of the scans,
