@@ -769,12 +769,15 @@ fn interrupted_deploy_is_recovered() {
     app_image(&image, "c1", true);
     let port = free_port();
     let dir = TempDir::new("dcrash");
-    let steps = format!(
-        "      - container:\n          name: \"{prefix}\"\n          image: \"{image}\"\n          \
-         ports: [\"127.0.0.1:{port}:8080\"]\n          \
-         health: {{ type: http, url: \"http://127.0.0.1:{port}/health\", timeout: 20s, interval: 200ms }}\n"
-    );
-    let pb = pb(&dir, &[("web1", &host)], "", &steps);
+    let steps = |env: &str| {
+        format!(
+            "      - container:\n          name: \"{prefix}\"\n          image: \"{image}\"\n          \
+             restart: always\n          env: {{ V: \"{env}\" }}\n          \
+             ports: [\"127.0.0.1:{port}:8080\"]\n          \
+             health: {{ type: http, url: \"http://127.0.0.1:{port}/health\", timeout: 20s, interval: 200ms }}\n"
+        )
+    };
+    let pb = pb(&dir, &[("web1", &host)], "", &steps("1"));
     deploy(&[&host], &pb, "aaaa").success();
     let id = docker(&["container", "inspect", "--format", "{{.Id}}", &prefix]);
     // What a kill between "move aside" and "start the new one" leaves behind.
@@ -793,6 +796,68 @@ fn interrupted_deploy_is_recovered() {
         id
     );
     assert_eq!(http_get(port, "/version").as_deref(), Some("c1\n"));
+    let restart = |name: &str| {
+        docker(&[
+            "container",
+            "inspect",
+            "--format",
+            "{{.HostConfig.RestartPolicy.Name}}",
+            name,
+        ])
+    };
+    assert_eq!(restart(&prefix), "always");
+
+    // Killed after starting the new container, before its health check ended: the one that was
+    // live comes back, and the new one (never found healthy) goes.
+    let bad = format!("{prefix}-img:bad");
+    app_image(&bad, "c2", false);
+    docker(&["rename", &prefix, &format!("{prefix}.ferry-aside")]);
+    docker(&["stop", &format!("{prefix}.ferry-aside")]);
+    docker(&[
+        "run", "-d", "--name", &prefix, &bad, "httpd", "-f", "-p", "8080", "-h", "/www",
+    ]);
+    let run = deploy(&[&host], &pb, "aaaa").success();
+    assert!(
+        run.all()
+            .contains(&format!("removed {prefix}, which an interrupted deploy")),
+        "{}",
+        run.all()
+    );
+    assert!(run.all().contains("up to date"), "{}", run.all());
+    assert_eq!(
+        docker(&["container", "inspect", "--format", "{{.Id}}", &prefix]),
+        id
+    );
+    assert_eq!(restart(&prefix), "always");
+
+    // An update keeps the old container without its restart policy (a restart of docker would
+    // start it beside the live one); a rollback gives it back.
+    let pb = crate::docker::pb(&dir, &[("web1", &host)], "", &steps("2"));
+    deploy(&[&host], &pb, "bbbb").success();
+    let prev = format!("{prefix}.ferry-prev");
+    assert_eq!(
+        docker(&["container", "inspect", "--format", "{{.Id}}", &prev]),
+        id
+    );
+    assert_eq!(
+        (restart(&prefix).as_str(), restart(&prev).as_str()),
+        ("always", "no")
+    );
+    Ferry::new()
+        .trusting(&[&host])
+        .arg("rollback")
+        .arg(&pb)
+        .args(["--env", "test"])
+        .run()
+        .success();
+    assert_eq!(
+        docker(&["container", "inspect", "--format", "{{.Id}}", &prefix]),
+        id
+    );
+    assert_eq!(
+        (restart(&prefix).as_str(), restart(&prev).as_str()),
+        ("always", "no")
+    );
 }
 
 /// Steps: `dist/` to `site`, then the service container `prefix` from `$APP_IMAGE`, health-checked

@@ -83,28 +83,88 @@ fn ferry_labels(ctx: &StepCtx<'_>, hash: &str) -> BTreeMap<String, String> {
     .collect()
 }
 
-/// A crash between "moved aside" and "kept as previous" leaves `NAME.ferry-aside`: put it back if
-/// nothing took its name, else drop it (the newer container under NAME wins).
+/// A deploy cut off between "moved aside" and "kept as previous" (killed, its connection lost)
+/// leaves `NAME.ferry-aside`, the container that was live: it comes back under NAME with
+/// `restart` (the spec's policy), and what stands under NAME (that deploy's new container, never
+/// found healthy) goes. (A run that could not keep the old container after a healthy switch
+/// removes it, so this never undoes one.)
 async fn recover_aside(
     engine: &Engine<'_>,
     name: &str,
+    restart: &str,
     log: &mut Vec<String>,
 ) -> anyhow::Result<()> {
     let aside = aside_name(name);
     if engine.container(&aside).await?.is_none() {
         return Ok(());
     }
-    if engine.container(name).await?.is_none() {
-        engine.rename(&aside, name).await?;
-        engine.start(name).await?;
+    if engine.remove(name).await? {
         log.push(format!(
-            "restored {name} from {aside} (left by an interrupted deploy)"
+            "removed {name}, which an interrupted deploy had started and never found healthy"
         ));
-    } else {
-        engine.remove(&aside).await?;
-        log.push(format!("removed {aside} left by an interrupted deploy"));
+    }
+    engine.rename(&aside, name).await?;
+    unpark(engine, name, restart).await?;
+    engine.start(name).await?;
+    log.push(format!(
+        "restored {name} from {aside} (left by an interrupted deploy)"
+    ));
+    Ok(())
+}
+
+/// A restart policy under which the daemon starts a container by itself (`always` even one that
+/// was stopped, when the daemon starts).
+fn restarts(policy: &str) -> bool {
+    !policy.is_empty() && policy != "no"
+}
+
+/// Keep a container that is moved aside or kept as the previous one from being started again by
+/// the daemon (beside the live one, after a reboot) while it waits: its policy becomes `no`.
+async fn park(engine: &Engine<'_>, name: &str, policy: &str, log: &mut Vec<String>) {
+    if restarts(policy)
+        && let Err(e) = engine.set_restart(name, "no").await
+    {
+        log.push(format!(
+            "warning: cannot clear the restart policy of {name} ({e}); a restart of docker would start it again"
+        ));
+    }
+}
+
+/// Give a container that goes live again its restart policy.
+async fn unpark(engine: &Engine<'_>, name: &str, policy: &str) -> Result<(), engine::DockerError> {
+    if restarts(policy) {
+        engine.set_restart(name, policy).await?;
     }
     Ok(())
+}
+
+/// The restart policy the spec asks for (docker's default: `no`).
+fn policy(r: &Resolved) -> &str {
+    r.spec.restart.as_deref().unwrap_or("no")
+}
+
+/// After a healthy switch: keep the container moved aside as `prev`, replacing the one kept before.
+/// Should that fail, it is removed (a `NAME.ferry-aside` left beside a live NAME would pass for an
+/// interrupted deploy's); says how it went, for the log.
+async fn keep_aside(engine: &Engine<'_>, aside: &str, prev: &str) -> String {
+    let keep = async {
+        engine.remove(prev).await?;
+        engine.rename(aside, prev).await
+    };
+    match keep.await {
+        Ok(()) => format!("kept the replaced container as {prev}"),
+        Err(e) => match engine.remove(aside).await {
+            Ok(_) => format!(
+                "warning: cannot keep the replaced container as {prev} ({e}); it was removed, so \
+                 no container is kept for a rollback"
+            ),
+            Err(e2) => format!(
+                "warning: cannot keep the replaced container as {prev} ({e}) nor remove it ({e2}); \
+                 remove {aside} by hand, or the next deploy takes it for an interrupted one's and \
+                 brings it back"
+            ),
+        },
+    }
 }
 
 pub(crate) async fn run(
@@ -123,7 +183,7 @@ pub(crate) async fn run(
     let image = r.spec.image.clone();
     let mut log = Vec::new();
     if !ctx.plan {
-        recover_aside(engine, &name, &mut log).await?;
+        recover_aside(engine, &name, policy(&r), &mut log).await?;
     }
     let current = engine.container(&name).await?;
     let image_id = if ctx.plan {
@@ -138,8 +198,9 @@ pub(crate) async fn run(
         .as_ref()
         .is_some_and(|c| Some(&c.image_id) == image_id.as_ref());
     let matches = spec_same && (role == Role::Accessory || image_same);
+    let shown = r.shown_hash();
     let detail = serde_json::json!({
-        "name": name, "image": image, "image_id": image_id, "spec": hash,
+        "name": name, "image": image, "image_id": image_id, "spec": shown,
     });
     if matches {
         let c = current.as_ref().expect("matched a container");
@@ -147,7 +208,7 @@ pub(crate) async fn run(
             let mut rep = report(
                 kind,
                 false,
-                format!("{name} up to date ({image}, spec {hash})"),
+                format!("{name} up to date ({image}, spec {shown})"),
                 log,
             );
             rep.detail = detail;
@@ -255,15 +316,17 @@ async fn replace(
     let aside = aside_name(name);
     let prev = prev_name(name);
     let was_running = current.is_some_and(|c| c.running);
+    let restart = current.map_or("", |c| c.restart.as_str());
     if current.is_some() {
         engine.rename(name, &aside).await?;
         if was_running
             // Free its ports for the new one.
             && let Err(e) = engine.stop(&aside).await
         {
-            let back = put_back(engine, &aside, name, true).await;
+            let back = put_back(engine, &aside, name, true, restart).await;
             bail!("{host}: cannot stop {name} to replace it: {e}{back}");
         }
+        park(engine, &aside, restart, log).await;
     }
     let labels = ferry_labels(ctx, &r.hash());
     let outcome: anyhow::Result<String> = async {
@@ -284,16 +347,7 @@ async fn replace(
         Ok(how) => {
             if current.is_some() {
                 // The new container is live; failing to file the old one away is only a warning.
-                let keep = async {
-                    engine.remove(&prev).await?;
-                    engine.rename(&aside, &prev).await
-                };
-                log.push(match keep.await {
-                    Ok(()) => format!("kept the previous container as {prev}"),
-                    Err(e) => format!(
-                        "warning: cannot keep the previous container as {prev} ({e}); it stays as {aside}"
-                    ),
-                });
+                log.push(keep_aside(engine, &aside, &prev).await);
             }
             Ok(how)
         }
@@ -305,7 +359,7 @@ async fn replace(
             };
             let _ = engine.remove(name).await;
             let restored = if current.is_some() {
-                put_back(engine, &aside, name, was_running).await
+                put_back(engine, &aside, name, was_running, restart).await
             } else {
                 String::new()
             };
@@ -322,11 +376,19 @@ async fn replace(
     }
 }
 
-/// Put the container moved aside back under `name`; says how that went, for the error message.
-/// If it fails, the container stays as `aside` and the next deploy restores it ([`recover_aside`]).
-async fn put_back(engine: &Engine<'_>, aside: &str, name: &str, start: bool) -> String {
+/// Put the container moved aside back under `name`, with its restart policy `restart`; says how
+/// that went, for the error message. If it fails, the container stays as `aside` and the next
+/// deploy restores it ([`recover_aside`]).
+async fn put_back(
+    engine: &Engine<'_>,
+    aside: &str,
+    name: &str,
+    start: bool,
+    restart: &str,
+) -> String {
     let back = async {
         engine.rename(aside, name).await?;
+        unpark(engine, name, restart).await?;
         if start {
             engine.start(name).await?;
         }
@@ -370,7 +432,7 @@ async fn swap_back(
     let (prev, aside) = (prev_name(name), aside_name(name));
     let mut log = Vec::new();
     if !ctx.plan {
-        recover_aside(&engine, name, &mut log).await?;
+        recover_aside(&engine, name, policy(&r), &mut log).await?;
     }
     let current = engine.container(name).await?;
     let kept = engine.container(&prev).await?;
@@ -420,21 +482,24 @@ async fn swap_back(
         ));
     }
     let was_running = current.as_ref().is_some_and(|c| c.running);
+    let restart = current.as_ref().map_or("", |c| c.restart.as_str());
     if current.is_some() {
         engine.rename(name, &aside).await?;
         if was_running && let Err(e) = engine.stop(&aside).await {
-            let back = put_back(&engine, &aside, name, true).await;
+            let back = put_back(&engine, &aside, name, true, restart).await;
             bail!("{host}: cannot stop {name} to roll back: {e}{back}");
         }
+        park(&engine, &aside, restart, &mut log).await;
     }
     if let Err(e) = engine.rename(&prev, name).await {
         let back = match current {
-            Some(_) => put_back(&engine, &aside, name, was_running).await,
+            Some(_) => put_back(&engine, &aside, name, was_running, restart).await,
             None => String::new(),
         };
         bail!("{host}: cannot bring {prev} back as {name}: {e}{back}");
     }
     let outcome: anyhow::Result<String> = async {
+        unpark(&engine, name, policy(&r)).await?;
         engine.start(name).await?;
         Ok(health::wait(&engine, name, r.spec.health.as_ref()).await?)
     }
@@ -442,12 +507,7 @@ async fn swap_back(
     match outcome {
         Ok(how) => {
             if current.is_some() {
-                log.push(match engine.rename(&aside, &prev).await {
-                    Ok(()) => format!("kept the replaced container as {prev}"),
-                    Err(e) => format!(
-                        "warning: cannot keep the replaced container as {prev} ({e}); it stays as {aside}"
-                    ),
-                });
+                log.push(keep_aside(&engine, &aside, &prev).await);
             }
             Ok(report(
                 "container",
@@ -463,12 +523,13 @@ async fn swap_back(
         Err(e) => {
             let logs = engine.logs(name).await;
             let _ = engine.stop(name).await;
+            park(&engine, name, policy(&r), &mut Vec::new()).await;
             let kept_back = match engine.rename(name, &prev).await {
                 Ok(()) => String::new(),
                 Err(e) => format!(" (and it could not be renamed back to {prev}: {e})"),
             };
             let back = match current {
-                Some(_) => put_back(&engine, &aside, name, was_running).await,
+                Some(_) => put_back(&engine, &aside, name, was_running, restart).await,
                 None => String::new(),
             };
             bail!(

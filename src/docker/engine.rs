@@ -45,6 +45,8 @@ pub struct ContainerState {
     /// The image name as given at creation.
     pub image: String,
     pub labels: BTreeMap<String, String>,
+    /// The restart policy (`no`, `always`, `unless-stopped`, `on-failure[:N]`).
+    pub restart: String,
 }
 
 /// The host's Docker engine, reached through its session.
@@ -183,6 +185,16 @@ impl<'a> Engine<'a> {
         Ok(())
     }
 
+    /// `docker container update --restart POLICY NAME`.
+    pub async fn set_restart(&self, name: &str, policy: &str) -> Result<(), DockerError> {
+        self.run(
+            &["container", "update", "--restart", policy, "--", name],
+            None,
+        )
+        .await?;
+        Ok(())
+    }
+
     pub async fn start(&self, name: &str) -> Result<(), DockerError> {
         self.run(&["container", "start", "--", name], None).await?;
         Ok(())
@@ -241,6 +253,15 @@ pub fn parse_container(v: &serde_json::Value) -> ContainerState {
                     .collect()
             })
             .unwrap_or_default(),
+        restart: match (
+            s("/HostConfig/RestartPolicy/Name"),
+            v.pointer("/HostConfig/RestartPolicy/MaximumRetryCount")
+                .and_then(|x| x.as_i64())
+                .unwrap_or(0),
+        ) {
+            ("on-failure", n) if n > 0 => format!("on-failure:{n}"),
+            (name, _) => name.to_string(),
+        },
     }
 }
 

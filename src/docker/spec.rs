@@ -156,8 +156,17 @@ fn check_health(name: &str, h: Option<&HealthCheck>) -> Result<(), SpecError> {
 impl Resolved {
     /// A short hash of everything that shapes the container, secret values included (changing a
     /// password re-creates the container), the health probe excluded. Stored as the `ferry.spec`
-    /// label.
+    /// label, never shown: from it and the playbook a weak secret could be guessed offline.
     pub fn hash(&self) -> String {
+        self.digest(true)
+    }
+
+    /// [`Self::hash`] without the secret values: what output and the ledger show.
+    pub fn shown_hash(&self) -> String {
+        self.digest(false)
+    }
+
+    fn digest(&self, secrets: bool) -> String {
         // How ferry probes health is not part of the container: changing it re-creates nothing.
         let shaping = ContainerSpec {
             health: None,
@@ -170,7 +179,7 @@ impl Resolved {
                 .expect("spec serializes")
                 .as_bytes(),
         );
-        for (k, v) in &self.secrets {
+        for (k, v) in self.secrets.iter().filter(|_| secrets) {
             h.update(b"\0secret\0");
             h.update(k.as_bytes());
             h.update(b"=");
@@ -371,6 +380,9 @@ mod tests {
         assert_eq!(a.hash(), resolve(&s, "h", &vars, &env).unwrap().hash());
         let other_secret = resolve(&s, "h", &vars, &|_| Some("other".into())).unwrap();
         assert_ne!(a.hash(), other_secret.hash());
+        // What is shown does not depend on the secrets (a weak one could be guessed from it).
+        assert_eq!(a.shown_hash(), other_secret.shown_hash());
+        assert_ne!(a.shown_hash(), a.hash());
         let mut b = a.clone();
         b.spec.restart = Some("always".into());
         assert_ne!(a.hash(), b.hash());
