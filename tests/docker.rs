@@ -277,6 +277,24 @@ fn health_failure_rolls_back_automatically() {
     assert!(run.all().contains("boom"), "{}", run.all());
     assert_eq!(http_get(port, "/version").as_deref(), Some("good-v1\n"));
     assert_eq!(container_image(&prefix), good);
+
+    // Without a health check, a container that exits after 1.2 s and is restarted by its
+    // policy (so that it may be running at every look) is no success either.
+    let steps = format!(
+        "      - container:\n          name: \"{prefix}\"\n          image: \"{image}\"\n          \
+         command: [/bin/sh, -c, 'sleep 1.2; exit 4']\n          restart: always\n"
+    );
+    let dir3 = TempDir::new("dhealth3");
+    let pb3 = crate::docker::pb(&dir3, &[("web1", &host)], "", &steps);
+    let run = deploy(&[&host], &pb3, "dddd").failure(1);
+    assert!(
+        run.all().contains("restarted by its restart policy")
+            || run.all().contains("exited with code 4"),
+        "{}",
+        run.all()
+    );
+    assert_eq!(http_get(port, "/version").as_deref(), Some("good-v1\n"));
+    assert_eq!(container_image(&prefix), good);
 }
 
 /// Secret env values travel on stdin into a 0600 file that is gone after the container is created;

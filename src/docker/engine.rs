@@ -47,6 +47,8 @@ pub struct ContainerState {
     pub labels: BTreeMap<String, String>,
     /// The restart policy (`no`, `always`, `unless-stopped`, `on-failure[:N]`).
     pub restart: String,
+    /// How often Docker restarted it (its restart policy, after it exited).
+    pub restart_count: i64,
 }
 
 /// The host's Docker engine, reached through its session.
@@ -253,6 +255,10 @@ pub fn parse_container(v: &serde_json::Value) -> ContainerState {
                     .collect()
             })
             .unwrap_or_default(),
+        restart_count: v
+            .pointer("/RestartCount")
+            .and_then(|x| x.as_i64())
+            .unwrap_or(0),
         restart: match (
             s("/HostConfig/RestartPolicy/Name"),
             v.pointer("/HostConfig/RestartPolicy/MaximumRetryCount")

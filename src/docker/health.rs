@@ -19,6 +19,11 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum Unhealthy {
     #[error("container {name} exited with code {code} while ferry waited for it to be healthy")]
     Exited { name: String, code: i64 },
+    #[error(
+        "container {name} exited and was restarted by its restart policy while ferry waited for it \
+         to be healthy (it keeps exiting)"
+    )]
+    Restarted { name: String },
     #[error("container {name} disappeared while ferry waited for it")]
     Gone { name: String },
     #[error("container {name}: Docker reports it unhealthy")]
@@ -45,6 +50,7 @@ pub async fn wait(
     check: Option<&HealthCheck>,
 ) -> Result<String, Unhealthy> {
     let started = Instant::now();
+    let mut restarts = None;
     let (timeout, interval) = check
         .map(|c| (c.timeout, c.interval))
         .unwrap_or((SETTLE * 2, Duration::from_millis(500)));
@@ -58,6 +64,10 @@ pub async fn wait(
                 name: name.into(),
                 code: state.exit_code,
             });
+        }
+        // A crash loop fast enough to be running at every look still counts its restarts.
+        if *restarts.get_or_insert(state.restart_count) != state.restart_count {
+            return Err(Unhealthy::Restarted { name: name.into() });
         }
         let probe: Result<String, String> = match check.map(|c| c.kind) {
             None if started.elapsed() >= SETTLE => Ok("running (no health check)".into()),
