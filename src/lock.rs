@@ -445,12 +445,15 @@ impl Lock {
     }
 
     /// Renew the lease every third of it until the lock is found lost (returned as the error).
-    /// Transient failures to renew are logged and retried. Run it alongside the steps; a loss stops
-    /// the deploy before its next step (a step is never cut off half-way for it).
+    /// Transient failures to renew are logged and retried soon: each try may take a sixth of the
+    /// lease, and one a twelfth after a failure, so three tries fit before the lease runs out.
+    /// Run it alongside the steps; a loss stops the deploy before its next step (a step is never
+    /// cut off half-way for it).
     pub async fn keep_alive(&self, session: &Session) -> LockError {
-        let every = self.lease / 3;
+        let mut wait = self.lease / 3;
         loop {
-            tokio::time::sleep(every).await;
+            tokio::time::sleep(wait).await;
+            wait = self.lease / 12;
             let r = session
                 .run_script(
                     RENEW,
@@ -460,11 +463,14 @@ impl Lock {
                         self.token.as_str(),
                         &self.lease.as_secs().to_string(),
                     ],
-                    Some(every),
+                    Some(self.lease / 6),
                 )
                 .await;
             match r {
-                Ok(out) if out.success() => tracing::debug!("renewed the deploy lock"),
+                Ok(out) if out.success() => {
+                    tracing::debug!("renewed the deploy lock");
+                    wait = self.lease / 3;
+                }
                 Ok(out) if out.status == Some(1) && out.stdout_str().starts_with("lost") => {
                     let text = out.stdout_str();
                     let why = match text.strip_prefix("lost held ") {

@@ -50,8 +50,12 @@ async fn ensure_image(
         return Ok(id);
     }
     // A registry image that cannot be pulled is an error (a stale local copy would be deployed as
-    // "up to date"); an image without a registry host may be one built on the host.
-    match local.filter(|_| !spec::names_registry(image)) {
+    // "up to date"); an image without a registry host may be one built on the host, unless the
+    // local copy was pulled from that name's repository (Docker Hub's).
+    let built_here = !spec::names_registry(image)
+        && local.is_some()
+        && !spec::pulled_from_own_repository(&engine.repo_digests(image).await?, image);
+    match local.filter(|_| built_here) {
         Some(id) => {
             log.push(format!(
                 "cannot pull {image} ({}); using the local image {}",

@@ -167,6 +167,21 @@ impl<'a> Engine<'a> {
         }
     }
 
+    /// The registry digests of a local image (`repo@sha256:...`: the repositories it was pulled
+    /// from or pushed to).
+    pub async fn repo_digests(&self, image: &str) -> Result<Vec<String>, DockerError> {
+        let args = [
+            "image",
+            "inspect",
+            "--format",
+            "{{json .RepoDigests}}",
+            "--",
+            image,
+        ];
+        let out = self.run(&args, None).await?;
+        Ok(serde_json::from_str(out.trim()).unwrap_or_default())
+    }
+
     /// `docker container rm -f NAME` if it exists; true when something was removed.
     pub async fn remove(&self, name: &str) -> Result<bool, DockerError> {
         if self.container(name).await?.is_none() {

@@ -284,6 +284,19 @@ pub fn names_registry(image: &str) -> bool {
     }
 }
 
+/// Whether an image with these `RepoDigests` was pulled from `image`'s own repository (so a local
+/// copy of it is a registry's, and may be stale), as Docker lists them: `repo@sha256:...`.
+pub fn pulled_from_own_repository(repo_digests: &[String], image: &str) -> bool {
+    let name = image.split_once('@').map_or(image, |(n, _)| n);
+    let repo = match name.rsplit_once(':') {
+        Some((r, tag)) if !tag.contains('/') => r,
+        _ => name,
+    };
+    repo_digests
+        .iter()
+        .any(|d| d.split_once('@').is_some_and(|(r, _)| r == repo))
+}
+
 /// The name the previous container is kept under for rollback.
 pub fn prev_name(name: &str) -> String {
     format!("{name}{PREV_SUFFIX}")
@@ -371,6 +384,20 @@ mod tests {
             .insert("web1".into(), serde_json::json!({ "portz": ["1:1"] }));
         let e = resolve(&s, "web1", &vars, &env).unwrap_err().to_string();
         assert!(e.contains("web1") && e.contains("portz"), "{e}");
+    }
+
+    #[test]
+    fn a_local_image_pulled_from_its_own_repository_is_known() {
+        let d = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let hub = d(&["myorg/app@sha256:ab"]);
+        assert!(pulled_from_own_repository(&hub, "myorg/app:latest"));
+        assert!(pulled_from_own_repository(&hub, "myorg/app"));
+        assert!(!pulled_from_own_repository(&hub, "other/app:latest"));
+        // Built here and pushed elsewhere: the short name was never pulled.
+        let pushed = d(&["127.0.0.1:5000/app@sha256:cd"]);
+        assert!(!pulled_from_own_repository(&pushed, "app:v1"));
+        assert!(pulled_from_own_repository(&pushed, "127.0.0.1:5000/app:v1"));
+        assert!(!pulled_from_own_repository(&[], "app:v1"));
     }
 
     #[test]
