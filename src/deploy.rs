@@ -649,7 +649,36 @@ async fn run_steps(
             }
         }
     }
+    if error.is_none() && matches!(action, Action::Deploy) && !ctx.plan {
+        commit_run(ctx, steps, &reports).await;
+    }
     (reports, error)
+}
+
+/// Whether this run's reports say it switched the service container `name`.
+fn switched_container(reports: &[StepReport], name: &str) -> bool {
+    reports.iter().any(|r| {
+        r.step == "container"
+            && r.changed
+            && r.detail.get("name").and_then(|v| v.as_str()) == Some(name)
+    })
+}
+
+/// After a successful deploy: of each service container it replaced, the container kept for
+/// rollback before the run goes (`docker::commit`); until then a revert could need it.
+async fn commit_run(ctx: &StepCtx<'_>, steps: &[Step], reports: &[StepReport]) {
+    for step in steps {
+        let Step::Container(c) = step else { continue };
+        let Ok(name) = docker::resolve(ctx.host, c).map(|r| r.spec.name) else {
+            continue;
+        };
+        if switched_container(reports, &name)
+            && let Err(e) = docker::commit(ctx, c).await
+        {
+            ctx.progress
+                .println(&format!("{}: warning: {e:#}", ctx.host.name()));
+        }
+    }
 }
 
 /// A deploy or rollback that failed (or was interrupted) after it switched things must not leave
@@ -693,10 +722,7 @@ async fn revert_run(
         let Ok(name) = docker::resolve(ctx.host, c).map(|r| r.spec.name) else {
             continue;
         };
-        if reports
-            .iter()
-            .any(|r| switched(r) && r.detail.get("name").and_then(|v| v.as_str()) == Some(&name))
-        {
+        if switched_container(reports, &name) {
             ours.push((name, c));
         }
     }

@@ -996,6 +996,30 @@ fn a_failure_after_the_container_switch_takes_container_and_files_back() {
     run(2, &two, "ok").success();
     assert_eq!(std::fs::read_to_string(&site).unwrap(), "bundle 2\n");
     assert_eq!(http_get(port, "/version").as_deref(), Some("app two\n"));
+    let id = |name: &str| docker(&["container", "inspect", "--format", "{{.Id}}", name]);
+    let (prev, older) = (
+        format!("{prefix}.ferry-prev"),
+        format!("{prefix}.ferry-older"),
+    );
+    let (two_id, one_id) = (id(&prefix), id(&prev));
+    // A third commit fails after its switch: the second container is back, the first is still the
+    // one kept for rollback (not the failed third), so `ferry rollback` still reaches it.
+    let three = pushed_image(&prefix, "three", "app three", true);
+    run(3, &three, "fail").failure(1);
+    assert_eq!((id(&prefix), id(&prev)), (two_id.clone(), one_id.clone()));
+    assert!(!docker_try(&["container", "inspect", &older]).0);
+    assert_eq!(http_get(port, "/version").as_deref(), Some("app two\n"));
+    bundle_run(&dir, &host, &pb, "rollback", 3, &three)
+        .run()
+        .success();
+    assert_eq!(http_get(port, "/version").as_deref(), Some("app one\n"));
+    assert_eq!(std::fs::read_to_string(&site).unwrap(), "bundle 1\n");
+    assert_eq!((id(&prefix), id(&prev)), (one_id.clone(), two_id));
+    // A successful update keeps no container beyond the one for rollback.
+    run(4, &three, "ok").success();
+    assert_eq!(id(&prev), one_id);
+    assert!(!docker_try(&["container", "inspect", &older]).0);
+    assert_eq!(http_get(port, "/version").as_deref(), Some("app three\n"));
 }
 
 /// Two service containers: the second fails its health check on the new release, so it is put

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use anyhow::{Context, bail};
 
 use super::engine::{self, ContainerState, Engine, TRANSFER_TIMEOUT};
-use super::spec::{self, Resolved, aside_name, prev_name};
+use super::spec::{self, Resolved, aside_name, older_name, prev_name};
 use super::{LiveContainer, health, report, resolve, short_id};
 use crate::deploy::{StepCtx, StepReport};
 use crate::inventory::Host;
@@ -142,17 +142,47 @@ async fn unpark(engine: &Engine<'_>, name: &str, policy: &str) -> Result<(), eng
     Ok(())
 }
 
+/// After a revert: the container the reverted run started (moved aside) goes, and the one kept
+/// before that run becomes `prev` again; says how it went, for the log.
+async fn drop_undone(engine: &Engine<'_>, aside: &str, prev: &str, older: &str) -> String {
+    let undo = async {
+        engine.remove(aside).await?;
+        let kept = engine.container(older).await?.is_some();
+        if kept {
+            engine.rename(older, prev).await?;
+        }
+        Ok::<_, engine::DockerError>(kept)
+    };
+    match undo.await {
+        Ok(true) => format!("removed the reverted container; {older} is kept as {prev} again"),
+        Ok(false) => "removed the reverted container".into(),
+        Err(e) => format!(
+            "warning: cannot remove the reverted container {aside} or keep {older} as {prev} again ({e})"
+        ),
+    }
+}
+
 /// The restart policy the spec asks for (docker's default: `no`).
 fn policy(r: &Resolved) -> &str {
     r.spec.restart.as_deref().unwrap_or("no")
 }
 
-/// After a healthy switch: keep the container moved aside as `prev`, replacing the one kept before.
-/// Should that fail, it is removed (a `NAME.ferry-aside` left beside a live NAME would pass for an
-/// interrupted deploy's); says how it went, for the log.
-async fn keep_aside(engine: &Engine<'_>, aside: &str, prev: &str) -> String {
+/// After a healthy switch: keep the container moved aside as `prev`. The one kept there before
+/// waits as `older` (when given) until the run succeeds ([`commit`]) or is reverted ([`revert`]
+/// makes it `prev` again), else goes. Should keeping fail, the container moved aside is removed (a
+/// `NAME.ferry-aside` left beside a live NAME would pass for an interrupted deploy's); says how it
+/// went, for the log.
+async fn keep_aside(engine: &Engine<'_>, aside: &str, prev: &str, older: Option<&str>) -> String {
     let keep = async {
-        engine.remove(prev).await?;
+        match older {
+            Some(older) if engine.container(prev).await?.is_some() => {
+                engine.remove(older).await?;
+                engine.rename(prev, older).await?;
+            }
+            _ => {
+                engine.remove(prev).await?;
+            }
+        }
         engine.rename(aside, prev).await
     };
     match keep.await {
@@ -351,7 +381,7 @@ async fn replace(
         Ok(how) => {
             if current.is_some() {
                 // The new container is live; failing to file the old one away is only a warning.
-                log.push(keep_aside(engine, &aside, &prev).await);
+                log.push(keep_aside(engine, &aside, &prev, Some(&older_name(name))).await);
             }
             Ok(how)
         }
@@ -413,20 +443,32 @@ async fn put_back(
 /// current one, nothing changes; if it is the kept one, the two swap, so a second rollback can undo
 /// the first; if neither, the container of that release is gone and the step says so.
 pub async fn rollback(ctx: &StepCtx<'_>, spec: &ContainerSpec) -> anyhow::Result<StepReport> {
-    swap_back(ctx, spec, |made| made <= ctx.release).await
+    swap_back(ctx, spec, false, |made| made <= ctx.release).await
 }
 
 /// Undo this run's switch of the service container (its release is `ctx.release`): bring back the
-/// container it replaced, kept as `NAME.ferry-prev`, as [`rollback`] does. Nothing changes when
-/// this run did not replace it.
+/// container it replaced, kept as `NAME.ferry-prev`, as [`rollback`] does; the new one goes, and
+/// the one kept before the run (`NAME.ferry-older`) is kept as `NAME.ferry-prev` again. Nothing
+/// changes when this run did not replace it.
 pub async fn revert(ctx: &StepCtx<'_>, spec: &ContainerSpec) -> anyhow::Result<StepReport> {
-    swap_back(ctx, spec, |made| made < ctx.release).await
+    swap_back(ctx, spec, true, |made| made < ctx.release).await
 }
 
-/// [`rollback`] to the newest container whose `ferry.release` label passes `live`.
+/// After a successful run that replaced the service container: the container kept for rollback
+/// before it (`NAME.ferry-older`) goes.
+pub async fn commit(ctx: &StepCtx<'_>, spec: &ContainerSpec) -> anyhow::Result<()> {
+    let engine = Engine::new(ctx.host, ctx.session);
+    let name = resolve(ctx.host, spec)?.spec.name;
+    engine.remove(&older_name(&name)).await?;
+    Ok(())
+}
+
+/// [`rollback`] to the newest container whose `ferry.release` label passes `live`; `undo`: this
+/// run's own switch ([`revert`]).
 async fn swap_back(
     ctx: &StepCtx<'_>,
     spec: &ContainerSpec,
+    undo: bool,
     live: impl Fn(&str) -> bool,
 ) -> anyhow::Result<StepReport> {
     let engine = Engine::new(ctx.host, ctx.session);
@@ -510,8 +552,10 @@ async fn swap_back(
     .await;
     match outcome {
         Ok(how) => {
-            if current.is_some() {
-                log.push(keep_aside(&engine, &aside, &prev).await);
+            if current.is_some() && undo {
+                log.push(drop_undone(&engine, &aside, &prev, &older_name(name)).await);
+            } else if current.is_some() {
+                log.push(keep_aside(&engine, &aside, &prev, None).await);
             }
             Ok(report(
                 "container",
@@ -582,7 +626,12 @@ pub(crate) async fn remove(
     s: &DockerRemoveStep,
 ) -> anyhow::Result<StepReport> {
     let name = ctx.host.expand(&s.name)?;
-    let names = [name.clone(), prev_name(&name), aside_name(&name)];
+    let names = [
+        name.clone(),
+        prev_name(&name),
+        aside_name(&name),
+        older_name(&name),
+    ];
     let mut present = Vec::new();
     for n in &names {
         if engine.container(n).await?.is_some() {

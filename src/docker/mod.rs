@@ -26,7 +26,7 @@ use crate::playbook::{ContainerSpec, Step};
 use engine::Engine;
 use spec::Resolved;
 
-pub use container::{live, revert, rollback};
+pub use container::{commit, live, revert, rollback};
 
 /// What runs under one container name on one host, for `ferry status` (read-only).
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]

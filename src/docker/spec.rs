@@ -10,6 +10,8 @@ use crate::playbook::{ContainerSpec, HealthCheck};
 pub const PREV_SUFFIX: &str = ".ferry-prev";
 /// Suffix of the old container while its replacement is being health-checked.
 pub const ASIDE_SUFFIX: &str = ".ferry-aside";
+/// Suffix of the container kept for rollback before this run's update, until the run succeeds.
+pub const OLDER_SUFFIX: &str = ".ferry-older";
 
 /// Errors in a spec, found before anything runs on the host.
 #[derive(Debug, thiserror::Error)]
@@ -305,6 +307,11 @@ pub fn prev_name(name: &str) -> String {
 /// The name the old container has while its replacement is health-checked.
 pub fn aside_name(name: &str) -> String {
     format!("{name}{ASIDE_SUFFIX}")
+}
+
+/// The name the container kept for rollback has while the run that replaced it may still fail.
+pub fn older_name(name: &str) -> String {
+    format!("{name}{OLDER_SUFFIX}")
 }
 
 #[cfg(test)]
