@@ -655,13 +655,16 @@ async fn run_steps(
     (reports, error)
 }
 
+/// Whether a step report is of a service container the run created or replaced.
+fn switched(r: &StepReport) -> bool {
+    r.step == "container" && r.changed && r.detail.get("switched") == Some(&true.into())
+}
+
 /// Whether this run's reports say it switched the service container `name`.
 fn switched_container(reports: &[StepReport], name: &str) -> bool {
-    reports.iter().any(|r| {
-        r.step == "container"
-            && r.changed
-            && r.detail.get("name").and_then(|v| v.as_str()) == Some(name)
-    })
+    reports
+        .iter()
+        .any(|r| switched(r) && r.detail.get("name").and_then(|v| v.as_str()) == Some(name))
 }
 
 /// After a successful deploy: of each service container it replaced, the container kept for
@@ -710,7 +713,6 @@ async fn revert_run(
              stay on the new release with it (`ferry rollback` takes files and containers back)"
         ))
     };
-    let switched = |r: &StepReport| r.step == "container" && r.changed;
     let count = reports.iter().filter(|r| switched(r)).count();
     if count > 0 && !matches!(action, Action::Deploy) {
         return stay("");

@@ -982,6 +982,12 @@ fn a_failure_after_the_container_switch_takes_container_and_files_back() {
         pushed_image(&prefix, "two", "app two", true),
     );
     run(1, &one, "ok").success();
+    let site = dir.join("root/web1/site/index.html");
+    // A run that only starts the stopped container switched none: its files go back all the same.
+    docker(&["stop", &prefix]);
+    run(2, &one, "fail").failure(1);
+    assert_eq!(std::fs::read_to_string(&site).unwrap(), "bundle 1\n");
+    assert_eq!(http_get(port, "/version").as_deref(), Some("app one\n"));
     let failed = run(2, &two, "fail").failure(1);
     let all = failed.all();
     assert!(
@@ -989,7 +995,6 @@ fn a_failure_after_the_container_switch_takes_container_and_files_back() {
             && all.contains("sync: switched back to release"),
         "{all}"
     );
-    let site = dir.join("root/web1/site/index.html");
     assert_eq!(std::fs::read_to_string(&site).unwrap(), "bundle 1\n");
     assert_eq!(http_get(port, "/version").as_deref(), Some("app one\n"));
     // The next deploy of the fixed commit goes ahead from there.

@@ -305,6 +305,8 @@ pub(crate) async fn run(
         log,
     );
     rep.detail = detail;
+    // (What a failed run takes back; starting a stopped container is no switch.)
+    rep.detail["switched"] = true.into();
     Ok(rep)
 }
 
