@@ -592,11 +592,12 @@ async fn run_steps(
                 }
             }
         };
-        // A container step finishes (it never leaves a service without its container); a sync
-        // step stops itself at a safe point (before its switch, the host cleaned up; once its
-        // whole stream is sent, it finishes and is switched back below like the steps before it);
-        // a store removal finishes; any other step is cut off at once (a `run` command's channel
-        // closes, and the host stops the command: see `Session::run_watched`).
+        // A container step finishes once past its pull (it never leaves a service without its
+        // container); a sync step stops itself at a safe point (before its switch, the host
+        // cleaned up; once its whole stream is sent, it finishes and is switched back below like
+        // the steps before it); a store removal finishes; any other step is cut off at once (a
+        // `run` command's channel closes, and the host stops the command: see
+        // `Session::run_watched`).
         let finishes = match step {
             Step::Container(_) | Step::Accessory(_) => true,
             // (Removing a store is short, and cut off it would go on after the unlock.)

@@ -1072,3 +1072,46 @@ fn a_failed_second_container_takes_the_first_back() {
         Some("worker one\n")
     );
 }
+
+/// Ctrl-C while the image is being pulled stops the step at once (nothing was switched yet),
+/// where before the step ran on until the pull gave up.
+#[test]
+fn ctrl_c_during_a_pull_stops_the_container_step() {
+    engine();
+    let host = Sshd::start();
+    let prefix = unique("pullint");
+    let _cleanup = Cleanup(vec![prefix.clone()]);
+    // A registry that takes connections and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let dir = TempDir::new("pullint");
+    let steps = format!(
+        "      - container:\n          name: \"{prefix}\"\n          image: \"127.0.0.1:{port}/app:1\"\n"
+    );
+    let pb = pb(&dir, &[("web1", &host)], "", &steps);
+    let (child, _home) = Ferry::new()
+        .trusting(&[&host])
+        .arg("deploy")
+        .arg(&pb)
+        .args(["--env", "test", "--ref", "main", "--sha", "aaaa"])
+        .spawn();
+    // (By then the step is pulling: connecting and locking take well under a second.)
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let sent = std::time::Instant::now();
+    let st = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        sent.elapsed() < std::time::Duration::from_secs(8),
+        "took {:?}: {stderr}",
+        sent.elapsed()
+    );
+    assert!(stderr.contains("while pulling"), "{stderr}");
+    assert!(!docker_try(&["container", "inspect", &prefix]).0);
+    drop(silent);
+}

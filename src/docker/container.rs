@@ -223,7 +223,15 @@ pub(crate) async fn run(
     let image_id = if ctx.plan {
         engine.image_id(&image).await?
     } else {
-        Some(ensure_image(engine, &image, role, &mut log).await?)
+        // The step finishes once it switches; a pull (up to half an hour) before that stops.
+        tokio::select! {
+            biased;
+            _ = crate::deploy::interrupted(&ctx.stop) => bail!(
+                "{}: interrupted (SIGINT/SIGTERM) while pulling {image}; {name} was not touched",
+                ctx.host.name()
+            ),
+            id = ensure_image(engine, &image, role, &mut log) => Some(id?),
+        }
     };
     let spec_same = current
         .as_ref()
