@@ -446,7 +446,8 @@ impl Lock {
 
     /// Renew the lease every third of it until the lock is found lost (returned as the error).
     /// Transient failures to renew are logged and retried soon: each try may take a sixth of the
-    /// lease, and one a twelfth after a failure, so three tries fit before the lease runs out.
+    /// lease, and after a failed one the next comes a twelfth of it later, so three tries fit
+    /// before the lease runs out.
     /// Run it alongside the steps; a loss stops the deploy before its next step (a step is never
     /// cut off half-way for it).
     pub async fn keep_alive(&self, session: &Session) -> LockError {
