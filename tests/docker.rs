@@ -65,6 +65,10 @@ fn container_image(name: &str) -> String {
     docker(&["container", "inspect", "--format", "{{.Image}}", name])
 }
 
+fn container_id(name: &str) -> String {
+    docker(&["container", "inspect", "--format", "{{.Id}}", name])
+}
+
 fn container_state(name: &str) -> String {
     docker(&[
         "container",
@@ -122,7 +126,7 @@ fn container_first_run_noop_update_and_rollback() {
     );
     assert_eq!(http_get(p1, "/version").as_deref(), Some("v1\n"));
     assert_eq!(http_get(p2, "/version").as_deref(), Some("v1\n"));
-    let id1 = docker(&["container", "inspect", "--format", "{{.Id}}", &n1]);
+    let id1 = container_id(&n1);
     let labels = docker(&[
         "container",
         "inspect",
@@ -160,10 +164,7 @@ fn container_first_run_noop_update_and_rollback() {
             "{step}"
         );
     }
-    assert_eq!(
-        docker(&["container", "inspect", "--format", "{{.Id}}", &n1]),
-        id1
-    );
+    assert_eq!(container_id(&n1), id1);
 
     // The tag moves to a new image: pull first, replace, keep the old one for rollback.
     pushed_image(&prefix, "live", "v2", true);
@@ -515,21 +516,15 @@ fn accessory_started_once_and_replaced_on_spec_change() {
     let first = deploy(&[&host], &pb1, "aaaa").success();
     assert!(first.all().contains("created"), "{}", first.all());
     let name = format!("{prefix}-redis");
-    let id = docker(&["container", "inspect", "--format", "{{.Id}}", &name]);
+    let id = container_id(&name);
     app_image(&image, "r2", true);
     let second = deploy(&[&host], &pb1, "bbbb").success();
     assert!(second.all().contains("up to date"), "{}", second.all());
-    assert_eq!(
-        docker(&["container", "inspect", "--format", "{{.Id}}", &name]),
-        id
-    );
+    assert_eq!(container_id(&name), id);
     let pb2 = pb(&dir, &[("web1", &host)], "", &step("b"));
     let third = deploy(&[&host], &pb2, "bbbb").success();
     assert!(third.all().contains("spec changed"), "{}", third.all());
-    assert_ne!(
-        docker(&["container", "inspect", "--format", "{{.Id}}", &name]),
-        id
-    );
+    assert_ne!(container_id(&name), id);
 }
 
 /// A wrong registry password: a clear error naming the registry, and the password nowhere.
@@ -797,7 +792,7 @@ fn interrupted_deploy_is_recovered() {
     };
     let pb = pb(&dir, &[("web1", &host)], "", &steps("1"));
     deploy(&[&host], &pb, "aaaa").success();
-    let id = docker(&["container", "inspect", "--format", "{{.Id}}", &prefix]);
+    let id = container_id(&prefix);
     // What a kill between "move aside" and "start the new one" leaves behind.
     docker(&["rename", &prefix, &format!("{prefix}.ferry-aside")]);
     docker(&["stop", &format!("{prefix}.ferry-aside")]);
@@ -809,10 +804,7 @@ fn interrupted_deploy_is_recovered() {
         run.all()
     );
     assert!(run.all().contains("up to date"), "{}", run.all());
-    assert_eq!(
-        docker(&["container", "inspect", "--format", "{{.Id}}", &prefix]),
-        id
-    );
+    assert_eq!(container_id(&prefix), id);
     assert_eq!(http_get(port, "/version").as_deref(), Some("c1\n"));
     let restart = |name: &str| {
         docker(&[
@@ -842,10 +834,7 @@ fn interrupted_deploy_is_recovered() {
         run.all()
     );
     assert!(run.all().contains("up to date"), "{}", run.all());
-    assert_eq!(
-        docker(&["container", "inspect", "--format", "{{.Id}}", &prefix]),
-        id
-    );
+    assert_eq!(container_id(&prefix), id);
     assert_eq!(restart(&prefix), "always");
 
     // An update keeps the old container without its restart policy (a restart of docker would
@@ -853,10 +842,7 @@ fn interrupted_deploy_is_recovered() {
     let pb = crate::docker::pb(&dir, &[("web1", &host)], "", &steps("2"));
     deploy(&[&host], &pb, "bbbb").success();
     let prev = format!("{prefix}.ferry-prev");
-    assert_eq!(
-        docker(&["container", "inspect", "--format", "{{.Id}}", &prev]),
-        id
-    );
+    assert_eq!(container_id(&prev), id);
     assert_eq!(
         (restart(&prefix).as_str(), restart(&prev).as_str()),
         ("always", "no")
@@ -868,10 +854,7 @@ fn interrupted_deploy_is_recovered() {
         .args(["--env", "test"])
         .run()
         .success();
-    assert_eq!(
-        docker(&["container", "inspect", "--format", "{{.Id}}", &prefix]),
-        id
-    );
+    assert_eq!(container_id(&prefix), id);
     assert_eq!(
         (restart(&prefix).as_str(), restart(&prev).as_str()),
         ("always", "no")
@@ -1001,17 +984,19 @@ fn a_failure_after_the_container_switch_takes_container_and_files_back() {
     run(2, &two, "ok").success();
     assert_eq!(std::fs::read_to_string(&site).unwrap(), "bundle 2\n");
     assert_eq!(http_get(port, "/version").as_deref(), Some("app two\n"));
-    let id = |name: &str| docker(&["container", "inspect", "--format", "{{.Id}}", name]);
     let (prev, older) = (
         format!("{prefix}.ferry-prev"),
         format!("{prefix}.ferry-older"),
     );
-    let (two_id, one_id) = (id(&prefix), id(&prev));
+    let (two_id, one_id) = (container_id(&prefix), container_id(&prev));
     // A third commit fails after its switch: the second container is back, the first is still the
     // one kept for rollback (not the failed third), so `ferry rollback` still reaches it.
     let three = pushed_image(&prefix, "three", "app three", true);
     run(3, &three, "fail").failure(1);
-    assert_eq!((id(&prefix), id(&prev)), (two_id.clone(), one_id.clone()));
+    assert_eq!(
+        (container_id(&prefix), container_id(&prev)),
+        (two_id.clone(), one_id.clone())
+    );
     assert!(!docker_try(&["container", "inspect", &older]).0);
     assert_eq!(http_get(port, "/version").as_deref(), Some("app two\n"));
     bundle_run(&dir, &host, &pb, "rollback", 3, &three)
@@ -1019,10 +1004,13 @@ fn a_failure_after_the_container_switch_takes_container_and_files_back() {
         .success();
     assert_eq!(http_get(port, "/version").as_deref(), Some("app one\n"));
     assert_eq!(std::fs::read_to_string(&site).unwrap(), "bundle 1\n");
-    assert_eq!((id(&prefix), id(&prev)), (one_id.clone(), two_id));
+    assert_eq!(
+        (container_id(&prefix), container_id(&prev)),
+        (one_id.clone(), two_id)
+    );
     // A successful update keeps no container beyond the one for rollback.
     run(4, &three, "ok").success();
-    assert_eq!(id(&prev), one_id);
+    assert_eq!(container_id(&prev), one_id);
     assert!(!docker_try(&["container", "inspect", &older]).0);
     assert_eq!(http_get(port, "/version").as_deref(), Some("app three\n"));
 }
