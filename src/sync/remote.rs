@@ -15,6 +15,7 @@
 //! <dir>/.<name>.ferry/meta/<id>.edited              paths of that release edited by hand in place (shared inode)
 //! <dir>/.<name>.ferry/stamp                        live files newer than this were edited by hand
 //! <dir>/.<name>.ferry/modes-used                   release mode: the file modes objects/ holds
+//! <dir>/.<name>.ferry/scan.start                   release mode: when the last deploy's scans began
 //! <dir>/.<name>.ferry/incoming/                    a deploy in flight; removed by the next one
 //! <dir>/.<name>.ferry/inplace                      in-place mode: id of the release applied in <dir>/<name>
 //! <dir>/.<name>.ferry/applied                      in-place mode: files in <name> newer than this were edited
@@ -429,6 +430,8 @@ if [ -d "$S/releases" ]; then
   # edit would change them unseen: they go (their content is sent again when needed).
   # (Only in a store of in-place releases: in release mode every object has links.)
   if [ -f inplace ] && [ ! -e applied ]; then find objects -type f -links +1 -exec rm -f {} +; fi
+  # (When the scans began: see the check after the stream.)
+  [ "$M" = in-place ] || : > scan.start
 "#,
     store_state_sh!(),
     r#"
@@ -506,6 +509,13 @@ else
   ( umask 0; unpack ) || fail "unpacking the stream failed"
 fi
 [ -f incoming/COMPLETE ] || fail "the stream ended early"
+# A file of the live release edited by hand while this deploy ran (after its scan) may be linked
+# into the new release, and its mtime would fall before the new stamp: stop instead, and leave it
+# for the next deploy to find and repair.
+if [ "$M" != in-place ] && [ -n "$live" ] && [ -d "releases/$live" ] && [ -e scan.start ] &&
+   [ -n "$(find "releases/$live" -newer scan.start -print | head -c 1)" ]; then
+  fail "files in $T were changed on the host while this deploy ran; deploy again to repair them"
+fi
 if [ "$again" = 1 ]; then
   rid=$id
   [ -d "releases/$rid" ] || fail "release $rid is no longer on the host"
