@@ -560,30 +560,35 @@ fn sync_never_reuses_content_edited_through_any_release_on_busybox_host() {
 }
 
 /// A live file edited by hand while a deploy streams (after its scan) would be linked into the new
-/// release and pass for deployed content: that deploy stops, and the next one repairs the file.
+/// release (in place: left as it is) and pass for deployed content: that deploy stops, and the
+/// next one repairs the file. Both modes.
 #[test]
 fn an_edit_during_a_deploy_is_not_adopted() {
-    let site = Site::new("during", vec![Sshd::start()], one_step("app", ""));
-    site.write(b"index.html", b"v1");
-    site.deploy(&sha(1)).success();
-    let to = site.root().join("app");
-    let live = live_release(&to);
-    big_file(&site, "big.bin", 200, 5);
-    let run = interrupt_mid_stream(&site, &sha(2), |_| {
-        std::fs::write(to.join("index.html"), b"edited during the deploy").unwrap();
-    });
-    assert_eq!(run.code, 1, "{}", run.all());
-    assert!(
-        run.all()
-            .contains("changed on the host while this deploy ran"),
-        "{}",
-        run.all()
-    );
-    assert_eq!(live_release(&to), live);
-    let s = step(&site.deploy(&sha(2)).success());
-    assert_drift(&s, "1 file(s) modified");
-    assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"v1");
-    assert!(to.join("big.bin").exists());
+    for (mode, drift) in [
+        ("", "1 file(s) modified"),
+        (", mode: in-place", "1 path(s) added, edited or removed"),
+    ] {
+        let site = Site::new("during", vec![Sshd::start()], one_step("app", mode));
+        site.write(b"index.html", b"v1");
+        site.deploy(&sha(1)).success();
+        let to = site.root().join("app");
+        big_file(&site, "big.bin", 200, 5);
+        let run = interrupt_mid_stream(&site, &sha(2), |_| {
+            std::fs::write(to.join("index.html"), b"edited during the deploy").unwrap();
+        });
+        assert_eq!(run.code, 1, "{mode}: {}", run.all());
+        assert!(
+            run.all()
+                .contains("changed on the host while this deploy ran"),
+            "{mode}: {}",
+            run.all()
+        );
+        assert!(!to.join("big.bin").exists(), "{mode}");
+        let s = step(&site.deploy(&sha(2)).success());
+        assert_drift(&s, drift);
+        assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"v1");
+        assert!(to.join("big.bin").exists(), "{mode}");
+    }
 }
 
 #[test]

@@ -15,7 +15,7 @@
 //! <dir>/.<name>.ferry/meta/<id>.edited              paths of that release edited by hand in place (shared inode)
 //! <dir>/.<name>.ferry/stamp                        live files newer than this were edited by hand
 //! <dir>/.<name>.ferry/modes-used                   release mode: the file modes objects/ holds
-//! <dir>/.<name>.ferry/scan.start                   release mode: when the last deploy's scans began
+//! <dir>/.<name>.ferry/scan.start                   when the last deploy's scans began
 //! <dir>/.<name>.ferry/incoming/                    a deploy in flight; removed by the next one
 //! <dir>/.<name>.ferry/inplace                      in-place mode: id of the release applied in <dir>/<name>
 //! <dir>/.<name>.ferry/applied                      in-place mode: files in <name> newer than this were edited
@@ -431,7 +431,7 @@ if [ -d "$S/releases" ]; then
   # (Only in a store of in-place releases: in release mode every object has links.)
   if [ -f inplace ] && [ ! -e applied ]; then find objects -type f -links +1 -exec rm -f {} +; fi
   # (When the scans began: see the check after the stream.)
-  [ "$M" = in-place ] || : > scan.start
+  : > scan.start
 "#,
     store_state_sh!(),
     r#"
@@ -510,10 +510,15 @@ else
 fi
 [ -f incoming/COMPLETE ] || fail "the stream ended early"
 # A file of the live release edited by hand while this deploy ran (after its scan) may be linked
-# into the new release, and its mtime would fall before the new stamp: stop instead, and leave it
-# for the next deploy to find and repair.
-if [ "$M" != in-place ] && [ -n "$live" ] && [ -d "releases/$live" ] && [ -e scan.start ] &&
-   [ -n "$(find "releases/$live" -newer scan.start -print | head -c 1)" ]; then
+# into the new release (in place: left in `to`), and its mtime would fall before the new stamp:
+# stop instead, and leave it for the next deploy to find and repair. (In place, `to` itself got
+# the staging directory meanwhile.)
+if [ -e scan.start ] && if [ "$M" != in-place ]; then
+     [ -n "$live" ] && [ -d "releases/$live" ] &&
+       [ -n "$(find "releases/$live" -newer scan.start -print | head -c 1)" ]
+   else
+     [ -d "$T" ] && [ -n "$(cd "$T" && find . -path "./$SG" -prune -o ! -path . -newer "$S/scan.start" -print | head -c 1)" ]
+   fi; then
   fail "files in $T were changed on the host while this deploy ran; deploy again to repair them"
 fi
 if [ "$again" = 1 ]; then
