@@ -823,12 +823,17 @@ fn live_releases(reports: &[StepReport]) -> (BTreeMap<String, String>, Option<St
     (by_path, last)
 }
 
-/// The ledger's choice of what to roll back to on this host.
+/// The ledger's choice of what to roll back to on this host. In an environment whose root depends
+/// on the ref (a review app per branch), every branch writes to one ledger: only this ref's
+/// records count.
 async fn rollback_target(ctx: &StepCtx<'_>, to: Option<&str>) -> anyhow::Result<Option<Record>> {
+    let per_branch =
+        ctx.host.root.trim_end_matches('/') != ctx.host.state_base.trim_end_matches('/');
     let records: Vec<Record> = ledger::read(ctx.host, ctx.session)
         .await?
         .into_iter()
         .filter(|r| r.app == ctx.app && r.env == ctx.env && r.host == ctx.host.name())
+        .filter(|r| !per_branch || r.ref_slug == ctx.deploy.ref_slug)
         .collect();
     ledger::rollback_target(&records, to)
         .map(|r| r.cloned())

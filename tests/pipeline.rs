@@ -1236,3 +1236,45 @@ fn a_run_command_does_not_inherit_ignored_signals() {
     let mask = u64::from_str_radix(&mask, 16).unwrap();
     assert_eq!(mask & 0b110, 0, "SIGINT or SIGQUIT ignored: {mask:x}");
 }
+
+/// A review environment keeps one ledger for every branch: `ferry rollback` of one branch takes
+/// that branch's files back to its own previous deploy and leaves the other branches alone.
+#[test]
+fn rollback_in_a_review_environment_stays_on_its_branch() {
+    let host = Sshd::start();
+    let dir = TempDir::new("reviewrb");
+    let root = open_root(&dir);
+    let steps = format!(
+        "      - sync: {{ from: \"{}\", to: site }}\n",
+        dir.join("dist").display()
+    );
+    let p = pb(
+        &dir,
+        &[host.address()],
+        &format!("{root}/${{ref_slug}}"),
+        &steps,
+        "",
+    );
+    let deploy = |r: &str, n: u32| {
+        dir.write("dist/index.html", format!("{r} {n}\n"));
+        ci(&[&host], r, &format!("{n:040}"), &format!("50{n}"))
+            .arg("deploy")
+            .arg(&p)
+            .run()
+            .success();
+    };
+    deploy("feature/a", 1);
+    deploy("feature/a", 2);
+    deploy("feature/b", 3);
+    ci(&[&host], "feature/a", &format!("{:040}", 2), "509")
+        .arg("rollback")
+        .arg(&p)
+        .args(["--env", "test"])
+        .run()
+        .success();
+    let page = |slug: &str| {
+        std::fs::read_to_string(Path::new(&root).join(slug).join("site/index.html")).unwrap()
+    };
+    assert_eq!(page("feature-a"), "feature/a 1\n");
+    assert_eq!(page("feature-b"), "feature/b 3\n");
+}
