@@ -246,7 +246,42 @@ fn preflight(setup: &Setup, steps: &[Step], plan: bool, rollback: bool) -> anyho
                     run_secrets(r)?;
                 }
             }
-            _ => {}
+            // (Nor any image step.)
+            _ if rollback => {}
+            Step::DockerLogin(s) => {
+                host.expand(&s.registry)?;
+                host.expand(&s.user)?;
+                if !std::env::var(&s.password_env).is_ok_and(|p| !p.is_empty()) {
+                    anyhow::bail!(
+                        "docker_login: environment variable {} is not set; it must hold the \
+                         registry password (a masked CI/CD variable)",
+                        s.password_env
+                    );
+                }
+            }
+            Step::DockerBuild(b) => {
+                host.path(&b.context)?;
+                host.expand(&b.tag)?;
+                if let Some(f) = &b.file {
+                    host.expand(f)?;
+                }
+                for v in b.build_args.values() {
+                    host.expand(v)?;
+                }
+            }
+            Step::DockerTag(t) => {
+                host.expand(&t.source)?;
+                host.expand(&t.target)?;
+            }
+            Step::DockerPush(i) | Step::DockerPull(i) => {
+                host.expand(&i.image)?;
+            }
+            Step::DockerPrune(p) => {
+                host.expand(&p.repository)?;
+            }
+            Step::DockerRemove(r) => {
+                host.expand(&r.name)?;
+            }
         }
         Ok(())
     };

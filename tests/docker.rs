@@ -408,6 +408,23 @@ fn tag_push_pull_through_the_registry() {
         assert!(plan.all().contains(&would), "{would}: {}", plan.all());
     }
     assert!(!docker_try(&["image", "inspect", &format!("{repo}:build-4242")]).0);
+    // Without the password, nothing runs: a configuration error, before any host is touched.
+    let unset = Ferry::new()
+        .trusting(&[&host])
+        .arg("deploy")
+        .arg(&pb_path)
+        .args(["--env", "test", "--ref", "v1.2.3", "--tag", "--sha", "cccc"])
+        .run()
+        .failure(2);
+    assert!(
+        unset.all().contains("REGISTRY_PASSWORD is not set"),
+        "{}",
+        unset.all()
+    );
+    assert!(
+        !dir.join("root/build/.ferry").exists(),
+        "the host was touched"
+    );
     let run = Ferry::new()
         .trusting(&[&host])
         .arg("deploy")
@@ -569,7 +586,7 @@ fn wrong_registry_password_is_clear_and_never_shown() {
         .arg(&pb)
         .args(["--env", "test", "--ref", "main", "--sha", "aaaa"])
         .run()
-        .failure(1);
+        .failure(2);
     assert!(run.all().contains("REG_PW is not set"), "{}", run.all());
 }
 
