@@ -102,6 +102,22 @@ impl KnownHosts {
         }
     }
 
+    /// The host key algorithms of the keys known for `host` on `port` (revoked ones aside), in
+    /// the order they appear.
+    pub fn algorithms(&self, host: &str, port: u16) -> Vec<russh::keys::Algorithm> {
+        let name = host_key_name(host, port);
+        let mut found = Vec::new();
+        for e in &self.entries {
+            if e.marker == Marker::None && matches(&e.patterns, &name) {
+                let a = e.key.algorithm();
+                if !found.contains(&a) {
+                    found.push(a);
+                }
+            }
+        }
+        found
+    }
+
     /// Append `key` for `host:port` to [`KnownHosts::record_to`] (for `--accept-new`).
     pub fn record(&mut self, host: &str, port: u16, key: &PublicKey) -> std::io::Result<()> {
         use std::io::Write;

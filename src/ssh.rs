@@ -301,7 +301,14 @@ impl Connector {
             connector: self.clone(),
             outcome: outcome.clone(),
         };
-        let config = Arc::new(client_config());
+        let known = self
+            .known_hosts
+            .lock()
+            .unwrap()
+            .algorithms(&target.host, target.port);
+        let mut config = client_config();
+        config.preferred.key = host_key_order(&known).into();
+        let config = Arc::new(config);
         let connected = match jump {
             None => {
                 let tcp = tokio::net::TcpStream::connect((target.host.as_str(), target.port))
@@ -423,6 +430,23 @@ impl Connector {
             })
         }
     }
+}
+
+/// The host key algorithms to ask for, those of the keys known for the host first (as OpenSSH
+/// does): a host known by its ECDSA or RSA key is then not met with its Ed25519 key, which would
+/// read as a mismatch.
+fn host_key_order(known: &[russh::keys::Algorithm]) -> Vec<russh::keys::Algorithm> {
+    use russh::keys::Algorithm;
+    let is_known = |a: &Algorithm| {
+        known.iter().any(|k| match (k, a) {
+            // (One RSA key serves all three RSA signature algorithms.)
+            (Algorithm::Rsa { .. }, Algorithm::Rsa { .. }) => true,
+            _ => k == a,
+        })
+    };
+    let all = russh::Preferred::DEFAULT.key;
+    let (first, rest): (Vec<Algorithm>, Vec<Algorithm>) = all.iter().cloned().partition(is_known);
+    first.into_iter().chain(rest).collect()
 }
 
 fn client_config() -> client::Config {

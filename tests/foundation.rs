@@ -224,6 +224,43 @@ fn host_key_mismatch_is_a_hard_error_with_both_fingerprints() {
     );
 }
 
+/// A host known by its ECDSA or RSA key only (`ssh-keyscan -t rsa`, say) is asked for that key, as
+/// OpenSSH does, though it also has an Ed25519 one: no false mismatch.
+#[test]
+fn a_host_known_by_another_key_type_is_asked_for_that_one() {
+    let dir = TempDir::new("keytypes");
+    let mut keys = Vec::new();
+    for t in ["ecdsa", "rsa"] {
+        let path = dir.join(format!("host_{t}"));
+        run_ok(
+            std::process::Command::new("ssh-keygen")
+                .args(["-q", "-t", t, "-N", "", "-f"])
+                .arg(&path),
+        );
+        let public = std::fs::read_to_string(path.with_extension("pub")).unwrap();
+        keys.push((path, public.trim().to_string()));
+    }
+    let host = Sshd::start_with(SshdOptions {
+        extra_config: keys
+            .iter()
+            .map(|(p, _)| format!("HostKey {}", p.display()))
+            .collect(),
+        ..Default::default()
+    });
+    let pb = env_pb(&dir, &[host.address()]);
+    for (_, public) in &keys {
+        let kh = format!("[127.0.0.1]:{} {public}\n", host.port);
+        let run = Ferry::new()
+            .trusting(&[])
+            .env("SSH_KNOWN_HOSTS", kh)
+            .args(["exec", "--env", "test"])
+            .arg(&pb)
+            .args(["--", "true"])
+            .run();
+        assert_eq!(run.code, 0, "{public}: {}", run.all());
+    }
+}
+
 #[test]
 fn unknown_host_fails_unless_accept_new_records_it() {
     let host = Sshd::start();
