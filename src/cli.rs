@@ -285,6 +285,30 @@ impl Setup {
     }
 }
 
+/// The environments a command over all of them (check, status, history) covers: the one named, or
+/// every one of which `--limit` keeps a host.
+pub fn every_env(g: &Global, pb: &Playbook, target: &Target) -> anyhow::Result<Vec<String>> {
+    if let Some(e) = &target.env {
+        pb.environment(e).map_err(UsageError)?;
+        return Ok(vec![e.clone()]);
+    }
+    let vars = DeployContext::placeholder().vars();
+    let envs: Vec<String> = pb
+        .environments
+        .keys()
+        .filter(|e| inventory::any_selected(pb, e, &vars, &g.limit))
+        .cloned()
+        .collect();
+    if envs.is_empty() {
+        return Err(UsageError(format!(
+            "no host of any environment matches --limit {}",
+            g.limit.join(", ")
+        ))
+        .into());
+    }
+    Ok(envs)
+}
+
 pub fn load_playbook(path: &std::path::Path) -> anyhow::Result<Playbook> {
     playbook::load(path).map_err(|e| UsageError(e.to_string()).into())
 }
@@ -359,10 +383,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Check { target } => {
             let pb = load_playbook(&target.playbook)?;
-            let envs: Vec<String> = match &target.env {
-                Some(e) => vec![e.clone()],
-                None => pb.environments.keys().cloned().collect(),
-            };
+            let envs = every_env(g, &pb, &target)?;
             let mut all = Vec::new();
             for env in envs {
                 let s = Setup::with_playbook(g, pb.clone(), &env, None)?;

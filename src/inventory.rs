@@ -79,6 +79,30 @@ pub struct RunSettings {
 }
 
 /// Resolve `env_name` of `pb` into hosts, with `base_vars` (the deploy context's) underneath.
+/// Whether `--limit` (empty: no limit) keeps a host, by its name or its address's host part.
+fn limited_to(limit: &[String], name: &str, host: &str) -> bool {
+    limit.is_empty() || limit.iter().any(|l| l == name || l == host)
+}
+
+/// Whether `--limit` keeps any host of environment `env_name`, for commands over every
+/// environment (those it keeps none of are left out). An environment whose hosts cannot be read
+/// here counts as kept: resolving it says why.
+pub fn any_selected(pb: &Playbook, env_name: &str, base_vars: &Vars, limit: &[String]) -> bool {
+    let Ok(env) = pb.environment(env_name) else {
+        return true;
+    };
+    env.hosts.iter().any(|entry| {
+        let Ok(spec) = template::expand(&entry.address, base_vars) else {
+            return true;
+        };
+        let Ok(address) = playbook::parse_address(&spec) else {
+            return true;
+        };
+        let name = entry.name.clone().unwrap_or_else(|| spec.clone());
+        limited_to(limit, &name, &address.host)
+    })
+}
+
 pub fn resolve(
     pb: &Playbook,
     env_name: &str,
@@ -110,7 +134,7 @@ pub fn resolve(
             .map_err(anyhow::Error::msg)
             .with_context(|| format!("environment `{env_name}`: host `{}`", entry.address))?;
         let name = entry.name.clone().unwrap_or_else(|| spec.clone());
-        if !ov.limit.is_empty() && !ov.limit.iter().any(|l| l == &name || l == &address.host) {
+        if !limited_to(&ov.limit, &name, &address.host) {
             continue;
         }
         let ssh = entry.ssh.merged(&env_ssh);

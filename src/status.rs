@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Serialize;
 
 use crate::ci::{DeployContext, short_sha};
-use crate::cli::{Global, Setup, Target, UsageError};
+use crate::cli::{Global, Setup, Target, every_env};
 use crate::inventory::{self, Host, Overrides};
 use crate::ledger::{self, Record};
 use crate::playbook::{Playbook, Step};
@@ -413,16 +413,6 @@ async fn gather(
     Ok((per_branch, views))
 }
 
-fn envs_of(pb: &Playbook, target: &Target) -> anyhow::Result<Vec<String>> {
-    match &target.env {
-        Some(e) => {
-            pb.environment(e).map_err(UsageError)?;
-            Ok(vec![e.clone()])
-        }
-        None => Ok(pb.environments.keys().cloned().collect()),
-    }
-}
-
 fn when(unix: u64) -> String {
     time::OffsetDateTime::from_unix_timestamp(unix as i64)
         .ok()
@@ -448,7 +438,7 @@ pub async fn cli_status(
     ref_name: Option<&str>,
 ) -> anyhow::Result<i32> {
     let pb = crate::cli::load_playbook(&target.playbook)?;
-    let envs = envs_of(&pb, target)?;
+    let envs = every_env(g, &pb, target)?;
     // Every environment at once; within each, every host at once.
     let gathered = futures::future::join_all(envs.iter().map(|e| gather(g, &pb, e, true))).await;
     let mut statuses = Vec::new();
@@ -560,7 +550,7 @@ pub async fn cli_history(
     n: usize,
 ) -> anyhow::Result<i32> {
     let pb = crate::cli::load_playbook(&target.playbook)?;
-    let envs = envs_of(&pb, target)?;
+    let envs = every_env(g, &pb, target)?;
     let gathered = futures::future::join_all(envs.iter().map(|e| gather(g, &pb, e, false))).await;
     let mut records = Vec::new();
     let mut errors = Vec::new();

@@ -10,6 +10,48 @@ fn env_pb(dir: &TempDir, hosts: &[String]) -> std::path::PathBuf {
     playbook(dir, "ferry.yml", hosts, "")
 }
 
+/// `--limit` over every environment (check, status) covers those it keeps a host of; one that
+/// keeps none anywhere is a usage error.
+#[test]
+fn limit_across_environments_skips_those_without_the_host() {
+    let (a, b) = (Sshd::start(), Sshd::start());
+    let dir = TempDir::new("limitenvs");
+    let root = dir.join("root").display().to_string();
+    let pb = dir.write(
+        "ferry.yml",
+        format!(
+            "app: testapp\nenvironments:\n  one:\n    root: {root}/one\n    hosts: [\"{}\"]\n  \
+             two:\n    root: {root}/two\n    hosts: [\"{}\"]\n",
+            a.address(),
+            b.address()
+        ),
+    );
+    for cmd in ["check", "status"] {
+        let run = Ferry::new()
+            .trusting(&[&a, &b])
+            .args([cmd, "--limit", &b.address()])
+            .arg(&pb)
+            .run();
+        assert_eq!(run.code, 0, "{cmd}: {}", run.all());
+        if cmd == "check" {
+            assert!(run.stdout.contains(&b.address()), "{}", run.all());
+            assert!(!run.stdout.contains(&a.address()), "{}", run.all());
+        }
+    }
+    let run = Ferry::new()
+        .trusting(&[&a, &b])
+        .args(["check", "--limit", "nohost"])
+        .arg(&pb)
+        .run()
+        .failure(2);
+    assert!(
+        run.all()
+            .contains("no host of any environment matches --limit nohost"),
+        "{}",
+        run.all()
+    );
+}
+
 #[test]
 fn check_shows_table_for_a_reachable_host() {
     let host = Sshd::start();
