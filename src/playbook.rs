@@ -940,6 +940,16 @@ fn validate(pb: &Playbook) -> Result<(), Invalid> {
                 format!("environment `{name}` has no hosts"),
             );
         }
+        // A branch name may hold `/` (`feature/x`): a root per branch would nest, and its state
+        // (ledger, locks) would land where `ferry status` does not look.
+        if env.root.as_deref().is_some_and(|r| r.contains("${ref}")) {
+            return fail(
+                here(&[key("root")]),
+                format!(
+                    "environment `{name}`: root uses `${{ref}}`, which may hold `/`; use `${{ref_slug}}` for a directory per branch"
+                ),
+            );
+        }
         let mut seen = std::collections::BTreeSet::new();
         for (i, h) in env.hosts.iter().enumerate() {
             // One key, one known_hosts and one connection budget serve a whole run.
@@ -1237,6 +1247,10 @@ mod tests {
             (
                 "app: a\nenvironments:\n  e:\n    hosts: []\n".into(),
                 "pb.yml:4:12: environment `e` has no hosts",
+            ),
+            (
+                "app: a\nenvironments:\n  e:\n    hosts: [h1]\n    root: /srv/review/${ref}\n".into(),
+                "pb.yml:5:11: environment `e`: root uses `${ref}`",
             ),
             (
                 "app: a\nenvironments:\n  e:\n    hosts: [h1]\n    steps:\n      - container:\n          name: c\n          image: i\n          health: { type: docker, timeout: 0s }\n".into(),
