@@ -139,18 +139,26 @@ pub fn resolve(
         }
         let ssh = entry.ssh.merged(&env_ssh);
         // Later layers win; each value may use the layers below it and `${env.NAME}`.
+        // (`app`, `env` and `host` are there for every layer, and no layer may set them.)
+        let fixed = [
+            ("app", &pb.app),
+            ("env", &env_name.to_string()),
+            ("host", &name),
+        ]
+        .map(|(k, v)| (k.to_string(), v.clone()));
         let layered = |base: &Vars| -> anyhow::Result<Vars> {
             let mut vars = base.clone();
+            vars.extend(fixed.clone());
             for layer in [&pb.vars, &env.vars, &entry.vars] {
                 for (k, v) in layer {
+                    if fixed.iter().any(|(f, _)| f == k) {
+                        bail!("variable `{k}` is set by ferry; give yours another name");
+                    }
                     let value =
                         template::expand(v, &vars).with_context(|| format!("variable `{k}`"))?;
                     vars.insert(k.clone(), value);
                 }
             }
-            vars.insert("app".into(), pb.app.clone());
-            vars.insert("env".into(), env_name.to_string());
-            vars.insert("host".into(), name.clone());
             Ok(vars)
         };
         let mut vars = layered(base_vars)?;
@@ -277,7 +285,7 @@ mod tests {
     #[test]
     fn layering_and_templates() {
         let pb = playbook::parse(
-            "app: shop\nssh: { user: deploy, port: 2200 }\nvars: { site: a }\nenvironments:\n  review:\n    root: /srv/review/${ref_slug}\n    ssh: { proxy_jump: 'jump@bastion:2022' }\n    hosts:\n      - web1\n      - { host: web2, user: root, port: 22, vars: { site: b } }\n",
+            "app: shop\nssh: { user: deploy, port: 2200 }\nvars: { site: a, dir: '/srv/${app}/${env}/${host}' }\nenvironments:\n  review:\n    root: /srv/review/${ref_slug}\n    ssh: { proxy_jump: 'jump@bastion:2022' }\n    hosts:\n      - web1\n      - { host: web2, user: root, port: 22, vars: { site: b } }\n",
             Path::new("pb.yml"),
         )
         .unwrap();
@@ -294,6 +302,15 @@ mod tests {
         );
         assert_eq!(hosts[1].target.user, "root");
         assert_eq!(hosts[1].vars["site"], "b");
+        // Variables may use `app`, `env` and `host`, and may not set them.
+        assert_eq!(hosts[1].vars["dir"], "/srv/shop/review/web2");
+        let mut pb = pb;
+        pb.vars.insert("host".into(), "x".into());
+        let e = resolve(&pb, "review", &base, &Overrides::default()).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("variable `host` is set by ferry"),
+            "{e:#}"
+        );
         let jump = hosts[0].target.jump.as_ref().unwrap();
         assert_eq!(
             (jump.user.as_str(), jump.host.as_str(), jump.port),
