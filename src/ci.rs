@@ -128,6 +128,20 @@ impl DeployContext {
 
 /// The first 8 characters of a commit, as people quote it. Never panics: a sha read back from a
 /// host may be anything.
+/// A CI/CD variable that holds text: its value, or, for a GitLab variable of type File (the value
+/// is the path of a file holding it), that file's content. `None` when unset or empty.
+pub fn text_variable(name: &str) -> Option<String> {
+    let value = std::env::var(name).ok().filter(|v| !v.trim().is_empty())?;
+    let path = std::path::Path::new(value.trim());
+    if !value.trim().contains('\n')
+        && path.is_absolute()
+        && let Ok(text) = std::fs::read_to_string(path)
+    {
+        return Some(text);
+    }
+    Some(value)
+}
+
 pub fn short_sha(sha: &str) -> &str {
     sha.get(..8).unwrap_or(sha)
 }

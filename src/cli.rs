@@ -340,18 +340,18 @@ fn connector(
         }
         KnownHostsSource::File(p) => KnownHosts::from_file(p)
             .map_err(|e| UsageError(format!("cannot read known_hosts {}: {e}", p.display())))?,
-        KnownHostsSource::Env => match std::env::var("SSH_KNOWN_HOSTS") {
-            Ok(t) => from_env(t),
-            Err(_) => {
+        KnownHostsSource::Env => match crate::ci::text_variable("SSH_KNOWN_HOSTS") {
+            Some(t) => from_env(t),
+            None => {
                 return Err(UsageError(
                     "known_hosts: env is configured but SSH_KNOWN_HOSTS is not set".into(),
                 )
                 .into());
             }
         },
-        KnownHostsSource::Auto => match std::env::var("SSH_KNOWN_HOSTS") {
-            Ok(t) if !t.trim().is_empty() => from_env(t),
-            _ => KnownHosts::from_file(&default_file()).map_err(|e| {
+        KnownHostsSource::Auto => match crate::ci::text_variable("SSH_KNOWN_HOSTS") {
+            Some(t) => from_env(t),
+            None => KnownHosts::from_file(&default_file()).map_err(|e| {
                 UsageError(format!(
                     "cannot read known_hosts {}: {e}",
                     default_file().display()

@@ -65,14 +65,14 @@ pub fn load(source: &KeySource, identity: Option<&Path>) -> Result<Credentials, 
     }
     match source {
         KeySource::File(path) => from_file(path, passphrase.as_deref()),
-        KeySource::Env => match std::env::var(KEY_VAR) {
-            Ok(text) => from_text(&text, passphrase.as_deref(), KEY_VAR),
-            Err(_) => Err(KeyError::NoKey),
+        KeySource::Env => match crate::ci::text_variable(KEY_VAR) {
+            Some(text) => from_text(&text, passphrase.as_deref(), KEY_VAR),
+            None => Err(KeyError::NoKey),
         },
         KeySource::Agent => agent(),
-        KeySource::Auto => match std::env::var(KEY_VAR) {
-            Ok(text) => from_text(&text, passphrase.as_deref(), KEY_VAR),
-            Err(_) => agent().map_err(|_| KeyError::NoKey),
+        KeySource::Auto => match crate::ci::text_variable(KEY_VAR) {
+            Some(text) => from_text(&text, passphrase.as_deref(), KEY_VAR),
+            None => agent().map_err(|_| KeyError::NoKey),
         },
     }
 }

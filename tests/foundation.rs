@@ -303,6 +303,25 @@ fn a_host_known_by_another_key_type_is_asked_for_that_one() {
     }
 }
 
+/// GitLab variables of type File hold the path of a file with the value: SSH_PRIVATE_KEY and
+/// SSH_KNOWN_HOSTS may be either kind.
+#[test]
+fn ci_variables_of_type_file_are_read() {
+    let host = Sshd::start();
+    let dir = TempDir::new("filevars");
+    let pb = env_pb(&dir, &[host.address()]);
+    let kh = dir.write("known_hosts", host.known_hosts_line());
+    let run = Ferry::new()
+        .trusting(&[&host])
+        .env("SSH_PRIVATE_KEY", &default_key().private)
+        .env("SSH_KNOWN_HOSTS", &kh)
+        .args(["exec", "--env", "test"])
+        .arg(&pb)
+        .args(["--", "true"])
+        .run();
+    assert_eq!(run.code, 0, "{}", run.all());
+}
+
 #[test]
 fn unknown_host_fails_unless_accept_new_records_it() {
     let host = Sshd::start();
