@@ -622,7 +622,7 @@ impl<'de> Deserialize<'de> for Command {
             S(String),
             V(Vec<String>),
         }
-        match Raw::deserialize(d)? {
+        match expected(Raw::deserialize(d), "a command line or a list of words")? {
             Raw::S(s) => Ok(Command::Shell(s)),
             Raw::V(v) if !v.is_empty() => Ok(Command::Argv(v)),
             Raw::V(_) => Err(serde::de::Error::custom("command must not be empty")),
@@ -651,10 +651,12 @@ fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error>
         One(String),
         Many(Vec<String>),
     }
-    Ok(match Raw::deserialize(d)? {
-        Raw::One(s) => vec![s],
-        Raw::Many(v) => v,
-    })
+    Ok(
+        match expected(Raw::deserialize(d), "a name or a list of names")? {
+            Raw::One(s) => vec![s],
+            Raw::Many(v) => v,
+        },
+    )
 }
 
 fn opt_argv<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
@@ -664,15 +666,18 @@ fn opt_argv<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::E
         One(String),
         Many(Vec<String>),
     }
-    Ok(match Option::<Raw>::deserialize(d)? {
-        None => None,
-        Some(Raw::One(s)) => {
-            Some(shlex::split(&s).ok_or_else(|| {
+    Ok(
+        match expected(
+            Option::<Raw>::deserialize(d),
+            "a command line or a list of words",
+        )? {
+            None => None,
+            Some(Raw::One(s)) => Some(shlex::split(&s).ok_or_else(|| {
                 serde::de::Error::custom(format!("cannot split `{s}` into words"))
-            })?)
-        }
-        Some(Raw::Many(v)) => Some(v),
-    })
+            })?),
+            Some(Raw::Many(v)) => Some(v),
+        },
+    )
 }
 
 /// Parse `90s`, `5m`, `1h30m`, `250ms` or a bare number of seconds.
@@ -735,7 +740,7 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         N(u64),
         S(String),
     }
-    match Raw::deserialize(d)? {
+    match expected(Raw::deserialize(d), "a duration such as 30s, 5m or 1h30m")? {
         Raw::N(n) => Ok(Duration::from_secs(n)),
         Raw::S(s) => parse_duration(&s).map_err(serde::de::Error::custom),
     }
@@ -804,9 +809,27 @@ pub fn parse(text: &str, path: &Path) -> Result<Playbook, PlaybookError> {
     Ok(pb)
 }
 
-/// serde-saphyr's messages carry a source snippet after the first line; we print our own location.
+/// serde-saphyr's messages carry a source snippet after the first line, and may start with their
+/// own `error: line L column C: `; we print our own location.
 fn first_line(s: &str) -> String {
-    s.lines().next().unwrap_or(s).trim().to_string()
+    let line = s.lines().next().unwrap_or(s).trim();
+    let line = line.strip_prefix("error: ").unwrap_or(line);
+    match line.split_once(": ") {
+        Some((at, rest))
+            if at.starts_with("line ")
+                && at.contains(" column ")
+                && at.chars().all(|c| c.is_ascii_alphanumeric() || c == ' ') =>
+        {
+            rest.to_string()
+        }
+        _ => line.to_string(),
+    }
+}
+
+/// `Raw::deserialize`'s error for an untagged `Raw` (which names the internal type) replaced by
+/// what the value should have been.
+fn expected<T, E: serde::de::Error>(r: Result<T, E>, what: &str) -> Result<T, E> {
+    r.map_err(|_| E::custom(format!("expected {what}")))
 }
 
 /// One step of a path from the document's root to a node: a map key or a list index.
@@ -1131,6 +1154,21 @@ mod tests {
         let err = p("app: shop\nenvironments: [\n").unwrap_err();
         assert!(
             matches!(err, PlaybookError::Syntax { line: 2.., .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn syntax_errors_say_where_once_and_what_was_expected() {
+        let err = p("app: a\n  bad: [\n").unwrap_err().to_string();
+        assert!(
+            err.starts_with("pb.yml:2:") && !err.contains("column"),
+            "{err}"
+        );
+        let rules = "app: a\nenvironments:\n  e:\n    hosts: [h1]\nrules:\n  - branch: main\n    deploy: {a: 1}\n";
+        let err = p(rules).unwrap_err().to_string();
+        assert!(
+            err.starts_with("pb.yml:7:13: expected a name or a list of names"),
             "{err}"
         );
     }
