@@ -474,7 +474,12 @@ pub fn render(statuses: &[EnvStatus]) -> String {
     branches.sort_by_key(|b| std::cmp::Reverse(b.1));
     let mut out = String::new();
     if branches.is_empty() {
-        out.push_str("no deploys recorded\n");
+        // (Hosts that could not be read are listed below: their deploys are not known.)
+        let unread = statuses.iter().any(|s| !s.flags.is_empty());
+        out.push_str(match unread {
+            false => "no deploys recorded\n",
+            true => "no deploys found on the hosts that could be read\n",
+        });
     }
     for (b, _) in &branches {
         out.push_str(&format!(
@@ -776,5 +781,16 @@ mod tests {
         let text = render(&[st]);
         assert!(text.contains("'release-$(touch /tmp/pwned)'"), "{text}");
         assert!(text.contains("attention:"), "{text}");
+        // No host could be read: that is not "no deploys".
+        let only_bad = HostView {
+            host: "web9".into(),
+            records: Err("connection refused".into()),
+            live: BTreeMap::new(),
+        };
+        let text = render(&[summarize("staging", false, &[only_bad])]);
+        assert!(
+            !text.contains("no deploys recorded") && text.contains("could be read"),
+            "{text}"
+        );
     }
 }
