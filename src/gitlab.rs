@@ -41,6 +41,9 @@ pub struct Reporter {
     project_url: String,
     token: String,
     env: String,
+    /// The deployment's environment: `review/<ref slug>` for one deployed per branch, as GitLab
+    /// names review apps.
+    deploy_env: String,
     ctx: DeployContext,
     target_url: Option<String>,
     deployments: bool,
@@ -152,6 +155,10 @@ impl Reporter {
             ),
             token,
             env: env.into(),
+            deploy_env: match crate::status::is_per_branch(pb, env) {
+                true => format!("{env}/{}", ctx.ref_slug),
+                false => env.into(),
+            },
             ctx: ctx.clone(),
             target_url,
             deployments: settings.is_some_and(|s| s.deployments),
@@ -182,7 +189,7 @@ impl Reporter {
         let r = match existing {
             None => {
                 let body = json!({
-                    "environment": self.env,
+                    "environment": self.deploy_env,
                     "sha": self.ctx.sha,
                     "ref": self.ctx.ref_name,
                     "tag": self.ctx.is_tag,

@@ -712,6 +712,31 @@ fn gitlab_gets_commit_status_and_deployment_and_never_sees_the_token_in_output()
     assert_eq!(last.body["state"], "failed");
     assert_eq!(stub.deployments()[1], (101, "failed".to_string()));
     assert_eq!(stub.problems(), Vec::<String>::new());
+
+    // An environment deployed per branch is reported as `test/<ref slug>`, as GitLab names review
+    // apps.
+    let p = gitlab_pb(
+        &dir,
+        &host,
+        &format!("{root}/${{ref_slug}}"),
+        "      - run: { command: [\"true\"] }\n",
+    );
+    ci(&[&host], "feature/x", SHA, "904")
+        .env("CI_API_V4_URL", &stub.api_url)
+        .env("CI_PROJECT_ID", "group/shop")
+        .env("FERRY_GITLAB_TOKEN", TOKEN)
+        .arg("deploy")
+        .arg(&p)
+        .run()
+        .success();
+    let post = stub
+        .requests()
+        .into_iter()
+        .rev()
+        .find(|r| r.path.ends_with("/deployments"))
+        .unwrap();
+    assert_eq!(post.body["environment"], "test/feature-x");
+    assert_eq!(stub.problems(), Vec::<String>::new());
 }
 
 /// GitLab down (500s, or nothing listening): a warning, and the deploy still succeeds.
