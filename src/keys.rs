@@ -110,6 +110,13 @@ pub fn from_text(raw: &str, passphrase: Option<&str>, what: &str) -> Result<Cred
         Err(e) if passphrase.is_some() && is_decrypt_failure(&e) => {
             Err(KeyError::WrongPassphrase { what: what.into() })
         }
+        // (An encrypted PKCS#8 key fails to parse without a passphrase, saying nothing of it.)
+        Err(_)
+            if passphrase.is_none()
+                && text.starts_with("-----BEGIN ENCRYPTED PRIVATE KEY-----") =>
+        {
+            Err(KeyError::NeedPassphrase { what: what.into() })
+        }
         // The error text of the parser never contains key material, only a kind.
         Err(e) => Err(KeyError::Unreadable {
             what: what.into(),

@@ -161,6 +161,32 @@ fn every_key_kind_format_and_source() {
     }
 }
 
+/// An encrypted PKCS#8 key (`ssh-keygen -m PKCS8`) without its passphrase says so, as the other
+/// formats do.
+#[test]
+fn an_encrypted_pkcs8_key_asks_for_its_passphrase() {
+    let dir = TempDir::new("pkcs8");
+    let key = dir.join("id_pkcs8");
+    run_ok(
+        std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ecdsa", "-m", "PKCS8", "-N", "pw pw", "-f"])
+            .arg(&key),
+    );
+    let pb = env_pb(&dir, &["root@127.0.0.1:1".to_string()]);
+    let run = Ferry::new()
+        .env("SSH_PRIVATE_KEY", std::fs::read_to_string(&key).unwrap())
+        .args(["check", "--env", "test"])
+        .arg(&pb)
+        .run()
+        .failure(2);
+    assert!(
+        run.stderr
+            .contains("is encrypted: set SSH_PRIVATE_KEY_PASSPHRASE"),
+        "{}",
+        run.stderr
+    );
+}
+
 #[test]
 fn passphrase_protected_key() {
     let keys_dir = TempDir::new("enc");
