@@ -223,17 +223,18 @@ pub async fn cli_stop(
 /// Each step's values for each host (paths, container specs, secrets), worked out before any host
 /// is touched: a bad value stops the run with exit 2 instead of failing on one host half-way.
 fn preflight(setup: &Setup, steps: &[Step], plan: bool, rollback: bool) -> anyhow::Result<()> {
-    let check = |host: &Host, step: &Step| -> anyhow::Result<()> {
+    // Returns a sync step's target, which the steps' targets on the host are checked against.
+    let check = |host: &Host, step: &Step| -> anyhow::Result<Option<String>> {
         match step {
-            // (A rollback reads no `from` and runs no `run` step.)
-            Step::Sync(s) if rollback => {
-                sync::target_paths(host, &s.to)?;
-            }
-            Step::Run(_) if rollback => {}
             Step::Sync(s) => {
-                host.expand(&s.from)?;
-                sync::target_paths(host, &s.to)?;
+                // (A rollback reads no `from`.)
+                if !rollback {
+                    host.expand(&s.from)?;
+                }
+                return Ok(Some(sync::target_paths(host, &s.to)?.to));
             }
+            // (Nor runs any `run` step.)
+            Step::Run(_) if rollback => {}
             Step::SyncRemove(s) => {
                 sync::target_paths(host, &s.to)?;
             }
@@ -283,20 +284,13 @@ fn preflight(setup: &Setup, steps: &[Step], plan: bool, rollback: bool) -> anyho
                 host.expand(&r.name)?;
             }
         }
-        Ok(())
+        Ok(None)
     };
     for host in &setup.hosts {
+        let mut targets = Vec::new();
         for step in steps {
-            check(host, step).map_err(|e| UsageError(format!("{e:#}")))?;
+            targets.extend(check(host, step).map_err(|e| UsageError(format!("{e:#}")))?);
         }
-        // (Each `to` passed `check` above.)
-        let targets: Vec<String> = steps
-            .iter()
-            .filter_map(|step| match step {
-                Step::Sync(s) => sync::target_paths(host, &s.to).ok().map(|p| p.to),
-                _ => None,
-            })
-            .collect();
         sync::disjoint(host.name(), &targets).map_err(|e| UsageError(format!("{e:#}")))?;
     }
     Ok(())

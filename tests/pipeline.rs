@@ -659,15 +659,18 @@ fn gitlab_gets_commit_status_and_deployment_and_never_sees_the_token_in_output()
     let dir = TempDir::new("gitlab");
     let root = open_root(&dir);
     let stub = gitlab_stub::GitlabStub::start(TOKEN, "group/shop");
+    // `ferry deploy` of playbook `p` on `ref_name` in pipeline `pipeline`, reporting to the stub.
+    let deploy = |ref_name: &str, pipeline: &str, p: &Path| {
+        ci(&[&host], ref_name, SHA, pipeline)
+            .env("CI_API_V4_URL", &stub.api_url)
+            .env("CI_PROJECT_ID", "group/shop")
+            .env("FERRY_GITLAB_TOKEN", TOKEN)
+            .arg("deploy")
+            .arg(p)
+            .run()
+    };
     let p = gitlab_pb(&dir, &host, &root, "      - run: { command: [\"true\"] }\n");
-    let run = ci(&[&host], "release-9", SHA, "901")
-        .env("CI_API_V4_URL", &stub.api_url)
-        .env("CI_PROJECT_ID", "group/shop")
-        .env("FERRY_GITLAB_TOKEN", TOKEN)
-        .arg("deploy")
-        .arg(&p)
-        .run()
-        .success();
+    let run = deploy("release-9", "901", &p).success();
     assert!(!run.all().contains(TOKEN), "the token leaked");
     assert_eq!(stub.problems(), Vec::<String>::new());
     let statuses: Vec<_> = stub
@@ -695,14 +698,7 @@ fn gitlab_gets_commit_status_and_deployment_and_never_sees_the_token_in_output()
         &root,
         "      - run: { command: [\"false\"] }\n",
     );
-    ci(&[&host], "release-9", SHA, "902")
-        .env("CI_API_V4_URL", &stub.api_url)
-        .env("CI_PROJECT_ID", "group/shop")
-        .env("FERRY_GITLAB_TOKEN", TOKEN)
-        .arg("deploy")
-        .arg(&p)
-        .run()
-        .failure(1);
+    deploy("release-9", "902", &p).failure(1);
     let last = stub
         .requests()
         .into_iter()
@@ -721,14 +717,7 @@ fn gitlab_gets_commit_status_and_deployment_and_never_sees_the_token_in_output()
         &format!("{root}/${{ref_slug}}"),
         "      - run: { command: [\"true\"] }\n",
     );
-    ci(&[&host], "feature/x", SHA, "904")
-        .env("CI_API_V4_URL", &stub.api_url)
-        .env("CI_PROJECT_ID", "group/shop")
-        .env("FERRY_GITLAB_TOKEN", TOKEN)
-        .arg("deploy")
-        .arg(&p)
-        .run()
-        .success();
+    deploy("feature/x", "904", &p).success();
     let post = stub
         .requests()
         .into_iter()
