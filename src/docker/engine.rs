@@ -49,6 +49,9 @@ pub struct ContainerState {
     pub restart: String,
     /// How often Docker restarted it (its restart policy, after it exited).
     pub restart_count: i64,
+    /// When it was created and when it last started (the host's clock, RFC 3339).
+    pub created: String,
+    pub started_at: String,
 }
 
 /// The host's Docker engine, reached through its session.
@@ -217,6 +220,27 @@ impl<'a> Engine<'a> {
         Ok(())
     }
 
+    /// The exit code of the run before `state`'s current one (from Docker's events), for a
+    /// container its restart policy has already started again.
+    pub async fn last_exit_code(&self, state: &ContainerState) -> Option<i64> {
+        let filter = format!("container={}", state.id);
+        let args = [
+            "events",
+            "--since",
+            &state.created,
+            "--until",
+            &state.started_at,
+            "--filter",
+            &filter,
+            "--filter",
+            "event=die",
+            "--format",
+            "{{.Actor.Attributes.exitCode}}",
+        ];
+        let out = self.run(&args, None).await.ok()?;
+        out.lines().rev().find_map(|l| l.trim().parse().ok())
+    }
+
     /// The last lines of a container's logs (stdout and stderr), for failure reports.
     pub async fn logs(&self, name: &str) -> Vec<String> {
         match self
@@ -274,6 +298,8 @@ pub fn parse_container(v: &serde_json::Value) -> ContainerState {
             .pointer("/RestartCount")
             .and_then(|x| x.as_i64())
             .unwrap_or(0),
+        created: s("/Created").into(),
+        started_at: s("/State/StartedAt").into(),
         restart: match (
             s("/HostConfig/RestartPolicy/Name"),
             v.pointer("/HostConfig/RestartPolicy/MaximumRetryCount")

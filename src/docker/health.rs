@@ -20,10 +20,11 @@ pub enum Unhealthy {
     #[error("container {name} exited with code {code} while ferry waited for it to be healthy")]
     Exited { name: String, code: i64 },
     #[error(
-        "container {name} exited and was restarted by its restart policy while ferry waited for it \
-         to be healthy (it keeps exiting)"
+        "container {name} exited{} and was restarted by its restart policy while ferry waited for \
+         it to be healthy (it keeps exiting)",
+        code.map(|c| format!(" with code {c}")).unwrap_or_default()
     )]
-    Restarted { name: String },
+    Restarted { name: String, code: Option<i64> },
     #[error("container {name} disappeared while ferry waited for it")]
     Gone { name: String },
     #[error("container {name}: Docker reports it unhealthy")]
@@ -67,7 +68,11 @@ pub async fn wait(
         }
         // A crash loop fast enough to be running at every look still counts its restarts.
         if *restarts.get_or_insert(state.restart_count) != state.restart_count {
-            return Err(Unhealthy::Restarted { name: name.into() });
+            let code = engine.last_exit_code(&state).await;
+            return Err(Unhealthy::Restarted {
+                name: name.into(),
+                code,
+            });
         }
         let probe: Result<String, String> = match check.map(|c| c.kind) {
             None if started.elapsed() >= SETTLE => Ok("running (no health check)".into()),
