@@ -44,14 +44,15 @@ pub enum Unhealthy {
 }
 
 /// Wait until container `name` is healthy by `check` (or, without one, stays running for a moment).
-/// Returns a line saying how health was established.
+/// Called right after `docker start`, which sets its RestartCount to 0 (Docker and Podman alike):
+/// any restart counted since is the restart policy at work. Returns a line saying how health was
+/// established.
 pub async fn wait(
     engine: &Engine<'_>,
     name: &str,
     check: Option<&HealthCheck>,
 ) -> Result<String, Unhealthy> {
     let started = Instant::now();
-    let mut restarts = None;
     let (timeout, interval) = check
         .map(|c| (c.timeout, c.interval))
         .unwrap_or((SETTLE * 2, Duration::from_millis(500)));
@@ -66,8 +67,9 @@ pub async fn wait(
                 code: state.exit_code,
             });
         }
-        // A crash loop fast enough to be running at every look still counts its restarts.
-        if *restarts.get_or_insert(state.restart_count) != state.restart_count {
+        // A crash loop fast enough to be running at every look still counts its restarts (even
+        // one that had restarted before our first look).
+        if state.restart_count > 0 {
             let code = engine.last_exit_code(&state).await;
             return Err(Unhealthy::Restarted {
                 name: name.into(),
