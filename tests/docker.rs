@@ -620,7 +620,7 @@ fn docker_and_tcp_health_then_stop_removes_everything() {
     ctx.write(
         "Dockerfile",
         format!(
-            "FROM {plain}\nHEALTHCHECK --interval=1s --timeout=2s --retries=2 CMD wget -q -O /dev/null http://127.0.0.1:8080/health || exit 1\n"
+            "FROM {plain}\nHEALTHCHECK --interval=1s --timeout=5s --start-period=30s --retries=3 CMD wget -q -O /dev/null http://127.0.0.1:8080/health || exit 1\n"
         ),
     );
     let checked = format!("{prefix}-hc:1");
@@ -1041,7 +1041,7 @@ fn a_failed_second_container_takes_the_first_back() {
     let steps = format!(
         "{}      - container:\n          name: \"{worker}\"\n          \
          image: \"${{env.WORKER_IMAGE}}\"\n          ports: [\"127.0.0.1:{worker_port}:8080\"]\n          \
-         health: {{ type: http, url: \"http://127.0.0.1:{worker_port}/health\", timeout: 3s, interval: 200ms }}\n",
+         health: {{ type: http, url: \"http://127.0.0.1:{worker_port}/health\", timeout: 8s, interval: 200ms }}\n",
         bundle_and_app(&dir, &prefix, port)
     );
     let pb = pb(&dir, &[("web1", &host)], "", &steps);
@@ -1095,8 +1095,19 @@ fn ctrl_c_during_a_pull_stops_the_container_step() {
         .arg(&pb)
         .args(["--env", "test", "--ref", "main", "--sha", "aaaa"])
         .spawn();
-    // (By then the step is pulling: connecting and locking take well under a second.)
-    std::thread::sleep(std::time::Duration::from_secs(3));
+    // The step is pulling once Docker connects to the registry (the connection is held open).
+    silent.set_nonblocking(true).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let _held = loop {
+        match silent.accept() {
+            Ok((conn, _)) => break conn,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(std::time::Instant::now() < deadline, "no pull began");
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    };
     let sent = std::time::Instant::now();
     let st = std::process::Command::new("kill")
         .args(["-INT", &child.id().to_string()])

@@ -533,13 +533,13 @@ fn exec_timeout_is_enforced() {
     let pidfile = dir.join("pid");
     let run = Ferry::new()
         .trusting(&[&host])
-        .args(["exec", "--env", "test", "--timeout", "1s"])
+        .args(["exec", "--env", "test", "--timeout", "3s"])
         .arg(&pb)
         .args(["--", "sh", "-c", "echo $$ > \"$0\"; exec sleep 30"])
         .arg(&pidfile)
         .run()
         .failure(1);
-    assert!(run.stderr.contains("timed out after 1s"), "{}", run.stderr);
+    assert!(run.stderr.contains("timed out after 3s"), "{}", run.stderr);
     assert!(run.stderr.contains("exec sleep 30"), "{}", run.stderr);
     let pid = std::fs::read_to_string(&pidfile).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);

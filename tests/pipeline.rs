@@ -82,6 +82,17 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// A `run` step that touches `started` and then holds its deploy (and lock) until the test
+/// creates `release` (or two minutes pass, should the test fail first): the tests decide when it
+/// ends, not a sleep that a slow machine outlasts.
+fn gated_step(started: &Path, release: &Path) -> String {
+    format!(
+        "      - run: {{ command: [\"sh\", \"-c\", \"touch \\\"$0\\\"; i=0; while [ ! -e \\\"$1\\\" ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done\", \"{}\", \"{}\"] }}\n",
+        started.display(),
+        release.display()
+    )
+}
+
 #[test]
 fn deploy_records_the_ledger_and_releases_the_lock_on_both_shells() {
     for busybox in [false, true] {
@@ -267,15 +278,12 @@ fn concurrent_deploys_are_serialised_by_the_lock() {
     let host = Sshd::start();
     let dir = TempDir::new("concurrent");
     let root = open_root(&dir);
-    let marker = dir.join("first-running");
+    let (marker, release) = (dir.join("first-running"), dir.join("release"));
     let p = pb(
         &dir,
         &[host.address()],
         &root,
-        &format!(
-            "      - run: {{ command: [\"sh\", \"-c\", \"touch \\\"$0\\\"; sleep 3\", \"{}\"] }}\n",
-            marker.display()
-        ),
+        &gated_step(&marker, &release),
         "",
     );
     let lock_dir = Path::new(&root).join(".ferry/locks/testapp-test");
@@ -296,13 +304,31 @@ fn concurrent_deploys_are_serialised_by_the_lock() {
     assert!(all.contains("--lock-wait"), "{all}");
     // The refused deploy did not touch the holder's lock.
     assert!(lock_dir.exists());
-    let third = ci(&[&host], "release-3", SHA2, "203")
-        .args(["deploy", "--lock-wait", "30s"])
+    let (mut third, _home) = ci(&[&host], "release-3", SHA2, "203")
+        .args(["deploy", "--lock-wait", "60s"])
         .arg(&p)
-        .run()
-        .success();
-    assert!(third.stderr.contains("waiting up to"), "{}", third.stderr);
+        .spawn();
+    let stderr = third.stderr.take().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines() {
+                let mut s = seen.lock().unwrap();
+                s.push_str(&line.unwrap());
+                s.push('\n');
+            }
+        })
+    };
+    wait_for("the third deploy to wait for the lock", || {
+        seen.lock().unwrap().contains("waiting up to")
+    });
+    std::fs::write(&release, "").unwrap();
     first.join().unwrap().success();
+    let out = third.wait_with_output().unwrap();
+    reader.join().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", seen.lock().unwrap());
     let refs: Vec<String> = ledger(&Path::new(&root).join(".ferry"))
         .iter()
         .map(|r| r["ref"].as_str().unwrap().to_string())
@@ -345,6 +371,9 @@ fn a_killed_deploys_lock_is_shown_expires_and_is_taken_over() {
     wait_for("the deploy to start", || marker.exists());
     child.kill().unwrap();
     child.wait().unwrap();
+    // The lease (3s) is the killed run's; the test sets its end so that a slow machine cannot
+    // let it lapse before the checks that need it live.
+    set_lock_expiry(&root, 3600);
     let status = Ferry::new()
         .trusting(&[&host])
         .args(["lock", "status", "--env", "test"])
@@ -365,16 +394,15 @@ fn a_killed_deploys_lock_is_shown_expires_and_is_taken_over() {
         .success();
     let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
     assert_eq!(v[0]["lock"]["holder"]["ref"], "release-killed");
-    // Still inside the lease (3s): unlock refuses without --force.
+    // Still inside the lease: unlock refuses without --force.
     let early = Ferry::new()
         .trusting(&[&host])
         .args(["unlock", "--env", "test"])
         .arg(&p)
-        .run();
-    if early.code == 1 {
-        assert!(early.stdout.contains("--force"), "{}", early.stdout);
-    }
-    std::thread::sleep(Duration::from_secs(4));
+        .run()
+        .failure(1);
+    assert!(early.stdout.contains("--force"), "{}", early.stdout);
+    set_lock_expiry(&root, -10);
     let run = ci(&[&host], "release-next", SHA2, "301")
         .args(["deploy", "--plan"])
         .arg(&p)
@@ -900,12 +928,18 @@ fn stale_lock(root: &str, ago: i64) -> PathBuf {
         format!("{{\"token\":\"dead\",\"ref\":\"release-dead\",\"sha\":\"{SHA}\",\"pipeline_id\":null,\"job_url\":null,\"user\":\"bob\",\"controller\":\"gone\",\"pid\":1,\"started_at\":1}}\n"),
     )
     .unwrap();
+    set_lock_expiry(root, -ago);
+    lock_dir
+}
+
+/// Make the lock's lease end `secs` from now (negative: it has expired).
+fn set_lock_expiry(root: &str, secs: i64) {
+    let lock_dir = Path::new(root).join(".ferry/locks/testapp-test");
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64;
-    std::fs::write(lock_dir.join("expires"), format!("{}\n", now - ago)).unwrap();
-    lock_dir
+    std::fs::write(lock_dir.join("expires"), format!("{}\n", now + secs)).unwrap();
 }
 
 /// Deployer's auto-unlock race: several controllers find the same expired lock at once. Exactly one
@@ -919,7 +953,7 @@ fn only_one_of_many_controllers_takes_over_an_expired_lock() {
         &dir,
         &[host.address()],
         &root,
-        "      - run: { command: [\"sleep\", \"3\"] }\n",
+        &gated_step(&dir.join("started"), &dir.join("release")),
         "",
     );
     let lock_dir = stale_lock(&root, 100);
@@ -931,6 +965,11 @@ fn only_one_of_many_controllers_takes_over_an_expired_lock() {
             std::thread::spawn(move || ferry.run())
         })
         .collect();
+    // The winner holds the lock until the three others have given up.
+    wait_for("three controllers to give up", || {
+        runs.iter().filter(|t| t.is_finished()).count() >= 3
+    });
+    std::fs::write(dir.join("release"), "").unwrap();
     let runs: Vec<Run> = runs.into_iter().map(|t| t.join().unwrap()).collect();
     let winners: Vec<&Run> = runs.iter().filter(|r| r.code == 0).collect();
     assert_eq!(winners.len(), 1, "{runs:#?}");
@@ -966,27 +1005,27 @@ fn a_running_deploy_renews_its_lease() {
         &dir,
         &[host.address()],
         &root,
-        &format!(
-            "      - run: {{ command: [\"sh\", \"-c\", \"touch \\\"$0\\\"; sleep 7\", \"{}\"] }}\n",
-            marker.display()
-        ),
+        &gated_step(&marker, &dir.join("release")),
         "",
     );
+    // (A lease of 6s: its renewals time out after a sixth of it, which a loaded machine's SSH
+    // round trips can need.)
     let first = {
         let ferry = ci(&[&host], "release-long", SHA, "801")
-            .env("FERRY_LOCK_LEASE", "3s")
+            .env("FERRY_LOCK_LEASE", "6s")
             .arg("deploy")
             .arg(&p);
         std::thread::spawn(move || ferry.run())
     };
     wait_for("the long step to start", || marker.exists());
-    std::thread::sleep(Duration::from_secs(5)); // past the first lease
+    std::thread::sleep(Duration::from_secs(8)); // past the first lease
     let second = ci(&[&host], "release-other", SHA2, "802")
-        .env("FERRY_LOCK_LEASE", "3s")
+        .env("FERRY_LOCK_LEASE", "6s")
         .arg("deploy")
         .arg(&p)
         .run()
         .failure(1);
+    std::fs::write(dir.join("release"), "").unwrap();
     assert!(
         second.stdout.contains("held by ref release-long"),
         "{}",
@@ -1109,10 +1148,7 @@ fn hosts_of_one_run_share_a_lock_on_shared_storage() {
         &dir,
         &[a.address(), b.address()],
         &root,
-        &format!(
-            "      - run: {{ command: [\"sh\", \"-c\", \"touch \\\"$0\\\"; sleep 3\", \"{}\"] }}\n",
-            marker.display()
-        ),
+        &gated_step(&marker, &dir.join("release")),
         "",
     );
     let first = {
@@ -1130,6 +1166,7 @@ fn hosts_of_one_run_share_a_lock_on_shared_storage() {
         "{}",
         other.stdout
     );
+    std::fs::write(dir.join("release"), "").unwrap();
     first.join().unwrap().success();
     let records = ledger(&Path::new(&root).join(".ferry"));
     assert_eq!(records.len(), 2, "{records:?}");
@@ -1176,14 +1213,14 @@ fn a_run_step_past_its_timeout_is_stopped_on_the_host() {
         let dir = TempDir::new("runtimeout");
         let root = open_root(&dir);
         let pidfile = dir.join("pid");
-        let p = sleeper(&dir, &host, &root, &pidfile, ", timeout: 1s");
+        let p = sleeper(&dir, &host, &root, &pidfile, ", timeout: 3s");
         let run = ci(&[&host], "release-1", SHA, "301")
             .arg("deploy")
             .arg(&p)
             .run()
             .failure(1);
         assert!(
-            run.all().contains("did not finish within 1s"),
+            run.all().contains("did not finish within 3s"),
             "{}",
             run.all()
         );

@@ -157,8 +157,23 @@ pub fn remove_containers(prefix: &str) {
     }
 }
 
-/// GET http://127.0.0.1:PORT/PATH from the test machine: the body, or None.
+/// GET http://127.0.0.1:PORT/PATH from the test machine: the body of a 200 answer, or None after
+/// 15 s without one. (A container ferry put back is started, not waited for: its server may take
+/// a moment to listen.)
 pub fn http_get(port: u16, path: &str) -> Option<String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        if let Some(body) = http_get_once(port, path) {
+            return Some(body);
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+fn http_get_once(port: u16, path: &str) -> Option<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(std::time::Duration::from_secs(5)))

@@ -105,11 +105,17 @@ pub fn default_key() -> &'static ClientKey {
 pub struct TempDirStatic(PathBuf);
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    // From 20000-29999, below Linux's ephemeral range (32768-60999): a port the kernel hands out
+    // to an outgoing connection, or to another bind to port 0, cannot be one of these.
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7919) % 10_000;
+    loop {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = 20_000 + ((start + n) % 10_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Options for a test sshd.
@@ -275,7 +281,14 @@ impl Sshd {
             let mut child = child;
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
-                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                // Ours is listening (not some other process that took the port meanwhile).
+                let listening = std::fs::read_to_string(dir.join("sshd.log")).is_ok_and(|l| {
+                    l.contains(&format!("Server listening on 127.0.0.1 port {port}"))
+                });
+                if listening
+                    && matches!(child.try_wait(), Ok(None))
+                    && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                {
                     return Sshd {
                         port,
                         user: if opts.busybox {
