@@ -17,6 +17,7 @@ use crate::lock::Lock;
 use crate::playbook::{Command, RunStep, Step};
 use crate::report::{self, Progress, Section, Style};
 use crate::ssh::{Session, SshError};
+use crate::template::TemplateError;
 use crate::{docker, fleet, gitlab, rules, shell, sync};
 
 /// Which steps a run executes.
@@ -136,7 +137,7 @@ pub async fn cli_deploy(
             .collect()
     };
     for setup in &setups {
-        preflight(setup, &steps_of(setup), opts.plan, false)?;
+        preflight(setup, "steps", &steps_of(setup), opts.plan, false)?;
     }
     let mut reports = Vec::new();
     for setup in &setups {
@@ -163,7 +164,7 @@ pub async fn cli_rollback(
     };
     let setup = Setup::with_playbook(g, pb, &env, Some(&ctx))?;
     let steps = setup.playbook.environments[&env].steps.clone();
-    preflight(&setup, &steps, opts.plan, true)?;
+    preflight(&setup, "steps", &steps, opts.plan, true)?;
     let reports = run_env(
         &setup,
         &ctx,
@@ -207,6 +208,7 @@ pub async fn cli_stop(
     for setup in &setups {
         preflight(
             setup,
+            "on_stop",
             &pb.environments[&setup.env].on_stop,
             opts.plan,
             false,
@@ -222,7 +224,15 @@ pub async fn cli_stop(
 
 /// Each step's values for each host (paths, container specs, secrets), worked out before any host
 /// is touched: a bad value stops the run with exit 2 instead of failing on one host half-way.
-fn preflight(setup: &Setup, steps: &[Step], plan: bool, rollback: bool) -> anyhow::Result<()> {
+/// `section` names the playbook list the steps come from (`steps`, `on_stop`): errors about a
+/// template point at its line and column there.
+fn preflight(
+    setup: &Setup,
+    section: &str,
+    steps: &[Step],
+    plan: bool,
+    rollback: bool,
+) -> anyhow::Result<()> {
     // Returns a sync step's target, which the steps' targets on the host are checked against.
     let check = |host: &Host, step: &Step| -> anyhow::Result<Option<String>> {
         match step {
@@ -286,10 +296,29 @@ fn preflight(setup: &Setup, steps: &[Step], plan: bool, rollback: bool) -> anyho
         }
         Ok(None)
     };
+    let located = |e: anyhow::Error| {
+        let needle = e.chain().find_map(|c| {
+            if let Some(t) = c.downcast_ref::<TemplateError>() {
+                return Some(t.needle());
+            }
+            match c.downcast_ref::<docker::spec::SpecError>() {
+                Some(docker::spec::SpecError::Template { error, .. }) => Some(error.needle()),
+                _ => None,
+            }
+        });
+        let path = &setup.playbook.path;
+        let at = needle.and_then(|n| {
+            crate::playbook::locate_text(path, &["environments", &setup.env, section], &n)
+        });
+        match at {
+            Some((l, c)) => UsageError(format!("{}:{l}:{c}: {e:#}", path.display())),
+            None => UsageError(format!("{e:#}")),
+        }
+    };
     for host in &setup.hosts {
         let mut targets = Vec::new();
         for step in steps {
-            targets.extend(check(host, step).map_err(|e| UsageError(format!("{e:#}")))?);
+            targets.extend(check(host, step).map_err(located)?);
         }
         sync::disjoint(host.name(), &targets).map_err(|e| UsageError(format!("{e:#}")))?;
     }

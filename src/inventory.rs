@@ -36,8 +36,12 @@ impl Host {
 
     /// Expand a template with this host's variables.
     pub fn expand(&self, s: &str) -> anyhow::Result<String> {
+        self.template(s).with_context(|| self.name().to_string())
+    }
+
+    /// [`Host::expand`], with the template's own error.
+    pub fn template(&self, s: &str) -> Result<String, template::TemplateError> {
         template::expand(s, &self.vars)
-            .with_context(|| format!("{}: in playbook value", self.name()))
     }
 
     /// A remote path: absolute as given, or relative to the environment's root.

@@ -912,6 +912,37 @@ impl<'de> Deserialize<'de> for Node {
     }
 }
 
+/// Where `needle` first stands in the playbook at `path` inside the node at `at` (map keys), or
+/// where that node starts: to point an error found after loading (a template) at its line and
+/// column.
+pub fn locate_text(path: &Path, at: &[&str], needle: &str) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let segs: Vec<Seg> = at.iter().map(|k| key(k)).collect();
+    let (line, column) = locate(&text, &segs)?;
+    // (Lines and columns count from 1; columns in characters.)
+    let line_start: usize = text
+        .split_inclusive('\n')
+        .take(line as usize - 1)
+        .map(str::len)
+        .sum();
+    let start = line_start
+        + text[line_start..]
+            .chars()
+            .take(column as usize - 1)
+            .map(char::len_utf8)
+            .sum::<usize>();
+    let Some(hit) = text[start..].find(needle).map(|i| start + i) else {
+        return Some((line, column));
+    };
+    let before = &text[..hit];
+    let line = before.matches('\n').count() as u64 + 1;
+    let column = before[before.rfind('\n').map_or(0, |i| i + 1)..]
+        .chars()
+        .count() as u64
+        + 1;
+    Some((line, column))
+}
+
 /// The line and column of the node at `path` in `text`, or of its deepest ancestor that exists.
 fn locate(text: &str, path: &[Seg]) -> Option<(u64, u64)> {
     let root: serde_saphyr::Spanned<Node> = serde_saphyr::from_str(text).ok()?;
@@ -1211,6 +1242,26 @@ mod tests {
         ))
         .unwrap_err();
         assert!(err.to_string().starts_with("pb.yml:6:"), "{err}");
+    }
+
+    #[test]
+    fn text_is_located_inside_the_named_node() {
+        let dir = std::env::temp_dir().join(format!("ferry-locate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("pb.yml");
+        // `${x}` stands in both environments; the one asked about is found (columns in chars).
+        std::fs::write(
+            &path,
+            "app: a\nenvironments:\n  a:\n    steps:\n      - run: \"é ${x}\"\n  b:\n    steps:\n      - run: \"é ${x}\"\n",
+        )
+        .unwrap();
+        let at =
+            |env: &str, needle: &str| locate_text(&path, &["environments", env, "steps"], needle);
+        assert_eq!(at("a", "${x}"), Some((5, 17)));
+        assert_eq!(at("b", "${x}"), Some((8, 17)));
+        // Not found as written: the node itself.
+        assert_eq!(at("b", "${y}"), Some((8, 7)));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

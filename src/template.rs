@@ -25,6 +25,17 @@ pub enum TemplateError {
     UnsetEnv { name: String, template: String },
 }
 
+impl TemplateError {
+    /// The text at fault, as it stands in the playbook: what to look for to point at its line.
+    pub fn needle(&self) -> String {
+        match self {
+            TemplateError::Unknown { name, .. } => format!("${{{name}}}"),
+            TemplateError::UnsetEnv { name, .. } => format!("${{env.{name}"),
+            TemplateError::Unclosed { template } => template.clone(),
+        }
+    }
+}
+
 /// Replace every `${name}` in `template` with its value from `vars`, and `${env.NAME}` from the
 /// process environment.
 pub fn expand(template: &str, vars: &Vars) -> Result<String, TemplateError> {

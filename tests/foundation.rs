@@ -676,6 +676,10 @@ fn per_host_values_are_checked_before_any_host_is_touched() {
             "      - container: { name: \"web;reboot\", image: i }\n",
             "container name `web;reboot`",
         ),
+        (
+            "      - container: { name: web, image: \"img:${nosuch}\" }\n",
+            "container `web`: unknown variable `${nosuch}`",
+        ),
     ];
     for (step, want) in cases {
         let pb = playbook(
@@ -693,6 +697,14 @@ fn per_host_values_are_checked_before_any_host_is_touched() {
             .run()
             .failure(2);
         assert!(run.stderr.contains(want), "{step}: {}", run.stderr);
+        // A template error points at its place in the file (the step is the file's last line).
+        if let Some(col) = step.find("${") {
+            let text = std::fs::read_to_string(&pb).unwrap();
+            let at = format!("ferry.yml:{}:{}: ", text.lines().count(), col + 1);
+            assert!(run.stderr.contains(&at), "{at}: {}", run.stderr);
+            assert_eq!(run.stderr.matches("unknown variable").count(), 1);
+            assert!(!run.stderr.contains("container `web`: container"));
+        }
         assert!(
             run.stderr.contains("127.0.0.1:1"),
             "names the host: {}",

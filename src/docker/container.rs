@@ -606,10 +606,10 @@ pub async fn live(
     spec: &ContainerSpec,
 ) -> anyhow::Result<LiveContainer> {
     // Status needs no secrets: resolve with placeholder values.
-    let r = spec::resolve(spec, host.name(), &|s| host.expand(s), &|_| {
+    let r = spec::resolve(spec, host.name(), &|s| host.template(s), &|_| {
         Some(String::new())
     })
-    .with_context(|| format!("{}: container `{}`", host.name(), spec.name))?;
+    .with_context(|| host.name().to_string())?;
     let engine = Engine::new(host, session);
     let name = r.spec.name;
     Ok(match engine.container(&name).await? {

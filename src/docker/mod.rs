@@ -74,10 +74,10 @@ pub(crate) fn report(step: &str, changed: bool, summary: String, log: Vec<String
 
 /// The spec for this host, with secrets read from the controller's environment.
 pub(crate) fn resolve(host: &Host, spec: &ContainerSpec) -> anyhow::Result<Resolved> {
-    spec::resolve(spec, host.name(), &|s| host.expand(s), &|k| {
+    spec::resolve(spec, host.name(), &|s| host.template(s), &|k| {
         std::env::var(k).ok()
     })
-    .with_context(|| format!("{}: container `{}`", host.name(), spec.name))
+    .with_context(|| host.name().to_string())
 }
 
 /// An image id as `docker images` shows it: 12 hex digits.

@@ -23,7 +23,10 @@ pub enum SpecError {
         error: String,
     },
     #[error("container `{name}`: {error}")]
-    Template { name: String, error: String },
+    Template {
+        name: String,
+        error: crate::template::TemplateError,
+    },
     #[error(
         "container `{name}`: secret_env {var} reads environment variable {env_var}, which is not set; set it in the CI/CD variables"
     )]
@@ -70,14 +73,14 @@ pub fn with_overrides(spec: &ContainerSpec, host: &str) -> Result<ContainerSpec,
 pub fn resolve(
     spec: &ContainerSpec,
     host: &str,
-    expand: &dyn Fn(&str) -> anyhow::Result<String>,
+    expand: &dyn Fn(&str) -> Result<String, crate::template::TemplateError>,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Resolved, SpecError> {
     let mut s = with_overrides(spec, host)?;
     let name_for_err = s.name.clone();
-    let terr = |e: anyhow::Error| SpecError::Template {
+    let terr = |error| SpecError::Template {
         name: name_for_err.clone(),
-        error: format!("{e:#}"),
+        error,
     };
     let x = |v: &str| expand(v).map_err(terr);
     let xo = |v: &Option<String>| v.as_deref().map(x).transpose();
@@ -333,13 +336,13 @@ mod tests {
         }
     }
 
-    fn vars(s: &str) -> anyhow::Result<String> {
+    fn vars(s: &str) -> Result<String, crate::template::TemplateError> {
         let v: crate::template::Vars = [
             ("host".to_string(), "web1".to_string()),
             ("sha".to_string(), "abc".to_string()),
         ]
         .into();
-        Ok(crate::template::expand(s, &v)?)
+        crate::template::expand(s, &v)
     }
 
     fn env(k: &str) -> Option<String> {
