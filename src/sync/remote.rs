@@ -395,6 +395,8 @@ if [ -n "$live" ] && [ -d "$S/releases/$live" ] && [ -f "$S/meta/$live.manifest"
   lv=; { read -r lv < "$S/meta/$live.digest"; } 2>/dev/null || :
   [ -z "$lv" ] || { rec digest "$lv"; echo; }
 fi
+# When the scans began (the in-place one of `to` comes next): see the check after the stream.
+[ ! -d "$S/releases" ] || : > "$S/scan.start"
 "#,
     in_place_sh!(),
     r#"
@@ -430,8 +432,6 @@ if [ -d "$S/releases" ]; then
   # edit would change them unseen: they go (their content is sent again when needed).
   # (Only in a store of in-place releases: in release mode every object has links.)
   if [ -f inplace ] && [ ! -e applied ]; then find objects -type f -links +1 -exec rm -f {} +; fi
-  # (When the scans began: see the check after the stream.)
-  : > scan.start
 "#,
     store_state_sh!(),
     r#"
