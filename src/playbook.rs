@@ -1109,10 +1109,22 @@ pub fn health_problem(h: &HealthCheck) -> Option<(&'static str, String)> {
             format!("health check type {:?} needs `{field}`", h.kind),
         ));
     }
-    [("timeout", h.timeout), ("interval", h.interval)]
+    if let Some((field, _)) = [("timeout", h.timeout), ("interval", h.interval)]
         .into_iter()
         .find(|(_, d)| d.is_zero())
-        .map(|(field, _)| (field, format!("health `{field}` must be more than 0s")))
+    {
+        return Some((field, format!("health `{field}` must be more than 0s")));
+    }
+    (h.interval > h.timeout).then(|| {
+        (
+            "interval",
+            format!(
+                "health `interval` ({:?}) is longer than its `timeout` ({:?}): the check would be \
+                 tried once; shorten the interval or lengthen the timeout",
+                h.interval, h.timeout
+            ),
+        )
+    })
 }
 
 /// Names that go into paths and container names unquoted must be plain.
@@ -1348,6 +1360,10 @@ mod tests {
             (
                 "app: a\nenvironments:\n  e:\n    hosts: [h1]\n    steps:\n      - container:\n          name: c\n          image: i\n          health:\n            type: docker\n            interval: 0s\n".into(),
                 "pb.yml:11:23: container `c`: health `interval` must be more than 0s",
+            ),
+            (
+                "app: a\nenvironments:\n  e:\n    hosts: [h1]\n    steps:\n      - container:\n          name: c\n          image: i\n          health:\n            type: docker\n            timeout: 2s\n            interval: 5s\n".into(),
+                "pb.yml:12:23: container `c`: health `interval` (5s) is longer than its `timeout` (2s)",
             ),
             (
                 "app: a\nenvironments:\n  e:\n    hosts: [h1]\n    steps:\n      - container:\n          name: c\n          image: i\n          health: { type: docker }\n          hosts:\n            h1: { health: { type: docker, timeout: 0s } }\n".into(),
