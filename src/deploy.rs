@@ -128,16 +128,17 @@ pub async fn cli_deploy(
     }
     // Every environment's configuration is checked before any host is touched.
     let setups = setups(g, &pb, &envs, &ctx)?;
+    let runs = |s: &Step| scope == Scope::All || matches!(s, Step::Sync(_));
     let steps_of = |setup: &Setup| -> Vec<Step> {
         pb.environments[&setup.env]
             .steps
             .iter()
-            .filter(|s| scope == Scope::All || matches!(s, Step::Sync(_)))
+            .filter(|s| runs(s))
             .cloned()
             .collect()
     };
     for setup in &setups {
-        preflight(setup, "steps", &steps_of(setup), opts.plan, false)?;
+        preflight(setup, Checked::Steps(&runs), opts.plan, false)?;
     }
     let mut reports = Vec::new();
     for setup in &setups {
@@ -164,7 +165,7 @@ pub async fn cli_rollback(
     };
     let setup = Setup::with_playbook(g, pb, &env, Some(&ctx))?;
     let steps = setup.playbook.environments[&env].steps.clone();
-    preflight(&setup, "steps", &steps, opts.plan, true)?;
+    preflight(&setup, Checked::Steps(&|_| true), opts.plan, true)?;
     let reports = run_env(
         &setup,
         &ctx,
@@ -206,13 +207,7 @@ pub async fn cli_stop(
     }
     let setups = setups(g, &pb, &envs, &ctx)?;
     for setup in &setups {
-        preflight(
-            setup,
-            "on_stop",
-            &pb.environments[&setup.env].on_stop,
-            opts.plan,
-            false,
-        )?;
+        preflight(setup, Checked::OnStop, opts.plan, false)?;
     }
     let mut reports = Vec::new();
     for setup in &setups {
@@ -224,15 +219,27 @@ pub async fn cli_stop(
 
 /// Each step's values for each host (paths, container specs, secrets), worked out before any host
 /// is touched: a bad value stops the run with exit 2 instead of failing on one host half-way.
-/// `section` names the playbook list the steps come from (`steps`, `on_stop`): errors about a
-/// template point at its line and column there.
-fn preflight(
-    setup: &Setup,
-    section: &str,
-    steps: &[Step],
-    plan: bool,
-    rollback: bool,
-) -> anyhow::Result<()> {
+/// The steps a preflight checks: those of the environment's `steps` that will run, or its
+/// `on_stop`.
+enum Checked<'a> {
+    Steps(&'a dyn Fn(&Step) -> bool),
+    OnStop,
+}
+
+/// An error about a template points at its line and column in the playbook.
+fn preflight(setup: &Setup, section: Checked, plan: bool, rollback: bool) -> anyhow::Result<()> {
+    let env = &setup.playbook.environments[&setup.env];
+    let (key, steps): (&str, Vec<(usize, &Step)>) = match section {
+        Checked::Steps(runs) => (
+            "steps",
+            env.steps
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| runs(s))
+                .collect(),
+        ),
+        Checked::OnStop => ("on_stop", env.on_stop.iter().enumerate().collect()),
+    };
     // Returns a sync step's target, which the steps' targets on the host are checked against.
     let check = |host: &Host, step: &Step| -> anyhow::Result<Option<String>> {
         match step {
@@ -296,7 +303,7 @@ fn preflight(
         }
         Ok(None)
     };
-    let located = |e: anyhow::Error| {
+    let located = |i: usize, e: anyhow::Error| {
         let needle = e.chain().find_map(|c| {
             if let Some(t) = c.downcast_ref::<TemplateError>() {
                 return Some(t.needle());
@@ -307,9 +314,7 @@ fn preflight(
             }
         });
         let path = &setup.playbook.path;
-        let at = needle.and_then(|n| {
-            crate::playbook::locate_text(path, &["environments", &setup.env, section], &n)
-        });
+        let at = needle.and_then(|n| crate::playbook::locate_in_step(path, &setup.env, key, i, &n));
         match at {
             Some((l, c)) => UsageError(format!("{}:{l}:{c}: {e:#}", path.display())),
             None => UsageError(format!("{e:#}")),
@@ -317,8 +322,8 @@ fn preflight(
     };
     for host in &setup.hosts {
         let mut targets = Vec::new();
-        for step in steps {
-            targets.extend(check(host, step).map_err(located)?);
+        for &(i, step) in &steps {
+            targets.extend(check(host, step).map_err(|e| located(i, e))?);
         }
         sync::disjoint(host.name(), &targets).map_err(|e| UsageError(format!("{e:#}")))?;
     }

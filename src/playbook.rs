@@ -523,10 +523,21 @@ pub struct HealthCheck {
     #[serde(default = "default_health_timeout", deserialize_with = "duration")]
     #[serde(serialize_with = "ser_duration")]
     pub timeout: Duration,
-    /// Time between probes.
-    #[serde(default = "default_health_interval", deserialize_with = "duration")]
-    #[serde(serialize_with = "ser_duration")]
-    pub interval: Duration,
+    /// Time between probes (see [`HealthCheck::interval`]).
+    #[serde(default, deserialize_with = "opt_duration")]
+    #[serde(
+        serialize_with = "ser_opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub interval: Option<Duration>,
+}
+
+impl HealthCheck {
+    /// Time between probes: as given, or 1s (the timeout, if that is shorter).
+    pub fn interval(&self) -> Duration {
+        self.interval
+            .unwrap_or_else(|| Duration::from_secs(1).min(self.timeout))
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, serde::Serialize, PartialEq, Eq)]
@@ -541,12 +552,15 @@ fn default_health_timeout() -> Duration {
     Duration::from_secs(60)
 }
 
-fn default_health_interval() -> Duration {
-    Duration::from_secs(1)
-}
-
 fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format_duration(*d))
+}
+
+fn ser_opt_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => ser_duration(d, s),
+        None => s.serialize_none(),
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -912,26 +926,33 @@ impl<'de> Deserialize<'de> for Node {
     }
 }
 
-/// Where `needle` first stands in the playbook at `path` inside the node at `at` (map keys), or
-/// where that node starts: to point an error found after loading (a template) at its line and
-/// column.
-pub fn locate_text(path: &Path, at: &[&str], needle: &str) -> Option<(u64, u64)> {
+/// Where `needle` stands (not escaped as `$$`) in step `index` of environment `env`'s `section`
+/// (`steps`, `on_stop`) of the playbook at `path`, or where that step starts: to point an error
+/// found after loading (a template) at its line and column.
+pub fn locate_in_step(
+    path: &Path,
+    env: &str,
+    section: &str,
+    index: usize,
+    needle: &str,
+) -> Option<(u64, u64)> {
     let text = std::fs::read_to_string(path).ok()?;
-    let segs: Vec<Seg> = at.iter().map(|k| key(k)).collect();
-    let (line, column) = locate(&text, &segs)?;
-    // (Lines and columns count from 1; columns in characters.)
-    let line_start: usize = text
-        .split_inclusive('\n')
-        .take(line as usize - 1)
-        .map(str::len)
-        .sum();
-    let start = line_start
-        + text[line_start..]
-            .chars()
-            .take(column as usize - 1)
-            .map(char::len_utf8)
-            .sum::<usize>();
-    let Some(hit) = text[start..].find(needle).map(|i| start + i) else {
+    let root: serde_saphyr::Spanned<Node> = serde_saphyr::from_str(&text).ok()?;
+    let step = |i: usize| {
+        let at = [key("environments"), key(env), key(section), Seg::Index(i)];
+        let (node, found) = descend(&root, &at);
+        let l = node.referenced;
+        (found && l.line() > 0).then(|| (l.line(), l.column()))
+    };
+    let (line, column) = step(index)?;
+    let start = offset(&text, line, column);
+    // (The step ends where the next begins; the last one, at the end of the file.)
+    let end = step(index + 1).map_or(text.len(), |(l, c)| offset(&text, l, c));
+    let hit = text[start..end.max(start)]
+        .match_indices(needle)
+        .map(|(i, _)| start + i)
+        .find(|&i| !text[..i].ends_with('$'));
+    let Some(hit) = hit else {
         return Some((line, column));
     };
     let before = &text[..hit];
@@ -943,10 +964,28 @@ pub fn locate_text(path: &Path, at: &[&str], needle: &str) -> Option<(u64, u64)>
     Some((line, column))
 }
 
-/// The line and column of the node at `path` in `text`, or of its deepest ancestor that exists.
-fn locate(text: &str, path: &[Seg]) -> Option<(u64, u64)> {
-    let root: serde_saphyr::Spanned<Node> = serde_saphyr::from_str(text).ok()?;
-    let mut node = &root;
+/// The byte offset of a 1-based line and column (in characters) in `text`.
+fn offset(text: &str, line: u64, column: u64) -> usize {
+    let line_start: usize = text
+        .split_inclusive('\n')
+        .take(line as usize - 1)
+        .map(str::len)
+        .sum();
+    line_start
+        + text[line_start..]
+            .chars()
+            .take(column as usize - 1)
+            .map(char::len_utf8)
+            .sum::<usize>()
+}
+
+/// The node at `path` under `root`, or its deepest ancestor that exists; and whether it is the
+/// node itself.
+fn descend<'a>(
+    root: &'a serde_saphyr::Spanned<Node>,
+    path: &[Seg],
+) -> (&'a serde_saphyr::Spanned<Node>, bool) {
+    let mut node = root;
     for seg in path {
         let child = match (&node.value, seg) {
             (Node::Map(m), Seg::Key(k)) => m.iter().find(|(name, _)| name == k).map(|(_, n)| n),
@@ -955,9 +994,16 @@ fn locate(text: &str, path: &[Seg]) -> Option<(u64, u64)> {
         };
         match child {
             Some(c) => node = c,
-            None => break,
+            None => return (node, false),
         }
     }
+    (node, true)
+}
+
+/// The line and column of the node at `path` in `text`, or of its deepest ancestor that exists.
+fn locate(text: &str, path: &[Seg]) -> Option<(u64, u64)> {
+    let root: serde_saphyr::Spanned<Node> = serde_saphyr::from_str(text).ok()?;
+    let (node, _) = descend(&root, path);
     let l = node.referenced;
     (l.line() > 0).then(|| (l.line(), l.column()))
 }
@@ -1109,19 +1155,20 @@ pub fn health_problem(h: &HealthCheck) -> Option<(&'static str, String)> {
             format!("health check type {:?} needs `{field}`", h.kind),
         ));
     }
-    if let Some((field, _)) = [("timeout", h.timeout), ("interval", h.interval)]
+    if let Some((field, _)) = [("timeout", h.timeout), ("interval", h.interval())]
         .into_iter()
         .find(|(_, d)| d.is_zero())
     {
         return Some((field, format!("health `{field}` must be more than 0s")));
     }
-    (h.interval > h.timeout).then(|| {
+    (h.interval() > h.timeout).then(|| {
         (
             "interval",
             format!(
-                "health `interval` ({:?}) is longer than its `timeout` ({:?}): the check would be \
-                 tried once; shorten the interval or lengthen the timeout",
-                h.interval, h.timeout
+                "health `interval` ({:?}) is longer than its `timeout` ({:?}): its second try \
+                 would come after the timeout; shorten the interval or lengthen the timeout",
+                h.interval(),
+                h.timeout
             ),
         )
     })
@@ -1257,22 +1304,37 @@ mod tests {
     }
 
     #[test]
-    fn text_is_located_inside_the_named_node() {
+    fn a_short_timeout_shortens_the_default_interval() {
+        let pb = p(&format!(
+            "{MINIMAL}    steps:\n      - container:\n          name: c\n          image: i\n          health: {{ type: tcp, address: 'a:1', timeout: 500ms }}\n"
+        ))
+        .unwrap();
+        let Step::Container(c) = &pb.environments["staging"].steps[0] else {
+            panic!("a container step")
+        };
+        let h = c.health.as_ref().unwrap();
+        assert_eq!(h.interval(), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn text_is_located_inside_the_step() {
         let dir = std::env::temp_dir().join(format!("ferry-locate-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("pb.yml");
-        // `${x}` stands in both environments; the one asked about is found (columns in chars).
+        // `${x}` stands in several steps; the one asked about is found (columns in chars), not
+        // an escaped `$${x}`.
         std::fs::write(
             &path,
-            "app: a\nenvironments:\n  a:\n    steps:\n      - run: \"é ${x}\"\n  b:\n    steps:\n      - run: \"é ${x}\"\n",
+            "app: a\nenvironments:\n  a:\n    steps:\n      - run: \"é ${x}\"\n      - run: \"$${x} ${x}\"\n  b:\n    steps:\n      - run: \"é ${x}\"\n",
         )
         .unwrap();
-        let at =
-            |env: &str, needle: &str| locate_text(&path, &["environments", env, "steps"], needle);
-        assert_eq!(at("a", "${x}"), Some((5, 17)));
-        assert_eq!(at("b", "${x}"), Some((8, 17)));
-        // Not found as written: the node itself.
-        assert_eq!(at("b", "${y}"), Some((8, 7)));
+        let at = |env: &str, i: usize, needle: &str| locate_in_step(&path, env, "steps", i, needle);
+        assert_eq!(at("a", 0, "${x}"), Some((5, 17)));
+        assert_eq!(at("a", 1, "${x}"), Some((6, 21)));
+        assert_eq!(at("b", 0, "${x}"), Some((9, 17)));
+        // Not found as written: the step itself; no such step: nothing.
+        assert_eq!(at("b", 0, "${y}"), Some((9, 9)));
+        assert_eq!(at("b", 1, "${x}"), None);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -30,7 +30,8 @@ impl TemplateError {
     pub fn needle(&self) -> String {
         match self {
             TemplateError::Unknown { name, .. } => format!("${{{name}}}"),
-            TemplateError::UnsetEnv { name, .. } => format!("${{env.{name}"),
+            // (Only a reference without a default can be unset.)
+            TemplateError::UnsetEnv { name, .. } => format!("${{env.{name}}}"),
             TemplateError::Unclosed { template } => template.clone(),
         }
     }

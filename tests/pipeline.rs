@@ -93,6 +93,16 @@ fn gated_step(started: &Path, release: &Path) -> String {
     )
 }
 
+/// Opens a [`gated_step`]'s gate (creates `release`) when dropped, so that a failed assertion
+/// does not leave the step, and the lock, waiting.
+struct Gate(PathBuf);
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.0, "");
+    }
+}
+
 #[test]
 fn deploy_records_the_ledger_and_releases_the_lock_on_both_shells() {
     for busybox in [false, true] {
@@ -279,6 +289,7 @@ fn concurrent_deploys_are_serialised_by_the_lock() {
     let dir = TempDir::new("concurrent");
     let root = open_root(&dir);
     let (marker, release) = (dir.join("first-running"), dir.join("release"));
+    let gate = Gate(release.clone());
     let p = pb(
         &dir,
         &[host.address()],
@@ -324,7 +335,7 @@ fn concurrent_deploys_are_serialised_by_the_lock() {
     wait_for("the third deploy to wait for the lock", || {
         seen.lock().unwrap().contains("waiting up to")
     });
-    std::fs::write(&release, "").unwrap();
+    drop(gate);
     first.join().unwrap().success();
     let out = third.wait_with_output().unwrap();
     reader.join().unwrap();
@@ -956,6 +967,7 @@ fn only_one_of_many_controllers_takes_over_an_expired_lock() {
         &gated_step(&dir.join("started"), &dir.join("release")),
         "",
     );
+    let gate = Gate(dir.join("release"));
     let lock_dir = stale_lock(&root, 100);
     let runs: Vec<_> = (0..4)
         .map(|i| {
@@ -966,10 +978,11 @@ fn only_one_of_many_controllers_takes_over_an_expired_lock() {
         })
         .collect();
     // The winner holds the lock until the three others have given up.
-    wait_for("three controllers to give up", || {
-        runs.iter().filter(|t| t.is_finished()).count() >= 3
-    });
-    std::fs::write(dir.join("release"), "").unwrap();
+    wait_for(
+        "three controllers to give up (or two took the lock)",
+        || runs.iter().filter(|t| t.is_finished()).count() >= 3,
+    );
+    drop(gate);
     let runs: Vec<Run> = runs.into_iter().map(|t| t.join().unwrap()).collect();
     let winners: Vec<&Run> = runs.iter().filter(|r| r.code == 0).collect();
     assert_eq!(winners.len(), 1, "{runs:#?}");
@@ -1008,6 +1021,7 @@ fn a_running_deploy_renews_its_lease() {
         &gated_step(&marker, &dir.join("release")),
         "",
     );
+    let gate = Gate(dir.join("release"));
     // (A lease of 6s: its renewals time out after a sixth of it, which a loaded machine's SSH
     // round trips can need.)
     let first = {
@@ -1025,7 +1039,7 @@ fn a_running_deploy_renews_its_lease() {
         .arg(&p)
         .run()
         .failure(1);
-    std::fs::write(dir.join("release"), "").unwrap();
+    drop(gate);
     assert!(
         second.stdout.contains("held by ref release-long"),
         "{}",
@@ -1151,6 +1165,7 @@ fn hosts_of_one_run_share_a_lock_on_shared_storage() {
         &gated_step(&marker, &dir.join("release")),
         "",
     );
+    let gate = Gate(dir.join("release"));
     let first = {
         let ferry = ci(&[&a, &b], "release-s", SHA, "951").arg("deploy").arg(&p);
         std::thread::spawn(move || ferry.run())
@@ -1166,7 +1181,7 @@ fn hosts_of_one_run_share_a_lock_on_shared_storage() {
         "{}",
         other.stdout
     );
-    std::fs::write(dir.join("release"), "").unwrap();
+    drop(gate);
     first.join().unwrap().success();
     let records = ledger(&Path::new(&root).join(".ferry"));
     assert_eq!(records.len(), 2, "{records:?}");

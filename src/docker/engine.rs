@@ -220,8 +220,9 @@ impl<'a> Engine<'a> {
         Ok(())
     }
 
-    /// The exit code of the run before `state`'s current one (from Docker's events), for a
-    /// container its restart policy has already started again.
+    /// The exit code of the run before `state`'s current one (from the engine's events), for a
+    /// container its restart policy has already started again. `None` when the events do not say
+    /// (Docker keeps only its last 256 in memory).
     pub async fn last_exit_code(&self, state: &ContainerState) -> Option<i64> {
         let filter = format!("container={}", state.id);
         let args = [
@@ -232,13 +233,11 @@ impl<'a> Engine<'a> {
             &state.started_at,
             "--filter",
             &filter,
-            "--filter",
-            "event=die",
             "--format",
-            "{{.Actor.Attributes.exitCode}}",
+            "{{json .}}",
         ];
-        let out = self.run(&args, None).await.ok()?;
-        out.lines().rev().find_map(|l| l.trim().parse().ok())
+        let out = self.run(&args, Some(EVENTS_TIMEOUT)).await.ok()?;
+        out.lines().rev().find_map(died_with)
     }
 
     /// The last lines of a container's logs (stdout and stderr), for failure reports.
@@ -259,6 +258,28 @@ impl<'a> Engine<'a> {
             Err(e) => vec![format!("(cannot read logs: {e})")],
         }
     }
+}
+
+/// How long `docker events` (bounded by `--until`) may take.
+const EVENTS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The exit code in one event line (`--format '{{json .}}'`) if it is a container's death: Docker
+/// says `"Action":"die"` with `Actor.Attributes.exitCode` (a string), Podman `"Status":"died"`
+/// with `ContainerExitCode`.
+fn died_with(line: &str) -> Option<i64> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    let action = v
+        .get("Action")
+        .or_else(|| v.get("Status"))
+        .and_then(|a| a.as_str())?;
+    if !matches!(action, "die" | "died") {
+        return None;
+    }
+    let code = v
+        .pointer("/Actor/Attributes/exitCode")
+        .or_else(|| v.get("ContainerExitCode"))?;
+    code.as_i64()
+        .or_else(|| code.as_str().and_then(|c| c.parse().ok()))
 }
 
 /// The facts ferry reads from one `docker container inspect` object.
@@ -315,6 +336,16 @@ pub fn parse_container(v: &serde_json::Value) -> ContainerState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_the_exit_code_of_a_death_from_either_engine() {
+        let docker = r#"{"status":"die","id":"c1","Type":"container","Action":"die","Actor":{"ID":"c1","Attributes":{"exitCode":"3","name":"web"}},"time":1}"#;
+        let podman = r#"{"ID":"c1","Image":"i","Name":"web","Status":"died","Time":"t","Type":"container","ContainerExitCode":4}"#;
+        assert_eq!(died_with(docker), Some(3));
+        assert_eq!(died_with(podman), Some(4));
+        assert_eq!(died_with(&docker.replace("\"die\"", "\"start\"")), None);
+        assert_eq!(died_with("not json"), None);
+    }
 
     #[test]
     fn reads_inspect_json() {

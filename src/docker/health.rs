@@ -54,7 +54,7 @@ pub async fn wait(
 ) -> Result<String, Unhealthy> {
     let started = Instant::now();
     let (timeout, interval) = check
-        .map(|c| (c.timeout, c.interval))
+        .map(|c| (c.timeout, c.interval()))
         .unwrap_or((SETTLE * 2, Duration::from_millis(500)));
     loop {
         let state = engine

@@ -430,7 +430,7 @@ mod tests {
             url: None,
             address: Some("127.0.0.1:1".into()),
             timeout: std::time::Duration::from_secs(5),
-            interval: std::time::Duration::from_secs(1),
+            interval: Some(std::time::Duration::from_secs(1)),
         });
         assert_eq!(a.hash(), c.hash(), "the probe does not shape the container");
     }
