@@ -560,34 +560,63 @@ fn sync_never_reuses_content_edited_through_any_release_on_busybox_host() {
 }
 
 /// A live file edited by hand while a deploy streams (after its scan) would be linked into the new
-/// release (in place: left as it is) and pass for deployed content: that deploy stops, and the
-/// next one repairs the file. Both modes.
+/// release (release mode), or into staging as the source of a copy (in place), and pass for
+/// deployed content: that deploy stops, and the next one repairs the file. In place, an edit to a
+/// file the deploy neither writes nor copies from is left for the next deploy to find (as one made
+/// just after the deploy would be).
 #[test]
 fn an_edit_during_a_deploy_is_not_adopted() {
-    for (mode, drift) in [
-        ("", "1 file(s) modified"),
-        (", mode: in-place", "1 path(s) added, edited or removed"),
+    // (mode, a copy of index.html in the new tree, the deploy stops, drift the next one reports)
+    for (mode, copy, stops, drift) in [
+        ("", false, true, "1 file(s) modified"),
+        (
+            ", mode: in-place",
+            true,
+            true,
+            "1 path(s) added, edited or removed",
+        ),
+        (
+            ", mode: in-place",
+            false,
+            false,
+            "1 path(s) added, edited or removed",
+        ),
     ] {
         let site = Site::new("during", vec![Sshd::start()], one_step("app", mode));
         site.write(b"index.html", b"v1");
         site.deploy(&sha(1)).success();
         let to = site.root().join("app");
         big_file(&site, "big.bin", 200, 5);
+        if copy {
+            site.write(b"copy.html", b"v1");
+        }
         let run = interrupt_mid_stream(&site, &sha(2), |_| {
             std::fs::write(to.join("index.html"), b"edited during the deploy").unwrap();
         });
-        assert_eq!(run.code, 1, "{mode}: {}", run.all());
-        assert!(
-            run.all()
-                .contains("changed on the host while this deploy ran"),
-            "{mode}: {}",
-            run.all()
-        );
-        assert!(!to.join("big.bin").exists(), "{mode}");
+        let case = format!("{mode}, copy {copy}");
+        if stops {
+            assert_eq!(run.code, 1, "{case}: {}", run.all());
+            assert!(
+                run.all()
+                    .contains("changed on the host while this deploy ran"),
+                "{case}: {}",
+                run.all()
+            );
+            assert!(!to.join("big.bin").exists(), "{case}");
+        } else {
+            assert_eq!(run.code, 0, "{case}: {}", run.all());
+            assert_eq!(
+                std::fs::read(to.join("index.html")).unwrap(),
+                b"edited during the deploy"
+            );
+        }
         let s = step(&site.deploy(&sha(2)).success());
         assert_drift(&s, drift);
         assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"v1");
-        assert!(to.join("big.bin").exists(), "{mode}");
+        assert!(to.join("big.bin").exists(), "{case}");
+        if copy {
+            assert_eq!(std::fs::read(to.join("copy.html")).unwrap(), b"v1");
+        }
     }
 }
 

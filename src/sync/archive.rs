@@ -564,6 +564,14 @@ pub fn write_in_place(
     let in_plain: rustc_hash::FxHashSet<usize> = plain.files.iter().map(|(i, _)| *i).collect();
     // Records `<object>/<path>` for the host to copy when `to` is on another filesystem.
     let (mut keep, mut fetch) = (Vec::new(), Vec::new());
+    // The live files in `to` that content is linked or copied from (`./<path>`): the host checks
+    // that none was edited while the stream ran.
+    let mut linked = Vec::new();
+    let mut source = |path: &[u8]| {
+        linked.extend_from_slice(b"./");
+        linked.extend_from_slice(path);
+        linked.push(0);
+    };
     let record = |list: &mut Vec<u8>, obj: &super::manifest::ObjectId, path: &[u8]| {
         list.extend_from_slice(obj.to_string().as_bytes());
         list.push(b'/');
@@ -571,6 +579,7 @@ pub fn write_in_place(
         list.push(0);
     };
     for (obj, path) in &apply.preserve {
+        source(path);
         if apply.xdev || apply.copy_kept.contains(path) {
             record(&mut keep, obj, path);
             continue;
@@ -604,6 +613,9 @@ pub fn write_in_place(
     let mut shared = false;
     for (i, from) in &apply.write {
         let e = &local.entries[*i];
+        if let Source::Live(p) = from {
+            source(p);
+        }
         // Across filesystems a store object is copied by the host (`fetch`), straight to staging,
         // and so is each further path of that content.
         let (key, target, fetched) = match from {
@@ -697,6 +709,7 @@ pub fn write_in_place(
     s.small(&format!("{store}incoming/close"), &close)?;
     s.small(&format!("{store}incoming/keep"), &keep)?;
     s.small(&format!("{store}incoming/fetch"), &fetch)?;
+    s.small(&format!("{store}incoming/linked"), &linked)?;
     if shared {
         s.small(&format!("{store}incoming/shared"), b"")?;
     }

@@ -24,8 +24,9 @@
 //! its destination (atomic per file); live content about to be replaced or deleted is hard-linked
 //! into the store first, so earlier releases can be applied again (rollback re-applies one, sending
 //! nothing). [`diff::in_place`] decides every path from the live manifest and what the host reports
-//! as changed by hand since `<store>/applied`. A reader may see a mix of old and new files while it
-//! runs; extras are deleted last (unless `delete: false`).
+//! as changed by hand since the last deploy (`<store>/edits.since`, `<store>/applied`). A reader
+//! may see a mix of old and new files while it runs; extras are deleted last (unless
+//! `delete: false`).
 
 pub mod archive;
 pub mod diff;

@@ -18,8 +18,10 @@
 //! <dir>/.<name>.ferry/scan.start                   when the last deploy's scans began
 //! <dir>/.<name>.ferry/incoming/                    a deploy in flight; removed by the next one
 //! <dir>/.<name>.ferry/inplace                      in-place mode: id of the release applied in <dir>/<name>
-//! <dir>/.<name>.ferry/applied                      in-place mode: files in <name> newer than this were edited
+//! <dir>/.<name>.ferry/applied                      in-place mode: directories in <name> newer than this changed
 //!                                                  (missing while an apply runs: if it never finishes, nothing in <name> is trusted)
+//! <dir>/.<name>.ferry/edits.since                  in-place mode: files in <name> newer than this were edited (a second
+//!                                                  before the last deploy's scans; the files it wrote are older)
 //! <dir>/.<name>.ferry/kept-extras                  in-place mode: the last apply kept files not in the build
 //! <dir>/<name>/.ferry-incoming/                    in-place mode: the staging directory of a deploy in flight
 //! ```
@@ -192,11 +194,15 @@ if [ "$M" = in-place ] && [ -d "$T" ] && [ ! -L "$T" ]; then
 fi
 # An apply that did not finish leaves `inplace` without `applied`: nothing in `to` is trusted.
 if [ "$M" = in-place ] && [ -f "$S/inplace" ] && [ ! -e "$S/applied" ]; then rec unfinished 1; fi
+# Files are edited when newer than `edits.since` (a store from before it: `applied`), directories
+# (an entry added, removed or renamed) when newer than `applied`. Symlinks are only ever replaced,
+# which changes their directory.
+FS=$S/edits.since; [ -e "$FS" ] || FS=$S/applied
 inplace_scan() {
   [ -d "$T" ] && [ ! -L "$T" ] || return 0
   if [ -e "$S/applied" ]; then
-    ( cd "$T" && find . -path "./$SG" -prune -o ! -type d -newer "$S/applied" ! -links 1 \
-        -exec printf 'edited\t%s\0' {} + -o ! -type d -newer "$S/applied" -exec printf 'touched\t%s\0' {} + )
+    ( cd "$T" && find . -path "./$SG" -prune -o -type f -newer "$FS" ! -links 1 \
+        -exec printf 'edited\t%s\0' {} + -o -type f -newer "$FS" -exec printf 'touched\t%s\0' {} + )
   fi
   if [ ! -e "$S/applied" ] || extras_owed ||
      [ -n "$(cd "$T" && find . -path "./$SG" -prune -o -type d -newer "$S/applied" -print | head -c 1)" ]; then
@@ -207,9 +213,9 @@ inplace_scan() {
 }
 # The last apply kept extras (`delete: false`) and this one deletes them: they must be found.
 extras_owed() { [ "$DEL" = 1 ] && [ -e "$S/kept-extras" ]; }
-# One pass finds whether anything in $T is newer than the last apply; only then the passes above.
+# One pass finds whether anything in $T changed since the last apply; only then the passes above.
 if [ "$M" = in-place ] && [ -d "$T" ] && [ ! -L "$T" ] && { [ ! -e "$S/applied" ] || extras_owed ||
-   [ -n "$(cd "$T" && find . -path "./$SG" -prune -o -newer "$S/applied" -print | head -c 1)" ]; }; then
+   [ -n "$(cd "$T" && find . -path "./$SG" -prune -o \( -type d -newer "$S/applied" -o -type f -newer "$FS" \) -print | head -c 1)" ]; }; then
   inplace_scan; dirty=1
 fi
 # Make or fix directories given as `<mode>/./<path>` (cwd: $T).
@@ -251,6 +257,7 @@ apply() {
     # `to` was missing: the whole tree was staged here; it goes in with one rename.
     [ ! -e incoming/shared ] || ( ST=$PWD/incoming/t && export ST SG && cd "$ST" &&
       find . -type f -links +1 -exec sh -c "$UNSHARE" sh {} + ) || return 1
+    [ -z "$MT" ] || find incoming/t -type f -exec touch -d "@$MT" {} + || return 1
     set_modes || return 1
     mv -T incoming/t "$T" && set_root_mode "$T" || return 1
     copied=
@@ -276,6 +283,7 @@ apply() {
   # Read-only directories of the tree are writable while the apply fills them (`close`: modes).
   [ ! -s incoming/open ] || ( cd "$T" && xargs -0 sh -c "$OPEN" sh ) < incoming/open || return 1
   [ ! -s incoming/dirs ] || ( cd "$T" && xargs -0 -r sh -c "$MKD" sh ) < incoming/dirs || return 1
+  [ -z "$MT" ] || find "$ST" -type f -exec touch -d "@$MT" {} + || return 1
   copied=$(find "$ST" ! -type d -print0 | xargs -0 -r sh -c "$RMTREE$MOVE" sh || echo x)
   case $copied in *x*) return 1 ;; esac
   copied=$(printf '%s\n' $copied | { s=0; while read -r x; do s=$((s+${x:-0})); done; echo $s; })
@@ -510,14 +518,33 @@ else
 fi
 [ -f incoming/COMPLETE ] || fail "the stream ended early"
 # A file of the live release edited by hand while this deploy ran (after its scan) may be linked
-# into the new release (in place: left in `to`), and its mtime would fall before the new stamp:
-# stop instead, and leave it for the next deploy to find and repair. (In place, `to` itself got
-# the staging directory meanwhile.)
+# into the new release, and its mtime would fall before the new stamp: stop instead, and leave it
+# for the next deploy to find and repair. In place, files the apply writes get an mtime before the
+# scans began (MT) and the next deploy looks for files newer than their start (`edits.since`):
+# here, only the live files content is taken from (into the store or staging) and directories
+# (an entry removed or renamed by hand; `to` itself got the staging directory meanwhile).
+# (Whole seconds: BusyBox compares no finer. `edits.since` falls a second before the scans began,
+# what the apply writes a second before that. A `touch` that cannot set a time: the whole pass.)
+MT=
+if [ "$M" = in-place ] && [ -e scan.start ]; then
+  { MT=$(date -r scan.start +%s) && MT=$((MT - 2)) && touch -d "@$MT" incoming/mt; } 2>/dev/null || MT=
+fi
+# The next `edits.since`: never before the stamp the scan used (what earlier deploys wrote without
+# MT, a first deploy's files, is older than that one only).
+if [ -n "$MT" ]; then
+  touch -d "@$((MT + 1))" incoming/since
+  [ -z "$(find "$FS" -newer incoming/since 2>/dev/null)" ] || touch -r "$FS" incoming/since
+fi
 if [ -e scan.start ] && if [ "$M" != in-place ]; then
      [ -n "$live" ] && [ -d "releases/$live" ] &&
        [ -n "$(find "releases/$live" -newer scan.start -print | head -c 1)" ]
-   else
+   elif [ -z "$MT" ]; then
      [ -d "$T" ] && [ -n "$(cd "$T" && find . -path "./$SG" -prune -o ! -path . -newer "$S/scan.start" -print | head -c 1)" ]
+   else
+     # The live files content is linked or copied from (`linked`: `./<path>`); then directories.
+     { [ -s incoming/linked ] && [ -n "$(cd "$T" && xargs -0 -r sh -c 'find "$@" -prune -newer "$0" -print' "$S/scan.start" \
+         < "$S/incoming/linked" 2>/dev/null | head -c 1)" ]; } ||
+     { [ -d "$T" ] && [ -n "$(cd "$T" && find . -path "./$SG" -prune -o ! -path . -type d -newer "$S/scan.start" -print | head -c 1)" ]; }
    fi; then
   fail "files in $T were changed on the host while this deploy ran; deploy again to repair them"
 fi
@@ -540,12 +567,14 @@ fi
 # (A truncating open sets the mtime, as `touch` would, without a process.)
 : > stamp
 if [ "$M" = in-place ]; then
-  rm -f applied
+  rm -f applied edits.since
+  [ -z "$MT" ] || mv -f incoming/since since.new
   apply || { echo "ferry: applying release $rid into $T failed; files already replaced stay new" >&2; exit 5; }
   rm -rf incoming
   printf '%s\n' "$rid" > inplace.new; mv -f inplace.new inplace
   if [ "$DEL" = 1 ]; then [ ! -e kept-extras ] || rm -f kept-extras; else : > kept-extras; fi
   : > applied
+  [ -z "$MT" ] || mv -f since.new edits.since
   [ -z "$copied" ] || printf 'copied %s\n' "$copied"
 else
   rm -rf incoming
