@@ -620,6 +620,29 @@ fn an_edit_during_a_deploy_is_not_adopted() {
     }
 }
 
+/// In place, a symlink replaced by hand (`ln -sfn`) is found and put back, on both shells.
+#[test]
+fn a_symlink_changed_by_hand_in_place_is_repaired() {
+    for busybox in [false, true] {
+        let site = one_host_site("symlink", busybox, "app", ", mode: in-place");
+        site.write(b"a.js", b"a");
+        site.write(b"b.js", b"b");
+        std::os::unix::fs::symlink("a.js", site.src.join("latest.js")).unwrap();
+        site.deploy(&sha(1)).success();
+        let to = site.root().join("app");
+        std::thread::sleep(Duration::from_millis(1100));
+        std::fs::remove_file(to.join("latest.js")).unwrap();
+        std::os::unix::fs::symlink("b.js", to.join("latest.js")).unwrap();
+        let s = step(&site.deploy(&sha(1)).success());
+        assert_drift(&s, "1 path(s) added, edited or removed");
+        assert_eq!(
+            std::fs::read_link(to.join("latest.js")).unwrap(),
+            Path::new("a.js"),
+            "busybox {busybox}"
+        );
+    }
+}
+
 #[test]
 fn sync_keep_prunes_but_never_live_or_rollback_target() {
     let site = Site::new("keep", vec![Sshd::start()], one_step("app", ", keep: 2"));

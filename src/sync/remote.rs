@@ -194,15 +194,15 @@ if [ "$M" = in-place ] && [ -d "$T" ] && [ ! -L "$T" ]; then
 fi
 # An apply that did not finish leaves `inplace` without `applied`: nothing in `to` is trusted.
 if [ "$M" = in-place ] && [ -f "$S/inplace" ] && [ ! -e "$S/applied" ]; then rec unfinished 1; fi
-# Files are edited when newer than `edits.since` (a store from before it: `applied`), directories
-# (an entry added, removed or renamed) when newer than `applied`. Symlinks are only ever replaced,
-# which changes their directory.
+# Files are edited when newer than `edits.since` (a store from before it: `applied`); directories
+# (an entry added, removed or renamed) and symlinks (replaced) when newer than `applied`.
 FS=$S/edits.since; [ -e "$FS" ] || FS=$S/applied
 inplace_scan() {
   [ -d "$T" ] && [ ! -L "$T" ] || return 0
   if [ -e "$S/applied" ]; then
     ( cd "$T" && find . -path "./$SG" -prune -o -type f -newer "$FS" ! -links 1 \
-        -exec printf 'edited\t%s\0' {} + -o -type f -newer "$FS" -exec printf 'touched\t%s\0' {} + )
+        -exec printf 'edited\t%s\0' {} + -o -type f -newer "$FS" -exec printf 'touched\t%s\0' {} + \
+        -o -type l -newer "$S/applied" -exec printf 'touched\t%s\0' {} + )
   fi
   if [ ! -e "$S/applied" ] || extras_owed ||
      [ -n "$(cd "$T" && find . -path "./$SG" -prune -o -type d -newer "$S/applied" -print | head -c 1)" ]; then
@@ -215,7 +215,7 @@ inplace_scan() {
 extras_owed() { [ "$DEL" = 1 ] && [ -e "$S/kept-extras" ]; }
 # One pass finds whether anything in $T changed since the last apply; only then the passes above.
 if [ "$M" = in-place ] && [ -d "$T" ] && [ ! -L "$T" ] && { [ ! -e "$S/applied" ] || extras_owed ||
-   [ -n "$(cd "$T" && find . -path "./$SG" -prune -o \( -type d -newer "$S/applied" -o -type f -newer "$FS" \) -print | head -c 1)" ]; }; then
+   [ -n "$(cd "$T" && find . -path "./$SG" -prune -o \( -type f -newer "$FS" -o ! -type f -newer "$S/applied" \) -print | head -c 1)" ]; }; then
   inplace_scan; dirty=1
 fi
 # Make or fix directories given as `<mode>/./<path>` (cwd: $T).
@@ -527,7 +527,10 @@ fi
 # what the apply writes a second before that. A `touch` that cannot set a time: the whole pass.)
 MT=
 if [ "$M" = in-place ] && [ -e scan.start ]; then
-  { MT=$(date -r scan.start +%s) && MT=$((MT - 2)) && touch -d "@$MT" incoming/mt; } 2>/dev/null || MT=
+  { MT=$(date -r scan.start +%s) && MT=$((MT - 2)) && touch -d "@$MT" incoming/mt &&
+    [ "$(date -r incoming/mt +%s)" = "$MT" ]; } 2>/dev/null || MT=
+  # (A stamp from after the scans began: the clock went back. Trust it no further.)
+  [ -z "$(find "$FS" -newer scan.start 2>/dev/null)" ] || MT=
 fi
 # The next `edits.since`: never before the stamp the scan used (what earlier deploys wrote without
 # MT, a first deploy's files, is older than that one only).
@@ -541,10 +544,11 @@ if [ -e scan.start ] && if [ "$M" != in-place ]; then
    elif [ -z "$MT" ]; then
      [ -d "$T" ] && [ -n "$(cd "$T" && find . -path "./$SG" -prune -o ! -path . -newer "$S/scan.start" -print | head -c 1)" ]
    else
-     # The live files content is linked or copied from (`linked`: `./<path>`); then directories.
-     { [ -s incoming/linked ] && [ -n "$(cd "$T" && xargs -0 -r sh -c 'find "$@" -prune -newer "$0" -print' "$S/scan.start" \
+     # The live files content is linked or copied from (`linked`: `./<path>`; being intact, none is
+     # newer than the next `edits.since`); then directories and symlinks.
+     { [ -s incoming/linked ] && [ -n "$(cd "$T" && xargs -0 -r sh -c 'find "$@" -prune -newer "$0" -print' "$S/incoming/since" \
          < "$S/incoming/linked" 2>/dev/null | head -c 1)" ]; } ||
-     { [ -d "$T" ] && [ -n "$(cd "$T" && find . -path "./$SG" -prune -o ! -path . -type d -newer "$S/scan.start" -print | head -c 1)" ]; }
+     { [ -d "$T" ] && [ -n "$(cd "$T" && find . -path "./$SG" -prune -o ! -path . ! -type f -newer "$S/scan.start" -print | head -c 1)" ]; }
    fi; then
   fail "files in $T were changed on the host while this deploy ran; deploy again to repair them"
 fi
@@ -573,8 +577,9 @@ if [ "$M" = in-place ]; then
   rm -rf incoming
   printf '%s\n' "$rid" > inplace.new; mv -f inplace.new inplace
   if [ "$DEL" = 1 ]; then [ ! -e kept-extras ] || rm -f kept-extras; else : > kept-extras; fi
-  : > applied
+  # (`edits.since` first: a run cut between the two leaves no `applied`, so nothing is trusted.)
   [ -z "$MT" ] || mv -f since.new edits.since
+  : > applied
   [ -z "$copied" ] || printf 'copied %s\n' "$copied"
 else
   rm -rf incoming
