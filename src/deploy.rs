@@ -217,8 +217,6 @@ pub async fn cli_stop(
     finish(g, &reports)
 }
 
-/// Each step's values for each host (paths, container specs, secrets), worked out before any host
-/// is touched: a bad value stops the run with exit 2 instead of failing on one host half-way.
 /// The steps a preflight checks: those of the environment's `steps` that will run, or its
 /// `on_stop`.
 enum Checked<'a> {
@@ -226,7 +224,9 @@ enum Checked<'a> {
     OnStop,
 }
 
-/// An error about a template points at its line and column in the playbook.
+/// Each step's values for each host (paths, container specs, secrets), worked out before any host
+/// is touched: a bad value stops the run with exit 2 instead of failing on one host half-way. An
+/// error about a template points at its line and column in the playbook.
 fn preflight(setup: &Setup, section: Checked, plan: bool, rollback: bool) -> anyhow::Result<()> {
     let env = &setup.playbook.environments[&setup.env];
     let (key, steps): (&str, Vec<(usize, &Step)>) = match section {

@@ -525,18 +525,15 @@ fi
 # (an entry removed or renamed by hand; `to` itself got the staging directory meanwhile).
 # (Whole seconds: BusyBox compares no finer. `edits.since` falls a second before the scans began,
 # what the apply writes a second before that. A `touch` that cannot set a time: the whole pass.)
+# The next `edits.since` (incoming/since) is never before the stamp the scan used: what earlier
+# deploys wrote without MT, a first deploy's files, is older than that one only.
 MT=
 if [ "$M" = in-place ] && [ -e scan.start ]; then
-  { MT=$(date -r scan.start +%s) && MT=$((MT - 2)) && touch -d "@$MT" incoming/mt &&
-    [ "$(date -r incoming/mt +%s)" = "$MT" ]; } 2>/dev/null || MT=
+  { MT=$(date -r scan.start +%s) && MT=$((MT - 2)) && touch -d "@$((MT + 1))" incoming/since &&
+    [ "$(date -r incoming/since +%s)" = "$((MT + 1))" ]; } 2>/dev/null || MT=
   # (A stamp from after the scans began: the clock went back. Trust it no further.)
   [ -z "$(find "$FS" -newer scan.start 2>/dev/null)" ] || MT=
-fi
-# The next `edits.since`: never before the stamp the scan used (what earlier deploys wrote without
-# MT, a first deploy's files, is older than that one only).
-if [ -n "$MT" ]; then
-  touch -d "@$((MT + 1))" incoming/since
-  [ -z "$(find "$FS" -newer incoming/since 2>/dev/null)" ] || touch -r "$FS" incoming/since
+  [ -z "$MT" ] || [ -z "$(find "$FS" -newer incoming/since 2>/dev/null)" ] || touch -r "$FS" incoming/since
 fi
 if [ -e scan.start ] && if [ "$M" != in-place ]; then
      [ -n "$live" ] && [ -d "releases/$live" ] &&
