@@ -107,6 +107,24 @@ fn sha(n: u8) -> String {
     format!("{n:02x}").repeat(20)
 }
 
+/// What pruning moved aside in `store` (`trash-<id>/`) is deleted after the deploy returns, by a
+/// process of its own: wait until it is gone.
+fn assert_trash_emptied(store: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left: Vec<_> = std::fs::read_dir(store)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("trash-"))
+            .collect();
+        if left.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never deleted: {left:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Names that break naive tools: spaces, quotes, newlines, non-UTF-8, a leading dash.
 fn hostile_tree(site: &Site) {
     site.write(b"index.html", b"<h1>v1</h1>");
@@ -676,6 +694,7 @@ fn sync_keep_prunes_but_never_live_or_rollback_target() {
         .unwrap()
         .count();
     assert_eq!(objects, 3, "index v3, index v5, only-3");
+    assert_trash_emptied(&site.root().join(".app.ferry"));
     site.ferry("rollback", &sha(5)).run().success();
     assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"v3");
 }
@@ -845,6 +864,7 @@ fn sync_ships_read_only_directories_on_busybox_host() {
         releases, 2,
         "the oldest release, read-only directory and all, was pruned"
     );
+    assert_trash_emptied(&site.root().join(".app.ferry"));
     let assets = std::fs::metadata(site.root().join("web/assets")).unwrap();
     assert_eq!(
         assets.permissions().mode() & 0o777,
@@ -952,6 +972,7 @@ fn sync_ships_a_read_only_top_directory_on_busybox_host() {
         .unwrap()
         .count();
     assert_eq!(releases, 2);
+    assert_trash_emptied(&site.root().join(".app.ferry"));
     std::fs::set_permissions(&site.src, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
@@ -1518,6 +1539,7 @@ fn in_place_prunes(busybox: bool) {
         [b"v2".to_vec()],
         "v1 left with its release; v3 and same.txt live only in `to`"
     );
+    assert_trash_emptied(&site.root().join(".app.ferry"));
     let left: Vec<_> = std::fs::read_dir(site.root().join(".app.ferry/releases"))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
