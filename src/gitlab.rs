@@ -1,6 +1,6 @@
 //! Reporting deploys to GitLab: a commit status `ferry/<env>` (running, then success or failed, linking
 //! the environment URL) and, with `gitlab.deployments: true`, a deployment through the Deployments
-//! API. It reports only when the token variable (`gitlab.token_env`, default `FERRY_GITLAB_TOKEN`) is
+//! API, unless the job has an `environment:` of its own (GitLab records that one). It reports only when the token variable (`gitlab.token_env`, default `FERRY_GITLAB_TOKEN`) is
 //! set. The token goes in the `PRIVATE-TOKEN` header and is never printed. GitLab being down or
 //! refusing a request is a warning: it never fails a deploy. The blocking HTTP calls run on tokio's
 //! blocking pool.
@@ -161,7 +161,7 @@ impl Reporter {
             },
             ctx: ctx.clone(),
             target_url,
-            deployments: settings.is_some_and(|s| s.deployments),
+            deployments: settings.is_some_and(|s| s.deployments) && !job_has_environment(),
             deployment_id: Mutex::new(None),
         })
     }
@@ -246,6 +246,22 @@ impl Reporter {
             Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
         });
         job.await.map_err(|e| e.to_string())?
+    }
+}
+
+/// A job with its own `environment:` (GitLab sets `CI_ENVIRONMENT_NAME`) gets a deployment from
+/// GitLab itself, which follows the job's result: a second one from ferry would list every deploy
+/// twice.
+fn job_has_environment() -> bool {
+    match std::env::var("CI_ENVIRONMENT_NAME") {
+        Ok(name) if !name.trim().is_empty() => {
+            tracing::info!(
+                "this job deploys to GitLab environment {name}, which records the deployment: \
+                 ferry creates none (gitlab.deployments)"
+            );
+            true
+        }
+        _ => false,
     }
 }
 

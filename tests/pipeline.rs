@@ -765,6 +765,25 @@ fn gitlab_gets_commit_status_and_deployment_and_never_sees_the_token_in_output()
         .unwrap();
     assert_eq!(post.body["environment"], "test/feature-x");
     assert_eq!(stub.problems(), Vec::<String>::new());
+
+    // A job with an `environment:` of its own gets its deployment from GitLab: ferry sets the
+    // commit status only.
+    let (deployments, requests) = (stub.deployments().len(), stub.requests().len());
+    let p = gitlab_pb(&dir, &host, &root, "      - run: { command: [\"true\"] }\n");
+    ci(&[&host], "release-9", SHA, "905")
+        .env("CI_API_V4_URL", &stub.api_url)
+        .env("CI_PROJECT_ID", "group/shop")
+        .env("FERRY_GITLAB_TOKEN", TOKEN)
+        .env("CI_ENVIRONMENT_NAME", "test")
+        .arg("deploy")
+        .arg(&p)
+        .run()
+        .success();
+    assert_eq!(stub.deployments().len(), deployments);
+    let new: Vec<_> = stub.requests().into_iter().skip(requests).collect();
+    assert_eq!(new.len(), 2, "running and success statuses: {new:?}");
+    assert!(new.iter().all(|r| r.path.contains("/statuses/")), "{new:?}");
+    assert_eq!(stub.problems(), Vec::<String>::new());
 }
 
 /// GitLab down (500s, or nothing listening): a warning, and the deploy still succeeds.
