@@ -699,6 +699,88 @@ fn sync_keep_prunes_but_never_live_or_rollback_target() {
     assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"v3");
 }
 
+/// A release deleted by hand leaves its manifest behind: that keeps none of its content.
+#[test]
+fn sync_prune_collects_the_content_of_a_release_deleted_by_hand() {
+    let site = Site::new("orphan", vec![Sshd::start()], one_step("app", ", keep: 2"));
+    let to = site.root().join("app");
+    let store = site.root().join(".app.ferry");
+    let mut first = String::new();
+    for i in 1..=4u8 {
+        site.write(b"index.html", format!("v{i}").as_bytes());
+        site.deploy(&sha(i)).success();
+        if i == 1 {
+            first = live_release(&to);
+        }
+        if i == 2 {
+            std::fs::remove_dir_all(store.join("releases").join(&first)).unwrap();
+        }
+    }
+    let mut objects: Vec<Vec<u8>> = std::fs::read_dir(store.join("objects"))
+        .unwrap()
+        .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+        .collect();
+    objects.sort();
+    assert_eq!(objects, [b"v3".to_vec(), b"v4".to_vec()]);
+}
+
+/// Pruning's deletion runs in the background, also on a host whose `sh` is bash (which keeps the
+/// session's output open in a background list with redirections of its own): the deploy returns
+/// while a slow `rm` still works on `trash-<id>/`, which goes once it is done.
+#[test]
+fn sync_prune_deletes_in_the_background_where_sh_is_bash() {
+    let dir = TempDir::new("bash-host");
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    std::os::unix::fs::symlink("/bin/bash", bin.join("sh")).unwrap();
+    let rm = bin.join("rm");
+    std::fs::write(
+        &rm,
+        "#!/bin/bash\nfor a; do case $a in trash-*) sleep 8; break ;; esac; done\nexec /bin/rm \"$@\"\n",
+    )
+    .unwrap();
+    let wrapper = dir.path().join("login");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nPATH='{}':$PATH; export PATH\nexec bash -c \"$SSH_ORIGINAL_COMMAND\"\n",
+            bin.display()
+        ),
+    )
+    .unwrap();
+    for (f, mode) in [
+        (dir.path(), 0o755),
+        (&bin, 0o755),
+        (&rm, 0o755),
+        (&wrapper, 0o755),
+    ] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let host = Sshd::start_with(SshdOptions {
+        extra_config: vec![format!("ForceCommand {}", wrapper.display())],
+        ..Default::default()
+    });
+    let site = Site::new("bash-prune", vec![host], one_step("app", ", keep: 2"));
+    for i in 1..=3u8 {
+        site.write(b"index.html", format!("v{i}").as_bytes());
+        site.deploy(&sha(i)).success();
+    }
+    let store = site.root().join(".app.ferry");
+    let trash = std::fs::read_dir(&store)
+        .unwrap()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            name.to_string_lossy().starts_with("trash-")
+        })
+        .count();
+    assert_eq!(trash, 1, "the pruned release is still being deleted");
+    assert_eq!(
+        std::fs::read_dir(store.join("releases")).unwrap().count(),
+        2
+    );
+    assert_trash_emptied(&store);
+}
+
 #[test]
 fn sync_stop_removes_path_and_store() {
     let host = Sshd::start();

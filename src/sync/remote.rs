@@ -17,6 +17,7 @@
 //! <dir>/.<name>.ferry/modes-used                   release mode: the file modes objects/ holds
 //! <dir>/.<name>.ferry/scan.start                   when the last deploy's scans began
 //! <dir>/.<name>.ferry/incoming/                    a deploy in flight; removed by the next one
+//! <dir>/.<name>.ferry/trash-<id>/                  what deploy <id> pruned, deleted in the background
 //! <dir>/.<name>.ferry/inplace                      in-place mode: id of the release applied in <dir>/<name>
 //! <dir>/.<name>.ferry/applied                      in-place mode: directories in <name> newer than this changed
 //!                                                  (missing while an apply runs: if it never finishes, nothing in <name> is trusted)
@@ -26,9 +27,9 @@
 //! <dir>/<name>/.ferry-incoming/                    in-place mode: the staging directory of a deploy in flight
 //! ```
 //!
-//! Release mode: an object is trusted while some release links to it, it is not newer than
-//! `stamp` (touched after each successful deploy) and its mode is the one in its name: objects a
-//! broken deploy left unlinked (a truncated one from a cut stream, say) are collected before the
+//! Release mode: an object is trusted while it is not newer than `stamp` (touched after each
+//! successful deploy) and its mode is the one in its name; pruning keeps the objects a kept
+//! release's manifest names. Objects a broken deploy left unlinked (a truncated one from a cut stream, say) are collected before the
 //! next deploy lists what the host has, and objects edited by hand (through `to` or any release)
 //! are dropped before the stream lands. In place, objects are only ever links to whole files that
 //! left `to`, and one that still shares a file edited in `to` is dropped the same way; edits made
@@ -416,18 +417,34 @@ cleanup() {
     rmtree incoming/r && find objects -type f -links 1 -exec rm -f {} +
   fi && rmtree incoming
 }
-# Objects no kept release's manifest names move into directory $1 (cwd: the store). A manifest
-# record is `F <object> <size>\t<path>`; other lines (names, links) can at worst keep an object
-# longer. (One awk pass, the objects in a table: sorting every record, 150,000 lines for three kept
+# Objects the manifest of no kept release names move into directory $1 (cwd: the store; a
+# manifest whose release was deleted by hand keeps nothing). A manifest record is
+# `F <object> <size>\t<path>`; other lines (names, links) can at worst keep an object longer.
+# (One awk pass, the objects in a table: sorting every record, 150,000 lines for three kept
 # releases of 50,000 files, took 0.3-0.4 s; this takes 0.08 s.)
 collect_unnamed() {
-  ls objects > incoming.objects
+  ls objects > incoming.objects || return 1
+  cs=0
   if [ -s incoming.objects ]; then
-    for m in meta/*.manifest; do [ -f "$m" ] && tr '\0' '\n' < "$m"; done | cut -s -d ' ' -f 2 |
+    for m in meta/*.manifest; do
+      r=${m#meta/} && [ -d "releases/${r%.manifest}" ] && tr '\0' '\n' < "$m"
+    done | cut -s -d ' ' -f 2 |
       awk 'NR == FNR { o[$0]; next } { delete o[$0] } END { for (k in o) print k }' incoming.objects - |
-      ( cd objects && xargs -r sh -c 'mv -f "$@" "$0"' "../$1" )
+      ( cd objects && xargs -r sh -c 'mv -f -- "$@" "$0"' "../$1" ) || cs=1
   fi
   rm -f incoming.objects
+  return $cs
+}
+# What pruning moved aside (`trash-<id>/`, below) is deleted by a process of its own, which the
+# session does not wait for: no descriptor of its output stays open there. (The redirections go
+# inside: a list, or a function, run in the background with its own would keep copies of this
+# script's in bash, dash or BusyBox sh.) Nothing else reads the trash; a second deletion of the
+# same one, or a `sync_remove`, can run beside it.
+empty_trash() {
+  for d in trash-*; do
+    if [ -d "$d" ]; then ( exec < /dev/null > /dev/null 2>&1; rmtree trash-* ) & fi
+    break
+  done
 }
 # (The store record ends a line: the controller decides on it whether to hash its tree.)
 if [ -d "$S/releases" ]; then
@@ -436,6 +453,8 @@ if [ -d "$S/releases" ]; then
   if [ -e "$P/.$N.ferry-new" ] || [ -L "$P/.$N.ferry-new" ]; then rm -f "$P/.$N.ferry-new"; fi
   [ -e stamp ] || : > stamp
   [ ! -e incoming ] || cleanup
+  # (A deletion cut short, by a reboot say, goes on; a prune would start it only after the switch.)
+  empty_trash
   # An apply that did not finish can leave objects sharing an inode with files in `to`, where an
   # edit would change them unseen: they go (their content is sent again when needed).
   # (Only in a store of in-place releases: in release mode every object has links.)
@@ -594,7 +613,7 @@ printf 'release %s\n' "$rid"
 set +e
 # Pruning moves the releases it drops, and then the objects no kept release names, into
 # `trash-<id>/` (renames: a release of 50,000 files took 0.4 s to delete, its 2,500 objects of its
-# own 0.35 s); a process of its own deletes them once this script has ended.
+# own 0.35 s), for `empty_trash`.
 if [ "$prune" != - ]; then
   bin=trash-$rid
   mkdir -p "$bin/releases" "$bin/objects"
@@ -612,13 +631,7 @@ if [ "$prune" != - ]; then
   collect_unnamed "$bin/objects" ||
     echo "ferry: could not remove the content no release uses any more from $S/objects" >&2
 fi
-# (Also what a deletion cut short left, by a reboot say. The session ends without waiting for it:
-# no descriptor of its output stays open there. A function run in the background with its own
-# redirections would keep copies of this script's in dash and BusyBox sh.)
-for d in trash-*; do
-  [ ! -d "$d" ] || ( rmtree trash-* ) < /dev/null > /dev/null 2>&1 &
-  break
-done
+empty_trash
 # BusyBox `find -newer` compares whole seconds: an edit made in the second `stamp` (in place:
 # `applied`) got would pass for ours. There, return only once that second is over.
 case $(find --version 2>/dev/null) in *GNU*) ;; *)
@@ -736,7 +749,16 @@ elif [ -e "$T" ]; then echo "ferry: $T is a directory, not a release link; left 
 else echo "no target"
 fi
 rm -rf "$P/.$N.ferry-new"
-if [ -e "$S" ]; then rmtree "$S" && echo "removed store"; fi
+# (A background deletion of the store's trash may still run: BusyBox `rm -rf` fails on entries
+# that vanish under it. Another pass finishes the job.)
+if [ -e "$S" ]; then
+  n=0
+  until rmtree "$S" 2>/dev/null || [ ! -e "$S" ]; do
+    n=$((n+1)); [ $n -lt 5 ] || { rmtree "$S"; break; }; sleep 1
+  done
+  [ ! -e "$S" ] || exit 1
+  echo "removed store"
+fi
 "#
 );
 
