@@ -807,11 +807,14 @@ pub fn parse(text: &str, path: &Path) -> Result<Playbook, PlaybookError> {
             .location()
             .map(|l| (l.line(), l.column()))
             .unwrap_or((1, 1));
+        let message = first_line(&e.to_string());
+        let (line, column) =
+            unknown_key_at(text, (line, column), &message).unwrap_or((line, column));
         PlaybookError::Syntax {
             path: path.to_path_buf(),
             line,
             column,
-            message: first_line(&e.to_string()),
+            message,
         }
     })?;
     pb.path = path.to_path_buf();
@@ -821,6 +824,36 @@ pub fn parse(text: &str, path: &Path) -> Result<Playbook, PlaybookError> {
         message,
     })?;
     Ok(pb)
+}
+
+/// A map read through a buffer (a host entry) has its unknown key reported where the map starts
+/// (`at`): the line and column of that key instead.
+fn unknown_key_at(text: &str, at: (u64, u64), message: &str) -> Option<(u64, u64)> {
+    let name = message.strip_prefix("unknown field `")?.split('`').next()?;
+    fn find(n: &serde_saphyr::Spanned<Node>, at: (u64, u64), name: &str) -> Option<u64> {
+        let kids: Vec<&serde_saphyr::Spanned<Node>> = match &n.value {
+            Node::Map(kv) => {
+                let l = n.referenced;
+                if (l.line(), l.column()) == at
+                    && let Some((_, v)) = kv.iter().find(|(k, _)| k == name)
+                {
+                    return Some(v.referenced.line());
+                }
+                kv.iter().map(|(_, v)| v).collect()
+            }
+            Node::Seq(items) => items.iter().collect(),
+            Node::Leaf => return None,
+        };
+        kids.into_iter().find_map(|k| find(k, at, name))
+    }
+    let root: serde_saphyr::Spanned<Node> = serde_saphyr::from_str(text).ok()?;
+    let line = find(&root, at, name)?;
+    // (The key stands on its value's line, in block style and flow style alike.)
+    let text_line = text
+        .lines()
+        .nth(usize::try_from(line).ok()?.checked_sub(1)?)?;
+    let byte = text_line.find(&format!("{name}:"))?;
+    Some((line, text_line[..byte].chars().count() as u64 + 1))
 }
 
 /// serde-saphyr's messages carry a source snippet after the first line, and may start with their
@@ -1237,6 +1270,16 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.starts_with("pb.yml:5:5: "), "{msg}");
         assert!(msg.contains("hostz"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_key_of_a_host_map_points_at_the_key() {
+        let text = "app: shop\nenvironments:\n  staging:\n    hosts:\n      - deploy@web1\n      - host: deploy@web2\n        prot: 2222\n      - { host: web3, usr: x }\n";
+        let msg = p(text).unwrap_err().to_string();
+        assert!(msg.starts_with("pb.yml:7:9: unknown field `prot`"), "{msg}");
+        let text = text.replace("prot: 2222", "port: 2222");
+        let msg = p(&text).unwrap_err().to_string();
+        assert!(msg.starts_with("pb.yml:8:23: unknown field `usr`"), "{msg}");
     }
 
     #[test]
