@@ -1,9 +1,9 @@
 //! Reporting deploys to GitLab: a commit status `ferry/<env>` (running, then success or failed, linking
 //! the environment URL) and, with `gitlab.deployments: true`, a deployment through the Deployments
-//! API, unless the job has an `environment:` of its own (GitLab records that one). It reports only when the token variable (`gitlab.token_env`, default `FERRY_GITLAB_TOKEN`) is
-//! set. The token goes in the `PRIVATE-TOKEN` header and is never printed. GitLab being down or
-//! refusing a request is a warning: it never fails a deploy. The blocking HTTP calls run on tokio's
-//! blocking pool.
+//! API, unless the job has an `environment:` of its own (GitLab records that one). It reports only
+//! when the token variable (`gitlab.token_env`, default `FERRY_GITLAB_TOKEN`) is set. The token
+//! goes in the `PRIVATE-TOKEN` header and is never printed. GitLab being down or refusing a request
+//! is a warning: it never fails a deploy. The blocking HTTP calls run on tokio's blocking pool.
 
 use std::sync::Mutex;
 use std::time::Duration;
