@@ -31,9 +31,9 @@
 //! successful deploy) and its mode is the one in its name; pruning keeps the objects a kept
 //! release's manifest names. Objects a broken deploy left unlinked (a truncated one from a cut
 //! stream, say) are collected before the next deploy lists what the host has, and objects edited
-//! by hand (through `to` or any release) are dropped before the stream lands. In place, objects are only ever links to whole files that
-//! left `to`, and one that still shares a file edited in `to` is dropped the same way; edits made
-//! inside an in-place store itself are not looked for.
+//! by hand (through `to` or any release) are dropped before the stream lands. In place, objects
+//! are only ever links to whole files that left `to`, and one that still shares a file edited in
+//! `to` is dropped the same way; edits made inside an in-place store itself are not looked for.
 
 use std::collections::BTreeMap;
 use std::io::Read;
