@@ -228,27 +228,31 @@ struct HostMap {
 
 impl<'de> Deserialize<'de> for HostEntry {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        // Buffer the node so the map form reports its own field errors (serde's `untagged` hides them).
-        let value = serde_json::Value::deserialize(d)?;
-        let m: HostMap = match value {
-            serde_json::Value::String(s) => HostMap {
-                name: None,
-                host: s,
-                user: None,
-                port: None,
-                ssh: SshSettings::default(),
-                vars: BTreeMap::new(),
-                docker: DockerSettings::default(),
-            },
-            other @ serde_json::Value::Object(_) => {
-                serde_json::from_value(other).map_err(serde::de::Error::custom)?
+        // The map form is read straight from the document (not through serde's `untagged`, which
+        // hides its errors, nor a buffer, which loses their places): a bad key or value in it is
+        // reported where it stands.
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = HostMap;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a host: `user@host:port` or a map with `host:`")
             }
-            _ => {
-                return Err(serde::de::Error::custom(
-                    "a host is `user@host:port` or a map with `host:`",
-                ));
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<HostMap, E> {
+                Ok(HostMap {
+                    name: None,
+                    host: s.to_string(),
+                    user: None,
+                    port: None,
+                    ssh: SshSettings::default(),
+                    vars: BTreeMap::new(),
+                    docker: DockerSettings::default(),
+                })
             }
-        };
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, m: A) -> Result<HostMap, A::Error> {
+                HostMap::deserialize(serde::de::value::MapAccessDeserializer::new(m))
+            }
+        }
+        let m = d.deserialize_any(V)?;
         // Check literal addresses now, where the error can point at the line; templated ones later.
         if !m.host.contains("${") {
             parse_address(&m.host).map_err(serde::de::Error::custom)?;
@@ -807,14 +811,11 @@ pub fn parse(text: &str, path: &Path) -> Result<Playbook, PlaybookError> {
             .location()
             .map(|l| (l.line(), l.column()))
             .unwrap_or((1, 1));
-        let message = first_line(&e.to_string());
-        let (line, column) =
-            unknown_key_at(text, (line, column), &message).unwrap_or((line, column));
         PlaybookError::Syntax {
             path: path.to_path_buf(),
             line,
             column,
-            message,
+            message: first_line(&e.to_string()),
         }
     })?;
     pb.path = path.to_path_buf();
@@ -824,36 +825,6 @@ pub fn parse(text: &str, path: &Path) -> Result<Playbook, PlaybookError> {
         message,
     })?;
     Ok(pb)
-}
-
-/// A map read through a buffer (a host entry) has its unknown key reported where the map starts
-/// (`at`): the line and column of that key instead.
-fn unknown_key_at(text: &str, at: (u64, u64), message: &str) -> Option<(u64, u64)> {
-    let name = message.strip_prefix("unknown field `")?.split('`').next()?;
-    fn find(n: &serde_saphyr::Spanned<Node>, at: (u64, u64), name: &str) -> Option<u64> {
-        let kids: Vec<&serde_saphyr::Spanned<Node>> = match &n.value {
-            Node::Map(kv) => {
-                let l = n.referenced;
-                if (l.line(), l.column()) == at
-                    && let Some((_, v)) = kv.iter().find(|(k, _)| k == name)
-                {
-                    return Some(v.referenced.line());
-                }
-                kv.iter().map(|(_, v)| v).collect()
-            }
-            Node::Seq(items) => items.iter().collect(),
-            Node::Leaf => return None,
-        };
-        kids.into_iter().find_map(|k| find(k, at, name))
-    }
-    let root: serde_saphyr::Spanned<Node> = serde_saphyr::from_str(text).ok()?;
-    let line = find(&root, at, name)?;
-    // (The key stands on its value's line, in block style and flow style alike.)
-    let text_line = text
-        .lines()
-        .nth(usize::try_from(line).ok()?.checked_sub(1)?)?;
-    let byte = text_line.find(&format!("{name}:"))?;
-    Some((line, text_line[..byte].chars().count() as u64 + 1))
 }
 
 /// serde-saphyr's messages carry a source snippet after the first line, and may start with their
@@ -1273,10 +1244,14 @@ mod tests {
     }
 
     #[test]
-    fn unknown_key_of_a_host_map_points_at_the_key() {
+    fn a_bad_key_or_value_of_a_host_map_is_located_where_it_stands() {
         let text = "app: shop\nenvironments:\n  staging:\n    hosts:\n      - deploy@web1\n      - host: deploy@web2\n        prot: 2222\n      - { host: web3, usr: x }\n";
         let msg = p(text).unwrap_err().to_string();
         assert!(msg.starts_with("pb.yml:7:9: unknown field `prot`"), "{msg}");
+        let msg = p(&text.replace("prot: 2222", "port: abc"))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.starts_with("pb.yml:7:15: "), "a bad value too: {msg}");
         let text = text.replace("prot: 2222", "port: 2222");
         let msg = p(&text).unwrap_err().to_string();
         assert!(msg.starts_with("pb.yml:8:23: unknown field `usr`"), "{msg}");

@@ -107,16 +107,21 @@ fn sha(n: u8) -> String {
     format!("{n:02x}").repeat(20)
 }
 
-/// What pruning moved aside in `store` (`trash-<id>/`) is deleted after the deploy returns, by a
-/// process of its own: wait until it is gone.
+/// What pruning moved aside in `store` (`trash-<id>/`) and not yet deleted.
+fn trash(store: &Path) -> Vec<String> {
+    std::fs::read_dir(store)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("trash-"))
+        .collect()
+}
+
+/// What pruning moved aside is deleted after the deploy returns, by a process of its own: wait
+/// until it is gone.
 fn assert_trash_emptied(store: &Path) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let left: Vec<_> = std::fs::read_dir(store)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with("trash-"))
-            .collect();
+        let left = trash(store);
         if left.is_empty() {
             return;
         }
@@ -766,14 +771,11 @@ fn sync_prune_deletes_in_the_background_where_sh_is_bash() {
         site.deploy(&sha(i)).success();
     }
     let store = site.root().join(".app.ferry");
-    let trash = std::fs::read_dir(&store)
-        .unwrap()
-        .filter(|e| {
-            let name = e.as_ref().unwrap().file_name();
-            name.to_string_lossy().starts_with("trash-")
-        })
-        .count();
-    assert_eq!(trash, 1, "the pruned release is still being deleted");
+    assert_eq!(
+        trash(&store).len(),
+        1,
+        "the pruned release is still being deleted"
+    );
     assert_eq!(
         std::fs::read_dir(store.join("releases")).unwrap().count(),
         2
