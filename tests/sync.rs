@@ -643,6 +643,37 @@ fn an_edit_during_a_deploy_is_not_adopted() {
     }
 }
 
+/// In place, a file removed by hand from the top of `to` while a deploy streams changes only `to`
+/// itself, which that deploy changes too (its staging directory): the deploy stops, and the next
+/// one puts the file back.
+#[test]
+fn a_removal_at_the_top_of_to_during_an_in_place_deploy_is_not_adopted() {
+    let site = Site::new(
+        "top",
+        vec![Sshd::start()],
+        one_step("app", ", mode: in-place"),
+    );
+    site.write(b"index.html", b"v1");
+    site.deploy(&sha(1)).success();
+    let to = site.root().join("app");
+    big_file(&site, "big.bin", 200, 6);
+    let run = interrupt_mid_stream(&site, &sha(2), |_| {
+        std::fs::remove_file(to.join("index.html")).unwrap();
+    });
+    assert_eq!(run.code, 1, "{}", run.all());
+    assert!(
+        run.all()
+            .contains("changed on the host while this deploy ran"),
+        "{}",
+        run.all()
+    );
+    assert!(!to.join("big.bin").exists());
+    let s = step(&site.deploy(&sha(2)).success());
+    assert_drift(&s, "1 path(s) added, edited or removed");
+    assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"v1");
+    assert!(to.join("big.bin").exists());
+}
+
 /// In place, a symlink replaced by hand (`ln -sfn`) is found and put back, on both shells.
 #[test]
 fn a_symlink_changed_by_hand_in_place_is_repaired() {

@@ -392,7 +392,7 @@ pub(super) const UNPACK: &str = unpack_sh!();
 /// (`release` or `in-place`), delete extras (1/0).
 pub const DEPLOY: &str = concat!(
     r#"
-S=$1 T=$2 M=$3 DEL=$4 dirty= same= BG=1
+S=$1 T=$2 M=$3 DEL=$4 dirty= same= cut= BG=1
 P=${T%/*} N=${T##*/}
 "#,
     rmtree_sh!(),
@@ -452,7 +452,7 @@ if [ -d "$S/releases" ]; then
   cd "$S" || exit 1
   if [ -e "$P/.$N.ferry-new" ] || [ -L "$P/.$N.ferry-new" ]; then rm -f "$P/.$N.ferry-new"; fi
   [ -e stamp ] || : > stamp
-  [ ! -e incoming ] || cleanup
+  [ ! -e incoming ] || { cut=1; cleanup; }
   # (A deletion cut short, by a reboot say, goes on; a prune would start it only after the switch.)
   empty_trash
   # An apply that did not finish can leave objects sharing an inode with files in `to`, where an
@@ -529,7 +529,15 @@ fi
 if [ "$M" = in-place ]; then
   # (A missing `to` stays missing until its tree is renamed in whole.)
   # (A read-only `to` is opened for the staging directory; the apply's `close` sets its mode.)
-  if [ -d "$T" ]; then { [ -w "$T" ] || chmod u+w "$T"; } && { [ ! -e "$ST" ] || rm -rf "$ST"; }
+  # `to` itself changes only by hand from when the scans began (unless the cleanup above removed
+  # a staging directory) until the apply, but for the staging directory made now: an entry added,
+  # removed or renamed there by hand meanwhile makes it newer than `scan.start`, then `top`.
+  if [ -d "$T" ] && [ -z "$cut" ] && [ -e scan.start ] &&
+     [ -n "$(find "$T" -prune -newer scan.start -print)" ]; then
+    fail "files in $T were changed on the host while this deploy ran; deploy again to repair them"
+  fi
+  if [ -d "$T" ]; then { [ -w "$T" ] || chmod u+w "$T"; } && { [ ! -e "$ST" ] || rm -rf "$ST"; } &&
+    mkdir -m 700 "$ST" && : > incoming/top
   else mkdir -p "${P:-/}"; fi || fail "cannot write in $T"
   ( cd "${P:-/}" && umask 0 && unpack ) || fail "unpacking the stream failed"
 else
@@ -541,7 +549,7 @@ fi
 # for the next deploy to find and repair. In place, files the apply writes get an mtime before the
 # scans began (MT) and the next deploy looks for files newer than their start (`edits.since`):
 # here, only the live files content is taken from (into the store or staging) and directories
-# (an entry removed or renamed by hand; `to` itself got the staging directory meanwhile).
+# (an entry removed or renamed by hand; `to` itself, which got the staging directory, against `top`).
 # (Whole seconds: BusyBox compares no finer. `edits.since` falls a second before the scans began,
 # what the apply writes a second before that. A `touch` that cannot set a time: the whole pass.)
 # The next `edits.since` (incoming/since) is never before the stamp the scan used: what earlier
@@ -557,6 +565,7 @@ fi
 if [ -e scan.start ] && if [ "$M" != in-place ]; then
      [ -n "$live" ] && [ -d "releases/$live" ] &&
        [ -n "$(find "releases/$live" -newer scan.start -print | head -c 1)" ]
+   elif [ -e incoming/top ] && [ -n "$(find "$T" -prune -newer incoming/top -print)" ]; then :
    elif [ -z "$MT" ]; then
      [ -d "$T" ] && [ -n "$(cd "$T" && find . -path "./$SG" -prune -o ! -path . -newer "$S/scan.start" -print | head -c 1)" ]
    else
