@@ -735,7 +735,8 @@ fn sync_keep_prunes_but_never_live_or_rollback_target() {
     assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"v3");
 }
 
-/// A release deleted by hand leaves its manifest behind: that keeps none of its content.
+/// A release deleted by hand leaves its manifest behind: that keeps none of its content, and the
+/// next deploy that prunes removes it with the release's other metadata.
 #[test]
 fn sync_prune_collects_the_content_of_a_release_deleted_by_hand() {
     let site = Site::new("orphan", vec![Sshd::start()], one_step("app", ", keep: 2"));
@@ -758,6 +759,13 @@ fn sync_prune_collects_the_content_of_a_release_deleted_by_hand() {
         .collect();
     objects.sort();
     assert_eq!(objects, [b"v3".to_vec(), b"v4".to_vec()]);
+    let mut meta: Vec<String> = std::fs::read_dir(store.join("meta"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&first))
+        .collect();
+    meta.sort();
+    assert_eq!(meta, Vec::<String>::new());
 }
 
 /// Pruning's deletion runs in the background, also on a host whose `sh` is bash (which keeps the

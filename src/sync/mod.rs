@@ -415,8 +415,15 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
     if let Some(l) = &live {
         protect.push(l);
     }
+    // (Also the metadata of releases deleted by hand: it names content no release holds.)
+    let orphans = inv
+        .metas
+        .keys()
+        .filter(|id| !releases.contains(id))
+        .cloned();
     let prune: Vec<String> = diff::prune(&releases, step.keep, &protect)
         .into_iter()
+        .chain(orphans)
         .filter(|r| remote::safe_id(r))
         .collect();
     let params = params_line(ctx.release, step.adopt, &prune, &inv.drifted, false);
