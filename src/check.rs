@@ -14,7 +14,7 @@ pub struct HostCheck {
     pub reachable: bool,
     /// `None` when authentication was never tried (unreachable, or the host key failed first).
     pub authenticated: Option<bool>,
-    /// `known`, `accepted`, `mismatch`, `unknown`, `revoked`, or `-` when never reached.
+    /// `known`, `certified`, `accepted`, `mismatch`, `unknown`, `revoked`, or `-` when never reached.
     pub host_key: String,
     pub os: Option<String>,
     /// Docker server version, or why docker does not work.
@@ -59,6 +59,7 @@ pub async fn probe(host: &Host, session: &Session) -> anyhow::Result<HostCheck> 
         authenticated: Some(true),
         host_key: match session.host_key {
             HostKeyStatus::Known => "known",
+            HostKeyStatus::Certified => "certified",
             HostKeyStatus::Accepted => "accepted",
         }
         .into(),

@@ -2,7 +2,7 @@
 //!
 //! russh's own checker ignores wildcards and `@revoked`, so ferry parses known_hosts itself: plain,
 //! `[host]:port`, hashed `|1|salt|hash`, `*`/`?` wildcards, `!` negation, `@revoked` and
-//! `@cert-authority` lines (CA lines are skipped: ferry does not accept host certificates).
+//! `@cert-authority` lines (host certificates are judged as OpenSSH judges them).
 //! The check is never skipped: an unknown host fails unless the user passes `--accept-new`.
 
 use std::path::{Path, PathBuf};
@@ -21,6 +21,20 @@ pub enum Verdict {
     Revoked,
     /// Nothing is known about this host.
     Unknown,
+}
+
+/// How a host certificate checks out against the `@cert-authority` lines for its host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertVerdict {
+    /// Signed by an authority trusted for this host, valid now, and for this host.
+    Trusted,
+    /// No authority trusted for this host signed it: its key is judged as a plain host key (as
+    /// OpenSSH does).
+    NoAuthority,
+    /// Its key, or the key that signed it, is listed under `@revoked`.
+    Revoked,
+    /// Signed by a trusted authority, but not valid here: why.
+    Invalid(String),
 }
 
 /// Trusted host keys, with where they came from (for messages and for recording new keys).
@@ -100,6 +114,75 @@ impl KnownHosts {
         } else {
             Verdict::Unknown
         }
+    }
+
+    /// Judge a host certificate for `host` on `port` at `now` (Unix seconds). A certificate is
+    /// valid when a `@cert-authority` line for the host names its signer, its signature holds,
+    /// `now` is in its validity period, it is a host certificate, it lists `host` among its
+    /// principals (or lists none), and it has no critical options (OpenSSH knows none for hosts).
+    pub fn check_certificate(
+        &self,
+        host: &str,
+        port: u16,
+        cert: &russh::keys::Certificate,
+        now: u64,
+    ) -> CertVerdict {
+        let name = host_key_name(host, port);
+        let signer = cert.signature_key();
+        let mut trusted = false;
+        for e in &self.entries {
+            if !matches(&e.patterns, &name) {
+                continue;
+            }
+            match e.marker {
+                Marker::Revoked
+                    if e.key.key_data() == cert.public_key() || e.key.key_data() == signer =>
+                {
+                    return CertVerdict::Revoked;
+                }
+                Marker::CertAuthority if e.key.key_data() == signer => trusted = true,
+                _ => {}
+            }
+        }
+        if !trusted {
+            return CertVerdict::NoAuthority;
+        }
+        let why = if cert.verify_signature().is_err() {
+            "its signature does not verify".to_string()
+        } else if now < cert.valid_after() {
+            format!(
+                "it is not valid before {}",
+                crate::report::utc_time(cert.valid_after())
+            )
+        } else if now >= cert.valid_before() {
+            format!(
+                "it expired at {}",
+                crate::report::utc_time(cert.valid_before())
+            )
+        } else if cert.cert_type() != russh::keys::ssh_key::certificate::CertType::Host {
+            "it is a user certificate, not a host certificate".to_string()
+        } else if !cert.valid_principals().is_empty()
+            && !cert.valid_principals().iter().any(|p| p == host)
+        {
+            format!(
+                "it is for {}, not {host}",
+                cert.valid_principals().join(", ")
+            )
+        } else if let Some(option) = cert.critical_options().keys().next() {
+            format!("it has critical option `{option}`, which ferry does not know")
+        } else {
+            return CertVerdict::Trusted;
+        };
+        CertVerdict::Invalid(why)
+    }
+
+    /// Whether a `@cert-authority` line applies to `host` on `port` (ferry then asks the host
+    /// for a certificate).
+    pub fn has_authority(&self, host: &str, port: u16) -> bool {
+        let name = host_key_name(host, port);
+        self.entries
+            .iter()
+            .any(|e| e.marker == Marker::CertAuthority && matches(&e.patterns, &name))
     }
 
     /// The host key algorithms of the keys known for `host` on `port` (revoked ones aside), in
@@ -305,6 +388,83 @@ mod tests {
     fn revoked_wins() {
         let k = kh(&format!("web1 {K1}\n@revoked * {K1}\n"));
         assert_eq!(k.check("web1", 22, &key(K1)), Verdict::Revoked);
+    }
+
+    /// A certificate for the Ed25519 key from `seed`, signed by the one from `ca_seed`.
+    fn cert(
+        ca_seed: u8,
+        kind: russh::keys::ssh_key::certificate::CertType,
+        principals: &[&str],
+        valid: std::ops::Range<u64>,
+    ) -> russh::keys::Certificate {
+        use russh::keys::ssh_key::{PrivateKey, certificate::Builder, private::Ed25519Keypair};
+        let ca = PrivateKey::from(Ed25519Keypair::from_seed(&[ca_seed; 32]));
+        let host = Ed25519Keypair::from_seed(&[7; 32]).public;
+        let mut b = Builder::new([0u8; 16], host, valid.start, valid.end).unwrap();
+        b.cert_type(kind).unwrap().key_id("web").unwrap();
+        for p in principals {
+            b.valid_principal(*p).unwrap();
+        }
+        if principals.is_empty() {
+            b.all_principals_valid().unwrap();
+        }
+        b.sign(&ca).unwrap()
+    }
+
+    fn ca_line(pattern: &str, marker: &str, seed: u8) -> String {
+        use russh::keys::ssh_key::private::Ed25519Keypair;
+        let public = PublicKey::from(Ed25519Keypair::from_seed(&[seed; 32]).public);
+        format!("{marker} {pattern} {}\n", public.to_openssh().unwrap())
+    }
+
+    #[test]
+    fn host_certificates_are_judged_as_openssh_does() {
+        use russh::keys::ssh_key::certificate::CertType::{Host, User};
+        let now = 1_800_000_000;
+        let k = kh(&ca_line(
+            "*.example.com,[*.example.com]:*",
+            "@cert-authority",
+            1,
+        ));
+        let web1 = ["web1.example.com"];
+        let good = cert(1, Host, &web1, now - 60..now + 60);
+        assert!(k.has_authority("web1.example.com", 2222));
+        assert!(!k.has_authority("web1.example.org", 22));
+        for port in [22, 2222] {
+            let v = k.check_certificate("web1.example.com", port, &good, now);
+            assert_eq!(v, CertVerdict::Trusted);
+        }
+        // No principals: valid for any host the authority is trusted for (as in OpenSSH).
+        let any = cert(1, Host, &[], now - 60..now + 60);
+        let v = k.check_certificate("web2.example.com", 22, &any, now);
+        assert_eq!(v, CertVerdict::Trusted);
+        // An authority not trusted for the host, or another authority: the key is judged plain.
+        let v = k.check_certificate("web1.example.org", 22, &good, now);
+        assert_eq!(v, CertVerdict::NoAuthority);
+        let other = cert(2, Host, &web1, now - 60..now + 60);
+        let v = k.check_certificate("web1.example.com", 22, &other, now);
+        assert_eq!(v, CertVerdict::NoAuthority);
+        let invalid = |c: &russh::keys::Certificate, host: &str| match k
+            .check_certificate(host, 22, c, now)
+        {
+            CertVerdict::Invalid(why) => why,
+            v => panic!("{v:?}"),
+        };
+        assert!(invalid(&good, "web2.example.com").contains("for web1.example.com, not web2"));
+        let expired = cert(1, Host, &web1, now - 120..now - 60);
+        assert!(invalid(&expired, "web1.example.com").starts_with("it expired at 2027-01-15"));
+        let early = cert(1, Host, &web1, now + 60..now + 120);
+        assert!(invalid(&early, "web1.example.com").contains("not valid before"));
+        let user = cert(1, User, &web1, now - 60..now + 60);
+        assert!(invalid(&user, "web1.example.com").contains("user certificate"));
+        // A revoked authority (or certified key) wins over the `@cert-authority` line.
+        let k = kh(&format!(
+            "{}{}",
+            ca_line("*", "@cert-authority", 1),
+            ca_line("*", "@revoked", 1)
+        ));
+        let v = k.check_certificate("web1.example.com", 22, &good, now);
+        assert_eq!(v, CertVerdict::Revoked);
     }
 
     #[test]

@@ -129,6 +129,19 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// A Unix time as `2026-11-24 06:00:00Z`.
+pub fn utc_time(unix: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix.min(i64::MAX as u64) as i64)
+        .ok()
+        .and_then(|t| {
+            t.format(time::macros::format_description!(
+                "[year]-[month]-[day] [hour]:[minute]:[second]Z"
+            ))
+            .ok()
+        })
+        .unwrap_or_else(|| unix.to_string())
+}
+
 /// Render rows as an aligned text table.
 /// Cells may hold what a host or an old ledger says: control characters (a newline, a terminal
 /// escape) are shown escaped, never sent to the terminal.

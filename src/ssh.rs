@@ -16,7 +16,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::Semaphore;
 
 use crate::keys::Credentials;
-use crate::known_hosts::{self, KnownHosts, Verdict};
+use crate::known_hosts::{self, CertVerdict, KnownHosts, Verdict};
 use crate::shell;
 
 /// OpenSSH allows 10 sessions per connection by default; stay below.
@@ -107,6 +107,17 @@ pub enum SshError {
         presented: String,
         file: String,
     },
+    #[error(
+        "{host}: the host certificate `{id}` (port {port}) is signed by an authority {file} trusts, \
+         but {why}. Have the host's certificate reissued (ssh-keygen -s CA -h -n {host} ...)"
+    )]
+    HostCertificateInvalid {
+        host: String,
+        port: u16,
+        id: String,
+        why: String,
+        file: String,
+    },
     #[error("{host}: cannot record host key in {path}: {error}")]
     HostKeyRecord {
         host: String,
@@ -156,6 +167,8 @@ impl SshError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HostKeyStatus {
     Known,
+    /// A host certificate signed by an authority trusted for the host (`@cert-authority`).
+    Certified,
     /// Was unknown; recorded because of `--accept-new`.
     Accepted,
 }
@@ -175,16 +188,10 @@ impl client::Handler for Client {
         &mut self,
         key: &russh::keys::PublicKeyOrCertificate,
     ) -> Result<bool, Self::Error> {
-        let russh::keys::PublicKeyOrCertificate::PublicKey { key, .. } = key else {
-            *self.outcome.lock().unwrap() = Some(Err(SshError::HostKeyUnknown {
-                host: self.host.clone(),
-                port: self.port,
-                presented: "a host certificate".into(),
-                file: "known_hosts".into(),
-            }));
-            return Ok(false);
+        let result = match key {
+            russh::keys::PublicKeyOrCertificate::PublicKey { key, .. } => self.verify(key),
+            russh::keys::PublicKeyOrCertificate::Certificate(cert) => self.verify_certificate(cert),
         };
-        let result = self.verify(key);
         let ok = result.is_ok();
         *self.outcome.lock().unwrap() = Some(result);
         Ok(ok)
@@ -192,6 +199,40 @@ impl client::Handler for Client {
 }
 
 impl Client {
+    /// A host certificate: trusted through a `@cert-authority` line, else its key is judged as a
+    /// plain host key.
+    fn verify_certificate(
+        &self,
+        cert: &russh::keys::Certificate,
+    ) -> Result<HostKeyStatus, SshError> {
+        let key = PublicKey::new(cert.public_key().clone(), "");
+        let (verdict, file) = {
+            let kh = self.connector.known_hosts.lock().unwrap();
+            let now = crate::report::unix_now();
+            let v = kh.check_certificate(&self.host, self.port, cert, now);
+            (v, kh.source.clone())
+        };
+        match verdict {
+            CertVerdict::Trusted => Ok(HostKeyStatus::Certified),
+            CertVerdict::NoAuthority => self.verify(&key),
+            CertVerdict::Revoked => Err(SshError::HostKeyRevoked {
+                host: self.host.clone(),
+                presented: format!(
+                    "{} (a certificate, or the authority that signed it)",
+                    known_hosts::fingerprint(&key)
+                ),
+                file,
+            }),
+            CertVerdict::Invalid(why) => Err(SshError::HostCertificateInvalid {
+                host: self.host.clone(),
+                port: self.port,
+                id: cert.key_id().to_string(),
+                why,
+                file,
+            }),
+        }
+    }
+
     fn verify(&self, key: &PublicKey) -> Result<HostKeyStatus, SshError> {
         let mut kh = self.connector.known_hosts.lock().unwrap();
         let presented = known_hosts::fingerprint(key);
@@ -301,13 +342,18 @@ impl Connector {
             connector: self.clone(),
             outcome: outcome.clone(),
         };
-        let known = self
-            .known_hosts
-            .lock()
-            .unwrap()
-            .algorithms(&target.host, target.port);
+        let (known, authority) = {
+            let kh = self.known_hosts.lock().unwrap();
+            let a = kh.has_authority(&target.host, target.port);
+            (kh.algorithms(&target.host, target.port), a)
+        };
         let mut config = client_config();
-        config.preferred.key = host_key_order(&known).into();
+        let order = host_key_order(&known);
+        // A host under a trusted authority is asked for its certificate first (as OpenSSH does).
+        if authority {
+            config.preferred.host_key_certificates = order.clone().into();
+        }
+        config.preferred.key = order.into();
         let config = Arc::new(config);
         let connected = match jump {
             None => {

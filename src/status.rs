@@ -413,18 +413,6 @@ async fn gather(
     Ok((per_branch, views))
 }
 
-fn when(unix: u64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(unix as i64)
-        .ok()
-        .and_then(|t| {
-            t.format(time::macros::format_description!(
-                "[year]-[month]-[day] [hour]:[minute]:[second]Z"
-            ))
-            .ok()
-        })
-        .unwrap_or_else(|| unix.to_string())
-}
-
 fn age(unix: u64) -> String {
     report::human_duration(std::time::Duration::from_secs(
         report::unix_now().saturating_sub(unix),
@@ -580,7 +568,7 @@ pub async fn cli_history(
             .iter()
             .map(|r| {
                 vec![
-                    when(r.started_at),
+                    report::utc_time(r.started_at),
                     r.env.clone(),
                     shell::quote_str(&r.ref_name),
                     short_sha(&r.sha).to_string(),

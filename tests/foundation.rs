@@ -329,6 +329,103 @@ fn a_host_known_by_another_key_type_is_asked_for_that_one() {
     }
 }
 
+/// A host with a certificate signed by an authority known_hosts trusts (`@cert-authority`) is
+/// accepted without a line of its own; a certificate for another name, or an expired one, is
+/// refused with the reason; one from an authority not trusted is judged by its key, as OpenSSH does.
+#[test]
+fn host_certificates_from_a_trusted_authority_are_accepted() {
+    let dir = TempDir::new("hostcert");
+    let keygen = |args: &[&str]| {
+        run_ok(std::process::Command::new("ssh-keygen").args(args));
+    };
+    for ca in ["ca", "other-ca"] {
+        keygen(&[
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-f",
+            &dir.join(ca).display().to_string(),
+        ]);
+    }
+    let ca_line = |ca: &str| {
+        let public = std::fs::read_to_string(dir.join(format!("{ca}.pub"))).unwrap();
+        format!("@cert-authority [127.0.0.1]:* {}", public.trim())
+    };
+    // (principal, validity): a host with an ECDSA key certified so, beside its plain Ed25519 key.
+    let start = |name: &str, principal: &str, validity: &str| {
+        let key = dir.join(name).display().to_string();
+        keygen(&["-q", "-t", "ecdsa", "-N", "", "-f", &key]);
+        let ca = dir.join("ca").display().to_string();
+        let public = format!("{key}.pub");
+        keygen(&[
+            "-q", "-s", &ca, "-I", name, "-h", "-n", principal, "-V", validity, &public,
+        ]);
+        Sshd::start_with(SshdOptions {
+            extra_config: vec![
+                format!("HostKey {key}"),
+                format!("HostCertificate {key}-cert.pub"),
+            ],
+            ..Default::default()
+        })
+    };
+    let good = start("good", "127.0.0.1", "-5m:+1h");
+    let other_name = start("other", "db.example.com", "-5m:+1h");
+    let expired = start("expired", "127.0.0.1", "20200101:20200102");
+    let exec = |host: &Sshd, known_hosts: String| {
+        let pb = playbook(
+            &dir,
+            &format!("ferry-{}.yml", host.port),
+            &[host.address()],
+            "",
+        );
+        Ferry::new()
+            .trusting(&[])
+            .env("SSH_KNOWN_HOSTS", known_hosts)
+            .args(["exec", "--env", "test"])
+            .arg(&pb)
+            .args(["--", "true"])
+            .run()
+    };
+    exec(&good, ca_line("ca")).success();
+    let pb = playbook(&dir, "ferry-check.yml", &[good.address()], "");
+    let run = Ferry::new()
+        .trusting(&[])
+        .env("SSH_KNOWN_HOSTS", ca_line("ca"))
+        .args(["--json", "check", "--env", "test"])
+        .arg(&pb)
+        .run()
+        .success();
+    let v: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(v[0]["host_key"], "certified", "{}", run.all());
+
+    let run = exec(&other_name, ca_line("ca")).failure(1);
+    assert!(
+        run.stderr.contains("is for db.example.com, not 127.0.0.1"),
+        "{}",
+        run.all()
+    );
+    let run = exec(&expired, ca_line("ca")).failure(1);
+    assert!(
+        run.stderr.contains("expired at 2020-01-02"),
+        "{}",
+        run.all()
+    );
+    // Another authority: the certified key is unknown, and so is the host.
+    let run = exec(&good, ca_line("other-ca")).failure(1);
+    assert!(run.stderr.contains("unknown host key"), "{}", run.all());
+    // ... unless known_hosts lists that key itself.
+    let public = std::fs::read_to_string(dir.join("good.pub")).unwrap();
+    let line = format!(
+        "{}\n[127.0.0.1]:{} {}",
+        ca_line("other-ca"),
+        good.port,
+        public.trim()
+    );
+    exec(&good, line).success();
+}
+
 /// GitLab variables of type File hold the path of a file with the value: SSH_PRIVATE_KEY and
 /// SSH_KNOWN_HOSTS may be either kind.
 #[test]
