@@ -977,7 +977,7 @@ fn command_argv(host: &Host, command: &Command) -> anyhow::Result<Vec<String>> {
             .iter()
             .map(|a| host.expand(a))
             .collect::<anyhow::Result<Vec<_>>>()?,
-        Command::Shell(s) => vec!["sh".into(), "-c".into(), host.expand(s)?],
+        Command::Shell(s) => vec!["sh".into(), "-c".into(), host.expand_shell(s)?],
     })
 }
 

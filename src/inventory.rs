@@ -39,6 +39,11 @@ impl Host {
         self.template(s).with_context(|| self.name().to_string())
     }
 
+    /// [`Host::expand`] for a command line a shell reads (see [`template::expand_shell`]).
+    pub fn expand_shell(&self, s: &str) -> anyhow::Result<String> {
+        template::expand_shell(s, &self.vars).with_context(|| self.name().to_string())
+    }
+
     /// [`Host::expand`], with the template's own error.
     pub fn template(&self, s: &str) -> Result<String, template::TemplateError> {
         template::expand(s, &self.vars)

@@ -20,6 +20,13 @@ pub enum TemplateError {
     #[error("unclosed `${{` in `{template}`")]
     Unclosed { template: String },
     #[error(
+        "`${{{name}}}` holds characters a shell would read as more than one plain word here (in `{template}`): \
+         a command given as one string takes only values of letters, digits and `_ . / : @ % + = , -`. \
+         Use `${{ref_slug}}`, or the list form, which quotes each word: \
+         `command: [sh, -c, 'echo \"$1\"', sh, \"${{{name}}}\"]`"
+    )]
+    Unsafe { name: String, template: String },
+    #[error(
         "environment variable {name} is not set (used in `{template}`); set it or give a default: `${{env.{name}:-value}}`"
     )]
     UnsetEnv { name: String, template: String },
@@ -29,7 +36,9 @@ impl TemplateError {
     /// The text at fault, as it stands in the playbook: what to look for to point at its line.
     pub fn needle(&self) -> String {
         match self {
-            TemplateError::Unknown { name, .. } => format!("${{{name}}}"),
+            TemplateError::Unknown { name, .. } | TemplateError::Unsafe { name, .. } => {
+                format!("${{{name}}}")
+            }
             // (Only a reference without a default can be unset.)
             TemplateError::UnsetEnv { name, .. } => format!("${{env.{name}}}"),
             TemplateError::Unclosed { template } => template.clone(),
@@ -43,12 +52,41 @@ pub fn expand(template: &str, vars: &Vars) -> Result<String, TemplateError> {
     expand_with(template, vars, &|k| std::env::var(k).ok())
 }
 
+/// [`expand`] for a command line a shell will read (a `run` command given as one string): every
+/// value put in must be one plain word in any quoting (a branch named `x;reboot` or `$(id)` must
+/// not become code), else [`TemplateError::Unsafe`]. Defaults written in the template are the
+/// author's own and pass as they are.
+pub fn expand_shell(template: &str, vars: &Vars) -> Result<String, TemplateError> {
+    expand_inner(template, vars, &|k| std::env::var(k).ok(), true)
+}
+
+/// Whether `s` reads as the same single word (or, empty, as nothing) to a shell, quoted or not.
+fn shell_plain(s: &str) -> bool {
+    s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"_./:@%+=,-".contains(&b))
+}
+
 /// [`expand`] with an explicit environment lookup.
 pub fn expand_with(
     template: &str,
     vars: &Vars,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<String, TemplateError> {
+    expand_inner(template, vars, env, false)
+}
+
+fn expand_inner(
+    template: &str,
+    vars: &Vars,
+    env: &dyn Fn(&str) -> Option<String>,
+    shell: bool,
+) -> Result<String, TemplateError> {
+    let unsafe_value = |name: &str, value: &str| {
+        (shell && !shell_plain(value)).then(|| TemplateError::Unsafe {
+            name: name.into(),
+            template: template.into(),
+        })
+    };
     let mut out = String::with_capacity(template.len());
     let mut rest = template;
     while let Some(i) = rest.find('$') {
@@ -68,7 +106,10 @@ pub fn expand_with(
                     None => (var, None),
                 };
                 match (env(var).filter(|v| !v.is_empty()), default) {
-                    (Some(v), _) => out.push_str(&v),
+                    (Some(v), _) => match unsafe_value(name, &v) {
+                        Some(e) => return Err(e),
+                        None => out.push_str(&v),
+                    },
                     (None, Some(d)) => out.push_str(d),
                     (None, None) => {
                         return Err(TemplateError::UnsetEnv {
@@ -83,6 +124,9 @@ pub fn expand_with(
                     template: template.into(),
                     known: vars.keys().cloned().collect::<Vec<_>>().join(", "),
                 })?;
+                if let Some(e) = unsafe_value(name, value) {
+                    return Err(e);
+                }
                 out.push_str(value);
             }
             rest = &r[end + 1..];
@@ -127,6 +171,32 @@ mod tests {
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn a_shell_command_takes_only_plain_values() {
+        let mut v = vars();
+        v.insert("ref".into(), "release/1.2".into());
+        v.insert("tag".into(), String::new());
+        assert_eq!(
+            expand_shell("cd /srv/${ref} && echo \"${tag}\" '${pipeline_id}'", &v).unwrap(),
+            "cd /srv/release/1.2 && echo \"\" '42'"
+        );
+        for hostile in [
+            "x;reboot", "$(id)", "`id`", "it's", "a\"b", "a b", "a\nb", "*", "~x",
+        ] {
+            v.insert("ref".into(), hostile.into());
+            let e = expand_shell("echo '${ref}'", &v).unwrap_err();
+            assert!(matches!(&e, TemplateError::Unsafe { name, .. } if name == "ref"));
+            assert_eq!(e.needle(), "${ref}");
+            // Elsewhere (a path, a label) the value goes in as it is.
+            assert_eq!(expand("${ref}", &v).unwrap(), hostile);
+        }
+        // A default the template itself gives is the author's.
+        assert_eq!(
+            expand_shell("echo ${env.FERRY_TEST_UNSET_VAR:-a b}", &v).unwrap(),
+            "echo a b"
+        );
     }
 
     #[test]

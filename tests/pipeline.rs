@@ -629,6 +629,54 @@ fn hostile_branch_names_are_safe_in_paths_locks_ledger_status_and_stop() {
     assert!(!pwned.exists());
 }
 
+/// A branch name is data: in a `run` command given as one string (read by the host's shell), a
+/// ref that is not one plain word stops the run before any host is touched, pointing at the
+/// template; the list form takes it quoted.
+#[test]
+fn a_hostile_ref_never_becomes_shell_code() {
+    let host = Sshd::start();
+    let dir = TempDir::new("hostile-run");
+    let root = open_root(&dir);
+    let pwned = dir.join("pwned");
+    let hostile = format!("release-1;touch {}", pwned.display());
+    let steps = format!(
+        "      - run: {{ command: [sh, -c, 'printf %s \"$1\" > \"$0\"', \"{root}/argv\", \"${{ref}}\"] }}\n      \
+         - run: {{ command: \"echo '${{ref}}' > {root}/string\" }}\n"
+    );
+    let p = pb(&dir, &[host.address()], &root, &steps, "");
+    let run = ci(&[&host], &hostile, SHA, "601")
+        .arg("deploy")
+        .arg(&p)
+        .run()
+        .failure(2);
+    assert!(
+        run.stderr.contains(&format!("{}:17:32:", p.display())),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr
+            .contains("`${ref}` holds characters a shell would read"),
+        "{}",
+        run.stderr
+    );
+    assert!(!pwned.exists());
+    assert!(!Path::new(&root).join("argv").exists());
+    // Without the string form, the list form runs with the ref as one word.
+    let steps = steps.lines().next().unwrap().to_string() + "\n";
+    let p = pb(&dir, &[host.address()], &root, &steps, "");
+    ci(&[&host], &hostile, SHA, "602")
+        .arg("deploy")
+        .arg(&p)
+        .run()
+        .success();
+    assert_eq!(
+        std::fs::read_to_string(Path::new(&root).join("argv")).unwrap(),
+        hostile
+    );
+    assert!(!pwned.exists());
+}
+
 /// Two hosts of one environment on different commits, and a failed last attempt: status says so.
 #[test]
 fn status_flags_hosts_that_disagree_and_failed_attempts() {
