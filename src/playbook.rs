@@ -404,7 +404,8 @@ pub struct SyncStep {
     /// Releases to keep (the live one and the rollback target are always kept).
     #[serde(default = "default_keep")]
     pub keep: usize,
-    /// Delete files on the host that are not in `from` (in-place mode; releases are always exact).
+    /// Delete files on the host that are not in `from` (`false`: in-place mode only; a release is
+    /// always the build alone).
     #[serde(default = "default_true")]
     pub delete: bool,
     /// Take over an existing plain directory at `to` on the first deploy.
@@ -1081,6 +1082,19 @@ fn validate(pb: &Playbook) -> Result<(), Invalid> {
         }
         for (list, steps) in [("steps", &env.steps), ("on_stop", &env.on_stop)] {
             for (i, step) in steps.iter().enumerate() {
+                if let Step::Sync(s) = step {
+                    if s.mode == SyncMode::Release && !s.delete {
+                        return fail(
+                            here(&[key(list), Seg::Index(i), key("sync"), key("delete")]),
+                            format!(
+                                "sync to `{}`: `delete: false` keeps files on the host that the build does not have, \
+                                 which only `mode: in-place` does (a release holds the build and nothing else); \
+                                 add `mode: in-place`, or drop `delete: false`",
+                                s.to
+                            ),
+                        );
+                    }
+                }
                 let (Step::Container(c) | Step::Accessory(c)) = step else {
                     continue;
                 };
@@ -1255,6 +1269,15 @@ mod tests {
         let text = text.replace("prot: 2222", "port: 2222");
         let msg = p(&text).unwrap_err().to_string();
         assert!(msg.starts_with("pb.yml:8:23: unknown field `usr`"), "{msg}");
+    }
+
+    #[test]
+    fn delete_false_is_for_in_place_mode_only() {
+        let text = "app: shop\nenvironments:\n  e:\n    hosts: [h1]\n    steps:\n      - sync: { from: dist/, to: www, delete: false }\n";
+        let msg = p(text).unwrap_err().to_string();
+        assert!(msg.starts_with("pb.yml:6:"), "{msg}");
+        assert!(msg.contains("only `mode: in-place`"), "{msg}");
+        p(&text.replace("delete: false", "delete: false, mode: in-place")).unwrap();
     }
 
     #[test]
