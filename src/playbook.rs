@@ -1082,18 +1082,19 @@ fn validate(pb: &Playbook) -> Result<(), Invalid> {
         }
         for (list, steps) in [("steps", &env.steps), ("on_stop", &env.on_stop)] {
             for (i, step) in steps.iter().enumerate() {
-                if let Step::Sync(s) = step {
-                    if s.mode == SyncMode::Release && !s.delete {
-                        return fail(
-                            here(&[key(list), Seg::Index(i), key("sync"), key("delete")]),
-                            format!(
-                                "sync to `{}`: `delete: false` keeps files on the host that the build does not have, \
-                                 which only `mode: in-place` does (a release holds the build and nothing else); \
-                                 add `mode: in-place`, or drop `delete: false`",
-                                s.to
-                            ),
-                        );
-                    }
+                if let Step::Sync(s) = step
+                    && s.mode == SyncMode::Release
+                    && !s.delete
+                {
+                    return fail(
+                        here(&[key(list), Seg::Index(i), key("sync"), key("delete")]),
+                        format!(
+                            "sync to `{}`: `delete: false` keeps files on the host that the build does not have, \
+                             which only `mode: in-place` does (a release holds the build and nothing else); \
+                             add `mode: in-place`, or drop `delete: false`",
+                            s.to
+                        ),
+                    );
                 }
                 let (Step::Container(c) | Step::Accessory(c)) = step else {
                     continue;
