@@ -844,6 +844,26 @@ async fn revert_run(
             let d = &report.detail;
             d.get(a).or(d.get(b)).and_then(|v| v.as_str())
         };
+        // A first release: nothing was live to switch back to, so it comes off.
+        if report.changed && report.detail.get("before").is_some_and(|b| !b.is_null()) {
+            match sync::withdraw(ctx, s, report).await {
+                Ok(Some(mut r)) => {
+                    ctx.progress.println(&format!(
+                        "{host}: sync: took the first release off {path}: the {what} failed"
+                    ));
+                    r.summary = format!("{} because a later step failed", r.summary);
+                    reports.push(r);
+                }
+                Ok(None) => ctx.progress.println(&format!(
+                    "{host}: {path} stays on the new release: it was a directory ferry had not filled, \
+                     which cannot be put back"
+                )),
+                Err(e) => ctx.progress.println(&format!(
+                    "{host}: WARNING: cannot take the new release off {path}: {e:#}"
+                )),
+            }
+            continue;
+        }
         let Some(previous) = field("previous", "from") else {
             continue;
         };
@@ -875,6 +895,14 @@ fn live_releases(reports: &[StepReport]) -> (BTreeMap<String, String>, Option<St
         |r: &StepReport, k: &str| r.detail.get(k).and_then(|v| v.as_str()).map(str::to_string);
     let (mut by_path, mut last) = (BTreeMap::new(), None);
     for r in reports.iter().filter(|r| r.step == "sync") {
+        // (A first release taken off again: nothing is live there.)
+        if r.detail.get("withdrawn").is_some() {
+            if let Some(path) = field(r, "path") {
+                by_path.remove(&path);
+            }
+            last = None;
+            continue;
+        }
         let Some(release) = ["release", "to", "live"].iter().find_map(|k| field(r, k)) else {
             continue;
         };

@@ -735,6 +735,70 @@ fn sync_keep_prunes_but_never_live_or_rollback_target() {
     assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"v3");
 }
 
+/// A first deploy whose later step fails takes its release off `to` again: `to` is what it was
+/// before (missing; the directory it adopted; in place, missing), and nothing is live. The next
+/// deploy, once the step passes, goes live.
+#[test]
+fn a_failed_first_deploy_leaves_nothing_live() {
+    for (mode, adopt) in [("", false), ("", true), (", mode: in-place", false)] {
+        let case = format!("{mode} adopt {adopt}");
+        let extra = format!("{mode}{}", if adopt { ", adopt: true" } else { "" });
+        let site = Site::new(
+            "firstfail",
+            vec![Sshd::start()],
+            move |src: &Path, root: &Path| {
+                format!(
+                    "      - sync: {{ from: \"{}\", to: app{extra} }}\n      - run: {{ command: [test, \"!\", -e, \"{}/fail\"] }}\n",
+                    src.display(),
+                    root.display()
+                )
+            },
+        );
+        let to = site.root().join("app");
+        if adopt {
+            std::fs::create_dir_all(&to).unwrap();
+            std::fs::write(to.join("old.html"), b"old").unwrap();
+        }
+        std::fs::write(site.root().join("fail"), b"").unwrap();
+        site.write(b"index.html", b"v1");
+        let run = site.deploy(&sha(1));
+        assert_eq!(run.code, 1, "{case}: {}", run.all());
+        assert!(
+            run.all().contains("took the first release off"),
+            "{case}: {}",
+            run.all()
+        );
+        if adopt {
+            assert!(!to.is_symlink(), "{case}");
+            assert_eq!(
+                std::fs::read(to.join("old.html")).unwrap(),
+                b"old",
+                "{case}"
+            );
+        } else {
+            assert!(!to.exists() && !to.is_symlink(), "{case}");
+        }
+        let hosts: Vec<&Sshd> = site.hosts.iter().collect();
+        let status = Ferry::new()
+            .trusting(&hosts)
+            .args(["status", "--json"])
+            .arg(&site.pb)
+            .run()
+            .success();
+        let v = json(&status);
+        assert_eq!(v[0]["rows"][0]["live"], false, "{case}: {v}");
+        std::fs::remove_file(site.root().join("fail")).unwrap();
+        site.deploy(&sha(1)).success();
+        assert_eq!(
+            std::fs::read(to.join("index.html")).unwrap(),
+            b"v1",
+            "{case}"
+        );
+        assert!(!to.join("old.html").exists(), "{case}");
+        assert_trash_emptied(&site.root().join(".app.ferry"));
+    }
+}
+
 /// A release deleted by hand leaves its manifest behind: that keeps none of its content, and the
 /// next deploy that prunes removes it with the release's other metadata.
 #[test]

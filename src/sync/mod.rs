@@ -492,6 +492,17 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
         report.detail["replaced_in_place"] = wire.copied.unwrap_or(*a).into();
     }
     report.detail["pruned"] = prune.clone().into();
+    // What `to` was when nothing was live there: what a failed run puts back (see `withdraw`).
+    if live.is_none() {
+        report.detail["before"] = match &inv.target {
+            TargetState::Missing => serde_json::json!({"state": "missing"}),
+            TargetState::Dir => serde_json::json!({"state": "dir"}),
+            TargetState::Link { target, .. } => {
+                serde_json::json!({"state": "link", "target": target})
+            }
+            TargetState::Other => serde_json::Value::Null,
+        };
+    }
     report.log.extend(wire.warnings);
     report.summary = format!(
         "{} -> release {release}: {}; sent {} files ({} content, {} on the wire) in {:.1}s",
@@ -1155,6 +1166,63 @@ pub async fn rollback(
         detail,
         ..Default::default()
     })
+}
+
+/// A run that failed after its sync step made the first release live at `to` (nothing was live
+/// there before) takes it off again, so a half-done first deploy does not stay live: release
+/// mode puts back what `to` was (missing, the directory it adopted, the link it replaced); in
+/// place, a tree that went into a missing `to` goes to the store's trash. The release stays in
+/// the store. Returns `None` when `to` cannot go back (in place, a directory it filled).
+pub async fn withdraw(
+    ctx: &StepCtx<'_>,
+    step: &SyncStep,
+    report: &StepReport,
+) -> anyhow::Result<Option<StepReport>> {
+    let host = ctx.host.name();
+    let paths = target_paths(ctx.host, &step.to)?;
+    let field = |k: &str| report.detail.get("before").and_then(|b| b.get(k)?.as_str());
+    let (Some(release), Some(before)) = (
+        report.detail.get("release").and_then(|v| v.as_str()),
+        field("state"),
+    ) else {
+        return Ok(None);
+    };
+    let mode = match step.mode {
+        SyncMode::InPlace if before != "missing" => return Ok(None),
+        SyncMode::InPlace => "in-place",
+        SyncMode::Release => "release",
+    };
+    let link = field("target").unwrap_or_default();
+    let out = ctx
+        .session
+        .run_script(
+            remote::WITHDRAW,
+            &[&paths.store, &paths.to, release, mode, before, link],
+            Some(INVENTORY_TIMEOUT),
+        )
+        .await?;
+    if !out.success() {
+        bail!(
+            "{host}: taking release {release} off {} failed: {}",
+            paths.to,
+            out.tail()
+        );
+    }
+    let was = match before {
+        "missing" => "missing again".to_string(),
+        "dir" => format!(
+            "the directory it was before ({}/adopted-{release} moved back)",
+            paths.store
+        ),
+        _ => format!("the link to {link} again"),
+    };
+    Ok(Some(StepReport {
+        step: "sync".into(),
+        changed: true,
+        summary: format!("{} is {was}", paths.to),
+        detail: serde_json::json!({"path": paths.to, "from": release, "withdrawn": true}),
+        ..Default::default()
+    }))
 }
 
 /// Mode `in-place` rollback: apply release `id`'s manifest into `to` again, from what the host

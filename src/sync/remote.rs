@@ -735,6 +735,33 @@ mv -fT "$P/.$N.ferry-new" "$T"
 if [ -f "$S/meta/$rid.edited" ]; then cat "$S/meta/$rid.edited"; fi
 "#;
 
+/// Take release `rid`, the first one, off `to` after its run failed, while `to` still shows it
+/// (see `sync::withdraw`). Release mode puts back what was there (`B`: `missing`; `dir`, the
+/// directory the deploy adopted into `adopted-<rid>`; `link`, a link to `L`); in place, the tree
+/// that went into a missing `to` moves to the trash (deleted by the next deploy) and the store
+/// forgets it was applied. Args: store, to, release id, mode, B, L.
+pub const WITHDRAW: &str = r#"
+set -e
+S=$1 T=$2 rid=$3 M=$4 B=$5 L=$6
+P=${T%/*} N=${T##*/}
+if [ "$M" = in-place ]; then
+  live=; [ ! -f "$S/inplace" ] || read -r live < "$S/inplace" || :
+  [ -d "$T" ] && [ ! -L "$T" ] && [ "$live" = "$rid" ] ||
+    { echo "ferry: $T no longer holds release $rid; left as it is" >&2; exit 4; }
+  rm -f "$S/applied" "$S/edits.since" "$S/inplace"
+  mv "$T" "$S/trash-withdrawn-$rid"
+  exit 0
+fi
+[ -L "$T" ] && [ "$(readlink "$T")" = ".$N.ferry/releases/$rid" ] ||
+  { echo "ferry: $T no longer points to release $rid; left as it is" >&2; exit 4; }
+case $B in
+  missing) rm -f "$T" ;;
+  dir) rm -f "$T"; mv "$S/adopted-$rid" "$T" ;;
+  link) rm -f "$P/.$N.ferry-new"; ln -s "$L" "$P/.$N.ferry-new"; mv -fT "$P/.$N.ferry-new" "$T" ;;
+  *) echo "ferry: unknown state $B" >&2; exit 4 ;;
+esac
+"#;
+
 /// Print a release's manifest. Args: store, release id.
 pub const MANIFEST: &str = r#"
 [ -f "$1/meta/$2.manifest" ] || { echo "ferry: release $2 has no manifest in $1/meta" >&2; exit 4; }
