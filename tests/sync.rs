@@ -674,6 +674,28 @@ fn a_removal_at_the_top_of_to_during_an_in_place_deploy_is_not_adopted() {
     assert!(to.join("big.bin").exists());
 }
 
+/// In place, a `chmod` by hand (which leaves the mtime alone) is found by its ctime where `find` is
+/// GNU's, reported as drift, and put back by the next deploy of the same tree.
+#[test]
+fn a_chmod_by_hand_in_place_is_repaired() {
+    let site = one_host_site("chmod", false, "app", ", mode: in-place");
+    site.write(b"run.sh", b"#!/bin/sh\necho hi\n");
+    site.write(b"index.html", b"v1");
+    let script = site.src.join("run.sh");
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    site.deploy(&sha(1)).success();
+    let to = site.root().join("app");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&to.join("run.sh")), 0o755);
+    std::fs::set_permissions(to.join("run.sh"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let s = step(&site.deploy(&sha(1)).success());
+    assert_drift(&s, "1 path(s) added, edited or removed");
+    assert_eq!(mode(&to.join("run.sh")), 0o755);
+    // Then nothing is left to repair.
+    let s = step(&site.deploy(&sha(1)).success());
+    assert_eq!(s["changed"], false, "{s}");
+}
+
 /// In place, a symlink replaced by hand (`ln -sfn`) is found and put back, on both shells.
 #[test]
 fn a_symlink_changed_by_hand_in_place_is_repaired() {

@@ -4,7 +4,7 @@
 //! has no plain part), `mv -fT`, `find -newer -links -path -prune -mindepth -maxdepth -print0
 //! -exec +` (never `{}` inside a script `find` runs: GNU find refuses that), `xargs -0 -r`,
 //! `head -c`, `ls`, `gzip`, `readlink`, `read`, `cp -p`, `stat -c %a`, `tr`, `cut`, `awk`,
-//! `date -r`, `sleep`.
+//! `date -r`, `sleep`; and, where `find` is GNU's, `find -cnewer` (in place: a `chmod` by hand).
 //!
 //! Layout beside the target `<dir>/<name>`:
 //! ```text
@@ -198,12 +198,16 @@ if [ "$M" = in-place ] && [ -f "$S/inplace" ] && [ ! -e "$S/applied" ]; then rec
 # Files are edited when newer than `edits.since` (a store from before it: `applied`); directories
 # (an entry added, removed or renamed) and symlinks (replaced) when newer than `applied`.
 FS=$S/edits.since; [ -e "$FS" ] || FS=$S/applied
+# A `chmod` leaves the mtime alone: GNU find sees it by the ctime, newer than `applied` (what an
+# apply renames into `to` gets its ctime before that). BusyBox find has no `-cnewer`.
+CT=; [ "$M" != in-place ] || case $(find --version 2>/dev/null) in *GNU*) CT=1 ;; esac
 inplace_scan() {
   [ -d "$T" ] && [ ! -L "$T" ] || return 0
   if [ -e "$S/applied" ]; then
+    set --; [ -z "$CT" ] || set -- -o -type f -cnewer "$S/applied" -exec printf 'touched\t%s\0' {} +
     ( cd "$T" && find . -path "./$SG" -prune -o -type f -newer "$FS" ! -links 1 \
         -exec printf 'edited\t%s\0' {} + -o -type f -newer "$FS" -exec printf 'touched\t%s\0' {} + \
-        -o -type l -newer "$S/applied" -exec printf 'touched\t%s\0' {} + )
+        -o -type l -newer "$S/applied" -exec printf 'touched\t%s\0' {} + "$@" )
   fi
   if [ ! -e "$S/applied" ] || extras_owed ||
      [ -n "$(cd "$T" && find . -path "./$SG" -prune -o -type d -newer "$S/applied" -print | head -c 1)" ]; then
@@ -215,8 +219,13 @@ inplace_scan() {
 # The last apply kept extras (`delete: false`) and this one deletes them: they must be found.
 extras_owed() { [ "$DEL" = 1 ] && [ -e "$S/kept-extras" ]; }
 # One pass finds whether anything in $T changed since the last apply; only then the passes above.
+changed_since_apply() {
+  set -- -type f -newer "$FS" -o ! -type f -newer "$S/applied"
+  [ -z "$CT" ] || set -- "$@" -o -type f -cnewer "$S/applied"
+  [ -n "$(cd "$T" && find . -path "./$SG" -prune -o \( "$@" \) -print | head -c 1)" ]
+}
 if [ "$M" = in-place ] && [ -d "$T" ] && [ ! -L "$T" ] && { [ ! -e "$S/applied" ] || extras_owed ||
-   [ -n "$(cd "$T" && find . -path "./$SG" -prune -o \( -type f -newer "$FS" -o ! -type f -newer "$S/applied" \) -print | head -c 1)" ]; }; then
+   changed_since_apply; }; then
   inplace_scan; dirty=1
 fi
 # Make or fix directories given as `<mode>/./<path>` (cwd: $T).
