@@ -349,6 +349,70 @@ fn sync_plan_lists_changes_and_changes_nothing() {
     assert!(text.stderr.contains("would deploy"), "{}", text.stderr);
 }
 
+/// `--plan` also lists what a deploy repairs of what changed by hand on the host (files put back,
+/// files on the host only deleted), and in place with `delete: false`, what stays.
+#[test]
+fn sync_plan_lists_the_repairs_of_hand_changes() {
+    for mode in ["", ", mode: in-place"] {
+        let site = Site::new("planrepair", vec![Sshd::start()], one_step("app", mode));
+        site.write(b"a.txt", b"a");
+        site.write(b"b.txt", b"b");
+        site.deploy(&sha(1)).success();
+        let to = site.root().join("app");
+        std::fs::write(to.join("hand.txt"), b"by hand").unwrap();
+        std::fs::write(to.join("a.txt"), b"edited").unwrap();
+        let run = site
+            .ferry("deploy", &sha(1))
+            .args(["--plan", "--json"])
+            .run()
+            .success();
+        let d = &step(&run)["detail"];
+        assert_eq!(
+            d["repair"]["deleted"],
+            serde_json::json!(["hand.txt"]),
+            "{mode}: {d}"
+        );
+        assert_eq!(
+            d["repair"]["replaced"],
+            serde_json::json!(["a.txt"]),
+            "{mode}: {d}"
+        );
+        let text = site.ferry("deploy", &sha(1)).arg("--plan").run().success();
+        assert!(
+            text.stderr.contains("- hand.txt (on the host only)"),
+            "{mode}: {}",
+            text.stderr
+        );
+        assert!(
+            text.stderr
+                .contains("repairs 2 path(s) changed by hand (1 put back, 1 deleted)"),
+            "{mode}: {}",
+            text.all()
+        );
+        site.deploy(&sha(1)).success();
+        assert!(!to.join("hand.txt").exists(), "{mode}");
+        assert_eq!(std::fs::read(to.join("a.txt")).unwrap(), b"a", "{mode}");
+    }
+    // In place, `delete: false` keeps what left the build: the plan says so, and deletes nothing.
+    let site = Site::new(
+        "plankept",
+        vec![Sshd::start()],
+        one_step("app", ", mode: in-place, delete: false"),
+    );
+    site.write(b"a.txt", b"a");
+    site.write(b"b.txt", b"b");
+    site.deploy(&sha(1)).success();
+    std::fs::remove_file(site.src.join("b.txt")).unwrap();
+    let run = site
+        .ferry("deploy", &sha(2))
+        .args(["--plan", "--json"])
+        .run()
+        .success();
+    let d = &step(&run)["detail"];
+    assert_eq!(d["deleted"], 0, "{d}");
+    assert_eq!(d["paths"]["kept"], serde_json::json!(["b.txt"]), "{d}");
+}
+
 #[test]
 fn sync_refuses_plain_directory_unless_adopted() {
     let site = Site::new("adopt", vec![Sshd::start()], one_step("app", ""));

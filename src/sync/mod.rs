@@ -640,12 +640,20 @@ fn decide(
         .as_ref()
         .is_some_and(|l| inv.releases.iter().any(|r| r == l));
     let noop = plan.is_noop() && plan.send.is_empty() && inv.handmade == 0 && settled && intact;
+    // In place with `delete: false`, what left the build stays on the host.
+    let mut plan = plan;
+    let kept = match step.mode == SyncMode::InPlace && !step.delete {
+        true => std::mem::take(&mut plan.deleted),
+        false => Vec::new(),
+    };
+    let repair = repairs(local, &plan, apply.as_ref(), inv);
     let detail = serde_json::json!({
         "path": paths.to,
         "live": live,
         "added": plan.added.len(),
         "changed": plan.changed.len(),
         "deleted": plan.deleted.len(),
+        "kept": kept.len(),
         "unchanged": plan.unchanged,
         "changed_bytes": plan.changed_bytes,
         "files_to_send": plan.send.len(),
@@ -655,15 +663,31 @@ fn decide(
             "added": truncated(&plan.added),
             "changed": truncated(&plan.changed),
             "deleted": truncated(&plan.deleted),
+            "kept": truncated(&kept),
+        },
+        "repair": {
+            "replaced": truncated(&repair.replaced),
+            "deleted": truncated(&repair.deleted),
         },
     });
-    let counts = format!(
+    let mut counts = format!(
         "+{} ~{} -{} ({} changed)",
         plan.added.len(),
         plan.changed.len(),
         plan.deleted.len(),
         human_bytes(plan.changed_bytes)
     );
+    if !kept.is_empty() {
+        counts += &format!(", {} kept (delete: false)", kept.len());
+    }
+    if repair.len() > 0 {
+        counts += &format!(
+            "; repairs {} path(s) changed by hand ({} put back, {} deleted)",
+            repair.len(),
+            repair.replaced.len(),
+            repair.deleted.len()
+        );
+    }
     let report = |changed, summary| StepReport {
         step: "sync".into(),
         changed,
@@ -692,13 +716,16 @@ fn decide(
                 human_bytes(plan.send_bytes)
             ),
         );
-        for (sign, list) in [
-            ("+", &plan.added),
-            ("~", &plan.changed),
-            ("-", &plan.deleted),
+        for (sign, list, why) in [
+            ("+", &plan.added, ""),
+            ("~", &plan.changed, ""),
+            ("-", &plan.deleted, ""),
+            ("=", &kept, " (kept: delete: false)"),
+            ("~", &repair.replaced, " (changed by hand)"),
+            ("-", &repair.deleted, " (on the host only)"),
         ] {
             for p in truncated(list) {
-                r.log.push(format!("  {sign} {}", p.escape_debug()));
+                r.log.push(format!("  {sign} {}{why}", p.escape_debug()));
             }
         }
         return Ok(Decision::Done(Box::new(r)));
@@ -708,6 +735,80 @@ fn decide(
         apply,
         report(true, counts),
     ))))
+}
+
+/// What a deploy changes beyond the difference of the two manifests: the paths changed by hand
+/// that it puts back, and those on the host only (added by hand) that it deletes.
+#[derive(Debug, Default)]
+struct Repairs {
+    replaced: Vec<String>,
+    deleted: Vec<String>,
+}
+
+impl Repairs {
+    fn len(&self) -> usize {
+        self.replaced.len() + self.deleted.len()
+    }
+}
+
+fn repairs(
+    local: &Manifest,
+    plan: &diff::Plan,
+    apply: Option<&diff::Apply>,
+    inv: &Inventory,
+) -> Repairs {
+    let listed: rustc_hash::FxHashSet<&str> = [&plan.added, &plan.changed, &plan.deleted]
+        .into_iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    let mut r = Repairs::default();
+    let note = |list: &mut Vec<String>, path: &[u8], dir: bool| {
+        let p = manifest::display_path(path) + if dir { "/" } else { "" };
+        if !listed.contains(p.as_str()) && !list.contains(&p) {
+            list.push(p);
+        }
+    };
+    match apply {
+        // In place: what the apply writes or deletes that the diff does not name.
+        Some(a) => {
+            for (i, _) in &a.write {
+                note(&mut r.replaced, &local.entries[*i].path, false);
+            }
+            for p in &a.gone {
+                note(&mut r.deleted, p, false);
+            }
+        }
+        // Release mode: the live release's paths changed by hand are made anew, or left out.
+        None => {
+            let kinds: rustc_hash::FxHashMap<&[u8], bool> = local
+                .entries
+                .iter()
+                .map(|e| {
+                    (
+                        e.path.as_slice(),
+                        matches!(e.kind, manifest::Kind::Dir { .. }),
+                    )
+                })
+                .collect();
+            let top = |p: &&Vec<u8>| p.as_slice() != b".";
+            for p in inv
+                .edited
+                .iter()
+                .chain(&inv.touched)
+                .chain(&inv.marked)
+                .filter(top)
+            {
+                match kinds.get(p.as_slice()) {
+                    Some(&dir) => note(&mut r.replaced, p, dir),
+                    None => note(&mut r.deleted, p, false),
+                }
+            }
+        }
+    }
+    r.replaced.sort();
+    r.deleted.sort();
+    r
 }
 
 /// What [`open_deploy`] learned: the local tree and what the host has.

@@ -1071,7 +1071,10 @@ pub fn parse_inventory(out: &[u8], to_name: &str) -> anyhow::Result<Inventory> {
         .flatten()
         .chain(inv.listing.iter_mut().flatten())
     {
-        if let Some(rest) = p.strip_prefix(prefix.as_bytes()).or(p.strip_prefix(b"./")) {
+        // (The live release's own directory, when entries were added or removed at its top: `.`.)
+        if p.as_slice() == prefix.trim_end_matches('/').as_bytes() {
+            *p = b".".to_vec();
+        } else if let Some(rest) = p.strip_prefix(prefix.as_bytes()).or(p.strip_prefix(b"./")) {
             *p = rest.to_vec();
         }
     }
