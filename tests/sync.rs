@@ -532,7 +532,18 @@ fn hand_edits(busybox: bool) {
     assert!(!to.join("extra.txt").exists());
     let s = step(&site.deploy(&sha(5)).success());
     assert_eq!(s["changed"], false, "{s}");
-    // The first release shares the files edited by hand (hard links): a rollback to it says so.
+    // The first release shares the files edited by hand (hard links): a rollback to it says so,
+    // and so does its plan.
+    let run = site
+        .ferry("rollback", &sha(5))
+        .args(["--to", &first, "--json", "--plan"])
+        .run()
+        .success();
+    let log = step(&run)["log"].to_string();
+    assert!(
+        log.contains("edited by hand") && log.contains("index.html"),
+        "{log}"
+    );
     let run = site
         .ferry("rollback", &sha(5))
         .args(["--to", &first, "--json"])
@@ -1680,6 +1691,38 @@ fn in_place_lifecycle(busybox: bool) {
         std::fs::read_to_string(site.root().join("web/.app.ferry/inplace")).unwrap(),
         first
     );
+}
+
+/// In place, a release whose content was lost to a hand edit cannot come back: the rollback, and
+/// its plan, say so and change nothing.
+#[test]
+fn sync_in_place_rollback_plan_knows_what_was_lost() {
+    let site = Site::new(
+        "lost",
+        vec![Sshd::start()],
+        one_step("app", ", mode: in-place"),
+    );
+    site.write(b"a.txt", b"a1");
+    site.write(b"b.txt", b"b");
+    site.deploy(&sha(1)).success();
+    let to = site.root().join("app");
+    std::fs::write(to.join("a.txt"), b"HACKED").unwrap();
+    site.write(b"a.txt", b"a2");
+    site.deploy(&sha(2)).success();
+    for plan in [true, false] {
+        let mut cmd = site.ferry("rollback", &sha(2));
+        if plan {
+            cmd = cmd.arg("--plan");
+        }
+        let run = cmd.run().failure(1);
+        assert!(
+            run.all().contains("1 file(s) of release")
+                && run.all().contains("no longer on the host"),
+            "plan {plan}: {}",
+            run.all()
+        );
+        assert_eq!(std::fs::read(to.join("a.txt")).unwrap(), b"a2");
+    }
 }
 
 /// Let the BusyBox host's own user write in directories the test made.

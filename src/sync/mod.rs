@@ -1212,7 +1212,27 @@ pub async fn rollback(
         .unwrap_or_default();
     let detail = serde_json::json!({"path": paths.to, "from": live, "to": target});
     if ctx.plan {
+        // In place, what the host still has of that release decides whether it can come back.
+        // Release mode: the files of it edited by hand since, which it would serve as edited.
+        let mut log = Vec::new();
+        if step.mode == SyncMode::InPlace {
+            let local = release_manifest(ctx, &paths, &target).await?;
+            let mut inv = inventory(ctx.session, &paths, &local.digest(), step).await?;
+            let (plan, _) = plan_for(step, &local, &mut inv, false);
+            check_reapply(host, &target, &plan)?;
+        } else {
+            let out = ctx
+                .session
+                .run_script(
+                    remote::EDITED,
+                    &[&paths.store, &target],
+                    Some(INVENTORY_TIMEOUT),
+                )
+                .await?;
+            log.extend(edited_warning(&target, &out.stdout));
+        }
         return Ok(StepReport {
+            log,
             step: "sync".into(),
             changed: true,
             summary: format!("would switch {} to release {target}{what}", paths.to),
@@ -1240,23 +1260,7 @@ pub async fn rollback(
                 out.tail()
             );
         }
-        let mut edited: Vec<String> = out
-            .stdout
-            .split(|&b| b == 0)
-            .filter(|p| !p.is_empty())
-            .map(manifest::display_path)
-            .collect();
-        edited.sort();
-        edited.dedup();
-        if !edited.is_empty() {
-            log.push(format!(
-                "WARNING: {} file(s) of release {target} were edited by hand on the host after it was deployed \
-                 (they share the edited file with a later release) and are served as edited: {}; \
-                 deploy its commit again to restore them",
-                edited.len(),
-                truncated(&edited).join(", ")
-            ));
-        }
+        log.extend(edited_warning(&target, &out.stdout));
         "switched to release"
     };
     Ok(StepReport {
@@ -1326,14 +1330,29 @@ pub async fn withdraw(
     }))
 }
 
-/// Mode `in-place` rollback: apply release `id`'s manifest into `to` again, from what the host
-/// has (the store's objects and the files in `to`); nothing is sent but the lists.
-async fn reapply(
-    ctx: &StepCtx<'_>,
-    step: &SyncStep,
-    paths: &Paths,
-    id: &str,
-) -> anyhow::Result<()> {
+/// A warning for the files of release `target` edited by hand (`meta/<id>.edited`: paths,
+/// NUL-terminated), which a switch to it serves as edited.
+fn edited_warning(target: &str, paths: &[u8]) -> Option<String> {
+    let mut edited: Vec<String> = paths
+        .split(|&b| b == 0)
+        .filter(|p| !p.is_empty())
+        .map(manifest::display_path)
+        .collect();
+    edited.sort();
+    edited.dedup();
+    (!edited.is_empty()).then(|| {
+        format!(
+            "WARNING: {} file(s) of release {target} were edited by hand on the host after it was deployed \
+             (they share the edited file with a later release) and are served as edited: {}; \
+             deploy its commit again to restore them",
+            edited.len(),
+            truncated(&edited).join(", ")
+        )
+    })
+}
+
+/// The manifest the host keeps of release `id`.
+async fn release_manifest(ctx: &StepCtx<'_>, paths: &Paths, id: &str) -> anyhow::Result<Manifest> {
     let host = ctx.host.name();
     let out = ctx
         .session
@@ -1350,8 +1369,32 @@ async fn reapply(
             out.tail()
         );
     }
-    let manifest = Manifest::decode(&out.stdout)
-        .with_context(|| format!("{host}: the manifest of release {id} in {}", paths.store))?;
+    Manifest::decode(&out.stdout)
+        .with_context(|| format!("{host}: the manifest of release {id} in {}", paths.store))
+}
+
+/// In place, a release comes back only from what the host has: nothing may need sending.
+fn check_reapply(host: &str, id: &str, plan: &diff::Plan) -> anyhow::Result<()> {
+    if !plan.send.is_empty() {
+        bail!(
+            "{host}: {} file(s) of release {id} are no longer on the host (edited or removed by \
+             hand after it was applied); nothing was changed. Deploy that commit again instead",
+            plan.send.len()
+        );
+    }
+    Ok(())
+}
+
+/// Mode `in-place` rollback: apply release `id`'s manifest into `to` again, from what the host
+/// has (the store's objects and the files in `to`); nothing is sent but the lists.
+async fn reapply(
+    ctx: &StepCtx<'_>,
+    step: &SyncStep,
+    paths: &Paths,
+    id: &str,
+) -> anyhow::Result<()> {
+    let host = ctx.host.name();
+    let manifest = release_manifest(ctx, paths, id).await?;
     let src = async { Ok(Arc::new(Source::known(manifest))) };
     let (Opened { local, mut inv, .. }, mut proc) =
         open_deploy(ctx.session, paths, src, step, &ctx.stop).await?;
@@ -1361,13 +1404,9 @@ async fn reapply(
     if (inv.same || settled) && inv.live() == Some(id) {
         return finish_quietly(host, paths, proc).await;
     }
-    if !plan.send.is_empty() {
+    if let Err(e) = check_reapply(host, id, &plan) {
         let _ = proc.finish().await;
-        bail!(
-            "{host}: {} file(s) of release {id} are no longer on the host (edited or removed by \
-             hand after it was applied); nothing was changed. Deploy that commit again instead",
-            plan.send.len()
-        );
+        return Err(e);
     }
     let params = params_line(id, false, &[], &inv.drifted, true);
     let name = paths.name().to_string();

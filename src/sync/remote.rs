@@ -771,6 +771,12 @@ case $B in
 esac
 "#;
 
+/// Print the paths of a release edited by hand since it was made (as [`SWITCH`] does), changing
+/// nothing. Args: store, release id.
+pub const EDITED: &str = r#"
+if [ -f "$1/meta/$2.edited" ]; then cat "$1/meta/$2.edited"; fi
+"#;
+
 /// Print a release's manifest. Args: store, release id.
 pub const MANIFEST: &str = r#"
 [ -f "$1/meta/$2.manifest" ] || { echo "ferry: release $2 has no manifest in $1/meta" >&2; exit 4; }
