@@ -998,6 +998,9 @@ fn mask(text: &str, secrets: &[(String, String)]) -> String {
         .fold(text.to_string(), |t, v| t.replace(v, "[MASKED]"))
 }
 
+/// The last lines of a failed `run` command's stdout shown beside the error.
+const RUN_OUTPUT_LINES: usize = 50;
+
 /// A `run` step's command for one host, its templates expanded.
 fn command_argv(host: &Host, command: &Command) -> anyhow::Result<Vec<String>> {
     Ok(match command {
@@ -1033,15 +1036,27 @@ async fn run_command(ctx: &StepCtx<'_>, step: &RunStep) -> anyhow::Result<StepRe
         ),
         r => r?,
     };
-    let log: Vec<String> = mask(&String::from_utf8_lossy(&out.stdout), &secrets)
-        .lines()
-        .map(str::to_string)
-        .collect();
+    // Its output: stdout, then stderr (each line marked).
+    let lines = |bytes: &[u8], mark: &str| -> Vec<String> {
+        mask(&String::from_utf8_lossy(bytes), &secrets)
+            .lines()
+            .map(|l| format!("{mark}{l}"))
+            .collect()
+    };
+    let mut log = lines(&out.stdout, "");
+    log.extend(lines(&out.stderr, "stderr: "));
     if !out.success() {
         let status = out.status.map_or_else(
             || "no exit status (killed?)".to_string(),
             |c| format!("exit code {c}"),
         );
+        // The error quotes the end of stderr (else of stdout): the rest of the output goes first.
+        if out.stderr.iter().any(|b| !b.is_ascii_whitespace()) {
+            let stdout = lines(&out.stdout, "");
+            for l in &stdout[stdout.len().saturating_sub(RUN_OUTPUT_LINES)..] {
+                ctx.progress.println(&format!("{}: {l}", ctx.host.name()));
+            }
+        }
         let tail = mask(&out.tail(), &secrets);
         anyhow::bail!(
             "`{cmd}` failed with {status}{}",

@@ -215,6 +215,31 @@ fn a_failed_step_is_recorded_releases_the_lock_and_exits_1() {
     assert!(!Path::new(&root).join("never").exists());
 }
 
+/// A `run` step's output is shown whole: stdout and stderr when it succeeds, and when it fails,
+/// stdout beside the error that quotes stderr.
+#[test]
+fn run_step_output_keeps_both_streams() {
+    let host = Sshd::start();
+    let dir = TempDir::new("runout");
+    let root = open_root(&dir);
+    let steps = "      - run: { command: \"echo to-out; echo to-err >&2\" }\n      \
+                 - run: { command: \"echo tok=1; echo bad thing >&2; exit 2\" }\n";
+    let p = pb(&dir, &[host.address()], &root, steps, "");
+    let run = ci(&[&host], "release-1", SHA, "8")
+        .args(["deploy", "--json"])
+        .arg(&p)
+        .run()
+        .failure(1);
+    let v: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let log = v[0]["steps"][0]["log"].to_string();
+    assert!(
+        log.contains("to-out") && log.contains("stderr: to-err"),
+        "{log}"
+    );
+    assert!(run.stderr.contains("tok=1"), "{}", run.stderr);
+    assert!(run.stderr.contains("bad thing"), "{}", run.stderr);
+}
+
 /// A `run` step's secrets reach the command as environment variables over stdin, on both shells:
 /// never on a command line (sshd's log), in ferry's output or in the ledger; a missing one fails
 /// the step before anything runs, naming the variable.
