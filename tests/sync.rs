@@ -331,21 +331,31 @@ fn sync_plan_lists_changes_and_changes_nothing() {
     site.write(b"a.txt", b"A");
     std::fs::remove_file(site.src.join("b.txt")).unwrap();
     site.write(b"c.txt", b"c");
+    site.write(b"odd\\name\n.txt", b"odd");
     let run = site
         .ferry("deploy", &sha(2))
         .args(["--plan", "--json"])
         .run()
         .success();
     let d = &step(&run)["detail"];
-    assert_eq!(d["paths"]["added"], serde_json::json!(["c.txt"]));
+    // (Paths in their display form, escaped once.)
+    assert_eq!(
+        d["paths"]["added"],
+        serde_json::json!(["c.txt", "odd\\\\name\\n.txt"])
+    );
     assert_eq!(d["paths"]["changed"], serde_json::json!(["a.txt"]));
     assert_eq!(d["paths"]["deleted"], serde_json::json!(["b.txt"]));
-    assert_eq!(d["files_to_send"], 2);
+    assert_eq!(d["files_to_send"], 3);
     assert_eq!(live_release(&to), live);
     let releases = std::fs::read_dir(site.root().join(".app.ferry/releases")).unwrap();
     assert_eq!(releases.count(), 1, "plan made no release");
     let text = site.ferry("sync", &sha(2)).arg("--plan").run().success();
     assert!(text.stderr.contains("+ c.txt"), "{}", text.stderr);
+    assert!(
+        text.stderr.contains("+ odd\\\\name\\n.txt\n"),
+        "{}",
+        text.stderr
+    );
     assert!(text.stderr.contains("would deploy"), "{}", text.stderr);
 }
 

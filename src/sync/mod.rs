@@ -725,7 +725,7 @@ fn decide(
             ("-", &repair.deleted, " (on the host only)"),
         ] {
             for p in truncated(list) {
-                r.log.push(format!("  {sign} {}{why}", p.escape_debug()));
+                r.log.push(format!("  {sign} {p}{why}"));
             }
         }
         return Ok(Decision::Done(Box::new(r)));
