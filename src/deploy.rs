@@ -244,11 +244,18 @@ fn preflight(setup: &Setup, section: Checked, plan: bool, rollback: bool) -> any
     let check = |host: &Host, step: &Step| -> anyhow::Result<Option<String>> {
         match step {
             Step::Sync(s) => {
+                let to = sync::target_paths(host, &s.to)?.to;
                 // (A rollback reads no `from`.)
                 if !rollback {
-                    host.expand(&s.from)?;
+                    let from = host.expand(&s.from)?;
+                    if !std::path::Path::new(&from).is_dir() {
+                        anyhow::bail!(
+                            "sync from `{from}`: no such directory here; build it first, or fix `from:` \
+                             (a relative path is read from the directory ferry runs in)"
+                        );
+                    }
                 }
-                return Ok(Some(sync::target_paths(host, &s.to)?.to));
+                return Ok(Some(to));
             }
             // (Nor runs any `run` step.)
             Step::Run(_) if rollback => {}

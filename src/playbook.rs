@@ -816,7 +816,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Playbook, PlaybookError> {
             path: path.to_path_buf(),
             line,
             column,
-            message: first_line(&e.to_string()),
+            message: in_our_words(&first_line(&e.to_string())),
         }
     })?;
     pb.path = path.to_path_buf();
@@ -842,6 +842,30 @@ fn first_line(s: &str) -> String {
             rest.to_string()
         }
         _ => line.to_string(),
+    }
+}
+
+/// serde-saphyr's terse or library-facing messages, in words a playbook's author can act on.
+fn in_our_words(msg: &str) -> String {
+    if let Some(rest) = msg.strip_prefix("duplicate mapping key: ") {
+        let key = rest
+            .split(", set DuplicateKeyPolicy")
+            .next()
+            .unwrap_or(rest);
+        return format!("`{key}` is set twice in this mapping; keep one");
+    }
+    let number = |range: &str| format!("expected a whole number {range}");
+    match msg {
+        "expected sequence start" => {
+            "expected a list (`[a, b]`, or lines starting with `- `)".into()
+        }
+        "expected mapping start" => {
+            "expected a mapping (`{key: value}`, or `key: value` lines)".into()
+        }
+        "invalid u8" => number("from 0 to 255"),
+        "invalid u16" => number("from 0 to 65535"),
+        "invalid u32" | "invalid u64" | "invalid usize" => number("(0 or more)"),
+        _ => msg.to_string(),
     }
 }
 
@@ -1266,10 +1290,35 @@ mod tests {
         let msg = p(&text.replace("prot: 2222", "port: abc"))
             .unwrap_err()
             .to_string();
-        assert!(msg.starts_with("pb.yml:7:15: "), "a bad value too: {msg}");
+        assert!(
+            msg.starts_with("pb.yml:7:15: expected a whole number from 0 to 65535"),
+            "a bad value too: {msg}"
+        );
         let text = text.replace("prot: 2222", "port: 2222");
         let msg = p(&text).unwrap_err().to_string();
         assert!(msg.starts_with("pb.yml:8:23: unknown field `usr`"), "{msg}");
+    }
+
+    #[test]
+    fn library_messages_are_put_in_our_words() {
+        let msg = p("app: a\napp: b\nenvironments: {e: {hosts: [h]}}\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            msg,
+            "pb.yml:2:1: `app` is set twice in this mapping; keep one"
+        );
+        let msg = p("app: a\nenvironments: {e: {hosts: h}}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains(":2:27: expected a list"), "{msg}");
+        let msg = p("app: a\nenvironments: {e: {hosts: [h], steps: [{sync: {from: d, to: w, keep: -1}}]}}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.ends_with(": expected a whole number (0 or more)"),
+            "{msg}"
+        );
     }
 
     #[test]

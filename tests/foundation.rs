@@ -770,6 +770,10 @@ fn per_host_values_are_checked_before_any_host_is_touched() {
             "nope",
         ),
         (
+            "      - sync: { from: dist, to: web }\n",
+            "sync from `dist`: no such directory here",
+        ),
+        (
             "      - container: { name: \"web;reboot\", image: i }\n",
             "container name `web;reboot`",
         ),

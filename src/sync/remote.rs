@@ -54,12 +54,12 @@ pub struct Paths {
 }
 
 impl Paths {
-    pub fn new(to: &str) -> anyhow::Result<Paths> {
-        let to = to.trim_end_matches('/');
+    pub fn new(given: &str) -> anyhow::Result<Paths> {
+        let to = given.trim_end_matches('/');
         let (dir, name) = to.rsplit_once('/').unwrap_or(("", to));
         if !to.starts_with('/') || name.is_empty() || name == "." || name == ".." {
             anyhow::bail!(
-                "sync target `{to}` must be an absolute path naming a directory below `/` (check `to:` and `root:`)"
+                "sync target `{given}` must be an absolute path naming a directory below `/` (check `to:` and `root:`)"
             );
         }
         Ok(Paths {
@@ -1134,7 +1134,8 @@ mod tests {
         assert_eq!(p.to, "/srv/web/app");
         assert_eq!(p.store, "/srv/web/.app.ferry");
         assert!(Paths::new("relative/x").is_err());
-        assert!(Paths::new("/").is_err());
+        let e = Paths::new("/").unwrap_err().to_string();
+        assert!(e.starts_with("sync target `/` must be"), "{e}");
     }
 
     #[test]
