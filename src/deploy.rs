@@ -250,8 +250,9 @@ fn preflight(setup: &Setup, section: Checked, plan: bool, rollback: bool) -> any
                     let from = host.expand(&s.from)?;
                     if !std::path::Path::new(&from).is_dir() {
                         anyhow::bail!(
-                            "sync from `{from}`: no such directory here; build it first, or fix `from:` \
-                             (a relative path is read from the directory ferry runs in)"
+                            "{}: sync from `{from}`: no such directory here; build it first, or fix \
+                             `from:` (a relative path is read from the directory ferry runs in)",
+                            host.name()
                         );
                     }
                 }
