@@ -55,6 +55,8 @@ pub struct Row {
     /// The release and commit of this branch's last good deploy on the host.
     pub release: Option<String>,
     pub sha: Option<String>,
+    /// The files release that deploy left live when it changed no files (an earlier one's).
+    pub files_release: Option<String>,
     /// The last attempt: `deploy ok`, `deploy FAILED`, `stop ok`, ...
     pub result: String,
     pub last_attempt_at: u64,
@@ -128,8 +130,17 @@ pub fn summarize(env: &str, per_branch: bool, hosts: &[HostView]) -> EnvStatus {
             if live {
                 if let Some(l) = live_read {
                     notes.extend(l.notes.iter().cloned());
+                    // (A deploy that changed no files keeps the files release of an earlier
+                    // commit: the ledger names it, and that is no drift.)
+                    let kept = |g: &Record| {
+                        l.release.as_ref().is_some_and(|lr| {
+                            g.files_release.as_ref() == Some(lr)
+                                || g.files_releases.values().any(|f| f == lr)
+                        })
+                    };
                     if let (Some(ls), Some(g)) = (&l.sha, good)
                         && ls != &g.sha
+                        && !kept(g)
                     {
                         notes.push(format!(
                             "drift: the host runs commit {} but the ledger's last good deploy is {}",
@@ -143,12 +154,8 @@ pub fn summarize(env: &str, per_branch: bool, hosts: &[HostView]) -> EnvStatus {
                 }
             }
             // (A deploy that changed no files keeps an older files release: name it.)
-            if let Some(g) = good
-                && let Some(f) = &g.files_release
-                && f != &g.release
-            {
-                notes.push(format!("files: release {f}"));
-            }
+            let files_release =
+                good.and_then(|g| g.files_release.clone().filter(|f| f != &g.release));
             if !last.ok {
                 notes.push(format!(
                     "last attempt failed{}",
@@ -167,6 +174,7 @@ pub fn summarize(env: &str, per_branch: bool, hosts: &[HostView]) -> EnvStatus {
                 state,
                 release: good.map(|g| g.release.clone()),
                 sha: good.map(|g| g.sha.clone()),
+                files_release,
                 result: format!("{} {}", last.action, if last.ok { "ok" } else { "FAILED" }),
                 last_attempt_at: last.started_at,
                 error: last.error.clone(),
@@ -487,7 +495,12 @@ pub fn render(statuses: &[EnvStatus]) -> String {
                     r.sha.as_deref().map(short_sha).unwrap_or("-").to_string(),
                     r.result.clone(),
                     age(r.last_attempt_at),
-                    r.notes.join("; "),
+                    r.files_release
+                        .iter()
+                        .map(|f| format!("files: release {f}"))
+                        .chain(r.notes.iter().cloned())
+                        .collect::<Vec<_>>()
+                        .join("; "),
                 ]
             })
             .collect();
@@ -704,7 +717,37 @@ mod tests {
         let st = summarize("staging", false, &[web1]);
         let r = &st.rows[0];
         assert_eq!(r.release.as_deref(), Some("rel-20"));
-        assert_eq!(r.notes, ["files: release rel-10"]);
+        assert_eq!(r.files_release.as_deref(), Some("rel-10"));
+        assert!(r.notes.is_empty(), "{:?}", r.notes);
+        assert!(render(std::slice::from_ref(&st)).contains("files: release rel-10"));
+    }
+
+    #[test]
+    fn files_kept_from_an_earlier_commit_are_no_drift() {
+        let mut noop = rec("web1", "main", "bbbb", true, 20, "deploy");
+        noop.files_release = Some("rel-10".into());
+        let mut web1 = view(
+            "web1",
+            vec![rec("web1", "main", "aaaa", true, 10, "deploy"), noop],
+        );
+        let live = |release: &str| Live {
+            ref_name: Some("main".into()),
+            sha: Some("aaaa".into()),
+            release: Some(release.into()),
+            notes: vec![],
+        };
+        web1.live.insert(String::new(), live("rel-10"));
+        let st = summarize("staging", false, std::slice::from_ref(&web1));
+        assert!(st.rows[0].notes.is_empty(), "{:?}", st.rows[0].notes);
+        assert!(!render(&[st]).contains("attention"));
+        // Other files than the ledger says: drift.
+        web1.live.insert(String::new(), live("rel-5"));
+        let st = summarize("staging", false, &[web1]);
+        assert!(
+            st.rows[0].notes[0].starts_with("drift: the host runs commit"),
+            "{:?}",
+            st.rows[0].notes
+        );
     }
 
     #[test]
