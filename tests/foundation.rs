@@ -763,7 +763,11 @@ fn per_host_values_are_checked_before_any_host_is_touched() {
     let cases = [
         (
             "      - sync: { from: dist, to: \".\" }\n",
-            "must be an absolute path naming a directory",
+            "would hold or be part of ferry's own state",
+        ),
+        (
+            "      - sync: { from: dist, to: \"../web\" }\n",
+            "has a `..` component",
         ),
         (
             "      - sync: { from: dist, to: \"web/${nope}\" }\n",

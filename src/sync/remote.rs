@@ -54,10 +54,22 @@ pub struct Paths {
 }
 
 impl Paths {
+    /// `given` with `.` components and repeated `/` dropped (one spelling per directory, so that
+    /// targets compare); a `..` is refused: it would name the directory by a detour the host's
+    /// symlinks could change.
     pub fn new(given: &str) -> anyhow::Result<Paths> {
-        let to = given.trim_end_matches('/');
-        let (dir, name) = to.rsplit_once('/').unwrap_or(("", to));
-        if !to.starts_with('/') || name.is_empty() || name == "." || name == ".." {
+        let parts: Vec<&str> = given
+            .split('/')
+            .filter(|c| !c.is_empty() && *c != ".")
+            .collect();
+        if parts.contains(&"..") {
+            anyhow::bail!(
+                "sync target `{given}` has a `..` component; name the directory without it (check `to:` and `root:`)"
+            );
+        }
+        let to = format!("/{}", parts.join("/"));
+        let (dir, name) = to.rsplit_once('/').unwrap_or(("", &to));
+        if !given.starts_with('/') || name.is_empty() {
             anyhow::bail!(
                 "sync target `{given}` must be an absolute path naming a directory below `/` (check `to:` and `root:`)"
             );
@@ -1136,6 +1148,10 @@ mod tests {
         assert!(Paths::new("relative/x").is_err());
         let e = Paths::new("/").unwrap_err().to_string();
         assert!(e.starts_with("sync target `/` must be"), "{e}");
+        assert!(Paths::new("/.").is_err());
+        assert_eq!(Paths::new("/srv//web/./app/.").unwrap(), p);
+        let e = Paths::new("/srv/x/../web/app").unwrap_err().to_string();
+        assert!(e.contains("has a `..` component"), "{e}");
     }
 
     #[test]
