@@ -992,20 +992,6 @@ fn run_secrets(step: &RunStep) -> anyhow::Result<Vec<(String, String)>> {
         .collect()
 }
 
-/// `text` with each secret value of four or more characters replaced by `[MASKED]`.
-fn mask(text: &str, secrets: &[(String, String)]) -> String {
-    // Longest first: a secret inside another must not leave the rest of that one readable.
-    let mut values: Vec<&str> = secrets
-        .iter()
-        .map(|(_, v)| v.as_str())
-        .filter(|v| v.len() >= 4)
-        .collect();
-    values.sort_by_key(|v| std::cmp::Reverse(v.len()));
-    values
-        .into_iter()
-        .fold(text.to_string(), |t, v| t.replace(v, "[MASKED]"))
-}
-
 /// The last lines of a failed `run` command's stdout shown beside the error.
 const RUN_OUTPUT_LINES: usize = 50;
 
@@ -1046,10 +1032,13 @@ async fn run_command(ctx: &StepCtx<'_>, step: &RunStep) -> anyhow::Result<StepRe
     };
     // Its output: stdout, then stderr (each line marked).
     let lines = |bytes: &[u8], mark: &str| -> Vec<String> {
-        mask(&String::from_utf8_lossy(bytes), &secrets)
-            .lines()
-            .map(|l| format!("{mark}{l}"))
-            .collect()
+        report::mask(
+            &String::from_utf8_lossy(bytes),
+            secrets.iter().map(|(_, v)| v.as_str()),
+        )
+        .lines()
+        .map(|l| format!("{mark}{l}"))
+        .collect()
     };
     let mut log = lines(&out.stdout, "");
     log.extend(lines(&out.stderr, "stderr: "));
@@ -1065,7 +1054,7 @@ async fn run_command(ctx: &StepCtx<'_>, step: &RunStep) -> anyhow::Result<StepRe
                 ctx.progress.println(&format!("{}: {l}", ctx.host.name()));
             }
         }
-        let tail = mask(&out.tail(), &secrets);
+        let tail = report::mask(&out.tail(), secrets.iter().map(|(_, v)| v.as_str()));
         anyhow::bail!(
             "`{cmd}` failed with {status}{}",
             if tail.is_empty() {
@@ -1141,15 +1130,5 @@ mod tests {
         }
         let e = run_secrets(&step("TOKEN")).unwrap_err().to_string();
         assert!(e.contains("FERRY_TEST_UNSET_VAR, which is not set"), "{e}");
-        let secrets = [
-            ("A".to_string(), "hunter2".to_string()),
-            ("B".to_string(), "x".to_string()),
-        ];
-        assert_eq!(mask("pw hunter2, x", &secrets), "pw [MASKED], x");
-        let nested = [
-            ("A".to_string(), "abcd".to_string()),
-            ("B".to_string(), "abcdefgh".to_string()),
-        ];
-        assert_eq!(mask("abcdefgh abcd", &nested), "[MASKED] [MASKED]");
     }
 }

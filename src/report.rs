@@ -129,6 +129,17 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// `text` with each secret value of four or more characters replaced by `[MASKED]` (shorter ones
+/// would mask common words, and reveal little).
+pub fn mask<'a>(text: &str, secrets: impl IntoIterator<Item = &'a str>) -> String {
+    // Longest first: a secret inside another must not leave the rest of that one readable.
+    let mut values: Vec<&str> = secrets.into_iter().filter(|v| v.len() >= 4).collect();
+    values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+    values
+        .into_iter()
+        .fold(text.to_string(), |t, v| t.replace(v, "[MASKED]"))
+}
+
 /// A Unix time as `2026-11-24 06:00:00Z`.
 pub fn utc_time(unix: u64) -> String {
     time::OffsetDateTime::from_unix_timestamp(unix.min(i64::MAX as u64) as i64)
@@ -313,6 +324,15 @@ impl HostProgress {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_are_masked_longest_first() {
+        assert_eq!(mask("pw hunter2, x", ["hunter2", "x"]), "pw [MASKED], x");
+        assert_eq!(
+            mask("abcdefgh abcd", ["abcd", "abcdefgh"]),
+            "[MASKED] [MASKED]"
+        );
+    }
 
     #[test]
     fn table_aligns_columns() {

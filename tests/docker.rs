@@ -359,6 +359,42 @@ fn secret_env_reaches_the_container_not_the_output() {
     assert!(left.is_empty(), "env file left behind: {left:?}");
 }
 
+/// A container that fails and prints its secrets: its logs are shown with them masked, and the
+/// ledger keeps them masked too.
+#[test]
+fn a_failed_container_logs_its_secrets_masked() {
+    engine();
+    let dir = TempDir::new("dsecretlogs");
+    let host = Sshd::start();
+    let prefix = unique("leak");
+    let _cleanup = Cleanup(vec![prefix.clone()]);
+    let image = format!("{prefix}:img");
+    app_image(&image, "s1", true);
+    let secret = format!("pw-{prefix}-s3cret");
+    let steps = format!(
+        "      - container:\n          name: \"{prefix}\"\n          image: \"{image}\"\n          \
+         command: [sh, -c, 'echo \"startup pw=$DB_PASSWORD\"; exit 1']\n          \
+         secret_env: {{ DB_PASSWORD: TEST_DB_PW }}\n"
+    );
+    let pb = pb(&dir, &[("web1", &host)], "", &steps);
+    let run = Ferry::new()
+        .trusting(&[&host])
+        .arg("deploy")
+        .arg(&pb)
+        .args(["--env", "test", "--ref", "main", "--sha", "aaaa"])
+        .env("TEST_DB_PW", &secret)
+        .run()
+        .failure(1);
+    assert!(run.all().contains("startup pw=[MASKED]"), "{}", run.all());
+    assert!(
+        !run.all().contains(&secret),
+        "secret in output: {}",
+        run.all()
+    );
+    let ledger = std::fs::read_to_string(dir.join("root/web1/.ferry/ledger.jsonl")).unwrap();
+    assert!(!ledger.contains(&secret), "secret in the ledger: {ledger}");
+}
+
 /// The tag-triggered publish: login, build on the host, tag to the git tag, push; then another
 /// host pulls it from the registry, and pruning keeps the image a container uses.
 #[test]

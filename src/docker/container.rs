@@ -412,9 +412,17 @@ async fn replace(
             } else {
                 format!("\nlogs of the new container:\n  {}", logs.join("\n  "))
             };
+            // (A container may print its secrets: they are masked, as a `run` step's output is.)
+            let secrets = r.secrets.values().map(String::as_str);
             bail!(
-                "{host}: new container {name} ({}) failed and was removed{restored}: {e:#}{logs}",
-                r.spec.image
+                "{}",
+                crate::report::mask(
+                    &format!(
+                        "{host}: new container {name} ({}) failed and was removed{restored}: {e:#}{logs}",
+                        r.spec.image
+                    ),
+                    secrets
+                )
             )
         }
     }
@@ -590,10 +598,17 @@ async fn swap_back(
                 Some(_) => put_back(&engine, &aside, name, was_running, restart).await,
                 None => String::new(),
             };
+            let secrets = r.secrets.values().map(String::as_str);
             bail!(
-                "{host}: the previous container did not come back healthy{kept_back}{back}: \
-                 {e:#}\nits logs:\n  {}",
-                logs.join("\n  ")
+                "{}",
+                crate::report::mask(
+                    &format!(
+                        "{host}: the previous container did not come back healthy{kept_back}{back}: \
+                         {e:#}\nits logs:\n  {}",
+                        logs.join("\n  ")
+                    ),
+                    secrets
+                )
             )
         }
     }
