@@ -299,7 +299,10 @@ fn preflight(setup: &Setup, section: Checked, plan: bool, rollback: bool) -> any
                 host.expand(&t.source)?;
                 host.expand(&t.target)?;
             }
-            Step::DockerPush(i) | Step::DockerPull(i) => {
+            Step::DockerPush(p) => {
+                host.expand(&p.image)?;
+            }
+            Step::DockerPull(i) => {
                 host.expand(&i.image)?;
             }
             Step::DockerPrune(p) => {

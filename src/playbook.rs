@@ -332,8 +332,8 @@ pub enum Step {
     DockerBuild(DockerBuildStep),
     /// `docker tag SOURCE TARGET`.
     DockerTag(DockerTagStep),
-    /// `docker push IMAGE`.
-    DockerPush(ImageStep),
+    /// `docker push IMAGE`, unless the registry has that tag already (another image).
+    DockerPush(DockerPushStep),
     /// `docker pull IMAGE`.
     DockerPull(ImageStep),
     /// Keep the newest N images of a repository; never remove one a container uses.
@@ -598,6 +598,16 @@ pub struct DockerTagStep {
 #[serde(deny_unknown_fields)]
 pub struct ImageStep {
     pub image: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DockerPushStep {
+    pub image: String,
+    /// Replace a tag the registry already has with another image (a published tag is kept by
+    /// default: a rerun of a tag's pipeline must not change what it names).
+    #[serde(default)]
+    pub overwrite: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -471,10 +471,39 @@ fn tag_push_pull_through_the_registry() {
         run.all()
     );
     assert!(!run.all().contains(REGISTRY_PASSWORD));
-
-    // Forget it locally, then a pull step gets it back from the registry.
     let tagged = format!("{repo}:v1.2.3");
     let id = docker(&["image", "inspect", "--format", "{{.Id}}", &tagged]);
+
+    // The tag's pipeline again: the same image is there already; another build of it is refused.
+    let again = |pipeline: &str| {
+        Ferry::new()
+            .trusting(&[&host])
+            .arg("deploy")
+            .arg(&pb_path)
+            .args(["--env", "test", "--ref", "v1.2.3", "--tag", "--sha", "cccc"])
+            .env("CI_PIPELINE_ID", pipeline)
+            .env("REGISTRY_PASSWORD", REGISTRY_PASSWORD)
+            .run()
+    };
+    let same = again("4242").success();
+    assert!(
+        same.all()
+            .contains(&format!("{tagged} is in the registry already")),
+        "{}",
+        same.all()
+    );
+    dir.write("root/build/context/release.txt", "built again\n");
+    let other = again("4243").failure(1);
+    assert!(
+        other.all().contains(&format!(
+            "the registry already has {tagged}, as another image"
+        )),
+        "{}",
+        other.all()
+    );
+    docker(&["rmi", &format!("{repo}:build-4243")]);
+
+    // Forget it locally, then a pull step gets it back from the registry (the first build).
     docker(&["rmi", &tagged, &format!("{repo}:build-4242")]);
     let dir2 = TempDir::new("dpull");
     let steps = format!("      - docker_pull: {{ image: \"{tagged}\" }}\n");

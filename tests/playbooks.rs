@@ -268,12 +268,12 @@ fn tag_publish_job_end_to_end() {
     let work = TempDir::new("publish");
     let base = unique("publish-base");
     app_image(&base, "base", true);
-    let job = |tag: &str, pipeline: &str| {
+    let job = |tag: &str, pipeline: &str, content: &str| {
         work.write(
             "docker/Dockerfile",
             format!("FROM {base}\nCOPY release.txt /www/version\n"),
         );
-        work.write("docker/release.txt", format!("{tag}\n"));
+        work.write("docker/release.txt", format!("{content}\n"));
         Ferry::new()
             .trusting(&[&build])
             .env("GITLAB_CI", "true")
@@ -292,8 +292,12 @@ fn tag_publish_job_end_to_end() {
             .run()
     };
     let repo = format!("{REGISTRY}/shop");
-    for (tag, pipeline) in [("v1.0.0", "201"), ("v1.1.0", "202")] {
-        let run = job(tag, pipeline).success();
+    // Tags of this run only: the registry keeps what earlier runs published, and a published
+    // tag is not replaced.
+    let run_id = unique("run");
+    let tags = [format!("v1.0.0-{run_id}"), format!("v1.1.0-{run_id}")];
+    for (tag, pipeline) in [(tags[0].as_str(), "201"), (tags[1].as_str(), "202")] {
+        let run = job(tag, pipeline, tag).success();
         assert!(!run.all().contains(REGISTRY_PASSWORD), "password leaked");
         // Gone from the engine, then pulled back from the registry: it was pushed.
         let image = format!("{repo}:{tag}");
@@ -301,7 +305,7 @@ fn tag_publish_job_end_to_end() {
         let (ok, out) = docker_try(&["pull", &image]);
         assert!(ok, "pull {image}: {out}");
     }
-    for tag in ["v1.0.0", "v1.1.0"] {
+    for tag in &tags {
         let out = docker(&[
             "run",
             "--rm",
@@ -309,8 +313,28 @@ fn tag_publish_job_end_to_end() {
             "cat",
             "/www/version",
         ]);
-        assert_eq!(out, tag, "the tag's image holds the tag's build");
+        assert_eq!(&out, tag, "the tag's image holds the tag's build");
     }
+    // A rerun of a tag's pipeline that builds the same image has nothing to push; one that
+    // builds another does not replace what the tag published.
+    let same = job(&tags[0], "203", &tags[0]).success();
+    assert!(
+        same.all().contains("is in the registry already"),
+        "{}",
+        same.all()
+    );
+    let rerun = job(&tags[0], "204", "rebuilt").failure(1);
+    assert!(
+        rerun.all().contains("the registry already has"),
+        "{}",
+        rerun.all()
+    );
+    let first = format!("{repo}:{}", tags[0]);
+    docker_try(&["rmi", &first]);
+    let (ok, out) = docker_try(&["pull", &first]);
+    assert!(ok, "pull {first}: {out}");
+    let out = docker(&["run", "--rm", &first, "cat", "/www/version"]);
+    assert_eq!(out, tags[0], "the registry still has the first build");
     let status = Ferry::new()
         .trusting(&[&build])
         .env("BUILD_HOST", build.address())
@@ -319,7 +343,7 @@ fn tag_publish_job_end_to_end() {
         .arg(shipped("tag-publish.yml"))
         .run()
         .success();
-    assert!(status.stdout.contains("v1.1.0"), "{}", status.stdout);
+    assert!(status.stdout.contains(&tags[1]), "{}", status.stdout);
 }
 
 /// Job 1: a push to `release-*` ships the backend bundle and runs the app with its MySQL and Redis

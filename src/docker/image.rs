@@ -10,7 +10,7 @@ use super::engine::{Engine, TRANSFER_TIMEOUT};
 use super::{prune as plan, report, short_id};
 use crate::deploy::{StepCtx, StepReport};
 use crate::playbook::{
-    DockerBuildStep, DockerLoginStep, DockerPruneStep, DockerTagStep, ImageStep,
+    DockerBuildStep, DockerLoginStep, DockerPruneStep, DockerPushStep, DockerTagStep, ImageStep,
 };
 
 pub(crate) async fn login(
@@ -170,8 +170,9 @@ pub(crate) async fn tag(
 pub(crate) async fn push(
     ctx: &StepCtx<'_>,
     engine: &Engine<'_>,
-    s: &ImageStep,
+    s: &DockerPushStep,
 ) -> anyhow::Result<StepReport> {
+    let host = ctx.host.name();
     let image = ctx.host.expand(&s.image)?;
     if ctx.plan {
         return Ok(report(
@@ -180,6 +181,43 @@ pub(crate) async fn push(
             format!("would push {image}"),
             vec![],
         ));
+    }
+    let Some(ours) = engine.image_id(&image).await? else {
+        bail!(
+            "{host}: there is no image {image} on the host to push (did docker_build or docker_tag run?)"
+        );
+    };
+    // What the registry has under this tag, asked through the daemon (its logins and registry
+    // settings): a pull, after which the tag names our image again.
+    let theirs = match engine
+        .raw(&["pull", "-q", "--", &image], &[], Some(TRANSFER_TIMEOUT))
+        .await?
+    {
+        out if out.success() => {
+            let theirs = engine.image_id(&image).await?;
+            engine.run(&["tag", &ours, &image], None).await?;
+            theirs
+        }
+        // (Not there yet, or not readable: the push says which.)
+        _ => None,
+    };
+    match theirs {
+        Some(t) if t == ours => {
+            return Ok(report(
+                "docker_push",
+                false,
+                format!("{image} is in the registry already ({})", short_id(&ours)),
+                vec![],
+            ));
+        }
+        Some(t) if !s.overwrite => bail!(
+            "{host}: the registry already has {image}, as another image ({} there, {} here); a \
+             published tag is not replaced. Publish a new tag, or set `overwrite: true` on the \
+             docker_push step",
+            short_id(&t),
+            short_id(&ours)
+        ),
+        _ => {}
     }
     let out = engine
         .raw(&["push", "--", &image], &[], Some(TRANSFER_TIMEOUT))

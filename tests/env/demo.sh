@@ -79,18 +79,21 @@ push_app() { # push_app REF_SLUG SHA VERSION [broken]
   docker push -q "$img" >/dev/null
 }
 
-section "tag v1.0.0: build on the build host, pin to the tag, push, prune"
+# (A tag of this run: the registry keeps what earlier runs published, and a published tag is not
+# replaced by another build.)
+tag=v1.0.$(date +%s)
+section "tag $tag: build on the build host, pin to the tag, push, prune"
 mkdir -p "$work/docker"
 printf 'FROM %s\nCOPY release.txt /www/release.txt\n' "$base" > "$work/docker/Dockerfile"
-echo "built by ferry for v1.0.0" > "$work/docker/release.txt"
+echo "built by ferry for $tag" > "$work/docker/release.txt"
 (
   cd "$work"
-  export BUILD_HOST=$FERRY_LOGIN@127.0.0.1:$build BUILD_ROOT=$FERRY_HOSTS_DIR/build DOCKER_CONTEXT=docker/
-  export CI_COMMIT_TAG=v1.0.0 CI_COMMIT_REF_NAME=v1.0.0 CI_PIPELINE_ID=2001
+  export BUILD_HOST=$FERRY_LOGIN@127.0.0.1:$build BUILD_ROOT=$FERRY_HOSTS_DIR/build BUILD_CONTEXT=docker/
+  export CI_COMMIT_TAG=$tag CI_COMMIT_REF_NAME=$tag CI_PIPELINE_ID=2001
   export CI_COMMIT_SHA=$(printf 'tag-v1' | sha1sum | cut -c1-40)
   "$ferry" deploy "$repo/playbooks/tag-publish.yml"
 )
-docker pull -q "$REGISTRY/shop:v1.0.0" >/dev/null && echo "registry has $REGISTRY/shop:v1.0.0"
+docker pull -q "$REGISTRY/shop:$tag" >/dev/null && echo "registry has $REGISTRY/shop:$tag"
 
 section "push to release-1.4: bundle, MySQL and Redis accessories, health-gated app container"
 app_port=$(free_port)
