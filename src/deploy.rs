@@ -842,10 +842,11 @@ async fn revert_run(
     }
     for step in done.iter().rev() {
         let Step::Sync(s) = step else { continue };
-        let Ok(path) = ctx.host.path(&s.to) else {
+        // (The path as sync reports it: spelled one way.)
+        let Ok(path) = sync::target_paths(ctx.host, &s.to).map(|p| p.to) else {
             continue;
         };
-        let path = path.trim_end_matches('/');
+        let path = path.as_str();
         let Some(report) = reports.iter().rev().find(|r| {
             r.step == "sync" && r.detail.get("path").and_then(|v| v.as_str()) == Some(path)
         }) else {
@@ -961,11 +962,8 @@ async fn rollback_step(
 ) -> anyhow::Result<Option<StepReport>> {
     match step {
         Step::Sync(s) => {
-            let path = ctx.host.path(&s.to)?;
-            let to = per_path
-                .get(path.trim_end_matches('/'))
-                .map(String::as_str)
-                .or(to);
+            let path = sync::target_paths(ctx.host, &s.to)?.to;
+            let to = per_path.get(&path).map(String::as_str).or(to);
             Ok(Some(sync::rollback(ctx, s, to).await?))
         }
         Step::Container(c) => Ok(Some(docker::rollback(ctx, c).await?)),

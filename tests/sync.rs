@@ -367,8 +367,11 @@ fn sync_plan_lists_the_repairs_of_hand_changes() {
         let site = Site::new("planrepair", vec![Sshd::start()], one_step("app", mode));
         site.write(b"a.txt", b"a");
         site.write(b"b.txt", b"b");
+        site.write(b"sub/x.txt", b"x");
         site.deploy(&sha(1)).success();
         let to = site.root().join("app");
+        // (A directory the build drops is a plain deletion, not a repair.)
+        std::fs::remove_dir_all(site.src.join("sub")).unwrap();
         std::fs::write(to.join("hand.txt"), b"by hand").unwrap();
         std::fs::write(to.join("a.txt"), b"edited").unwrap();
         let run = site
@@ -847,15 +850,21 @@ fn sync_keep_prunes_but_never_live_or_rollback_target() {
 /// deploy, once the step passes, goes live.
 #[test]
 fn a_failed_first_deploy_leaves_nothing_live() {
-    for (mode, adopt) in [("", false), ("", true), (", mode: in-place", false)] {
-        let case = format!("{mode} adopt {adopt}");
+    // (`./app`: the step's path is matched however it is spelled.)
+    for (mode, adopt, to) in [
+        ("", false, "app"),
+        ("", true, "app"),
+        (", mode: in-place", false, "app"),
+        ("", false, "./app"),
+    ] {
+        let case = format!("{mode} adopt {adopt} to {to}");
         let extra = format!("{mode}{}", if adopt { ", adopt: true" } else { "" });
         let site = Site::new(
             "firstfail",
             vec![Sshd::start()],
             move |src: &Path, root: &Path| {
                 format!(
-                    "      - sync: {{ from: \"{}\", to: app{extra} }}\n      - run: {{ command: [test, \"!\", -e, \"{}/fail\"] }}\n",
+                    "      - sync: {{ from: \"{}\", to: \"{to}\"{extra} }}\n      - run: {{ command: [test, \"!\", -e, \"{}/fail\"] }}\n",
                     src.display(),
                     root.display()
                 )

@@ -775,7 +775,13 @@ fn repairs(
             for (i, _) in &a.write {
                 note(&mut r.replaced, &local.entries[*i].path, false);
             }
-            for p in &a.gone {
+            // (A directory the build dropped goes once, as a path the live release has.)
+            let live: rustc_hash::FxHashSet<&[u8]> = inv
+                .live_manifest
+                .iter()
+                .flat_map(|m| m.entries.iter().map(|e| e.path.as_slice()))
+                .collect();
+            for p in a.gone.iter().filter(|p| !live.contains(p.as_slice())) {
                 note(&mut r.deleted, p, false);
             }
         }

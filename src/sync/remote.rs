@@ -769,8 +769,8 @@ if [ "$M" = in-place ]; then
   live=; [ ! -f "$S/inplace" ] || read -r live < "$S/inplace" || :
   [ -d "$T" ] && [ ! -L "$T" ] && [ "$live" = "$rid" ] ||
     { echo "ferry: $T no longer holds release $rid; left as it is" >&2; exit 4; }
-  rm -f "$S/applied" "$S/edits.since" "$S/inplace"
   mv "$T" "$S/trash-withdrawn-$rid"
+  rm -f "$S/applied" "$S/edits.since" "$S/inplace"
   exit 0
 fi
 [ -L "$T" ] && [ "$(readlink "$T")" = ".$N.ferry/releases/$rid" ] ||
