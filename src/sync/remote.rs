@@ -3,7 +3,7 @@
 //! both coreutils and BusyBox offer: `tar -xzpmo`, `tar -c`, `dd iflag=fullblock` (else the stream
 //! has no plain part), `mv -fT`, `find -newer -links -path -prune -mindepth -maxdepth -print0
 //! -exec +` (never `{}` inside a script `find` runs: GNU find refuses that), `xargs -0 -r`,
-//! `head -c`, `ls`, `gzip`, `readlink`, `read`, `cp -p`, `stat -c %a`, `tr`, `cut`, `awk`,
+//! `head -c`, `ls`, `gzip`, `readlink`, `read`, `cp -p`, `stat -c %a %y`, `tr`, `cut`, `awk`,
 //! `date -r`, `sleep`; and, where `find` is GNU's, `find -cnewer` (in place: a `chmod` by hand).
 //!
 //! Layout beside the target `<dir>/<name>`:
@@ -413,7 +413,7 @@ pub(super) const UNPACK: &str = unpack_sh!();
 /// (`release` or `in-place`), delete extras (1/0).
 pub const DEPLOY: &str = concat!(
     r#"
-S=$1 T=$2 M=$3 DEL=$4 dirty= same= cut= BG=1
+S=$1 T=$2 M=$3 DEL=$4 dirty= same= tm= BG=1
 P=${T%/*} N=${T##*/}
 "#,
     rmtree_sh!(),
@@ -427,6 +427,12 @@ if [ -n "$live" ] && [ -d "$S/releases/$live" ] && [ -f "$S/meta/$live.manifest"
 fi
 # When the scans began (the in-place one of `to` comes next): see the check after the stream.
 [ ! -d "$S/releases" ] || : > "$S/scan.start"
+# In place, `to` itself changes only by hand from now until the apply, but for its staging
+# directory: its mtime, as `stat` prints it (no comparison across filesystems or clocks), is
+# taken now and again once this deploy changed it (see `fail` below).
+top() { tm=; [ "$M" != in-place ] || [ ! -d "$T" ] || [ -L "$T" ] || tm=$(stat -c %y "$T" 2>/dev/null) || :; }
+top_changed() { [ -n "$tm" ] && [ "$(stat -c %y "$T" 2>/dev/null)" != "$tm" ]; }
+top
 "#,
     in_place_sh!(),
     r#"
@@ -473,7 +479,7 @@ if [ -d "$S/releases" ]; then
   cd "$S" || exit 1
   if [ -e "$P/.$N.ferry-new" ] || [ -L "$P/.$N.ferry-new" ]; then rm -f "$P/.$N.ferry-new"; fi
   [ -e stamp ] || : > stamp
-  [ ! -e incoming ] || { cut=1; cleanup; }
+  [ ! -e incoming ] || { cleanup; top; }
   # (A deletion cut short, by a reboot say, goes on; a prune would start it only after the switch.)
   empty_trash
   # An apply that did not finish can leave objects sharing an inode with files in `to`, where an
@@ -550,15 +556,12 @@ fi
 if [ "$M" = in-place ]; then
   # (A missing `to` stays missing until its tree is renamed in whole.)
   # (A read-only `to` is opened for the staging directory; the apply's `close` sets its mode.)
-  # `to` itself changes only by hand from when the scans began (unless the cleanup above removed
-  # a staging directory) until the apply, but for the staging directory made now: an entry added,
-  # removed or renamed there by hand meanwhile makes it newer than `scan.start`, then `top`.
-  if [ -d "$T" ] && [ -z "$cut" ] && [ -e scan.start ] &&
-     [ -n "$(find "$T" -prune -newer scan.start -print)" ]; then
+  # (An entry of `to` itself added, removed or renamed by hand since the scans began: `top`.)
+  if top_changed; then
     fail "files in $T were changed on the host while this deploy ran; deploy again to repair them"
   fi
   if [ -d "$T" ]; then { [ -w "$T" ] || chmod u+w "$T"; } && { [ ! -e "$ST" ] || rm -rf "$ST"; } &&
-    mkdir -m 700 "$ST" && : > incoming/top
+    mkdir -m 700 "$ST" && top
   else mkdir -p "${P:-/}"; fi || fail "cannot write in $T"
   ( cd "${P:-/}" && umask 0 && unpack ) || fail "unpacking the stream failed"
 else
@@ -570,7 +573,7 @@ fi
 # for the next deploy to find and repair. In place, files the apply writes get an mtime before the
 # scans began (MT) and the next deploy looks for files newer than their start (`edits.since`):
 # here, only the live files content is taken from (into the store or staging) and directories
-# (an entry removed or renamed by hand; `to` itself, which got the staging directory, against `top`).
+# (an entry removed or renamed by hand; `to` itself, which got the staging directory: `top`).
 # (Whole seconds: BusyBox compares no finer. `edits.since` falls a second before the scans began,
 # what the apply writes a second before that. A `touch` that cannot set a time: the whole pass.)
 # The next `edits.since` (incoming/since) is never before the stamp the scan used: what earlier
@@ -586,7 +589,7 @@ fi
 if [ -e scan.start ] && if [ "$M" != in-place ]; then
      [ -n "$live" ] && [ -d "releases/$live" ] &&
        [ -n "$(find "releases/$live" -newer scan.start -print | head -c 1)" ]
-   elif [ -e incoming/top ] && [ -n "$(find "$T" -prune -newer incoming/top -print)" ]; then :
+   elif top_changed; then :
    elif [ -z "$MT" ]; then
      [ -d "$T" ] && [ -n "$(cd "$T" && find . -path "./$SG" -prune -o ! -path . -newer "$S/scan.start" -print | head -c 1)" ]
    else
