@@ -782,6 +782,20 @@ fn a_chmod_by_hand_in_place_is_repaired() {
     // Then nothing is left to repair.
     let s = step(&site.deploy(&sha(1)).success());
     assert_eq!(s["changed"], false, "{s}");
+    // A `chmod` or `chown` that leaves things as they were (a container's entrypoint, say) is
+    // no change.
+    std::thread::sleep(Duration::from_millis(20));
+    let index = to.join("index.html");
+    std::fs::set_permissions(&index, std::fs::Permissions::from_mode(mode(&index))).unwrap();
+    run_ok(
+        std::process::Command::new("chown")
+            .arg("-R")
+            .arg("0:0")
+            .arg(&to),
+    );
+    let s = step(&site.deploy(&sha(1)).success());
+    assert_eq!(s["changed"], false, "{s}");
+    assert!(s["detail"]["drift"].is_null(), "{s}");
 }
 
 /// In place, a symlink replaced by hand (`ln -sfn`) is found and put back, on both shells.

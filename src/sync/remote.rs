@@ -18,6 +18,8 @@
 //! <dir>/.<name>.ferry/scan.start                   when the last deploy's scans began
 //! <dir>/.<name>.ferry/incoming/                    a deploy in flight; removed by the next one
 //! <dir>/.<name>.ferry/trash-<id>/                  what deploy <id> pruned, deleted in the background
+//! <dir>/.<name>.ferry/trash-withdrawn-<id>/        in place: a first release taken off after its run failed
+//! <dir>/.<name>.ferry/adopted-<id>/                 the plain directory release <id> took over (`adopt`)
 //! <dir>/.<name>.ferry/inplace                      in-place mode: id of the release applied in <dir>/<name>
 //! <dir>/.<name>.ferry/applied                      in-place mode: directories in <name> newer than this changed
 //!                                                  (missing while an apply runs: if it never finishes, nothing in <name> is trusted)
@@ -178,7 +180,8 @@ fi
 ///
 /// `inplace_scan` prints what changed in `$T` since `$S/applied` (touched after each apply): files
 /// newer than it, `edited` when they share an inode with a store object (spoilt: a deploy that was
-/// cut off after preserving it), else `touched`; and, when a directory changed (an entry added,
+/// cut off after preserving it), else `touched`; with GNU find, files whose ctime only is newer,
+/// as `perm <mode> <path>` (touched if the mode is not the deployed one: see `Inventory::perms`); and, when a directory changed (an entry added,
 /// removed or renamed), nothing was applied yet, or extras kept before are now to go, `listing`
 /// and a record per path (`hdir` for directories, `have` for the rest). Paths are relative
 /// (`./x`); the staging directory is left out.
@@ -216,7 +219,7 @@ CT=; [ "$M" != in-place ] || case $(find --version 2>/dev/null) in *GNU*) CT=1 ;
 inplace_scan() {
   [ -d "$T" ] && [ ! -L "$T" ] || return 0
   if [ -e "$S/applied" ]; then
-    set --; [ -z "$CT" ] || set -- -o -type f -cnewer "$S/applied" -exec printf 'touched\t%s\0' {} +
+    set --; [ -z "$CT" ] || set -- -o -type f -cnewer "$S/applied" -printf 'perm\t%m\t%p\0'
     ( cd "$T" && find . -path "./$SG" -prune -o -type f -newer "$FS" ! -links 1 \
         -exec printf 'edited\t%s\0' {} + -o -type f -newer "$FS" -exec printf 'touched\t%s\0' {} + \
         -o -type l -newer "$S/applied" -exec printf 'touched\t%s\0' {} + "$@" )
@@ -880,6 +883,9 @@ pub struct Inventory {
     /// Other paths of the live tree added, replaced or changed by hand (release mode: also
     /// directories whose entries changed).
     pub touched: Vec<Vec<u8>>,
+    /// In-place mode: files whose ctime changed since the last apply, with their mode; those
+    /// whose mode is not the live manifest's join `touched` once that is known.
+    pub perms: Vec<(u32, Vec<u8>)>,
     /// In-place mode: every path in `to`, when the host listed them.
     pub listing: Option<Vec<Vec<u8>>>,
     /// In-place mode: the listed paths that are directories.
@@ -914,6 +920,23 @@ impl Inventory {
     /// The live manifest, from the host or kept by the controller; finds the objects that hand
     /// edits spoilt (those the manifest names at edited paths, and the `spoilt` ones).
     pub fn set_live_manifest(&mut self, m: Manifest) {
+        // In place, a file whose ctime changed was touched when its mode is not the deployed one
+        // (a `chmod` or `chown` to the same value, a link made and removed, changes nothing).
+        let modes: rustc_hash::FxHashMap<&[u8], u32> = m
+            .entries
+            .iter()
+            .filter_map(|e| match e.kind {
+                super::manifest::Kind::File { mode, .. } => {
+                    Some((e.path.as_slice(), mode & 0o7777))
+                }
+                _ => None,
+            })
+            .collect();
+        for (mode, path) in std::mem::take(&mut self.perms) {
+            if modes.get(path.as_slice()) != Some(&mode) {
+                self.touched.push(path);
+            }
+        }
         let edited: HashSet<&[u8]> = self.edited.iter().map(Vec::as_slice).collect();
         let mut drifted: Vec<ObjectId> = m
             .entries
@@ -1051,6 +1074,18 @@ pub fn parse_inventory(out: &[u8], to_name: &str) -> anyhow::Result<Inventory> {
             }
             b"edited" => inv.edited.push(value.to_vec()),
             b"touched" => inv.touched.push(value.to_vec()),
+            b"perm" => {
+                // `<mode>\t<path>`: a file whose ctime changed (GNU find, in place).
+                let mut parts = value.splitn(2, |&b| b == b'\t');
+                if let (Some(mode), Some(path)) = (parts.next(), parts.next())
+                    && let Some(mode) = std::str::from_utf8(mode)
+                        .ok()
+                        .and_then(|m| u32::from_str_radix(m, 8).ok())
+                {
+                    inv.perms
+                        .push((mode, path.strip_prefix(b"./").unwrap_or(path).to_vec()));
+                }
+            }
             b"marked" => inv.marked.push(value.to_vec()),
             b"spoilt" => inv.spoilt.extend(object_names(value)),
             b"listing" => inv.listing = Some(Vec::new()),
