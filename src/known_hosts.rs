@@ -33,7 +33,8 @@ pub enum CertVerdict {
     NoAuthority,
     /// Its key, or the key that signed it, is listed under `@revoked`.
     Revoked,
-    /// Signed by a trusted authority, but not valid here: why.
+    /// Signed by a trusted authority, but not valid here: why. (As in OpenSSH, its key may still
+    /// be known as a plain host key.)
     Invalid(String),
 }
 
@@ -147,7 +148,12 @@ impl KnownHosts {
         if !trusted {
             return CertVerdict::NoAuthority;
         }
-        let why = if cert.verify_signature().is_err() {
+        // (OpenSSH compares principals with the host name lowercased.)
+        let host = host.to_lowercase();
+        let sha1 = russh::keys::Algorithm::Rsa { hash: None };
+        let why = if cert.signature().algorithm() == sha1 {
+            "it is signed with ssh-rsa (SHA-1), which OpenSSH no longer accepts".to_string()
+        } else if cert.verify_signature().is_err() {
             "its signature does not verify".to_string()
         } else if now < cert.valid_after() {
             format!(
@@ -161,9 +167,7 @@ impl KnownHosts {
             )
         } else if cert.cert_type() != russh::keys::ssh_key::certificate::CertType::Host {
             "it is a user certificate, not a host certificate".to_string()
-        } else if !cert.valid_principals().is_empty()
-            && !cert.valid_principals().iter().any(|p| p == host)
-        {
+        } else if !cert.valid_principals().is_empty() && !cert.valid_principals().contains(&host) {
             format!(
                 "it is for {}, not {host}",
                 cert.valid_principals().join(", ")
@@ -451,6 +455,8 @@ mod tests {
             v => panic!("{v:?}"),
         };
         assert!(invalid(&good, "web2.example.com").contains("for web1.example.com, not web2"));
+        let v = k.check_certificate("WEB1.example.com", 22, &good, now);
+        assert_eq!(v, CertVerdict::Trusted);
         let expired = cert(1, Host, &web1, now - 120..now - 60);
         assert!(invalid(&expired, "web1.example.com").starts_with("it expired at 2027-01-15"));
         let early = cert(1, Host, &web1, now + 60..now + 120);

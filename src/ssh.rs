@@ -223,13 +223,22 @@ impl Client {
                 ),
                 file,
             }),
-            CertVerdict::Invalid(why) => Err(SshError::HostCertificateInvalid {
-                host: self.host.clone(),
-                port: self.port,
-                id: cert.key_id().to_string(),
-                why,
-                file,
-            }),
+            // As OpenSSH does, the certificate is dropped and its key judged as a plain key; an
+            // unknown one is reported as the certificate's fault.
+            CertVerdict::Invalid(why) => match self.verify(&key) {
+                Err(SshError::HostKeyUnknown { .. }) => Err(SshError::HostCertificateInvalid {
+                    host: self.host.clone(),
+                    port: self.port,
+                    id: cert.key_id().to_string(),
+                    why,
+                    file,
+                }),
+                Ok(status) => {
+                    tracing::warn!(host = %self.host, "host certificate not valid ({why}); its key is known");
+                    Ok(status)
+                }
+                other => other,
+            },
         }
     }
 

@@ -338,11 +338,15 @@ fn host_certificates_from_a_trusted_authority_are_accepted() {
     let keygen = |args: &[&str]| {
         run_ok(std::process::Command::new("ssh-keygen").args(args));
     };
-    for ca in ["ca", "other-ca"] {
+    for (ca, kind) in [
+        ("ca", "ed25519"),
+        ("other-ca", "ed25519"),
+        ("rsa-ca", "rsa"),
+    ] {
         keygen(&[
             "-q",
             "-t",
-            "ed25519",
+            kind,
             "-N",
             "",
             "-f",
@@ -353,15 +357,17 @@ fn host_certificates_from_a_trusted_authority_are_accepted() {
         let public = std::fs::read_to_string(dir.join(format!("{ca}.pub"))).unwrap();
         format!("@cert-authority [127.0.0.1]:* {}", public.trim())
     };
-    // (principal, validity): a host with an ECDSA key certified so, beside its plain Ed25519 key.
-    let start = |name: &str, principal: &str, validity: &str| {
+    // (principal, validity, signing options): a host with an ECDSA key certified so, beside its
+    // plain Ed25519 key.
+    let start_signed = |name: &str, principal: &str, validity: &str, ca: &str, sign: &[&str]| {
         let key = dir.join(name).display().to_string();
         keygen(&["-q", "-t", "ecdsa", "-N", "", "-f", &key]);
-        let ca = dir.join("ca").display().to_string();
+        let ca = dir.join(ca).display().to_string();
         let public = format!("{key}.pub");
-        keygen(&[
-            "-q", "-s", &ca, "-I", name, "-h", "-n", principal, "-V", validity, &public,
-        ]);
+        let mut args = vec!["-q", "-s", &ca];
+        args.extend_from_slice(sign);
+        args.extend_from_slice(&["-I", name, "-h", "-n", principal, "-V", validity, &public]);
+        keygen(&args);
         Sshd::start_with(SshdOptions {
             extra_config: vec![
                 format!("HostKey {key}"),
@@ -370,7 +376,11 @@ fn host_certificates_from_a_trusted_authority_are_accepted() {
             ..Default::default()
         })
     };
+    let start = |name: &str, principal: &str, validity: &str| {
+        start_signed(name, principal, validity, "ca", &[])
+    };
     let good = start("good", "127.0.0.1", "-5m:+1h");
+    let sha1 = start_signed("sha1", "127.0.0.1", "-5m:+1h", "rsa-ca", &["-t", "ssh-rsa"]);
     let other_name = start("other", "db.example.com", "-5m:+1h");
     let expired = start("expired", "127.0.0.1", "20200101:20200102");
     let exec = |host: &Sshd, known_hosts: String| {
@@ -412,6 +422,18 @@ fn host_certificates_from_a_trusted_authority_are_accepted() {
         "{}",
         run.all()
     );
+    // As in OpenSSH, a certificate that is not valid is dropped, and its key may still be known.
+    let public = std::fs::read_to_string(dir.join("expired.pub")).unwrap();
+    let line = format!(
+        "{}\n[127.0.0.1]:{} {}",
+        ca_line("ca"),
+        expired.port,
+        public.trim()
+    );
+    exec(&expired, line).success();
+    // A certificate signed with SHA-1 (`ssh-rsa`) is refused, as OpenSSH refuses it.
+    let run = exec(&sha1, ca_line("rsa-ca")).failure(1);
+    assert!(run.stderr.contains("ssh-rsa (SHA-1)"), "{}", run.all());
     // Another authority: the certified key is unknown, and so is the host.
     let run = exec(&good, ca_line("other-ca")).failure(1);
     assert!(run.stderr.contains("unknown host key"), "{}", run.all());
