@@ -131,11 +131,18 @@ pub fn summarize(env: &str, per_branch: bool, hosts: &[HostView]) -> EnvStatus {
                 if let Some(l) = live_read {
                     notes.extend(l.notes.iter().cloned());
                     // (A deploy that changed no files keeps the files release of an earlier
-                    // commit: the ledger names it, and that is no drift.)
+                    // commit: the ledger names it, and the deploy that made it has the commit
+                    // the host runs. That is no drift.)
                     let kept = |g: &Record| {
                         l.release.as_ref().is_some_and(|lr| {
-                            g.files_release.as_ref() == Some(lr)
-                                || g.files_releases.values().any(|f| f == lr)
+                            let names = |x: &Record| {
+                                x.files_release.as_ref() == Some(lr)
+                                    || x.files_releases.values().any(|f| f == lr)
+                            };
+                            names(g)
+                                && records
+                                    .iter()
+                                    .any(|x| x.release == *lr && l.sha.as_ref() == Some(&x.sha))
                         })
                     };
                     if let (Some(ls), Some(g)) = (&l.sha, good)
@@ -740,6 +747,17 @@ mod tests {
         let st = summarize("staging", false, std::slice::from_ref(&web1));
         assert!(st.rows[0].notes.is_empty(), "{:?}", st.rows[0].notes);
         assert!(!render(&[st]).contains("attention"));
+        // The files the ledger says, but another commit than the deploy that made them: drift
+        // (a container started by hand, say).
+        let mut other = live("rel-10");
+        other.sha = Some("cccc".into());
+        web1.live.insert(String::new(), other);
+        let st = summarize("staging", false, std::slice::from_ref(&web1));
+        assert!(
+            st.rows[0].notes[0].starts_with("drift: the host runs commit"),
+            "{:?}",
+            st.rows[0].notes
+        );
         // Other files than the ledger says: drift.
         web1.live.insert(String::new(), live("rel-5"));
         let st = summarize("staging", false, &[web1]);
