@@ -804,6 +804,10 @@ fn per_host_values_are_checked_before_any_host_is_touched() {
             "container name `web;reboot`",
         ),
         (
+            "      - container: { name: web, image: i, restart: sometimes }\n",
+            "container `web`: `restart` `sometimes` is not no, always",
+        ),
+        (
             "      - container: { name: web, image: \"img:${nosuch}\" }\n",
             "container `web`: unknown variable `${nosuch}`",
         ),

@@ -49,6 +49,12 @@ pub enum SpecError {
     BadName { name: String },
     #[error("container `{name}`: {why}")]
     HealthField { name: String, why: String },
+    #[error("container `{name}`: `{field}` {why}")]
+    BadField {
+        name: String,
+        field: &'static str,
+        why: String,
+    },
 }
 
 /// A spec for one host: overrides applied, templates expanded, secrets read.
@@ -114,6 +120,7 @@ pub fn resolve(
     }
     check_name(&s.name)?;
     check_health(&s.name, s.health.as_ref())?;
+    check_values(&s)?;
     let mut secrets = BTreeMap::new();
     for (var, env_var) in &s.secret_env {
         let value = env(env_var).ok_or_else(|| SpecError::MissingSecret {
@@ -141,10 +148,110 @@ fn check_name(name: &str) -> Result<(), SpecError> {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
-    if ok {
+    // (Names with ferry's suffixes are the ones it keeps old containers under.)
+    let ours = [PREV_SUFFIX, ASIDE_SUFFIX, OLDER_SUFFIX]
+        .iter()
+        .any(|x| name.contains(x));
+    if ok && !ours {
         Ok(())
     } else {
         Err(SpecError::BadName { name: name.into() })
+    }
+}
+
+/// The values docker would refuse, or take for something else, refused before any host is
+/// touched: a replace that fails at `docker create` has already stopped the live container.
+fn check_values(s: &ContainerSpec) -> Result<(), SpecError> {
+    let bad = |field, why: String| {
+        Err(SpecError::BadField {
+            name: s.name.clone(),
+            field,
+            why,
+        })
+    };
+    if s.image.is_empty() || s.image.starts_with('-') || s.image.contains(char::is_whitespace) {
+        return bad("image", format!("`{}` is not an image reference", s.image));
+    }
+    if let Some(p) = s.ports.iter().find(|p| !port_mapping(p)) {
+        return bad(
+            "ports",
+            format!(
+                "`{p}` is not `[IP:]HOST_PORT:PORT[/tcp|udp|sctp]` (ports 1-65535, or ranges a-b)"
+            ),
+        );
+    }
+    if let Some(r) = &s.restart {
+        let ok = match r.split_once(':') {
+            Some(("on-failure", n)) => n.parse::<u32>().is_ok(),
+            Some(_) => false,
+            None => ["no", "always", "unless-stopped", "on-failure"].contains(&r.as_str()),
+        };
+        if !ok {
+            return bad(
+                "restart",
+                format!("`{r}` is not no, always, unless-stopped or on-failure[:N]"),
+            );
+        }
+    }
+    if let Some(m) = &s.memory {
+        let digits = m.trim_end_matches(|c: char| "bBiIkKmMgGtT".contains(c));
+        let unit = &m[digits.len()..].to_ascii_lowercase();
+        let units = [
+            "", "b", "k", "m", "g", "t", "kb", "mb", "gb", "tb", "kib", "mib", "gib", "tib",
+        ];
+        if digits.parse::<f64>().map_or(true, |n| n <= 0.0) || !units.contains(&unit.as_str()) {
+            return bad("memory", format!("`{m}` is not a size such as 512m or 2g"));
+        }
+    }
+    if let Some(c) = &s.cpus
+        && c.parse::<f64>()
+            .map_or(true, |n| n <= 0.0 || !n.is_finite())
+    {
+        return bad(
+            "cpus",
+            format!("`{c}` is not a number of CPUs above 0, such as 1.5"),
+        );
+    }
+    if let Some(k) = s
+        .env
+        .keys()
+        .find(|k| k.is_empty() || k.contains(|c: char| c == '=' || c.is_whitespace() || c == '\0'))
+    {
+        return bad("env", format!("`{k}` is not a variable name"));
+    }
+    if let Some(u) = s.health.as_ref().and_then(|h| h.url.as_deref())
+        && !(u.starts_with("http://") || u.starts_with("https://"))
+    {
+        return bad(
+            "health.url",
+            format!("`{u}` is not an http:// or https:// URL"),
+        );
+    }
+    Ok(())
+}
+
+/// `[IP:][HOST_PORT]:PORT[/PROTO]` as `docker run -p` takes it (ports or ranges; an IPv6 address
+/// in brackets).
+fn port_mapping(p: &str) -> bool {
+    let (rest, proto) = p.rsplit_once('/').unwrap_or((p, "tcp"));
+    let port = |x: &str| x.parse::<u16>().is_ok_and(|n| n > 0);
+    let ports = |x: &str| match x.split_once('-') {
+        Some((a, b)) => port(a) && port(b),
+        None => port(x),
+    };
+    if !["tcp", "udp", "sctp"].contains(&proto) {
+        return false;
+    }
+    let Some((front, container)) = rest.rsplit_once(':') else {
+        return ports(rest);
+    };
+    if !ports(container) {
+        return false;
+    }
+    // `HOST_PORT`, `IP:HOST_PORT` or `IP:` (a port docker picks).
+    match front.rsplit_once(':') {
+        None => ports(front),
+        Some((ip, host)) => (host.is_empty() || ports(host)) && !ip.is_empty(),
     }
 }
 
@@ -350,6 +457,58 @@ mod tests {
     }
 
     const FULL: &str = "name: app-${host}\nimage: reg:5000/shop:${sha}\ncommand: [serve, --port, '8080']\nentrypoint: [/bin/sh, -c]\nports: ['8080:80']\nenv: { A: '1', REV: '${sha}' }\nsecret_env: { DB_PASSWORD: DB_PW }\nenv_file: /etc/app.env\nvolumes: ['/srv/a b:/srv:ro']\nnetwork: shop\nrestart: unless-stopped\nlog_driver: json-file\nlog_opts: { max-size: 10m }\nprivileged: true\nlabels: { team: web }\nuser: '1000'\nworkdir: /srv\nextra_hosts: ['db:10.0.0.2']\nmemory: 512m\ncpus: '1.5'\nhealth: { type: http, url: 'http://127.0.0.1:8080/health' }\nhosts:\n  web2: { ports: ['9090:80'], env: { B: '2' } }\n";
+
+    #[test]
+    fn values_docker_would_refuse_are_refused() {
+        for p in [
+            "8080",
+            "80:8080",
+            "127.0.0.1:80:8080",
+            "127.0.0.1::8080",
+            "[::1]:80:80/udp",
+            "8000-8010:8000-8010",
+        ] {
+            assert!(port_mapping(p), "{p}");
+        }
+        for p in [
+            "abc:8080",
+            "99999:8080",
+            "80:0",
+            "80:8080/ftp",
+            "",
+            ":80:8080",
+        ] {
+            assert!(!port_mapping(p), "{p}");
+        }
+        let spec = |yaml: &str| -> ContainerSpec {
+            serde_saphyr::from_str(&format!("name: web\nimage: img\n{yaml}")).unwrap()
+        };
+        for (yaml, field) in [
+            ("restart: sometimes", "restart"),
+            ("memory: lots", "memory"),
+            ("cpus: '-1'", "cpus"),
+            ("env: {\"A B\": x}", "env"),
+            ("health: {type: http, url: 'ftp://x'}", "health.url"),
+            ("ports: ['abc:8080']", "ports"),
+        ] {
+            match check_values(&spec(yaml)) {
+                Err(SpecError::BadField { field: f, .. }) => assert_eq!(f, field, "{yaml}"),
+                other => panic!("{yaml}: {other:?}"),
+            }
+        }
+        for yaml in [
+            "restart: on-failure:3",
+            "memory: 512m",
+            "memory: 2GB",
+            "cpus: '1.5'",
+        ] {
+            check_values(&spec(yaml)).unwrap();
+        }
+        let mut s = spec("");
+        s.image = String::new();
+        assert!(check_values(&s).is_err());
+        assert!(check_name("web.ferry-prev").is_err() && check_name("web").is_ok());
+    }
 
     #[test]
     fn every_field_reaches_the_argv() {
