@@ -1019,10 +1019,26 @@ async fn run_command(ctx: &StepCtx<'_>, step: &RunStep) -> anyhow::Result<StepRe
     }
     let secrets = run_secrets(step)?;
     let timeout = step.timeout.unwrap_or(Duration::from_secs(600));
+    // Outside GitLab (whose sections come whole, so that hosts do not interleave) and `--json`,
+    // the command's lines are shown as they come (a long migration is not silent).
+    let live = !ctx.style.gitlab && !ctx.style.json;
+    let host = ctx.host.name();
+    let show = |stream: crate::ssh::Stream, line: &[u8]| {
+        let line = report::mask(
+            &String::from_utf8_lossy(line),
+            secrets.iter().map(|(_, v)| v.as_str()),
+        );
+        let mark = if stream == crate::ssh::Stream::Stderr {
+            "stderr: "
+        } else {
+            ""
+        };
+        ctx.progress.println(&format!("{host}: {mark}{line}"));
+    };
     // (Cut off, the step drops the command: its channel closes, and the host stops it.)
     let out = match ctx
         .session
-        .run_watched(&argv, &secrets, Some(timeout), None)
+        .run_watched(&argv, &secrets, Some(timeout), live.then_some(&show as _))
         .await
     {
         Err(SshError::CommandTimeout { .. }) => anyhow::bail!(
@@ -1048,8 +1064,9 @@ async fn run_command(ctx: &StepCtx<'_>, step: &RunStep) -> anyhow::Result<StepRe
             || "no exit status (killed?)".to_string(),
             |c| format!("exit code {c}"),
         );
-        // The error quotes the end of stderr (else of stdout): the rest of the output goes first.
-        if out.stderr.iter().any(|b| !b.is_ascii_whitespace()) {
+        // The error quotes the end of stderr (else of stdout): the rest of the output goes first
+        // (unless it was shown as it came).
+        if !live && out.stderr.iter().any(|b| !b.is_ascii_whitespace()) {
             let stdout = lines(&out.stdout, "");
             for l in &stdout[stdout.len().saturating_sub(RUN_OUTPUT_LINES)..] {
                 ctx.progress.println(&format!("{}: {l}", ctx.host.name()));
@@ -1069,7 +1086,8 @@ async fn run_command(ctx: &StepCtx<'_>, step: &RunStep) -> anyhow::Result<StepRe
         step: "run".into(),
         changed: true,
         summary: format!("ran: {cmd}"),
-        log,
+        // (Shown already as it came; `--json` and GitLab get it here.)
+        log: if live { Vec::new() } else { log },
         ..Default::default()
     })
 }

@@ -238,6 +238,29 @@ fn run_step_output_keeps_both_streams() {
     );
     assert!(run.stderr.contains("tok=1"), "{}", run.stderr);
     assert!(run.stderr.contains("bad thing"), "{}", run.stderr);
+    // Outside GitLab and --json, the lines are shown as they come, once.
+    let plain = Ferry::new()
+        .trusting(&[&host])
+        .args([
+            "deploy",
+            "--env",
+            "test",
+            "--ref",
+            "release-1",
+            "--sha",
+            SHA,
+        ])
+        .arg(&p)
+        .run()
+        .failure(1);
+    for line in [": to-out\n", ": stderr: to-err\n", ": tok=1\n"] {
+        assert_eq!(
+            plain.stderr.matches(line).count(),
+            1,
+            "{line}: {}",
+            plain.stderr
+        );
+    }
 }
 
 /// A `run` step's secrets reach the command as environment variables over stdin, on both shells:
