@@ -529,7 +529,8 @@ async fn run_host(
     // A rollback goes to an earlier deploy from the ledger (read under the lock), and is recorded
     // with that deploy's ref, commit and release.
     let target = match action {
-        Action::Rollback(to, _) if !ctx.plan => match rollback_target(ctx, to.as_deref()).await {
+        // (A plan reads it too, so that it shows the rollback that would run.)
+        Action::Rollback(to, _) => match rollback_target(ctx, to.as_deref()).await {
             Ok(t) => t,
             Err(e) => {
                 if let Some(lock) = lock {

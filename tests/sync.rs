@@ -1726,6 +1726,30 @@ fn in_place_lifecycle(busybox: bool) {
     );
 }
 
+/// `rollback --plan` goes to the deploy the real rollback goes to (the ledger's previous one):
+/// after a deploy of a new commit that changed no files, both keep the files where they are.
+#[test]
+fn rollback_plan_picks_the_target_the_rollback_picks() {
+    let site = Site::new("rbplan", vec![Sshd::start()], one_step("app", ""));
+    let to = site.root().join("app");
+    site.write(b"index.html", b"v1");
+    site.deploy(&sha(1)).success();
+    site.write(b"index.html", b"v2");
+    site.deploy(&sha(2)).success();
+    let v2 = live_release(&to);
+    site.deploy(&sha(3)).success();
+    assert_eq!(live_release(&to), v2, "no files changed");
+    let plan = site
+        .ferry("rollback", &sha(3))
+        .args(["--plan", "--json"])
+        .run()
+        .success();
+    assert_eq!(step(&plan)["detail"]["to"], v2.as_str(), "{}", plan.stdout);
+    site.ferry("rollback", &sha(3)).run().success();
+    assert_eq!(live_release(&to), v2);
+    assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"v2");
+}
+
 /// In place, a release whose content was lost to a hand edit cannot come back: the rollback, and
 /// its plan, say so and change nothing.
 #[test]

@@ -505,8 +505,7 @@ async fn swap_back(
             .and_then(|c| c.labels.get("ferry.release").cloned())
             .filter(|r| live(r))
     };
-    // A plan has no target release (it reads no ledger): it shows the swap.
-    if !ctx.plan {
+    {
         match (made(&current), made(&kept)) {
             (Some(c), k) if k.as_ref().is_none_or(|k| *k <= c) => {
                 return Ok(report(
