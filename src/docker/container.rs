@@ -505,33 +505,30 @@ async fn swap_back(
             .and_then(|c| c.labels.get("ferry.release").cloned())
             .filter(|r| live(r))
     };
-    {
-        match (made(&current), made(&kept)) {
-            (Some(c), k) if k.as_ref().is_none_or(|k| *k <= c) => {
-                return Ok(report(
-                    "container",
-                    false,
-                    format!(
-                        "{name} already runs the container of release {c}, live at release {}",
-                        ctx.release
-                    ),
-                    log,
-                ));
-            }
-            (_, Some(_)) => {}
-            (_, None) => bail!(
-                "{host}: the container that was live at release {} is gone: {name} and the kept \
-                 {prev} were both made later (or {prev} is missing); deploy that commit again instead",
-                ctx.release
-            ),
+    match (made(&current), made(&kept)) {
+        (Some(c), k) if k.as_ref().is_none_or(|k| *k <= c) => {
+            return Ok(report(
+                "container",
+                false,
+                format!(
+                    "{name} already runs the container of release {c}, live at release {}",
+                    ctx.release
+                ),
+                log,
+            ));
         }
-    }
-    let Some(kept) = kept else {
-        bail!(
+        (_, Some(_)) => {}
+        (_, None) if kept.is_none() => bail!(
             "{host}: no previous container {prev} is kept, so there is nothing to roll back to \
              (one is kept after each successful update)"
-        );
-    };
+        ),
+        (_, None) => bail!(
+            "{host}: the container that was live at release {} is gone: {name} and the kept \
+             {prev} were both made later; deploy that commit again instead",
+            ctx.release
+        ),
+    }
+    let kept = kept.expect("a kept container: checked above");
     if ctx.plan {
         return Ok(report(
             "container",
