@@ -181,10 +181,10 @@ fi
 /// `inplace_scan` prints what changed in `$T` since `$S/applied` (touched after each apply): files
 /// newer than it, `edited` when they share an inode with a store object (spoilt: a deploy that was
 /// cut off after preserving it), else `touched`; with GNU find, files whose ctime only is newer,
-/// as `perm <mode> <path>` (touched if the mode is not the deployed one: see `Inventory::perms`); and, when a directory changed (an entry added,
-/// removed or renamed), nothing was applied yet, or extras kept before are now to go, `listing`
-/// and a record per path (`hdir` for directories, `have` for the rest). Paths are relative
-/// (`./x`); the staging directory is left out.
+/// as `perm <mode> <path>` (touched if the mode is not the deployed one: `Inventory::perms`);
+/// and, when a directory changed (an entry added, removed or renamed), nothing was applied yet,
+/// or extras kept before are now to go, `listing` and a record per path (`hdir` for directories,
+/// `have` for the rest). Paths are relative (`./x`); the staging directory is left out.
 ///
 /// `apply` runs after the stream is unpacked (it staged every path `to` gets under
 /// `$T/.ferry-incoming`): content leaving `to` is copied into the store where it cannot be linked
