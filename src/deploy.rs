@@ -1024,11 +1024,9 @@ async fn run_command(ctx: &StepCtx<'_>, step: &RunStep) -> anyhow::Result<StepRe
     // the command's lines are shown as they come (a long migration is not silent).
     let live = !ctx.style.gitlab && !ctx.style.json;
     let host = ctx.host.name();
+    let masked = |text: &str| report::mask(text, secrets.iter().map(|(_, v)| v.as_str()));
     let show = |stream: crate::ssh::Stream, line: &[u8]| {
-        let line = report::mask(
-            &String::from_utf8_lossy(line),
-            secrets.iter().map(|(_, v)| v.as_str()),
-        );
+        let line = masked(&String::from_utf8_lossy(line));
         let mark = if stream == crate::ssh::Stream::Stderr {
             "stderr: "
         } else {
@@ -1050,13 +1048,10 @@ async fn run_command(ctx: &StepCtx<'_>, step: &RunStep) -> anyhow::Result<StepRe
     };
     // Its output: stdout, then stderr (each line marked).
     let lines = |bytes: &[u8], mark: &str| -> Vec<String> {
-        report::mask(
-            &String::from_utf8_lossy(bytes),
-            secrets.iter().map(|(_, v)| v.as_str()),
-        )
-        .lines()
-        .map(|l| format!("{mark}{l}"))
-        .collect()
+        masked(&String::from_utf8_lossy(bytes))
+            .lines()
+            .map(|l| format!("{mark}{l}"))
+            .collect()
     };
     let mut log = lines(&out.stdout, "");
     log.extend(lines(&out.stderr, "stderr: "));
@@ -1070,10 +1065,10 @@ async fn run_command(ctx: &StepCtx<'_>, step: &RunStep) -> anyhow::Result<StepRe
         if !live && out.stderr.iter().any(|b| !b.is_ascii_whitespace()) {
             let stdout = lines(&out.stdout, "");
             for l in &stdout[stdout.len().saturating_sub(RUN_OUTPUT_LINES)..] {
-                ctx.progress.println(&format!("{}: {l}", ctx.host.name()));
+                ctx.progress.println(&format!("{host}: {l}"));
             }
         }
-        let tail = report::mask(&out.tail(), secrets.iter().map(|(_, v)| v.as_str()));
+        let tail = masked(&out.tail());
         anyhow::bail!(
             "`{cmd}` failed with {status}{}",
             if tail.is_empty() {
