@@ -136,6 +136,12 @@ pub enum SshError {
     Agent { host: String, error: String },
     #[error("{host}: ssh connection failed")]
     Protocol { host: String, source: russh::Error },
+    #[error("{host}: cannot reach {target} from the host: {why}")]
+    Forward {
+        host: String,
+        target: String,
+        why: String,
+    },
     #[error("{host}: command timed out after {after:?}: {command}")]
     CommandTimeout {
         host: String,
@@ -840,9 +846,25 @@ impl Session {
             .handle
             .channel_open_direct_tcpip(host.to_string(), port as u32, "127.0.0.1", 0)
             .await
-            .map_err(|source| SshError::Protocol {
-                host: self.target.host.clone(),
-                source,
+            .map_err(|source| match source {
+                // (sshd answers for the address: the SSH connection itself is fine.)
+                russh::Error::ChannelOpenFailure(why) => SshError::Forward {
+                    host: self.target.host.clone(),
+                    target: format!("{host}:{port}"),
+                    why: match why {
+                        russh::ChannelOpenFailure::ConnectFailed => {
+                            "nothing accepts connections there".into()
+                        }
+                        russh::ChannelOpenFailure::AdministrativelyProhibited => {
+                            "sshd forbids forwarding (AllowTcpForwarding)".into()
+                        }
+                        other => format!("{other:?}"),
+                    },
+                },
+                source => SshError::Protocol {
+                    host: self.target.host.clone(),
+                    source,
+                },
             })?;
         Ok(ch.into_stream())
     }

@@ -670,6 +670,37 @@ fn host_without_docker_is_a_clear_error() {
     assert!(all.contains("docker: { command:"), "says how to fix: {all}");
 }
 
+/// A TCP health check on a port where nothing listens says so (not that SSH failed).
+#[test]
+fn a_closed_port_fails_the_tcp_health_check_clearly() {
+    engine();
+    let host = Sshd::start();
+    let prefix = unique("closed");
+    let _cleanup = Cleanup(vec![prefix.clone()]);
+    let image = format!("{prefix}-img:1");
+    app_image(&image, "c1", true);
+    let closed = free_port();
+    let dir = TempDir::new("dclosed");
+    let steps = format!(
+        "      - container:\n          name: \"{prefix}\"\n          image: \"{image}\"\n          \
+         health: {{ type: tcp, address: \"127.0.0.1:{closed}\", timeout: 2s, interval: 500ms }}\n"
+    );
+    let pb = pb(&dir, &[("web1", &host)], "", &steps);
+    let run = deploy(&[&host], &pb, "aaaa").failure(1);
+    assert!(
+        run.all().contains(&format!(
+            "cannot reach 127.0.0.1:{closed} from the host: nothing accepts connections there"
+        )),
+        "{}",
+        run.all()
+    );
+    assert!(
+        !run.all().contains("ssh connection failed"),
+        "{}",
+        run.all()
+    );
+}
+
 /// Docker's own HEALTHCHECK state and a TCP probe gate the start; `ferry stop` with
 /// `docker_remove` removes the container and the one kept for rollback.
 #[test]

@@ -109,6 +109,14 @@ pub async fn wait(
     }
 }
 
+/// Why `address` could not be reached through the host.
+fn unreachable(address: &str, e: crate::ssh::SshError) -> String {
+    match e {
+        crate::ssh::SshError::Forward { .. } => e.to_string(),
+        e => format!("cannot connect to {address} on the host: {e}"),
+    }
+}
+
 /// GET `url` from the host; Ok for a 2xx or 3xx answer.
 pub async fn probe_http(session: &Session, url: &str) -> Result<String, String> {
     let (host, port, path) = parse_http_url(url)?;
@@ -116,7 +124,7 @@ pub async fn probe_http(session: &Session, url: &str) -> Result<String, String> 
         let mut s = session
             .connect_tcp(&host, port)
             .await
-            .map_err(|e| format!("cannot connect to {host}:{port} on the host: {e}"))?;
+            .map_err(|e| unreachable(&format!("{host}:{port}"), e))?;
         let req = format!(
             "GET {path} HTTP/1.0\r\nHost: {host}:{port}\r\nUser-Agent: ferry\r\nConnection: close\r\n\r\n"
         );
@@ -161,7 +169,7 @@ pub async fn probe_tcp(session: &Session, address: &str) -> Result<String, Strin
     let mut s = session
         .connect_tcp(&host, port)
         .await
-        .map_err(|e| format!("cannot connect to {address} on the host: {e}"))?;
+        .map_err(|e| unreachable(address, e))?;
     let mut b = [0u8; 1];
     match tokio::time::timeout(Duration::from_millis(300), s.read(&mut b)).await {
         Ok(Ok(0)) | Ok(Err(_)) => Err(format!("{address} accepted and closed the connection")),
