@@ -412,20 +412,24 @@ async fn replace(
             } else {
                 format!("\nlogs of the new container:\n  {}", logs.join("\n  "))
             };
-            // (A container may print its secrets: they are masked, as a `run` step's output is.)
-            let secrets = r.secrets.values().map(String::as_str);
-            bail!(
-                "{}",
-                crate::report::mask(
-                    &format!(
-                        "{host}: new container {name} ({}) failed and was removed{restored}: {e:#}{logs}",
-                        r.spec.image
-                    ),
-                    secrets
-                )
-            )
+            Err(masked(
+                r,
+                format!(
+                    "{host}: new container {name} ({}) failed and was removed{restored}: {e:#}{logs}",
+                    r.spec.image
+                ),
+            ))
         }
     }
+}
+
+/// An error whose text may hold a container's logs: its secrets masked (a container may print
+/// them), as a `run` step's output is.
+fn masked(r: &Resolved, text: String) -> anyhow::Error {
+    anyhow::anyhow!(crate::report::mask(
+        &text,
+        r.secrets.values().map(String::as_str)
+    ))
 }
 
 /// Put the container moved aside back under `name`, with its restart policy `restart`; says how
@@ -594,18 +598,14 @@ async fn swap_back(
                 Some(_) => put_back(&engine, &aside, name, was_running, restart).await,
                 None => String::new(),
             };
-            let secrets = r.secrets.values().map(String::as_str);
-            bail!(
-                "{}",
-                crate::report::mask(
-                    &format!(
-                        "{host}: the previous container did not come back healthy{kept_back}{back}: \
-                         {e:#}\nits logs:\n  {}",
-                        logs.join("\n  ")
-                    ),
-                    secrets
-                )
-            )
+            Err(masked(
+                &r,
+                format!(
+                    "{host}: the previous container did not come back healthy{kept_back}{back}: \
+                     {e:#}\nits logs:\n  {}",
+                    logs.join("\n  ")
+                ),
+            ))
         }
     }
 }

@@ -1227,14 +1227,13 @@ pub async fn rollback(
             let (plan, _) = plan_for(step, &local, &mut inv, false);
             check_reapply(host, &target, &plan)?;
         } else {
-            let out = ctx
-                .session
-                .run_script(
-                    remote::EDITED,
-                    &[&paths.store, &target],
-                    Some(INVENTORY_TIMEOUT),
+            let out = host_script(ctx, remote::EDITED, &[&paths.store, &target], || {
+                format!(
+                    "reading what was edited of release {target} in {}",
+                    paths.store
                 )
-                .await?;
+            })
+            .await?;
             log.extend(edited_warning(&target, &out.stdout));
         }
         return Ok(StepReport {
@@ -1251,21 +1250,13 @@ pub async fn rollback(
         reapply(ctx, step, &paths, &target).await?;
         "re-applied release"
     } else {
-        let out = ctx
-            .session
-            .run_script(
-                remote::SWITCH,
-                &[&paths.store, &paths.to, &target],
-                Some(INVENTORY_TIMEOUT),
-            )
-            .await?;
-        if !out.success() {
-            bail!(
-                "{host}: switching {} to {target} failed: {}",
-                paths.to,
-                out.tail()
-            );
-        }
+        let out = host_script(
+            ctx,
+            remote::SWITCH,
+            &[&paths.store, &paths.to, &target],
+            || format!("switching {} to {target}", paths.to),
+        )
+        .await?;
         log.extend(edited_warning(&target, &out.stdout));
         "switched to release"
     };
@@ -1289,7 +1280,6 @@ pub async fn withdraw(
     step: &SyncStep,
     report: &StepReport,
 ) -> anyhow::Result<Option<StepReport>> {
-    let host = ctx.host.name();
     let paths = target_paths(ctx.host, &step.to)?;
     let field = |k: &str| report.detail.get("before").and_then(|b| b.get(k)?.as_str());
     let (Some(release), Some(before)) = (
@@ -1304,21 +1294,11 @@ pub async fn withdraw(
         SyncMode::Release => "release",
     };
     let link = field("target").unwrap_or_default();
-    let out = ctx
-        .session
-        .run_script(
-            remote::WITHDRAW,
-            &[&paths.store, &paths.to, release, mode, before, link],
-            Some(INVENTORY_TIMEOUT),
-        )
-        .await?;
-    if !out.success() {
-        bail!(
-            "{host}: taking release {release} off {} failed: {}",
-            paths.to,
-            out.tail()
-        );
-    }
+    let args = [&paths.store, &paths.to, release, mode, before, link];
+    host_script(ctx, remote::WITHDRAW, &args, || {
+        format!("taking release {release} off {}", paths.to)
+    })
+    .await?;
     let was = match before {
         "missing" => "missing again".to_string(),
         "dir" => format!(
@@ -1357,24 +1337,31 @@ fn edited_warning(target: &str, paths: &[u8]) -> Option<String> {
     })
 }
 
+/// Run one of `remote`'s short scripts (the inventory's timeout); its failure is an error about
+/// what it was `doing`, with what it printed.
+async fn host_script(
+    ctx: &StepCtx<'_>,
+    script: &str,
+    args: &[&str],
+    doing: impl FnOnce() -> String,
+) -> anyhow::Result<crate::ssh::Output> {
+    let out = ctx
+        .session
+        .run_script(script, args, Some(INVENTORY_TIMEOUT))
+        .await?;
+    if !out.success() {
+        bail!("{}: {} failed: {}", ctx.host.name(), doing(), out.tail());
+    }
+    Ok(out)
+}
+
 /// The manifest the host keeps of release `id`.
 async fn release_manifest(ctx: &StepCtx<'_>, paths: &Paths, id: &str) -> anyhow::Result<Manifest> {
     let host = ctx.host.name();
-    let out = ctx
-        .session
-        .run_script(
-            remote::MANIFEST,
-            &[&paths.store, id],
-            Some(INVENTORY_TIMEOUT),
-        )
-        .await?;
-    if !out.success() {
-        bail!(
-            "{host}: reading release {id} in {} failed: {}",
-            paths.store,
-            out.tail()
-        );
-    }
+    let out = host_script(ctx, remote::MANIFEST, &[&paths.store, id], || {
+        format!("reading release {id} in {}", paths.store)
+    })
+    .await?;
     Manifest::decode(&out.stdout)
         .with_context(|| format!("{host}: the manifest of release {id} in {}", paths.store))
 }
@@ -1437,7 +1424,6 @@ async fn reapply(
 }
 
 pub async fn remove(ctx: &StepCtx<'_>, step: &SyncRemoveStep) -> anyhow::Result<StepReport> {
-    let host = ctx.host.name();
     let paths = target_paths(ctx.host, &step.to)?;
     if ctx.plan {
         return Ok(StepReport {
@@ -1447,17 +1433,10 @@ pub async fn remove(ctx: &StepCtx<'_>, step: &SyncRemoveStep) -> anyhow::Result<
             ..Default::default()
         });
     }
-    let out = ctx
-        .session
-        .run_script(
-            remote::REMOVE,
-            &[&paths.store, &paths.to],
-            Some(INVENTORY_TIMEOUT),
-        )
-        .await?;
-    if !out.success() {
-        bail!("{host}: removing {} failed: {}", paths.to, out.tail());
-    }
+    let out = host_script(ctx, remote::REMOVE, &[&paths.store, &paths.to], || {
+        format!("removing {}", paths.to)
+    })
+    .await?;
     let log: Vec<String> = String::from_utf8_lossy(&out.stderr)
         .lines()
         .map(str::to_string)
