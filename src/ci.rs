@@ -126,8 +126,6 @@ impl DeployContext {
     }
 }
 
-/// The first 8 characters of a commit, as people quote it. Never panics: a sha read back from a
-/// host may be anything.
 /// A CI/CD variable that holds text: its value, or, for a GitLab variable of type File (the value
 /// is the path of a file holding it), that file's content. `None` when unset or empty.
 pub fn text_variable(name: &str) -> Option<String> {
@@ -142,6 +140,8 @@ pub fn text_variable(name: &str) -> Option<String> {
     Some(value)
 }
 
+/// The first 8 characters of a commit, as people quote it. Never panics: a sha read back from a
+/// host may be anything.
 pub fn short_sha(sha: &str) -> &str {
     sha.get(..8).unwrap_or(sha)
 }

@@ -395,6 +395,35 @@ fn a_failed_container_logs_its_secrets_masked() {
     assert!(!ledger.contains(&secret), "secret in the ledger: {ledger}");
 }
 
+/// A build whose step fails is reported with docker's words, and leaves no container behind.
+#[test]
+fn failed_build_leaves_no_container() {
+    engine();
+    let host = Sshd::start();
+    let prefix = unique("badbuild");
+    let _cleanup = Cleanup(vec![prefix.clone()]);
+    let base = format!("{prefix}-base:1");
+    app_image(&base, "base", true);
+    let dir = TempDir::new("dbadbuild");
+    dir.write(
+        "root/build/context/Dockerfile",
+        format!("FROM {base}\nRUN echo building && exit 3\n"),
+    );
+    let steps = format!(
+        "      - docker_build: {{ context: context, tag: \"{prefix}-app:1\", timeout: 2m }}\n"
+    );
+    let pb_path = pb(&dir, &[("build", &host)], "", &steps);
+    let run = deploy(&[&host], &pb_path, "aaaa").failure(1);
+    assert!(
+        run.all()
+            .contains(&format!("docker build of {prefix}-app:1")),
+        "{}",
+        run.all()
+    );
+    let left = docker(&["ps", "-aq", "--filter", &format!("ancestor={base}")]);
+    assert_eq!(left.trim(), "", "the failed step's container is left");
+}
+
 /// The tag-triggered publish: login, build on the host, tag to the git tag, push; then another
 /// host pulls it from the registry, and pruning keeps the image a container uses.
 #[test]

@@ -74,7 +74,13 @@ pub(crate) async fn build(
 ) -> anyhow::Result<StepReport> {
     let context = ctx.host.path(&s.context)?;
     let tag = ctx.host.expand(&s.tag)?;
-    let mut args: Vec<String> = vec!["build".into(), "--tag".into(), tag.clone()];
+    // (`--force-rm`: the classic builder keeps a failed step's container without it.)
+    let mut args: Vec<String> = vec![
+        "build".into(),
+        "--force-rm".into(),
+        "--tag".into(),
+        tag.clone(),
+    ];
     if let Some(f) = &s.file {
         args.push("--file".into());
         args.push(format!(
