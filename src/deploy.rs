@@ -407,6 +407,7 @@ async fn run_env(
     let action = Arc::new(action);
     let (interrupt, stop) = watch_interrupts();
     let run_token = &crate::lock::run_token();
+    let per_branch = crate::status::is_per_branch(&setup.playbook, env);
     if let (Action::Deploy, Some(first)) = (action.as_ref(), setup.hosts.first()) {
         crate::sync::prefetch(
             first,
@@ -436,7 +437,7 @@ async fn run_env(
                     style: setup.style,
                     stop,
                 };
-                let r = run_host(&sctx, steps, opts, &action, run_token).await;
+                let r = run_host(&sctx, steps, opts, &action, run_token, per_branch).await;
                 session.close().await;
                 r
             }
@@ -514,6 +515,7 @@ async fn run_host(
     opts: &DeployOpts,
     action: &Action,
     run_token: &str,
+    per_branch: bool,
 ) -> anyhow::Result<HostReport> {
     let started = Instant::now();
     let started_at = report::unix_now();
@@ -527,19 +529,21 @@ async fn run_host(
     };
     tracing::debug!(elapsed = ?started.elapsed(), "locked");
     // A rollback goes to an earlier deploy from the ledger (read under the lock), and is recorded
-    // with that deploy's ref, commit and release.
+    // with that deploy's ref, commit and release. (A plan reads it too, so that it shows the
+    // rollback that would run.)
     let target = match action {
-        // (A plan reads it too, so that it shows the rollback that would run.)
-        Action::Rollback(to, _) => match rollback_target(ctx, to.as_deref()).await {
-            Ok(t) => t,
-            Err(e) => {
-                if let Some(lock) = lock {
-                    let _ = lock.release(ctx.session).await;
-                }
-                return Err(e);
+        Action::Rollback(to, _) => rollback_target(ctx, to.as_deref()).await,
+        _ if per_branch => slug_shared(ctx, action).await.map(|()| None),
+        _ => Ok(None),
+    };
+    let target = match target {
+        Ok(t) => t,
+        Err(e) => {
+            if let Some(lock) = lock {
+                let _ = lock.release(ctx.session).await;
             }
-        },
-        _ => None,
+            return Err(e);
+        }
     };
     let target_ctx = target.as_ref().map(Record::context);
     let ctx = &StepCtx {
@@ -942,6 +946,49 @@ async fn rollback_target(ctx: &StepCtx<'_>, to: Option<&str>) -> anyhow::Result<
     ledger::rollback_target(&records, to)
         .map(|r| r.cloned())
         .map_err(|e| anyhow::anyhow!("{}: {e}", ctx.host.name()))
+}
+
+/// In an environment whose paths or containers are named by the ref's slug (a review app per
+/// branch), two branches with one slug (`fix/login`, `fix-login`) would share them: a deploy or
+/// stop of one would replace or remove the other's. Refused while the other is on the host's
+/// record and not stopped.
+async fn slug_shared(ctx: &StepCtx<'_>, action: &Action) -> anyhow::Result<()> {
+    let me = ctx.deploy;
+    let records = ledger::read(ctx.host, ctx.session).await?;
+    let mut others: BTreeMap<&str, &Record> = BTreeMap::new();
+    for r in records.iter().filter(|r| {
+        r.app == ctx.app
+            && r.env == ctx.env
+            && r.host == ctx.host.name()
+            && r.ref_name != me.ref_name
+    }) {
+        let slug = if r.ref_slug.is_empty() {
+            crate::template::slug(&r.ref_name)
+        } else {
+            r.ref_slug.clone()
+        };
+        if slug == me.ref_slug {
+            others.insert(&r.ref_name, r);
+        }
+    }
+    match others.values().find(|r| !(r.action == "stop" && r.ok)) {
+        None => Ok(()),
+        Some(other) => anyhow::bail!(
+            "{host}: {me_ref} and {other_ref} have the same slug `{slug}`, so in environment {env} \
+             they share paths and containers, and this {action} would replace or remove what \
+             {other_ref} has there (its last {other_action}: release {release}). Stop it first \
+             (`ferry stop --env {env} --ref {other_q}`), or use another branch name",
+            host = ctx.host.name(),
+            me_ref = shell::quote_str(&me.ref_name),
+            other_ref = shell::quote_str(&other.ref_name),
+            slug = me.ref_slug,
+            env = ctx.env,
+            action = if ctx.plan { "plan" } else { action.name() },
+            other_action = other.action,
+            release = other.release,
+            other_q = shell::quote_str(&other.ref_name),
+        ),
+    }
 }
 
 async fn run_step(ctx: &StepCtx<'_>, step: &Step) -> anyhow::Result<Option<StepReport>> {

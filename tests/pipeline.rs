@@ -1459,3 +1459,52 @@ fn rollback_in_a_review_environment_stays_on_its_branch() {
     assert_eq!(page("feature-a"), "feature/a 1\n");
     assert_eq!(page("feature-b"), "feature/b 3\n");
 }
+
+/// Two branches with one slug would share a review app: the second one's deploy and stop are
+/// refused while the first is there, and go ahead once it is stopped.
+#[test]
+fn branches_with_one_slug_do_not_share_a_review_app() {
+    let host = Sshd::start();
+    let dir = TempDir::new("slugclash");
+    let root = open_root(&dir);
+    let steps = format!(
+        "      - sync: {{ from: \"{}\", to: site }}\n",
+        dir.join("dist").display()
+    );
+    let on_stop = "    on_stop:\n      - run: { command: [\"rm\", \"-rf\", \"${root}\"] }\n";
+    let p = pb(
+        &dir,
+        &[host.address()],
+        &format!("{root}/${{ref_slug}}"),
+        &steps,
+        on_stop,
+    );
+    let page = || std::fs::read_to_string(Path::new(&root).join("feature-a/site/index.html"));
+    let run = |r: &str, what: &[&str]| {
+        dir.write("dist/index.html", format!("{r}\n"));
+        ci(&[&host], r, &format!("{:040}", 1), "601")
+            .args(what)
+            .arg(&p)
+            .args(["--env", "test"])
+            .run()
+    };
+    run("feature/a", &["deploy"]).success();
+    for what in [&["deploy"][..], &["deploy", "--plan"], &["stop"]] {
+        let refused = run("feature-a", what).failure(1);
+        assert!(
+            refused
+                .all()
+                .contains("feature-a and feature/a have the same slug `feature-a`")
+                && refused
+                    .all()
+                    .contains("ferry stop --env test --ref feature/a"),
+            "{what:?}: {}",
+            refused.all()
+        );
+        assert_eq!(page().unwrap(), "feature/a\n", "{what:?}");
+    }
+    run("feature/a", &["stop"]).success();
+    assert!(page().is_err());
+    run("feature-a", &["deploy"]).success();
+    assert_eq!(page().unwrap(), "feature-a\n");
+}
