@@ -483,6 +483,10 @@ pub struct ContainerSpec {
     pub memory: Option<String>,
     pub cpus: Option<String>,
     pub health: Option<HealthCheck>,
+    /// Take over a container of this name that ferry did not start for this app and environment
+    /// (it is kept as `NAME.ferry-prev`, as ferry's own would be).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub adopt: bool,
     /// Per-host overrides, keyed by host name. Only the fields given replace the base spec's.
     #[serde(default)]
     pub hosts: BTreeMap<String, serde_json::Value>,

@@ -395,6 +395,56 @@ fn a_failed_container_logs_its_secrets_masked() {
     assert!(!ledger.contains(&secret), "secret in the ledger: {ledger}");
 }
 
+/// A container of the step's name that ferry did not start (run by hand, or another app's) is
+/// not replaced, not even in a plan, until the step says `adopt: true`.
+#[test]
+fn a_container_ferry_did_not_start_is_adopted_only_when_asked() {
+    engine();
+    let host = Sshd::start();
+    let prefix = unique("foreign");
+    let _cleanup = Cleanup(vec![prefix.clone()]);
+    let image = pushed_image(&prefix, "foreign", "v1", true);
+    let name = format!("{prefix}-web");
+    docker(&["run", "-d", "--name", &name, &image]);
+    let hand = container_id(&name);
+    let dir = TempDir::new("dforeign");
+    let step = |adopt: &str| {
+        format!("      - container: {{ name: \"{name}\", image: \"{image}\"{adopt} }}\n")
+    };
+    let refused_pb = pb(&dir, &[("web1", &host)], "", &step(""));
+    for plan in [true, false] {
+        let mut ferry = Ferry::new()
+            .trusting(&[&host])
+            .arg("deploy")
+            .arg(&refused_pb)
+            .args(["--env", "test", "--ref", "main", "--sha", "aaaa"]);
+        if plan {
+            ferry = ferry.arg("--plan");
+        }
+        let run = ferry.run().failure(1);
+        assert!(
+            run.all().contains(&format!(
+                "a container named {name} exists that ferry did not start"
+            )) && run.all().contains("adopt: true"),
+            "{}",
+            run.all()
+        );
+        assert_eq!(container_id(&name), hand);
+        assert_eq!(container_state(&name), "running");
+    }
+    let adopting = pb(&dir, &[("web1", &host)], "", &step(", adopt: true"));
+    let run = deploy(&[&host], &adopting, "aaaa").success();
+    assert!(
+        run.all().contains(&format!("replaced {name}")),
+        "{}",
+        run.all()
+    );
+    assert_ne!(container_id(&name), hand);
+    assert_eq!(container_id(&format!("{name}.ferry-prev")), hand);
+    // Adopted, it is ferry's: the step without `adopt` goes on with it.
+    deploy(&[&host], &refused_pb, "bbbb").success();
+}
+
 /// A build whose step fails is reported with docker's words, and leaves no container behind.
 #[test]
 fn failed_build_leaves_no_container() {

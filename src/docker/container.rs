@@ -73,6 +73,28 @@ async fn ensure_image(
     }
 }
 
+/// Refuse to replace a container that ferry did not start for this app and environment (one run
+/// by hand or by another tool, another app's): `adopt: true` takes it over.
+fn not_ours(ctx: &StepCtx<'_>, name: &str, c: &ContainerState) -> anyhow::Result<()> {
+    let label = |k: &str| c.labels.get(k).map(String::as_str);
+    let whose = match (label("ferry.app"), label("ferry.env")) {
+        (Some(app), Some(env)) if app == ctx.app && env == ctx.env => return Ok(()),
+        (Some(app), env) => format!(
+            "that ferry started for app {} (environment {})",
+            crate::shell::quote_str(app),
+            crate::shell::quote_str(env.unwrap_or("?"))
+        ),
+        (None, _) => "that ferry did not start (it has no ferry.app label)".to_string(),
+    };
+    bail!(
+        "{}: a container named {name} exists {whose}; ferry will not replace it unless told to. \
+         Set `adopt: true` on this step to take it over (it is stopped and kept as \
+         {prev}, for a rollback), or give the step another name",
+        ctx.host.name(),
+        prev = prev_name(name)
+    )
+}
+
 fn ferry_labels(ctx: &StepCtx<'_>, hash: &str) -> BTreeMap<String, String> {
     [
         ("ferry.app", ctx.app),
@@ -220,6 +242,11 @@ pub(crate) async fn run(
         recover_aside(engine, &name, policy(&r), &mut log).await?;
     }
     let current = engine.container(&name).await?;
+    if let Some(c) = &current
+        && !r.spec.adopt
+    {
+        not_ours(ctx, &name, c)?;
+    }
     let image_id = if ctx.plan {
         engine.image_id(&image).await?
     } else {

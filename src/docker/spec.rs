@@ -279,9 +279,11 @@ impl Resolved {
     }
 
     fn digest(&self, secrets: bool) -> String {
-        // How ferry probes health is not part of the container: changing it re-creates nothing.
+        // How ferry probes health, or whether it may take a container over, is not part of the
+        // container: changing it re-creates nothing.
         let shaping = ContainerSpec {
             health: None,
+            adopt: false,
             ..self.spec.clone()
         };
         let mut h = blake3::Hasher::new();
