@@ -532,7 +532,7 @@ async fn run_host(
     // with that deploy's ref, commit and release. (A plan reads it too, so that it shows the
     // rollback that would run.)
     let target = match action {
-        Action::Rollback(to, _) => rollback_target(ctx, to.as_deref()).await,
+        Action::Rollback(to, _) => rollback_target(ctx, to.as_deref(), per_branch).await,
         _ if per_branch => slug_shared(ctx, action).await.map(|()| None),
         _ => Ok(None),
     };
@@ -931,12 +931,14 @@ fn live_releases(reports: &[StepReport]) -> (BTreeMap<String, String>, Option<St
     (by_path, last)
 }
 
-/// The ledger's choice of what to roll back to on this host. In an environment whose root depends
-/// on the ref (a review app per branch), every branch writes to one ledger: only this ref's
-/// records count.
-async fn rollback_target(ctx: &StepCtx<'_>, to: Option<&str>) -> anyhow::Result<Option<Record>> {
-    let per_branch =
-        ctx.host.root.trim_end_matches('/') != ctx.host.state_base.trim_end_matches('/');
+/// The ledger's choice of what to roll back to on this host. In an environment whose root, sync
+/// targets or container names depend on the ref (a review app per branch), every branch writes to
+/// one ledger: only this ref's records count.
+async fn rollback_target(
+    ctx: &StepCtx<'_>,
+    to: Option<&str>,
+    per_branch: bool,
+) -> anyhow::Result<Option<Record>> {
     let records: Vec<Record> = ledger::read(ctx.host, ctx.session)
         .await?
         .into_iter()

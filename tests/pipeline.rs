@@ -1423,41 +1423,51 @@ fn a_run_command_does_not_inherit_ignored_signals() {
 #[test]
 fn rollback_in_a_review_environment_stays_on_its_branch() {
     let host = Sshd::start();
-    let dir = TempDir::new("reviewrb");
-    let root = open_root(&dir);
-    let steps = format!(
-        "      - sync: {{ from: \"{}\", to: site }}\n",
-        dir.join("dist").display()
-    );
-    let p = pb(
-        &dir,
-        &[host.address()],
-        &format!("{root}/${{ref_slug}}"),
-        &steps,
-        "",
-    );
-    let deploy = |r: &str, n: u32| {
-        dir.write("dist/index.html", format!("{r} {n}\n"));
-        ci(&[&host], r, &format!("{n:040}"), &format!("50{n}"))
-            .arg("deploy")
+    // The root per branch, or (as the README's recipe) one root and a sync target per branch.
+    for per_branch_root in [true, false] {
+        let dir = TempDir::new("reviewrb");
+        let root = open_root(&dir);
+        let (env_root, to) = if per_branch_root {
+            (format!("{root}/${{ref_slug}}"), "site")
+        } else {
+            (root.clone(), "${ref_slug}/site")
+        };
+        let steps = format!(
+            "      - sync: {{ from: \"{}\", to: \"{to}\" }}\n",
+            dir.join("dist").display()
+        );
+        let p = pb(&dir, &[host.address()], &env_root, &steps, "");
+        let deploy = |r: &str, n: u32| {
+            dir.write("dist/index.html", format!("{r} {n}\n"));
+            ci(&[&host], r, &format!("{n:040}"), &format!("50{n}"))
+                .arg("deploy")
+                .arg(&p)
+                .run()
+                .success();
+        };
+        deploy("feature/a", 1);
+        deploy("feature/a", 2);
+        deploy("feature/b", 3);
+        ci(&[&host], "feature/a", &format!("{:040}", 2), "509")
+            .arg("rollback")
             .arg(&p)
+            .args(["--env", "test"])
             .run()
             .success();
-    };
-    deploy("feature/a", 1);
-    deploy("feature/a", 2);
-    deploy("feature/b", 3);
-    ci(&[&host], "feature/a", &format!("{:040}", 2), "509")
-        .arg("rollback")
-        .arg(&p)
-        .args(["--env", "test"])
-        .run()
-        .success();
-    let page = |slug: &str| {
-        std::fs::read_to_string(Path::new(&root).join(slug).join("site/index.html")).unwrap()
-    };
-    assert_eq!(page("feature-a"), "feature/a 1\n");
-    assert_eq!(page("feature-b"), "feature/b 3\n");
+        let page = |slug: &str| {
+            std::fs::read_to_string(Path::new(&root).join(slug).join("site/index.html")).unwrap()
+        };
+        assert_eq!(
+            page("feature-a"),
+            "feature/a 1\n",
+            "root per branch: {per_branch_root}"
+        );
+        assert_eq!(
+            page("feature-b"),
+            "feature/b 3\n",
+            "root per branch: {per_branch_root}"
+        );
+    }
 }
 
 /// Two branches with one slug would share a review app: the second one's deploy and stop are
