@@ -171,17 +171,22 @@ pub fn resolve(
             Ok(vars)
         };
         let mut vars = layered(base_vars)?;
+        let ssh_user = match &ssh.user {
+            Some(u) => Some(template::expand(u, &vars).context("ssh.user")?),
+            None => None,
+        };
+        let user = match (&entry.user, address.user) {
+            (Some(u), _) => template::expand(u, &vars)
+                .with_context(|| format!("environment `{env_name}`: host `{name}`: user"))?,
+            (None, Some(u)) => u,
+            (None, None) => ssh_user.clone().unwrap_or_else(default_user),
+        };
         let target = Target {
             name: name.clone(),
-            user: entry
-                .user
-                .clone()
-                .or(address.user)
-                .or_else(|| ssh.user.clone())
-                .unwrap_or_else(default_user),
+            user,
             host: address.host,
             port: entry.port.or(address.port).or(ssh.port).unwrap_or(22),
-            jump: jump_target(&ssh)?,
+            jump: jump_target(&ssh, ssh_user, &vars)?,
         };
         let root_t = env
             .root
@@ -254,20 +259,23 @@ fn docker_argv(host: &DockerSettings, env: &Environment) -> Vec<String> {
     host.merged(&env.docker).argv()
 }
 
-fn jump_target(ssh: &SshSettings) -> anyhow::Result<Option<Box<Target>>> {
+/// The bastion of `ssh.proxy_jump`, expanded with the host's `vars`; its user defaults to `user`
+/// (the expanded `ssh.user`).
+fn jump_target(
+    ssh: &SshSettings,
+    user: Option<String>,
+    vars: &Vars,
+) -> anyhow::Result<Option<Box<Target>>> {
     let Some(spec) = &ssh.proxy_jump else {
         return Ok(None);
     };
-    let spec = &template::expand(spec, &Vars::new()).context("proxy_jump")?;
+    let spec = &template::expand(spec, vars).context("proxy_jump")?;
     let a = playbook::parse_address(spec)
         .map_err(anyhow::Error::msg)
         .context("proxy_jump")?;
     Ok(Some(Box::new(Target {
         name: spec.clone(),
-        user: a
-            .user
-            .or_else(|| ssh.user.clone())
-            .unwrap_or_else(default_user),
+        user: a.user.or(user).unwrap_or_else(default_user),
         host: a.host,
         port: a.port.unwrap_or(22),
         jump: None,
@@ -326,5 +334,31 @@ mod tests {
             ("jump", "bastion", 2022)
         );
         assert_eq!(hosts[0].docker, vec!["docker"]);
+    }
+
+    #[test]
+    fn ssh_user_and_bastion_are_templates() {
+        let pb = playbook::parse(
+            "app: shop\nvars: { who: deployer, gate: bastion.example.com }\nssh: { user: '${who}', proxy_jump: '${gate}:2022' }\nenvironments:\n  prod:\n    hosts:\n      - web1\n      - { host: web2, user: '${who}-2', vars: { who: ops } }\n",
+            Path::new("pb.yml"),
+        )
+        .unwrap();
+        let (_, hosts) = resolve(&pb, "prod", &Vars::new(), &Overrides::default()).unwrap();
+        assert_eq!(hosts[0].target.user, "deployer");
+        assert_eq!(hosts[1].target.user, "ops-2");
+        let jump = hosts[1].target.jump.as_ref().unwrap();
+        assert_eq!(
+            (jump.user.as_str(), jump.host.as_str(), jump.port),
+            ("ops", "bastion.example.com", 2022)
+        );
+        let named = playbook::parse(
+            "app: shop\nenvironments:\n  prod:\n    hosts:\n      - { host: web1, name: 'web-${env}' }\n",
+            Path::new("pb.yml"),
+        );
+        let e = format!("{:#}", named.expect_err("refused"));
+        assert!(
+            e.contains("pb.yml:5:") && e.contains("used as written"),
+            "{e}"
+        );
     }
 }

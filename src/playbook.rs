@@ -1111,6 +1111,17 @@ fn validate(pb: &Playbook) -> Result<(), Invalid> {
                     ),
                 );
             }
+            // (The name keys per-host overrides and `--limit`, so it is used as written.)
+            if h.name.as_deref().is_some_and(|n| n.contains("${")) {
+                return fail(
+                    here(&[key("hosts"), Seg::Index(i), key("name")]),
+                    format!(
+                        "host name `{}`: a name is used as written (it keys per-host overrides and \
+                         --limit), not as a template; write it out",
+                        h.label()
+                    ),
+                );
+            }
             if !seen.insert(h.label()) {
                 return fail(
                     here(&[key("hosts"), Seg::Index(i)]),
