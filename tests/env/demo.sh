@@ -12,6 +12,8 @@ export FERRY_HOSTS_DIR=${FERRY_HOSTS_DIR:-/tmp/ferry-demo}
 if [ "${1:-}" = stop ]; then stop_hosts; exit 0; fi
 
 bash tests/env/install.sh
+# (Rust from rustup, if install.sh just put it there.)
+if [ -f "$HOME/.cargo/env" ]; then . "$HOME/.cargo/env"; fi
 cargo build --release --locked 2>&1 | tail -n 1
 ferry=$repo/target/release/ferry
 section() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
