@@ -19,17 +19,17 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 mkdir -p /run/sshd
 
-# Rust to build ferry: edition 2024 and let-chains need rustc 1.88 or later, newer than Debian 12's
+# Rust to build ferry: edition 2024 and let-chains need rustc 1.89 or later, newer than Debian 12's
 # own rustc, so it comes from rustup (into ~/.cargo) when no such cargo is there.
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 rust_ok() {
   local v
   v=$(rustc --version 2>/dev/null | awk '{print $2}') || return 1
-  [ -n "$v" ] && [ "$(printf '%s\n1.88.0\n' "$v" | sort -V | head -n 1)" = 1.88.0 ] && command -v cargo >/dev/null
+  [ -n "$v" ] && [ "$(printf '%s\n1.89.0\n' "$v" | sort -V | head -n 1)" = 1.89.0 ] && command -v cargo >/dev/null
 }
 if ! rust_ok; then
-  echo "installing Rust with rustup (ferry needs rustc 1.88 or later)" >&2
+  echo "installing Rust with rustup (ferry needs rustc 1.89 or later)" >&2
   curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal >/dev/null
   . "$HOME/.cargo/env"
-  rust_ok || { echo "install.sh: rustc 1.88 or later is needed to build ferry" >&2; exit 1; }
+  rust_ok || { echo "install.sh: rustc 1.89 or later is needed to build ferry" >&2; exit 1; }
 fi
