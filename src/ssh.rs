@@ -1,8 +1,9 @@
 //! SSH transport: one verified, authenticated connection per host, and remote commands on it.
 //!
-//! This is the only module that talks to russh. Everything above it sees [`Session`]: run an argv (each
-//! argument shell-quoted), a script, or open a process whose stdin is streamed. Channels share one
-//! connection and are capped below OpenSSH's `MaxSessions`.
+//! This is the only module that opens connections (`keys` and `known_hosts` use russh's key
+//! types). Everything above it sees [`Session`]: run an argv (each argument shell-quoted), a
+//! script, or open a process whose stdin is streamed. Channels share one connection and are capped
+//! below OpenSSH's `MaxSessions`.
 
 use std::ffi::OsStr;
 use std::sync::{Arc, Mutex};

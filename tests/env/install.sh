@@ -19,8 +19,8 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 mkdir -p /run/sshd
 
-# Rust to build ferry: edition 2024 and let-chains need rustc 1.89 or later, newer than Debian 12's
-# own rustc, so it comes from rustup (into ~/.cargo) when no such cargo is there.
+# Rust to build ferry: its dependencies (russh, serde-saphyr) need rustc 1.89 or later, newer than
+# Debian 12's own, so it comes from rustup (into ~/.cargo) when no such cargo is there.
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
 rust_ok() {
   local v
