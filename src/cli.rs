@@ -400,7 +400,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 .await;
                 let rows = check::rows(&s.hosts, outcomes);
                 if !s.style.json {
-                    print!(
+                    crate::out!(
                         "{}",
                         if target.env.is_none() {
                             format!("[{env}]\n")
@@ -408,7 +408,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                             String::new()
                         }
                     );
-                    print!("{}", check::render(&rows));
+                    crate::out!("{}", check::render(&rows));
                 }
                 all.extend(rows.into_iter().map(|r| (env.clone(), r)));
             }
@@ -421,7 +421,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                         v
                     })
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                crate::outln!("{}", serde_json::to_string_pretty(&v)?);
             }
             Ok(if all.iter().all(|(_, r)| r.error.is_none()) {
                 0
@@ -452,7 +452,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                         }
                         let line = String::from_utf8_lossy(line);
                         match stream {
-                            Stream::Stdout => println!("{name} | {line}"),
+                            Stream::Stdout => crate::outln!("{name} | {line}"),
                             Stream::Stderr => eprintln!("{name} ! {line}"),
                         }
                     };
@@ -503,7 +503,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 ]);
             }
             if json {
-                println!("{}", serde_json::to_string_pretty(&json_out)?);
+                crate::outln!("{}", serde_json::to_string_pretty(&json_out)?);
             } else {
                 eprint!(
                     "\n{}",

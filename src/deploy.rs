@@ -355,10 +355,10 @@ fn setups(
 /// A ref with nothing to do exits 0 with one line (an empty host list with `--json`).
 fn nothing_to_do(g: &Global, what: &str, ref_name: &str) {
     if g.json {
-        println!("[]");
+        crate::outln!("[]");
         eprintln!("{what} {}", shell::quote_str(ref_name));
     } else {
-        println!("{what} {}", shell::quote_str(ref_name));
+        crate::outln!("{what} {}", shell::quote_str(ref_name));
     }
 }
 
@@ -1140,7 +1140,7 @@ async fn run_command(ctx: &StepCtx<'_>, step: &RunStep) -> anyhow::Result<StepRe
 /// Print the per-host summary and choose the exit code.
 fn finish(g: &Global, reports: &[HostReport]) -> anyhow::Result<i32> {
     if g.json {
-        println!("{}", serde_json::to_string_pretty(reports)?);
+        crate::outln!("{}", serde_json::to_string_pretty(reports)?);
     } else {
         let rows: Vec<Vec<String>> = reports
             .iter()
@@ -1158,7 +1158,7 @@ fn finish(g: &Global, reports: &[HostReport]) -> anyhow::Result<i32> {
                 ]
             })
             .collect();
-        print!(
+        crate::out!(
             "{}",
             report::table(
                 &[

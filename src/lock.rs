@@ -638,9 +638,9 @@ pub async fn cli_status(g: &Global, target: &Target) -> anyhow::Result<i32> {
         }
     }
     if g.json {
-        println!("{}", serde_json::to_string_pretty(&json)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&json)?);
     } else {
-        print!(
+        crate::out!(
             "{}",
             report::table(&["HOST", "LOCK", "HOLDER", "LEASE", "PATH"], &rows)
         );
@@ -701,21 +701,21 @@ pub async fn cli_unlock(g: &Global, target: &Target, force: bool) -> anyhow::Res
         match o.result {
             Ok(msg) => {
                 if !g.json {
-                    println!("{}: {msg}", o.host);
+                    crate::outln!("{}: {msg}", o.host);
                 }
                 json.push(serde_json::json!({"host": o.host, "result": msg}));
             }
             Err(e) => {
                 ok = false;
                 if !g.json {
-                    println!("{}: NOT removed: {e:#}", o.host);
+                    crate::outln!("{}: NOT removed: {e:#}", o.host);
                 }
                 json.push(serde_json::json!({"host": o.host, "error": format!("{e:#}")}));
             }
         }
     }
     if g.json {
-        println!("{}", serde_json::to_string_pretty(&json)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&json)?);
     }
     Ok(if ok { 0 } else { 1 })
 }

@@ -117,6 +117,28 @@ impl Drop for Section {
     }
 }
 
+/// `print!` for results on stdout. A reader that went away (`ferry status | head -3`) is not an
+/// error: the rest is dropped and the command's exit code stands.
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::report::write_out(&format!($($arg)*)) };
+}
+
+/// [`out!`] with a newline.
+#[macro_export]
+macro_rules! outln {
+    ($($arg:tt)*) => { $crate::report::write_out(&format!("{}\n", format_args!($($arg)*))) };
+}
+
+pub fn write_out(text: &str) {
+    let mut o = std::io::stdout().lock();
+    if let Err(e) = o.write_all(text.as_bytes()).and_then(|()| o.flush())
+        && e.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        eprintln!("ferry: cannot write the results to stdout: {e}");
+    }
+}
+
 fn flush() {
     let _ = std::io::stdout().flush();
     let _ = std::io::stderr().flush();

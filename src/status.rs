@@ -456,9 +456,9 @@ pub async fn cli_status(
         statuses.push(st);
     }
     if g.json {
-        println!("{}", serde_json::to_string_pretty(&statuses)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&statuses)?);
     } else {
-        print!("{}", render(&statuses));
+        crate::out!("{}", render(&statuses));
     }
     Ok(if readable { 0 } else { 1 })
 }
@@ -582,7 +582,7 @@ pub async fn cli_history(
     let mut records: Vec<Record> = records.into_iter().map(|(_, r)| r).collect();
     records.truncate(n);
     if g.json {
-        println!("{}", serde_json::to_string_pretty(&records)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&records)?);
     } else {
         let rows: Vec<Vec<String>> = records
             .iter()
@@ -602,7 +602,7 @@ pub async fn cli_history(
                 ]
             })
             .collect();
-        print!(
+        crate::out!(
             "{}",
             report::table(
                 &[

@@ -1518,3 +1518,38 @@ fn branches_with_one_slug_do_not_share_a_review_app() {
     run("feature-a", &["deploy"]).success();
     assert_eq!(page().unwrap(), "feature-a\n");
 }
+
+/// A reader that goes away (`ferry status | head -1`) is no error: ferry exits as it would have,
+/// without a panic on the broken pipe.
+#[test]
+fn results_into_a_closed_pipe_are_no_error() {
+    let host = Sshd::start();
+    let dir = TempDir::new("epipe");
+    let root = open_root(&dir);
+    dir.write("dist/index.html", "hello\n");
+    let steps = format!(
+        "      - sync: {{ from: \"{}\", to: site }}\n",
+        dir.join("dist").display()
+    );
+    let p = pb(&dir, &[host.address()], &root, &steps, "");
+    ci(&[&host], "release-1", &format!("{:040}", 1), "1")
+        .arg("deploy")
+        .arg(&p)
+        .run()
+        .success();
+    for what in [
+        &["status", "--json"][..],
+        &["history"],
+        &["deploy", "--plan"],
+    ] {
+        let (mut child, _home) = ci(&[&host], "release-1", &format!("{:040}", 1), "2")
+            .args(what)
+            .arg(&p)
+            .spawn();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{what:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{what:?}: {stderr}");
+    }
+}
