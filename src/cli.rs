@@ -453,7 +453,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                         let line = String::from_utf8_lossy(line);
                         match stream {
                             Stream::Stdout => crate::outln!("{name} | {line}"),
-                            Stream::Stderr => eprintln!("{name} ! {line}"),
+                            Stream::Stderr => crate::errln!("{name} ! {line}"),
                         }
                     };
                     // (Watched: past its timeout, or with ferry stopped, the command is stopped.)
@@ -505,9 +505,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             if json {
                 crate::outln!("{}", serde_json::to_string_pretty(&json_out)?);
             } else {
-                eprint!(
+                crate::errln!(
                     "\n{}",
-                    report::table(&["HOST", "EXIT", "TIME", "ERROR"], &rows)
+                    report::table(&["HOST", "EXIT", "TIME", "ERROR"], &rows).trim_end()
                 );
             }
             Ok(if ok { 0 } else { 1 })

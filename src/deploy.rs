@@ -356,7 +356,7 @@ fn setups(
 fn nothing_to_do(g: &Global, what: &str, ref_name: &str) {
     if g.json {
         crate::outln!("[]");
-        eprintln!("{what} {}", shell::quote_str(ref_name));
+        crate::errln!("{what} {}", shell::quote_str(ref_name));
     } else {
         crate::outln!("{what} {}", shell::quote_str(ref_name));
     }
@@ -487,7 +487,7 @@ fn watch_interrupts() -> (tokio::task::JoinHandle<()>, watch::Receiver<bool>) {
             _ = int.recv() => {}
             _ = term.recv() => {}
         }
-        eprintln!(
+        crate::errln!(
             "interrupted: stopping the steps (a container switch, or a sync whose stream is all sent, finishes first; containers this run replaced and then its files are switched back, unless that was the last step), recording the attempt and releasing locks (again to quit at once)"
         );
         let _ = tx.send(true);

@@ -266,7 +266,7 @@ fn job_has_environment() -> bool {
 }
 
 fn warn(msg: &str) {
-    eprintln!("warning: {msg} (the deploy itself is not affected)");
+    crate::errln!("warning: {msg} (the deploy itself is not affected)");
     tracing::debug!("{msg}");
 }
 

@@ -7,7 +7,7 @@ fn main() {
     let code = match runtime.block_on(ferry::cli::run(cli)) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            ferry::errln!("error: {err:#}");
             ferry::cli::exit_code(&err)
         }
     };

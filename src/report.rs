@@ -59,9 +59,9 @@ impl Section {
             })
             .collect();
         if style.gitlab {
-            eprintln!("{header} ...");
+            crate::errln!("{header} ...");
         } else if !style.json {
-            eprintln!("==> {header}");
+            crate::errln!("==> {header}");
         }
         Section {
             name,
@@ -130,12 +130,22 @@ macro_rules! outln {
     ($($arg:tt)*) => { $crate::report::write_out(&format!("{}\n", format_args!($($arg)*))) };
 }
 
+/// `eprintln!` for progress and notices on stderr, which never panics: a closed stderr
+/// (`ferry deploy 2>&1 | head`) must not stop a deploy half-way.
+#[macro_export]
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 pub fn write_out(text: &str) {
     let mut o = std::io::stdout().lock();
     if let Err(e) = o.write_all(text.as_bytes()).and_then(|()| o.flush())
         && e.kind() != std::io::ErrorKind::BrokenPipe
     {
-        eprintln!("ferry: cannot write the results to stdout: {e}");
+        crate::errln!("ferry: cannot write the results to stdout: {e}");
     }
 }
 
@@ -312,7 +322,7 @@ impl Progress {
             Some(m) => {
                 let _ = m.println(line);
             }
-            None => eprintln!("{line}"),
+            None => crate::errln!("{line}"),
         }
     }
 }
@@ -326,7 +336,7 @@ impl HostProgress {
             let mut last = self.last_line.lock().unwrap();
             if last.elapsed() >= Duration::from_secs(5) {
                 *last = Instant::now();
-                eprintln!(
+                crate::errln!(
                     "{}: {} / {}",
                     self.host,
                     human_bytes(done),

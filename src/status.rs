@@ -614,7 +614,7 @@ pub async fn cli_history(
         );
     }
     for e in &errors {
-        eprintln!("warning: cannot read the ledger of {e}");
+        crate::errln!("warning: cannot read the ledger of {e}");
     }
     Ok(if errors.is_empty() { 0 } else { 1 })
 }

@@ -1552,4 +1552,16 @@ fn results_into_a_closed_pipe_are_no_error() {
         assert_eq!(out.status.code(), Some(0), "{what:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{what:?}: {stderr}");
     }
+    // `2>&1 | head`: a deploy whose stdout and stderr both close goes on to the end.
+    dir.write("dist/index.html", "hello again\n");
+    let (mut child, _home) = ci(&[&host], "release-1", &format!("{:040}", 2), "3")
+        .arg("deploy")
+        .arg(&p)
+        .spawn();
+    drop((child.stdout.take(), child.stderr.take()));
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert_eq!(
+        std::fs::read_to_string(Path::new(&root).join("site/index.html")).unwrap(),
+        "hello again\n"
+    );
 }
