@@ -488,7 +488,7 @@ fn watch_interrupts() -> (tokio::task::JoinHandle<()>, watch::Receiver<bool>) {
             _ = term.recv() => {}
         }
         crate::errln!(
-            "interrupted: stopping the steps (a container switch, or a sync whose stream is all sent, finishes first; containers this run replaced and then its files are switched back, unless that was the last step), recording the attempt and releasing locks (again to quit at once)"
+            "interrupted: stopping the steps (a sync whose stream is all sent finishes first; a container waiting for its health check is put back; containers this run replaced and then its files are switched back, unless that was the last step), recording the attempt and releasing locks (again to quit at once)"
         );
         let _ = tx.send(true);
         tokio::select! {

@@ -1301,3 +1301,64 @@ fn ctrl_c_during_a_pull_stops_the_container_step() {
     assert!(!docker_try(&["container", "inspect", &prefix]).0);
     drop(silent);
 }
+
+/// A cancelled job (SIGTERM; GitLab sends SIGKILL seconds later) while the new container's health
+/// check waits: the old container is back at once, not after the check's timeout.
+#[test]
+fn sigterm_during_a_health_wait_puts_the_old_container_back() {
+    engine();
+    let host = Sshd::start();
+    let prefix = unique("healthint");
+    let _cleanup = Cleanup(vec![prefix.clone()]);
+    let port = free_port();
+    let good = pushed_image(&prefix, "good", "v1", true);
+    let bad = pushed_image(&prefix, "bad", "v2", false);
+    let dir = TempDir::new("healthint");
+    let steps = |image: &str| {
+        format!(
+            "      - container:\n          name: \"{prefix}\"\n          image: \"{image}\"\n          \
+             ports: [\"127.0.0.1:{port}:8080\"]\n          \
+             health: {{ type: http, url: \"http://127.0.0.1:{port}/health\", timeout: 60s, interval: 200ms }}\n"
+        )
+    };
+    let first = pb(&dir, &[("web1", &host)], "", &steps(&good));
+    deploy(&[&host], &first, "aaaa").success();
+    let old = container_id(&prefix);
+    let second = pb(&dir, &[("web1", &host)], "", &steps(&bad));
+    let (child, _home) = Ferry::new()
+        .trusting(&[&host])
+        .arg("deploy")
+        .arg(&second)
+        .args(["--env", "test", "--ref", "main", "--sha", "bbbb"])
+        .spawn();
+    // The switch has begun once the old container is moved aside.
+    let aside = format!("{prefix}.ferry-aside");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !docker_try(&["container", "inspect", &aside]).0 {
+        assert!(std::time::Instant::now() < deadline, "no switch began");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let sent = std::time::Instant::now();
+    let st = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        sent.elapsed() < std::time::Duration::from_secs(10),
+        "took {:?}: {stderr}",
+        sent.elapsed()
+    );
+    assert!(
+        stderr.contains("interrupted (SIGINT/SIGTERM) while waiting for it to be healthy"),
+        "{stderr}"
+    );
+    assert_eq!(container_id(&prefix), old);
+    assert_eq!(container_state(&prefix), "running");
+    assert_eq!(http_get(port, "/version").as_deref(), Some("v1\n"));
+    assert!(!docker_try(&["container", "inspect", &aside]).0);
+}

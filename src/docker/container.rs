@@ -411,7 +411,14 @@ async fn replace(
         }
         created?;
         engine.start(name).await?;
-        Ok(health::wait(engine, name, r.spec.health.as_ref()).await?)
+        // A cancelled job (SIGTERM, then SIGKILL seconds later) does not wait out the health
+        // check: the new container goes and the old one comes back, as for a failed check.
+        tokio::select! {
+            how = health::wait(engine, name, r.spec.health.as_ref()) => Ok(how?),
+            _ = crate::deploy::interrupted(&ctx.stop) => Err(anyhow::anyhow!(
+                "interrupted (SIGINT/SIGTERM) while waiting for it to be healthy"
+            )),
+        }
     }
     .await;
     match outcome {
