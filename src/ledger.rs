@@ -209,13 +209,15 @@ pub fn rollback_target<'a>(
         return Err("no successful deploy in the ledger to roll back from".into());
     };
     let live = &records[at];
+    // (Records that left the host as it is now, as a retried job does, are no step back.)
+    let other = |r: &&Record| r.release != live.release && !same_state(r, live);
     if live.action == "deploy" {
         // Undo that deploy: back to what was live before it (a deploy, or a rollback's target).
         return records[..at]
             .iter()
             .rev()
             .filter(good)
-            .find(|r| r.release != live.release)
+            .find(other)
             .map(Some)
             .ok_or_else(|| {
                 format!(
@@ -232,7 +234,7 @@ pub fn rollback_target<'a>(
     deploys[..made]
         .iter()
         .rev()
-        .find(|r| r.release != live.release)
+        .find(|r| other(r))
         .copied()
         .map(Some)
         .ok_or_else(|| {
@@ -241,6 +243,12 @@ pub fn rollback_target<'a>(
                 live.release
             )
         })
+}
+
+/// Whether two good records left the host in one state: the same commit and the same files
+/// releases (a retried job; a redeploy that changed nothing).
+fn same_state(a: &Record, b: &Record) -> bool {
+    a.sha == b.sha && a.files_release == b.files_release && a.files_releases == b.files_releases
 }
 
 fn known(deploys: &[&Record]) -> String {
@@ -415,6 +423,16 @@ mod tests {
         rs.push(record("s", "h", "release-4", "dd", true, 6));
         assert_eq!(rollback_target(&rs, None).unwrap().unwrap().started_at, 5);
         rs.pop();
+        // A retried job (the same commit and files) is no step back: the rollback goes past it.
+        let mut retried = record("s", "h", "release-4", "dd", true, 7);
+        let mut again = retried.clone();
+        retried.files_release = Some("files-4".into());
+        again.files_release = Some("files-4".into());
+        again.release = "2026-8".into();
+        again.started_at = 8;
+        rs.extend([retried, again]);
+        assert_eq!(rollback_target(&rs, None).unwrap().unwrap().started_at, 5);
+        rs.truncate(rs.len() - 2);
         // Deploys that left the files alone share a files release; --to may name either id.
         for r in rs.iter_mut() {
             r.files_release = Some("files-1".into());

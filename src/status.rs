@@ -117,9 +117,21 @@ pub fn summarize(env: &str, per_branch: bool, hosts: &[HostView]) -> EnvStatus {
             } else if per_branch {
                 (true, "live".to_string())
             } else {
-                // The live reading names the ref when it can; the ledger says otherwise.
-                let live_ref = live_read
-                    .and_then(|l| l.ref_name.clone())
+                // The live reading names the ref that made the live files; the host's last good
+                // record wins when it left those files live (a deploy of the same build by
+                // another ref keeps them). The ledger alone when nothing is read.
+                let kept_by_last = last_good.filter(|g| {
+                    live_read.is_some_and(|l| {
+                        l.release.as_ref().is_some_and(|lr| {
+                            g.release == *lr
+                                || g.files_release.as_ref() == Some(lr)
+                                || g.files_releases.values().any(|f| f == lr)
+                        })
+                    })
+                });
+                let live_ref = kept_by_last
+                    .map(|g| g.ref_name.clone())
+                    .or_else(|| live_read.and_then(|l| l.ref_name.clone()))
                     .or_else(|| last_good.map(|g| g.ref_name.clone()));
                 match live_ref {
                     Some(lr) if lr == r => (true, "live".to_string()),

@@ -1565,3 +1565,63 @@ fn results_into_a_closed_pipe_are_no_error() {
         "hello again\n"
     );
 }
+
+/// A retried job (the same commit, nothing changed) is no step back: a rollback after it goes to
+/// the commit before, and `status` names the ref that deployed last.
+#[test]
+fn rollback_after_a_retried_job_goes_to_the_commit_before() {
+    let host = Sshd::start();
+    let dir = TempDir::new("retried");
+    let root = open_root(&dir);
+    let steps = format!(
+        "      - sync: {{ from: \"{}\", to: site }}\n",
+        dir.join("dist").display()
+    );
+    let p = pb(&dir, &[host.address()], &root, &steps, "");
+    let deploy = |r: &str, n: u32, pipeline: &str| {
+        dir.write("dist/index.html", format!("build {n}\n"));
+        ci(&[&host], r, &format!("{n:040}"), pipeline)
+            .arg("deploy")
+            .arg(&p)
+            .run()
+            .success();
+    };
+    deploy("release-1", 1, "11");
+    deploy("release-1", 2, "12");
+    deploy("release-1", 2, "12");
+    ci(&[&host], "release-1", &format!("{:040}", 2), "13")
+        .arg("rollback")
+        .arg(&p)
+        .args(["--env", "test"])
+        .run()
+        .success();
+    let page = || std::fs::read_to_string(Path::new(&root).join("site/index.html")).unwrap();
+    assert_eq!(page(), "build 1\n");
+    // Another branch deploys the same build: it is live, not "replaced" by the first one.
+    deploy("release-2", 1, "14");
+    let status = ci(&[&host], "release-2", &format!("{:040}", 1), "15")
+        .arg("status")
+        .arg(&p)
+        .arg("--json")
+        .run()
+        .success();
+    let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    let rows = v[0]["rows"].as_array().expect("rows");
+    let state = |r: &str| {
+        rows.iter()
+            .find(|x| x["ref"] == r)
+            .map(|x| x["state"].as_str().unwrap().to_string())
+    };
+    assert_eq!(
+        state("release-2").as_deref(),
+        Some("live"),
+        "{}",
+        status.stdout
+    );
+    assert_eq!(
+        state("release-1").as_deref(),
+        Some("replaced by release-2"),
+        "{}",
+        status.stdout
+    );
+}
