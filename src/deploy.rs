@@ -34,6 +34,8 @@ pub struct StepCtx<'a> {
     pub deploy: &'a DeployContext,
     pub app: &'a str,
     pub env: &'a str,
+    /// The playbook, as given: for commands that an error suggests.
+    pub playbook: &'a std::path::Path,
     /// This run's release id, the same on every host: `20261122T134500.250Z-1a2b3c4d`.
     pub release: &'a str,
     /// Dry run: report what would change, change nothing.
@@ -431,6 +433,7 @@ async fn run_env(
                     deploy: ctx,
                     app,
                     env,
+                    playbook: &setup.playbook.path,
                     release,
                     plan: opts.plan,
                     progress,
@@ -552,6 +555,7 @@ async fn run_host(
         deploy: target_ctx.as_ref().unwrap_or(ctx.deploy),
         app: ctx.app,
         env: ctx.env,
+        playbook: ctx.playbook,
         release: target.as_ref().map_or(ctx.release, |t| t.release.as_str()),
         plan: ctx.plan,
         progress: ctx.progress,

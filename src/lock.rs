@@ -98,11 +98,13 @@ pub struct LockState {
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
     #[error(
-        "{host}: the deploy lock {path} is held by {holder}{lease}; wait for it with --lock-wait 10m, or if that run was killed remove it with `ferry unlock --env {env} --force`"
+        "{host}: the deploy lock {path} is held by {holder}{lease}; wait for it with --lock-wait 10m, or if that run was killed remove it with `ferry unlock {playbook} --env {env} --force`"
     )]
     Held {
         host: String,
         path: String,
+        /// The playbook, quoted for a shell.
+        playbook: String,
         env: String,
         holder: String,
         lease: String,
@@ -426,6 +428,7 @@ impl Lock {
                     return Err(LockError::Held {
                         host: lock.host.clone(),
                         path: lock.path(),
+                        playbook: crate::shell::quote_str(&ctx.playbook.to_string_lossy()),
                         env: ctx.env.to_string(),
                         holder,
                         lease: lease_text(exp),

@@ -1111,6 +1111,9 @@ fn only_one_of_many_controllers_takes_over_an_expired_lock() {
     for r in runs.iter().filter(|r| r.code != 0) {
         assert_eq!(r.code, 1, "{r:#?}");
         assert!(r.stdout.contains("is held by"), "{r:#?}");
+        // The fix it names runs as written: the playbook is in it.
+        let unlock = format!("`ferry unlock {} --env test --force`", p.display());
+        assert!(r.stdout.contains(&unlock), "{unlock}: {r:#?}");
     }
     // One deploy ran; no leftovers of the takeover; the lock is released.
     assert_eq!(ledger(&Path::new(&root).join(".ferry")).len(), 1);
