@@ -457,7 +457,7 @@ fn failed_build_leaves_no_container() {
     let dir = TempDir::new("dbadbuild");
     dir.write(
         "root/build/context/Dockerfile",
-        format!("FROM {base}\nRUN echo building && exit 3\n"),
+        format!("FROM {base}\nRUN printf 'main.c:%d: error\\n' 42 && exit 3\n"),
     );
     let steps = format!(
         "      - docker_build: {{ context: context, tag: \"{prefix}-app:1\", timeout: 2m }}\n"
@@ -466,7 +466,8 @@ fn failed_build_leaves_no_container() {
     let run = deploy(&[&host], &pb_path, "aaaa").failure(1);
     assert!(
         run.all()
-            .contains(&format!("docker build of {prefix}-app:1")),
+            .contains(&format!("docker build of {prefix}-app:1"))
+            && run.all().contains("main.c:42: error"),
         "{}",
         run.all()
     );

@@ -107,10 +107,21 @@ pub(crate) async fn build(
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = engine.raw(&argv, &[], Some(s.timeout)).await?;
     if !out.success() {
+        // The classic builder prints the build's own output (a compiler's error) on stdout and
+        // only its verdict on stderr: both are shown.
+        let last = |bytes: &[u8]| {
+            let text = String::from_utf8_lossy(bytes);
+            let lines: Vec<&str> = text.trim_end().lines().collect();
+            lines[lines.len().saturating_sub(15)..].join("\n  ")
+        };
+        let output = match last(&out.stdout) {
+            s if s.trim().is_empty() => String::new(),
+            s => format!("\nbuild output (last lines):\n  {s}"),
+        };
         bail!(
-            "{}: docker build of {tag} from {context} failed: {}",
+            "{}: docker build of {tag} from {context} failed: {}{output}",
             ctx.host.name(),
-            out.tail()
+            last(&out.stderr)
         );
     }
     let id = engine.image_id(&tag).await?.unwrap_or_default();
