@@ -581,6 +581,11 @@ fn tag_push_pull_through_the_registry() {
         "{}",
         other.all()
     );
+    // The host's tag names the registry's image again, not the refused build.
+    assert_eq!(
+        docker(&["image", "inspect", "--format", "{{.Id}}", &tagged]),
+        id
+    );
     docker(&["rmi", &format!("{repo}:build-4243")]);
 
     // Forget it locally, then a pull step gets it back from the registry (the first build).

@@ -205,16 +205,13 @@ pub(crate) async fn push(
         );
     };
     // What the registry has under this tag, asked through the daemon (its logins and registry
-    // settings): a pull, after which the tag names our image again.
+    // settings): a pull. The tag then names the registry's image, as it stays when the push is
+    // refused (this host agrees with the registry; the build keeps its other tags).
     let theirs = match engine
         .raw(&["pull", "-q", "--", &image], &[], Some(TRANSFER_TIMEOUT))
         .await?
     {
-        out if out.success() => {
-            let theirs = engine.image_id(&image).await?;
-            engine.run(&["tag", &ours, &image], None).await?;
-            theirs
-        }
+        out if out.success() => engine.image_id(&image).await?,
         // (Not there yet, or not readable: the push says which.)
         _ => None,
     };
@@ -229,12 +226,15 @@ pub(crate) async fn push(
         }
         Some(t) if !s.overwrite => bail!(
             "{host}: the registry already has {image}, as another image ({} there, {} here); a \
-             published tag is not replaced. Publish a new tag, or set `overwrite: true` on the \
-             docker_push step",
+             published tag is not replaced, and {image} on this host names the registry's image \
+             again. Publish a new tag, or set `overwrite: true` on the docker_push step",
             short_id(&t),
             short_id(&ours)
         ),
-        _ => {}
+        Some(_) => {
+            engine.run(&["tag", &ours, &image], None).await?;
+        }
+        None => {}
     }
     let out = engine
         .raw(&["push", "--", &image], &[], Some(TRANSFER_TIMEOUT))
