@@ -4,13 +4,22 @@ use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
+/// Crates whose `trace` level dumps what goes over the wire: the GitLab token in ureq's request
+/// headers, registry passwords and secret env files in russh's channel data. They never log below
+/// `debug`, whatever `FERRY_LOG` asks.
+const WIRE: [&str; 3] = ["ureq", "ureq_proto", "russh"];
+
 pub fn init(verbose: u8) {
     let default = match verbose {
         0 => "ferry=warn",
         1 => "ferry=info",
         _ => "ferry=debug,russh=info",
     };
-    let filter = EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let asked = std::env::var("FERRY_LOG")
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+        .unwrap_or_else(|| default.to_string());
+    let filter = EnvFilter::try_new(clamped(&asked)).unwrap_or_else(|_| EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -18,4 +27,52 @@ pub fn init(verbose: u8) {
         .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .with_target(false)
         .try_init();
+}
+
+/// `spec` (an EnvFilter string) with the [`WIRE`] crates held at `debug` or less: a directive
+/// that would let one trace (`russh=trace`, a bare `russh`) is dropped, and each crate no kept
+/// directive names gets `=debug` (more specific than a global `trace`).
+fn clamped(spec: &str) -> String {
+    let wire = |d: &str| {
+        let target = d.split('=').next().unwrap_or_default().trim();
+        WIRE.into_iter()
+            .find(|w| target == *w || target.starts_with(&format!("{w}::")))
+    };
+    let mut kept: Vec<String> = Vec::new();
+    let mut named = Vec::new();
+    for d in spec.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        match wire(d) {
+            Some(_) if d.ends_with("=trace") || !d.contains('=') => {}
+            Some(w) => {
+                named.push(w);
+                kept.push(d.to_string());
+            }
+            None => kept.push(d.to_string()),
+        }
+    }
+    for w in WIRE.into_iter().filter(|w| !named.contains(w)) {
+        kept.push(format!("{w}=debug"));
+    }
+    kept.join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_crates_never_trace() {
+        assert_eq!(
+            clamped("trace"),
+            "trace,ureq=debug,ureq_proto=debug,russh=debug"
+        );
+        assert_eq!(
+            clamped("ferry=debug,russh=info"),
+            "ferry=debug,russh=info,ureq=debug,ureq_proto=debug"
+        );
+        assert_eq!(
+            clamped("russh=trace,ureq::unversioned=trace,info"),
+            "info,ureq=debug,ureq_proto=debug,russh=debug"
+        );
+    }
 }

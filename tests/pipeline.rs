@@ -880,6 +880,23 @@ fn gitlab_gets_commit_status_and_deployment_and_never_sees_the_token_in_output()
     assert_eq!(new.len(), 2, "running and success statuses: {new:?}");
     assert!(new.iter().all(|r| r.path.contains("/statuses/")), "{new:?}");
     assert_eq!(stub.problems(), Vec::<String>::new());
+
+    // The most verbose logging shows no piece of the token (ureq's trace dumps request headers
+    // in pieces of 16 bytes).
+    let traced = ci(&[&host], "release-9", SHA, "906")
+        .env("CI_API_V4_URL", &stub.api_url)
+        .env("CI_PROJECT_ID", "group/shop")
+        .env("FERRY_GITLAB_TOKEN", TOKEN)
+        .env("CI_ENVIRONMENT_NAME", "test")
+        .env("FERRY_LOG", "trace")
+        .arg("deploy")
+        .arg(&p)
+        .run()
+        .success();
+    assert!(traced.stderr.contains("DEBUG"), "{}", traced.stderr);
+    for piece in ["secret-t", "token-01", "23456789"] {
+        assert!(!traced.all().contains(piece), "{piece}: {}", traced.all());
+    }
 }
 
 /// GitLab down (500s, or nothing listening): a warning, and the deploy still succeeds.
