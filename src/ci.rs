@@ -127,17 +127,24 @@ impl DeployContext {
 }
 
 /// A CI/CD variable that holds text: its value, or, for a GitLab variable of type File (the value
-/// is the path of a file holding it), that file's content. `None` when unset or empty.
-pub fn text_variable(name: &str) -> Option<String> {
-    let value = std::env::var(name).ok().filter(|v| !v.trim().is_empty())?;
+/// is the path of a file holding it), that file's content. `None` when unset or empty. A value
+/// that is an absolute path (neither a key nor known_hosts text starts with `/`) whose file
+/// cannot be read is an error that says so.
+pub fn text_variable(name: &str) -> Result<Option<String>, String> {
+    let Some(value) = std::env::var(name).ok().filter(|v| !v.trim().is_empty()) else {
+        return Ok(None);
+    };
     let path = std::path::Path::new(value.trim());
-    if !value.trim().contains('\n')
-        && path.is_absolute()
-        && let Ok(text) = std::fs::read_to_string(path)
-    {
-        return Some(text);
+    if value.trim().contains('\n') || !path.is_absolute() {
+        return Ok(Some(value));
     }
-    Some(value)
+    std::fs::read_to_string(path).map(Some).map_err(|e| {
+        format!(
+            "{name} holds the path {}, which cannot be read ({e}); set {name} to the text itself \
+             (or, as a GitLab variable of type File, to a file that exists)",
+            path.display()
+        )
+    })
 }
 
 /// The first 8 characters of a commit, as people quote it. Never panics: a sha read back from a

@@ -340,24 +340,28 @@ fn connector(
         }
         KnownHostsSource::File(p) => KnownHosts::from_file(p)
             .map_err(|e| UsageError(format!("cannot read known_hosts {}: {e}", p.display())))?,
-        KnownHostsSource::Env => match crate::ci::text_variable("SSH_KNOWN_HOSTS") {
-            Some(t) => from_env(t),
-            None => {
-                return Err(UsageError(
-                    "known_hosts: env is configured but SSH_KNOWN_HOSTS is not set".into(),
-                )
-                .into());
+        KnownHostsSource::Env => {
+            match crate::ci::text_variable("SSH_KNOWN_HOSTS").map_err(UsageError)? {
+                Some(t) => from_env(t),
+                None => {
+                    return Err(UsageError(
+                        "known_hosts: env is configured but SSH_KNOWN_HOSTS is not set".into(),
+                    )
+                    .into());
+                }
             }
-        },
-        KnownHostsSource::Auto => match crate::ci::text_variable("SSH_KNOWN_HOSTS") {
-            Some(t) => from_env(t),
-            None => KnownHosts::from_file(&default_file()).map_err(|e| {
-                UsageError(format!(
-                    "cannot read known_hosts {}: {e}",
-                    default_file().display()
-                ))
-            })?,
-        },
+        }
+        KnownHostsSource::Auto => {
+            match crate::ci::text_variable("SSH_KNOWN_HOSTS").map_err(UsageError)? {
+                Some(t) => from_env(t),
+                None => KnownHosts::from_file(&default_file()).map_err(|e| {
+                    UsageError(format!(
+                        "cannot read known_hosts {}: {e}",
+                        default_file().display()
+                    ))
+                })?,
+            }
+        }
     };
     Ok(Connector {
         credentials,

@@ -55,6 +55,8 @@ pub enum KeyError {
     },
     #[error("ssh-agent requested but SSH_AUTH_SOCK is not set")]
     NoAgent,
+    #[error("{0}")]
+    Variable(String),
 }
 
 /// Resolve the configured key source. `identity` (from `--identity`) wins over the playbook.
@@ -65,12 +67,12 @@ pub fn load(source: &KeySource, identity: Option<&Path>) -> Result<Credentials, 
     }
     match source {
         KeySource::File(path) => from_file(path, passphrase.as_deref()),
-        KeySource::Env => match crate::ci::text_variable(KEY_VAR) {
+        KeySource::Env => match crate::ci::text_variable(KEY_VAR).map_err(KeyError::Variable)? {
             Some(text) => from_text(&text, passphrase.as_deref(), KEY_VAR),
             None => Err(KeyError::NoKey),
         },
         KeySource::Agent => agent(),
-        KeySource::Auto => match crate::ci::text_variable(KEY_VAR) {
+        KeySource::Auto => match crate::ci::text_variable(KEY_VAR).map_err(KeyError::Variable)? {
             Some(text) => from_text(&text, passphrase.as_deref(), KEY_VAR),
             None => agent().map_err(|_| KeyError::NoKey),
         },

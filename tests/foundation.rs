@@ -465,6 +465,31 @@ fn ci_variables_of_type_file_are_read() {
         .args(["--", "true"])
         .run();
     assert_eq!(run.code, 0, "{}", run.all());
+    // A path whose file is not there is named as such, not read as the text.
+    let missing = dir.join("gone");
+    for (var, good) in [
+        ("SSH_PRIVATE_KEY", ("SSH_KNOWN_HOSTS", &kh)),
+        (
+            "SSH_KNOWN_HOSTS",
+            ("SSH_PRIVATE_KEY", &default_key().private),
+        ),
+    ] {
+        let run = Ferry::new()
+            .trusting(&[&host])
+            .env(good.0, good.1)
+            .env(var, &missing)
+            .args(["exec", "--env", "test"])
+            .arg(&pb)
+            .args(["--", "true"])
+            .run()
+            .failure(2);
+        assert!(
+            run.stderr
+                .contains(&format!("{var} holds the path {}", missing.display())),
+            "{var}: {}",
+            run.stderr
+        );
+    }
 }
 
 #[test]
