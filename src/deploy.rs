@@ -1158,7 +1158,14 @@ fn finish(g: &Global, reports: &[HostReport]) -> anyhow::Result<i32> {
                     files.to_string(),
                     report::human_bytes(sent),
                     format!("{:.1}s", r.seconds),
-                    r.error.clone().unwrap_or_default(),
+                    // (Its first line: the whole text, a container's logs too, is in the step's
+                    // log above and in --json.)
+                    r.error
+                        .as_deref()
+                        .map_or(String::new(), |e| match e.split_once('\n') {
+                            Some((first, _)) => format!("{first} …"),
+                            None => e.to_string(),
+                        }),
                 ]
             })
             .collect();

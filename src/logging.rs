@@ -22,16 +22,32 @@ pub fn init(verbose: u8) {
     let filter = EnvFilter::try_new(clamped(&asked)).unwrap_or_else(|_| EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| QuietStderr)
         // Colour only for a person at a terminal: CI logs and files get plain text.
         .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .with_target(false)
         .try_init();
 }
 
+/// stderr for log lines, whose errors are dropped: tracing-subscriber reports a failed write with
+/// `eprintln!`, which panics when stderr is closed (`ferry deploy 2>&1 | head`).
+struct QuietStderr;
+
+impl std::io::Write for QuietStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
 /// `spec` (an EnvFilter string) with the [`WIRE`] crates held at `debug` or less: a directive
-/// that would let one trace (`russh=trace`, a bare `russh`) is dropped, and each crate no kept
-/// directive names gets `=debug` (more specific than a global `trace`).
+/// that would let one trace (`russh=trace`, a bare `russh`) is dropped, and under a global
+/// `trace` each crate no kept directive names gets `=debug` (the more specific directive wins).
 fn clamped(spec: &str) -> String {
     let wire = |d: &str| {
         let target = d.split('=').next().unwrap_or_default().trim();
@@ -50,8 +66,10 @@ fn clamped(spec: &str) -> String {
             None => kept.push(d.to_string()),
         }
     }
-    for w in WIRE.into_iter().filter(|w| !named.contains(w)) {
-        kept.push(format!("{w}=debug"));
+    if kept.iter().any(|d| d.eq_ignore_ascii_case("trace")) {
+        for w in WIRE.into_iter().filter(|w| !named.contains(w)) {
+            kept.push(format!("{w}=debug"));
+        }
     }
     kept.join(",")
 }
@@ -66,13 +84,11 @@ mod tests {
             clamped("trace"),
             "trace,ureq=debug,ureq_proto=debug,russh=debug"
         );
+        assert_eq!(clamped("ferry=debug,russh=info"), "ferry=debug,russh=info");
+        assert_eq!(clamped("russh=trace,ureq::unversioned=trace,info"), "info");
         assert_eq!(
-            clamped("ferry=debug,russh=info"),
-            "ferry=debug,russh=info,ureq=debug,ureq_proto=debug"
-        );
-        assert_eq!(
-            clamped("russh=trace,ureq::unversioned=trace,info"),
-            "info,ureq=debug,ureq_proto=debug,russh=debug"
+            clamped("russh::keys=trace,trace"),
+            "trace,ureq=debug,ureq_proto=debug,russh=debug"
         );
     }
 }

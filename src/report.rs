@@ -30,12 +30,15 @@ impl Style {
     }
 }
 
+/// How long a step runs in CI before a line says so (its section shows once it ends).
+const NOTICE_AFTER: Duration = Duration::from_secs(5);
+
 /// A GitLab collapsible log section around one host's step; plain `==>` headers outside GitLab CI.
 ///
 /// Hosts run at once, and sections whose markers interleave do not collapse in GitLab. So in CI the
 /// section's lines are buffered, and the whole section (start marker with the step's start time,
-/// lines, end marker) is written in one go when it ends. A one-line notice marks the step's start
-/// so that a long step still shows progress.
+/// lines, end marker) is written in one go when it ends. A step still running after a few seconds
+/// gets a one-line notice, so that a long step still shows progress.
 pub struct Section {
     name: String,
     header: String,
@@ -44,6 +47,8 @@ pub struct Section {
     gitlab: bool,
     /// Shown open in GitLab (a failed step).
     expanded: bool,
+    /// In CI: says the step still runs, should it take a while.
+    notice: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Section {
@@ -58,18 +63,30 @@ impl Section {
                 }
             })
             .collect();
-        if style.gitlab {
-            crate::errln!("{header} ...");
-        } else if !style.json {
-            crate::errln!("==> {header}");
-        }
+        // (With --json in CI, stdout has the facts: no sections.)
+        let gitlab = style.gitlab && !style.json;
+        let notice = if gitlab {
+            let line = format!("{header}: running ...");
+            tokio::runtime::Handle::try_current().ok().map(|rt| {
+                rt.spawn(async move {
+                    tokio::time::sleep(NOTICE_AFTER).await;
+                    crate::errln!("{line}");
+                })
+            })
+        } else {
+            if !style.json {
+                crate::errln!("==> {header}");
+            }
+            None
+        };
         Section {
             name,
             header: header.to_string(),
             started: unix_now(),
             lines: Vec::new(),
-            gitlab: style.gitlab,
+            gitlab,
             expanded: false,
+            notice,
         }
     }
 
@@ -107,6 +124,9 @@ impl Section {
 
 impl Drop for Section {
     fn drop(&mut self) {
+        if let Some(n) = self.notice.take() {
+            n.abort();
+        }
         if self.gitlab {
             flush();
             let text = self.render(unix_now());
@@ -390,6 +410,7 @@ mod tests {
             lines: vec![],
             gitlab: true,
             expanded: false,
+            notice: None,
         };
         s.lines.push("sent 3 files".into());
         let text = s.render(105);

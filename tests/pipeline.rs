@@ -746,6 +746,18 @@ fn status_flags_hosts_that_disagree_and_failed_attempts() {
         .run()
         .success();
     assert_sections_pair_up(&both.stderr, 2);
+    // Each step's header shows once: in its section (a quick step gets no "running" notice).
+    for h in [&a, &b] {
+        let header = format!("{}: run (deploy)", h.address());
+        assert_eq!(both.stderr.matches(&header).count(), 1, "{}", both.stderr);
+    }
+    // With --json in CI, stdout has the facts and stderr no empty sections.
+    let json = ci(&[&a, &b], "release-1", SHA, "501")
+        .args(["deploy", "--json"])
+        .arg(&p)
+        .run()
+        .success();
+    assert!(!json.stderr.contains("section_start"), "{}", json.stderr);
     ci(&[&a, &b], "release-2", SHA2, "502")
         .args(["deploy", "--limit", &a.address()])
         .arg(&p)
@@ -1572,10 +1584,11 @@ fn results_into_a_closed_pipe_are_no_error() {
         assert_eq!(out.status.code(), Some(0), "{what:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{what:?}: {stderr}");
     }
-    // `2>&1 | head`: a deploy whose stdout and stderr both close goes on to the end.
+    // `2>&1 | head`: a deploy whose stdout and stderr both close goes on to the end (with log
+    // lines too: tracing's own report of a failed write panics).
     dir.write("dist/index.html", "hello again\n");
     let (mut child, _home) = ci(&[&host], "release-1", &format!("{:040}", 2), "3")
-        .arg("deploy")
+        .args(["deploy", "-vv"])
         .arg(&p)
         .spawn();
     drop((child.stdout.take(), child.stderr.take()));
