@@ -186,6 +186,14 @@ impl Reporter {
             return;
         }
         let existing = *self.deployment_id.lock().unwrap();
+        if let (None, Some(url)) = (existing, &self.target_url)
+            && let Err(e) = self.environment_url(url).await
+        {
+            warn(&format!(
+                "cannot set the URL of GitLab environment {}: {e}",
+                self.deploy_env
+            ));
+        }
         let r = match existing {
             None => {
                 let body = json!({
@@ -219,6 +227,37 @@ impl Reporter {
         }
     }
 
+    /// Give the deployment's environment the playbook's `url` (its link in GitLab): the
+    /// Deployments API takes none, so the Environments API makes or edits the environment first.
+    async fn environment_url(&self, url: &str) -> Result<(), String> {
+        let list = format!(
+            "{}/environments?name={}",
+            self.project_url,
+            encode_project(&self.deploy_env)
+        );
+        let found = self.call("GET", list, Value::Null).await?;
+        let known = found
+            .as_array()
+            .and_then(|a| a.iter().find(|e| e["name"] == self.deploy_env.as_str()));
+        match known {
+            Some(e) if e["external_url"] == url => Ok(()),
+            Some(e) => {
+                let id = e["id"]
+                    .as_u64()
+                    .ok_or_else(|| "the environment has no id".to_string())?;
+                let put = format!("{}/environments/{id}", self.project_url);
+                self.call("PUT", put, json!({ "external_url": url }))
+                    .await
+                    .map(|_| ())
+            }
+            None => {
+                let post = format!("{}/environments", self.project_url);
+                let body = json!({ "name": self.deploy_env, "external_url": url });
+                self.call("POST", post, body).await.map(|_| ())
+            }
+        }
+    }
+
     /// One JSON request off the async threads; the parsed response body or a message.
     async fn call(&self, method: &'static str, url: String, body: Value) -> Result<Value, String> {
         let token = self.token.clone();
@@ -228,15 +267,19 @@ impl Reporter {
                 .http_status_as_error(false)
                 .build()
                 .into();
-            let req = match method {
-                "PUT" => agent.put(&url),
-                _ => agent.post(&url),
+            let sent = match method {
+                "GET" => agent.get(&url).header("PRIVATE-TOKEN", &token).call(),
+                _ => {
+                    let req = match method {
+                        "PUT" => agent.put(&url),
+                        _ => agent.post(&url),
+                    };
+                    req.header("PRIVATE-TOKEN", &token)
+                        .header("Content-Type", "application/json")
+                        .send(body.to_string().as_bytes())
+                }
             };
-            let mut resp = req
-                .header("PRIVATE-TOKEN", &token)
-                .header("Content-Type", "application/json")
-                .send(body.to_string().as_bytes())
-                .map_err(|e| format!("{method} {url}: {e}"))?;
+            let mut resp = sent.map_err(|e| format!("{method} {url}: {e}"))?;
             let status = resp.status().as_u16();
             let text = resp.body_mut().read_to_string().unwrap_or_default();
             if !(200..300).contains(&status) {

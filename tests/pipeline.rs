@@ -837,6 +837,9 @@ fn gitlab_gets_commit_status_and_deployment_and_never_sees_the_token_in_output()
     assert_eq!(statuses[1].body["target_url"], "http://test.example.com/");
     assert_eq!(statuses[1].body["pipeline_id"], 901);
     assert_eq!(stub.deployments(), vec![(100, "success".to_string())]);
+    // The environment has the playbook's url: its link in GitLab.
+    let url = Some("http://test.example.com/".to_string());
+    assert_eq!(stub.environments(), vec![("test".to_string(), url.clone())]);
 
     // A failing deploy reports failed.
     let p = gitlab_pb(
@@ -864,7 +867,15 @@ fn gitlab_gets_commit_status_and_deployment_and_never_sees_the_token_in_output()
         &format!("{root}/${{ref_slug}}"),
         "      - run: { command: [\"true\"] }\n",
     );
+    // (One that GitLab made without a URL, say by an earlier deployment, gets it.)
+    stub.add_environment("test/feature-x");
     deploy("feature/x", "904", &p).success();
+    assert!(
+        stub.environments()
+            .contains(&("test/feature-x".to_string(), url.clone())),
+        "{:?}",
+        stub.environments()
+    );
     let post = stub
         .requests()
         .into_iter()

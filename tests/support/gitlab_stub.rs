@@ -1,14 +1,20 @@
-//! A local stand-in for GitLab's REST API (v4), for the two endpoints ferry calls. It checks every
+//! A local stand-in for GitLab's REST API (v4), for the endpoints ferry calls. It checks every
 //! request against GitLab's API documentation and records what did not match:
 //! - `POST /projects/:id/statuses/:sha`: `state` required, one of pending, running, success, failed,
 //!   canceled. Optional: `ref`, `name`/`context`, `target_url`, `description`, `coverage`,
 //!   `pipeline_id`. 201 with the status.
 //! - `POST /projects/:id/deployments`: `environment`, `sha`, `ref`, `tag` (boolean) and `status`
 //!   (created, running, success, failed, canceled) required. 201 with the deployment and its `id`.
-//! - `PUT /projects/:id/deployments/:deployment_id`: `status` required. 200.
+//! - `PUT /projects/:id/deployments/:deployment_id`: `status` required. 200. A deployment to an
+//!   environment that does not exist creates it.
+//! - `GET /projects/:id/environments`: optional `name` (exact) or `search`, not both. 200 with a
+//!   list of `id`, `name`, `external_url`, `state`.
+//! - `POST /projects/:id/environments`: `name` required and not taken; optional `external_url`,
+//!   `tier`. 201.
+//! - `PUT /projects/:id/environments/:environment_id`: optional `external_url`, `tier`. 200.
 //!
-//! Every request must carry the `PRIVATE-TOKEN` header (401 otherwise) and a JSON body. In `failing`
-//! mode every request gets a 500, as during an outage.
+//! Every request must carry the `PRIVATE-TOKEN` header (401 otherwise), and all but a GET a JSON
+//! body. In `failing` mode every request gets a 500, as during an outage.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
@@ -30,6 +36,8 @@ struct State {
     requests: Vec<Request>,
     problems: Vec<String>,
     deployments: Vec<(u64, String)>,
+    /// Environments: id, name, external URL.
+    environments: Vec<(u64, String, Option<String>)>,
 }
 
 pub struct GitlabStub {
@@ -95,6 +103,22 @@ impl GitlabStub {
     /// Requests that did not match the documented API.
     pub fn problems(&self) -> Vec<String> {
         self.state.lock().unwrap().problems.clone()
+    }
+
+    /// An environment without an external URL, as a deployment that names it makes one.
+    pub fn add_environment(&self, name: &str) {
+        let mut s = self.state.lock().unwrap();
+        let id = 1 + s.environments.len() as u64;
+        s.environments.push((id, name.to_string(), None));
+    }
+
+    /// Environments by name, and their external URL.
+    pub fn environments(&self) -> Vec<(String, Option<String>)> {
+        let s = self.state.lock().unwrap();
+        s.environments
+            .iter()
+            .map(|(_, n, u)| (n.clone(), u.clone()))
+            .collect()
     }
 
     /// Deployments and their current status, in creation order.
@@ -175,14 +199,28 @@ fn handle(st: &Mutex<State>, token: &str, project: &str, req: Request) -> (u16, 
         ));
         return (401, json!({"message": "401 Unauthorized"}));
     }
-    let Some(body) = req.body.as_object() else {
-        s.problems.push(format!(
-            "{} {}: body is not a JSON object: {}",
-            req.method, req.path, req.body
-        ));
-        return (400, json!({"message": "body must be JSON"}));
+    let empty = serde_json::Map::new();
+    let body = match req.body.as_object() {
+        Some(b) => b,
+        None if req.method == "GET" => &empty,
+        None => {
+            s.problems.push(format!(
+                "{} {}: body is not a JSON object: {}",
+                req.method, req.path, req.body
+            ));
+            return (400, json!({"message": "body must be JSON"}));
+        }
     };
-    let segs: Vec<&str> = req.path.split('/').collect();
+    let (path, query) = req.path.split_once('?').unwrap_or((&req.path, ""));
+    let query: Vec<(String, String)> = query
+        .split('&')
+        .filter(|q| !q.is_empty())
+        .map(|q| {
+            let (k, v) = q.split_once('=').unwrap_or((q, ""));
+            (decode(k), decode(v))
+        })
+        .collect();
+    let segs: Vec<&str> = path.split('/').collect();
     // ["", "api", "v4", "projects", ID, ...]
     if segs.len() < 6 || segs[1] != "api" || segs[2] != "v4" || segs[3] != "projects" {
         s.problems
@@ -261,6 +299,11 @@ fn handle(st: &Mutex<State>, token: &str, project: &str, req: Request) -> (u16, 
             let id = 100 + s.deployments.len() as u64;
             let status = str_field("status").unwrap_or("").to_string();
             s.deployments.push((id, status));
+            let env = str_field("environment").unwrap_or("").to_string();
+            if !s.environments.iter().any(|e| e.1 == env) {
+                let eid = 1 + s.environments.len() as u64;
+                s.environments.push((eid, env, None));
+            }
             (
                 201,
                 json!({"id": id, "iid": id, "ref": str_field("ref"), "sha": str_field("sha")}),
@@ -282,6 +325,62 @@ fn handle(st: &Mutex<State>, token: &str, project: &str, req: Request) -> (u16, 
                 None => {
                     problems.push(format!("no deployment {id}"));
                     (404, json!({"message": "404 Deployment Not Found"}))
+                }
+            }
+        }
+        ("GET", ["environments"]) => {
+            let get = |k: &str| query.iter().find(|(q, _)| q == k).map(|(_, v)| v.as_str());
+            if get("name").is_some() && get("search").is_some() {
+                problems.push("`name` and `search` are mutually exclusive".into());
+            }
+            for (k, _) in &query {
+                if !["name", "search", "states", "page", "per_page"].contains(&k.as_str()) {
+                    problems.push(format!("undocumented parameter `{k}`"));
+                }
+            }
+            let list: Vec<Value> = s
+                .environments
+                .iter()
+                .filter(|e| get("name").is_none_or(|n| e.1 == n))
+                .filter(|e| get("search").is_none_or(|n| e.1.contains(n)))
+                .map(|e| json!({"id": e.0, "name": e.1, "external_url": e.2, "state": "available"}))
+                .collect();
+            (200, Value::Array(list))
+        }
+        ("POST", ["environments"]) => {
+            only(&["name", "external_url", "tier"], &mut problems);
+            let name = str_field("name").unwrap_or("").to_string();
+            if name.is_empty() {
+                problems.push("`name` is required".into());
+            } else if s.environments.iter().any(|e| e.1 == name) {
+                problems.push(format!("environment `{name}` has already been taken"));
+            }
+            let url = str_field("external_url").map(str::to_string);
+            if url.as_deref().is_some_and(|u| !u.starts_with("http")) {
+                problems.push(format!("external_url {url:?} is not a URL"));
+            }
+            let id = 1 + s.environments.len() as u64;
+            if problems.is_empty() {
+                s.environments.push((id, name.clone(), url.clone()));
+            }
+            (201, json!({"id": id, "name": name, "external_url": url}))
+        }
+        ("PUT", ["environments", id]) => {
+            only(&["external_url", "tier"], &mut problems);
+            let url = str_field("external_url").map(str::to_string);
+            if url.as_deref().is_some_and(|u| !u.starts_with("http")) {
+                problems.push(format!("external_url {url:?} is not a URL"));
+            }
+            match s.environments.iter_mut().find(|e| e.0.to_string() == *id) {
+                Some(e) => {
+                    if url.is_some() {
+                        e.2 = url;
+                    }
+                    (200, json!({"id": e.0, "name": e.1, "external_url": e.2}))
+                }
+                None => {
+                    problems.push(format!("no environment {id}"));
+                    (404, json!({"message": "404 Environment Not Found"}))
                 }
             }
         }
