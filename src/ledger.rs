@@ -181,7 +181,9 @@ pub fn parse(text: &str) -> (Vec<Record>, Vec<String>) {
 /// Which earlier deploy a rollback returns to, from one host's records (one app and environment,
 /// oldest first): the deploy whose release (or files release) `to` names; else, when a deploy made
 /// what is live, what was live before it; when a rollback did, the good deploy before the one that
-/// made that release (so repeated rollbacks walk back through history). `Ok(None)` when the ledger is empty (nothing to choose from: the step modules decide).
+/// made that release (so repeated rollbacks walk back through history). Either way, records that
+/// left the host as it is now (same commit and files) are passed over. `Ok(None)` when the ledger
+/// is empty (nothing to choose from: the step modules decide).
 pub fn rollback_target<'a>(
     records: &'a [Record],
     to: Option<&str>,
@@ -221,7 +223,8 @@ pub fn rollback_target<'a>(
             .map(Some)
             .ok_or_else(|| {
                 format!(
-                    "nothing to roll back to: release {} is the oldest successful deploy in the ledger",
+                    "nothing to roll back to: no successful deploy in the ledger before release {} left \
+                     another commit or other files",
                     live.release
                 )
             });
@@ -239,7 +242,8 @@ pub fn rollback_target<'a>(
         .map(Some)
         .ok_or_else(|| {
             format!(
-                "nothing to roll back to: release {} is the oldest successful deploy in the ledger",
+                "nothing to roll back to: no successful deploy in the ledger before release {} left \
+                     another commit or other files",
                 live.release
             )
         })
@@ -415,7 +419,7 @@ mod tests {
         assert!(
             rollback_target(&rs[..1], None)
                 .unwrap_err()
-                .contains("oldest")
+                .contains("nothing to roll back to")
         );
         assert_eq!(rollback_target(&[], None).unwrap(), None);
         // A deploy after a rollback is undone back to the rollback's target, not to the deploy

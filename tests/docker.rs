@@ -197,16 +197,20 @@ fn container_first_run_noop_update_and_rollback() {
     let kept = container_image(&format!("{n1}.ferry-prev"));
     assert_ne!(kept, container_image(&n1));
 
-    // A second rollback goes further back in the ledger, to the deploy before the one now live:
-    // the same commit (aaaa) whose container already runs, so the container stays.
+    // A second rollback would go further back in the ledger, but the deploy before the one now
+    // live is the same commit (aaaa): there is nothing else to go back to.
     let rb2 = Ferry::new()
         .trusting(&[&w1, &w2])
         .arg("rollback")
         .arg(&pb)
         .args(["--env", "test", "--ref", "main", "--sha", "bbbb"])
         .run()
-        .success();
-    assert!(rb2.all().contains("already runs"), "{}", rb2.all());
+        .failure(1);
+    assert!(
+        rb2.all().contains("nothing to roll back to"),
+        "{}",
+        rb2.all()
+    );
     assert_eq!(http_get(p1, "/version").as_deref(), Some("v1\n"));
     // Deploying bbbb again is how a rollback is undone.
     deploy(&[&w1, &w2], &pb, "bbbb").success();
