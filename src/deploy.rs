@@ -44,6 +44,8 @@ pub struct StepCtx<'a> {
     pub style: Style,
     /// Turns true on SIGINT/SIGTERM: for steps that stop at a safe point themselves (sync).
     pub stop: watch::Receiver<bool>,
+    /// A deploy to several hosts at once: where sync steps wait for each other before switching.
+    pub gate: Option<&'a crate::gate::Gate>,
 }
 
 /// What a step did, for the summary, the ledger and `--json`.
@@ -419,7 +421,14 @@ async fn run_env(
             }),
         );
     }
-    let outcomes = fleet::run(
+    // Sync steps switch together when every host runs at once (see `gate`).
+    let gate = (matches!(action.as_ref(), Action::Deploy)
+        && !opts.plan
+        && setup.hosts.len() > 1
+        && setup.hosts.len() <= setup.settings.forks)
+        .then(|| crate::gate::Gate::new(setup.hosts.len()));
+    let gate = gate.as_ref();
+    let outcomes = fleet::run_with(
         &setup.connector,
         &setup.hosts,
         setup.settings.forks,
@@ -439,10 +448,18 @@ async fn run_env(
                     progress,
                     style: setup.style,
                     stop,
+                    gate,
                 };
                 let r = run_host(&sctx, steps, opts, &action, run_token, per_branch).await;
                 session.close().await;
                 r
+            }
+        },
+        |o| {
+            if let Some(g) = gate
+                && !matches!(&o.result, Ok(r) if r.ok)
+            {
+                g.fail(&o.host);
             }
         },
     )
@@ -561,6 +578,7 @@ async fn run_host(
         progress: ctx.progress,
         style: ctx.style,
         stop: ctx.stop.clone(),
+        gate: ctx.gate,
     };
     let action = &match (action, &target) {
         (Action::Rollback(..), Some(t)) => {

@@ -30,7 +30,23 @@ where
     F: Fn(Host, Session) -> Fut,
     Fut: Future<Output = anyhow::Result<T>>,
 {
-    let work = &work;
+    run_with(connector, hosts, forks, work, |_| {}).await
+}
+
+/// [`run`], calling `done` with each host's outcome as soon as it has one (while others run).
+pub async fn run_with<T, F, Fut, D>(
+    connector: &Connector,
+    hosts: &[Host],
+    forks: usize,
+    work: F,
+    done: D,
+) -> Vec<Outcome<T>>
+where
+    F: Fn(Host, Session) -> Fut,
+    Fut: Future<Output = anyhow::Result<T>>,
+    D: Fn(&Outcome<T>),
+{
+    let (work, done) = (&work, &done);
     let mut outcomes: Vec<(usize, Outcome<T>)> = stream::iter(hosts.iter().cloned().enumerate())
         .map(|(i, host)| async move {
             let name = host.name().to_string();
@@ -43,14 +59,13 @@ where
             }
             .instrument(span)
             .await;
-            (
-                i,
-                Outcome {
-                    host: name,
-                    result,
-                    elapsed: start.elapsed(),
-                },
-            )
+            let outcome = Outcome {
+                host: name,
+                result,
+                elapsed: start.elapsed(),
+            };
+            done(&outcome);
+            (i, outcome)
         })
         .buffer_unordered(forks.max(1))
         .collect()

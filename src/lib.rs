@@ -8,6 +8,7 @@ pub mod cli;
 pub mod deploy;
 pub mod docker;
 pub mod fleet;
+pub mod gate;
 pub mod gitlab;
 pub mod inventory;
 pub mod keys;

@@ -596,6 +596,16 @@ impl Process {
         self.exited(reader).await
     }
 
+    /// Close stdin and leave the command running (its output still comes): [`Process::wait`] for
+    /// its end.
+    pub async fn close_stdin(&mut self) {
+        let _ = self.writer.flush().await;
+        let _ = self.writer.shutdown().await;
+        if let Some(w) = &self.write_half {
+            let _ = w.eof().await;
+        }
+    }
+
     /// Wait for the command to finish with its stdin left open: for a command that watches its
     /// stdin to learn that ferry gave up (see [`Session::run_watched`]).
     pub async fn wait(&mut self) -> Result<Output, SshError> {

@@ -320,6 +320,100 @@ fn sync_two_hosts_two_paths_and_rollback() {
     }
 }
 
+/// A deploy to several hosts at once switches none when one fails before its switch (here, its
+/// target turned into a plain directory): the others wait for it, then stay as they were.
+#[test]
+fn a_host_that_fails_before_its_switch_keeps_every_host_as_it_was() {
+    let hosts = vec![Sshd::start(), Sshd::start()];
+    let site = Site::new("gate", hosts, |src, _| {
+        format!(
+            "      - sync: {{ from: \"{}\", to: \"site-${{host}}\" }}\n",
+            src.display()
+        )
+    });
+    site.write(b"index.html", b"one");
+    let run = site.deploy(&sha(1)).success();
+    let names: Vec<String> = json(&run)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["host"].as_str().unwrap().to_string())
+        .collect();
+    let to = |h: &str| site.root().join(format!("site-{h}"));
+    let (a, b) = (to(&names[0]), to(&names[1]));
+    let first = live_release(&a);
+    std::fs::remove_file(&b).unwrap();
+    std::fs::create_dir(&b).unwrap();
+    site.write(b"index.html", b"two");
+    let run = site.deploy(&sha(2)).failure(1);
+    assert_eq!(std::fs::read(a.join("index.html")).unwrap(), b"one");
+    assert_eq!(live_release(&a), first);
+    let a_error = json(&run)[0]["error"].as_str().unwrap().to_string();
+    assert!(
+        a_error.contains(&format!(
+            "not switched: host {} of this deploy failed",
+            names[1]
+        )),
+        "{a_error}"
+    );
+    let store = site.root().join(format!(".site-{}.ferry", names[0]));
+    assert!(!store.join("incoming").exists());
+    // With the target back, the next deploy switches both.
+    std::fs::remove_dir(&b).unwrap();
+    site.deploy(&sha(2)).success();
+    for t in [&a, &b] {
+        assert_eq!(std::fs::read(t.join("index.html")).unwrap(), b"two");
+    }
+}
+
+/// SIGTERM while a host waits at the gate for a slower one: it does not switch, and ferry ends
+/// at once.
+#[test]
+fn sigterm_while_hosts_wait_to_switch_switches_none() {
+    let hosts = vec![Sshd::start(), Sshd::start()];
+    let slow = hosts[1].address();
+    let site = Site::new("gateint", hosts, |src, _| {
+        format!(
+            "      - run: {{ command: [sh, -c, '[ \"$1\" != \"{slow}\" ] || sleep 60', sh, \"${{host}}\"] }}\n      - sync: {{ from: \"{}\", to: \"site-${{host}}\" }}\n",
+            src.display()
+        )
+    });
+    site.write(b"index.html", b"one");
+    let (child, _home) = site.ferry("deploy", &sha(1)).spawn();
+    let fast = site.hosts[0].address();
+    let incoming = site.root().join(format!(".site-{fast}.ferry/incoming"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !incoming.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the fast host never began its sync"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let sent = Instant::now();
+    let st = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = child.wait_with_output().unwrap();
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    assert!(sent.elapsed() < Duration::from_secs(15), "{all}");
+    for h in [&fast, &slow] {
+        assert!(
+            !site.root().join(format!("site-{h}")).exists(),
+            "{h} switched: {all}"
+        );
+    }
+    assert!(!incoming.exists(), "{all}");
+}
+
 #[test]
 fn sync_plan_lists_changes_and_changes_nothing() {
     let site = Site::new("plan", vec![Sshd::start()], one_step("app", ""));

@@ -364,6 +364,7 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
             learn: false,
             sealed: None,
             inv,
+            lines: None,
         };
         (o, None)
     } else {
@@ -376,6 +377,7 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
         learn,
         sealed,
         mut inv,
+        lines,
     } = opened;
     tracing::debug!(elapsed = ?started.elapsed(), objects = inv.objects.len(), same = inv.same, learn, "inventory of {}", paths.to);
     let decided = decide(ctx, step, &local, &paths, &mut inv, learn);
@@ -383,6 +385,10 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
         Ok(Decision::Done(report)) => {
             if let Some(p) = proc.take() {
                 finish_quietly(host, &paths, p).await?;
+            }
+            // (Nothing to switch here: the other hosts need not wait for this one.)
+            if let Some(g) = ctx.gate {
+                g.arrive(&step.to);
             }
             return Ok(*report);
         }
@@ -426,7 +432,19 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
         .chain(orphans)
         .filter(|r| remote::safe_id(r))
         .collect();
-    let params = params_line(ctx.release, step.adopt, &prune, &inv.drifted, false);
+    let hold = ctx.gate.zip(lines).map(|(gate, lines)| Hold {
+        gate,
+        lines,
+        step: &step.to,
+    });
+    let params = params_line(
+        ctx.release,
+        step.adopt,
+        &prune,
+        &inv.drifted,
+        false,
+        hold.is_some(),
+    );
     let written = apply.as_ref().map(|a| a.write.len() as u64);
     // The manifest the trailer carried, kept for the next deploy (see `sent`).
     let carried = Arc::new(OnceLock::<Sealed>::new());
@@ -475,7 +493,7 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
             }
         }
     };
-    let wire = stream(ctx, proc, &params, plan.send_bytes, build, &paths).await?;
+    let wire = stream(ctx, proc, &params, plan.send_bytes, build, &paths, hold).await?;
     if let Some(m) = wire.learned {
         src.learned(m).await;
     }
@@ -525,6 +543,7 @@ fn params_line(
     prune: &[String],
     drop: &[manifest::ObjectId],
     again: bool,
+    hold: bool,
 ) -> String {
     let drop: Vec<String> = drop.iter().map(ToString::to_string).collect();
     let list = |v: &[String]| {
@@ -540,11 +559,12 @@ fn params_line(
         }
     };
     format!(
-        "{id} {} {} {} {}\n",
+        "{id} {} {} {} {} {}\n",
         u8::from(adopt),
         list(prune),
         list(&drop),
-        u8::from(again)
+        u8::from(again),
+        u8::from(hold)
     )
 }
 
@@ -828,6 +848,8 @@ struct Opened {
     /// `local` encoded, unless it learns its hashes on the way.
     sealed: Option<Sealed>,
     inv: Inventory,
+    /// The deploy script's output lines after its inventory (a deploy's, not a plan's).
+    lines: Option<tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>>,
 }
 
 /// Start the deploy script while `src` is walked; once the host says whether it has a store,
@@ -866,12 +888,16 @@ async fn open_deploy(
         }
     };
     // An interrupt stops the exchange; the script, told nothing, ends without a change.
+    let mut rx = rx;
     let exchanged = tokio::select! {
-        r = exchange(&host, &mut proc, rx, src, paths, step.mode) => Some(r),
+        r = exchange(&host, &mut proc, &mut rx, src, paths, step.mode) => Some(r),
         _ = crate::deploy::interrupted(stop) => None,
     };
     match exchanged {
-        Some(Ok(opened)) => Ok((opened, proc)),
+        Some(Ok(mut opened)) => {
+            opened.lines = Some(rx);
+            Ok((opened, proc))
+        }
         Some(Err(e)) => {
             // (Stopped already when the failure was the script's; else it waits for a line.)
             proc.abort().await;
@@ -897,7 +923,7 @@ fn interrupted(host: &str, paths: &Paths) -> anyhow::Error {
 async fn exchange(
     host: &str,
     proc: &mut Process,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
     src: Arc<Source>,
     paths: &Paths,
     mode: SyncMode,
@@ -905,7 +931,7 @@ async fn exchange(
     let mut buf = Vec::new();
     // The live digest comes first (the host writes a line after it), then, after the host's scans,
     // the store record. Meanwhile we look up the live manifest, if files changed (see `sent`).
-    if let Err(timed_out) = read_until(&mut rx, &mut buf, remote::digest_known).await {
+    if let Err(timed_out) = read_until(rx, &mut buf, remote::digest_known).await {
         return Err(inventory_failed(host, paths, proc, timed_out).await);
     }
     let recall = |d: String| tokio::task::spawn_blocking(move || sent::recall(&d));
@@ -915,7 +941,7 @@ async fn exchange(
         .and_then(|i| i.live_digest)
         .filter(|_| changed)
         .map(recall);
-    if let Err(timed_out) = read_until(&mut rx, &mut buf, remote::store_known).await {
+    if let Err(timed_out) = read_until(rx, &mut buf, remote::store_known).await {
         return Err(inventory_failed(host, paths, proc, timed_out).await);
     }
     let early = remote::parse_inventory(&buf, paths.name())
@@ -955,7 +981,7 @@ async fn exchange(
     proc.write(format!("{digest} {}\n", u8::from(kept.is_some())).as_bytes())
         .await
         .with_context(|| format!("{host}: the deploy script at {} went away", paths.store))?;
-    let end = match read_until(&mut rx, &mut buf, remote::inventory_end).await {
+    let end = match read_until(rx, &mut buf, remote::inventory_end).await {
         Ok(end) => end,
         Err(timed_out) => return Err(inventory_failed(host, paths, proc, timed_out).await),
     };
@@ -974,6 +1000,7 @@ async fn exchange(
         learn: sealed.is_none(),
         sealed,
         inv,
+        lines: None,
     })
 }
 
@@ -1068,6 +1095,7 @@ async fn stream<B>(
     send_bytes: u64,
     build: B,
     paths: &Paths,
+    hold: Option<Hold<'_>>,
 ) -> anyhow::Result<Sent>
 where
     B: FnOnce(archive::ChannelWriter, &dyn Fn(u64)) -> anyhow::Result<Option<Manifest>>
@@ -1117,7 +1145,13 @@ where
         return Err(anyhow::anyhow!("{e:#}"))
             .with_context(|| format!("{host}: deploy to {} aborted", paths.to));
     }
-    let out = proc.finish().await?;
+    let out = match hold {
+        Some(hold) => {
+            let cut = stopped || write_failed.is_some() || built.is_err();
+            held(ctx, &mut proc, hold, paths, cut).await?
+        }
+        None => proc.finish().await?,
+    };
     let tail_start = remote::inventory_end(&out.stdout).unwrap_or(0);
     let tail = String::from_utf8_lossy(&out.stdout[tail_start..]);
     let release = tail
@@ -1161,6 +1195,72 @@ where
         warnings,
         learned,
     })
+}
+
+/// A deploy script told to hold before its switch: the gate, the script's output lines, and the
+/// step (its `to` as written, the same on every host) that names its gate.
+struct Hold<'a> {
+    gate: &'a crate::gate::Gate,
+    lines: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+    step: &'a str,
+}
+
+/// The end of a stream whose script holds before its switch (see `gate`): once it says `ready`,
+/// wait at the gate for every host, tell it to switch or not (`go-<id>` or `abort-<id>` in its
+/// `incoming/`), and wait for its end. `cut`: the stream did not end well, so no switch.
+async fn held(
+    ctx: &StepCtx<'_>,
+    proc: &mut Process,
+    mut hold: Hold<'_>,
+    paths: &Paths,
+    cut: bool,
+) -> anyhow::Result<crate::ssh::Output> {
+    let host = ctx.host.name();
+    proc.close_stdin().await;
+    // (No `ready`: the script failed before it, and its output says why.)
+    while let Some(line) = hold.lines.recv().await {
+        if line != b"ready" {
+            continue;
+        }
+        let verdict = if cut {
+            Err(None)
+        } else {
+            tokio::select! {
+                r = hold.gate.pass(hold.step) => r.map_err(Some),
+                _ = crate::deploy::interrupted(&ctx.stop) => Err(None),
+            }
+        };
+        let word = if verdict.is_ok() { "go" } else { "abort" };
+        let signal = format!("{}/incoming/{word}-{}", paths.store, ctx.release);
+        let told = ctx
+            .session
+            .run(&["touch", "--", &signal], Some(Duration::from_secs(60)))
+            .await;
+        if !matches!(&told, Ok(o) if o.success()) {
+            // (Its next sign of life fails on the closed channel: it ends without a switch.)
+            proc.abort().await;
+            bail!(
+                "{host}: cannot tell the deploy script to {word}: {}; {} is unchanged (the next \
+                 deploy cleans up)",
+                match &told {
+                    Ok(o) => o.tail(),
+                    Err(e) => e.to_string(),
+                },
+                paths.to
+            );
+        }
+        let out = proc.wait().await?;
+        match verdict {
+            Err(Some(other)) if out.status == Some(3) => bail!(
+                "{host}: not switched: host {other} of this deploy failed before every host was \
+                 ready to switch {}; it is unchanged here too",
+                paths.to
+            ),
+            Err(None) if out.status == Some(3) && !cut => return Err(interrupted(host, paths)),
+            _ => return Ok(out),
+        }
+    }
+    Ok(proc.wait().await?)
 }
 
 pub async fn rollback(
@@ -1401,7 +1501,7 @@ async fn reapply(
         let _ = proc.finish().await;
         return Err(e);
     }
-    let params = params_line(id, false, &[], &inv.drifted, true);
+    let params = params_line(id, false, &[], &inv.drifted, true, false);
     let name = paths.name().to_string();
     let build = move |out: archive::ChannelWriter, sent: &dyn Fn(u64)| {
         archive::write_in_place(
@@ -1419,7 +1519,7 @@ async fn reapply(
             },
         )
     };
-    stream(ctx, proc, &params, 0, build, paths).await?;
+    stream(ctx, proc, &params, 0, build, paths, None).await?;
     Ok(())
 }
 

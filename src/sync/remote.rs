@@ -404,11 +404,12 @@ pub(super) const UNPACK: &str = unpack_sh!();
 /// then `1` when the controller holds the live manifest (see `sent`); it prints `same` or the tail
 /// (with its length; after a `1` without the live manifest, and in place just the `objects`
 /// record), then `end`. Then it reads one line:
-/// `<release id> <adopt 0|1> <ids to prune> <objects to drop> <again 0|1>` (lists
+/// `<release id> <adopt 0|1> <ids to prune> <objects to drop> <again 0|1> <hold 0|1>` (lists
 /// comma-separated, `-` for none), or EOF to stop there. The rest of stdin is the stream
 /// (`unpack`). Release mode: drop the objects edited by hand, unpack the stream in the store
-/// (objects straight into `objects/`, the tree under `incoming/r`), check its trailer, name the
-/// release (unique), switch `to` with one rename, prune: move the releases dropped and the
+/// (objects straight into `objects/`, the tree under `incoming/r`), check its trailer (with
+/// `hold`, print `ready` and wait for the controller's word: see `gate`), name the release
+/// (unique), switch `to` with one rename, prune: move the releases dropped and the
 /// objects no kept manifest names into `trash-<id>/`, deleted in the background.
 /// Mode `in-place`: unpack beside `to` (see `in_place_sh!`), name the release (`again` 1
 /// re-applies an existing one: a rollback), `apply`, then `inplace` names the release and `applied`
@@ -516,7 +517,7 @@ fi
 [ -n "$same" ] || [ "$(printf xy | dd bs=2 count=1 iflag=fullblock 2>/dev/null)" != xy ] ||
   rec plain yes
 printf 'end\t\0\n'
-read -r id adopt prune drop again || exit 0
+read -r id adopt prune drop again hold || exit 0
 [ -n "$id" ] || exit 0
 set -e
 fail() {
@@ -603,6 +604,22 @@ if [ -e scan.start ] && if [ "$M" != in-place ]; then
      { [ -d "$T" ] && [ -n "$(cd "$T" && find . -path "./$SG" -prune -o ! -path . ! -type f -newer "$S/scan.start" -print | head -c 1)" ]; }
    fi; then
   fail "files in $T were changed on the host while this deploy ran; deploy again to repair them"
+fi
+# Several hosts at once (`hold`): this release is checked; switch only once the controller says
+# every host's is (`go-<id>` in incoming/), and stop as a failure does on `abort-<id>`. A
+# controller gone ends this script on the closed pipe its dots go to (the next deploy cleans up),
+# as does an hour's wait; a cleanup by a later deploy (incoming/ gone) ends it at once.
+if [ "$hold" = 1 ]; then
+  printf 'ready\n'
+  w=0
+  until [ -e "incoming/go-$id" ]; do
+    [ -d incoming ] || exit 3
+    [ ! -e "incoming/abort-$id" ] || fail "another host of this deploy failed before every host was ready"
+    w=$((w + 1))
+    [ "$w" -lt 36000 ] || fail "the controller did not say to switch within an hour"
+    [ $((w % 20)) != 0 ] || printf '.\n'
+    sleep 0.1 2>/dev/null || sleep 1
+  done
 fi
 if [ "$again" = 1 ]; then
   rid=$id

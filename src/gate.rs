@@ -1,0 +1,86 @@
+//! The fleet's gate before a switch. In a deploy to several hosts at once, each host's sync step
+//! streams and checks its new release, then waits here until every host has: then all switch, or,
+//! if a host failed first, none does. So a deploy that fails on one host (a full disk, a lost
+//! connection, a hand edit found) leaves every host's files as they were, as Capistrano's "upload
+//! everywhere, then symlink" does. What happens after a switch (a container that fails its health
+//! check) is each host's own to take back.
+
+use std::collections::BTreeMap;
+
+use tokio::sync::watch;
+
+/// One deploy's gates, one per sync step (named by its `to` as written), shared by its hosts.
+pub struct Gate {
+    hosts: usize,
+    state: watch::Sender<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Per sync target: how many hosts are ready to switch it (or have nothing to switch).
+    arrived: BTreeMap<String, usize>,
+    /// The first host that failed, and where.
+    failed: Option<String>,
+}
+
+impl Gate {
+    /// A gate for `hosts` hosts that run at once.
+    pub fn new(hosts: usize) -> Gate {
+        Gate {
+            hosts,
+            state: watch::Sender::new(State::default()),
+        }
+    }
+
+    /// This host has nothing to switch at `target`: the others need not wait for it.
+    pub fn arrive(&self, target: &str) {
+        self.state
+            .send_modify(|s| *s.arrived.entry(target.to_string()).or_default() += 1);
+    }
+
+    /// This host is ready to switch `target`: wait for every host. `Err` names the host that
+    /// failed before all were ready.
+    pub async fn pass(&self, target: &str) -> Result<(), String> {
+        self.arrive(target);
+        let mut rx = self.state.subscribe();
+        let all = |s: &State| s.arrived.get(target).copied().unwrap_or(0) >= self.hosts;
+        let state = rx
+            .wait_for(|s| all(s) || s.failed.is_some())
+            .await
+            .map_err(|_| "the deploy ended".to_string())?;
+        match &state.failed {
+            _ if all(&state) => Ok(()),
+            Some(host) => Err(host.clone()),
+            None => Err("the deploy ended".into()),
+        }
+    }
+
+    /// `host` failed (or ended before some gate): the gates not yet open stay shut.
+    pub fn fail(&self, host: &str) {
+        self.state.send_modify(|s| {
+            s.failed.get_or_insert_with(|| host.to_string());
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn opens_when_all_arrive_and_stays_shut_after_a_failure() {
+        let gate = std::sync::Arc::new(Gate::new(3));
+        let waiting = {
+            let g = gate.clone();
+            tokio::spawn(async move { g.pass("/srv/a").await })
+        };
+        gate.arrive("/srv/a");
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        assert_eq!(gate.pass("/srv/a").await, Ok(()));
+        assert_eq!(waiting.await.unwrap(), Ok(()));
+        // A host failing after it passed one gate shuts the next.
+        gate.fail("web2");
+        assert_eq!(gate.pass("/srv/b").await, Err("web2".to_string()));
+    }
+}
