@@ -872,7 +872,7 @@ async fn open_deploy(
             if step.delete { "1" } else { "0" },
         ],
     )?;
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
     let sink: SharedSink = Arc::new(move |s: Stream, line: &[u8]| {
         if s == Stream::Stdout {
             let _ = tx.send(line.to_vec());
@@ -888,7 +888,6 @@ async fn open_deploy(
         }
     };
     // An interrupt stops the exchange; the script, told nothing, ends without a change.
-    let mut rx = rx;
     let exchanged = tokio::select! {
         r = exchange(&host, &mut proc, &mut rx, src, paths, step.mode) => Some(r),
         _ = crate::deploy::interrupted(stop) => None,
