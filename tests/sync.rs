@@ -953,6 +953,39 @@ fn sync_keep_prunes_but_never_live_or_rollback_target() {
     assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"v3");
 }
 
+/// Failed deploys leave their releases, which count toward `keep`; two in a row still leave the
+/// release a rollback goes to (the one before the live one).
+#[test]
+fn failed_deploys_in_a_row_keep_the_rollback_target() {
+    let site = Site::new(
+        "failkeep",
+        vec![Sshd::start()],
+        |src: &Path, root: &Path| {
+            format!(
+                "      - sync: {{ from: \"{}\", to: app, keep: 3 }}\n      - run: {{ command: [test, \"!\", -e, \"{}/fail\"] }}\n",
+                src.display(),
+                root.display()
+            )
+        },
+    );
+    let to = site.root().join("app");
+    let mut ids = Vec::new();
+    for i in 1..=5u8 {
+        if i == 4 {
+            std::fs::write(site.root().join("fail"), b"").unwrap();
+        }
+        site.write(b"index.html", format!("v{i}").as_bytes());
+        let run = site.deploy(&sha(i));
+        assert_eq!(run.code, if i < 4 { 0 } else { 1 }, "{}", run.all());
+        ids.push(live_release(&to));
+    }
+    assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"v3");
+    std::fs::remove_file(site.root().join("fail")).unwrap();
+    site.ferry("rollback", &sha(5)).run().success();
+    assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"v2");
+    assert_eq!(live_release(&to), ids[1]);
+}
+
 /// A first deploy whose later step fails takes its release off `to` again: `to` is what it was
 /// before (missing; the directory it adopted; in place, missing), and nothing is live. The next
 /// deploy, once the step passes, goes live.
