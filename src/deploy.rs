@@ -610,9 +610,11 @@ async fn run_host(
         r = steps_run => r,
         _ = renew => unreachable!("renewal never ends"),
     };
-    let ok = error.is_none();
+    let mut ok = error.is_none();
+    let mut error = error;
     // The ledger record, then the unlock, in one exec (a plan holds no lock and records nothing).
-    // The deploy's result stands; a lock left behind expires with its lease or `ferry unlock`.
+    // A run that could not be recorded fails (status and rollback would not know it), though
+    // what it did stands; a lock left behind expires with its lease or `ferry unlock`.
     if let Some(lock) = lock {
         let mut record = Record::new(
             ctx,
@@ -626,11 +628,23 @@ async fn run_host(
         (record.files_releases, record.files_release) = live_releases(&reports);
         let appending = ledger::Appending::new(ctx, &record);
         match lock.release_after(ctx.session, Some(&appending)).await {
-            Ok(stderr) if ledger::Appending::failed(&stderr) => tracing::warn!(
-                "cannot record the deploy in {}/ledger.jsonl: {}",
-                ctx.host.state_dir(),
-                stderr.trim()
-            ),
+            Ok(stderr) if ledger::Appending::failed(&stderr) => {
+                let why = format!(
+                    "cannot record the {} in {}/ledger.jsonl ({}); what it did stands, but \
+                     `ferry status` and `ferry rollback` do not know it: fix that (a full disk?), \
+                     then run it again",
+                    action.name(),
+                    ctx.host.state_dir(),
+                    stderr.trim().replace('\n', "; ")
+                );
+                ctx.progress
+                    .println(&format!("{}: ERROR: {why}", ctx.host.name()));
+                ok = false;
+                error = Some(match error {
+                    Some(e) => format!("{e}; and {why}"),
+                    None => why,
+                });
+            }
             Ok(_) => {}
             Err(e) => {
                 ctx.progress

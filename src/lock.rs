@@ -181,7 +181,9 @@ guard_take() {
   i=0
   while ! mkdir "$lock.guard" 2>/dev/null; do
     at=$(cat "$lock.guard/at" 2>/dev/null || true)
-    case $at in ''|*[!0-9]*) at=$(date +%s) ;; esac
+    # (No time in it: one just made, or one whose `at` could not be written, on a full disk. The
+    # directory's mtime says when it was made.)
+    case $at in ''|*[!0-9]*) at=$(date -r "$lock.guard" +%s 2>/dev/null || date +%s) ;; esac
     if [ $(( $(date +%s) - at )) -gt 30 ]; then rm -rf "$lock.guard"; continue; fi
     i=$((i + 1)); [ "$i" -le 50 ] || return 1
     sleep 0.2 2>/dev/null || sleep 1

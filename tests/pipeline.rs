@@ -1108,6 +1108,42 @@ fn set_lock_expiry(root: &str, secs: i64) {
     std::fs::write(lock_dir.join("expires"), format!("{}\n", now + secs)).unwrap();
 }
 
+/// A guard left with no time in it (its controller killed, or its `at` unwritable on a full disk)
+/// goes stale by its directory's age: an expired lock under it is still taken over.
+#[test]
+fn a_guard_without_a_time_goes_stale() {
+    let host = Sshd::start();
+    let dir = TempDir::new("guard");
+    let root = open_root(&dir);
+    let p = pb(
+        &dir,
+        &[host.address()],
+        &root,
+        "      - run: { command: [\"true\"] }\n",
+        "",
+    );
+    let lock_dir = stale_lock(&root, 100);
+    let guard = lock_dir.with_extension("guard");
+    std::fs::create_dir(&guard).unwrap();
+    std::fs::write(guard.join("at"), "").unwrap();
+    run_ok(
+        Command::new("touch")
+            .args(["-d", "@1000000000"])
+            .arg(&guard),
+    );
+    let run = ci(&[&host], "release-1", SHA, "801")
+        .arg("deploy")
+        .arg(&p)
+        .run()
+        .success();
+    assert!(
+        run.all().contains("took over the expired deploy lock"),
+        "{}",
+        run.all()
+    );
+    assert!(!guard.exists() && !lock_dir.exists());
+}
+
 /// Deployer's auto-unlock race: several controllers find the same expired lock at once. Exactly one
 /// may take it over; the others must see it held (by the winner), never both "win".
 #[test]

@@ -2365,15 +2365,16 @@ fn sync_redeploys_with_the_manifest_it_kept_on_busybox_host() {
     kept_manifests(true);
 }
 
-/// A ledger that cannot be appended to does not fail the deploy: it is named in a warning, and
-/// the lock (released by the same exec) is gone, so the next deploy runs and is recorded.
+/// A ledger that cannot be appended to fails the deploy (status and rollback would not know it),
+/// though its switch stands; the lock (released by the same exec) is gone, so the next deploy runs
+/// and is recorded.
 #[test]
-fn sync_ledger_failure_warns_and_unlocks() {
+fn sync_ledger_failure_fails_and_unlocks() {
     let site = Site::new("ledger", vec![Sshd::start()], one_step("app", ""));
     site.write(b"index.html", b"v1");
     let state = site.root().join(".ferry");
     std::fs::create_dir_all(state.join("ledger.jsonl")).unwrap();
-    let run = site.deploy(&sha(1)).success();
+    let run = site.deploy(&sha(1)).failure(1);
     assert!(
         run.stderr.contains("cannot record the deploy in") && run.stderr.contains("ledger.jsonl"),
         "{}",
