@@ -37,6 +37,8 @@ pub struct Live {
     pub ref_name: Option<String>,
     pub sha: Option<String>,
     pub release: Option<String>,
+    /// The live release at each sync target (by path).
+    pub files: BTreeMap<String, String>,
     /// Missing, stopped, unhealthy, drifted or unreadable things.
     pub notes: Vec<String>,
 }
@@ -170,6 +172,17 @@ pub fn summarize(env: &str, per_branch: bool, hosts: &[HostView]) -> EnvStatus {
                 }
                 if let Some(g) = good {
                     live_on.insert(h.host.clone(), (r.to_string(), g.sha.clone()));
+                    // Each sync target against the release that deploy left there.
+                    for (path, rel) in live_read.map(|l| &l.files).into_iter().flatten() {
+                        if let Some(want) = g.files_releases.get(path)
+                            && want != rel
+                        {
+                            notes.push(format!(
+                                "files at {path}: release {rel} is live, but the ledger's last \
+                                 good run left {want} there"
+                            ));
+                        }
+                    }
                 }
             }
             // (A deploy that changed no files keeps an older files release: name it.)
@@ -306,6 +319,7 @@ async fn read_live(host: &Host, session: &Session, steps: &[Step]) -> Live {
                 Ok(l) => {
                     match &l.release {
                         Some(rel) => {
+                            live.files.insert(l.path.clone(), rel.clone());
                             live.release.get_or_insert(rel.clone());
                             if let Some(r) = &l.ref_name {
                                 live.ref_name.get_or_insert(r.clone());

@@ -953,6 +953,42 @@ fn sync_keep_prunes_but_never_live_or_rollback_target() {
     assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"v3");
 }
 
+/// `status` checks every sync target against the release the last good deploy left there, not
+/// only the first.
+#[test]
+fn status_checks_every_sync_target() {
+    let site = Site::new("statusall", vec![Sshd::start()], |src: &Path, _: &Path| {
+        format!(
+            "      - sync: {{ from: \"{0}\", to: web }}\n      - sync: {{ from: \"{0}\", to: conf }}\n",
+            src.display()
+        )
+    });
+    site.write(b"index.html", b"v1");
+    site.deploy(&sha(1)).success();
+    let conf = site.root().join("conf");
+    let first = std::fs::read_link(&conf).unwrap();
+    site.write(b"index.html", b"v2");
+    site.deploy(&sha(2)).success();
+    // By hand: conf goes back to the first release.
+    let tmp = site.root().join("conf.tmp");
+    std::os::unix::fs::symlink(&first, &tmp).unwrap();
+    std::fs::rename(&tmp, &conf).unwrap();
+    let hosts: Vec<&Sshd> = site.hosts.iter().collect();
+    let status = Ferry::new()
+        .trusting(&hosts)
+        .arg("status")
+        .arg(&site.pb)
+        .args(["--env", "test", "--json"])
+        .run()
+        .success();
+    let want = format!(
+        "files at {}: release {} is live, but the ledger's last good run left",
+        conf.display(),
+        first.file_name().unwrap().to_string_lossy()
+    );
+    assert!(status.stdout.contains(&want), "{want}: {}", status.stdout);
+}
+
 /// Failed deploys leave their releases, which count toward `keep`; two in a row still leave the
 /// release a rollback goes to (the one before the live one).
 #[test]
