@@ -767,6 +767,7 @@ mod tests {
             ref_name: Some("main".into()),
             sha: Some("aaaa".into()),
             release: Some(release.into()),
+            files: Default::default(),
             notes: vec![],
         };
         web1.live.insert(String::new(), live("rel-10"));
