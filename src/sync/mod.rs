@@ -1177,12 +1177,24 @@ where
             ),
         });
     }
-    if !out.success() {
+    if out.status.is_none() {
+        // (Its stdout is protocol records: not for people.)
         bail!(
-            "{host}: deploy to {} failed (exit {:?}): {}",
+            "{host}: the connection ended before the deploy script said how the deploy to {} went; \
+             once the whole stream is sent, the host finishes the switch by itself: `ferry status` \
+             shows what is live",
+            paths.to
+        );
+    }
+    if !out.success() {
+        let why = match out.stderr.iter().all(u8::is_ascii_whitespace) {
+            true => "it gave no reason".to_string(),
+            false => out.tail(),
+        };
+        bail!(
+            "{host}: deploy to {} failed (exit {:?}): {why}",
             paths.to,
             out.status,
-            out.tail()
         );
     }
     let learned = built.with_context(|| format!("{host}: sending to {}", paths.to))?;
