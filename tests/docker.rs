@@ -1372,3 +1372,76 @@ fn sigterm_during_a_health_wait_puts_the_old_container_back() {
     assert_eq!(http_get(port, "/version").as_deref(), Some("v1\n"));
     assert!(!docker_try(&["container", "inspect", &aside]).0);
 }
+
+/// The connection lost while the new container's health check waits: ferry says so, and claims
+/// no removal it could not make; the next deploy brings back the container that was live.
+#[test]
+fn a_connection_lost_during_a_health_wait_is_said_as_such() {
+    engine();
+    let host = Sshd::start();
+    let prefix = unique("healthcut");
+    let _cleanup = Cleanup(vec![prefix.clone()]);
+    let port = free_port();
+    let good = pushed_image(&prefix, "good", "v1", true);
+    let bad = pushed_image(&prefix, "bad", "v2", false);
+    let dir = TempDir::new("healthcut");
+    let steps = |image: &str| {
+        format!(
+            "      - container:\n          name: \"{prefix}\"\n          image: \"{image}\"\n          \
+             ports: [\"127.0.0.1:{port}:8080\"]\n          \
+             health: {{ type: http, url: \"http://127.0.0.1:{port}/health\", timeout: 60s, interval: 200ms }}\n"
+        )
+    };
+    let first = pb(&dir, &[("web1", &host)], "", &steps(&good));
+    deploy(&[&host], &first, "aaaa").success();
+    let old = container_id(&prefix);
+    let second = pb(&dir, &[("web1", &host)], "", &steps(&bad));
+    let (child, _home) = Ferry::new()
+        .trusting(&[&host])
+        .arg("deploy")
+        .arg(&second)
+        .args(["--env", "test", "--ref", "main", "--sha", "bbbb"])
+        .spawn();
+    let aside = format!("{prefix}.ferry-aside");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !docker_try(&["container", "inspect", &aside]).0 {
+        assert!(std::time::Instant::now() < deadline, "no switch began");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    for pid in pids_of_children(host.pid()) {
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status();
+    }
+    let out = child.wait_with_output().unwrap();
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    assert!(
+        all.contains("the connection was lost while the new container")
+            && !all.contains("was removed"),
+        "{all}"
+    );
+    // The next deploy (the good image again; the lost run's lock removed) brings the old
+    // container back.
+    let first = pb(&dir, &[("web1", &host)], "", &steps(&good));
+    Ferry::new()
+        .trusting(&[&host])
+        .arg("unlock")
+        .arg(&first)
+        .args(["--env", "test", "--force"])
+        .run()
+        .success();
+    let run = deploy(&[&host], &first, "aaaa").success();
+    assert!(
+        run.all().contains(&format!("restored {prefix}")),
+        "{}",
+        run.all()
+    );
+    assert_eq!(container_id(&prefix), old);
+    assert_eq!(http_get(port, "/version").as_deref(), Some("v1\n"));
+}

@@ -1507,23 +1507,6 @@ fn assert_live_intact(site: &Site, release: &str) {
     assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"v1");
 }
 
-/// Every process below `parent` (sshd's monitor, session and shell processes of each connection).
-fn pids_of_children(parent: u32) -> Vec<u32> {
-    let out = std::process::Command::new("ps")
-        .args(["-o", "pid=", "--ppid", &parent.to_string()])
-        .output()
-        .unwrap();
-    let direct: Vec<u32> = String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect();
-    let mut all = direct.clone();
-    for p in direct {
-        all.extend(pids_of_children(p));
-    }
-    all
-}
-
 #[test]
 fn sync_survives_controller_killed_and_connection_cut() {
     let site = Site::new("interrupt", vec![Sshd::start()], one_step("app", ""));

@@ -430,6 +430,27 @@ async fn replace(
             Ok(how)
         }
         Err(e) => {
+            // The connection lost: nothing more can be done or known there. The next deploy or
+            // rollback puts back what was moved aside (`recover_aside`).
+            let alive = ctx
+                .session
+                .run(&["true"], Some(std::time::Duration::from_secs(10)))
+                .await
+                .is_ok();
+            if !alive {
+                let back = match current {
+                    Some(_) => format!(
+                        "; the next deploy or rollback removes it and brings back {aside}, the \
+                         container that was live"
+                    ),
+                    None => String::new(),
+                };
+                return Err(anyhow::anyhow!(
+                    "{host}: the connection was lost while the new container {name} ({}) was \
+                     being started or checked: it was left as it was{back}: {e:#}",
+                    r.spec.image
+                ));
+            }
             let logs = if engine.container(name).await.ok().flatten().is_some() {
                 engine.logs(name).await
             } else {

@@ -494,3 +494,20 @@ pub fn gone(pid: &str) -> bool {
             .is_some_and(|s| s.trim_start().starts_with('Z')),
     }
 }
+
+/// Every process below `parent` (sshd's monitor, session and shell processes of each connection).
+pub fn pids_of_children(parent: u32) -> Vec<u32> {
+    let out = std::process::Command::new("ps")
+        .args(["-o", "pid=", "--ppid", &parent.to_string()])
+        .output()
+        .unwrap();
+    let direct: Vec<u32> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    let mut all = direct.clone();
+    for p in direct {
+        all.extend(pids_of_children(p));
+    }
+    all
+}
