@@ -597,18 +597,29 @@ async fn run_host(
     // step; an interrupt also cuts off a running step unless that would leave the host worse.
     let lost: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
     let steps_run = run_steps(ctx, steps, action, &lost);
+    // A host that answers no renewal for a whole lease is gone: the step in progress, which may
+    // wait on it for ever, is given half a lease more, then abandoned.
     let renew = async {
         if let Some(lock) = &lock {
             let e = lock.keep_alive(ctx.session).await;
             ctx.progress
                 .println(&format!("{}: WARNING: {e}", ctx.host.name()));
             *lost.lock().unwrap() = Some(e.to_string());
+            if matches!(e, crate::lock::LockError::Unreachable { .. }) {
+                tokio::time::sleep(lock.lease() / 2).await;
+                return e.to_string();
+            }
         }
-        std::future::pending::<()>().await
+        std::future::pending::<String>().await
     };
-    let (reports, error) = tokio::select! {
-        r = steps_run => r,
-        _ = renew => unreachable!("renewal never ends"),
+    let (reports, error, lock) = tokio::select! {
+        (reports, error) = steps_run => (reports, error, lock),
+        // (Nor can the run be recorded, or the lock released: it expires by itself.)
+        why = renew => (
+            Vec::new(),
+            Some(format!("{why}; the step in progress was abandoned, and the run is not recorded")),
+            None,
+        ),
     };
     let mut ok = error.is_none();
     let mut error = error;

@@ -121,6 +121,16 @@ pub enum LockError {
         path: String,
         why: String,
     },
+    /// No renewal got through for a whole lease: the host (or the way to it) is gone.
+    #[error(
+        "{host}: the host has not answered for {after:?} (the deploy lock {path} could not be \
+         renewed): the connection is lost"
+    )]
+    Unreachable {
+        host: String,
+        path: String,
+        after: Duration,
+    },
 }
 
 /// A held lock. Release it with [`Lock::release`]; while steps run, drive [`Lock::keep_alive`].
@@ -449,17 +459,30 @@ impl Lock {
         }
     }
 
-    /// Renew the lease every third of it until the lock is found lost (returned as the error).
-    /// Transient failures to renew are logged and retried soon: each try may take a sixth of the
-    /// lease, and after a failed one the next comes a twelfth of it later, so three tries fit
-    /// before the lease runs out.
-    /// Run it alongside the steps; a loss stops the deploy before its next step (a step is never
-    /// cut off half-way for it).
+    /// How long the lock stays valid without renewal.
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    /// Renew the lease every third of it until the lock is found lost, or no renewal got through
+    /// for a whole lease (returned as the error). Transient failures to renew are logged and
+    /// retried soon: each try may take a sixth of the lease, and after a failed one the next comes
+    /// a twelfth of it later, so three tries fit before the lease runs out.
+    /// Run it alongside the steps; a loss stops the deploy before its next step (a step is cut
+    /// off only when the host is unreachable).
     pub async fn keep_alive(&self, session: &Session) -> LockError {
         let mut wait = self.lease / 3;
+        let mut renewed = std::time::Instant::now();
         loop {
             tokio::time::sleep(wait).await;
             wait = self.lease / 12;
+            if renewed.elapsed() > self.lease {
+                return LockError::Unreachable {
+                    host: self.host.clone(),
+                    path: self.path(),
+                    after: renewed.elapsed(),
+                };
+            }
             let r = session
                 .run_script(
                     RENEW,
@@ -476,6 +499,7 @@ impl Lock {
                 Ok(out) if out.success() => {
                     tracing::debug!("renewed the deploy lock");
                     wait = self.lease / 3;
+                    renewed = std::time::Instant::now();
                 }
                 Ok(out) if out.status == Some(1) && out.stdout_str().starts_with("lost") => {
                     let text = out.stdout_str();

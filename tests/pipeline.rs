@@ -1705,3 +1705,64 @@ fn rollback_after_a_retried_job_goes_to_the_commit_before() {
         status.stdout
     );
 }
+
+/// A host that stops answering mid-step (its sshd frozen: a network gone silent) is given up once
+/// no lock renewal got through for a lease and half another, not waited on for ever.
+#[test]
+fn a_host_gone_silent_mid_step_is_given_up() {
+    let host = Sshd::start();
+    let dir = TempDir::new("silent");
+    let root = open_root(&dir);
+    let p = pb(
+        &dir,
+        &[host.address()],
+        &root,
+        "      - run: { command: [sleep, \"300\"], timeout: 10m }\n",
+        "",
+    );
+    let (child, _home) = ci(&[&host], "release-1", SHA, "901")
+        .env("FERRY_LOCK_LEASE", "6s")
+        .arg("deploy")
+        .arg(&p)
+        .spawn();
+    // Once the step runs (its `sleep` is up), freeze every process of the connection.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let frozen = loop {
+        let pids = pids_of_children(host.pid());
+        let ps = std::process::Command::new("ps")
+            .args(["-o", "args=", "--ppid"])
+            .arg(
+                pids.iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+            )
+            .output()
+            .unwrap();
+        if !pids.is_empty() && String::from_utf8_lossy(&ps.stdout).contains("sleep 300") {
+            break pids;
+        }
+        assert!(Instant::now() < deadline, "the step never started");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for pid in &frozen {
+        let _ = std::process::Command::new("kill")
+            .args(["-STOP", &pid.to_string()])
+            .status();
+    }
+    let started = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    for pid in &frozen {
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status();
+    }
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    assert!(started.elapsed() < Duration::from_secs(30), "{all}");
+    assert!(all.contains("the host has not answered"), "{all}");
+}
