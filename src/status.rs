@@ -192,7 +192,7 @@ pub fn summarize(env: &str, per_branch: bool, hosts: &[HostView]) -> EnvStatus {
                 notes.push(format!(
                     "last attempt failed{}",
                     if live {
-                        "; an older release is still live"
+                        "; the release shown is the last good run's"
                     } else {
                         ""
                     }
