@@ -637,7 +637,14 @@ async fn run_host(
             started.elapsed(),
         );
         (record.files_releases, record.files_release) = live_releases(&reports);
-        let appending = ledger::Appending::new(ctx, &record);
+        // (A run whose lock this one took over ended unrecorded: it goes first.)
+        let mut records: Vec<Record> = lock
+            .taken_over
+            .iter()
+            .map(|h| Record::interrupted(ctx, h))
+            .collect();
+        records.push(record);
+        let appending = ledger::Appending::new(ctx, &records);
         match lock.release_after(ctx.session, Some(&appending)).await {
             Ok(stderr) if ledger::Appending::failed(&stderr) => {
                 let why = format!(

@@ -141,6 +141,40 @@ impl Record {
     }
 
     /// The one JSON line this record is stored as (no newline inside: JSON escapes them).
+    /// The record of a run that ended without one (killed, its connection lost), from the holder
+    /// of the lock that `ctx`'s run took over.
+    pub fn interrupted(ctx: &StepCtx<'_>, holder: &crate::lock::Holder) -> Record {
+        Record {
+            version: VERSION,
+            app: ctx.app.into(),
+            env: ctx.env.into(),
+            host: ctx.host.name().into(),
+            ref_name: holder.ref_name.clone(),
+            is_tag: false,
+            ref_slug: crate::template::slug(&holder.ref_name),
+            sha: holder.sha.clone(),
+            pipeline_id: holder.pipeline_id.clone(),
+            job_url: holder.job_url.clone(),
+            release: String::new(),
+            files_release: None,
+            files_releases: Default::default(),
+            action: "interrupted".into(),
+            ok: false,
+            error: Some(format!(
+                "ended without recording itself (killed, or its connection lost; {} pid {}); a \
+                 later run took over its lock",
+                holder.controller, holder.pid
+            )),
+            steps: vec![],
+            started_at: holder.started_at,
+            seconds: 0.0,
+            bytes_sent: 0,
+            files_sent: 0,
+            user: holder.user.clone(),
+            controller: holder.controller.clone(),
+        }
+    }
+
     pub fn to_line(&self) -> String {
         serde_json::to_string(self).expect("a record serializes")
     }
@@ -293,9 +327,11 @@ pub struct Appending {
 }
 
 impl Appending {
-    pub fn new(ctx: &StepCtx<'_>, record: &Record) -> Appending {
+    /// Records appended in one go, one per line.
+    pub fn new(ctx: &StepCtx<'_>, records: &[Record]) -> Appending {
+        let lines: Vec<String> = records.iter().map(Record::to_line).collect();
         Appending {
-            args: [ctx.host.state_dir(), record.to_line()],
+            args: [ctx.host.state_dir(), lines.join("\n")],
         }
     }
 

@@ -144,6 +144,9 @@ pub struct Lock {
     /// This host's entry under `holders/`.
     me: String,
     lease: Duration,
+    /// The holder of the expired lock this run took over: a run that ended without recording
+    /// itself (killed, its connection lost), which the ledger then records as interrupted.
+    pub taken_over: Option<Holder>,
 }
 
 /// A new run token: every host of one run locks with it.
@@ -374,13 +377,14 @@ impl Lock {
         wait: Option<Duration>,
     ) -> Result<Lock, LockError> {
         let host = ctx.host.name().to_string();
-        let lock = Lock {
+        let mut lock = Lock {
             me: blake3::hash(host.as_bytes()).to_hex()[..16].to_string(),
             host,
             state_dir: ctx.host.state_dir(),
             name: lock_name(ctx.app, ctx.env),
             token: run.to_string(),
             lease: lease_from_env(),
+            taken_over: None,
         };
         let holder = serde_json::to_string(&Holder::new(&lock.token, ctx.deploy))
             .expect("holder serializes");
@@ -409,8 +413,10 @@ impl Lock {
                     if text.starts_with("took-over") {
                         let (exp, old) = parse_show(&text);
                         let who = old
+                            .as_ref()
                             .map(|h| h.describe())
                             .unwrap_or_else(|| "unknown".into());
+                        lock.taken_over = old;
                         tracing::warn!(
                             "{}: took over the expired deploy lock {} of {who}{}",
                             lock.host,

@@ -1108,6 +1108,44 @@ fn set_lock_expiry(root: &str, secs: i64) {
     std::fs::write(lock_dir.join("expires"), format!("{}\n", now + secs)).unwrap();
 }
 
+/// A run that ended without recording itself (killed, its connection lost) is recorded as
+/// interrupted by the run that takes over its expired lock: history and status show it.
+#[test]
+fn a_taken_over_run_is_recorded_as_interrupted() {
+    let host = Sshd::start();
+    let dir = TempDir::new("takenover");
+    let root = open_root(&dir);
+    let p = pb(
+        &dir,
+        &[host.address()],
+        &root,
+        "      - run: { command: [\"true\"] }\n",
+        "",
+    );
+    stale_lock(&root, 100);
+    ci(&[&host], "release-1", SHA, "811")
+        .arg("deploy")
+        .arg(&p)
+        .run()
+        .success();
+    let records = ledger(&Path::new(&root).join(".ferry"));
+    assert_eq!(records.len(), 2, "{records:?}");
+    assert_eq!(records[0]["action"], "interrupted");
+    assert_eq!(records[0]["ref"], "release-dead");
+    assert_eq!(records[0]["ok"], false);
+    assert_eq!(records[1]["ref"], "release-1");
+    let history = ci(&[&host], "release-1", SHA, "812")
+        .arg("history")
+        .arg(&p)
+        .run()
+        .success();
+    assert!(
+        history.stdout.contains("interrupted") && history.stdout.contains("release-dead"),
+        "{}",
+        history.stdout
+    );
+}
+
 /// A guard left with no time in it (its controller killed, or its `at` unwritable on a full disk)
 /// goes stale by its directory's age: an expired lock under it is still taken over.
 #[test]
@@ -1191,8 +1229,12 @@ fn only_one_of_many_controllers_takes_over_an_expired_lock() {
         let unlock = format!("`ferry unlock {} --env test --force`", p.display());
         assert!(r.stdout.contains(&unlock), "{unlock}: {r:#?}");
     }
-    // One deploy ran; no leftovers of the takeover; the lock is released.
-    assert_eq!(ledger(&Path::new(&root).join(".ferry")).len(), 1);
+    // One deploy ran (and, when the winner took the lock over, it recorded the dead run as
+    // interrupted); no leftovers of the takeover; the lock is released.
+    let records = ledger(&Path::new(&root).join(".ferry"));
+    let ran = records.iter().filter(|r| r["action"] != "interrupted");
+    assert_eq!(ran.count(), 1, "{records:?}");
+    assert!(records.len() <= 2, "{records:?}");
     assert!(!lock_dir.exists());
     let left: Vec<String> = std::fs::read_dir(Path::new(&root).join(".ferry/locks"))
         .unwrap()
