@@ -1273,7 +1273,8 @@ async fn held(
         match verdict {
             Err(Some(other)) if out.status == Some(3) => bail!(
                 "{host}: not switched: host {other} of this deploy failed before every host was \
-                 ready to switch {}; it is unchanged here too",
+                 ready to switch {}; it is unchanged here too (hosts switch together: deploy again \
+                 once {other} is right, or leave it out with --limit)",
                 paths.to
             ),
             Err(None) if out.status == Some(3) && !cut => return Err(interrupted(host, paths)),
