@@ -552,7 +552,10 @@ async fn run_host(
     // with that deploy's ref, commit and release. (A plan reads it too, so that it shows the
     // rollback that would run.)
     let target = match action {
-        Action::Rollback(to, _) => rollback_target(ctx, to.as_deref(), per_branch).await,
+        Action::Rollback(to, _) => {
+            let cut = lock.as_ref().is_some_and(|l| l.taken_over.is_some());
+            rollback_target(ctx, to.as_deref(), per_branch, cut).await
+        }
         _ if per_branch => slug_shared(ctx, action).await.map(|()| None),
         _ => Ok(None),
     };
@@ -992,6 +995,7 @@ async fn rollback_target(
     ctx: &StepCtx<'_>,
     to: Option<&str>,
     per_branch: bool,
+    cut: bool,
 ) -> anyhow::Result<Option<Record>> {
     let records: Vec<Record> = ledger::read(ctx.host, ctx.session)
         .await?
@@ -999,7 +1003,7 @@ async fn rollback_target(
         .filter(|r| r.app == ctx.app && r.env == ctx.env && r.host == ctx.host.name())
         .filter(|r| !per_branch || r.ref_slug == ctx.deploy.ref_slug)
         .collect();
-    ledger::rollback_target(&records, to)
+    ledger::rollback_target(&records, to, cut)
         .map(|r| r.cloned())
         .map_err(|e| anyhow::anyhow!("{}: {e}", ctx.host.name()))
 }

@@ -218,9 +218,14 @@ pub fn parse(text: &str) -> (Vec<Record>, Vec<String>) {
 /// made that release (so repeated rollbacks walk back through history). Either way, records that
 /// left the host as it is now (same commit and files) are passed over. `Ok(None)` when the ledger
 /// is empty (nothing to choose from: the step modules decide).
+///
+/// After a run that ended unrecorded (`cut`: this run took over its lock; or the ledger's last
+/// record says `interrupted`), what is live may be that run's: the target is the last good run
+/// itself, the last state the ledger knows.
 pub fn rollback_target<'a>(
     records: &'a [Record],
     to: Option<&str>,
+    cut: bool,
 ) -> Result<Option<&'a Record>, String> {
     let good = |r: &&Record| r.ok && (r.action == "deploy" || r.action == "rollback");
     let deploys: Vec<&Record> = records
@@ -244,6 +249,9 @@ pub fn rollback_target<'a>(
     let Some(at) = records.iter().rposition(|r| good(&r)) else {
         return Err("no successful deploy in the ledger to roll back from".into());
     };
+    if cut || records.last().is_some_and(|r| r.action == "interrupted") {
+        return Ok(Some(&records[at]));
+    }
     let live = &records[at];
     // (Records that left the host as it is now, as a retried job does, are no step back.)
     let other = |r: &&Record| r.release != live.release && !same_state(r, live);
@@ -436,13 +444,22 @@ mod tests {
             record("s", "h", "release-3", "cc", false, 3),
             record("s", "h", "release-3", "cc", true, 4),
         ];
-        assert_eq!(rollback_target(&rs, None).unwrap().unwrap().started_at, 2);
         assert_eq!(
-            rollback_target(&rs, Some("2026-1")).unwrap().unwrap().sha,
+            rollback_target(&rs, None, false)
+                .unwrap()
+                .unwrap()
+                .started_at,
+            2
+        );
+        assert_eq!(
+            rollback_target(&rs, Some("2026-1"), false)
+                .unwrap()
+                .unwrap()
+                .sha,
             "aa"
         );
         assert!(
-            rollback_target(&rs, Some("nope"))
+            rollback_target(&rs, Some("nope"), false)
                 .unwrap_err()
                 .contains("2026-4, 2026-2, 2026-1")
         );
@@ -451,17 +468,49 @@ mod tests {
         rb.action = "rollback".into();
         rb.release = "2026-2".into();
         rs.push(rb);
-        assert_eq!(rollback_target(&rs, None).unwrap().unwrap().started_at, 1);
+        assert_eq!(
+            rollback_target(&rs, None, false)
+                .unwrap()
+                .unwrap()
+                .started_at,
+            1
+        );
         assert!(
-            rollback_target(&rs[..1], None)
+            rollback_target(&rs[..1], None, false)
                 .unwrap_err()
                 .contains("nothing to roll back to")
         );
-        assert_eq!(rollback_target(&[], None).unwrap(), None);
+        assert_eq!(rollback_target(&[], None, false).unwrap(), None);
         // A deploy after a rollback is undone back to the rollback's target, not to the deploy
         // that happened to come before it.
         rs.push(record("s", "h", "release-4", "dd", true, 6));
-        assert_eq!(rollback_target(&rs, None).unwrap().unwrap().started_at, 5);
+        assert_eq!(
+            rollback_target(&rs, None, false)
+                .unwrap()
+                .unwrap()
+                .started_at,
+            5
+        );
+        rs.pop();
+        // After a run that ended unrecorded, the last good run is the target: what is live may
+        // be the cut run's.
+        assert_eq!(
+            rollback_target(&rs, None, true)
+                .unwrap()
+                .unwrap()
+                .started_at,
+            5
+        );
+        let mut cut = record("s", "h", "release-5", "ee", false, 9);
+        cut.action = "interrupted".into();
+        rs.push(cut);
+        assert_eq!(
+            rollback_target(&rs, None, false)
+                .unwrap()
+                .unwrap()
+                .started_at,
+            5
+        );
         rs.pop();
         // A retried job (the same commit and files) is no step back: the rollback goes past it.
         let mut retried = record("s", "h", "release-4", "dd", true, 7);
@@ -471,14 +520,20 @@ mod tests {
         again.release = "2026-8".into();
         again.started_at = 8;
         rs.extend([retried, again]);
-        assert_eq!(rollback_target(&rs, None).unwrap().unwrap().started_at, 5);
+        assert_eq!(
+            rollback_target(&rs, None, false)
+                .unwrap()
+                .unwrap()
+                .started_at,
+            5
+        );
         rs.truncate(rs.len() - 2);
         // Deploys that left the files alone share a files release; --to may name either id.
         for r in rs.iter_mut() {
             r.files_release = Some("files-1".into());
         }
         assert_eq!(
-            rollback_target(&rs, Some("files-1"))
+            rollback_target(&rs, Some("files-1"), false)
                 .unwrap()
                 .unwrap()
                 .started_at,

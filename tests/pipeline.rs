@@ -1146,6 +1146,58 @@ fn a_taken_over_run_is_recorded_as_interrupted() {
     );
 }
 
+/// A rollback that takes over the lock of a run that ended unrecorded (what is live may be that
+/// run's) goes to the last good run, the last state the ledger knows, not the one before it.
+#[test]
+fn a_rollback_after_an_unrecorded_run_goes_to_the_last_good_one() {
+    let host = Sshd::start();
+    let dir = TempDir::new("rbcut");
+    let root = open_root(&dir);
+    let steps = format!(
+        "      - sync: {{ from: \"{}\", to: site }}\n",
+        dir.join("dist").display()
+    );
+    let p = pb(&dir, &[host.address()], &root, &steps, "");
+    for n in 1..=2u32 {
+        dir.write("dist/index.html", format!("build {n}\n"));
+        ci(&[&host], "release-1", &format!("{n:040}"), "821")
+            .arg("deploy")
+            .arg(&p)
+            .run()
+            .success();
+    }
+    let page = || std::fs::read_to_string(Path::new(&root).join("site/index.html")).unwrap();
+    // A third run switched to its build and was killed before it recorded anything.
+    let live = std::fs::read_link(Path::new(&root).join("site")).unwrap();
+    dir.write("dist/index.html", "build 3\n");
+    ci(&[&host], "release-1", &format!("{:040}", 3), "822")
+        .arg("deploy")
+        .arg(&p)
+        .run()
+        .success();
+    let records = ledger(&Path::new(&root).join(".ferry"));
+    std::fs::write(
+        Path::new(&root).join(".ferry/ledger.jsonl"),
+        records[..2]
+            .iter()
+            .map(|r| format!("{r}\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
+    stale_lock(&root, 100);
+    assert_eq!(page(), "build 3\n");
+    ci(&[&host], "release-1", &format!("{:040}", 3), "823")
+        .args(["rollback", "--env", "test"])
+        .arg(&p)
+        .run()
+        .success();
+    assert_eq!(page(), "build 2\n");
+    assert_eq!(
+        std::fs::read_link(Path::new(&root).join("site")).unwrap(),
+        live
+    );
+}
+
 /// A guard left with no time in it (its controller killed, or its `at` unwritable on a full disk)
 /// goes stale by its directory's age: an expired lock under it is still taken over.
 #[test]
