@@ -1312,43 +1312,86 @@ fn ctrl_c_during_a_pull_stops_the_container_step() {
     drop(silent);
 }
 
+/// A container step mid-switch, for tests that cut it off: `prefix` ran a healthy `v1` image
+/// (container `old`), and a deploy of one that never gets healthy (`child`, its health check
+/// waiting up to 60 s) has moved it aside as `aside`.
+struct HealthWait {
+    host: Sshd,
+    dir: TempDir,
+    prefix: String,
+    port: u16,
+    good: String,
+    aside: String,
+    old: String,
+    child: std::process::Child,
+    _home: TempDir,
+    _cleanup: Cleanup,
+}
+
+impl HealthWait {
+    fn start(tag: &str) -> HealthWait {
+        engine();
+        let host = Sshd::start();
+        let prefix = unique(tag);
+        let cleanup = Cleanup(vec![prefix.clone()]);
+        let port = free_port();
+        let good = pushed_image(&prefix, "good", "v1", true);
+        let bad = pushed_image(&prefix, "bad", "v2", false);
+        let dir = TempDir::new(tag);
+        let w = |image: &str| health_wait_pb(&dir, &host, &prefix, port, image);
+        deploy(&[&host], &w(&good), "aaaa").success();
+        let old = container_id(&prefix);
+        let (child, home) = Ferry::new()
+            .trusting(&[&host])
+            .arg("deploy")
+            .arg(w(&bad))
+            .args(["--env", "test", "--ref", "main", "--sha", "bbbb"])
+            .spawn();
+        // The switch has begun once the old container is moved aside.
+        let aside = format!("{prefix}.ferry-aside");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !docker_try(&["container", "inspect", &aside]).0 {
+            assert!(std::time::Instant::now() < deadline, "no switch began");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        HealthWait {
+            host,
+            dir,
+            prefix,
+            port,
+            good,
+            aside,
+            old,
+            child,
+            _home: home,
+            _cleanup: cleanup,
+        }
+    }
+}
+
+/// The playbook of [`HealthWait`]: container `prefix` of `image` on `port`, health-checked.
+fn health_wait_pb(
+    dir: &TempDir,
+    host: &Sshd,
+    prefix: &str,
+    port: u16,
+    image: &str,
+) -> std::path::PathBuf {
+    let steps = format!(
+        "      - container:\n          name: \"{prefix}\"\n          image: \"{image}\"\n          \
+         ports: [\"127.0.0.1:{port}:8080\"]\n          \
+         health: {{ type: http, url: \"http://127.0.0.1:{port}/health\", timeout: 60s, interval: 200ms }}\n"
+    );
+    pb(dir, &[("web1", host)], "", &steps)
+}
+
 /// A cancelled job (SIGTERM; GitLab sends SIGKILL seconds later) while the new container's health
 /// check waits: the old container is back at once, not after the check's timeout.
 #[test]
 fn sigterm_during_a_health_wait_puts_the_old_container_back() {
-    engine();
-    let host = Sshd::start();
-    let prefix = unique("healthint");
-    let _cleanup = Cleanup(vec![prefix.clone()]);
-    let port = free_port();
-    let good = pushed_image(&prefix, "good", "v1", true);
-    let bad = pushed_image(&prefix, "bad", "v2", false);
-    let dir = TempDir::new("healthint");
-    let steps = |image: &str| {
-        format!(
-            "      - container:\n          name: \"{prefix}\"\n          image: \"{image}\"\n          \
-             ports: [\"127.0.0.1:{port}:8080\"]\n          \
-             health: {{ type: http, url: \"http://127.0.0.1:{port}/health\", timeout: 60s, interval: 200ms }}\n"
-        )
-    };
-    let first = pb(&dir, &[("web1", &host)], "", &steps(&good));
-    deploy(&[&host], &first, "aaaa").success();
-    let old = container_id(&prefix);
-    let second = pb(&dir, &[("web1", &host)], "", &steps(&bad));
-    let (child, _home) = Ferry::new()
-        .trusting(&[&host])
-        .arg("deploy")
-        .arg(&second)
-        .args(["--env", "test", "--ref", "main", "--sha", "bbbb"])
-        .spawn();
-    // The switch has begun once the old container is moved aside.
-    let aside = format!("{prefix}.ferry-aside");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !docker_try(&["container", "inspect", &aside]).0 {
-        assert!(std::time::Instant::now() < deadline, "no switch began");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    std::thread::sleep(std::time::Duration::from_secs(1));
+    let w = HealthWait::start("healthint");
+    let (prefix, port, aside, old, child) = (&w.prefix, w.port, &w.aside, &w.old, w.child);
     let sent = std::time::Instant::now();
     let st = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -1367,48 +1410,18 @@ fn sigterm_during_a_health_wait_puts_the_old_container_back() {
         stderr.contains("interrupted (SIGINT/SIGTERM) while waiting for it to be healthy"),
         "{stderr}"
     );
-    assert_eq!(container_id(&prefix), old);
-    assert_eq!(container_state(&prefix), "running");
+    assert_eq!(&container_id(prefix), old);
+    assert_eq!(container_state(prefix), "running");
     assert_eq!(http_get(port, "/version").as_deref(), Some("v1\n"));
-    assert!(!docker_try(&["container", "inspect", &aside]).0);
+    assert!(!docker_try(&["container", "inspect", aside]).0);
 }
 
 /// The connection lost while the new container's health check waits: ferry says so, and claims
 /// no removal it could not make; the next deploy brings back the container that was live.
 #[test]
 fn a_connection_lost_during_a_health_wait_is_said_as_such() {
-    engine();
-    let host = Sshd::start();
-    let prefix = unique("healthcut");
-    let _cleanup = Cleanup(vec![prefix.clone()]);
-    let port = free_port();
-    let good = pushed_image(&prefix, "good", "v1", true);
-    let bad = pushed_image(&prefix, "bad", "v2", false);
-    let dir = TempDir::new("healthcut");
-    let steps = |image: &str| {
-        format!(
-            "      - container:\n          name: \"{prefix}\"\n          image: \"{image}\"\n          \
-             ports: [\"127.0.0.1:{port}:8080\"]\n          \
-             health: {{ type: http, url: \"http://127.0.0.1:{port}/health\", timeout: 60s, interval: 200ms }}\n"
-        )
-    };
-    let first = pb(&dir, &[("web1", &host)], "", &steps(&good));
-    deploy(&[&host], &first, "aaaa").success();
-    let old = container_id(&prefix);
-    let second = pb(&dir, &[("web1", &host)], "", &steps(&bad));
-    let (child, _home) = Ferry::new()
-        .trusting(&[&host])
-        .arg("deploy")
-        .arg(&second)
-        .args(["--env", "test", "--ref", "main", "--sha", "bbbb"])
-        .spawn();
-    let aside = format!("{prefix}.ferry-aside");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !docker_try(&["container", "inspect", &aside]).0 {
-        assert!(std::time::Instant::now() < deadline, "no switch began");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    std::thread::sleep(std::time::Duration::from_secs(1));
+    let w = HealthWait::start("healthcut");
+    let (host, prefix, port, child) = (&w.host, &w.prefix, w.port, w.child);
     for pid in pids_of_children(host.pid()) {
         let _ = std::process::Command::new("kill")
             .args(["-9", &pid.to_string()])
@@ -1428,20 +1441,20 @@ fn a_connection_lost_during_a_health_wait_is_said_as_such() {
     );
     // The next deploy (the good image again; the lost run's lock removed) brings the old
     // container back.
-    let first = pb(&dir, &[("web1", &host)], "", &steps(&good));
+    let first = health_wait_pb(&w.dir, host, prefix, port, &w.good);
     Ferry::new()
-        .trusting(&[&host])
+        .trusting(&[host])
         .arg("unlock")
         .arg(&first)
         .args(["--env", "test", "--force"])
         .run()
         .success();
-    let run = deploy(&[&host], &first, "aaaa").success();
+    let run = deploy(&[host], &first, "aaaa").success();
     assert!(
         run.all().contains(&format!("restored {prefix}")),
         "{}",
         run.all()
     );
-    assert_eq!(container_id(&prefix), old);
+    assert_eq!(&container_id(prefix), &w.old);
     assert_eq!(http_get(port, "/version").as_deref(), Some("v1\n"));
 }
