@@ -175,6 +175,13 @@ impl Record {
         }
     }
 
+    /// Whether this run left `release` live at one of its sync targets (a run that changed no
+    /// files there keeps an earlier release).
+    pub fn left_files(&self, release: &str) -> bool {
+        self.files_release.as_deref() == Some(release)
+            || self.files_releases.values().any(|f| f == release)
+    }
+
     pub fn to_line(&self) -> String {
         serde_json::to_string(self).expect("a record serializes")
     }
@@ -438,19 +445,16 @@ mod tests {
 
     #[test]
     fn rollback_goes_to_the_deploy_before_the_live_one() {
+        let at = |rs: &[Record], to: Option<&str>, cut: bool| {
+            rollback_target(rs, to, cut).unwrap().unwrap().started_at
+        };
         let mut rs = vec![
             record("s", "h", "release-1", "aa", true, 1),
             record("s", "h", "release-2", "bb", true, 2),
             record("s", "h", "release-3", "cc", false, 3),
             record("s", "h", "release-3", "cc", true, 4),
         ];
-        assert_eq!(
-            rollback_target(&rs, None, false)
-                .unwrap()
-                .unwrap()
-                .started_at,
-            2
-        );
+        assert_eq!(at(&rs, None, false), 2);
         assert_eq!(
             rollback_target(&rs, Some("2026-1"), false)
                 .unwrap()
@@ -468,13 +472,7 @@ mod tests {
         rb.action = "rollback".into();
         rb.release = "2026-2".into();
         rs.push(rb);
-        assert_eq!(
-            rollback_target(&rs, None, false)
-                .unwrap()
-                .unwrap()
-                .started_at,
-            1
-        );
+        assert_eq!(at(&rs, None, false), 1);
         assert!(
             rollback_target(&rs[..1], None, false)
                 .unwrap_err()
@@ -484,33 +482,15 @@ mod tests {
         // A deploy after a rollback is undone back to the rollback's target, not to the deploy
         // that happened to come before it.
         rs.push(record("s", "h", "release-4", "dd", true, 6));
-        assert_eq!(
-            rollback_target(&rs, None, false)
-                .unwrap()
-                .unwrap()
-                .started_at,
-            5
-        );
+        assert_eq!(at(&rs, None, false), 5);
         rs.pop();
         // After a run that ended unrecorded, the last good run is the target: what is live may
         // be the cut run's.
-        assert_eq!(
-            rollback_target(&rs, None, true)
-                .unwrap()
-                .unwrap()
-                .started_at,
-            5
-        );
+        assert_eq!(at(&rs, None, true), 5);
         let mut cut = record("s", "h", "release-5", "ee", false, 9);
         cut.action = "interrupted".into();
         rs.push(cut);
-        assert_eq!(
-            rollback_target(&rs, None, false)
-                .unwrap()
-                .unwrap()
-                .started_at,
-            5
-        );
+        assert_eq!(at(&rs, None, false), 5);
         rs.pop();
         // A retried job (the same commit and files) is no step back: the rollback goes past it.
         let mut retried = record("s", "h", "release-4", "dd", true, 7);
@@ -520,25 +500,13 @@ mod tests {
         again.release = "2026-8".into();
         again.started_at = 8;
         rs.extend([retried, again]);
-        assert_eq!(
-            rollback_target(&rs, None, false)
-                .unwrap()
-                .unwrap()
-                .started_at,
-            5
-        );
+        assert_eq!(at(&rs, None, false), 5);
         rs.truncate(rs.len() - 2);
         // Deploys that left the files alone share a files release; --to may name either id.
         for r in rs.iter_mut() {
             r.files_release = Some("files-1".into());
         }
-        assert_eq!(
-            rollback_target(&rs, Some("files-1"), false)
-                .unwrap()
-                .unwrap()
-                .started_at,
-            4
-        );
+        assert_eq!(at(&rs, Some("files-1"), false), 4);
     }
 
     #[test]

@@ -124,11 +124,9 @@ pub fn summarize(env: &str, per_branch: bool, hosts: &[HostView]) -> EnvStatus {
                 // another ref keeps them). The ledger alone when nothing is read.
                 let kept_by_last = last_good.filter(|g| {
                     live_read.is_some_and(|l| {
-                        l.release.as_ref().is_some_and(|lr| {
-                            g.release == *lr
-                                || g.files_release.as_ref() == Some(lr)
-                                || g.files_releases.values().any(|f| f == lr)
-                        })
+                        l.release
+                            .as_ref()
+                            .is_some_and(|lr| g.release == *lr || g.left_files(lr))
                     })
                 });
                 let live_ref = kept_by_last
@@ -149,11 +147,7 @@ pub fn summarize(env: &str, per_branch: bool, hosts: &[HostView]) -> EnvStatus {
                     // the host runs. That is no drift.)
                     let kept = |g: &Record| {
                         l.release.as_ref().is_some_and(|lr| {
-                            let names = |x: &Record| {
-                                x.files_release.as_ref() == Some(lr)
-                                    || x.files_releases.values().any(|f| f == lr)
-                            };
-                            names(g)
+                            g.left_files(lr)
                                 && records
                                     .iter()
                                     .any(|x| x.release == *lr && l.sha.as_ref() == Some(&x.sha))
