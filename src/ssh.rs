@@ -519,8 +519,36 @@ fn client_config() -> client::Config {
         keepalive_interval: Some(Duration::from_secs(15)),
         keepalive_max: 4,
         nodelay: true,
+        preferred: russh::Preferred {
+            cipher: cipher_order(),
+            ..russh::Preferred::DEFAULT
+        },
         ..Default::default()
     }
+}
+
+/// AES-GCM first where this CPU has AES instructions, as hosts' CPUs do (OpenSSH's sshd runs it
+/// through OpenSSL): it costs both ends less CPU than ChaCha20-Poly1305, OpenSSH's own first
+/// choice, which stays first without them.
+fn cipher_order() -> std::borrow::Cow<'static, [russh::cipher::Name]> {
+    use russh::cipher::{AES_128_GCM, AES_256_GCM};
+    let order = russh::Preferred::DEFAULT.cipher;
+    if !hardware_aes() {
+        return order;
+    }
+    let first = [AES_128_GCM, AES_256_GCM];
+    let rest = order.iter().filter(|c| !first.contains(c));
+    first.iter().chain(rest).copied().collect::<Vec<_>>().into()
+}
+
+fn hardware_aes() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::arch::is_x86_feature_detected!("aes")
+        && std::arch::is_x86_feature_detected!("pclmulqdq");
+    #[cfg(target_arch = "aarch64")]
+    return std::arch::is_aarch64_feature_detected!("aes");
+    #[allow(unreachable_code)]
+    false
 }
 
 /// Which stream a chunk of remote output came from.
@@ -980,5 +1008,28 @@ fn emit_lines(
     while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
         sink(stream, &buf[..pos]);
         buf.drain(..=pos);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With AES instructions AES-GCM comes first; the order keeps every default cipher, once.
+    #[test]
+    fn cipher_order_puts_aes_gcm_first_with_hardware_aes() {
+        let order = cipher_order();
+        let default = russh::Preferred::DEFAULT.cipher;
+        assert!(default.iter().all(|c| order.contains(c)));
+        let mut names: Vec<&str> = order.iter().map(|c| c.as_ref()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), order.len());
+        let first = if hardware_aes() {
+            russh::cipher::AES_128_GCM
+        } else {
+            default[0]
+        };
+        assert_eq!(order[0], first);
     }
 }

@@ -88,6 +88,8 @@ pub const BULK: u64 = 64 << 20;
 /// Files at least this big travel in the plain part (with `compress_all`, only those whose content
 /// does not compress).
 const PLAIN_MIN: u64 = 8 * 1024;
+/// Content shorter than this is never judged incompressible: too short a sample to tell.
+const SAMPLE_MIN: u64 = 512;
 /// Mode bits a directory needs for its owner to put entries in it (write and search).
 const FILL: u32 = 0o300;
 /// The plain part is zero-padded to whole blocks of this size (the `dd bs` of `remote::DEPLOY`).
@@ -102,9 +104,9 @@ struct Plain {
 }
 
 impl Plain {
-    /// The files of `send` that go in the plain part, in order: those of [`PLAIN_MIN`] or more;
-    /// with `all` (everything else is compressed), only those whose first block does not
-    /// compress (read in parallel).
+    /// The files of `send` that go in the plain part, in order: those whose first block does not
+    /// compress (read in parallel), whatever their size (deflating images and fonts costs both
+    /// ends CPU for nothing), and without `all`, every file of [`PLAIN_MIN`] or more.
     fn pick(
         root: &Path,
         local: &Manifest,
@@ -112,16 +114,18 @@ impl Plain {
         all: bool,
     ) -> Vec<usize> {
         use rayon::prelude::*;
-        let big: Vec<usize> = send
-            .filter(
-                |&i| matches!(local.entries[i].kind, Kind::File { size, .. } if size >= PLAIN_MIN),
-            )
+        let files: Vec<(usize, u64)> = send
+            .filter_map(|i| match local.entries[i].kind {
+                Kind::File { size, .. } if size >= SAMPLE_MIN => Some((i, size)),
+                _ => None,
+            })
             .collect();
-        if !all {
-            return big;
-        }
-        big.into_par_iter()
-            .filter(|&i| {
+        files
+            .into_par_iter()
+            .filter(|&(i, size)| {
+                if size >= PLAIN_MIN && !all {
+                    return true;
+                }
                 let path = root.join(OsStr::from_bytes(&local.entries[i].path));
                 let mut sample = vec![0; 8192];
                 let n = std::fs::File::open(path)
@@ -129,6 +133,7 @@ impl Plain {
                     .unwrap_or(0);
                 incompressible(&sample[..n])
             })
+            .map(|(i, _)| i)
             .collect()
     }
 
@@ -736,7 +741,7 @@ impl<R: Read> Read for Verify<'_, R> {
 
 /// Shannon entropy of the bytes above 7.2 bits per byte: already compressed or random.
 fn incompressible(sample: &[u8]) -> bool {
-    if sample.len() < 512 {
+    if (sample.len() as u64) < SAMPLE_MIN {
         return false;
     }
     let mut counts = [0u32; 256];
@@ -954,6 +959,37 @@ mod tests {
             );
         }
         std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    /// Content that does not compress goes plain whatever its size (but for samples too short to
+    /// judge); outside `compress_all`, so does every big file.
+    #[test]
+    fn plain_part_takes_what_does_not_compress() {
+        let src = std::env::temp_dir().join(format!("ferry-pick-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&src);
+        std::fs::create_dir_all(&src).unwrap();
+        let text = |n: usize| "let a = b;\n".repeat(n / 11 + 1).into_bytes()[..n].to_vec();
+        for (name, data) in [
+            ("icon.png", noise(2048)),
+            ("tiny.png", noise(300)),
+            ("small.js", text(2048)),
+            ("photo.jpg", noise(20_000)),
+            ("big.js", text(20_000)),
+        ] {
+            std::fs::write(src.join(name), data).unwrap();
+        }
+        let m = scan(&src, &[], None).unwrap();
+        let picked = |all| {
+            let mut names: Vec<String> = Plain::pick(&src, &m, 0..m.entries.len(), all)
+                .into_iter()
+                .map(|i| String::from_utf8_lossy(&m.entries[i].path).into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(picked(true), ["icon.png", "photo.jpg"]);
+        assert_eq!(picked(false), ["big.js", "icon.png", "photo.jpg"]);
+        std::fs::remove_dir_all(&src).unwrap();
     }
 
     fn sink(out: &mut Vec<u8>, compress_all: bool) -> Sink<'_, &mut Vec<u8>> {
