@@ -6,6 +6,7 @@
 //! below OpenSSH's `MaxSessions`.
 
 use std::ffi::OsStr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -181,6 +182,8 @@ pub enum HostKeyStatus {
 }
 
 struct Client {
+    /// The window each channel opened with, as the host confirmed it (see [`Flow`]).
+    windows: Windows,
     host: String,
     port: u16,
     connector: Connector,
@@ -188,8 +191,21 @@ struct Client {
     outcome: Arc<Mutex<Option<Result<HostKeyStatus, SshError>>>>,
 }
 
+type Windows = Arc<Mutex<std::collections::HashMap<russh::ChannelId, u32>>>;
+
 impl client::Handler for Client {
     type Error = russh::Error;
+
+    async fn channel_open_confirmation(
+        &mut self,
+        id: russh::ChannelId,
+        _max_packet_size: u32,
+        window_size: u32,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.windows.lock().unwrap().insert(id, window_size);
+        Ok(())
+    }
 
     async fn check_server_key(
         &mut self,
@@ -294,6 +310,7 @@ pub struct Session {
     pub target: Target,
     pub host_key: HostKeyStatus,
     channels: Arc<Semaphore>,
+    windows: Windows,
 }
 
 impl Connector {
@@ -333,8 +350,9 @@ impl Connector {
             let after = self.connect_timeout;
             let host = target.host.clone();
             match tokio::time::timeout(after, self.handshake(target, jump.as_deref())).await {
-                Ok(r) => r.map(|(handle, host_key)| Session {
+                Ok(r) => r.map(|(handle, host_key, windows)| Session {
                     handle,
+                    windows,
                     _jump: jump,
                     target: target.clone(),
                     host_key,
@@ -349,10 +367,12 @@ impl Connector {
         &self,
         target: &Target,
         jump: Option<&Session>,
-    ) -> Result<(Handle<Client>, HostKeyStatus), SshError> {
+    ) -> Result<(Handle<Client>, HostKeyStatus, Windows), SshError> {
         let host = target.host.clone();
         let outcome = Arc::new(Mutex::new(None));
+        let windows = Windows::default();
         let handler = Client {
+            windows: windows.clone(),
             host: host.clone(),
             port: target.port,
             connector: self.clone(),
@@ -418,7 +438,7 @@ impl Connector {
             None => unreachable!("russh checks the server key before returning a handle"),
         };
         self.authenticate(&mut handle, target).await?;
-        Ok((handle, host_key))
+        Ok((handle, host_key, windows))
     }
 
     async fn authenticate(
@@ -598,6 +618,7 @@ pub type SharedSink = Arc<dyn Fn(Stream, &[u8]) + Send + Sync>;
 /// cut off), it closes its channel: the host's sshd closes the command's stdin.
 pub struct Process {
     writer: Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+    flow: Option<Arc<Flow>>,
     /// Taken by `finish`, `wait` or `abort`: the command's end is awaited once.
     reader: Option<tokio::task::JoinHandle<Result<Output, russh::Error>>>,
     /// Taken when the channel is closed.
@@ -609,7 +630,15 @@ pub struct Process {
 impl Process {
     /// Write stdin bytes; flow control applies.
     pub async fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
-        self.writer.write_all(data).await
+        let Some(flow) = &self.flow else {
+            return self.writer.write_all(data).await;
+        };
+        for piece in data.chunks(Flow::PIECE) {
+            flow.room().await;
+            self.writer.write_all(piece).await?;
+            flow.sent.fetch_add(piece.len() as u64, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// Close stdin and wait for the command to finish. (Borrowed, so that a caller that lent the
@@ -722,11 +751,15 @@ impl Session {
         };
         let channel = self.handle.channel_open_session().await.map_err(proto)?;
         channel.exec(true, command.to_vec()).await.map_err(proto)?;
+        // (The host confirmed the channel before it answered `exec`.)
+        let window = self.windows.lock().unwrap().remove(&channel.id());
+        let flow = window.map(|w| Arc::new(Flow::new(w)));
         let (read_half, write_half) = channel.split();
         let writer = Box::new(write_half.make_writer());
-        let reader = tokio::spawn(drain(read_half, sink));
+        let reader = tokio::spawn(drain(read_half, sink, flow.clone()));
         Ok(Process {
             writer,
+            flow,
             reader: Some(reader),
             write_half: Some(write_half),
             host,
@@ -961,10 +994,79 @@ impl tokio::io::AsyncWrite for QuickAck {
     }
 }
 
+/// Keeps a process's stdin from filling the host's whole channel window. OpenSSH's sshd keeps
+/// what its child has not read yet in a buffer that it grows by copying it whole, packet by packet:
+/// with a window's worth (2 MiB) waiting, it spent a core on copies and page faults while a
+/// stream's plain part went through, and stayed that slow. Here at most [`Flow::limit`] is
+/// unacknowledged (the host's window adjusts say what its child read). Where adjusts come late (a
+/// long round trip, a host that adjusts only past half its window), the limit doubles at each
+/// wait that runs out, up to the window itself.
+struct Flow {
+    /// The most the window held (OpenSSH opens it empty, then adjusts it to its size).
+    window: AtomicU32,
+    /// At most this much unacknowledged.
+    limit: AtomicU64,
+    sent: AtomicU64,
+    /// The window left after the host's last adjust, and `sent` then.
+    at_adjust: Mutex<(u32, u64)>,
+    adjusted: tokio::sync::Notify,
+}
+
+impl Flow {
+    const PIECE: usize = 32 * 1024;
+    const PATIENCE: Duration = Duration::from_millis(20);
+
+    fn new(window: u32) -> Flow {
+        Flow {
+            window: AtomicU32::new(window),
+            limit: AtomicU64::new(256 * 1024),
+            sent: AtomicU64::new(0),
+            at_adjust: Mutex::new((window, 0)),
+            adjusted: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn in_flight(&self) -> u64 {
+        let (left, at) = *self.at_adjust.lock().unwrap();
+        let since = self.sent.load(Ordering::Relaxed).saturating_sub(at);
+        let window = self.window.load(Ordering::Relaxed);
+        u64::from(window.saturating_sub(left)) + since
+    }
+
+    /// Wait until a piece may go.
+    async fn room(&self) {
+        loop {
+            let limit = self.limit.load(Ordering::Relaxed);
+            let window = self.window.load(Ordering::Relaxed);
+            if window > 0 && limit >= u64::from(window) {
+                return;
+            }
+            let adjusted = self.adjusted.notified();
+            if self.in_flight() < limit {
+                return;
+            }
+            if tokio::time::timeout(Flow::PATIENCE, adjusted)
+                .await
+                .is_err()
+            {
+                self.limit.store(limit.saturating_mul(2), Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The host adjusted the window: `left` is what remains of it.
+    fn adjust(&self, left: u32) {
+        self.window.fetch_max(left, Ordering::Relaxed);
+        *self.at_adjust.lock().unwrap() = (left, self.sent.load(Ordering::Relaxed));
+        self.adjusted.notify_waiters();
+    }
+}
+
 /// Read a channel to its end: always drain, or the whole connection stalls.
 async fn drain(
     mut read: russh::ChannelReadHalf,
     sink: Option<SharedSink>,
+    flow: Option<Arc<Flow>>,
 ) -> Result<Output, russh::Error> {
     let mut out = Output::default();
     let (mut line_out, mut line_err) = (Vec::new(), Vec::new());
@@ -983,6 +1085,11 @@ async fn drain(
                 }
             }
             ChannelMsg::ExitStatus { exit_status } => out.status = Some(exit_status),
+            ChannelMsg::WindowAdjusted { new_size } => {
+                if let Some(f) = &flow {
+                    f.adjust(new_size);
+                }
+            }
             ChannelMsg::Close => break,
             _ => {}
         }
@@ -1014,6 +1121,33 @@ fn emit_lines(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A piece waits while the limit is unacknowledged, until an adjust says the host's child
+    /// read it; a wait that runs out doubles the limit, which ends at the window.
+    #[tokio::test]
+    async fn flow_waits_for_adjusts_and_grows_when_they_are_late() {
+        let window = 2 << 20;
+        let flow = Arc::new(Flow::new(0));
+        flow.adjust(window); // OpenSSH opens the window after the channel.
+        flow.room().await;
+        flow.sent.store(300 << 10, Ordering::Relaxed);
+        assert_eq!(flow.in_flight(), 300 << 10);
+        let f = flow.clone();
+        let later = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            f.adjust(window - (100 << 10)); // the child read all but 100 KiB
+        });
+        let start = std::time::Instant::now();
+        flow.room().await;
+        later.await.unwrap();
+        assert!(start.elapsed() < Flow::PATIENCE, "{:?}", start.elapsed());
+        assert_eq!(flow.in_flight(), 100 << 10);
+        assert_eq!(flow.limit.load(Ordering::Relaxed), 256 << 10);
+        // No adjust: each wait runs out and doubles the limit, until it is the window.
+        flow.sent.store(window as u64 * 4, Ordering::Relaxed);
+        flow.room().await;
+        assert_eq!(flow.limit.load(Ordering::Relaxed), window as u64);
+    }
 
     /// With AES instructions AES-GCM comes first; the order keeps every default cipher, once.
     #[test]
