@@ -182,8 +182,6 @@ pub enum HostKeyStatus {
 }
 
 struct Client {
-    /// The window each channel opened with, as the host confirmed it (see [`Flow`]).
-    windows: Windows,
     host: String,
     port: u16,
     connector: Connector,
@@ -191,21 +189,8 @@ struct Client {
     outcome: Arc<Mutex<Option<Result<HostKeyStatus, SshError>>>>,
 }
 
-type Windows = Arc<Mutex<std::collections::HashMap<russh::ChannelId, u32>>>;
-
 impl client::Handler for Client {
     type Error = russh::Error;
-
-    async fn channel_open_confirmation(
-        &mut self,
-        id: russh::ChannelId,
-        _max_packet_size: u32,
-        window_size: u32,
-        _session: &mut client::Session,
-    ) -> Result<(), Self::Error> {
-        self.windows.lock().unwrap().insert(id, window_size);
-        Ok(())
-    }
 
     async fn check_server_key(
         &mut self,
@@ -310,7 +295,6 @@ pub struct Session {
     pub target: Target,
     pub host_key: HostKeyStatus,
     channels: Arc<Semaphore>,
-    windows: Windows,
 }
 
 impl Connector {
@@ -350,9 +334,8 @@ impl Connector {
             let after = self.connect_timeout;
             let host = target.host.clone();
             match tokio::time::timeout(after, self.handshake(target, jump.as_deref())).await {
-                Ok(r) => r.map(|(handle, host_key, windows)| Session {
+                Ok(r) => r.map(|(handle, host_key)| Session {
                     handle,
-                    windows,
                     _jump: jump,
                     target: target.clone(),
                     host_key,
@@ -367,12 +350,10 @@ impl Connector {
         &self,
         target: &Target,
         jump: Option<&Session>,
-    ) -> Result<(Handle<Client>, HostKeyStatus, Windows), SshError> {
+    ) -> Result<(Handle<Client>, HostKeyStatus), SshError> {
         let host = target.host.clone();
         let outcome = Arc::new(Mutex::new(None));
-        let windows = Windows::default();
         let handler = Client {
-            windows: windows.clone(),
             host: host.clone(),
             port: target.port,
             connector: self.clone(),
@@ -438,7 +419,7 @@ impl Connector {
             None => unreachable!("russh checks the server key before returning a handle"),
         };
         self.authenticate(&mut handle, target).await?;
-        Ok((handle, host_key, windows))
+        Ok((handle, host_key))
     }
 
     async fn authenticate(
@@ -563,12 +544,18 @@ fn cipher_order() -> std::borrow::Cow<'static, [russh::cipher::Name]> {
 
 fn hardware_aes() -> bool {
     #[cfg(target_arch = "x86_64")]
-    return std::arch::is_x86_feature_detected!("aes")
-        && std::arch::is_x86_feature_detected!("pclmulqdq");
+    {
+        std::arch::is_x86_feature_detected!("aes")
+            && std::arch::is_x86_feature_detected!("pclmulqdq")
+    }
     #[cfg(target_arch = "aarch64")]
-    return std::arch::is_aarch64_feature_detected!("aes");
-    #[allow(unreachable_code)]
-    false
+    {
+        std::arch::is_aarch64_feature_detected!("aes")
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        false
+    }
 }
 
 /// Which stream a chunk of remote output came from.
@@ -618,7 +605,7 @@ pub type SharedSink = Arc<dyn Fn(Stream, &[u8]) + Send + Sync>;
 /// cut off), it closes its channel: the host's sshd closes the command's stdin.
 pub struct Process {
     writer: Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
-    flow: Option<Arc<Flow>>,
+    flow: Arc<Flow>,
     /// Taken by `finish`, `wait` or `abort`: the command's end is awaited once.
     reader: Option<tokio::task::JoinHandle<Result<Output, russh::Error>>>,
     /// Taken when the channel is closed.
@@ -630,13 +617,12 @@ pub struct Process {
 impl Process {
     /// Write stdin bytes; flow control applies.
     pub async fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
-        let Some(flow) = &self.flow else {
-            return self.writer.write_all(data).await;
-        };
         for piece in data.chunks(Flow::PIECE) {
-            flow.room().await;
+            self.flow.room().await;
             self.writer.write_all(piece).await?;
-            flow.sent.fetch_add(piece.len() as u64, Ordering::Relaxed);
+            self.flow
+                .sent
+                .fetch_add(piece.len() as u64, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -751,9 +737,7 @@ impl Session {
         };
         let channel = self.handle.channel_open_session().await.map_err(proto)?;
         channel.exec(true, command.to_vec()).await.map_err(proto)?;
-        // (The host confirmed the channel before it answered `exec`.)
-        let window = self.windows.lock().unwrap().remove(&channel.id());
-        let flow = window.map(|w| Arc::new(Flow::new(w)));
+        let flow = Arc::new(Flow::new());
         let (read_half, write_half) = channel.split();
         let writer = Box::new(write_half.make_writer());
         let reader = tokio::spawn(drain(read_half, sink, flow.clone()));
@@ -1002,7 +986,9 @@ impl tokio::io::AsyncWrite for QuickAck {
 /// long round trip, a host that adjusts only past half its window), the limit doubles at each
 /// wait that runs out, up to the window itself.
 struct Flow {
-    /// The most the window held (OpenSSH opens it empty, then adjusts it to its size).
+    /// The most the window held after an adjust: its size (OpenSSH opens a session's window
+    /// empty, then adjusts it to its size; with a host that opens it full, the in-flight count
+    /// comes out low until the window has been used up once).
     window: AtomicU32,
     /// At most this much unacknowledged.
     limit: AtomicU64,
@@ -1016,12 +1002,12 @@ impl Flow {
     const PIECE: usize = 32 * 1024;
     const PATIENCE: Duration = Duration::from_millis(20);
 
-    fn new(window: u32) -> Flow {
+    fn new() -> Flow {
         Flow {
-            window: AtomicU32::new(window),
+            window: AtomicU32::new(0),
             limit: AtomicU64::new(256 * 1024),
             sent: AtomicU64::new(0),
-            at_adjust: Mutex::new((window, 0)),
+            at_adjust: Mutex::new((0, 0)),
             adjusted: tokio::sync::Notify::new(),
         }
     }
@@ -1066,7 +1052,7 @@ impl Flow {
 async fn drain(
     mut read: russh::ChannelReadHalf,
     sink: Option<SharedSink>,
-    flow: Option<Arc<Flow>>,
+    flow: Arc<Flow>,
 ) -> Result<Output, russh::Error> {
     let mut out = Output::default();
     let (mut line_out, mut line_err) = (Vec::new(), Vec::new());
@@ -1085,11 +1071,7 @@ async fn drain(
                 }
             }
             ChannelMsg::ExitStatus { exit_status } => out.status = Some(exit_status),
-            ChannelMsg::WindowAdjusted { new_size } => {
-                if let Some(f) = &flow {
-                    f.adjust(new_size);
-                }
-            }
+            ChannelMsg::WindowAdjusted { new_size } => flow.adjust(new_size),
             ChannelMsg::Close => break,
             _ => {}
         }
@@ -1127,7 +1109,7 @@ mod tests {
     #[tokio::test]
     async fn flow_waits_for_adjusts_and_grows_when_they_are_late() {
         let window = 2 << 20;
-        let flow = Arc::new(Flow::new(0));
+        let flow = Arc::new(Flow::new());
         flow.adjust(window); // OpenSSH opens the window after the channel.
         flow.room().await;
         flow.sent.store(300 << 10, Ordering::Relaxed);
