@@ -6,7 +6,7 @@
 //! below OpenSSH's `MaxSessions`.
 
 use std::ffi::OsStr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -986,16 +986,22 @@ impl tokio::io::AsyncWrite for QuickAck {
 /// long round trip, a host that adjusts only past half its window), the limit doubles at each
 /// wait that runs out, up to the window itself.
 struct Flow {
-    /// The most the window held after an adjust: its size (OpenSSH opens a session's window
-    /// empty, then adjusts it to its size; with a host that opens it full, the in-flight count
-    /// comes out low until the window has been used up once).
-    window: AtomicU32,
     /// At most this much unacknowledged.
     limit: AtomicU64,
     sent: AtomicU64,
-    /// The window left after the host's last adjust, and `sent` then.
-    at_adjust: Mutex<(u32, u64)>,
+    adjusts: Mutex<Adjusts>,
     adjusted: tokio::sync::Notify,
+}
+
+/// What the host's window adjusts said.
+#[derive(Default)]
+struct Adjusts {
+    /// The most the window held after one: its size. OpenSSH opens a session's window empty,
+    /// then adjusts it to its size (a host that opens it full is learnt from its first adjust).
+    window: u32,
+    /// The window left after the last one, and [`Flow::sent`] then.
+    left: u32,
+    sent: u64,
 }
 
 impl Flow {
@@ -1004,31 +1010,27 @@ impl Flow {
 
     fn new() -> Flow {
         Flow {
-            window: AtomicU32::new(0),
             limit: AtomicU64::new(256 * 1024),
             sent: AtomicU64::new(0),
-            at_adjust: Mutex::new((0, 0)),
+            adjusts: Mutex::default(),
             adjusted: tokio::sync::Notify::new(),
         }
     }
 
-    fn in_flight(&self) -> u64 {
-        let (left, at) = *self.at_adjust.lock().unwrap();
-        let since = self.sent.load(Ordering::Relaxed).saturating_sub(at);
-        let window = self.window.load(Ordering::Relaxed);
-        u64::from(window.saturating_sub(left)) + since
+    /// The window's size as far as known (0 before the first adjust), and what is in flight.
+    fn state(&self) -> (u32, u64) {
+        let a = self.adjusts.lock().unwrap();
+        let since = self.sent.load(Ordering::Relaxed).saturating_sub(a.sent);
+        (a.window, u64::from(a.window.saturating_sub(a.left)) + since)
     }
 
     /// Wait until a piece may go.
     async fn room(&self) {
         loop {
             let limit = self.limit.load(Ordering::Relaxed);
-            let window = self.window.load(Ordering::Relaxed);
-            if window > 0 && limit >= u64::from(window) {
-                return;
-            }
             let adjusted = self.adjusted.notified();
-            if self.in_flight() < limit {
+            let (window, in_flight) = self.state();
+            if (window > 0 && limit >= u64::from(window)) || in_flight < limit {
                 return;
             }
             if tokio::time::timeout(Flow::PATIENCE, adjusted)
@@ -1042,8 +1044,11 @@ impl Flow {
 
     /// The host adjusted the window: `left` is what remains of it.
     fn adjust(&self, left: u32) {
-        self.window.fetch_max(left, Ordering::Relaxed);
-        *self.at_adjust.lock().unwrap() = (left, self.sent.load(Ordering::Relaxed));
+        let mut a = self.adjusts.lock().unwrap();
+        a.window = a.window.max(left);
+        a.left = left;
+        a.sent = self.sent.load(Ordering::Relaxed);
+        drop(a);
         self.adjusted.notify_waiters();
     }
 }
@@ -1113,7 +1118,7 @@ mod tests {
         flow.adjust(window); // OpenSSH opens the window after the channel.
         flow.room().await;
         flow.sent.store(300 << 10, Ordering::Relaxed);
-        assert_eq!(flow.in_flight(), 300 << 10);
+        assert_eq!(flow.state().1, 300 << 10);
         let f = flow.clone();
         let later = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -1123,7 +1128,7 @@ mod tests {
         flow.room().await;
         later.await.unwrap();
         assert!(start.elapsed() < Flow::PATIENCE, "{:?}", start.elapsed());
-        assert_eq!(flow.in_flight(), 100 << 10);
+        assert_eq!(flow.state().1, 100 << 10);
         assert_eq!(flow.limit.load(Ordering::Relaxed), 256 << 10);
         // No adjust: each wait runs out and doubles the limit, until it is the window.
         flow.sent.store(window as u64 * 4, Ordering::Relaxed);

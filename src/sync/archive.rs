@@ -85,8 +85,8 @@ impl<W> Sink<'_, W> {
 /// they are.
 pub const BULK: u64 = 64 << 20;
 
-/// Files at least this big travel in the plain part (with `compress_all`, only those whose content
-/// does not compress).
+/// Without `compress_all`, files at least this big travel in the plain part whether or not their
+/// content compresses.
 const PLAIN_MIN: u64 = 8 * 1024;
 /// Content shorter than this is never judged incompressible: too short a sample to tell.
 const SAMPLE_MIN: u64 = 512;
