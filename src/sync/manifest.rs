@@ -278,8 +278,8 @@ pub fn check_symlink(path: &[u8], target: &[u8]) -> Result<(), String> {
 /// will: each link may stay inside by its text alone, yet `..` after another link climbs from
 /// wherever that one points (`up -> d/l/..` with `d/l -> ../u`, chained, reaches `/`). Resolves
 /// every link's target through the tree's links, like `realpath`, and fails on the first that
-/// climbs above the root or follows more than 40 links.
-pub fn check_link_chains(m: &Manifest) -> Result<(), String> {
+/// climbs above the root or follows more than 40 links. The error names the link under `root`.
+pub fn check_link_chains(m: &Manifest, root: &Path) -> Result<(), String> {
     let links: HashMap<&[u8], &[u8]> = m
         .entries
         .iter()
@@ -294,7 +294,8 @@ pub fn check_link_chains(m: &Manifest) -> Result<(), String> {
         let mut hops = 0;
         if let Err(why) = resolve(&links, &mut dir, target, &mut hops) {
             return Err(format!(
-                "symlink {} -> {} {why}",
+                "symlink {}/{} -> {} {why}",
+                root.display(),
                 display_path(path),
                 display_path(target)
             ));
@@ -411,11 +412,10 @@ pub fn walk(root: &Path, exclude: &[String], cache_file: Option<&Path>) -> anyho
         }
         out.manifest.entries.push(entry);
     }
-    check_link_chains(&out.manifest).map_err(|why| {
+    check_link_chains(&out.manifest, root).map_err(|why| {
         anyhow::anyhow!(
-            "{why} in {}: ferry ships only links that stay inside the tree; replace it with a \
-             relative link inside the tree, or exclude it",
-            root.display()
+            "{why}: ferry ships only links that stay inside the tree; replace it with a \
+             relative link inside the tree, or exclude it"
         )
     })?;
     tracing::debug!(?walked, stated = ?started.elapsed(), unhashed = out.unhashed.len(), "walked {}", root.display());
@@ -865,8 +865,11 @@ mod tests {
         };
         // Each stays inside by its text; followed, `up` is the parent of the tree.
         let climb = tree(vec![dir("d"), link("d/l", ".."), link("up", "d/l/..")]);
-        let err = check_link_chains(&climb).unwrap_err();
-        assert!(err.contains("symlink up -> d/l/.. leads outside"), "{err}");
+        let err = check_link_chains(&climb, Path::new("/b/dist")).unwrap_err();
+        assert!(
+            err.starts_with("symlink /b/dist/up -> d/l/.. leads outside"),
+            "{err}"
+        );
         // Through a link to the root, then one more `..`.
         let deep = tree(vec![
             dir("a"),
@@ -874,9 +877,10 @@ mod tests {
             link("d", "a"),
             link("e", "d/x/.."),
         ]);
-        assert!(check_link_chains(&deep).is_err());
+        assert!(check_link_chains(&deep, Path::new("dist")).is_err());
         let looped = tree(vec![link("a", "b"), link("b", "a")]);
-        assert!(check_link_chains(&looped).unwrap_err().contains("loop"));
+        let err = check_link_chains(&looped, Path::new("dist")).unwrap_err();
+        assert!(err.contains("loop"), "{err}");
         // Links into links that stay inside are fine, dangling ones too.
         let ok = tree(vec![
             dir("d"),
@@ -886,7 +890,7 @@ mod tests {
             link("n", "d/l/gone"),
             link("top", "d/.."),
         ]);
-        check_link_chains(&ok).unwrap();
+        check_link_chains(&ok, Path::new("dist")).unwrap();
     }
 
     #[test]
