@@ -644,7 +644,15 @@ async fn run_host(
         let mut records: Vec<Record> = lock
             .taken_over
             .iter()
-            .map(|h| Record::interrupted(ctx, h))
+            .map(|h| {
+                Record::interrupted(
+                    ctx.app,
+                    ctx.env,
+                    ctx.host.name(),
+                    h,
+                    "a later run took over its lock",
+                )
+            })
             .collect();
         records.push(record);
         let appending = ledger::Appending::new(ctx, &records);

@@ -142,13 +142,19 @@ impl Record {
 
     /// The one JSON line this record is stored as (no newline inside: JSON escapes them).
     /// The record of a run that ended without one (killed, its connection lost), from the holder
-    /// of the lock that `ctx`'s run took over.
-    pub fn interrupted(ctx: &StepCtx<'_>, holder: &crate::lock::Holder) -> Record {
+    /// of its lock on `host`; `ended` says what removed the lock.
+    pub fn interrupted(
+        app: &str,
+        env: &str,
+        host: &str,
+        holder: &crate::lock::Holder,
+        ended: &str,
+    ) -> Record {
         Record {
             version: VERSION,
-            app: ctx.app.into(),
-            env: ctx.env.into(),
-            host: ctx.host.name().into(),
+            app: app.into(),
+            env: env.into(),
+            host: host.into(),
             ref_name: holder.ref_name.clone(),
             is_tag: false,
             ref_slug: crate::template::slug(&holder.ref_name),
@@ -161,8 +167,8 @@ impl Record {
             action: "interrupted".into(),
             ok: false,
             error: Some(format!(
-                "ended without recording itself (killed, or its connection lost; {} pid {}); a \
-                 later run took over its lock",
+                "ended without recording itself (killed, or its connection lost; {} pid {}); \
+                 {ended}",
                 holder.controller, holder.pid
             )),
             steps: vec![],
@@ -387,6 +393,23 @@ pub async fn read(host: &Host, session: &Session) -> anyhow::Result<Vec<Record>>
         tracing::warn!("{}: {dir}/ledger.jsonl: skipped {s}", host.name());
     }
     Ok(records)
+}
+
+/// Append `records` to the host's ledger, in one exec.
+pub async fn append(host: &Host, session: &Session, records: &[Record]) -> anyhow::Result<()> {
+    let dir = host.state_dir();
+    let lines: Vec<String> = records.iter().map(Record::to_line).collect();
+    let out = session
+        .run_script(
+            &format!("{APPEND_FN}ledger_append \"$1\" \"$2\"\n"),
+            &[dir.as_str(), lines.join("\n").as_str()],
+            Some(Duration::from_secs(60)),
+        )
+        .await?;
+    if !out.success() {
+        anyhow::bail!("cannot append to {dir}/ledger.jsonl: {}", out.tail());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

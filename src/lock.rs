@@ -683,17 +683,20 @@ pub async fn cli_status(g: &Global, target: &Target) -> anyhow::Result<i32> {
     Ok(if ok { 0 } else { 1 })
 }
 
-/// `ferry unlock`: remove the lock (a live lease needs `--force`), saying what was removed.
+/// `ferry unlock`: remove the lock (a live lease needs `--force`), saying what was removed. The
+/// run that held it ended unrecorded, as far as the user knows: the ledger records it as
+/// `interrupted` (as a takeover does), so that `ferry history` and `rollback` know of it.
 pub async fn cli_unlock(g: &Global, target: &Target, force: bool) -> anyhow::Result<i32> {
     let env = target.required_env("unlock")?;
     let setup = state_setup(g, target, &env)?;
-    let name = lock_name(&setup.playbook.app, &env);
+    let app = setup.playbook.app.clone();
+    let name = lock_name(&app, &env);
     let outcomes = crate::fleet::run(
         &setup.connector,
         &setup.hosts,
         setup.settings.forks,
         |host, session| {
-            let name = name.clone();
+            let (name, app, env) = (name.clone(), app.clone(), env.clone());
             async move {
                 let dir = host.state_dir();
                 let suffix = format!("{:016x}", rand::random::<u64>());
@@ -709,6 +712,19 @@ pub async fn cli_unlock(g: &Global, target: &Target, force: bool) -> anyhow::Res
                         Some(Duration::from_secs(60)),
                     )
                     .await;
+                let recorded = match &out {
+                    Ok(o) if o.status == Some(0) && !o.stdout_str().starts_with("free") => {
+                        match parse_show(&o.stdout_str()).1 {
+                            Some(h) => {
+                                let how = "its lock was removed by `ferry unlock`";
+                                let r = ledger::Record::interrupted(&app, &env, host.name(), &h, how);
+                                Some(ledger::append(&host, &session, &[r]).await)
+                            }
+                            None => None,
+                        }
+                    }
+                    _ => None,
+                };
                 session.close().await;
                 let out = out?;
                 let path = format!("{dir}/locks/{name}");
@@ -717,9 +733,17 @@ pub async fn cli_unlock(g: &Global, target: &Target, force: bool) -> anyhow::Res
                 let who = holder
                     .map(|h| h.describe())
                     .unwrap_or_else(|| "an unknown holder".into());
+                let recorded = match recorded {
+                    Some(Ok(())) => "; recorded in the ledger as interrupted".to_string(),
+                    Some(Err(e)) => format!("; NOT recorded in the ledger as interrupted: {e:#}"),
+                    None => String::new(),
+                };
                 match out.status {
                     Some(0) if text.starts_with("free") => Ok(format!("no lock at {path}")),
-                    Some(0) => Ok(format!("removed {path}, held by {who}{}", lease_text(exp))),
+                    Some(0) => Ok(format!(
+                        "removed {path}, held by {who}{}{recorded}",
+                        lease_text(exp)
+                    )),
                     Some(4) => anyhow::bail!(
                         "{path} is held by {who}{}: that deploy may still be running; pass --force to remove it anyway",
                         lease_text(exp)

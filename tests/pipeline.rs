@@ -539,6 +539,33 @@ fn unlock_removes_a_lock_and_says_whose_it_was() {
         removed.stdout
     );
     assert!(!lock_dir.exists());
+    // The run that held it is in the ledger, as interrupted, for history and rollback.
+    assert!(
+        removed
+            .stdout
+            .contains("recorded in the ledger as interrupted"),
+        "{}",
+        removed.stdout
+    );
+    let records = ledger(&Path::new(&root).join(".ferry"));
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["action"], "interrupted");
+    assert_eq!(records[0]["ref"], "feature/äöü spaces");
+    assert_eq!(records[0]["pipeline_id"], "55");
+    assert_eq!(records[0]["ok"], false);
+    let why = records[0]["error"].as_str().unwrap();
+    assert!(why.contains("removed by `ferry unlock`"), "{why}");
+    let history = Ferry::new()
+        .trusting(&[&host])
+        .args(["history", "--env", "test"])
+        .arg(&p)
+        .run()
+        .success();
+    assert!(
+        history.stdout.contains("interrupted") && history.stdout.contains("'feature/äöü spaces'"),
+        "{}",
+        history.stdout
+    );
     let again = Ferry::new()
         .trusting(&[&host])
         .args(["unlock", "--env", "test"])
@@ -546,6 +573,7 @@ fn unlock_removes_a_lock_and_says_whose_it_was() {
         .run()
         .success();
     assert!(again.stdout.contains("no lock"), "{}", again.stdout);
+    assert_eq!(ledger(&Path::new(&root).join(".ferry")).len(), 1);
 }
 
 /// Review apps: hostile branch names deploy to their own roots, status shows every branch without
