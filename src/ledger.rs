@@ -140,7 +140,6 @@ impl Record {
         }
     }
 
-    /// The one JSON line this record is stored as (no newline inside: JSON escapes them).
     /// The record of a run that ended without one (killed, its connection lost), from the holder
     /// of its lock on `host`; `ended` says what removed the lock.
     pub fn interrupted(
@@ -188,6 +187,7 @@ impl Record {
             || self.files_releases.values().any(|f| f == release)
     }
 
+    /// The one JSON line this record is stored as (no newline inside: JSON escapes them).
     pub fn to_line(&self) -> String {
         serde_json::to_string(self).expect("a record serializes")
     }
@@ -350,9 +350,13 @@ pub struct Appending {
 impl Appending {
     /// Records appended in one go, one per line.
     pub fn new(ctx: &StepCtx<'_>, records: &[Record]) -> Appending {
+        Appending::to(ctx.host, records)
+    }
+
+    fn to(host: &Host, records: &[Record]) -> Appending {
         let lines: Vec<String> = records.iter().map(Record::to_line).collect();
         Appending {
-            args: [ctx.host.state_dir(), lines.join("\n")],
+            args: [host.state_dir(), lines.join("\n")],
         }
     }
 
@@ -395,19 +399,18 @@ pub async fn read(host: &Host, session: &Session) -> anyhow::Result<Vec<Record>>
     Ok(records)
 }
 
-/// Append `records` to the host's ledger, in one exec.
+/// Append `records` to the host's ledger, in an exec of its own.
 pub async fn append(host: &Host, session: &Session, records: &[Record]) -> anyhow::Result<()> {
-    let dir = host.state_dir();
-    let lines: Vec<String> = records.iter().map(Record::to_line).collect();
+    let a = Appending::to(host, records);
     let out = session
-        .run_script(
-            &format!("{APPEND_FN}ledger_append \"$1\" \"$2\"\n"),
-            &[dir.as_str(), lines.join("\n").as_str()],
-            Some(Duration::from_secs(60)),
-        )
+        .run_script(&a.script(1), &a.args, Some(Duration::from_secs(60)))
         .await?;
-    if !out.success() {
-        anyhow::bail!("cannot append to {dir}/ledger.jsonl: {}", out.tail());
+    if !out.success() || Appending::failed(&String::from_utf8_lossy(&out.stderr)) {
+        anyhow::bail!(
+            "cannot append to {}/ledger.jsonl: {}",
+            a.args[0],
+            out.tail()
+        );
     }
     Ok(())
 }

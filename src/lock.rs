@@ -712,32 +712,31 @@ pub async fn cli_unlock(g: &Global, target: &Target, force: bool) -> anyhow::Res
                         Some(Duration::from_secs(60)),
                     )
                     .await;
-                let recorded = match &out {
-                    Ok(o) if o.status == Some(0) && !o.stdout_str().starts_with("free") => {
-                        match parse_show(&o.stdout_str()).1 {
-                            Some(h) => {
-                                let how = "its lock was removed by `ferry unlock`";
-                                let r = ledger::Record::interrupted(&app, &env, host.name(), &h, how);
-                                Some(ledger::append(&host, &session, &[r]).await)
-                            }
-                            None => None,
-                        }
+                let out = match out {
+                    Ok(o) => o,
+                    Err(e) => {
+                        session.close().await;
+                        return Err(e.into());
                     }
-                    _ => None,
                 };
-                session.close().await;
-                let out = out?;
                 let path = format!("{dir}/locks/{name}");
                 let text = out.stdout_str();
                 let (exp, holder) = parse_show(&text);
+                let recorded = match &holder {
+                    Some(h) if out.status == Some(0) && !text.starts_with("free") => {
+                        let how = "its lock was removed by `ferry unlock`";
+                        let r = ledger::Record::interrupted(&app, &env, host.name(), h, how);
+                        match ledger::append(&host, &session, &[r]).await {
+                            Ok(()) => "; recorded in the ledger as interrupted".to_string(),
+                            Err(e) => format!("; NOT recorded in the ledger as interrupted: {e:#}"),
+                        }
+                    }
+                    _ => String::new(),
+                };
+                session.close().await;
                 let who = holder
                     .map(|h| h.describe())
                     .unwrap_or_else(|| "an unknown holder".into());
-                let recorded = match recorded {
-                    Some(Ok(())) => "; recorded in the ledger as interrupted".to_string(),
-                    Some(Err(e)) => format!("; NOT recorded in the ledger as interrupted: {e:#}"),
-                    None => String::new(),
-                };
                 match out.status {
                     Some(0) if text.starts_with("free") => Ok(format!("no lock at {path}")),
                     Some(0) => Ok(format!(
