@@ -97,6 +97,12 @@ fn context(refs: &RefArgs) -> anyhow::Result<DeployContext> {
         .map_err(|e| UsageError(format!("{e:#}")).into())
 }
 
+/// For rollback and stop, which need the ref (paths may depend on it) but ship no commit.
+fn ref_context(refs: &RefArgs) -> anyhow::Result<DeployContext> {
+    DeployContext::detect_ref(refs.ref_name.as_deref(), refs.sha.as_deref(), refs.tag)
+        .map_err(|e| UsageError(format!("{e:#}")).into())
+}
+
 /// The environments this run deploys: `--env`, or the ref's rule.
 fn environments(
     pb: &crate::playbook::Playbook,
@@ -162,7 +168,7 @@ pub async fn cli_rollback(
     let env = target.required_env("rollback")?;
     let pb = crate::cli::load_playbook(&target.playbook)?;
     // The ledger names the release to go back to; the ref only matters where paths depend on it.
-    let ctx = match context(refs) {
+    let ctx = match ref_context(refs) {
         Ok(c) => c,
         Err(_) if !crate::status::is_per_branch(&pb, &env) => DeployContext::placeholder(),
         Err(e) => return Err(e),
@@ -189,7 +195,7 @@ pub async fn cli_stop(
     refs: &RefArgs,
     opts: &DeployOpts,
 ) -> anyhow::Result<i32> {
-    let ctx = context(refs)?;
+    let ctx = ref_context(refs)?;
     let pb = crate::cli::load_playbook(&target.playbook)?;
     let envs = environments(&pb, target, &ctx)?;
     if let Some(e) = &target.env {
