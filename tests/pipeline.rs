@@ -1467,6 +1467,25 @@ fn status_reads_live_files_per_branch_and_flags_hand_edits() {
     assert!(notes.contains("drift"), "{notes}");
     let rows = status(&["--ref", "feature/a"]);
     assert_eq!(rows[0]["notes"], serde_json::json!([]), "{rows:?}");
+    // One branch rolled back from outside CI and git: the ref alone names it.
+    dir.write("dist/index.html", "<h1>second</h1>\n");
+    ci(&[&host], "feature/a", SHA2, "902")
+        .arg("deploy")
+        .arg(&p)
+        .run()
+        .success();
+    let site = Path::new(&root).join("feature-a/site/index.html");
+    assert_eq!(std::fs::read_to_string(&site).unwrap(), "<h1>second</h1>\n");
+    Ferry::new()
+        .trusting(&[&host])
+        .current_dir(dir.path())
+        .args(["rollback", "--env", "test", "--ref", "feature/a"])
+        .arg(&p)
+        .run()
+        .success();
+    assert_eq!(std::fs::read_to_string(&site).unwrap(), "<h1>hello</h1>\n");
+    let rows = status(&["--ref", "feature/a"]);
+    assert_eq!(rows[0]["sha"], SHA, "{rows:?}");
 }
 
 /// Two hosts on the same storage (as NFS would give, and as test hosts on one machine are): the
