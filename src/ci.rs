@@ -22,30 +22,14 @@ pub struct DeployContext {
 }
 
 impl DeployContext {
-    /// Read from the environment: explicit flags win, then GitLab CI variables, then git.
+    /// Read from the environment: explicit flags win, then GitLab CI variables, then git. A run
+    /// that ships no commit of its own (`ships_commit` false: a rollback goes to a commit from the
+    /// ledger, a stop to none) takes a commit that cannot be told as all zeros, not as an error.
     pub fn detect(
         ref_flag: Option<&str>,
         sha_flag: Option<&str>,
         tag_flag: bool,
-    ) -> anyhow::Result<DeployContext> {
-        DeployContext::detect_with(ref_flag, sha_flag, tag_flag, true)
-    }
-
-    /// As [`Self::detect`], for runs that ship no commit of their own (a rollback goes to a commit
-    /// from the ledger, a stop to none): a commit that cannot be told is all zeros, not an error.
-    pub fn detect_ref(
-        ref_flag: Option<&str>,
-        sha_flag: Option<&str>,
-        tag_flag: bool,
-    ) -> anyhow::Result<DeployContext> {
-        DeployContext::detect_with(ref_flag, sha_flag, tag_flag, false)
-    }
-
-    fn detect_with(
-        ref_flag: Option<&str>,
-        sha_flag: Option<&str>,
-        tag_flag: bool,
-        need_sha: bool,
+        ships_commit: bool,
     ) -> anyhow::Result<DeployContext> {
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         let ci_tag = env("CI_COMMIT_TAG");
@@ -73,7 +57,7 @@ impl DeployContext {
             .or_else(|| git(&["rev-parse", "HEAD"]))
         {
             Some(s) => s,
-            None if !need_sha => "0".repeat(40),
+            None if !ships_commit => "0".repeat(40),
             None => {
                 anyhow::bail!("cannot tell which commit this is: set CI_COMMIT_SHA or pass --sha")
             }

@@ -92,15 +92,15 @@ pub fn release_id(ctx: &DeployContext) -> String {
     )
 }
 
-fn context(refs: &RefArgs) -> anyhow::Result<DeployContext> {
-    DeployContext::detect(refs.ref_name.as_deref(), refs.sha.as_deref(), refs.tag)
-        .map_err(|e| UsageError(format!("{e:#}")).into())
-}
-
-/// For rollback and stop, which need the ref (paths may depend on it) but ship no commit.
-fn ref_context(refs: &RefArgs) -> anyhow::Result<DeployContext> {
-    DeployContext::detect_ref(refs.ref_name.as_deref(), refs.sha.as_deref(), refs.tag)
-        .map_err(|e| UsageError(format!("{e:#}")).into())
+/// The run's ref and commit; see [`DeployContext::detect`] for `ships_commit`.
+fn context(refs: &RefArgs, ships_commit: bool) -> anyhow::Result<DeployContext> {
+    DeployContext::detect(
+        refs.ref_name.as_deref(),
+        refs.sha.as_deref(),
+        refs.tag,
+        ships_commit,
+    )
+    .map_err(|e| UsageError(format!("{e:#}")).into())
 }
 
 /// The environments this run deploys: `--env`, or the ref's rule.
@@ -128,7 +128,7 @@ pub async fn cli_deploy(
     opts: &DeployOpts,
     scope: Scope,
 ) -> anyhow::Result<i32> {
-    let ctx = context(refs)?;
+    let ctx = context(refs, true)?;
     let pb = crate::cli::load_playbook(&target.playbook)?;
     let envs = environments(&pb, target, &ctx)?;
     if envs.is_empty() {
@@ -168,7 +168,7 @@ pub async fn cli_rollback(
     let env = target.required_env("rollback")?;
     let pb = crate::cli::load_playbook(&target.playbook)?;
     // The ledger names the release to go back to; the ref only matters where paths depend on it.
-    let ctx = match ref_context(refs) {
+    let ctx = match context(refs, false) {
         Ok(c) => c,
         Err(_) if !crate::status::is_per_branch(&pb, &env) => DeployContext::placeholder(),
         Err(e) => return Err(e),
@@ -195,7 +195,7 @@ pub async fn cli_stop(
     refs: &RefArgs,
     opts: &DeployOpts,
 ) -> anyhow::Result<i32> {
-    let ctx = ref_context(refs)?;
+    let ctx = context(refs, false)?;
     let pb = crate::cli::load_playbook(&target.playbook)?;
     let envs = environments(&pb, target, &ctx)?;
     if let Some(e) = &target.env {
