@@ -381,7 +381,7 @@ pub enum SyncMode {
 #[serde(rename_all = "kebab-case")]
 pub enum Compress {
     /// Every file whose content compresses, except in a bulk transfer (64 MiB of content or
-    /// more, such as a first deploy): there files of 8 KiB or more go as they are, as with
+    /// more, such as a first deploy): there files of 4 KiB or more go as they are, as with
     /// `rsync -a`, since compressing them costs both ends more CPU than a fast link saves.
     #[default]
     Auto,
