@@ -381,8 +381,9 @@ pub enum SyncMode {
 #[serde(rename_all = "kebab-case")]
 pub enum Compress {
     /// Every file whose content compresses, except in a bulk transfer (64 MiB of content or
-    /// more, such as a first deploy): there files of 4 KiB or more go as they are, as with
-    /// `rsync -a`, since compressing them costs both ends more CPU than a fast link saves.
+    /// more, such as a first deploy): there files of 8 KiB or more go as they are, as with
+    /// `rsync -a`, since compressing them costs both ends more CPU than a fast link saves, and
+    /// smaller ones as far as the bytes deflating the rest saves pay for.
     #[default]
     Auto,
     /// Every file whose content compresses, however much there is: for slow links.

@@ -9,10 +9,12 @@
 //! Files of 512 bytes or more whose content does not compress (images, fonts, archives: judged by
 //! the byte entropy of their first block) go in a plain tar sent ahead of the gzip'd one, so
 //! neither end spends CPU on them (the host's `gzip -d` is its costliest process). In a bulk
-//! transfer ([`BULK`], unless `compress: all`) all files of 4 KiB or more go plain, as rsync sends
-//! them: there compression costs more CPU than a fast link saves, and gzip still squeezes the
-//! 512-byte tar headers (and padding) of the smaller files to a few bytes each, so the stream stays
-//! below rsync's bytes.
+//! transfer ([`BULK`], unless `compress: all`) all files of 8 KiB or more go plain, as rsync sends
+//! them: there compression costs more CPU than a fast link saves. So do as many smaller ones as
+//! the bytes deflating the rest saves can pay for (see [`Budget`]): a plain file costs a 512-byte
+//! tar header and padding, which gzip squeezes to a few bytes, and the stream stays below
+//! rsync's bytes. (The host's `gzip -d`, at 240 MB/s here, spent 0.4 s on the 93 MB of files of
+//! 4-8 KiB in the 50,000-file benchmark tree.)
 //!
 //! On the wire: a line with the number of 64 KiB blocks of plain tar (0: none), that plain tar
 //! (zero-padded; the host reads it with `dd iflag=fullblock`), then the gzip'd tar.
@@ -82,16 +84,13 @@ impl<W> Sink<'_, W> {
     }
 }
 
-/// Content to send from which `compress: auto` sends files of 4 KiB (`PLAIN_MIN`) or more as
-/// they are.
+/// Content to send from which `compress: auto` sends files of 8 KiB (`PLAIN_MIN`) or more as
+/// they are, and smaller ones as the byte budget allows.
 pub const BULK: u64 = 64 << 20;
 
 /// Without `compress_all`, files at least this big travel in the plain part whether or not their
-/// content compresses. (A plain file costs a 512-byte header and up to 511 bytes of padding, at
-/// 4 KiB about a sixth of its size, where deflate saves half of a text file's; the host's
-/// `gzip -d`, at 240 MB/s here, spent 0.4 s on the 93 MB of files of 4-8 KiB in the 50,000-file
-/// benchmark tree.)
-const PLAIN_MIN: u64 = 4 * 1024;
+/// content compresses.
+const PLAIN_MIN: u64 = 8 * 1024;
 /// Content shorter than this is never judged incompressible: too short a sample to tell.
 const SAMPLE_MIN: u64 = 512;
 /// Mode bits a directory needs for its owner to put entries in it (write and search).
@@ -110,7 +109,8 @@ struct Plain {
 impl Plain {
     /// The files of `send` that go in the plain part, in order: those whose first block does not
     /// compress (read in parallel), whatever their size (deflating images and fonts costs both
-    /// ends CPU for nothing), and without `all`, every file of [`PLAIN_MIN`] or more.
+    /// ends CPU for nothing), and without `all`, every file of [`PLAIN_MIN`] or more, then as
+    /// many of the smaller ones as [`Budget`] allows.
     fn pick(
         root: &Path,
         local: &Manifest,
@@ -118,27 +118,56 @@ impl Plain {
         all: bool,
     ) -> Vec<usize> {
         use rayon::prelude::*;
+        // (Content, and the files too short to judge: deflated, at most their size.)
+        let (mut content, mut unjudged) = (0, 0);
         let files: Vec<(usize, u64)> = send
             .filter_map(|i| match local.entries[i].kind {
-                Kind::File { size, .. } if size >= SAMPLE_MIN => Some((i, size)),
+                Kind::File { size, .. } => {
+                    content += size;
+                    if size < SAMPLE_MIN {
+                        unjudged += size + Budget::DEFLATED_HEADER;
+                    }
+                    (size >= SAMPLE_MIN).then_some((i, size))
+                }
                 _ => None,
             })
             .collect();
-        files
+        // Without `all`, every `every`-th small file's sample is deflated too: the ratio.
+        let small = files.iter().filter(|(_, n)| *n < PLAIN_MIN).count();
+        let every = (small / RATIO_SAMPLES).max(1);
+        let judged: Vec<(usize, u64, Judged)> = files
             .into_par_iter()
-            .filter(|&(i, size)| {
+            .enumerate()
+            .map(|(k, (i, size))| {
                 if size >= PLAIN_MIN && !all {
-                    return true;
+                    return (i, size, Judged::Plain);
                 }
                 let path = root.join(OsStr::from_bytes(&local.entries[i].path));
                 let mut sample = vec![0; 8192];
                 let n = std::fs::File::open(path)
                     .and_then(|f| f.take(8192).read(&mut sample))
                     .unwrap_or(0);
-                incompressible(&sample[..n])
+                let sample = &sample[..n];
+                let judged = match incompressible(sample) {
+                    true => Judged::Plain,
+                    false if !all && k % every == 0 => {
+                        Judged::Sampled(sample.len(), deflated(sample))
+                    }
+                    false => Judged::Compresses,
+                };
+                (i, size, judged)
             })
-            .map(|(i, _)| i)
-            .collect()
+            .collect();
+        let mut picked: Vec<usize> = judged
+            .iter()
+            .filter(|(_, _, j)| matches!(j, Judged::Plain))
+            .map(|(i, _, _)| *i)
+            .collect();
+        if !all {
+            picked.extend(Budget::new(content, unjudged, &judged).fill(&judged));
+            picked.sort_unstable();
+        }
+        picked
     }
 
     /// Append the directories, then each file through `file` (its content, or for [`Plain::len`]
@@ -175,6 +204,94 @@ impl Plain {
         })?;
         Ok(tar.into_inner()?.n + data)
     }
+}
+
+/// How [`Plain::pick`] judged a file (its first 8 KiB).
+enum Judged {
+    /// Plain whatever the budget: big, or does not compress.
+    Plain,
+    Compresses,
+    /// Compresses: sample length and its length deflated.
+    Sampled(usize, usize),
+}
+
+/// Samples deflated to estimate how well the small files of a bulk transfer compress.
+const RATIO_SAMPLES: usize = 256;
+
+/// The bytes a bulk transfer may spend to send small files plain: the stream stays within
+/// [`Budget::SHARE`] of the content it carries, so below what `rsync -a` sends (the content and
+/// a record per file). A plain file costs its size rounded up to 512 bytes and a 512-byte header;
+/// a deflated one its size times the ratio the samples got, and a few bytes of header.
+struct Budget {
+    ratio: f64,
+    room: f64,
+}
+
+impl Budget {
+    /// (The manifest and the store's links travel deflated in the stream's tail: about a
+    /// hundredth of a tree of small files.)
+    const SHARE: f64 = 0.97;
+    const DEFLATED_HEADER: u64 = 32;
+
+    /// `unjudged`: the bytes of the files [`Plain::pick`] did not judge, in the stream.
+    fn new(content: u64, unjudged: u64, judged: &[(usize, u64, Judged)]) -> Budget {
+        let (raw, packed) = judged.iter().fold((0, 0), |(r, p), (_, _, j)| match j {
+            Judged::Sampled(r1, p1) => (r + r1, p + p1),
+            _ => (r, p),
+        });
+        let ratio = if raw == 0 {
+            1.0
+        } else {
+            packed as f64 / raw as f64
+        };
+        let deflated = |n: u64| n as f64 * ratio + Self::DEFLATED_HEADER as f64;
+        let spent: f64 = unjudged as f64
+            + judged
+                .iter()
+                .map(|(_, n, j)| match j {
+                    Judged::Plain => plain_cost(*n) as f64,
+                    _ => deflated(*n),
+                })
+                .sum::<f64>();
+        Budget {
+            ratio,
+            room: content as f64 * Self::SHARE - spent,
+        }
+    }
+
+    /// The compressible small files that go plain: the biggest first (the least overhead per
+    /// byte spared from deflating), while the room lasts.
+    fn fill(mut self, judged: &[(usize, u64, Judged)]) -> Vec<usize> {
+        let mut small: Vec<(usize, u64)> = judged
+            .iter()
+            .filter(|(_, _, j)| !matches!(j, Judged::Plain))
+            .map(|(i, n, _)| (*i, *n))
+            .collect();
+        small.sort_unstable_by_key(|&(_, n)| std::cmp::Reverse(n));
+        let mut plain = Vec::new();
+        for (i, n) in small {
+            let extra =
+                plain_cost(n) as f64 - (n as f64 * self.ratio + Self::DEFLATED_HEADER as f64);
+            if extra > self.room {
+                break;
+            }
+            self.room -= extra;
+            plain.push(i);
+        }
+        plain
+    }
+}
+
+/// A file's bytes in a plain tar: a header and its content padded to whole 512-byte blocks.
+fn plain_cost(size: u64) -> u64 {
+    512 + size.div_ceil(512) * 512
+}
+
+/// The length of `data` deflated at the stream's level.
+fn deflated(data: &[u8]) -> usize {
+    let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::new(LEVEL));
+    let _ = z.write_all(data);
+    z.finish().map_or(data.len(), |v| v.len())
 }
 
 /// A writer that counts what passes through.
@@ -977,7 +1094,6 @@ mod tests {
             ("icon.png", noise(2048)),
             ("tiny.png", noise(300)),
             ("small.js", text(2048)),
-            ("mid.js", text(6000)),
             ("photo.jpg", noise(20_000)),
             ("big.js", text(20_000)),
         ] {
@@ -993,8 +1109,39 @@ mod tests {
             names
         };
         assert_eq!(picked(true), ["icon.png", "photo.jpg"]);
-        assert_eq!(picked(false), ["big.js", "icon.png", "mid.js", "photo.jpg"]);
+        // (No budget here: big.js alone is more than its share of the content.)
+        assert_eq!(picked(false), ["big.js", "icon.png", "photo.jpg"]);
         std::fs::remove_dir_all(&src).unwrap();
+    }
+
+    /// A bulk transfer sends small files plain, the biggest first, while the stream stays within
+    /// its share of the content; without a sample that compresses, none.
+    #[test]
+    fn the_byte_budget_pays_for_small_plain_files() {
+        use Judged::*;
+        let judged = [
+            (0, 20_000, Plain),
+            (1, 6000, Sampled(6000, 2000)),
+            (2, 5000, Compresses),
+            (3, 3000, Compresses),
+            (4, 600, Compresses),
+        ];
+        // Spent: 20,992 plain and a third of the rest (and 32 bytes a file) deflated, of 34,600
+        // bytes' 97%: room for 7,575 more. Plain, 6000 costs 4,624 more, 5000 then 3,933: too much.
+        assert_eq!(Budget::new(34_600, 0, &judged).fill(&judged), [1]);
+        let ratio = Budget::new(34_600, 0, &judged).ratio;
+        assert!((ratio - 1.0 / 3.0).abs() < 1e-9);
+        // Files too short to judge count as deflated to their size: 3,000 bytes of them leave 4,575.
+        assert!(Budget::new(34_600, 3000, &judged).fill(&judged).is_empty());
+        let unsampled = judged.map(|(i, n, j)| match j {
+            Sampled(..) => (i, n, Compresses),
+            j => (i, n, j),
+        });
+        assert!(
+            Budget::new(34_600, 0, &unsampled)
+                .fill(&unsampled)
+                .is_empty()
+        );
     }
 
     fn sink(out: &mut Vec<u8>, compress_all: bool) -> Sink<'_, &mut Vec<u8>> {
