@@ -14,19 +14,29 @@ pub const REGISTRY_USER: &str = "ferry";
 /// Test-only credentials, set by tests/env/docker.sh.
 pub const REGISTRY_PASSWORD: &str = "ferry-registry-secret";
 
-/// Start (once) the engine and the registry, and log the local CLI in for the harness's pushes.
+/// Start (once) the engine and the registry, and log the local CLI in for the harness's pushes,
+/// and the test hosts' login user ([`super::ROOT_USER`]) for their pulls, as an admin would have
+/// done once on a deploy host. (Tests of `docker_login` log in again themselves; without this,
+/// the pulls of tests without that step depended on another test having run first.)
 pub fn engine() {
     static ONCE: OnceLock<()> = OnceLock::new();
     ONCE.get_or_init(|| {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/env/docker.sh");
         run_ok(Command::new("bash").arg(script));
-        login();
+        login(None);
+        login(Some(&Path::new(super::ROOT_HOME).join(".docker")));
     });
 }
 
-fn login() {
+/// `docker login` to the test registry, into the CLI config directory `config` (default: ours).
+fn login(config: Option<&Path>) {
     use std::io::Write;
-    let mut child = Command::new("docker")
+    let mut cmd = Command::new("docker");
+    if let Some(dir) = config {
+        std::fs::create_dir_all(dir).unwrap();
+        cmd.env("DOCKER_CONFIG", dir);
+    }
+    let mut child = cmd
         .args([
             "login",
             "--username",

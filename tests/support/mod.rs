@@ -178,16 +178,17 @@ pub fn busybox_user() {
 /// files, so that the test machine's own root dotfiles (a `.bashrc` that runs `pyenv rehash` under
 /// a lock, say) neither slow down nor hang the hosts' sessions.
 pub const ROOT_USER: &str = "ferryroot";
+/// [`ROOT_USER`]'s home: its `docker` CLI keeps its registry logins there.
+pub const ROOT_HOME: &str = "/var/lib/ferry-test-root";
 
 /// Create [`ROOT_USER`] (idempotent; tests run as root).
 pub fn root_user() {
     static ONCE: OnceLock<()> = OnceLock::new();
     ONCE.get_or_init(|| {
-        let home = "/var/lib/ferry-test-root";
-        std::fs::create_dir_all(home).unwrap();
+        std::fs::create_dir_all(ROOT_HOME).unwrap();
         ensure_user(
             ROOT_USER,
-            &["-o", "-u", "0", "-g", "0", "-d", home, "-s", "/bin/sh"],
+            &["-o", "-u", "0", "-g", "0", "-d", ROOT_HOME, "-s", "/bin/sh"],
         );
     });
 }
