@@ -228,9 +228,11 @@ struct Budget {
 }
 
 impl Budget {
-    /// (The manifest and the store's links travel deflated in the stream's tail: about a
-    /// hundredth of a tree of small files.)
+    /// The share of the content the files may take on the wire. The rest is a margin for what
+    /// travels deflated beside them (the manifest, the store's links: about a hundredth of a tree
+    /// of small files) and for the sampled ratio's error.
     const SHARE: f64 = 0.97;
+    /// About what a deflated file's tar header and padding take.
     const DEFLATED_HEADER: u64 = 32;
 
     /// `unjudged`: the bytes of the files [`Plain::pick`] did not judge, in the stream.
