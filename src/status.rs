@@ -41,6 +41,21 @@ pub struct Live {
     pub files: BTreeMap<String, String>,
     /// Missing, stopped, unhealthy, drifted or unreadable things.
     pub notes: Vec<String>,
+    /// The sync targets and containers read: found, missing (nothing live at a target, no such
+    /// container), and those that could not be read.
+    #[serde(skip)]
+    pub found: usize,
+    #[serde(skip)]
+    pub missing: usize,
+    #[serde(skip)]
+    pub unread: usize,
+}
+
+impl Live {
+    /// Everything read is missing: removed outside ferry (a `ferry stop` is in the ledger).
+    fn gone(&self) -> bool {
+        self.missing > 0 && self.found == 0 && self.unread == 0
+    }
 }
 
 /// One line of a branch's table.
@@ -52,7 +67,8 @@ pub struct Row {
     pub host: String,
     /// This branch is what the host serves in this environment.
     pub live: bool,
-    /// `live`, `replaced by REF`, `stopped`, `never deployed ok`, `unknown`.
+    /// `live`, `replaced by REF`, `stopped`, `gone` (per branch: nothing it deployed is on the
+    /// host, and no `ferry stop` removed it), `never deployed ok`, `unknown`.
     pub state: String,
     /// The release and commit of this branch's last good deploy on the host.
     pub release: Option<String>,
@@ -117,7 +133,17 @@ pub fn summarize(env: &str, per_branch: bool, hosts: &[HostView]) -> EnvStatus {
             } else if good.is_none() {
                 (false, "never deployed ok".to_string())
             } else if per_branch {
-                (true, "live".to_string())
+                match live_read {
+                    Some(l) if l.gone() => {
+                        notes.extend(l.notes.iter().cloned());
+                        notes.push(
+                            "removed outside ferry: nothing this branch deployed is on the host"
+                                .into(),
+                        );
+                        (false, "gone".to_string())
+                    }
+                    _ => (true, "live".to_string()),
+                }
             } else {
                 // The live reading names the ref that made the live files; the host's last good
                 // record wins when it left those files live (a deploy of the same build by
@@ -313,6 +339,7 @@ async fn read_live(host: &Host, session: &Session, steps: &[Step]) -> Live {
                 Ok(l) => {
                     match &l.release {
                         Some(rel) => {
+                            live.found += 1;
                             live.files.insert(l.path.clone(), rel.clone());
                             live.release.get_or_insert(rel.clone());
                             if let Some(r) = &l.ref_name {
@@ -322,19 +349,30 @@ async fn read_live(host: &Host, session: &Session, steps: &[Step]) -> Live {
                                 live.sha.get_or_insert(s.clone());
                             }
                         }
-                        None => live.notes.push(format!("nothing live at {}", l.path)),
+                        None => {
+                            live.missing += 1;
+                            live.notes.push(format!("nothing live at {}", l.path))
+                        }
                     }
                     if let Some(d) = l.drift {
                         live.notes.push(format!("drift at {}: {d}", l.path));
                     }
                 }
-                Err(e) => live
-                    .notes
-                    .push(format!("files at {}: unknown ({e:#})", s.to)),
+                Err(e) => {
+                    live.unread += 1;
+                    live.notes
+                        .push(format!("files at {}: unknown ({e:#})", s.to))
+                }
             },
             Step::Container(c) | Step::Accessory(c) => {
                 let service = matches!(step, Step::Container(_));
-                match docker::live(host, session, c).await {
+                let read = docker::live(host, session, c).await;
+                match &read {
+                    Ok(l) if !l.exists => live.missing += 1,
+                    Ok(_) => live.found += 1,
+                    Err(_) => live.unread += 1,
+                }
+                match read {
                     Ok(l) if !l.exists => {
                         live.notes.push(format!("container {} is missing", l.name))
                     }
@@ -761,8 +799,7 @@ mod tests {
             ref_name: Some("main".into()),
             sha: Some("aaaa".into()),
             release: Some(release.into()),
-            files: Default::default(),
-            notes: vec![],
+            ..Default::default()
         };
         web1.live.insert(String::new(), live("rel-10"));
         let st = summarize("staging", false, std::slice::from_ref(&web1));
@@ -798,6 +835,8 @@ mod tests {
                 rec("web1", "feature/b", "bbbb", true, 20, "deploy"),
                 rec("web1", "feature/a", "aaaa", true, 30, "stop"),
                 rec("web1", "feature/c", "cccc", false, 40, "deploy"),
+                rec("web1", "feature/d", "dddd", true, 50, "deploy"),
+                rec("web1", "feature/e", "eeee", true, 60, "deploy"),
             ],
         );
         web1.live.insert(
@@ -805,9 +844,28 @@ mod tests {
             Live {
                 sha: Some("9999".into()),
                 notes: vec!["container review-b is not running".into()],
+                found: 2,
                 ..Default::default()
             },
         );
+        // Removed by hand: its files and container gone. Half gone, or unreadable: still live.
+        let read = |found, missing, unread| Live {
+            notes: vec!["nothing live at /srv/review/d".into()],
+            found,
+            missing,
+            unread,
+            ..Default::default()
+        };
+        web1.live.insert("feature/d".into(), read(0, 2, 0));
+        let mut half = web1.clone();
+        half.live.insert("feature/d".into(), read(1, 1, 0));
+        let mut unread = web1.clone();
+        unread.live.insert("feature/d".into(), read(0, 1, 1));
+        for v in [half, unread] {
+            let st = summarize("review", true, &[v]);
+            let d = st.rows.iter().find(|x| x.ref_name == "feature/d").unwrap();
+            assert_eq!((d.live, d.state.as_str()), (true, "live"), "{d:?}");
+        }
         let st = summarize("review", true, &[web1]);
         let row = |r: &str| st.rows.iter().find(|x| x.ref_name == r).unwrap().clone();
         assert_eq!(row("feature/a").state, "stopped");
@@ -825,6 +883,16 @@ mod tests {
             b.notes
         );
         assert_eq!(row("feature/c").state, "never deployed ok");
+        let d = row("feature/d");
+        assert_eq!((d.live, d.state.as_str()), (false, "gone"), "{d:?}");
+        assert!(
+            d.notes[0] == "nothing live at /srv/review/d"
+                && d.notes[1].starts_with("removed outside ferry"),
+            "{:?}",
+            d.notes
+        );
+        // (Nothing read: the ledger alone says live.)
+        assert_eq!(row("feature/e").state, "live");
         assert!(st.flags.is_empty(), "{:?}", st.flags);
     }
 

@@ -1486,6 +1486,14 @@ fn status_reads_live_files_per_branch_and_flags_hand_edits() {
     assert_eq!(std::fs::read_to_string(&site).unwrap(), "<h1>hello</h1>\n");
     let rows = status(&["--ref", "feature/a"]);
     assert_eq!(rows[0]["sha"], SHA, "{rows:?}");
+    // feature/b's review app removed by hand, files and store: gone, not live; feature/a stays.
+    std::fs::remove_dir_all(Path::new(&root).join("feature-b")).unwrap();
+    let rows = status(&[]);
+    let row = |r: &str| rows.iter().find(|x| x["ref"] == r).unwrap().clone();
+    let b = row("feature/b");
+    assert_eq!((&b["state"], &b["live"]), (&"gone".into(), &false.into()), "{b}");
+    assert!(b["notes"].to_string().contains("nothing live at"), "{b}");
+    assert_eq!(row("feature/a")["state"], "live", "{rows:?}");
 }
 
 /// Two hosts on the same storage (as NFS would give, and as test hosts on one machine are): the
