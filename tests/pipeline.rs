@@ -1491,7 +1491,8 @@ fn status_reads_live_files_per_branch_and_flags_hand_edits() {
     let rows = status(&[]);
     let row = |r: &str| rows.iter().find(|x| x["ref"] == r).unwrap().clone();
     let b = row("feature/b");
-    assert_eq!((&b["state"], &b["live"]), (&"gone".into(), &false.into()), "{b}");
+    assert_eq!(b["state"], "gone", "{b}");
+    assert_eq!(b["live"], false, "{b}");
     assert!(b["notes"].to_string().contains("nothing live at"), "{b}");
     assert_eq!(row("feature/a")["state"], "live", "{rows:?}");
 }
