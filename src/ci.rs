@@ -98,6 +98,11 @@ impl DeployContext {
         }
     }
 
+    /// The commit could not be told: all zeros (see [`DeployContext::detect`]).
+    pub fn commit_unknown(&self) -> bool {
+        self.sha.bytes().all(|b| b == b'0')
+    }
+
     pub fn short_sha(&self) -> &str {
         short_sha(&self.sha)
     }

@@ -556,15 +556,30 @@ async fn run_host(
     tracing::debug!(elapsed = ?started.elapsed(), "locked");
     // A rollback goes to an earlier deploy from the ledger (read under the lock), and is recorded
     // with that deploy's ref, commit and release. (A plan reads it too, so that it shows the
-    // rollback that would run.)
-    let target = match action {
-        Action::Rollback(to, _) => {
-            let cut = lock.as_ref().is_some_and(|l| l.taken_over.is_some());
-            rollback_target(ctx, to.as_deref(), per_branch, cut).await
-        }
-        _ if per_branch => slug_shared(ctx, action).await.map(|()| None),
-        _ => Ok(None),
-    };
+    // rollback that would run.) A per-branch run checks that no other branch with its slug is on
+    // the host's record, and a stop that cannot tell its commit (outside CI and git) records the
+    // one it stops: the ref's last good deploy's.
+    let unknown_commit = matches!(action, Action::Stop) && ctx.deploy.commit_unknown();
+    let mut stopped = None;
+    let target =
+        match action {
+            Action::Rollback(to, _) => {
+                let cut = lock.as_ref().is_some_and(|l| l.taken_over.is_some());
+                rollback_target(ctx, to.as_deref(), per_branch, cut).await
+            }
+            _ if per_branch || unknown_commit => ledger::read(ctx.host, ctx.session)
+                .await
+                .and_then(|records| {
+                    if unknown_commit {
+                        stopped = last_good_commit(ctx, &records);
+                    }
+                    if per_branch {
+                        slug_shared(ctx, action, &records)?;
+                    }
+                    Ok(None)
+                }),
+            _ => Ok(None),
+        };
     let target = match target {
         Ok(t) => t,
         Err(e) => {
@@ -574,7 +589,14 @@ async fn run_host(
             return Err(e);
         }
     };
-    let target_ctx = target.as_ref().map(Record::context);
+    let target_ctx = match (&target, stopped) {
+        (Some(t), _) => Some(t.context()),
+        (None, Some(sha)) => Some(DeployContext {
+            sha,
+            ..ctx.deploy.clone()
+        }),
+        (None, None) => None,
+    };
     let ctx = &StepCtx {
         host: ctx.host,
         session: ctx.session,
@@ -1022,13 +1044,28 @@ async fn rollback_target(
         .map_err(|e| anyhow::anyhow!("{}: {e}", ctx.host.name()))
 }
 
+/// The commit of this ref's last good deploy on this host, from its ledger `records`.
+fn last_good_commit(ctx: &StepCtx<'_>, records: &[Record]) -> Option<String> {
+    records
+        .iter()
+        .rev()
+        .find(|r| {
+            r.app == ctx.app
+                && r.env == ctx.env
+                && r.host == ctx.host.name()
+                && r.ref_name == ctx.deploy.ref_name
+                && r.ok
+                && r.action != "stop"
+        })
+        .map(|r| r.sha.clone())
+}
+
 /// In an environment whose paths or containers are named by the ref's slug (a review app per
 /// branch), two branches with one slug (`fix/login`, `fix-login`) would share them: a deploy or
 /// stop of one would replace or remove the other's. Refused while the other is on the host's
-/// record and not stopped.
-async fn slug_shared(ctx: &StepCtx<'_>, action: &Action) -> anyhow::Result<()> {
+/// `records` and not stopped.
+fn slug_shared(ctx: &StepCtx<'_>, action: &Action, records: &[Record]) -> anyhow::Result<()> {
     let me = ctx.deploy;
-    let records = ledger::read(ctx.host, ctx.session).await?;
     let mut others: BTreeMap<&str, &Record> = BTreeMap::new();
     for r in records.iter().filter(|r| {
         r.app == ctx.app

@@ -705,6 +705,12 @@ fn hostile_branch_names_are_safe_in_paths_locks_ledger_status_and_stop() {
         "{}",
         history.stdout
     );
+    // The stop outside CI and git could not tell its commit: it records the one it stopped.
+    assert!(
+        lines[2].contains(&format!("{}  stop", &SHA[..8])),
+        "{}",
+        history.stdout
+    );
     assert!(!pwned.exists());
 }
 
