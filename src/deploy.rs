@@ -1036,7 +1036,7 @@ async fn rollback_target(
     let records: Vec<Record> = ledger::read(ctx.host, ctx.session)
         .await?
         .into_iter()
-        .filter(|r| r.app == ctx.app && r.env == ctx.env && r.host == ctx.host.name())
+        .filter(|r| ours(ctx, r))
         .filter(|r| !per_branch || r.ref_slug == ctx.deploy.ref_slug)
         .collect();
     ledger::rollback_target(&records, to, cut)
@@ -1049,15 +1049,13 @@ fn last_good_commit(ctx: &StepCtx<'_>, records: &[Record]) -> Option<String> {
     records
         .iter()
         .rev()
-        .find(|r| {
-            r.app == ctx.app
-                && r.env == ctx.env
-                && r.host == ctx.host.name()
-                && r.ref_name == ctx.deploy.ref_name
-                && r.ok
-                && r.action != "stop"
-        })
+        .find(|r| ours(ctx, r) && r.ref_name == ctx.deploy.ref_name && r.good())
         .map(|r| r.sha.clone())
+}
+
+/// A ledger record of this run's app and environment on this host (the ledger may hold others).
+fn ours(ctx: &StepCtx<'_>, r: &Record) -> bool {
+    r.app == ctx.app && r.env == ctx.env && r.host == ctx.host.name()
 }
 
 /// In an environment whose paths or containers are named by the ref's slug (a review app per
@@ -1067,12 +1065,10 @@ fn last_good_commit(ctx: &StepCtx<'_>, records: &[Record]) -> Option<String> {
 fn slug_shared(ctx: &StepCtx<'_>, action: &Action, records: &[Record]) -> anyhow::Result<()> {
     let me = ctx.deploy;
     let mut others: BTreeMap<&str, &Record> = BTreeMap::new();
-    for r in records.iter().filter(|r| {
-        r.app == ctx.app
-            && r.env == ctx.env
-            && r.host == ctx.host.name()
-            && r.ref_name != me.ref_name
-    }) {
+    for r in records
+        .iter()
+        .filter(|r| ours(ctx, r) && r.ref_name != me.ref_name)
+    {
         let slug = if r.ref_slug.is_empty() {
             crate::template::slug(&r.ref_name)
         } else {

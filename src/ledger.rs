@@ -180,6 +180,11 @@ impl Record {
         }
     }
 
+    /// A deploy or rollback that succeeded: what it left is live until a later one (or a stop).
+    pub fn good(&self) -> bool {
+        self.ok && (self.action == "deploy" || self.action == "rollback")
+    }
+
     /// Whether this run left `release` live at one of its sync targets (a run that changed no
     /// files there keeps an earlier release).
     pub fn left_files(&self, release: &str) -> bool {
@@ -240,7 +245,7 @@ pub fn rollback_target<'a>(
     to: Option<&str>,
     cut: bool,
 ) -> Result<Option<&'a Record>, String> {
-    let good = |r: &&Record| r.ok && (r.action == "deploy" || r.action == "rollback");
+    let good = |r: &&Record| r.good();
     let deploys: Vec<&Record> = records
         .iter()
         .filter(good)

@@ -111,16 +111,12 @@ pub fn summarize(env: &str, per_branch: bool, hosts: &[HostView]) -> EnvStatus {
         };
         let refs: BTreeSet<&str> = records.iter().map(|r| r.ref_name.as_str()).collect();
         // The last good record of the host (any ref): what a shared environment serves.
-        let last_good = records.iter().rev().find(|r| r.ok && r.action != "stop");
+        let last_good = records.iter().rev().find(|r| r.good());
         let live_shared = h.live.get("");
         for r in refs {
             let mine: Vec<&Record> = records.iter().filter(|x| x.ref_name == r).collect();
             let last = *mine.last().expect("ref came from the records");
-            let good = mine
-                .iter()
-                .rev()
-                .find(|x| x.ok && x.action != "stop")
-                .copied();
+            let good = mine.iter().rev().find(|x| x.good()).copied();
             let stopped = last.action == "stop" && last.ok;
             let live_read = if per_branch {
                 h.live.get(r)
