@@ -329,6 +329,42 @@ fn tag_publish_job_end_to_end() {
         "{}",
         rerun.all()
     );
+    // A tag published as a manifest list without this host's platform, which a pull here fails
+    // to get, is not replaced either.
+    let foreign = format!("v2.0.0-{run_id}");
+    let arm = format!("{repo}:arm-{run_id}");
+    docker(&["tag", &base, &arm]);
+    docker(&["push", "-q", &arm]);
+    let list = format!("{repo}:{foreign}");
+    for args in [
+        vec!["create", "--insecure", &list, &arm],
+        vec!["annotate", "--arch", "arm64", &list, &arm],
+        vec!["push", "--purge", "--insecure", &list],
+    ] {
+        let out = std::process::Command::new("docker")
+            .env("DOCKER_CLI_EXPERIMENTAL", "enabled")
+            .arg("manifest")
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "docker manifest {args:?}: {out:?}");
+    }
+    let (pulled, out) = docker_try(&["pull", &list]);
+    assert!(!pulled && out.contains("no matching manifest"), "{out}");
+    let refused = job(&foreign, "205", "foreign").failure(1);
+    assert!(
+        refused
+            .all()
+            .contains("for other platforms than this host's"),
+        "{}",
+        refused.all()
+    );
+    assert!(!refused.all().contains("pushed"), "{}", refused.all());
+    let (pulled, out) = docker_try(&["pull", &list]);
+    assert!(
+        !pulled && out.contains("no matching manifest"),
+        "the list is still there: {out}"
+    );
     let first = format!("{repo}:{}", tags[0]);
     docker_try(&["rmi", &first]);
     let (ok, out) = docker_try(&["pull", &first]);

@@ -207,13 +207,29 @@ pub(crate) async fn push(
     // What the registry has under this tag, asked through the daemon (its logins and registry
     // settings): a pull. The tag then names the registry's image, as it stays when the push is
     // refused (this host agrees with the registry; the build keeps its other tags).
-    let theirs = match engine
+    let out = engine
         .raw(&["pull", "-q", "--", &image], &[], Some(TRANSFER_TIMEOUT))
-        .await?
-    {
-        out if out.success() => engine.image_id(&image).await?,
-        // (Not there yet, or not readable: the push says which.)
-        _ => None,
+        .await?;
+    let theirs = if out.success() {
+        engine.image_id(&image).await?
+    } else {
+        // Pushed only when the registry says it has no such tag (or `overwrite` lets it replace
+        // whatever is there): a pull that fails for another reason proves nothing.
+        match (pull_failure(&out.tail()), s.overwrite) {
+            (PullFailure::Absent, _) | (_, true) => None,
+            (PullFailure::OtherPlatforms, false) => bail!(
+                "{host}: the registry already has {image}, for other platforms than this host's \
+                 (docker pull: {}); a published tag is not replaced. Publish a new tag, or set \
+                 `overwrite: true` on the docker_push step",
+                out.tail()
+            ),
+            (PullFailure::Unknown, false) => bail!(
+                "{host}: cannot tell whether the registry has {image} already, so it is not \
+                 pushed: docker pull {image} failed: {}\n(did a docker_login step for its \
+                 registry run first?)",
+                out.tail()
+            ),
+        }
     };
     match theirs {
         Some(t) if t == ours => {
@@ -257,6 +273,38 @@ pub(crate) async fn push(
         format!("pushed {image} ({digest})"),
         vec![],
     ))
+}
+
+/// What a failed `docker pull` of a tag tells of the registry's tag.
+#[derive(Debug, PartialEq, Eq)]
+enum PullFailure {
+    /// No such tag or repository: a first push.
+    Absent,
+    /// The tag is there, as a manifest list without this host's platform.
+    OtherPlatforms,
+    /// Anything else (a login, TLS, the network): whether the tag is there is unknown.
+    Unknown,
+}
+
+/// Reads the daemon's error (as Docker and registries word it: `manifest unknown`, `name unknown`,
+/// Docker Hub's `repository does not exist`).
+fn pull_failure(error: &str) -> PullFailure {
+    let e = error.to_ascii_lowercase();
+    if e.contains("no matching manifest") {
+        PullFailure::OtherPlatforms
+    } else if [
+        "manifest unknown",
+        "not found",
+        "name unknown",
+        "does not exist",
+    ]
+    .iter()
+    .any(|s| e.contains(s))
+    {
+        PullFailure::Absent
+    } else {
+        PullFailure::Unknown
+    }
 }
 
 pub(crate) async fn pull(
@@ -386,4 +434,32 @@ pub(crate) async fn prune(
         ),
         log,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_pull_is_a_missing_tag_only_when_the_registry_says_so() {
+        for absent in [
+            "Error response from daemon: manifest for 127.0.0.1:5000/shop:v1 not found: manifest unknown: manifest unknown",
+            "Error response from daemon: pull access denied for shop, repository does not exist or may require 'docker login': denied: requested access to the resource is denied",
+            "Error response from daemon: name unknown: repository name not known to registry",
+        ] {
+            assert_eq!(pull_failure(absent), PullFailure::Absent, "{absent}");
+        }
+        assert_eq!(
+            pull_failure("no matching manifest for linux/amd64 in the manifest list entries"),
+            PullFailure::OtherPlatforms
+        );
+        for unknown in [
+            "Error response from daemon: Get \"https://reg/v2/\": no basic auth credentials",
+            "Error response from daemon: Get \"https://reg/v2/\": x509: certificate signed by unknown authority",
+            "Error response from daemon: Get \"http://127.0.0.1:5000/v2/\": dial tcp 127.0.0.1:5000: connect: connection refused",
+            "unauthorized: authentication required",
+        ] {
+            assert_eq!(pull_failure(unknown), PullFailure::Unknown, "{unknown}");
+        }
+    }
 }
