@@ -2257,6 +2257,23 @@ fn plain_part(busybox: bool) {
         for rel in ["img/a b\nc.png", "copy.png", "bulk.js"] {
             assert!(same(rel), "{mode}: {rel}");
         }
+
+        // One small file that does not compress costs about its size, not a 64 KiB block.
+        let mut x = 0x9e37_79b9_u32;
+        let noise: Vec<u8> = (0..600)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect();
+        site.write(b"favicon.ico", &noise);
+        let s = step(&site.deploy(&sha(3)).success());
+        assert_eq!(s["files_sent"], 1, "{s}");
+        let wire = s["bytes_sent"].as_u64().unwrap();
+        assert!(wire < 16 << 10, "{mode}: one favicon in {wire} bytes");
+        assert!(same("favicon.ico"), "{mode}");
         if !mode.is_empty() {
             for rel in ["img/a b\nc.png", "copy.png"] {
                 let md = std::fs::metadata(to.join(rel)).unwrap();

@@ -368,15 +368,17 @@ eval "$RMTREE"
 }
 
 /// `unpack` reads the stream from stdin (see `archive`) into the working directory: the plain
-/// part's length in blocks, the plain tar, the gzip'd tar. `set_modes` and `set_root_mode` give
+/// part's length (64 KiB blocks, 512-byte records), the plain tar, the gzip'd tar. `set_modes` and `set_root_mode` give
 /// the unpacked tree's read-only directories the modes the stream lists.
 macro_rules! unpack_sh {
     () => {
         r#"
 unpack() {
-  read -r pb && case $pb in ''|*[!0-9]*) return 1 ;; esac || return 1
-  if [ "$pb" -gt 0 ]; then
-    dd bs=65536 count="$pb" iflag=fullblock 2>/dev/null | { tar -xpmof - && cat > /dev/null; } || return 1
+  read -r pb pr && case $pb.$pr in *[!0-9.]*|.*|*.) return 1 ;; esac || return 1
+  if [ "$pb$pr" != 00 ]; then
+    { { [ "$pb" = 0 ] || dd bs=65536 count="$pb" iflag=fullblock 2>/dev/null; } &&
+      { [ "$pr" = 0 ] || dd bs=512 count="$pr" iflag=fullblock 2>/dev/null; }; } |
+      { tar -xpmof - && cat > /dev/null; } || return 1
   fi
   tar -xzpmof -
 }
