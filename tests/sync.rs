@@ -889,6 +889,26 @@ fn a_chmod_by_hand_in_place_is_repaired() {
     let s = step(&site.deploy(&sha(1)).success());
     assert_eq!(s["changed"], false, "{s}");
     assert!(s["detail"]["drift"].is_null(), "{s}");
+    // Content written with the old mtime kept (`cp -p`, `rsync -a`, a restore) is an edit: its
+    // ctime is new and its size is not the deployed one.
+    std::thread::sleep(Duration::from_millis(20));
+    let defaced = site.root().join("defaced");
+    std::fs::write(&defaced, b"DEFACED BY HAND\n").unwrap();
+    run_ok(
+        std::process::Command::new("touch")
+            .arg("-r")
+            .arg(&index)
+            .arg(&defaced),
+    );
+    run_ok(
+        std::process::Command::new("cp")
+            .arg("-p")
+            .arg(&defaced)
+            .arg(&index),
+    );
+    let s = step(&site.deploy(&sha(1)).success());
+    assert_drift(&s, "1 path(s) added, edited or removed");
+    assert_eq!(std::fs::read(&index).unwrap(), b"v1");
 }
 
 /// In place, a symlink replaced by hand (`ln -sfn`) is found and put back, on both shells.

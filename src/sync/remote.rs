@@ -181,7 +181,8 @@ fi
 /// `inplace_scan` prints what changed in `$T` since `$S/applied` (touched after each apply): files
 /// newer than it, `edited` when they share an inode with a store object (spoilt: a deploy that was
 /// cut off after preserving it), else `touched`; with GNU find, files whose ctime only is newer,
-/// as `perm <mode> <path>` (touched if the mode is not the deployed one: `Inventory::perms`);
+/// as `perm <mode> <size> <path>` (touched if the mode or the size is not the deployed one: an
+/// edit that kept the old mtime, as `cp -p` or `rsync -a` write one; see `Inventory::perms`);
 /// and, when a directory changed (an entry added, removed or renamed), nothing was applied yet,
 /// or extras kept before are now to go, `listing` and a record per path (`hdir` for directories,
 /// `have` for the rest). Paths are relative (`./x`); the staging directory is left out.
@@ -219,7 +220,7 @@ CT=; [ "$M" != in-place ] || case $(find --version 2>/dev/null) in *GNU*) CT=1 ;
 inplace_scan() {
   [ -d "$T" ] && [ ! -L "$T" ] || return 0
   if [ -e "$S/applied" ]; then
-    set --; [ -z "$CT" ] || set -- -o -type f -cnewer "$S/applied" -printf 'perm\t%m\t%p\0'
+    set --; [ -z "$CT" ] || set -- -o -type f -cnewer "$S/applied" -printf 'perm\t%m\t%s\t%p\0'
     ( cd "$T" && find . -path "./$SG" -prune -o -type f -newer "$FS" ! -links 1 \
         -exec printf 'edited\t%s\0' {} + -o -type f -newer "$FS" -exec printf 'touched\t%s\0' {} + \
         -o -type l -newer "$S/applied" -exec printf 'touched\t%s\0' {} + "$@" )
@@ -902,9 +903,9 @@ pub struct Inventory {
     /// Other paths of the live tree added, replaced or changed by hand (release mode: also
     /// directories whose entries changed).
     pub touched: Vec<Vec<u8>>,
-    /// In-place mode: files whose ctime changed since the last apply, with their mode; those
-    /// whose mode is not the live manifest's join `touched` once that is known.
-    pub perms: Vec<(u32, Vec<u8>)>,
+    /// In-place mode: files whose ctime changed since the last apply, with their mode and size;
+    /// those whose mode or size is not the live manifest's join `touched` once that is known.
+    pub perms: Vec<(u32, u64, Vec<u8>)>,
     /// In-place mode: every path in `to`, when the host listed them.
     pub listing: Option<Vec<Vec<u8>>>,
     /// In-place mode: the listed paths that are directories.
@@ -939,20 +940,22 @@ impl Inventory {
     /// The live manifest, from the host or kept by the controller; finds the objects that hand
     /// edits spoilt (those the manifest names at edited paths, and the `spoilt` ones).
     pub fn set_live_manifest(&mut self, m: Manifest) {
-        // In place, a file whose ctime changed was touched when its mode is not the deployed one
-        // (a `chmod` or `chown` to the same value, a link made and removed, changes nothing).
-        let modes: rustc_hash::FxHashMap<&[u8], u32> = m
+        // In place, a file whose ctime changed was touched when its mode or size is not the
+        // deployed one: a `chmod` or `chown` to the same value, or a link made and removed,
+        // changes nothing; content written with the old mtime kept (`cp -p`) mostly changes the
+        // size. (Same size and mtime, only the content: not seen without reading every file.)
+        let deployed: rustc_hash::FxHashMap<&[u8], (u32, u64)> = m
             .entries
             .iter()
             .filter_map(|e| match e.kind {
-                super::manifest::Kind::File { mode, .. } => {
-                    Some((e.path.as_slice(), mode & 0o7777))
+                super::manifest::Kind::File { mode, size, .. } => {
+                    Some((e.path.as_slice(), (mode & 0o7777, size)))
                 }
                 _ => None,
             })
             .collect();
-        for (mode, path) in std::mem::take(&mut self.perms) {
-            if modes.get(path.as_slice()) != Some(&mode) {
+        for (mode, size, path) in std::mem::take(&mut self.perms) {
+            if deployed.get(path.as_slice()) != Some(&(mode, size)) {
                 self.touched.push(path);
             }
         }
@@ -1094,15 +1097,15 @@ pub fn parse_inventory(out: &[u8], to_name: &str) -> anyhow::Result<Inventory> {
             b"edited" => inv.edited.push(value.to_vec()),
             b"touched" => inv.touched.push(value.to_vec()),
             b"perm" => {
-                // `<mode>\t<path>`: a file whose ctime changed (GNU find, in place).
-                let mut parts = value.splitn(2, |&b| b == b'\t');
-                if let (Some(mode), Some(path)) = (parts.next(), parts.next())
-                    && let Some(mode) = std::str::from_utf8(mode)
-                        .ok()
-                        .and_then(|m| u32::from_str_radix(m, 8).ok())
+                // `<mode>\t<size>\t<path>`: a file whose ctime changed (GNU find, in place).
+                let mut parts = value.splitn(3, |&b| b == b'\t');
+                let mode = parts.next().and_then(|f| std::str::from_utf8(f).ok());
+                let size = parts.next().and_then(|f| std::str::from_utf8(f).ok());
+                if let (Some(mode), Some(size), Some(path)) = (mode, size, parts.next())
+                    && let (Ok(mode), Ok(size)) = (u32::from_str_radix(mode, 8), size.parse())
                 {
-                    inv.perms
-                        .push((mode, path.strip_prefix(b"./").unwrap_or(path).to_vec()));
+                    let path = path.strip_prefix(b"./").unwrap_or(path).to_vec();
+                    inv.perms.push((mode, size, path));
                 }
             }
             b"marked" => inv.marked.push(value.to_vec()),
