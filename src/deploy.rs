@@ -432,7 +432,7 @@ async fn run_env(
         && !opts.plan
         && setup.hosts.len() > 1
         && setup.hosts.len() <= setup.settings.forks)
-        .then(|| crate::gate::Gate::new(setup.hosts.len()));
+        .then(|| crate::gate::Gate::new(setup.hosts.iter().map(|h| h.name())));
     let gate = gate.as_ref();
     let outcomes = fleet::run_with(
         &setup.connector,
@@ -548,8 +548,24 @@ async fn run_host(
     let lock = if ctx.plan {
         None
     } else {
+        let acquire = async {
+            if let Some(g) = ctx.gate
+                && let Err(first) = g.lock_turn(ctx.host.name()).await
+            {
+                anyhow::bail!(
+                    "{}: not locked, nothing changed: {first}, which takes its lock before this \
+                     host, failed first",
+                    ctx.host.name()
+                );
+            }
+            let lock = Lock::acquire(ctx, run_token, opts.lock_wait).await?;
+            if let Some(g) = ctx.gate {
+                g.locked(ctx.host.name());
+            }
+            Ok(lock)
+        };
         tokio::select! {
-            l = Lock::acquire(ctx, run_token, opts.lock_wait) => Some(l?),
+            l = acquire => Some(l?),
             _ = interrupted(&ctx.stop) => anyhow::bail!("interrupted before the deploy lock was taken"),
         }
     };

@@ -4,14 +4,19 @@
 //! connection, a hand edit found) leaves every host's files as they were, as Capistrano's "upload
 //! everywhere, then symlink" does. What happens after a switch (a container that fails its health
 //! check) is each host's own to take back.
+//!
+//! The hosts take their deploy locks in one order, that of their names, each once those before it
+//! hold theirs: two deploys of the same hosts at once then meet at the first host, and one of
+//! them goes on (without `--lock-wait`, each could otherwise take some hosts' locks and fail on
+//! the others'; with it, each could wait on the other).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use tokio::sync::watch;
 
 /// One deploy's gates, one per sync step (named by its `to` as written), shared by its hosts.
 pub struct Gate {
-    hosts: usize,
+    hosts: BTreeSet<String>,
     state: watch::Sender<State>,
 }
 
@@ -21,15 +26,41 @@ struct State {
     arrived: BTreeMap<String, usize>,
     /// The first host that failed, and where.
     failed: Option<String>,
+    /// The hosts that hold their deploy locks.
+    locked: BTreeSet<String>,
 }
 
 impl Gate {
-    /// A gate for `hosts` hosts that run at once.
-    pub fn new(hosts: usize) -> Gate {
+    /// A gate for the hosts (by name) that run at once.
+    pub fn new<'a>(hosts: impl IntoIterator<Item = &'a str>) -> Gate {
         Gate {
-            hosts,
+            hosts: hosts.into_iter().map(str::to_string).collect(),
             state: watch::Sender::new(State::default()),
         }
+    }
+
+    /// Wait until every host whose name sorts before `host` holds its lock. `Err` names the host
+    /// that failed first.
+    pub async fn lock_turn(&self, host: &str) -> Result<(), String> {
+        let before: Vec<&String> = self.hosts.iter().filter(|h| h.as_str() < host).collect();
+        let mut rx = self.state.subscribe();
+        let all = |s: &State| before.iter().all(|h| s.locked.contains(*h));
+        let state = rx
+            .wait_for(|s| all(s) || s.failed.is_some())
+            .await
+            .map_err(|_| "the deploy ended".to_string())?;
+        match &state.failed {
+            _ if all(&state) => Ok(()),
+            Some(host) => Err(host.clone()),
+            None => Err("the deploy ended".into()),
+        }
+    }
+
+    /// `host` holds its deploy lock.
+    pub fn locked(&self, host: &str) {
+        self.state.send_modify(|s| {
+            s.locked.insert(host.to_string());
+        });
     }
 
     /// This host has nothing to switch at `target`: the others need not wait for it.
@@ -43,7 +74,7 @@ impl Gate {
     pub async fn pass(&self, target: &str) -> Result<(), String> {
         self.arrive(target);
         let mut rx = self.state.subscribe();
-        let all = |s: &State| s.arrived.get(target).copied().unwrap_or(0) >= self.hosts;
+        let all = |s: &State| s.arrived.get(target).copied().unwrap_or(0) >= self.hosts.len();
         let state = rx
             .wait_for(|s| all(s) || s.failed.is_some())
             .await
@@ -69,7 +100,7 @@ mod tests {
 
     #[tokio::test]
     async fn opens_when_all_arrive_and_stays_shut_after_a_failure() {
-        let gate = std::sync::Arc::new(Gate::new(3));
+        let gate = std::sync::Arc::new(Gate::new(["web1", "web2", "web3"]));
         let waiting = {
             let g = gate.clone();
             tokio::spawn(async move { g.pass("/srv/a").await })
@@ -82,5 +113,25 @@ mod tests {
         // A host failing after it passed one gate shuts the next.
         gate.fail("web2");
         assert_eq!(gate.pass("/srv/b").await, Err("web2".to_string()));
+    }
+
+    #[tokio::test]
+    async fn locks_are_taken_in_the_order_of_the_names() {
+        let gate = std::sync::Arc::new(Gate::new(["web2", "web1", "web3"]));
+        assert_eq!(gate.lock_turn("web1").await, Ok(()));
+        let third = {
+            let g = gate.clone();
+            tokio::spawn(async move { g.lock_turn("web3").await })
+        };
+        gate.locked("web1");
+        tokio::task::yield_now().await;
+        assert!(!third.is_finished(), "web2 has not locked yet");
+        assert_eq!(gate.lock_turn("web2").await, Ok(()));
+        gate.locked("web2");
+        assert_eq!(third.await.unwrap(), Ok(()));
+        // A host before this one that failed (its lock held by another deploy): no turn.
+        let gate = Gate::new(["a", "b"]);
+        gate.fail("a");
+        assert_eq!(gate.lock_turn("b").await, Err("a".to_string()));
     }
 }

@@ -397,6 +397,46 @@ fn concurrent_deploys_are_serialised_by_the_lock() {
     assert!(!lock_dir.exists());
 }
 
+/// Two deploys of one two-host environment at once, without `--lock-wait`: the hosts take their
+/// locks in one order, so the deploys meet at the first host and one goes on; never does each
+/// take one host's lock and fail on the other's.
+#[test]
+fn two_deploys_of_two_hosts_at_once_never_both_fail() {
+    let hosts = [Sshd::start(), Sshd::start()];
+    let dir = TempDir::new("concurrent2");
+    let root = format!("{}/${{host}}", open_root(&dir));
+    dir.write("dist/index.html", "x");
+    let step = format!(
+        "      - sync: {{ from: \"{}\", to: site }}\n",
+        dir.join("dist").display()
+    );
+    let p = pb(
+        &dir,
+        &[hosts[0].address(), hosts[1].address()],
+        &root,
+        &step,
+        "",
+    );
+    for round in 0..6 {
+        let runs: Vec<_> = [("release-1", SHA), ("release-2", SHA2)]
+            .into_iter()
+            .map(|(r, sha)| {
+                let ferry = ci(&[&hosts[0], &hosts[1]], r, sha, "201")
+                    .arg("deploy")
+                    .arg(&p);
+                std::thread::spawn(move || ferry.run())
+            })
+            .collect();
+        let runs: Vec<Run> = runs.into_iter().map(|t| t.join().unwrap()).collect();
+        assert!(
+            runs.iter().any(|r| r.code == 0),
+            "round {round}: both failed:\n{}\n{}",
+            runs[0].all(),
+            runs[1].all()
+        );
+    }
+}
+
 /// A killed controller leaves its lock: `lock status` names it, `unlock` refuses while the lease
 /// is live, and once the lease expires a new deploy takes it over.
 #[test]
