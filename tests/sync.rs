@@ -911,6 +911,50 @@ fn a_chmod_by_hand_in_place_is_repaired() {
     assert_eq!(std::fs::read(&index).unwrap(), b"v1");
 }
 
+/// In place, what `exclude` matches in `to` stays, as `rsync --delete` leaves it: files the app
+/// writes there (uploads, logs) are no hand change, and no deploy deletes them. Both host kinds.
+#[test]
+fn in_place_leaves_excluded_paths_on_the_host() {
+    for busybox in [false, true] {
+        let site = one_host_site(
+            "keepexcl",
+            busybox,
+            "app",
+            ", mode: in-place, exclude: [\"uploads/\", \"*.log\"]",
+        );
+        site.write(b"index.html", b"v1");
+        site.write(b"css/app.css", b"body{}");
+        site.deploy(&sha(1)).success();
+        let to = site.root().join("app");
+        for (rel, body) in [
+            ("uploads/u1/img.jpg", "jpg"),
+            ("app.log", "log"),
+            ("css/x.log", "x"),
+        ] {
+            let p = to.join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, body).unwrap();
+        }
+        std::fs::write(to.join("stray.txt"), "by hand").unwrap();
+        let s = step(&site.deploy(&sha(1)).success());
+        assert_drift(&s, "1 path(s) added, edited or removed");
+        assert!(
+            !to.join("stray.txt").exists(),
+            "an extra that is not excluded goes"
+        );
+        site.write(b"index.html", b"v2");
+        let s = step(&site.deploy(&sha(2)).success());
+        assert!(s["detail"]["drift"].is_null(), "{s}");
+        assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"v2");
+        for rel in ["uploads/u1/img.jpg", "app.log", "css/x.log"] {
+            assert!(
+                to.join(rel).exists(),
+                "busybox {busybox}: {rel} was deleted"
+            );
+        }
+    }
+}
+
 /// In place, a symlink replaced by hand (`ln -sfn`) is found and put back, on both shells.
 #[test]
 fn a_symlink_changed_by_hand_in_place_is_repaired() {

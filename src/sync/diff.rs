@@ -115,6 +115,9 @@ pub struct Target<'a> {
     pub missing: bool,
     /// `to` is on another filesystem than the store.
     pub xdev: bool,
+    /// Paths in `to` that the step's `exclude` matches: never deleted, never a hand change (as
+    /// `rsync --delete` leaves excluded files alone: uploads, say).
+    pub keep: HashSet<&'a [u8]>,
     /// [`Target::contents`], once asked for.
     pub(super) contents: std::cell::OnceCell<HashMap<ObjectId, &'a [u8]>>,
 }
@@ -273,7 +276,11 @@ pub fn in_place(
             if delete {
                 a.handmade += listing
                     .iter()
-                    .filter(|p| !live.contains_key(*p) && !target.changed.contains(*p))
+                    .filter(|p| {
+                        !live.contains_key(*p)
+                            && !target.changed.contains(*p)
+                            && !target.keep.contains(*p)
+                    })
                     .count() as u64;
             }
         }
@@ -290,6 +297,7 @@ pub fn in_place(
             present.sort_unstable();
             present.dedup();
         }
+        present.retain(|p| !target.keep.contains(p));
         a.gone = extras(local, &present);
     }
     a
@@ -467,6 +475,14 @@ mod tests {
         let a = in_place(&local, &target, &HashSet::default(), &p.send, false);
         assert!(a.gone.is_empty());
         assert_eq!(a.handmade, 2, "extras are kept: not drift");
+        // What `exclude` matches on the host stays, and is no drift.
+        let target = Target {
+            keep: [&b"d/extra"[..], b"d/extra/x"].into_iter().collect(),
+            ..target
+        };
+        let a = in_place(&local, &target, &HashSet::default(), &p.send, true);
+        assert!(a.gone.is_empty(), "{:?}", a.gone);
+        assert_eq!(a.handmade, 2, "one edited, one removed");
     }
 
     #[test]

@@ -363,6 +363,17 @@ pub struct Walked {
     cached: usize,
 }
 
+/// The matcher of a sync step's `exclude` patterns (gitignore's syntax), for paths relative to
+/// the tree (the matcher's root, `/`, never prefixes them).
+pub fn excludes(patterns: &[String]) -> anyhow::Result<ignore::gitignore::Gitignore> {
+    let mut gi = ignore::gitignore::GitignoreBuilder::new("/");
+    for pat in patterns {
+        gi.add_line(None, pat)
+            .with_context(|| format!("bad exclude pattern `{pat}`"))?;
+    }
+    gi.build().context("building exclude patterns")
+}
+
 /// Walk `root` (excludes, no symlink followed) and stat every entry in parallel, reading the
 /// hash cache `cache_file` meanwhile. Hashes nothing the cache does not know.
 pub fn walk(root: &Path, exclude: &[String], cache_file: Option<&Path>) -> anyhow::Result<Walked> {
@@ -374,13 +385,7 @@ pub fn walk(root: &Path, exclude: &[String], cache_file: Option<&Path>) -> anyho
             root.display()
         );
     }
-    // Paths are matched relative to the tree (the matcher's root, `/`, never prefixes them).
-    let mut gi = ignore::gitignore::GitignoreBuilder::new("/");
-    for pat in exclude {
-        gi.add_line(None, pat)
-            .with_context(|| format!("bad exclude pattern `{pat}`"))?;
-    }
-    let gi = gi.build().context("building exclude patterns")?;
+    let gi = excludes(exclude)?;
     let started = std::time::Instant::now();
     // The cache loads while the tree is walked.
     let (entries, cache) = std::thread::scope(|s| {

@@ -577,6 +577,17 @@ fn params_line(
     )
 }
 
+/// In place, what `exclude` matches in `to` stays (the patterns were checked when the playbook
+/// was read).
+fn keep_excluded(step: &SyncStep, inv: &mut Inventory) {
+    if step.mode == SyncMode::InPlace
+        && !step.exclude.is_empty()
+        && let Ok(gi) = manifest::excludes(&step.exclude)
+    {
+        inv.keep_excluded(&gi);
+    }
+}
+
 /// What a deploy must send and, in mode `in-place`, apply; with the objects the host has.
 /// `learn`: `local`'s hashes are not known yet, and the host has nothing (see [`Opened`]).
 fn plan_for(
@@ -585,6 +596,7 @@ fn plan_for(
     inv: &mut Inventory,
     learn: bool,
 ) -> (diff::Plan, Option<diff::Apply>) {
+    keep_excluded(step, inv);
     if learn {
         let plan = diff::plan_all(local);
         let apply = (step.mode == SyncMode::InPlace).then(|| {
@@ -1592,6 +1604,7 @@ pub async fn live(host: &Host, session: &Session, step: &SyncStep) -> anyhow::Re
     let in_place = step.mode == SyncMode::InPlace;
     let mut inv = inventory(session, &paths, if in_place { "?" } else { "-" }, step).await?;
     if in_place && let Some(m) = inv.live_manifest.clone() {
+        keep_excluded(step, &mut inv);
         inv.handmade = diff::in_place(
             &m,
             &inv.in_place_target(),

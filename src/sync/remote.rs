@@ -38,7 +38,10 @@
 //! `to` is dropped the same way; edits made inside an in-place store itself are not looked for.
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 
 use anyhow::Context;
 use rustc_hash::FxHashSet as HashSet;
@@ -895,6 +898,8 @@ pub struct Inventory {
     /// The objects those edits spoilt (known when the live manifest came along), and the
     /// `spoilt` ones.
     pub drifted: Vec<ObjectId>,
+    /// In-place mode: paths in `to` the step's `exclude` matches (see [`Inventory::keep_excluded`]).
+    pub excluded: HashSet<Vec<u8>>,
     /// Objects whose content or mode changed by hand, through whichever release (release mode).
     pub spoilt: Vec<ObjectId>,
     /// Files of the live release that an earlier deploy found edited by hand (it was rolled back
@@ -1002,8 +1007,43 @@ impl Inventory {
             dirs: self.listed_dirs.iter().map(Vec::as_slice).collect(),
             missing: self.target == TargetState::Missing,
             xdev: self.xdev,
+            keep: self.excluded.iter().map(Vec::as_slice).collect(),
             ..Default::default()
         }
+    }
+
+    /// In place, the paths of `to` that `exclude` matches (or lie under a directory it does) stay
+    /// as they are: not changes by hand, not extras to delete. From the listing, the paths
+    /// changed by hand and the live manifest (a path deployed before it was excluded).
+    pub fn keep_excluded(&mut self, exclude: &ignore::gitignore::Gitignore) {
+        let dirs: HashSet<&[u8]> = self.listed_dirs.iter().map(Vec::as_slice).collect();
+        let live = self.live_manifest.iter().flat_map(|m| &m.entries).map(|e| {
+            let dir = matches!(e.kind, super::manifest::Kind::Dir { .. });
+            (e.path.as_slice(), dir)
+        });
+        let listed = self
+            .listing
+            .iter()
+            .flatten()
+            .map(|p| (p.as_slice(), dirs.contains(p.as_slice())));
+        let changed = self
+            .edited
+            .iter()
+            .chain(&self.touched)
+            .map(|p| (p.as_slice(), false));
+        let excluded: HashSet<Vec<u8>> = listed
+            .chain(changed)
+            .chain(live)
+            .filter(|(p, dir)| {
+                exclude
+                    .matched_path_or_any_parents(Path::new(OsStr::from_bytes(p)), *dir)
+                    .is_ignore()
+            })
+            .map(|(p, _)| p.to_vec())
+            .collect();
+        self.edited.retain(|p| !excluded.contains(p));
+        self.touched.retain(|p| !excluded.contains(p));
+        self.excluded = excluded;
     }
 
     /// A one-line description of hand edits, if any.
