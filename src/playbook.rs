@@ -1132,6 +1132,22 @@ fn validate(pb: &Playbook) -> Result<(), Invalid> {
         }
         for (list, steps) in [("steps", &env.steps), ("on_stop", &env.on_stop)] {
             for (i, step) in steps.iter().enumerate() {
+                if let Step::Sync(s) = step {
+                    for (j, pat) in s.exclude.iter().enumerate() {
+                        if let Err(e) = crate::sync::manifest::excludes(std::slice::from_ref(pat)) {
+                            return fail(
+                                here(&[
+                                    key(list),
+                                    Seg::Index(i),
+                                    key("sync"),
+                                    key("exclude"),
+                                    Seg::Index(j),
+                                ]),
+                                format!("sync to `{}`: {:#}", s.to, e),
+                            );
+                        }
+                    }
+                }
                 if let Step::Sync(s) = step
                     && s.mode == SyncMode::Release
                     && !s.delete
@@ -1306,6 +1322,16 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.starts_with("pb.yml:5:5: "), "{msg}");
         assert!(msg.contains("hostz"), "{msg}");
+    }
+
+    #[test]
+    fn a_bad_exclude_pattern_is_located_where_it_stands() {
+        let text = "app: shop\nenvironments:\n  staging:\n    hosts: [a]\n    steps:\n      - sync: { from: dist, to: /srv/w, exclude: ['*.map', '[z-a]'] }\n";
+        let msg = p(text).unwrap_err().to_string();
+        assert!(
+            msg.starts_with("pb.yml:6:60: sync to `/srv/w`: bad exclude pattern `[z-a]`"),
+            "{msg}"
+        );
     }
 
     #[test]
