@@ -41,6 +41,9 @@ pub struct Live {
     pub files: BTreeMap<String, String>,
     /// Missing, stopped, unhealthy, drifted or unreadable things.
     pub notes: Vec<String>,
+    /// The commit each service container says it runs (by name).
+    #[serde(skip)]
+    pub containers: Vec<(String, String)>,
     /// The sync targets and containers read: found, missing (nothing live at a target, no such
     /// container), and those that could not be read.
     #[serde(skip)]
@@ -162,6 +165,8 @@ pub fn summarize(env: &str, per_branch: bool, hosts: &[HostView]) -> EnvStatus {
                 }
             };
             if live {
+                // (The commit the drift note below names, if any: not named twice.)
+                let mut drifted = None;
                 if let Some(l) = live_read {
                     notes.extend(l.notes.iter().cloned());
                     // (A deploy that changed no files keeps the files release of an earlier
@@ -184,9 +189,25 @@ pub fn summarize(env: &str, per_branch: bool, hosts: &[HostView]) -> EnvStatus {
                             short_sha(ls),
                             short_sha(&g.sha)
                         ));
+                        drifted = Some(ls);
                     }
                 }
                 if let Some(g) = good {
+                    // A service container of a commit no good run recorded: a run cut off after
+                    // it started the container (a no-op run keeps an earlier good run's).
+                    for (name, sha) in live_read.map(|l| &l.containers).into_iter().flatten() {
+                        if sha != &g.sha
+                            && drifted != Some(sha)
+                            && !records.iter().any(|x| x.good() && &x.sha == sha)
+                        {
+                            notes.push(format!(
+                                "container {name} runs commit {}, which no successful deploy \
+                                 recorded (a run cut off while it switched?); the next deploy \
+                                 puts it right",
+                                short_sha(sha)
+                            ));
+                        }
+                    }
                     live_on.insert(h.host.clone(), (r.to_string(), g.sha.clone()));
                     // Each sync target against the release that deploy left there.
                     for (path, rel) in live_read.map(|l| &l.files).into_iter().flatten() {
@@ -368,6 +389,15 @@ async fn read_live(host: &Host, session: &Session, steps: &[Step]) -> Live {
                     Ok(_) => live.found += 1,
                     Err(_) => live.unread += 1,
                 }
+                if let Ok(l) = &read
+                    && l.aside
+                {
+                    live.notes.push(format!(
+                        "container {n}.ferry-aside is there: a replace of {n} was cut off; the \
+                         next deploy puts back the one it set aside or keeps the new one",
+                        n = l.name
+                    ));
+                }
                 match read {
                     Ok(l) if !l.exists => {
                         live.notes.push(format!("container {} is missing", l.name))
@@ -384,7 +414,8 @@ async fn read_live(host: &Host, session: &Session, steps: &[Step]) -> Live {
                                 live.ref_name.get_or_insert(r);
                             }
                             if let Some(s) = l.sha {
-                                live.sha.get_or_insert(s);
+                                live.sha.get_or_insert(s.clone());
+                                live.containers.push((l.name.clone(), s));
                             }
                         }
                     }
@@ -820,6 +851,36 @@ mod tests {
             "{:?}",
             st.rows[0].notes
         );
+    }
+
+    #[test]
+    fn a_container_of_a_commit_no_good_run_recorded_is_flagged() {
+        let mut web1 = view(
+            "web1",
+            vec![
+                rec("web1", "main", "aaaa", true, 10, "deploy"),
+                rec("web1", "main", "bbbb", true, 20, "deploy"),
+            ],
+        );
+        // The files of the last good run; the container of a run cut off while it switched.
+        let live = |container: &str| Live {
+            ref_name: Some("main".into()),
+            sha: Some("bbbb".into()),
+            release: Some("rel-20".into()),
+            containers: vec![("app".into(), container.into())],
+            ..Default::default()
+        };
+        web1.live.insert(String::new(), live("cccc"));
+        let st = summarize("staging", false, std::slice::from_ref(&web1));
+        assert!(
+            st.rows[0].notes[0].starts_with("container app runs commit cccc, which no successful"),
+            "{:?}",
+            st.rows[0].notes
+        );
+        // A container an earlier good run started (a later run left it as it was): no note.
+        web1.live.insert(String::new(), live("aaaa"));
+        let st = summarize("staging", false, &[web1]);
+        assert!(st.rows[0].notes.is_empty(), "{:?}", st.rows[0].notes);
     }
 
     #[test]

@@ -1021,8 +1021,33 @@ fn interrupted_deploy_is_recovered() {
     docker(&["rename", &prefix, &format!("{prefix}.ferry-aside")]);
     docker(&["stop", &format!("{prefix}.ferry-aside")]);
     docker(&[
-        "run", "-d", "--name", &prefix, &bad, "httpd", "-f", "-p", "8080", "-h", "/www",
+        "run",
+        "-d",
+        "--name",
+        &prefix,
+        "--label",
+        "ferry.sha=cccccccc",
+        &bad,
+        "httpd",
+        "-f",
+        "-p",
+        "8080",
+        "-h",
+        "/www",
     ]);
+    // Until then, `ferry status` says what the cut run left.
+    let status = Ferry::new()
+        .trusting(&[&host])
+        .args(["status", "--env", "test"])
+        .arg(&pb)
+        .run()
+        .success();
+    for note in [
+        format!("container {prefix}.ferry-aside is there: a replace of {prefix} was cut off"),
+        "drift: the host runs commit cccccccc".to_string(),
+    ] {
+        assert!(status.stdout.contains(&note), "{note}: {}", status.all());
+    }
     let run = deploy(&[&host], &pb, "aaaa").success();
     assert!(
         run.all()

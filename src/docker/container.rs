@@ -678,9 +678,11 @@ pub async fn live(
     .with_context(|| host.name().to_string())?;
     let engine = Engine::new(host, session);
     let name = r.spec.name;
+    let aside = engine.container(&aside_name(&name)).await?.is_some();
     Ok(match engine.container(&name).await? {
         None => LiveContainer {
             name,
+            aside,
             ..Default::default()
         },
         Some(c) => LiveContainer {
@@ -692,6 +694,7 @@ pub async fn live(
             ref_name: c.labels.get("ferry.ref").cloned(),
             sha: c.labels.get("ferry.sha").cloned(),
             release: c.labels.get("ferry.release").cloned(),
+            aside,
         },
     })
 }

@@ -43,6 +43,9 @@ pub struct LiveContainer {
     pub ref_name: Option<String>,
     pub sha: Option<String>,
     pub release: Option<String>,
+    /// The container a replace set aside is still there: that replace was cut off (the next
+    /// deploy restores it or removes it).
+    pub aside: bool,
 }
 
 /// Run one docker step on the host of `ctx` (with `ctx.plan`, only say what would happen).
