@@ -65,10 +65,18 @@ impl DeployContext {
         if !sha.chars().all(|c| c.is_ascii_hexdigit()) || sha.is_empty() || sha.len() > 64 {
             anyhow::bail!("commit `{sha}` is not a hex sha");
         }
-        // GitLab's own slug wins when it is for this ref (not when --ref names another one).
+        // GitLab's own slug wins when it is for this ref: not when --ref names another one, and
+        // for an ASCII name (where ours is GitLab's rule exactly) only when the two agree.
+        let ours = template::slug(&ref_name);
         let ref_slug = match env("CI_COMMIT_REF_SLUG") {
-            Some(s) if ref_flag.is_none() && s == template::slug(&s) => s,
-            _ => template::slug(&ref_name),
+            Some(s)
+                if ref_flag.is_none()
+                    && s == template::slug(&s)
+                    && (s == ours || !ref_name.is_ascii()) =>
+            {
+                s
+            }
+            _ => ours,
         };
         let user = env("GITLAB_USER_LOGIN")
             .or_else(|| env("USER"))

@@ -397,6 +397,37 @@ fn concurrent_deploys_are_serialised_by_the_lock() {
     assert!(!lock_dir.exists());
 }
 
+/// GitLab's `CI_COMMIT_REF_SLUG` is used only when it is the slug of the ref deployed: one left
+/// from another branch does not name this branch's paths.
+#[test]
+fn a_ref_slug_of_another_ref_is_not_used() {
+    let host = Sshd::start();
+    let dir = TempDir::new("slug");
+    let root = open_root(&dir);
+    dir.write("dist/index.html", "x");
+    let step = format!(
+        "      - sync: {{ from: \"{}\", to: \"site-${{ref_slug}}\" }}\n",
+        dir.join("dist").display()
+    );
+    let p = pb(&dir, &[host.address()], &root, &step, "");
+    for (slug, want) in [
+        ("release-2-0", "release-2-0"),
+        ("release-1-4", "release-2-0"),
+    ] {
+        let run = ci(&[&host], "release-2.0", SHA, "201")
+            .env("CI_COMMIT_REF_SLUG", slug)
+            .args(["deploy", "--plan"])
+            .arg(&p)
+            .run()
+            .success();
+        assert!(
+            run.all().contains(&format!("{root}/site-{want}")),
+            "CI_COMMIT_REF_SLUG={slug}: {}",
+            run.all()
+        );
+    }
+}
+
 /// Two deploys of one two-host environment at once, without `--lock-wait`: the hosts take their
 /// locks in one order, so the deploys meet at the first host and one goes on; never does each
 /// take one host's lock and fail on the other's.
