@@ -295,7 +295,7 @@ pub fn check_link_chains(m: &Manifest, root: &Path) -> Result<(), String> {
         if let Err(why) = resolve(&links, &mut dir, target, &mut hops) {
             return Err(format!(
                 "symlink {}/{} -> {} {why}",
-                root.display(),
+                root.display().to_string().trim_end_matches('/'),
                 display_path(path),
                 display_path(target)
             ));

@@ -588,6 +588,14 @@ fn keep_excluded(step: &SyncStep, inv: &mut Inventory) {
     }
 }
 
+/// A remote command's exit status, in words.
+fn exit(status: Option<u32>) -> String {
+    match status {
+        Some(code) => format!("exit {code}"),
+        None => "no exit status".into(),
+    }
+}
+
 /// What a deploy must send and, in mode `in-place`, apply; with the objects the host has.
 /// `learn`: `local`'s hashes are not known yet, and the host has nothing (see [`Opened`]).
 fn plan_for(
@@ -1182,9 +1190,9 @@ where
         return Err(match out.status {
             Some(0 | 3) => interrupted(&host, paths),
             _ => anyhow::anyhow!(
-                "{host}: interrupted (SIGINT/SIGTERM) while deploying to {} (exit {:?}): {}",
+                "{host}: interrupted (SIGINT/SIGTERM) while deploying to {} ({}): {}",
                 paths.to,
-                out.status,
+                exit(out.status),
                 out.tail()
             ),
         });
@@ -1203,10 +1211,27 @@ where
             true => "it gave no reason".to_string(),
             false => out.tail(),
         };
+        // (GNU tar says a short write, not why: on a full disk, `Wrote only N of M bytes`.)
+        let full = [
+            "No space left on device",
+            "Wrote only",
+            "Disk quota exceeded",
+        ]
+        .iter()
+        .any(|s| why.contains(s));
         bail!(
-            "{host}: deploy to {} failed (exit {:?}): {why}",
+            "{host}: deploy to {} failed ({}): {why}{}",
             paths.to,
-            out.status,
+            exit(out.status),
+            if full {
+                format!(
+                    "\n(the host's disk looks full where {} is: free some space there and deploy \
+                     again)",
+                    paths.store
+                )
+            } else {
+                String::new()
+            }
         );
     }
     let learned = built.with_context(|| format!("{host}: sending to {}", paths.to))?;
