@@ -911,6 +911,32 @@ fn a_chmod_by_hand_in_place_is_repaired() {
     assert_eq!(std::fs::read(&index).unwrap(), b"v1");
 }
 
+/// A rollback to a run that left the live files (a deploy of the same build) says they do not
+/// change, in words and in `--json`; both modes.
+#[test]
+fn a_rollback_to_the_same_files_says_nothing_changes() {
+    for mode in ["", ", mode: in-place"] {
+        let site = one_host_site("samerb", false, "app", mode);
+        site.write(b"v.txt", b"A");
+        site.deploy(&sha(1)).success();
+        site.write(b"v.txt", b"B");
+        site.deploy(&sha(2)).success();
+        site.deploy(&sha(3)).success();
+        let run = site
+            .ferry("rollback", &sha(3))
+            .arg("--json")
+            .run()
+            .success();
+        let s = step(&run);
+        assert_eq!(s["changed"], false, "{mode}: {s}");
+        assert!(
+            s["summary"].as_str().unwrap().contains("is live already"),
+            "{mode}: {s}"
+        );
+        assert_eq!(std::fs::read(site.root().join("app/v.txt")).unwrap(), b"B");
+    }
+}
+
 /// In place, what `exclude` matches in `to` stays, as `rsync --delete` leaves it: files the app
 /// writes there (uploads, logs) are no hand change, and no deploy deletes them. Both host kinds.
 #[test]

@@ -1375,6 +1375,20 @@ pub async fn rollback(
         .map(|m| format!(" ({} {})", m.ref_name, &m.sha[..m.sha.len().min(8)]))
         .unwrap_or_default();
     let detail = serde_json::json!({"path": paths.to, "from": live, "to": target});
+    // (The run rolled back to left the files that are live: a deploy of the same build.)
+    if live.as_deref() == Some(target.as_str()) {
+        return Ok(StepReport {
+            step: "sync".into(),
+            changed: false,
+            summary: format!(
+                "{}: release {target}{what} is live already (the run rolled back to left these \
+                 files); they do not change",
+                paths.to
+            ),
+            detail,
+            ..Default::default()
+        });
+    }
     if ctx.plan {
         // In place, what the host still has of that release decides whether it can come back.
         // Release mode: the files of it edited by hand since, which it would serve as edited.
@@ -1420,7 +1434,7 @@ pub async fn rollback(
     };
     Ok(StepReport {
         step: "sync".into(),
-        changed: live.as_deref() != Some(target.as_str()),
+        changed: true,
         summary: format!("{} {done} {target}{what}", paths.to),
         log,
         detail,
