@@ -1190,6 +1190,17 @@ fn validate(pb: &Playbook) -> Result<(), Invalid> {
                         );
                     }
                 }
+                match crate::docker::spec::check_literal(c) {
+                    Err(crate::docker::spec::SpecError::BadField { field, why, .. }) => {
+                        let at: Vec<Seg> = field.split('.').map(key).collect();
+                        return fail(
+                            body(&at),
+                            format!("container `{}`: `{field}` {why}", c.name),
+                        );
+                    }
+                    Err(e) => return fail(body(&[key("name")]), e.to_string()),
+                    Ok(()) => {}
+                }
                 if let Some((field, why)) = c.health.as_ref().and_then(health_problem) {
                     return fail(
                         body(&[key("health"), key(field)]),
@@ -1322,6 +1333,25 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.starts_with("pb.yml:5:5: "), "{msg}");
         assert!(msg.contains("hostz"), "{msg}");
+    }
+
+    #[test]
+    fn a_container_value_docker_would_refuse_is_located_where_it_stands() {
+        let text = "app: shop\nenvironments:\n  staging:\n    hosts: [a]\n    steps:\n      - container:\n          name: app\n          image: shop:1\n          restart: sometimes\n";
+        let msg = p(text).unwrap_err().to_string();
+        assert!(
+            msg.starts_with("pb.yml:9:20: container `app`: `restart` `sometimes` is not no"),
+            "{msg}"
+        );
+        let msg = p(&text.replace("restart: sometimes", "memory: lots"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.starts_with("pb.yml:9:19: container `app`: `memory`"),
+            "{msg}"
+        );
+        // A template is checked once expanded, on the host's run.
+        p(&text.replace("restart: sometimes", "restart: \"${env.RESTART:-always}\"")).unwrap();
     }
 
     #[test]

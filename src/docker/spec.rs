@@ -159,6 +159,28 @@ fn check_name(name: &str) -> Result<(), SpecError> {
     }
 }
 
+/// The values of `spec` that hold no template, checked as [`resolve`] checks them once expanded:
+/// for the playbook's reader, which can point at the field at fault.
+pub fn check_literal(spec: &ContainerSpec) -> Result<(), SpecError> {
+    let plain = |v: &Option<String>| v.clone().filter(|v| !v.contains("${"));
+    let mut s = spec.clone();
+    if s.name.contains("${") {
+        s.name = "x".into();
+    }
+    if s.image.contains("${") {
+        s.image = "x".into();
+    }
+    s.ports.retain(|p| !p.contains("${"));
+    s.restart = plain(&s.restart);
+    s.memory = plain(&s.memory);
+    s.cpus = plain(&s.cpus);
+    if let Some(h) = &mut s.health {
+        h.url = plain(&h.url);
+    }
+    check_name(&s.name)?;
+    check_values(&s)
+}
+
 /// The values docker would refuse, or take for something else, refused before any host is
 /// touched: a replace that fails at `docker create` has already stopped the live container.
 fn check_values(s: &ContainerSpec) -> Result<(), SpecError> {
