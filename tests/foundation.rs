@@ -861,11 +861,19 @@ fn per_host_values_are_checked_before_any_host_is_touched() {
             assert_eq!(run.stderr.matches("unknown variable").count(), 1);
             assert!(!run.stderr.contains("container `web`: container"));
         }
-        assert!(
-            run.stderr.contains("127.0.0.1:1"),
-            "names the host: {}",
-            run.stderr
-        );
+        // A container value with no template is refused as the playbook is read, at its place;
+        // the others name the host they were worked out for.
+        if step.contains("container") && !step.contains("${") {
+            let line = std::fs::read_to_string(&pb).unwrap().lines().count();
+            let at = format!("ferry.yml:{line}:");
+            assert!(run.stderr.contains(&at), "{at}: {}", run.stderr);
+        } else {
+            assert!(
+                run.stderr.contains("127.0.0.1:1"),
+                "names the host: {}",
+                run.stderr
+            );
+        }
         assert!(!run.stderr.contains("cannot connect"), "{}", run.stderr);
     }
 }
