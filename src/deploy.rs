@@ -234,6 +234,16 @@ enum Checked<'a> {
     OnStop,
 }
 
+/// An image reference of a step, expanded for `host`, that docker would take (a tag from a git
+/// tag such as `v1.0+build` would fail only once the build ran).
+fn image(host: &Host, step: &str, template: &str) -> anyhow::Result<String> {
+    let r = host.expand(template)?;
+    if let Some(why) = docker::spec::reference_problem(&r) {
+        anyhow::bail!("{}: {step} `{r}`: {why}", host.name());
+    }
+    Ok(r)
+}
+
 /// Each step's values for each host (paths, container specs, secrets), worked out before any host
 /// is touched: a bad value stops the run with exit 2 instead of failing on one host half-way. An
 /// error about a template points at its line and column in the playbook.
@@ -297,7 +307,7 @@ fn preflight(setup: &Setup, section: Checked, plan: bool, rollback: bool) -> any
             }
             Step::DockerBuild(b) => {
                 host.path(&b.context)?;
-                host.expand(&b.tag)?;
+                image(host, "docker_build", &b.tag)?;
                 if let Some(f) = &b.file {
                     host.expand(f)?;
                 }
@@ -306,14 +316,14 @@ fn preflight(setup: &Setup, section: Checked, plan: bool, rollback: bool) -> any
                 }
             }
             Step::DockerTag(t) => {
-                host.expand(&t.source)?;
-                host.expand(&t.target)?;
+                image(host, "docker_tag", &t.source)?;
+                image(host, "docker_tag", &t.target)?;
             }
             Step::DockerPush(p) => {
-                host.expand(&p.image)?;
+                image(host, "docker_push", &p.image)?;
             }
             Step::DockerPull(i) => {
-                host.expand(&i.image)?;
+                image(host, "docker_pull", &i.image)?;
             }
             Step::DockerPrune(p) => {
                 host.expand(&p.repository)?;

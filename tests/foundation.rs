@@ -836,6 +836,10 @@ fn per_host_values_are_checked_before_any_host_is_touched() {
             "      - container: { name: web, image: \"img:${nosuch}\" }\n",
             "container `web`: unknown variable `${nosuch}`",
         ),
+        (
+            "      - docker_push: { image: \"shop:${env.FERRY_TEST_TAG}\" }\n",
+            "docker_push `shop:v1.0.0+build`: tag `v1.0.0+build` is not one docker takes",
+        ),
     ];
     for (step, want) in cases {
         let pb = playbook(
@@ -850,11 +854,15 @@ fn per_host_values_are_checked_before_any_host_is_touched() {
                 "deploy", "--env", "test", "--sha", "abc123", "--ref", "main",
             ])
             .arg(&pb)
+            .env("FERRY_TEST_TAG", "v1.0.0+build")
             .run()
             .failure(2);
         assert!(run.stderr.contains(want), "{step}: {}", run.stderr);
         // A template error points at its place in the file (the step is the file's last line).
-        if let Some(col) = step.find("${") {
+        if let Some(col) = step
+            .find("${")
+            .filter(|_| want.contains("unknown variable"))
+        {
             let text = std::fs::read_to_string(&pb).unwrap();
             let at = format!("ferry.yml:{}:{}: ", text.lines().count(), col + 1);
             assert!(run.stderr.contains(&at), "{at}: {}", run.stderr);

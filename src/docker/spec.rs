@@ -191,8 +191,11 @@ fn check_values(s: &ContainerSpec) -> Result<(), SpecError> {
             why,
         })
     };
-    if s.image.is_empty() || s.image.starts_with('-') || s.image.contains(char::is_whitespace) {
-        return bad("image", format!("`{}` is not an image reference", s.image));
+    if let Some(why) = reference_problem(&s.image) {
+        return bad(
+            "image",
+            format!("`{}` is not an image reference: {why}", s.image),
+        );
     }
     if let Some(p) = s.ports.iter().find(|p| !port_mapping(p)) {
         return bad(
@@ -409,6 +412,74 @@ impl Resolved {
         }
         a
     }
+}
+
+/// What keeps `r` from being an image reference docker takes (`[registry/]path[:tag][@digest]`,
+/// as the distribution reference grammar has it), in words; `None` when it is one.
+pub fn reference_problem(r: &str) -> Option<String> {
+    let (name, digest) = r.split_once('@').map_or((r, None), |(n, d)| (n, Some(d)));
+    if let Some(d) = digest {
+        let hex = d.strip_prefix("sha256:").unwrap_or("");
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Some(format!(
+                "`@{d}` is not a digest (sha256: and 64 hex digits)"
+            ));
+        }
+    }
+    let (repo, tag) = match name.rsplit_once(':') {
+        Some((repo, tag)) if !tag.contains('/') => (repo, Some(tag)),
+        _ => (name, None),
+    };
+    if let Some(t) = tag {
+        let word = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+        let ok = (1..=128).contains(&t.len())
+            && word(t.as_bytes()[0])
+            && t.bytes().all(|b| word(b) || b == b'.' || b == b'-');
+        if !ok {
+            return Some(format!(
+                "tag `{t}` is not one docker takes: up to 128 letters, digits, `_`, `.` and `-`, \
+                 not starting with `.` or `-`"
+            ));
+        }
+    }
+    let mut parts: Vec<&str> = repo.split('/').collect();
+    if names_registry(repo) {
+        let host = parts.remove(0);
+        let (h, port) = host
+            .rsplit_once(':')
+            .map_or((host, None), |(h, p)| (h, Some(p)));
+        let host_ok = !h.is_empty()
+            && h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+            && port.is_none_or(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+        if !host_ok {
+            return Some(format!("`{host}` is not a registry host[:port]"));
+        }
+    }
+    // A path component: lowercase letters and digits, joined by `.`, `_`, `__` or dashes.
+    let component = |c: &str| {
+        let b = c.as_bytes();
+        let alnum = |x: u8| x.is_ascii_lowercase() || x.is_ascii_digit();
+        !b.is_empty()
+            && alnum(b[0])
+            && alnum(b[b.len() - 1])
+            && b.iter().all(|&x| alnum(x) || b"._-".contains(&x))
+            && !c.contains("..")
+            && !c.contains("___")
+            && !c.contains("._")
+            && !c.contains("_.")
+            && !c.contains(".-")
+            && !c.contains("-.")
+            && !c.contains("_-")
+            && !c.contains("-_")
+    };
+    if repo.len() > 255 || parts.iter().any(|c| !component(c)) {
+        return Some(format!(
+            "`{repo}` is not a repository name docker takes: lowercase letters, digits and \
+             `/`-separated parts joined by `.`, `_` or `-`"
+        ));
+    }
+    None
 }
 
 /// Whether an image reference names its registry host (`reg.example.com/shop:1`,
@@ -632,7 +703,9 @@ mod tests {
 
     #[test]
     fn names_and_health_fields_are_checked() {
-        let s = spec("name: 'a b'\nimage: i\n");
+        // (A playbook with it does not load; the check once templates are expanded stays.)
+        let mut s = spec("name: a\nimage: i\n");
+        s.name = "a b".into();
         assert!(matches!(
             resolve(&s, "h", &vars, &env),
             Err(SpecError::BadName { .. })
@@ -645,6 +718,32 @@ mod tests {
             resolve(&s, "h", &vars, &env),
             Err(SpecError::HealthField { .. })
         ));
+    }
+
+    #[test]
+    fn image_references_docker_would_refuse() {
+        for ok in [
+            "shop",
+            "shop:v1.0.0",
+            "127.0.0.1:5000/shop:release-1-4-aaaa",
+            "reg.example.com/team/shop_api:1",
+            "localhost/x__y:latest",
+            "a/b@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        ] {
+            assert_eq!(reference_problem(ok), None, "{ok}");
+        }
+        for (bad, why) in [
+            ("shop:v1.0.0+meta", "tag `v1.0.0+meta`"),
+            ("shop:.x", "tag `.x`"),
+            ("Shop:1", "`Shop` is not a repository name"),
+            ("reg.example.com/a..b:1", "`reg.example.com/a..b`"),
+            ("shop:", "tag ``"),
+            ("a@sha256:12", "not a digest"),
+            ("reg:x5000/shop", "`reg:x5000` is not a registry"),
+        ] {
+            let got = reference_problem(bad).unwrap_or_default();
+            assert!(got.contains(why), "{bad}: {got}");
+        }
     }
 
     #[test]
