@@ -268,7 +268,15 @@ fn preflight(setup: &Setup, section: Checked, plan: bool, rollback: bool) -> any
                 // (A rollback reads no `from`.)
                 if !rollback {
                     let from = host.expand(&s.from)?;
-                    if !std::path::Path::new(&from).is_dir() {
+                    let path = std::path::Path::new(&from);
+                    if path.exists() && !path.is_dir() {
+                        anyhow::bail!(
+                            "{}: sync from `{from}`: that is a file, not a directory; `from:` names \
+                             the directory whose contents are shipped (its parent, say)",
+                            host.name()
+                        );
+                    }
+                    if !path.is_dir() {
                         anyhow::bail!(
                             "{}: sync from `{from}`: no such directory here; build it first, or fix \
                              `from:` (a relative path is read from the directory ferry runs in)",
@@ -354,9 +362,22 @@ fn preflight(setup: &Setup, section: Checked, plan: bool, rollback: bool) -> any
     for host in &setup.hosts {
         let mut targets = Vec::new();
         for &(i, step) in &steps {
-            targets.extend(check(host, step).map_err(|e| located(i, e))?);
+            let Some(to) = check(host, step).map_err(|e| located(i, e))? else {
+                continue;
+            };
+            targets.push(to);
+            // (The step whose target overlaps one before it is the one pointed at.)
+            if let Err(e) = sync::disjoint(host.name(), &targets) {
+                let path = &setup.playbook.path;
+                return Err(
+                    match crate::playbook::locate_in_step(path, &setup.env, key, i, "to:") {
+                        Some((l, c)) => UsageError(format!("{}:{l}:{c}: {e:#}", path.display())),
+                        None => UsageError(format!("{e:#}")),
+                    }
+                    .into(),
+                );
+            }
         }
-        sync::disjoint(host.name(), &targets).map_err(|e| UsageError(format!("{e:#}")))?;
     }
     Ok(())
 }

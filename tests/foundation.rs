@@ -825,6 +825,14 @@ fn per_host_values_are_checked_before_any_host_is_touched() {
             "sync from `dist`: no such directory here",
         ),
         (
+            "      - sync: { from: /tmp, to: web }\n      - sync: { from: /tmp, to: web/x }\n",
+            "overlap (one is or lies inside the other)",
+        ),
+        (
+            "      - sync: { from: /etc/passwd, to: web }\n",
+            "sync from `/etc/passwd`: that is a file, not a directory",
+        ),
+        (
             "      - container: { name: \"web;reboot\", image: i }\n",
             "container name `web;reboot`",
         ),
@@ -871,11 +879,14 @@ fn per_host_values_are_checked_before_any_host_is_touched() {
         }
         // A container value with no template is refused as the playbook is read, at its place;
         // the others name the host they were worked out for.
-        if step.contains("container") && !step.contains("${") {
+        // (So is the second of two overlapping sync targets.)
+        let literal = step.contains("container") && !step.contains("${");
+        if literal || want.contains("overlap") {
             let line = std::fs::read_to_string(&pb).unwrap().lines().count();
             let at = format!("ferry.yml:{line}:");
             assert!(run.stderr.contains(&at), "{at}: {}", run.stderr);
-        } else {
+        }
+        if !literal {
             assert!(
                 run.stderr.contains("127.0.0.1:1"),
                 "names the host: {}",
