@@ -2010,7 +2010,9 @@ fn sync_in_place_rollback_plan_knows_what_was_lost() {
         let run = cmd.run().failure(1);
         assert!(
             run.all().contains("1 file(s) of release")
-                && run.all().contains("no longer on the host"),
+                && run.all().contains(
+                    "no longer on the host (edited or removed by hand after it was applied): a.txt;"
+                ),
             "plan {plan}: {}",
             run.all()
         );

@@ -1397,7 +1397,7 @@ pub async fn rollback(
             let local = release_manifest(ctx, &paths, &target).await?;
             let mut inv = inventory(ctx.session, &paths, &local.digest(), step).await?;
             let (plan, _) = plan_for(step, &local, &mut inv, false);
-            check_reapply(host, &target, &plan)?;
+            check_reapply(host, &target, &local, &plan)?;
         } else {
             let out = host_script(ctx, remote::EDITED, &[&paths.store, &target], || {
                 format!(
@@ -1539,12 +1539,22 @@ async fn release_manifest(ctx: &StepCtx<'_>, paths: &Paths, id: &str) -> anyhow:
 }
 
 /// In place, a release comes back only from what the host has: nothing may need sending.
-fn check_reapply(host: &str, id: &str, plan: &diff::Plan) -> anyhow::Result<()> {
+fn check_reapply(host: &str, id: &str, local: &Manifest, plan: &diff::Plan) -> anyhow::Result<()> {
     if !plan.send.is_empty() {
+        let mut named: Vec<String> = plan
+            .send
+            .iter()
+            .take(5)
+            .map(|&i| local.entries[i].display())
+            .collect();
+        if plan.send.len() > named.len() {
+            named.push(format!("and {} more", plan.send.len() - named.len()));
+        }
         bail!(
             "{host}: {} file(s) of release {id} are no longer on the host (edited or removed by \
-             hand after it was applied); nothing was changed. Deploy that commit again instead",
-            plan.send.len()
+             hand after it was applied): {}; nothing was changed. Deploy that commit again instead",
+            plan.send.len(),
+            named.join(", ")
         );
     }
     Ok(())
@@ -1569,7 +1579,7 @@ async fn reapply(
     if (inv.same || settled) && inv.live() == Some(id) {
         return finish_quietly(host, paths, proc).await;
     }
-    if let Err(e) = check_reapply(host, id, &plan) {
+    if let Err(e) = check_reapply(host, id, &local, &plan) {
         let _ = proc.finish().await;
         return Err(e);
     }
