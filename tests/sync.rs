@@ -545,6 +545,13 @@ fn sync_refuses_plain_directory_unless_adopted() {
         text.replace("to: \"app\"", "to: \"app\", adopt: true"),
     )
     .unwrap();
+    let plan = site.ferry("deploy", &sha(1)).arg("--plan").run().success();
+    assert!(
+        plan.all().contains("adopts the plain directory there"),
+        "{}",
+        plan.all()
+    );
+    assert!(to.join("old.html").exists());
     site.deploy(&sha(1)).success();
     assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"new");
     assert!(!to.join("old.html").exists());

@@ -729,6 +729,12 @@ fn decide(
     if !kept.is_empty() {
         counts += &format!(", {} kept (delete: false)", kept.len());
     }
+    if step.mode == SyncMode::Release && inv.target == TargetState::Dir {
+        counts += &format!(
+            "; adopts the plain directory there (moved to {}/adopted-<release>, no longer served)",
+            paths.store
+        );
+    }
     if repair.len() > 0 {
         counts += &format!(
             "; repairs {} path(s) changed by hand ({} put back, {} deleted)",
