@@ -63,6 +63,13 @@ impl Paths {
     /// targets compare); a `..` is refused: it would name the directory by a detour the host's
     /// symlinks could change.
     pub fn new(given: &str) -> anyhow::Result<Paths> {
+        // (It is named in every line about the step, on terminals and in CI logs.)
+        if given.chars().any(char::is_control) {
+            anyhow::bail!(
+                "sync target {given:?} holds a control character (a newline, a tab, ...); name a \
+                 directory without one (check `to:` and `root:`)"
+            );
+        }
         let parts: Vec<&str> = given
             .split('/')
             .filter(|c| !c.is_empty() && *c != ".")
@@ -1248,6 +1255,11 @@ mod tests {
         assert!(Paths::new("relative/x").is_err());
         let e = Paths::new("/").unwrap_err().to_string();
         assert!(e.starts_with("sync target `/` must be"), "{e}");
+        let e = Paths::new("/srv/a\nb").unwrap_err().to_string();
+        assert!(
+            e.starts_with("sync target \"/srv/a\\nb\" holds a control character"),
+            "{e}"
+        );
         assert!(Paths::new("/.").is_err());
         assert_eq!(Paths::new("/srv//web/./app/.").unwrap(), p);
         let e = Paths::new("/srv/x/../web/app").unwrap_err().to_string();
