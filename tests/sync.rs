@@ -760,6 +760,47 @@ fn stored_edits(busybox: bool) {
     assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"v2");
 }
 
+/// Release mode, GNU host: content written with its old mtime kept (`cp -p`) through `to` is
+/// found by its ctime, sent anew and never linked into the new release; ferry's own changes to
+/// the stored inodes (links made, a pruned release deleted in the background) are none.
+#[test]
+fn sync_finds_content_written_with_its_old_mtime() {
+    let site = one_host_site("cpp", false, "app", ", keep: 2");
+    let to = site.root().join("app");
+    let store = site.root().join(".app.ferry");
+    site.write(b"page.html", b"page");
+    for (n, v) in [(1, "v1"), (2, "v2"), (3, "v3")] {
+        site.write(b"index.html", v.as_bytes());
+        site.deploy(&sha(n)).success();
+    }
+    // Right after a prune, and once its deletion is over: no change by hand.
+    let s = step(&site.deploy(&sha(3)).success());
+    assert!(s["detail"]["drift"].is_null(), "{s}");
+    assert_trash_emptied(&store);
+    let s = step(&site.deploy(&sha(3)).success());
+    assert_eq!(s["changed"], false, "{s}");
+    assert!(s["detail"]["drift"].is_null(), "{s}");
+    std::thread::sleep(Duration::from_millis(20));
+    let defaced = site.dir.join("defaced");
+    std::fs::write(&defaced, b"DEFACED BY HAND").unwrap();
+    run_ok(
+        std::process::Command::new("touch")
+            .arg("-r")
+            .arg(to.join("page.html"))
+            .arg(&defaced),
+    );
+    run_ok(
+        std::process::Command::new("cp")
+            .arg("-p")
+            .arg(&defaced)
+            .arg(to.join("page.html")),
+    );
+    let s = step(&site.deploy(&sha(3)).success());
+    assert_drift(&s, "1 stored file(s) changed by hand");
+    assert_eq!(s["files_sent"], 1, "{s}");
+    assert_eq!(std::fs::read(to.join("page.html")).unwrap(), b"page");
+}
+
 #[test]
 fn sync_never_reuses_content_edited_through_any_release() {
     stored_edits(false);

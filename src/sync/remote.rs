@@ -153,7 +153,23 @@ store_scan() {
       set -- "$@" -o -name "*.$m" ! -perm "$m"
     done
   fi
-  find objects -type f \( -newer stamp "$@" \) -print
+  # Content written with its old mtime kept (`cp -p`) shows in the ctime, where `find` is GNU's:
+  # newer than ferry's own last change to the objects' inodes (the stamp, or the end of the last
+  # trash deletion, whose unlinks change ctimes; none while one runs). A link made or removed by
+  # hand changes it too: these go as `size <bytes> <path>`, for the controller to compare.
+  cr=stamp; [ ! trash.done -nt stamp ] || cr=trash.done
+  for t in trash-*; do [ ! -d "$t" ] || cr=; break; done
+  [ -z "$cr" ] || case $(find --version 2>/dev/null) in *GNU*) ;; *) cr= ;; esac
+  if [ -n "$cr" ]; then
+    find objects -type f \( \( -newer stamp "$@" \) -print -o -cnewer "$cr" -printf 'size %s %p\n' \)
+  else
+    find objects -type f \( -newer stamp "$@" \) -print
+  fi
+}
+scan_records() {
+  while IFS= read -r o; do
+    case $o in 'size '*) rec csize "${o#size }" ;; *) rec spoilt "${o#objects/}" ;; esac
+  done
 }
 # (The deploy script, which may write in the store, runs it beside the pass over the live release.)
 sp= sp_pid=
@@ -171,10 +187,10 @@ if [ "$M" != in-place ] && [ -n "$live" ] && [ -d "releases/$live" ] && [ -e sta
 fi
 if [ -n "$sp_pid" ]; then
   wait "$sp_pid" || :
-  while IFS= read -r o; do rec spoilt "${o#objects/}"; dirty=1; done < scan.spoilt
+  [ ! -s scan.spoilt ] || { scan_records < scan.spoilt; dirty=1; }
   rm -f scan.spoilt
 elif [ -n "$sp" ]; then
-  printf '%s\n' "$sp" | while IFS= read -r o; do rec spoilt "${o#objects/}"; done; dirty=1
+  printf '%s\n' "$sp" | scan_records; dirty=1
 fi
 if [ "$M" != in-place ] && [ -n "$live" ] && [ -s "meta/$live.edited" ]; then
   xargs -0 printf 'marked\t%s\0' < "meta/$live.edited"; dirty=1
@@ -379,8 +395,8 @@ eval "$RMTREE"
 }
 
 /// `unpack` reads the stream from stdin (see `archive`) into the working directory: the plain
-/// part's length (64 KiB blocks, 512-byte records), the plain tar, the gzip'd tar. `set_modes` and `set_root_mode` give
-/// the unpacked tree's read-only directories the modes the stream lists.
+/// part's length (64 KiB blocks, 512-byte records), the plain tar, the gzip'd tar. `set_modes`
+/// and `set_root_mode` give the unpacked tree's read-only directories the modes the stream lists.
 macro_rules! unpack_sh {
     () => {
         r#"
@@ -486,7 +502,7 @@ collect_unnamed() {
 # same one, or a `sync_remove`, can run beside it.
 empty_trash() {
   for d in trash-*; do
-    if [ -d "$d" ]; then ( exec < /dev/null > /dev/null 2>&1; rmtree trash-* ) & fi
+    if [ -d "$d" ]; then ( exec < /dev/null > /dev/null 2>&1; rmtree trash-* && : > trash.done ) & fi
     break
   done
 }
@@ -909,6 +925,10 @@ pub struct Inventory {
     pub excluded: HashSet<Vec<u8>>,
     /// Objects whose content or mode changed by hand, through whichever release (release mode).
     pub spoilt: Vec<ObjectId>,
+    /// Objects whose ctime only is new (GNU find), with their size: spoilt when the live manifest
+    /// gives them another size (content written with the old mtime kept, `cp -p`), not when only
+    /// a link to them was made or removed by hand.
+    pub resized: Vec<(u64, ObjectId)>,
     /// Files of the live release that an earlier deploy found edited by hand (it was rolled back
     /// to since): a deploy makes the release anew.
     pub marked: Vec<Vec<u8>>,
@@ -969,6 +989,22 @@ impl Inventory {
         for (mode, size, path) in std::mem::take(&mut self.perms) {
             if deployed.get(path.as_slice()) != Some(&(mode, size)) {
                 self.touched.push(path);
+            }
+        }
+        let resized = std::mem::take(&mut self.resized);
+        if !resized.is_empty() {
+            let sizes: rustc_hash::FxHashMap<ObjectId, u64> = m
+                .entries
+                .iter()
+                .filter_map(|e| match e.kind {
+                    super::manifest::Kind::File { size, .. } => Some((e.object()?, size)),
+                    _ => None,
+                })
+                .collect();
+            for (size, o) in resized {
+                if sizes.get(&o).is_some_and(|&s| s != size) && !self.spoilt.contains(&o) {
+                    self.spoilt.push(o);
+                }
             }
         }
         let edited: HashSet<&[u8]> = self.edited.iter().map(Vec::as_slice).collect();
@@ -1157,6 +1193,18 @@ pub fn parse_inventory(out: &[u8], to_name: &str) -> anyhow::Result<Inventory> {
             }
             b"marked" => inv.marked.push(value.to_vec()),
             b"spoilt" => inv.spoilt.extend(object_names(value)),
+            b"csize" => {
+                // `<size> objects/<name>`
+                let text = String::from_utf8_lossy(value);
+                if let Some((size, path)) = text.split_once(' ')
+                    && let (Ok(size), Some(o)) = (
+                        size.parse(),
+                        ObjectId::parse(path.strip_prefix("objects/").unwrap_or(path).as_bytes()),
+                    )
+                {
+                    inv.resized.push((size, o));
+                }
+            }
             b"listing" => inv.listing = Some(Vec::new()),
             b"hdir" => {
                 inv.listing.get_or_insert_default().push(value.to_vec());
@@ -1345,6 +1393,41 @@ mod tests {
         assert_eq!(inv.drifted, [cc]);
         let trusted = inv.trusted_objects();
         assert!(trusted.contains(&dd) && !trusted.contains(&cc));
+    }
+
+    #[test]
+    fn an_object_whose_ctime_changed_is_spoilt_only_at_another_size() {
+        let file = |name: &str, byte: u8, size| super::super::manifest::Entry {
+            path: name.as_bytes().to_vec(),
+            kind: super::super::manifest::Kind::File {
+                size,
+                mode: 0o644,
+                hash: [byte; 32],
+            },
+        };
+        let m = Manifest {
+            root_mode: 0o755,
+            entries: vec![file("a", 0xaa, 5), file("b", 0xbb, 7)],
+        };
+        let (aa, bb) = (
+            m.entries[0].object().unwrap(),
+            m.entries[1].object().unwrap(),
+        );
+        // `a` was written with its old mtime kept (another size); `b` got a link by hand.
+        let out = format!(
+            "to\tlink\0target\t.app.ferry/releases/r1\0store\tyes\0csize\t15 objects/{aa}\0\
+             csize\t7 objects/{bb}\0objects\t{aa}\n{bb}\0end\t\0"
+        );
+        let mut inv = parse_inventory(out.as_bytes(), "app").unwrap();
+        inv.set_live_manifest(m);
+        assert_eq!(inv.drifted, [aa]);
+        assert!(
+            inv.drift()
+                .unwrap()
+                .contains("1 stored file(s) changed by hand")
+        );
+        let trusted = inv.trusted_objects();
+        assert!(trusted.contains(&bb) && !trusted.contains(&aa));
     }
 
     #[test]
