@@ -1381,8 +1381,10 @@ pub async fn rollback(
         .map(|m| format!(" ({} {})", m.ref_name, &m.sha[..m.sha.len().min(8)]))
         .unwrap_or_default();
     let detail = serde_json::json!({"path": paths.to, "from": live, "to": target});
-    // (The run rolled back to left the files that are live: a deploy of the same build.)
-    if live.as_deref() == Some(target.as_str()) {
+    // (The run rolled back to left the files that are live: a deploy of the same build. In place,
+    // what was changed by hand in them since is put back below.)
+    let same = live.as_deref() == Some(target.as_str());
+    if same && step.mode == SyncMode::Release {
         return Ok(StepReport {
             step: "sync".into(),
             changed: false,
@@ -1418,14 +1420,38 @@ pub async fn rollback(
             log,
             step: "sync".into(),
             changed: true,
-            summary: format!("would switch {} to release {target}{what}", paths.to),
+            summary: match same {
+                true => format!(
+                    "{}: release {target}{what} is live already; would put back what was changed \
+                     by hand in it, if anything",
+                    paths.to
+                ),
+                false => format!("would switch {} to release {target}{what}", paths.to),
+            },
             detail,
             ..Default::default()
         });
     }
     let mut log = Vec::new();
     let done = if step.mode == SyncMode::InPlace {
-        reapply(ctx, step, &paths, &target).await?;
+        let changed = reapply(ctx, step, &paths, &target).await?;
+        if same {
+            return Ok(StepReport {
+                step: "sync".into(),
+                changed,
+                summary: format!(
+                    "{}: release {target}{what} is live already (the run rolled back to left \
+                     these files){}",
+                    paths.to,
+                    match changed {
+                        true => "; what was changed by hand in it is put back",
+                        false => "; nothing changes",
+                    }
+                ),
+                detail,
+                ..Default::default()
+            });
+        }
         "re-applied release"
     } else {
         let out = host_script(
@@ -1573,7 +1599,7 @@ async fn reapply(
     step: &SyncStep,
     paths: &Paths,
     id: &str,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let host = ctx.host.name();
     let manifest = release_manifest(ctx, paths, id).await?;
     let src = async { Ok(Arc::new(Source::known(manifest))) };
@@ -1583,7 +1609,7 @@ async fn reapply(
     let apply = apply.expect("in-place");
     let settled = apply.write.is_empty() && apply.dirs.is_empty() && apply.gone.is_empty();
     if (inv.same || settled) && inv.live() == Some(id) {
-        return finish_quietly(host, paths, proc).await;
+        return finish_quietly(host, paths, proc).await.map(|()| false);
     }
     if let Err(e) = check_reapply(host, id, &local, &plan) {
         let _ = proc.finish().await;
@@ -1608,7 +1634,7 @@ async fn reapply(
         )
     };
     stream(ctx, proc, &params, 0, build, paths, None).await?;
-    Ok(())
+    Ok(true)
 }
 
 pub async fn remove(ctx: &StepCtx<'_>, step: &SyncRemoveStep) -> anyhow::Result<StepReport> {
