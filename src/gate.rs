@@ -43,17 +43,8 @@ impl Gate {
     /// that failed first.
     pub async fn lock_turn(&self, host: &str) -> Result<(), String> {
         let before: Vec<&String> = self.hosts.iter().filter(|h| h.as_str() < host).collect();
-        let mut rx = self.state.subscribe();
-        let all = |s: &State| before.iter().all(|h| s.locked.contains(*h));
-        let state = rx
-            .wait_for(|s| all(s) || s.failed.is_some())
+        self.wait(|s| before.iter().all(|h| s.locked.contains(*h)))
             .await
-            .map_err(|_| "the deploy ended".to_string())?;
-        match &state.failed {
-            _ if all(&state) => Ok(()),
-            Some(host) => Err(host.clone()),
-            None => Err("the deploy ended".into()),
-        }
     }
 
     /// `host` holds its deploy lock.
@@ -73,8 +64,13 @@ impl Gate {
     /// failed before all were ready.
     pub async fn pass(&self, target: &str) -> Result<(), String> {
         self.arrive(target);
+        self.wait(|s| s.arrived.get(target).copied().unwrap_or(0) >= self.hosts.len())
+            .await
+    }
+
+    /// Wait until `all` holds, or a host failed first (`Err` names it).
+    async fn wait(&self, all: impl Fn(&State) -> bool) -> Result<(), String> {
         let mut rx = self.state.subscribe();
-        let all = |s: &State| s.arrived.get(target).copied().unwrap_or(0) >= self.hosts.len();
         let state = rx
             .wait_for(|s| all(s) || s.failed.is_some())
             .await
