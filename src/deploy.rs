@@ -631,7 +631,27 @@ async fn run_host(
         Ok(t) => t,
         Err(e) => {
             if let Some(lock) = lock {
-                let _ = lock.release(ctx.session).await;
+                // (A refusal for a shared slug is an attempt of this branch: `history` and
+                // `status` show it.)
+                let appending;
+                let record = match e.downcast_ref::<SlugClash>() {
+                    Some(_) => {
+                        let why = e.to_string();
+                        let r = Record::new(
+                            ctx,
+                            action.name(),
+                            &[],
+                            false,
+                            Some(&why),
+                            started_at,
+                            started.elapsed(),
+                        );
+                        appending = ledger::Appending::new(ctx, std::slice::from_ref(&r));
+                        Some(&appending)
+                    }
+                    None => None,
+                };
+                let _ = lock.release_after(ctx.session, record).await;
             }
             return Err(e);
         }
@@ -1109,9 +1129,16 @@ fn ours(ctx: &StepCtx<'_>, r: &Record) -> bool {
 /// branch), two branches with one slug (`fix/login`, `fix-login`) would share them: a deploy or
 /// stop of one would replace or remove the other's. Refused while the other is on the host's
 /// `records` and not stopped.
+/// A per-branch run refused because another branch with its slug is on the host.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct SlugClash(String);
+
 fn slug_shared(ctx: &StepCtx<'_>, action: &Action, records: &[Record]) -> anyhow::Result<()> {
     let me = ctx.deploy;
-    let mut others: BTreeMap<&str, &Record> = BTreeMap::new();
+    // Per other branch with this slug: its last record, and whether it ever deployed (one that
+    // never did, refused for this very clash say, has nothing there).
+    let mut others: BTreeMap<&str, (&Record, bool)> = BTreeMap::new();
     for r in records
         .iter()
         .filter(|r| ours(ctx, r) && r.ref_name != me.ref_name)
@@ -1122,12 +1149,17 @@ fn slug_shared(ctx: &StepCtx<'_>, action: &Action, records: &[Record]) -> anyhow
             r.ref_slug.clone()
         };
         if slug == me.ref_slug {
-            others.insert(&r.ref_name, r);
+            let good = others.get(r.ref_name.as_str()).is_some_and(|o| o.1) || r.good();
+            others.insert(&r.ref_name, (r, good));
         }
     }
-    match others.values().find(|r| !(r.action == "stop" && r.ok)) {
+    match others
+        .values()
+        .find(|(r, good)| *good && !(r.action == "stop" && r.ok))
+        .map(|(r, _)| *r)
+    {
         None => Ok(()),
-        Some(other) => anyhow::bail!(
+        Some(other) => Err(SlugClash(format!(
             "{host}: {me_ref} and {other_ref} have the same slug `{slug}`, so in environment {env} \
              they share paths and containers, and this {action} would replace or remove what \
              {other_ref} has there (its last {other_action}: release {release}). Stop it first \
@@ -1141,7 +1173,8 @@ fn slug_shared(ctx: &StepCtx<'_>, action: &Action, records: &[Record]) -> anyhow
             other_action = other.action,
             release = other.release,
             other_q = shell::quote_str(&other.ref_name),
-        ),
+        ))
+        .into()),
     }
 }
 

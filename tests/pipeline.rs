@@ -1822,6 +1822,24 @@ fn branches_with_one_slug_do_not_share_a_review_app() {
         );
         assert_eq!(page().unwrap(), "feature/a\n", "{what:?}");
     }
+    // The refused deploy and stop are this branch's failed attempts (the plan records nothing),
+    // and hold nothing against the other branch.
+    let history = run("feature-a", &["history", "--json"]).success();
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&history.stdout).unwrap();
+    let refused: Vec<&str> = rows
+        .iter()
+        .filter(|r| r["ref"] == "feature-a")
+        .map(|r| {
+            assert_eq!(r["ok"], false, "{r}");
+            r["action"].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(refused.len(), 2, "{}", history.stdout);
+    assert!(
+        refused.contains(&"deploy") && refused.contains(&"stop"),
+        "{refused:?}"
+    );
+    run("feature/a", &["deploy"]).success();
     run("feature/a", &["stop"]).success();
     assert!(page().is_err());
     run("feature-a", &["deploy"]).success();
