@@ -1290,10 +1290,7 @@ async fn run_command(ctx: &StepCtx<'_>, step: &RunStep) -> anyhow::Result<StepRe
     let mut log = lines(&out.stdout, "");
     log.extend(lines(&out.stderr, "stderr: "));
     if !out.success() {
-        let status = out.status.map_or_else(
-            || "no exit status (killed?)".to_string(),
-            |c| format!("exit code {c}"),
-        );
+        let status = out.exit();
         // The error quotes the end of stderr (else of stdout): the rest of the output goes first
         // (unless it was shown as it came).
         if !live && out.stderr.iter().any(|b| !b.is_ascii_whitespace()) {

@@ -583,6 +583,14 @@ impl Output {
         String::from_utf8_lossy(&self.stdout).into_owned()
     }
 
+    /// How it ended, in words: `exit code N`, or that no exit status came.
+    pub fn exit(&self) -> String {
+        self.status.map_or_else(
+            || "no exit status (killed?)".to_string(),
+            |c| format!("exit code {c}"),
+        )
+    }
+
     /// The last lines of stderr (or stdout), for error messages.
     pub fn tail(&self) -> String {
         let src = if self.stderr.iter().any(|b| !b.is_ascii_whitespace()) {

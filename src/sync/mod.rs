@@ -588,14 +588,6 @@ fn keep_excluded(step: &SyncStep, inv: &mut Inventory) {
     }
 }
 
-/// A remote command's exit status, in words.
-fn exit(status: Option<u32>) -> String {
-    match status {
-        Some(code) => format!("exit {code}"),
-        None => "no exit status".into(),
-    }
-}
-
 /// What a deploy must send and, in mode `in-place`, apply; with the objects the host has.
 /// `learn`: `local`'s hashes are not known yet, and the host has nothing (see [`Opened`]).
 fn plan_for(
@@ -1198,7 +1190,7 @@ where
             _ => anyhow::anyhow!(
                 "{host}: interrupted (SIGINT/SIGTERM) while deploying to {} ({}): {}",
                 paths.to,
-                exit(out.status),
+                out.exit(),
                 out.tail()
             ),
         });
@@ -1228,7 +1220,7 @@ where
         bail!(
             "{host}: deploy to {} failed ({}): {why}{}",
             paths.to,
-            exit(out.status),
+            out.exit(),
             if full {
                 format!(
                     "\n(the host's disk looks full where {} is: free some space there and deploy \
