@@ -327,8 +327,21 @@ fn connector(
             .unwrap_or_else(|| PathBuf::from("/"))
             .join(".ssh/known_hosts")
     };
-    let from_env =
-        |text: String| KnownHosts::parse(&text, "SSH_KNOWN_HOSTS".into(), default_file());
+    // (With --accept-new, keys it recorded before in the default file are trusted too: else a
+    // changed key there would pass for a new host.)
+    let from_env = |text: String| -> anyhow::Result<KnownHosts> {
+        let kh = KnownHosts::parse(&text, "SSH_KNOWN_HOSTS".into(), default_file());
+        match accept_new {
+            true => kh.with_recorded().map_err(|e| {
+                UsageError(format!(
+                    "cannot read known_hosts {}: {e}",
+                    default_file().display()
+                ))
+                .into()
+            }),
+            false => Ok(kh),
+        }
+    };
     let known_hosts = match &settings.known_hosts {
         // A file named on purpose must exist, unless --accept-new is to start it.
         KnownHostsSource::File(p) if !accept_new && !p.exists() => {
@@ -342,7 +355,7 @@ fn connector(
             .map_err(|e| UsageError(format!("cannot read known_hosts {}: {e}", p.display())))?,
         KnownHostsSource::Env => {
             match crate::ci::text_variable("SSH_KNOWN_HOSTS").map_err(UsageError)? {
-                Some(t) => from_env(t),
+                Some(t) => from_env(t)?,
                 None => {
                     return Err(UsageError(
                         "known_hosts: env is configured but SSH_KNOWN_HOSTS is not set".into(),
@@ -353,7 +366,7 @@ fn connector(
         }
         KnownHostsSource::Auto => {
             match crate::ci::text_variable("SSH_KNOWN_HOSTS").map_err(UsageError)? {
-                Some(t) => from_env(t),
+                Some(t) => from_env(t)?,
                 None => KnownHosts::from_file(&default_file()).map_err(|e| {
                     UsageError(format!(
                         "cannot read known_hosts {}: {e}",

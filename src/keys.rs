@@ -38,8 +38,8 @@ impl std::fmt::Debug for Credentials {
 pub enum KeyError {
     #[error("no SSH key: set {KEY_VAR}, pass --identity FILE, or run ssh-agent (SSH_AUTH_SOCK)")]
     NoKey,
-    #[error("{KEY_VAR} is set but empty")]
-    EmptyVar,
+    #[error("{what} is empty")]
+    Empty { what: String },
     #[error("{what} is encrypted: set {PASSPHRASE_VAR}")]
     NeedPassphrase { what: String },
     #[error("{what}: wrong passphrase in {PASSPHRASE_VAR}")]
@@ -96,28 +96,29 @@ fn from_file(path: &Path, passphrase: Option<&str>) -> Result<Credentials, KeyEr
 
 /// Decode key text as GitLab variables deliver it.
 pub fn from_text(raw: &str, passphrase: Option<&str>, what: &str) -> Result<Credentials, KeyError> {
-    let text = normalize(raw)?;
-    let decoded =
-        russh::keys::decode_secret_key(&text, passphrase).or_else(
-            |e| match pad_short_ecdsa_scalar(&text) {
-                Some(fixed) => russh::keys::decode_secret_key(&fixed, passphrase),
-                None => Err(e),
-            },
-        );
+    let text = normalize(raw, what)?;
+    let encrypted = is_encrypted(&text);
+    let decoded = match (encrypted, passphrase) {
+        (true, None) => return Err(KeyError::NeedPassphrase { what: what.into() }),
+        // (Content that does not parse once decrypted: most likely the wrong passphrase.)
+        (true, Some(pass)) if is_legacy_pem_ec(&text) => decrypt_legacy_pem_ec(&text, pass)
+            .and_then(|plain| russh::keys::decode_secret_key(&plain, None).ok())
+            .ok_or(russh::keys::Error::KeyIsCorrupt),
+        // (A passphrase set for another key is not used on one that has none.)
+        (false, _) => russh::keys::decode_secret_key(&text, None),
+        (true, pass) => russh::keys::decode_secret_key(&text, pass),
+    };
+    let decoded = decoded.or_else(|e| match pad_short_ecdsa_scalar(&text) {
+        Some(fixed) => russh::keys::decode_secret_key(&fixed, None),
+        None => Err(e),
+    });
     match decoded {
         Ok(k) => Ok(Credentials::Key(Arc::new(k))),
         Err(russh::keys::Error::KeyIsEncrypted) => {
             Err(KeyError::NeedPassphrase { what: what.into() })
         }
-        Err(e) if passphrase.is_some() && is_decrypt_failure(&e) => {
+        Err(e) if encrypted && is_decrypt_failure(&e) => {
             Err(KeyError::WrongPassphrase { what: what.into() })
-        }
-        // (An encrypted PKCS#8 key fails to parse without a passphrase, saying nothing of it.)
-        Err(_)
-            if passphrase.is_none()
-                && text.starts_with("-----BEGIN ENCRYPTED PRIVATE KEY-----") =>
-        {
-            Err(KeyError::NeedPassphrase { what: what.into() })
         }
         // The error text of the parser never contains key material, only a kind.
         Err(e) => Err(KeyError::Unreadable {
@@ -125,6 +126,74 @@ pub fn from_text(raw: &str, passphrase: Option<&str>, what: &str) -> Result<Cred
             reason: e.to_string(),
         }),
     }
+}
+
+/// Whether the key text is protected by a passphrase: an OpenSSH key with a cipher, an
+/// encrypted PKCS#8 key, or a legacy PEM key with `Proc-Type: 4,ENCRYPTED`.
+fn is_encrypted(text: &str) -> bool {
+    if text.starts_with("-----BEGIN ENCRYPTED PRIVATE KEY-----")
+        || text.lines().any(|l| l.trim() == "Proc-Type: 4,ENCRYPTED")
+    {
+        return true;
+    }
+    if text.starts_with("PuTTY-User-Key-File-") {
+        return text
+            .lines()
+            .any(|l| l.starts_with("Encryption:") && l.trim() != "Encryption: none");
+    }
+    openssh_blob(text).is_some_and(|blob| {
+        let mut r = Reader(&blob);
+        r.bytes(15).is_some() && r.string().is_some_and(|c| c != b"none")
+    })
+}
+
+/// An ECDSA key in legacy PEM, encrypted (`ssh-keygen -m PEM -N ...`): russh decrypts only RSA
+/// ones.
+fn is_legacy_pem_ec(text: &str) -> bool {
+    text.starts_with("-----BEGIN EC PRIVATE KEY-----")
+}
+
+/// The PEM text of a legacy-encrypted EC key, decrypted (OpenSSL's `DEK-Info: AES-128-CBC`, the
+/// key derived from the passphrase and the IV's first 8 bytes with one MD5 round, as OpenSSH
+/// writes it). `None`: another cipher, or a wrong passphrase (bad padding).
+fn decrypt_legacy_pem_ec(text: &str, pass: &str) -> Option<String> {
+    use aes::cipher::{BlockModeDecrypt, KeyIvInit, block_padding::Pkcs7};
+    const BEGIN: &str = "-----BEGIN EC PRIVATE KEY-----";
+    const END: &str = "-----END EC PRIVATE KEY-----";
+    let iv_hex = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("DEK-Info: AES-128-CBC,"))?;
+    let iv: [u8; 16] = hex::decode(iv_hex.trim()).ok()?.try_into().ok()?;
+    let body: String = text
+        .lines()
+        .skip(1)
+        .filter(|l| !l.contains(':') && !l.starts_with("-----") && !l.trim().is_empty())
+        .collect();
+    let data = base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .ok()?;
+    let mut c = md5::Context::new();
+    c.consume(pass.as_bytes());
+    c.consume(&iv[..8]);
+    let key = c.finalize();
+    let cipher = cbc::Decryptor::<aes::Aes128>::new_from_slices(&key.0, &iv).ok()?;
+    let mut buf = data;
+    let der = cipher.decrypt_padded::<Pkcs7>(&mut buf).ok()?;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    Some(format!("{BEGIN}\n{b64}\n{END}\n"))
+}
+
+/// The binary content of an OpenSSH private key's armour.
+fn openssh_blob(text: &str) -> Option<Vec<u8>> {
+    const BEGIN: &str = "-----BEGIN OPENSSH PRIVATE KEY-----";
+    const END: &str = "-----END OPENSSH PRIVATE KEY-----";
+    let body: String = text
+        .trim()
+        .strip_prefix(BEGIN)?
+        .strip_suffix(END)?
+        .split_whitespace()
+        .collect();
+    base64::engine::general_purpose::STANDARD.decode(body).ok()
 }
 
 /// OpenSSH stores an ECDSA private scalar as an mpint, which drops leading zero bytes: about one
@@ -135,15 +204,7 @@ pub fn from_text(raw: &str, passphrase: Option<&str>, what: &str) -> Result<Cred
 fn pad_short_ecdsa_scalar(text: &str) -> Option<String> {
     const BEGIN: &str = "-----BEGIN OPENSSH PRIVATE KEY-----";
     const END: &str = "-----END OPENSSH PRIVATE KEY-----";
-    let body: String = text
-        .trim()
-        .strip_prefix(BEGIN)?
-        .strip_suffix(END)?
-        .split_whitespace()
-        .collect();
-    let blob = base64::engine::general_purpose::STANDARD
-        .decode(body)
-        .ok()?;
+    let blob = openssh_blob(text)?;
     let mut r = Reader(&blob);
     r.bytes(15).filter(|m| *m == b"openssh-key-v1\0")?;
     let cipher = r.string()?;
@@ -234,14 +295,14 @@ fn is_decrypt_failure(e: &russh::keys::Error) -> bool {
 }
 
 /// Strip CR, trim, add the final newline, and unwrap base64 if the text is not PEM-armoured.
-fn normalize(raw: &str) -> Result<String, KeyError> {
+fn normalize(raw: &str, what: &str) -> Result<String, KeyError> {
     let mut text: String = raw
         .replace("\r\n", "\n")
         .replace('\r', "\n")
         .trim()
         .to_string();
     if text.is_empty() {
-        return Err(KeyError::EmptyVar);
+        return Err(KeyError::Empty { what: what.into() });
     }
     if !text.starts_with("-----BEGIN") && !text.starts_with("PuTTY-User-Key-File-") {
         let compact: String = text.chars().filter(|c| !c.is_whitespace()).collect();
@@ -254,9 +315,13 @@ fn normalize(raw: &str) -> Result<String, KeyError> {
         match decoded {
             Some(s) => text = s,
             None => {
+                let public = ["ssh-", "ecdsa-", "sk-"].iter().any(|p| text.starts_with(p));
                 return Err(KeyError::Unreadable {
-                    what: KEY_VAR.into(),
-                    reason: "neither PEM text nor base64 of it".into(),
+                    what: what.into(),
+                    reason: match public {
+                        true => "this is a public key: give the private one".into(),
+                        false => "neither PEM text nor base64 of it".into(),
+                    },
                 });
             }
         }
@@ -300,7 +365,48 @@ mod tests {
         assert!(!err.contains("not a key at all"), "{err}");
         assert!(matches!(
             from_text("  \r\n", None, KEY_VAR),
-            Err(KeyError::EmptyVar)
+            Err(KeyError::Empty { .. })
         ));
+    }
+
+    /// Keys as `ssh-keygen` writes them (it is at hand wherever the tests run).
+    #[test]
+    fn passphrases_and_formats_as_ssh_keygen_writes_them() {
+        let dir = std::env::temp_dir().join(format!("ferry-keys-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let keygen = |name: &str, args: &[&str]| -> String {
+            let path = dir.join(name);
+            let st = std::process::Command::new("ssh-keygen")
+                .args(args)
+                .args(["-q", "-C", "", "-f"])
+                .arg(&path)
+                .status()
+                .unwrap();
+            assert!(st.success());
+            std::fs::read_to_string(path).unwrap()
+        };
+        let load = |text: &str, pass: Option<&str>| from_text(text, pass, "the key");
+        // An encrypted legacy PEM ECDSA key (russh decrypts only RSA ones).
+        let pem_ec = keygen("ec", &["-t", "ecdsa", "-m", "PEM", "-N", "pw123secret"]);
+        assert!(matches!(load(&pem_ec, Some("pw123secret")), Ok(Credentials::Key(_))));
+        assert!(matches!(load(&pem_ec, Some("nope")), Err(KeyError::WrongPassphrase { .. })));
+        assert!(matches!(load(&pem_ec, None), Err(KeyError::NeedPassphrase { .. })));
+        let pem_rsa = keygen("rsa", &["-t", "rsa", "-b", "2048", "-m", "PEM", "-N", "pw123secret"]);
+        assert!(matches!(load(&pem_rsa, Some("pw123secret")), Ok(Credentials::Key(_))));
+        // A passphrase set for some other key: an unencrypted key loads, and a broken one is
+        // unreadable, not a wrong passphrase.
+        let plain = keygen("plain", &["-t", "ed25519", "-N", ""]);
+        assert!(matches!(load(&plain, Some("pw123secret")), Ok(Credentials::Key(_))));
+        let broken = plain.replace('\n', " ");
+        let err = load(&broken, Some("pw123secret")).unwrap_err();
+        assert!(matches!(err, KeyError::Unreadable { .. }), "{err}");
+        // A public key where the private one belongs: named as given, and said.
+        let public = std::fs::read_to_string(dir.join("plain.pub")).unwrap();
+        let err = from_text(&public, None, "id.pub").unwrap_err().to_string();
+        assert!(err.starts_with("id.pub ") && err.contains("public key"), "{err}");
+        let err = from_text("", None, "empty.key").unwrap_err().to_string();
+        assert_eq!(err, "empty.key is empty");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -91,6 +91,18 @@ impl KnownHosts {
         ))
     }
 
+    /// Also trust what `--accept-new` recorded before in [`KnownHosts::record_to`] (when the
+    /// keys came from `SSH_KNOWN_HOSTS`): a key recorded there that changed is a mismatch, not a
+    /// new host. A missing file adds nothing.
+    pub fn with_recorded(mut self) -> std::io::Result<KnownHosts> {
+        let recorded = KnownHosts::from_file(&self.record_to)?;
+        if !recorded.entries.is_empty() {
+            self.entries.extend(recorded.entries);
+            self.source = format!("{} and {}", self.source, recorded.source);
+        }
+        Ok(self)
+    }
+
     /// Check `key` for `host` on `port`. OpenSSH writes `[host]:port` for ports other than 22.
     pub fn check(&self, host: &str, port: u16, key: &PublicKey) -> Verdict {
         let name = host_key_name(host, port);
@@ -213,18 +225,41 @@ impl KnownHosts {
             "{name} {}\n",
             key.to_openssh().map_err(std::io::Error::other)?
         );
-        if let Some(dir) = self.record_to.parent() {
-            std::fs::create_dir_all(dir)?;
+        if let Some(dir) = self.record_to.parent()
+            && !dir.exists()
+        {
+            // (As OpenSSH makes `~/.ssh`: private.)
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
         }
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .read(true)
             .open(&self.record_to)?;
+        // A file whose last line has no newline would swallow ours into it.
+        if ends_without_newline(&mut f)? {
+            f.write_all(b"\n")?;
+        }
         f.write_all(line.as_bytes())?;
         f.sync_all()?;
         self.entries.extend(parse_line(&line));
         Ok(())
     }
+}
+
+fn ends_without_newline(f: &mut std::fs::File) -> std::io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    if f.metadata()?.len() == 0 {
+        return Ok(false);
+    }
+    f.seek(SeekFrom::End(-1))?;
+    let mut last = [0];
+    f.read_exact(&mut last)?;
+    Ok(last[0] != b'\n')
 }
 
 pub fn fingerprint(key: &PublicKey) -> String {
@@ -302,7 +337,8 @@ fn matches(patterns: &[Pattern], name: &str) -> bool {
                 let Ok(mut mac) = hmac::Hmac::<sha1::Sha1>::new_from_slice(salt) else {
                     continue;
                 };
-                mac.update(name.as_bytes());
+                // (OpenSSH hashes the name lowercased, as it matches plain patterns.)
+                mac.update(lower.as_bytes());
                 if mac.verify_slice(hash).is_ok() {
                     hit = true;
                 }
@@ -386,6 +422,42 @@ mod tests {
         let k = kh(&format!("|1|{salt}|{hash} {K1}\n"));
         assert_eq!(k.check("127.0.0.1", 2222, &key(K1)), Verdict::Known);
         assert_eq!(k.check("127.0.0.1", 2223, &key(K1)), Verdict::Unknown);
+        // OpenSSH hashes the name lowercased (`ssh-keyscan -H localhost`, then `ssh LocalHost`).
+        let mut mac = hmac::Hmac::<sha1::Sha1>::new_from_slice(b"0123456789abcdefghij").unwrap();
+        mac.update(b"[localhost]:2222");
+        let hash = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+        let k = kh(&format!("|1|{salt}|{hash} {K1}\n"));
+        assert_eq!(k.check("LocalHost", 2222, &key(K1)), Verdict::Known);
+    }
+
+    #[test]
+    fn recorded_keys_go_on_their_own_line_and_count_next_time() {
+        let dir = std::env::temp_dir().join(format!("ferry-kh-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let file = dir.join(".ssh/known_hosts");
+        // (Made by --accept-new: private, as OpenSSH makes it.)
+        let mut k = KnownHosts::parse("", "SSH_KNOWN_HOSTS".into(), file.clone());
+        k.record("web1", 22, &key(K1)).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join(".ssh")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        // A last line without its newline (written by hand, or by `printf '%s'`).
+        std::fs::write(&file, format!("web1 {K1} a comment")).unwrap();
+        k.record("web2", 2222, &key(K2)).unwrap();
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert_eq!(text.lines().count(), 2, "{text}");
+        let read = KnownHosts::from_file(&file).unwrap();
+        assert_eq!(read.check("web1", 22, &key(K1)), Verdict::Known);
+        assert_eq!(read.check("web2", 2222, &key(K2)), Verdict::Known);
+        // Keys from SSH_KNOWN_HOSTS, with --accept-new: what it recorded is trusted, and a
+        // changed key there is a mismatch, not a new host.
+        let env = KnownHosts::parse(&format!("web3 {K1}\n"), "SSH_KNOWN_HOSTS".into(), file);
+        let both = env.with_recorded().unwrap();
+        assert_eq!(both.check("web3", 22, &key(K1)), Verdict::Known);
+        assert_eq!(both.check("web2", 2222, &key(K2)), Verdict::Known);
+        assert!(matches!(both.check("web2", 2222, &key(K1)), Verdict::Mismatch { .. }));
+        assert!(both.source.starts_with("SSH_KNOWN_HOSTS and "));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

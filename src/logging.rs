@@ -46,27 +46,53 @@ impl std::io::Write for QuietStderr {
 }
 
 /// `spec` (an EnvFilter string) with the [`WIRE`] crates held at `debug` or less: a directive
-/// that would let one trace (`russh=trace`, a bare `russh`) is dropped, and under a global
-/// `trace` each crate no kept directive names gets `=debug` (the more specific directive wins).
+/// that would let one trace (`russh=trace`, `russh=TRACE`, `russh=5`, a bare `russh`) is
+/// dropped, and under a global `trace` each crate no kept directive names gets `=debug` (the
+/// more specific directive wins).
 fn clamped(spec: &str) -> String {
-    let wire = |d: &str| {
-        let target = d.split('=').next().unwrap_or_default().trim();
-        WIRE.into_iter()
-            .find(|w| target == *w || target.starts_with(&format!("{w}::")))
+    let is_trace = |level: &str| level.trim().eq_ignore_ascii_case("trace") || level.trim() == "5";
+    let is_level = |d: &str| {
+        ["off", "error", "warn", "info", "debug", "trace"]
+            .iter()
+            .any(|l| d.eq_ignore_ascii_case(l))
+            || matches!(d, "0" | "1" | "2" | "3" | "4" | "5")
     };
     let mut kept: Vec<String> = Vec::new();
     let mut named = Vec::new();
+    let mut global_trace = false;
     for d in spec.split(',').map(str::trim).filter(|d| !d.is_empty()) {
-        match wire(d) {
-            Some(_) if d.ends_with("=trace") || !d.contains('=') => {}
+        // `target[span{field=value}]=level`: the level follows the last `=` outside brackets.
+        let (head, level) = match d.rfind(']') {
+            Some(end) => (&d[..=end], d[end + 1..].strip_prefix('=')),
+            None => match d.rsplit_once('=') {
+                Some((t, l)) => (t, Some(l)),
+                None if is_level(d) => ("", Some(d)),
+                None => (d, None),
+            },
+        };
+        let target = head.split('[').next().unwrap_or_default().trim();
+        let wire = WIRE
+            .into_iter()
+            .find(|w| target == *w || target.starts_with(&format!("{w}::")));
+        let trace = level.is_none_or(is_trace);
+        match wire {
+            Some(_) if trace => {}
             Some(w) => {
                 named.push(w);
                 kept.push(d.to_string());
             }
-            None => kept.push(d.to_string()),
+            // (A span filter for every target enables within its spans whatever crates log
+            // there, over any per-crate directive: at most debug.)
+            None if target.is_empty() && trace && head.contains('[') => {
+                kept.push(format!("{head}=debug"));
+            }
+            None => {
+                global_trace |= target.is_empty() && trace;
+                kept.push(d.to_string());
+            }
         }
     }
-    if kept.iter().any(|d| d.eq_ignore_ascii_case("trace")) {
+    if global_trace {
         for w in WIRE.into_iter().filter(|w| !named.contains(w)) {
             kept.push(format!("{w}=debug"));
         }
@@ -89,6 +115,21 @@ mod tests {
         assert_eq!(
             clamped("russh::keys=trace,trace"),
             "trace,ureq=debug,ureq_proto=debug,russh=debug"
+        );
+        // Levels in any case, as numbers, and after span filters.
+        assert_eq!(clamped("ureq=TRACE,ureq_proto=Trace,russh=5"), "");
+        assert_eq!(
+            clamped("5"),
+            "5,ureq=debug,ureq_proto=debug,russh=debug"
+        );
+        assert_eq!(
+            clamped("TRACE,russh=4"),
+            "TRACE,russh=4,ureq=debug,ureq_proto=debug"
+        );
+        assert_eq!(clamped("russh[conn{id=1}]=trace,ferry=debug"), "ferry=debug");
+        assert_eq!(
+            clamped("[host]=trace,ferry[host]=trace"),
+            "[host]=debug,ferry[host]=trace"
         );
     }
 }

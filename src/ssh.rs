@@ -73,9 +73,10 @@ pub struct Connector {
 /// Failures callers branch on (retry, exit code, message with the fix).
 #[derive(Debug, thiserror::Error)]
 pub enum SshError {
-    #[error("{host}: cannot connect")]
+    #[error("{host}: cannot connect to port {port} (is sshd listening there? check the address and port)")]
     Connect {
         host: String,
+        port: u16,
         source: std::io::Error,
     },
     #[error(
@@ -101,7 +102,7 @@ pub enum SshError {
     },
     #[error(
         "{host}: unknown host key {presented} (port {port}, not in {file}). \
-         Add it to SSH_KNOWN_HOSTS (ssh-keyscan -p {port} {host}), or pass --accept-new to trust and record it"
+         Add it to {file} (ssh-keyscan -p {port} {host}, then check the fingerprint), or pass --accept-new to trust and record it"
     )]
     HostKeyUnknown {
         host: String,
@@ -378,6 +379,7 @@ impl Connector {
                     .await
                     .map_err(|source| SshError::Connect {
                         host: host.clone(),
+                        port: target.port,
                         source,
                     })?;
                 let _ = tcp.set_nodelay(true);
@@ -395,6 +397,7 @@ impl Connector {
                     .await
                     .map_err(|e| SshError::Connect {
                         host: host.clone(),
+                        port: target.port,
                         source: std::io::Error::other(format!(
                             "through {}: {e}",
                             bastion.target.host
@@ -463,18 +466,32 @@ impl Connector {
                     .request_identities()
                     .await
                     .map_err(|e| agent_err(&e))?;
+                if ids.is_empty() {
+                    return Err(agent_err(
+                        &"it holds no keys: add one (ssh-add KEY), or set SSH_PRIVATE_KEY",
+                    ));
+                }
                 let mut ok = false;
-                for id in &ids {
+                for (tried, id) in ids.iter().enumerate() {
                     let key = id.public_key().into_owned();
+                    // (A host that refused `tried` keys may close the connection: sshd's
+                    // MaxAuthTries, 6 by default.)
+                    let cut = |e: &dyn std::fmt::Display| match tried {
+                        0 => agent_err(e),
+                        _ => agent_err(&format!(
+                            "the host closed the connection after refusing {tried} of its {} keys                              (sshd's MaxAuthTries): name the key to use with --identity FILE or                              SSH_PRIVATE_KEY, or load fewer keys into the agent",
+                            ids.len()
+                        )),
+                    };
                     let hash = handle
                         .best_supported_rsa_hash()
                         .await
-                        .map_err(proto)?
+                        .map_err(|e| cut(&e))?
                         .flatten();
                     let r = handle
                         .authenticate_publickey_with(&target.user, key, hash, &mut agent)
                         .await
-                        .map_err(|e| agent_err(&e))?;
+                        .map_err(|e| cut(&e))?;
                     if r.success() {
                         ok = true;
                         break;
