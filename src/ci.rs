@@ -21,6 +21,34 @@ pub struct DeployContext {
     pub user: String,
 }
 
+/// Why git would refuse `name` as a branch or tag name (`git check-ref-format --branch`), if so.
+pub fn ref_problem(name: &str) -> Option<&'static str> {
+    Some(if name.is_empty() {
+        "it is empty"
+    } else if name.chars().any(|c| c.is_control()) {
+        "it holds control characters (newline, escape, ...)"
+    } else if name.starts_with('-') {
+        "it starts with `-`"
+    } else if name.contains("..") {
+        "it holds `..`"
+    } else if name.chars().any(|c| " ~^:?*[\\".contains(c)) {
+        "it holds a space or one of ~ ^ : ? * [ \\"
+    } else if name.contains("@{") || name == "@" {
+        "it holds `@{` or is `@`"
+    } else if name.starts_with('/') || name.ends_with('/') || name.contains("//") {
+        "it has an empty part between slashes"
+    } else if name.ends_with('.') {
+        "it ends with `.`"
+    } else if name
+        .split('/')
+        .any(|c| c.starts_with('.') || c.ends_with(".lock"))
+    {
+        "a part between slashes starts with `.` or ends with `.lock`"
+    } else {
+        return None;
+    })
+}
+
 impl DeployContext {
     /// Read from the environment: explicit flags win, then GitLab CI variables, then git. A run
     /// that ships no commit of its own (`ships_commit` false: a rollback goes to a commit from the
@@ -44,11 +72,12 @@ impl DeployContext {
                 ),
             },
         };
-        // Git refuses these in ref names; here they would reach tables, logs and the ledger.
-        if ref_name.is_empty() || ref_name.chars().any(|c| c.is_control()) {
+        // What git refuses in a branch or tag name, ferry refuses too: it reaches paths, shell
+        // words, tables, logs and the ledger (a leading `-` reads as an option, `..` climbs).
+        if let Some(why) = ref_problem(&ref_name) {
             anyhow::bail!(
-                "ref {ref_name:?} is empty or holds control characters (newline, escape, ...), \
-                 which no git branch or tag has; pass the branch or tag name"
+                "ref {ref_name:?} is not a name git gives a branch or tag: {why}; pass the branch \
+                 or tag name"
             );
         }
         let sha = match sha_flag
@@ -192,4 +221,51 @@ pub fn controller_host() -> String {
         .filter(|s| !s.is_empty())
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ref_problem;
+
+    #[test]
+    fn refs_git_would_refuse_are_refused() {
+        for ok in [
+            "main",
+            "release-1.2",
+            "feature/äöü-ünïcode",
+            "release-$(touch${IFS}/tmp/x)",
+            "x;reboot",
+            "v1.0.0+build",
+        ] {
+            assert_eq!(ref_problem(ok), None, "{ok}");
+        }
+        for bad in [
+            "",
+            "--version",
+            "-x",
+            "../../etc",
+            "a..b",
+            "with space",
+            "a:b",
+            "a~1",
+            "a^",
+            "a?",
+            "a*",
+            "a[b",
+            "a\\b",
+            "a@{1}",
+            "@",
+            "/a",
+            "a/",
+            "a//b",
+            "a.",
+            ".hidden",
+            "a/.b",
+            "x.lock",
+            "a/b.lock/c",
+            "line\nbreak",
+        ] {
+            assert!(ref_problem(bad).is_some(), "{bad:?}");
+        }
+    }
 }

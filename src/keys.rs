@@ -315,7 +315,9 @@ fn normalize(raw: &str, what: &str) -> Result<String, KeyError> {
         match decoded {
             Some(s) => text = s,
             None => {
-                let public = ["ssh-", "ecdsa-", "sk-"].iter().any(|p| text.starts_with(p));
+                let public = ["ssh-", "ecdsa-", "sk-"]
+                    .iter()
+                    .any(|p| text.starts_with(p));
                 return Err(KeyError::Unreadable {
                     what: what.into(),
                     reason: match public {
@@ -389,22 +391,43 @@ mod tests {
         let load = |text: &str, pass: Option<&str>| from_text(text, pass, "the key");
         // An encrypted legacy PEM ECDSA key (russh decrypts only RSA ones).
         let pem_ec = keygen("ec", &["-t", "ecdsa", "-m", "PEM", "-N", "pw123secret"]);
-        assert!(matches!(load(&pem_ec, Some("pw123secret")), Ok(Credentials::Key(_))));
-        assert!(matches!(load(&pem_ec, Some("nope")), Err(KeyError::WrongPassphrase { .. })));
-        assert!(matches!(load(&pem_ec, None), Err(KeyError::NeedPassphrase { .. })));
-        let pem_rsa = keygen("rsa", &["-t", "rsa", "-b", "2048", "-m", "PEM", "-N", "pw123secret"]);
-        assert!(matches!(load(&pem_rsa, Some("pw123secret")), Ok(Credentials::Key(_))));
+        assert!(matches!(
+            load(&pem_ec, Some("pw123secret")),
+            Ok(Credentials::Key(_))
+        ));
+        assert!(matches!(
+            load(&pem_ec, Some("nope")),
+            Err(KeyError::WrongPassphrase { .. })
+        ));
+        assert!(matches!(
+            load(&pem_ec, None),
+            Err(KeyError::NeedPassphrase { .. })
+        ));
+        let pem_rsa = keygen(
+            "rsa",
+            &["-t", "rsa", "-b", "2048", "-m", "PEM", "-N", "pw123secret"],
+        );
+        assert!(matches!(
+            load(&pem_rsa, Some("pw123secret")),
+            Ok(Credentials::Key(_))
+        ));
         // A passphrase set for some other key: an unencrypted key loads, and a broken one is
         // unreadable, not a wrong passphrase.
         let plain = keygen("plain", &["-t", "ed25519", "-N", ""]);
-        assert!(matches!(load(&plain, Some("pw123secret")), Ok(Credentials::Key(_))));
+        assert!(matches!(
+            load(&plain, Some("pw123secret")),
+            Ok(Credentials::Key(_))
+        ));
         let broken = plain.replace('\n', " ");
         let err = load(&broken, Some("pw123secret")).unwrap_err();
         assert!(matches!(err, KeyError::Unreadable { .. }), "{err}");
         // A public key where the private one belongs: named as given, and said.
         let public = std::fs::read_to_string(dir.join("plain.pub")).unwrap();
         let err = from_text(&public, None, "id.pub").unwrap_err().to_string();
-        assert!(err.starts_with("id.pub ") && err.contains("public key"), "{err}");
+        assert!(
+            err.starts_with("id.pub ") && err.contains("public key"),
+            "{err}"
+        );
         let err = from_text("", None, "empty.key").unwrap_err().to_string();
         assert_eq!(err, "empty.key is empty");
         std::fs::remove_dir_all(&dir).unwrap();

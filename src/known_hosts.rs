@@ -439,7 +439,10 @@ mod tests {
         let mut k = KnownHosts::parse("", "SSH_KNOWN_HOSTS".into(), file.clone());
         k.record("web1", 22, &key(K1)).unwrap();
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.join(".ssh")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.join(".ssh"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o700);
         // A last line without its newline (written by hand, or by `printf '%s'`).
         std::fs::write(&file, format!("web1 {K1} a comment")).unwrap();
@@ -455,7 +458,10 @@ mod tests {
         let both = env.with_recorded().unwrap();
         assert_eq!(both.check("web3", 22, &key(K1)), Verdict::Known);
         assert_eq!(both.check("web2", 2222, &key(K2)), Verdict::Known);
-        assert!(matches!(both.check("web2", 2222, &key(K1)), Verdict::Mismatch { .. }));
+        assert!(matches!(
+            both.check("web2", 2222, &key(K1)),
+            Verdict::Mismatch { .. }
+        ));
         assert!(both.source.starts_with("SSH_KNOWN_HOSTS and "));
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -118,15 +118,15 @@ mod tests {
         );
         // Levels in any case, as numbers, and after span filters.
         assert_eq!(clamped("ureq=TRACE,ureq_proto=Trace,russh=5"), "");
-        assert_eq!(
-            clamped("5"),
-            "5,ureq=debug,ureq_proto=debug,russh=debug"
-        );
+        assert_eq!(clamped("5"), "5,ureq=debug,ureq_proto=debug,russh=debug");
         assert_eq!(
             clamped("TRACE,russh=4"),
             "TRACE,russh=4,ureq=debug,ureq_proto=debug"
         );
-        assert_eq!(clamped("russh[conn{id=1}]=trace,ferry=debug"), "ferry=debug");
+        assert_eq!(
+            clamped("russh[conn{id=1}]=trace,ferry=debug"),
+            "ferry=debug"
+        );
         assert_eq!(
             clamped("[host]=trace,ferry[host]=trace"),
             "[host]=debug,ferry[host]=trace"

@@ -73,7 +73,9 @@ pub struct Connector {
 /// Failures callers branch on (retry, exit code, message with the fix).
 #[derive(Debug, thiserror::Error)]
 pub enum SshError {
-    #[error("{host}: cannot connect to port {port} (is sshd listening there? check the address and port)")]
+    #[error(
+        "{host}: cannot connect to port {port} (is sshd listening there? check the address and port)"
+    )]
     Connect {
         host: String,
         port: u16,

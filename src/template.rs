@@ -242,10 +242,10 @@ mod tests {
     #[test]
     fn slugs_of_hostile_refs() {
         assert_eq!(
-            slug("release-$(touch /tmp/pwned)"),
-            "release---touch--tmp-pwned"
+            slug("release-$(touch${IFS}/tmp/pwned)"),
+            "release---touch--ifs--tmp-pwned"
         );
-        assert_eq!(slug("feature/äöü spaces"), "feature-----spaces");
+        assert_eq!(slug("feature/äöü-ünïcode"), "feature------n-code");
         assert_eq!(slug(&"x".repeat(200)).len(), 63);
         assert_eq!(slug("---"), "ref");
         assert_eq!(slug("Release-1.2"), "release-1-2");

@@ -898,16 +898,29 @@ fn per_host_values_are_checked_before_any_host_is_touched() {
 }
 
 #[test]
-fn a_ref_with_control_characters_is_refused() {
+fn a_ref_git_would_refuse_is_refused() {
     let dir = TempDir::new("ctlref");
     let pb = env_pb(&dir, &["root@127.0.0.1:1".into()]);
-    for r in ["release-\u{1b}[31mred", "release-1\nrelease-2", ""] {
+    for (r, why) in [
+        ("release-\u{1b}[31mred", "control characters"),
+        ("release-1\nrelease-2", "control characters"),
+        ("", "it is empty"),
+        ("--version", "starts with `-`"),
+        ("../../etc", "`..`"),
+        ("feature/with space", "a space"),
+    ] {
         let run = Ferry::new()
-            .args(["deploy", "--env", "test", "--sha", "abc123", "--ref", r])
+            .args(["deploy", "--env", "test", "--sha", "abc123"])
+            .arg(format!("--ref={r}"))
             .arg(&pb)
             .run()
             .failure(2);
-        assert!(run.stderr.contains("control characters"), "{}", run.stderr);
+        assert!(
+            run.stderr.contains("not a name git gives a branch or tag"),
+            "{}",
+            run.stderr
+        );
+        assert!(run.stderr.contains(why), "{}", run.stderr);
         assert!(!run.stderr.contains('\u{1b}'), "{}", run.stderr);
     }
 }

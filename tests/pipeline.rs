@@ -621,7 +621,7 @@ fn unlock_removes_a_lock_and_says_whose_it_was() {
     let records = ledger(&Path::new(&root).join(".ferry"));
     assert_eq!(records.len(), 1, "{records:?}");
     assert_eq!(records[0]["action"], "interrupted");
-    assert_eq!(records[0]["ref"], "feature/äöü spaces");
+    assert_eq!(records[0]["ref"], "feature/äöü-ünïcode");
     assert_eq!(records[0]["pipeline_id"], "55");
     assert_eq!(records[0]["ok"], false);
     let why = records[0]["error"].as_str().unwrap();
@@ -667,8 +667,8 @@ fn hostile_branch_names_are_safe_in_paths_locks_ledger_status_and_stop() {
     );
     let long = format!("feature/{}", "x".repeat(192));
     let refs = [
-        "release-$(touch /tmp/pwned)".to_string(),
-        "feature/äöü spaces".to_string(),
+        "release-$(touch${IFS}/tmp/pwned)".to_string(),
+        "feature/äöü-ünïcode".to_string(),
         long.clone(),
     ];
     for (i, r) in refs.iter().enumerate() {
@@ -680,8 +680,8 @@ fn hostile_branch_names_are_safe_in_paths_locks_ledger_status_and_stop() {
     }
     assert!(!pwned.exists(), "a branch name was run as a command");
     for (r, slug) in [
-        (&refs[0], "release---touch--tmp-pwned".to_string()),
-        (&refs[1], "feature-----spaces".to_string()),
+        (&refs[0], "release---touch--ifs--tmp-pwned".to_string()),
+        (&refs[1], "feature------n-code".to_string()),
         (&refs[2], format!("feature-{}", "x".repeat(55))),
     ] {
         let f = Path::new(&root).join(&slug).join("ref");
@@ -715,12 +715,12 @@ fn hostile_branch_names_are_safe_in_paths_locks_ledger_status_and_stop() {
         .run()
         .success();
     assert!(
-        text.stdout.contains("'release-$(touch /tmp/pwned)'"),
+        text.stdout.contains("'release-$(touch${IFS}/tmp/pwned)'"),
         "{}",
         text.stdout
     );
     assert!(
-        text.stdout.contains("'feature/äöü spaces'"),
+        text.stdout.contains("'feature/äöü-ünïcode'"),
         "{}",
         text.stdout
     );
@@ -730,11 +730,11 @@ fn hostile_branch_names_are_safe_in_paths_locks_ledger_status_and_stop() {
     Ferry::new()
         .trusting(&[&host])
         .current_dir(dir.path())
-        .args(["stop", "--env", "test", "--ref", "feature/äöü spaces"])
+        .args(["stop", "--env", "test", "--ref", "feature/äöü-ünïcode"])
         .arg(&p)
         .run()
         .success();
-    assert!(!Path::new(&root).join("feature-----spaces").exists());
+    assert!(!Path::new(&root).join("feature------n-code").exists());
     // As a GitLab on_stop job runs it: only CI variables, the environment from the ref's rule.
     ci(&[&host], &long, SHA, "411")
         .arg("stop")
@@ -746,10 +746,14 @@ fn hostile_branch_names_are_safe_in_paths_locks_ledger_status_and_stop() {
             .join(format!("feature-{}", "x".repeat(55)))
             .exists()
     );
-    assert!(Path::new(&root).join("release---touch--tmp-pwned").exists());
+    assert!(
+        Path::new(&root)
+            .join("release---touch--ifs--tmp-pwned")
+            .exists()
+    );
     let one = Ferry::new()
         .trusting(&[&host])
-        .args(["status", "--json", "--ref", "feature/äöü spaces"])
+        .args(["status", "--json", "--ref", "feature/äöü-ünïcode"])
         .arg(&p)
         .run()
         .success();
@@ -772,7 +776,7 @@ fn hostile_branch_names_are_safe_in_paths_locks_ledger_status_and_stop() {
         history.stdout
     );
     assert!(
-        lines[2].contains("stop") && lines[2].contains("'feature/äöü spaces'"),
+        lines[2].contains("stop") && lines[2].contains("'feature/äöü-ünïcode'"),
         "{}",
         history.stdout
     );
@@ -794,7 +798,7 @@ fn a_hostile_ref_never_becomes_shell_code() {
     let dir = TempDir::new("hostile-run");
     let root = open_root(&dir);
     let pwned = dir.join("pwned");
-    let hostile = format!("release-1;touch {}", pwned.display());
+    let hostile = format!("release-1;touch${{IFS}}{}", pwned.display());
     let steps = format!(
         "      - run: {{ command: [sh, -c, 'printf %s \"$1\" > \"$0\"', \"{root}/argv\", \"${{ref}}\"] }}\n      \
          - run: {{ command: \"echo '${{ref}}' > {root}/string\" }}\n"
