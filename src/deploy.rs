@@ -154,7 +154,7 @@ pub async fn cli_deploy(
     for setup in &setups {
         reports.extend(run_env(setup, &ctx, &steps_of(setup), opts, Action::Deploy).await?);
     }
-    finish(g, &reports)
+    finish(g, opts.plan, &reports)
 }
 
 /// `ferry rollback`.
@@ -184,7 +184,7 @@ pub async fn cli_rollback(
         Action::Rollback(to.map(str::to_string), Default::default()),
     )
     .await?;
-    finish(g, &reports)
+    finish(g, opts.plan, &reports)
 }
 
 /// `ferry stop`: run the environment's `on_stop` steps for a ref. Without `--env`, the ref's rule
@@ -224,7 +224,7 @@ pub async fn cli_stop(
         let steps = pb.environments[&setup.env].on_stop.clone();
         reports.extend(run_env(setup, &ctx, &steps, opts, Action::Stop).await?);
     }
-    finish(g, &reports)
+    finish(g, opts.plan, &reports)
 }
 
 /// The steps a preflight checks: those of the environment's `steps` that will run, or its
@@ -855,10 +855,11 @@ async fn run_steps(
         };
         match result {
             Ok(Some(r)) => {
-                for line in &r.log {
+                // (A plan is the run's result: printed on stdout at the end, see `finish`.)
+                for line in r.log.iter().filter(|_| !ctx.plan) {
                     section.line(ctx.progress, &format!("{}: {line}", ctx.host.name()));
                 }
-                if !ctx.style.json {
+                if !ctx.style.json && !ctx.plan {
                     section.line(
                         ctx.progress,
                         &format!("{}: {}: {}", ctx.host.name(), step.kind(), r.summary),
@@ -1320,10 +1321,20 @@ async fn run_command(ctx: &StepCtx<'_>, step: &RunStep) -> anyhow::Result<StepRe
 }
 
 /// Print the per-host summary and choose the exit code.
-fn finish(g: &Global, reports: &[HostReport]) -> anyhow::Result<i32> {
+fn finish(g: &Global, plan: bool, reports: &[HostReport]) -> anyhow::Result<i32> {
     if g.json {
         crate::outln!("{}", serde_json::to_string_pretty(reports)?);
     } else {
+        if plan {
+            for r in reports {
+                for s in &r.steps {
+                    for line in &s.log {
+                        crate::outln!("{}: {line}", r.host);
+                    }
+                    crate::outln!("{}: {}: {}", r.host, s.step, s.summary);
+                }
+            }
+        }
         let rows: Vec<Vec<String>> = reports
             .iter()
             .map(|r| {

@@ -444,13 +444,18 @@ fn sync_plan_lists_changes_and_changes_nothing() {
     let releases = std::fs::read_dir(site.root().join(".app.ferry/releases")).unwrap();
     assert_eq!(releases.count(), 1, "plan made no release");
     let text = site.ferry("sync", &sha(2)).arg("--plan").run().success();
-    assert!(text.stderr.contains("+ c.txt"), "{}", text.stderr);
+    assert!(text.stdout.contains("+ c.txt"), "{}", text.stdout);
     assert!(
-        text.stderr.contains("+ odd\\\\name\\n.txt\n"),
+        text.stdout.contains("+ odd\\\\name\\n.txt\n"),
         "{}",
+        text.stdout
+    );
+    assert!(text.stdout.contains("would deploy"), "{}", text.stdout);
+    assert!(
+        !text.stderr.contains("would deploy"),
+        "the plan is the result: {}",
         text.stderr
     );
-    assert!(text.stderr.contains("would deploy"), "{}", text.stderr);
 }
 
 /// `--plan` also lists what a deploy repairs of what changed by hand on the host (files put back,
@@ -486,12 +491,12 @@ fn sync_plan_lists_the_repairs_of_hand_changes() {
         );
         let text = site.ferry("deploy", &sha(1)).arg("--plan").run().success();
         assert!(
-            text.stderr.contains("- hand.txt (on the host only)"),
+            text.stdout.contains("- hand.txt (on the host only)"),
             "{mode}: {}",
-            text.stderr
+            text.stdout
         );
         assert!(
-            text.stderr
+            text.stdout
                 .contains("repairs 2 path(s) changed by hand (1 put back, 1 deleted)"),
             "{mode}: {}",
             text.all()
