@@ -159,14 +159,10 @@ pub fn resolve(
             let mut vars = base.clone();
             vars.extend(fixed.clone());
             for layer in [&pb.vars, &env.vars, &entry.vars] {
-                for (k, v) in layer {
-                    if fixed.iter().any(|(f, _)| f == k) {
-                        bail!("variable `{k}` is set by ferry; give yours another name");
-                    }
-                    let value =
-                        template::expand(v, &vars).with_context(|| format!("variable `{k}`"))?;
-                    vars.insert(k.clone(), value);
+                if let Some(k) = layer.keys().find(|k| fixed.iter().any(|(f, _)| f == *k)) {
+                    bail!("variable `{k}` is set by ferry; give yours another name");
                 }
+                expand_layer(layer, &mut vars)?;
             }
             Ok(vars)
         };
@@ -286,6 +282,46 @@ fn default_user() -> String {
     std::env::var("USER").unwrap_or_else(|_| "root".into())
 }
 
+/// Expand one layer of `vars` into `vars`. A value may use the layers below and the other values
+/// of its own layer, whatever their order (each waits for those it names; its own name is the
+/// layer below's value); values that name each other in a circle are an error.
+fn expand_layer(
+    layer: &std::collections::BTreeMap<String, String>,
+    vars: &mut Vars,
+) -> anyhow::Result<()> {
+    let mut pending: Vec<(&String, &String)> = layer.iter().collect();
+    let mut done = std::collections::HashSet::new();
+    while !pending.is_empty() {
+        let before = pending.len();
+        let mut waiting = Vec::new();
+        for (k, v) in pending {
+            let mut known = vars.clone();
+            known.retain(|w, _| w == k || done.contains(w) || !layer.contains_key(w));
+            match template::expand(v, &known) {
+                Ok(value) => {
+                    vars.insert(k.clone(), value);
+                    done.insert(k.clone());
+                }
+                Err(template::TemplateError::Unknown { name, .. })
+                    if name != *k && layer.contains_key(&name) && !done.contains(&name) =>
+                {
+                    waiting.push((k, v));
+                }
+                Err(e) => return Err(anyhow::Error::new(e).context(format!("variable `{k}`"))),
+            }
+        }
+        if waiting.len() == before {
+            let names: Vec<String> = waiting.iter().map(|(k, _)| format!("`{k}`")).collect();
+            bail!(
+                "variables {} use each other in a circle: one of them must not name the others",
+                names.join(", ")
+            );
+        }
+        pending = waiting;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,6 +370,30 @@ mod tests {
             ("jump", "bastion", 2022)
         );
         assert_eq!(hosts[0].docker, vec!["docker"]);
+    }
+
+    #[test]
+    fn variables_use_each_other_in_any_order() {
+        let pb = playbook::parse(
+            "app: shop\nvars: { zone: eu, app_dir: '/srv/${zone}/${b}', b: '${a}x', a: '1' }\nenvironments:\n  prod:\n    vars: { zone: us, dir: '${zone}-${app_dir}' }\n    hosts: [web1]\n  loop:\n    vars: { p: '${q}', q: '${p}' }\n    hosts: [web1]\n  self:\n    vars: { zone: '${zone}-2', z: '${zone}' }\n    hosts: [web1]\n",
+            Path::new("pb.yml"),
+        )
+        .unwrap();
+        let (_, hosts) = resolve(&pb, "prod", &Vars::new(), &Overrides::default()).unwrap();
+        let v = &hosts[0].vars;
+        assert_eq!(v["app_dir"], "/srv/eu/1x");
+        // A layer's values use its own names first; its own name is the layer below's.
+        assert_eq!(v["dir"], "us-/srv/eu/1x");
+        let (_, hosts) = resolve(&pb, "self", &Vars::new(), &Overrides::default()).unwrap();
+        assert_eq!(
+            (&hosts[0].vars["zone"][..], &hosts[0].vars["z"][..]),
+            ("eu-2", "eu-2")
+        );
+        let e = resolve(&pb, "loop", &Vars::new(), &Overrides::default()).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("`p`, `q` use each other in a circle"),
+            "{e:#}"
+        );
     }
 
     #[test]
