@@ -91,7 +91,7 @@ pub struct RefArgs {
     #[arg(long = "ref", value_name = "REF")]
     pub ref_name: Option<String>,
     /// With --ref: the ref is a tag
-    #[arg(long)]
+    #[arg(long, requires = "ref_name")]
     pub tag: bool,
     /// The commit (default: CI_COMMIT_SHA, then git)
     #[arg(long)]

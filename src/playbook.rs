@@ -714,11 +714,18 @@ fn opt_argv<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::E
     )
 }
 
+/// The longest duration a playbook or flag may give (ten years): longer ones are typing errors.
+const MAX_DURATION: Duration = Duration::from_secs(3650 * 86400);
+
 /// Parse `90s`, `5m`, `1h30m`, `250ms` or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     if let Ok(secs) = s.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
+        return Some(Duration::from_secs(secs))
+            .filter(|t| *t <= MAX_DURATION)
+            .ok_or_else(|| {
+                format!("duration `{s}` is longer than ferry waits for anything (3650d)")
+            });
     }
     let mut total = Duration::ZERO;
     let mut rest = s;
@@ -743,18 +750,24 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             .unwrap_or(rest.len());
         let unit = &rest[..unit_len];
         rest = &rest[unit_len..];
-        total += match unit {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n * 60),
-            "h" => Duration::from_secs(n * 3600),
-            "d" => Duration::from_secs(n * 86400),
+        let part = match unit {
+            "ms" => Some(Duration::from_millis(n)),
+            "s" => Some(Duration::from_secs(n)),
+            "m" => n.checked_mul(60).map(Duration::from_secs),
+            "h" => n.checked_mul(3600).map(Duration::from_secs),
+            "d" => n.checked_mul(86400).map(Duration::from_secs),
             _ => {
                 return Err(format!(
                     "invalid duration `{s}`: unknown unit `{unit}` (use ms, s, m, h, d)"
                 ));
             }
         };
+        total = part
+            .and_then(|p| total.checked_add(p))
+            .filter(|t| *t <= MAX_DURATION)
+            .ok_or_else(|| {
+                format!("duration `{s}` is longer than ferry waits for anything (3650d)")
+            })?;
     }
     Ok(total)
 }
@@ -1219,6 +1232,12 @@ fn validate(pb: &Playbook) -> Result<(), Invalid> {
             );
         }
         for (j, e) in rule.deploy.iter().enumerate() {
+            if rule.deploy[..j].contains(e) {
+                return fail(
+                    here(&[key("deploy"), Seg::Index(j)]),
+                    format!("rule deploys to `{e}` twice (it would run twice)"),
+                );
+            }
             if !pb.environments.contains_key(e) {
                 return fail(
                     here(&[key("deploy"), Seg::Index(j)]),
@@ -1581,6 +1600,10 @@ mod tests {
                 "pb.yml:7:23: rule deploys to `prod`",
             ),
             (
+                rules("  - tag: 'v*'\n    deploy: [staging, staging]\n"),
+                "pb.yml:7:23: rule deploys to `staging` twice",
+            ),
+            (
                 "app: a\nenvironments:\n  e:\n    hosts: []\n".into(),
                 "pb.yml:4:12: environment `e` has no hosts",
             ),
@@ -1632,6 +1655,17 @@ mod tests {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("12").unwrap(), Duration::from_secs(12));
         assert!(parse_duration("5x").is_err());
+        // Too long to mean anything, or to add to a clock without overflowing: refused.
+        for long in [
+            "18446744073709551615s1s",
+            "213503982334602d",
+            "3651d",
+            "315360001",
+        ] {
+            let e = parse_duration(long).unwrap_err();
+            assert!(e.contains("longer than ferry waits"), "{long}: {e}");
+        }
+        assert_eq!(parse_duration("3650d").unwrap(), MAX_DURATION);
     }
 
     #[test]
