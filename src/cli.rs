@@ -271,8 +271,8 @@ impl Setup {
             limit: global.limit.clone(),
         };
         let base = ctx.map(DeployContext::vars).unwrap_or_default();
-        let (settings, hosts) =
-            inventory::resolve(&pb, env, &base, &ov).map_err(|e| UsageError(format!("{e:#}")))?;
+        let (settings, hosts) = inventory::resolve(&pb, env, &base, &ov)
+            .map_err(|e| UsageError(located_in_env(&pb, env, &e)))?;
         let connector = connector(&settings, &ov, global.accept_new)?;
         Ok(Setup {
             playbook: pb,
@@ -282,6 +282,19 @@ impl Setup {
             connector,
             style: Style::detect(global.json),
         })
+    }
+}
+
+/// `e` (an error found as environment `env`'s hosts were resolved, or in its `url:`), prefixed
+/// with `file:line:column` when a template at fault in it can be found there.
+pub fn located_in_env(pb: &Playbook, env: &str, e: &anyhow::Error) -> String {
+    let needle = e
+        .chain()
+        .find_map(|c| c.downcast_ref::<crate::template::TemplateError>())
+        .map(crate::template::TemplateError::needle);
+    match needle.and_then(|n| crate::playbook::locate_in_env(&pb.path, env, &n)) {
+        Some((l, c)) => format!("{}:{l}:{c}: {e:#}", pb.path.display()),
+        None => format!("{e:#}"),
     }
 }
 

@@ -264,32 +264,34 @@ fn preflight(setup: &Setup, section: Checked, plan: bool, rollback: bool) -> any
     let check = |host: &Host, step: &Step| -> anyhow::Result<Option<String>> {
         match step {
             Step::Sync(s) => {
-                let to = sync::target_paths(host, &s.to)?.to;
+                let to = sync::target_paths(host, &s.to)
+                    .map_err(|e| at_field(e, "to:"))?
+                    .to;
                 // (A rollback reads no `from`.)
                 if !rollback {
                     let from = host.expand(&s.from)?;
                     let path = std::path::Path::new(&from);
-                    if path.exists() && !path.is_dir() {
-                        anyhow::bail!(
-                            "{}: sync from `{from}`: that is a file, not a directory; `from:` names \
-                             the directory whose contents are shipped (its parent, say)",
-                            host.name()
-                        );
+                    let problem = if path.exists() && !path.is_dir() {
+                        "that is a file, not a directory; `from:` names the directory whose \
+                         contents are shipped (its parent, say)"
+                    } else if !path.is_dir() {
+                        "no such directory here; build it first, or fix `from:` (a relative path \
+                         is read from the directory ferry runs in)"
+                    } else {
+                        return Ok(Some(to));
+                    };
+                    return Err(FieldError {
+                        field: "from:",
+                        msg: format!("{}: sync from `{from}`: {problem}", host.name()),
                     }
-                    if !path.is_dir() {
-                        anyhow::bail!(
-                            "{}: sync from `{from}`: no such directory here; build it first, or fix \
-                             `from:` (a relative path is read from the directory ferry runs in)",
-                            host.name()
-                        );
-                    }
+                    .into());
                 }
                 return Ok(Some(to));
             }
             // (Nor runs any `run` step.)
             Step::Run(_) if rollback => {}
             Step::SyncRemove(s) => {
-                sync::target_paths(host, &s.to)?;
+                sync::target_paths(host, &s.to).map_err(|e| at_field(e, "to:"))?;
             }
             Step::Container(c) | Step::Accessory(c) => {
                 docker::resolve(host, c)?;
@@ -347,6 +349,9 @@ fn preflight(setup: &Setup, section: Checked, plan: bool, rollback: bool) -> any
             if let Some(t) = c.downcast_ref::<TemplateError>() {
                 return Some(t.needle());
             }
+            if let Some(f) = c.downcast_ref::<FieldError>() {
+                return Some(f.field.to_string());
+            }
             match c.downcast_ref::<docker::spec::SpecError>() {
                 Some(docker::spec::SpecError::Template { error, .. }) => Some(error.needle()),
                 _ => None,
@@ -359,6 +364,13 @@ fn preflight(setup: &Setup, section: Checked, plan: bool, rollback: bool) -> any
             None => UsageError(format!("{e:#}")),
         }
     };
+    // The environment's `url:` (for GitLab's environment link) is a template too.
+    if let (Some(url), Some(host)) = (&env.url, setup.hosts.first()) {
+        host.expand(url).map_err(|e| {
+            let e = e.context(format!("environment `{}`: url", setup.env));
+            UsageError(crate::cli::located_in_env(&setup.playbook, &setup.env, &e))
+        })?;
+    }
     for host in &setup.hosts {
         let mut targets = Vec::new();
         for &(i, step) in &steps {
@@ -380,6 +392,26 @@ fn preflight(setup: &Setup, section: Checked, plan: bool, rollback: bool) -> any
         }
     }
     Ok(())
+}
+
+/// An error about one field of a step (not a template in it): `preflight` points at the field.
+#[derive(Debug, thiserror::Error)]
+#[error("{msg}")]
+struct FieldError {
+    field: &'static str,
+    msg: String,
+}
+
+/// `e` as an error about `field`, unless a template in it is at fault (pointed at instead).
+fn at_field(e: anyhow::Error, field: &'static str) -> anyhow::Error {
+    match e.chain().any(|c| c.is::<TemplateError>()) {
+        true => e,
+        false => FieldError {
+            field,
+            msg: format!("{e:#}"),
+        }
+        .into(),
+    }
 }
 
 fn setups(

@@ -826,9 +826,20 @@ pub enum PlaybookError {
 
 /// Read and validate a playbook file.
 pub fn load(path: &Path) -> Result<Playbook, PlaybookError> {
-    let text = std::fs::read_to_string(path).map_err(|source| PlaybookError::Read {
+    let bytes = std::fs::read(path).map_err(|source| PlaybookError::Read {
         path: path.to_path_buf(),
         source,
+    })?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+        let valid = std::str::from_utf8(valid).expect("valid up to here");
+        let (line, column) = line_column(valid, valid.len());
+        PlaybookError::Syntax {
+            path: path.to_path_buf(),
+            line,
+            column,
+            message: "a byte that is not UTF-8: save the playbook as UTF-8".into(),
+        }
     })?;
     parse(&text, path)
 }
@@ -1012,13 +1023,40 @@ pub fn locate_in_step(
     let Some(hit) = hit else {
         return Some((line, column));
     };
-    let before = &text[..hit];
+    Some(line_column(&text, hit))
+}
+
+/// Where `needle` (a template's text at fault, not escaped as `$$`) first stands in environment
+/// `env`'s part of the playbook at `path`, else anywhere before it (top-level `vars:`, `ssh:`): to
+/// point an error found as hosts are resolved, or in `url:`, at its line and column.
+pub fn locate_in_env(path: &Path, env: &str, needle: &str) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let root: serde_saphyr::Spanned<Node> = serde_saphyr::from_str(&text).ok()?;
+    let (node, found) = descend(&root, &[key("environments"), key(env)]);
+    let l = node.referenced;
+    let start = match found && l.line() > 0 {
+        true => offset(&text, l.line(), l.column()),
+        false => 0,
+    };
+    let find_from = |from: usize| {
+        text[from..]
+            .match_indices(needle)
+            .map(|(i, _)| from + i)
+            .find(|&i| !text[..i].ends_with('$'))
+    };
+    let hit = find_from(start).or_else(|| find_from(0))?;
+    Some(line_column(&text, hit))
+}
+
+/// The 1-based line and column (in characters) of byte offset `at` in `text`.
+fn line_column(text: &str, at: usize) -> (u64, u64) {
+    let before = &text[..at];
     let line = before.matches('\n').count() as u64 + 1;
     let column = before[before.rfind('\n').map_or(0, |i| i + 1)..]
         .chars()
         .count() as u64
         + 1;
-    Some((line, column))
+    (line, column)
 }
 
 /// The byte offset of a 1-based line and column (in characters) in `text`.
@@ -1647,6 +1685,18 @@ mod tests {
         assert!(parse_address("a@b:0").is_err());
         assert!(parse_address("a@b:x").is_err());
         assert!(parse_address("@b").is_err());
+    }
+
+    #[test]
+    fn a_byte_not_utf8_is_located() {
+        let path = std::env::temp_dir().join(format!("ferry-utf8-{}.yml", std::process::id()));
+        std::fs::write(&path, b"app: a\n# caf\xe9\nenvironments: {}\n").unwrap();
+        let e = load(&path).unwrap_err().to_string();
+        std::fs::remove_file(&path).unwrap();
+        assert!(
+            e.ends_with(".yml:2:6: a byte that is not UTF-8: save the playbook as UTF-8"),
+            "{e}"
+        );
     }
 
     #[test]
