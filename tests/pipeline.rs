@@ -621,7 +621,7 @@ fn unlock_removes_a_lock_and_says_whose_it_was() {
     let records = ledger(&Path::new(&root).join(".ferry"));
     assert_eq!(records.len(), 1, "{records:?}");
     assert_eq!(records[0]["action"], "interrupted");
-    assert_eq!(records[0]["ref"], "feature/äöü-ünïcode");
+    assert_eq!(records[0]["ref"], "feature/äöü spaces");
     assert_eq!(records[0]["pipeline_id"], "55");
     assert_eq!(records[0]["ok"], false);
     let why = records[0]["error"].as_str().unwrap();
