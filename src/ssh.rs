@@ -481,7 +481,9 @@ impl Connector {
                     let cut = |e: &dyn std::fmt::Display| match tried {
                         0 => agent_err(e),
                         _ => agent_err(&format!(
-                            "the host closed the connection after refusing {tried} of its {} keys                              (sshd's MaxAuthTries): name the key to use with --identity FILE or                              SSH_PRIVATE_KEY, or load fewer keys into the agent",
+                            "the host closed the connection after refusing {tried} of its {} keys \
+                             (sshd's MaxAuthTries): name the key to use with --identity FILE or \
+                             SSH_PRIVATE_KEY, or load fewer keys into the agent",
                             ids.len()
                         )),
                     };

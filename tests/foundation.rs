@@ -1013,3 +1013,71 @@ fn ecdsa_key_with_a_short_scalar_authenticates() {
         assert!(run.stdout.contains("| ok"), "{}", run.stdout);
     }
 }
+
+/// ssh-agent: a key it holds authenticates; an empty agent, and one holding more wrong keys
+/// than sshd's MaxAuthTries (6) before the right one, each say so with the fix.
+#[test]
+fn ssh_agent_authenticates_and_its_failures_say_why() {
+    let host = Sshd::start();
+    let dir = TempDir::new("agent");
+    let sock = dir.join("agent.sock");
+    let out = std::process::Command::new("ssh-agent")
+        .arg("-a")
+        .arg(&sock)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let pid: u32 = text
+        .split("SSH_AGENT_PID=")
+        .nth(1)
+        .and_then(|r| r.split(';').next())
+        .and_then(|p| p.parse().ok())
+        .expect("ssh-agent prints its pid");
+    struct Agent(u32);
+    impl Drop for Agent {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("kill")
+                .arg(self.0.to_string())
+                .status();
+        }
+    }
+    let _agent = Agent(pid);
+    let ssh_add = |args: &[&std::ffi::OsStr]| {
+        let st = std::process::Command::new("ssh-add")
+            .args(args)
+            .env("SSH_AUTH_SOCK", &sock)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "ssh-add {args:?}");
+    };
+    let pb = env_pb(&dir, &[host.address()]);
+    let exec = || {
+        Ferry::new()
+            .env("SSH_AUTH_SOCK", &sock)
+            .env("SSH_KNOWN_HOSTS", host.known_hosts_line())
+            .args(["exec", "--env", "test"])
+            .arg(&pb)
+            .args(["--", "true"])
+            .run()
+    };
+    let run = exec();
+    assert_ne!(run.code, 0);
+    assert!(
+        run.all().contains("ssh-agent: it holds no keys: add one"),
+        "{}",
+        run.all()
+    );
+    for i in 0..7 {
+        let keys = dir.join(format!("wrong{i}"));
+        std::fs::create_dir_all(&keys).unwrap();
+        ssh_add(&[client_key(&keys, "ed25519", false, "").private.as_os_str()]);
+    }
+    ssh_add(&[default_key().private.as_os_str()]);
+    let run = exec();
+    assert_ne!(run.code, 0);
+    assert!(run.all().contains("(sshd's MaxAuthTries)"), "{}", run.all());
+    ssh_add(&["-D".as_ref()]);
+    ssh_add(&[default_key().private.as_os_str()]);
+    exec().success();
+}
