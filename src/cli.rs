@@ -1,7 +1,7 @@
-//! The command line: clap definitions, turned once into validated settings, then dispatched.
-//!
-//! Nothing below this module sees raw flags. Exit codes: 0 success, 1 a deploy or host failed,
-//! 2 usage or configuration error (bad flags, bad playbook, no key).
+//! The command line: clap definitions, and `Setup` (one environment's playbook, hosts, connector
+//! and output style), which each command module builds from the flags it is handed; `ferry exec`
+//! and the `ferry check` table. Exit codes: 0 success, 1 a deploy or host failed, 2 usage or
+//! configuration error (bad flags, bad playbook, no key), 130 after a second Ctrl-C.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -61,7 +61,7 @@ pub struct Global {
     #[arg(long, global = true, value_name = "N")]
     pub forks: Option<usize>,
     /// Give up on a host that does not answer within this time (e.g. 10s)
-    #[arg(long, global = true, value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, global = true, value_name = "DURATION", value_parser = playbook::parse_duration)]
     pub connect_timeout: Option<Duration>,
     /// Only these hosts (by name or address; repeatable)
     #[arg(long, global = true, value_name = "HOST")]
@@ -114,7 +114,7 @@ pub enum Command {
         #[command(flatten)]
         target: Target,
         /// Give up after this long
-        #[arg(long, value_parser = parse_duration)]
+        #[arg(long, value_parser = playbook::parse_duration)]
         timeout: Option<Duration>,
         /// The command and its arguments, passed through exactly
         #[arg(last = true, required = true, value_name = "CMD")]
@@ -191,7 +191,7 @@ pub enum Command {
         #[arg(long = "ref", value_name = "REF")]
         ref_name: Option<String>,
         /// How many entries
-        #[arg(long, short = 'n', default_value_t = 20)]
+        #[arg(long = "entries", short = 'n', value_name = "N", default_value_t = 20)]
         limit_entries: usize,
     },
     /// Inspect deploy locks
@@ -227,12 +227,8 @@ pub struct DeployOpts {
     #[arg(long, alias = "dry-run")]
     pub plan: bool,
     /// If another deploy holds the lock, wait this long for it (e.g. 5m)
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = playbook::parse_duration)]
     pub lock_wait: Option<Duration>,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    playbook::parse_duration(s)
 }
 
 /// Everything a command needs: playbook, hosts, SSH connector, output style.

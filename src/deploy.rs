@@ -1,6 +1,7 @@
 //! Deploy orchestration: from a ref to environments (rules), then per host: lock, run the steps in
 //! order, record the attempt in the host's ledger, unlock. Also rollback and stop, which walk the
-//! same steps. Step modules (`sync`, `docker`) do the work; this module only sequences and reports.
+//! same steps. Step modules (`sync`, `docker`) do the work; this module sequences and reports, and
+//! runs the `run` steps (argv or a checked shell string, secrets on stdin) itself.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -469,7 +470,12 @@ async fn run_env(
     let gitlab = if opts.plan || !matches!(action, Action::Deploy) {
         None
     } else {
-        gitlab::Reporter::new(&setup.playbook, ctx, &setup.env)
+        // (The first host's values: `preflight` checked the url expands with them.)
+        let url = setup.playbook.environments[&setup.env]
+            .url
+            .as_ref()
+            .and_then(|u| setup.hosts.first()?.expand(u).ok());
+        gitlab::Reporter::new(&setup.playbook, ctx, &setup.env, url)
     };
     if let Some(r) = &gitlab {
         r.report(gitlab::State::Running, None).await;
@@ -1158,15 +1164,15 @@ fn ours(ctx: &StepCtx<'_>, r: &Record) -> bool {
     r.app == ctx.app && r.env == ctx.env && r.host == ctx.host.name()
 }
 
-/// In an environment whose paths or containers are named by the ref's slug (a review app per
-/// branch), two branches with one slug (`fix/login`, `fix-login`) would share them: a deploy or
-/// stop of one would replace or remove the other's. Refused while the other is on the host's
-/// `records` and not stopped.
 /// A per-branch run refused because another branch with its slug is on the host.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct SlugClash(String);
 
+/// In an environment whose paths or containers are named by the ref's slug (a review app per
+/// branch), two branches with one slug (`fix/login`, `fix-login`) would share them: a deploy or
+/// stop of one would replace or remove the other's. Refused while the other is on the host's
+/// `records` and not stopped.
 fn slug_shared(ctx: &StepCtx<'_>, action: &Action, records: &[Record]) -> anyhow::Result<()> {
     let me = ctx.deploy;
     // Per other branch with this slug: its last record, and whether it ever deployed (one that

@@ -12,7 +12,6 @@ use serde_json::{Value, json};
 
 use crate::ci::DeployContext;
 use crate::playbook::Playbook;
-use crate::template;
 
 pub const DEFAULT_TOKEN_ENV: &str = "FERRY_GITLAB_TOKEN";
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -101,7 +100,13 @@ pub fn status_body(
 
 impl Reporter {
     /// A reporter when a token is set; `None` (with a warning if the setup is incomplete) otherwise.
-    pub fn new(pb: &Playbook, ctx: &DeployContext, env: &str) -> Option<Reporter> {
+    /// `target_url`: the environment's `url:`, expanded (the link GitLab shows).
+    pub fn new(
+        pb: &Playbook,
+        ctx: &DeployContext,
+        env: &str,
+        target_url: Option<String>,
+    ) -> Option<Reporter> {
         let settings = pb.gitlab.as_ref();
         let token_env = settings
             .and_then(|s| s.token_env.clone())
@@ -126,27 +131,6 @@ impl Reporter {
             );
             return None;
         };
-        let target_url = pb
-            .environments
-            .get(env)
-            .and_then(|e| e.url.as_ref())
-            .and_then(|u| {
-                let mut vars = ctx.vars();
-                for layer in [&pb.vars, &pb.environments[env].vars] {
-                    for (k, v) in layer {
-                        if let Ok(x) = template::expand(v, &vars) {
-                            vars.insert(k.clone(), x);
-                        }
-                    }
-                }
-                vars.insert("app".into(), pb.app.clone());
-                vars.insert("env".into(), env.into());
-                template::expand(u, &vars)
-                    .map_err(|e| {
-                        tracing::warn!("environment url: {e}; the commit status will have no link")
-                    })
-                    .ok()
-            });
         Some(Reporter {
             project_url: format!(
                 "{}/projects/{}",

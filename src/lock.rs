@@ -159,7 +159,8 @@ pub fn run_token() -> String {
 }
 
 /// The lock directory's name for an app and environment: safe as one path component whatever the
-/// names are (other bytes become `_`, and a hash keeps such names distinct).
+/// names are (other bytes become `_`, and a hash keeps such names distinct; so it does when a name
+/// holds the `-` between them: app `a-b` in `c` and app `a` in `b-c` are two locks).
 pub fn lock_name(app: &str, env: &str) -> String {
     let raw = format!("{app}-{env}");
     let clean: String = raw
@@ -172,7 +173,7 @@ pub fn lock_name(app: &str, env: &str) -> String {
             }
         })
         .collect();
-    if clean == raw && !raw.starts_with('.') {
+    if clean == raw && !raw.starts_with('.') && !app.contains('-') && !env.contains('-') {
         clean
     } else {
         let h = blake3::hash(format!("{app}\0{env}").as_bytes()).to_hex();
@@ -533,11 +534,6 @@ impl Lock {
         }
     }
 
-    /// Remove the lock if it is still ours.
-    pub async fn release(self, session: &Session) -> Result<(), LockError> {
-        self.release_after(session, None).await.map(|_| ())
-    }
-
     /// Append a ledger record, then remove the lock if it is still ours: one exec. Returns the
     /// script's stderr (where the ledger says if it could not add the record).
     pub async fn release_after(
@@ -790,6 +786,7 @@ mod tests {
         assert!(!odd.contains('/'));
         assert_ne!(lock_name("shop", "a/b"), lock_name("shop", "a_b"));
         assert!(!lock_name(".", ".").starts_with('.'));
+        assert_ne!(lock_name("a-b", "c"), lock_name("a", "b-c"));
     }
 
     #[test]

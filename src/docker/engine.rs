@@ -37,7 +37,6 @@ pub struct ContainerState {
     pub running: bool,
     /// Docker is restarting it after it exited (restart policy).
     pub restarting: bool,
-    pub status: String,
     pub exit_code: i64,
     pub health: Option<String>,
     /// The image id (`sha256:...`) the container was created from.
@@ -295,7 +294,6 @@ pub fn parse_container(v: &serde_json::Value) -> ContainerState {
             .pointer("/State/Restarting")
             .and_then(|x| x.as_bool())
             .unwrap_or(false),
-        status: s("/State/Status").into(),
         exit_code: v
             .pointer("/State/ExitCode")
             .and_then(|x| x.as_i64())

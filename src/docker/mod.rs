@@ -7,7 +7,8 @@
 //!
 //! A service container update: pull, move the old container aside (`NAME.ferry-aside`, stopped so it
 //! releases its ports), create and start the new one, wait for health. On success the old one is
-//! kept stopped as `NAME.ferry-prev` for `ferry rollback` (replacing the one kept before); on failure
+//! kept stopped as `NAME.ferry-prev` for `ferry rollback` (the one kept before waits as
+//! `NAME.ferry-older` until the run succeeds, see `commit`, then goes); on failure
 //! the new one's logs are shown, it is removed and the old one is renamed back and started.
 //! Downtime is the time from stopping the old container to the new one being healthy.
 

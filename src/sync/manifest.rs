@@ -338,7 +338,9 @@ fn resolve<'a>(
     Ok(())
 }
 
-/// Walk `root` and hash it. `cache_file`, if given, is read and rewritten.
+/// Walk `root` and hash it. `cache_file`, if given, is read and rewritten. (For tests: a deploy
+/// walks and hashes in steps, see `sync::Source`.)
+#[cfg(test)]
 pub fn scan(
     root: &Path,
     exclude: &[String],
@@ -432,6 +434,7 @@ pub const UNHASHED: [u8; 32] = [0; 32];
 
 impl Walked {
     /// The manifest, hashing in parallel what the cache did not know; the cache learns it.
+    #[cfg(test)]
     pub fn hash(&self) -> anyhow::Result<Manifest> {
         let never = std::sync::atomic::AtomicBool::new(false);
         Ok(self.hash_some(|_| true, &never)?.expect("not stopped"))

@@ -4,7 +4,8 @@
 //! target's state, releases and their metadata, the live manifest, the names of stored objects, and
 //! which objects were edited since they were placed (a plan reads the same with
 //! [`remote::INVENTORY`], changing nothing). The pure [`diff`] decides what is missing. Then one
-//! tar stream ([`archive`], gzip'd but for big incompressible files) into the same exec carries
+//! tar stream ([`archive`], gzip'd but for incompressible files and, in a bulk transfer, files of
+//! 8 KiB or more) into the same exec carries
 //! the missing objects and the new release tree as hard links; the script unpacks it, checks its
 //! trailer, names the release and renames a new symlink over `to`. Nothing the live release uses
 //! is ever written: new content arrives under new names, and objects edited on the host are
