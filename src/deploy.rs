@@ -808,10 +808,21 @@ async fn run_host(
                 });
             }
             Ok(_) => {}
+            // (Whether the record went in is not known: the run fails, as one not recorded does.)
             Err(e) => {
+                let why = format!(
+                    "{e}; the {} may not be recorded in {}/ledger.jsonl: what it did stands; \
+                     check `ferry status` and `ferry lock status`",
+                    action.name(),
+                    ctx.host.state_dir()
+                );
                 ctx.progress
-                    .println(&format!("{}: WARNING: {e}", ctx.host.name()));
-                tracing::warn!("{e}; the deploy may not be recorded in the ledger");
+                    .println(&format!("{}: ERROR: {why}", ctx.host.name()));
+                ok = false;
+                error = Some(match error {
+                    Some(e) => format!("{e}; and {why}"),
+                    None => why,
+                });
             }
         }
         tracing::debug!(elapsed = ?started.elapsed(), "recorded in the ledger and unlocked");

@@ -202,7 +202,8 @@ guard_take() {
     i=$((i + 1)); [ "$i" -le 50 ] || return 1
     sleep 0.2 2>/dev/null || sleep 1
   done
-  date +%s > "$lock.guard/at"
+  # (Ours once made: on a full disk `at` stays empty, and its mtime tells.)
+  date +%s > "$lock.guard/at" 2>/dev/null || :
 }
 guard_drop() { rm -rf "$lock.guard"; }
 read_exp() {

@@ -1836,6 +1836,44 @@ fn sync_disk_full_leaves_live_release_and_recovers() {
     assert_eq!(std::fs::read(root.join("app/index.html")).unwrap(), b"v2");
 }
 
+/// The disk under ferry's state fills during the run (its last step fills it): the run fails,
+/// saying its record could not be added, and leaves no lock or guard behind; the next deploy,
+/// once there is room, runs at once and is recorded.
+#[test]
+fn state_disk_full_at_the_end_fails_and_leaves_no_lock() {
+    let fill = |_src: &Path, root: &Path| {
+        format!(
+            "      - run: {{ command: [sh, -c, 'dd if=/dev/zero of=\"$0/fill\" bs=1M 2>/dev/null; true', \"{}\"] }}\n",
+            root.display()
+        )
+    };
+    let site = Site::new("statefull", vec![Sshd::start()], fill);
+    let root = site.root();
+    let _guard = tmpfs(&root);
+    let run = site.deploy(&sha(1)).failure(1);
+    assert!(
+        run.all().contains("ledger.jsonl") && run.all().contains("ERROR"),
+        "{}",
+        run.all()
+    );
+    let locks: Vec<_> = std::fs::read_dir(root.join(".ferry/locks"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(locks.is_empty(), "no lock or guard stays: {locks:?}");
+    std::fs::remove_file(root.join("fill")).unwrap();
+    let text = std::fs::read_to_string(&site.pb).unwrap();
+    std::fs::write(&site.pb, text.replace("of=", "if=/dev/null of=")).unwrap();
+    let started = std::time::Instant::now();
+    site.deploy(&sha(2)).success();
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "waited on a guard"
+    );
+    let ledger = std::fs::read_to_string(root.join(".ferry/ledger.jsonl")).unwrap();
+    assert!(ledger.contains(&sha(2)), "{ledger}");
+}
+
 fn inode(p: &Path) -> u64 {
     std::os::unix::fs::MetadataExt::ino(&std::fs::symlink_metadata(p).unwrap())
 }
