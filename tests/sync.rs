@@ -1657,10 +1657,34 @@ fn sync_survives_controller_killed_and_connection_cut() {
     let live = live_release(&site.root().join("app"));
     big_file(&site, "big.bin", 200, 1);
 
-    // The controller is killed mid-stream.
+    // The controller is killed mid-stream. The host cleans up by itself (its messages have no
+    // reader), and what the cut stream left is no hand edit to `ferry status`.
     let run = interrupt_mid_stream(&site, &sha(2), |c| c.kill().unwrap());
     assert_ne!(run.code, 0);
     assert_live_intact(&site, &live);
+    let incoming = site.root().join(".app.ferry/incoming");
+    for _ in 0..100 {
+        if !incoming.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !incoming.exists(),
+        "the host cleaned up after the controller was killed"
+    );
+    let hosts: Vec<&Sshd> = site.hosts.iter().collect();
+    let status = Ferry::new()
+        .trusting(&hosts)
+        .args(["status", "--json"])
+        .arg(&site.pb)
+        .run()
+        .success();
+    assert!(
+        !status.stdout.contains("changed by hand"),
+        "{}",
+        status.stdout
+    );
 
     // The connection is cut mid-stream: kill sshd's per-connection processes.
     let sshd_pid = site.hosts[0].pid();

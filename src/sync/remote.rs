@@ -160,10 +160,13 @@ store_scan() {
   cr=stamp; [ ! trash.done -nt stamp ] || cr=trash.done
   for t in trash-*; do [ ! -d "$t" ] || cr=; break; done
   [ -z "$cr" ] || case $(find --version 2>/dev/null) in *GNU*) ;; *) cr= ;; esac
+  # What a broken deploy left (`incoming/`) is not looked at: objects no release links to, which
+  # the next deploy collects, are no hand edits.
+  ol=; [ ! -e incoming ] || ol='! -links 1'
   if [ -n "$cr" ]; then
-    find objects -type f \( \( -newer stamp "$@" \) -print -o -cnewer "$cr" -printf 'size %s %p\n' \)
+    find objects -type f $ol \( \( -newer stamp "$@" \) -print -o -cnewer "$cr" -printf 'size %s %p\n' \)
   else
-    find objects -type f \( -newer stamp "$@" \) -print
+    find objects -type f $ol \( -newer stamp "$@" \) -print
   fi
 }
 scan_records() {
@@ -448,6 +451,9 @@ pub const DEPLOY: &str = concat!(
     r#"
 S=$1 T=$2 M=$3 DEL=$4 dirty= same= tm= BG=1
 P=${T%/*} N=${T##*/}
+# A controller gone closes our output: a write then fails instead of ending the script before
+# it cleans up.
+trap '' PIPE
 "#,
     rmtree_sh!(),
     target_state_sh!(),
@@ -549,9 +555,10 @@ printf 'end\t\0\n'
 read -r id adopt prune drop again hold || exit 0
 [ -n "$id" ] || exit 0
 set -e
+# (Cleanup first: with the controller gone, the message has no reader.)
 fail() {
-  echo "ferry: $*; the live release is unchanged" >&2
   cd "$S" 2>/dev/null && cleanup
+  echo "ferry: $*; the live release is unchanged" >&2 || :
   exit 3
 }
 if [ "$M" = in-place ] && [ -L "$T" ]; then
