@@ -507,6 +507,7 @@ async fn run_env(
         &setup.connector,
         &setup.hosts,
         setup.settings.forks,
+        Some(&stop),
         |host, session| {
             let (progress, release, action) = (&progress, release.as_str(), action.clone());
             let stop = stop.clone();

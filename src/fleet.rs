@@ -30,14 +30,17 @@ where
     F: Fn(Host, Session) -> Fut,
     Fut: Future<Output = anyhow::Result<T>>,
 {
-    run_with(connector, hosts, forks, work, |_| {}).await
+    run_with(connector, hosts, forks, None, work, |_| {}).await
 }
 
-/// [`run`], calling `done` with each host's outcome as soon as it has one (while others run).
+/// [`run`], calling `done` with each host's outcome as soon as it has one (while others run);
+/// once `stop` turns true (SIGINT/SIGTERM), hosts still connecting (retries, a stalled host) give
+/// up, and those not begun do not start.
 pub async fn run_with<T, F, Fut, D>(
     connector: &Connector,
     hosts: &[Host],
     forks: usize,
+    stop: Option<&tokio::sync::watch::Receiver<bool>>,
     work: F,
     done: D,
 ) -> Vec<Outcome<T>>
@@ -53,7 +56,18 @@ where
             let span = tracing::info_span!("host", host = %name);
             let start = Instant::now();
             let result = async {
-                let session = connector.connect(&host.target).await?;
+                let connect = connector.connect(&host.target);
+                let session = match stop {
+                    Some(stop) => tokio::select! {
+                        s = connect => s?,
+                        _ = crate::deploy::interrupted(stop) => anyhow::bail!(
+                            "{}: interrupted (SIGINT/SIGTERM) before it was reached; nothing \
+                             changed there",
+                            host.name()
+                        ),
+                    },
+                    None => connect.await?,
+                };
                 tracing::debug!(elapsed = ?start.elapsed(), "connected");
                 work(host, session).await
             }

@@ -1081,3 +1081,49 @@ fn ssh_agent_authenticates_and_its_failures_say_why() {
     ssh_add(&[default_key().private.as_os_str()]);
     exec().success();
 }
+
+/// SIGTERM (a cancelled job) while a host does not answer its connection (a stalled sshd): ferry
+/// stops trying at once, not after its retries.
+#[test]
+fn sigterm_stops_a_connect_that_hangs() {
+    let host = Sshd::start();
+    let dir = TempDir::new("stalled");
+    let pb = playbook(
+        &dir,
+        "ferry.yml",
+        &[host.address()],
+        "    steps:\n      - run: { command: [\"true\"] }\n",
+    );
+    let signal = |sig: &str, pid: u32| {
+        let st = std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    signal("-STOP", host.pid());
+    let (mut child, _home) = Ferry::new()
+        .trusting(&[&host])
+        .args([
+            "deploy", "--env", "test", "--sha", "abc123", "--ref", "main",
+        ])
+        .arg(&pb)
+        .spawn();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let sent = std::time::Instant::now();
+    signal("-TERM", child.id());
+    let out = child.wait_with_output().unwrap();
+    signal("-CONT", host.pid());
+    let stopped = sent.elapsed();
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stopped < std::time::Duration::from_secs(5),
+        "took {stopped:?}: {all}"
+    );
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    assert!(all.contains("before it was reached"), "{all}");
+}
