@@ -1102,7 +1102,7 @@ fn sigterm_stops_a_connect_that_hangs() {
         assert!(st.success());
     };
     signal("-STOP", host.pid());
-    let (mut child, _home) = Ferry::new()
+    let (child, _home) = Ferry::new()
         .trusting(&[&host])
         .args([
             "deploy", "--env", "test", "--sha", "abc123", "--ref", "main",
