@@ -47,6 +47,10 @@ pub struct StepCtx<'a> {
     pub stop: watch::Receiver<bool>,
     /// A deploy to several hosts at once: where sync steps wait for each other before switching.
     pub gate: Option<&'a crate::gate::Gate>,
+    /// The deploy lock this run holds on the host (its directory and token), for a sync step's
+    /// script to check right before it switches: a lock whose lease ran out unrenewed may have
+    /// been taken over by another run.
+    pub held: Option<(&'a str, &'a str)>,
 }
 
 /// What a step did, for the summary, the ledger and `--json`.
@@ -525,6 +529,7 @@ async fn run_env(
                     style: setup.style,
                     stop,
                     gate,
+                    held: None,
                 };
                 let r = run_host(&sctx, steps, opts, &action, run_token, per_branch).await;
                 session.close().await;
@@ -703,6 +708,7 @@ async fn run_host(
         }),
         (None, None) => None,
     };
+    let held_at = lock.as_ref().map(Lock::path);
     let ctx = &StepCtx {
         host: ctx.host,
         session: ctx.session,
@@ -716,6 +722,7 @@ async fn run_host(
         style: ctx.style,
         stop: ctx.stop.clone(),
         gate: ctx.gate,
+        held: held_at.as_deref().zip(Some(run_token)),
     };
     let action = &match (action, &target) {
         (Action::Rollback(..), Some(t)) => {

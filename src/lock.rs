@@ -368,7 +368,8 @@ fn lease_text(expires_in: Option<i64>) -> String {
 }
 
 impl Lock {
-    fn path(&self) -> String {
+    /// The lock's directory on the host.
+    pub fn path(&self) -> String {
         format!("{}/locks/{}", self.state_dir, self.name)
     }
 

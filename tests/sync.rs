@@ -1715,6 +1715,33 @@ fn sync_survives_controller_killed_and_connection_cut() {
     );
 }
 
+/// A run whose lock was taken over while its stream ran (its lease ran out unrenewed, and another
+/// run took the lock) does not switch: the host checks the lock is still the run's first.
+#[test]
+fn sync_does_not_switch_once_its_lock_was_taken_over() {
+    let site = Site::new("takenover", vec![Sshd::start()], one_step("app", ""));
+    site.write(b"index.html", b"v1");
+    site.deploy(&sha(1)).success();
+    let live = live_release(&site.root().join("app"));
+    big_file(&site, "big.bin", 200, 1);
+    let locks = site.root().join(".ferry/locks");
+    let run = interrupt_mid_stream(&site, &sha(2), |_| {
+        for e in std::fs::read_dir(&locks).unwrap() {
+            let p = e.unwrap().path();
+            if p.join("token").exists() {
+                std::fs::write(p.join("token"), "another-run\n").unwrap();
+            }
+        }
+    });
+    assert_eq!(run.code, 1, "{}", run.all());
+    assert!(
+        run.all().contains("is no longer this run's") && run.all().contains("nothing was switched"),
+        "{}",
+        run.all()
+    );
+    assert_live_intact(&site, &live);
+}
+
 /// The last record of the site's ledger.
 fn last_ledger_record(site: &Site) -> serde_json::Value {
     let text = std::fs::read_to_string(site.root().join(".ferry/ledger.jsonl")).unwrap();

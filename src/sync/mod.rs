@@ -369,7 +369,7 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
         };
         (o, None)
     } else {
-        let (o, proc) = open_deploy(ctx.session, &paths, src, step, &ctx.stop).await?;
+        let (o, proc) = open_deploy(ctx.session, &paths, src, step, &ctx.stop, ctx.held).await?;
         (o, Some(proc))
     };
     let Opened {
@@ -889,8 +889,10 @@ async fn open_deploy(
     src: impl std::future::Future<Output = anyhow::Result<Arc<Source>>>,
     step: &SyncStep,
     stop: &tokio::sync::watch::Receiver<bool>,
+    held: Option<(&str, &str)>,
 ) -> anyhow::Result<(Opened, Process)> {
     let host = session.name().to_string();
+    let (lock, token) = held.unwrap_or_default();
     let cmd = Session::script_command(
         remote::DEPLOY,
         &[
@@ -898,6 +900,8 @@ async fn open_deploy(
             paths.to.as_str(),
             mode_arg(step.mode),
             if step.delete { "1" } else { "0" },
+            lock,
+            token,
         ],
     )?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
@@ -1597,7 +1601,7 @@ async fn reapply(
     let manifest = release_manifest(ctx, paths, id).await?;
     let src = async { Ok(Arc::new(Source::known(manifest))) };
     let (Opened { local, mut inv, .. }, mut proc) =
-        open_deploy(ctx.session, paths, src, step, &ctx.stop).await?;
+        open_deploy(ctx.session, paths, src, step, &ctx.stop, ctx.held).await?;
     let (plan, apply) = plan_for(step, &local, &mut inv, false);
     let apply = apply.expect("in-place");
     let settled = apply.write.is_empty() && apply.dirs.is_empty() && apply.gone.is_empty();

@@ -445,11 +445,12 @@ pub(super) const UNPACK: &str = unpack_sh!();
 /// objects no kept manifest names into `trash-<id>/`, deleted in the background.
 /// Mode `in-place`: unpack beside `to` (see `in_place_sh!`), name the release (`again` 1
 /// re-applies an existing one: a rollback), `apply`, then `inplace` names the release and `applied`
-/// is touched; pruning is the same. Args: store, to, mode
-/// (`release` or `in-place`), delete extras (1/0).
+/// is touched; pruning is the same. Just before the switch (or apply) it checks that this run
+/// still holds the deploy lock. Args: store, to, mode (`release` or `in-place`), delete extras
+/// (1/0), and the lock's directory and this run's token (none: no check).
 pub const DEPLOY: &str = concat!(
     r#"
-S=$1 T=$2 M=$3 DEL=$4 dirty= same= tm= BG=1
+S=$1 T=$2 M=$3 DEL=$4 LK=${5:-} TK=${6:-} dirty= same= tm= BG=1
 P=${T%/*} N=${T##*/}
 # A controller gone closes our output: a write then fails instead of ending the script before
 # it cleans up.
@@ -656,6 +657,13 @@ if [ "$hold" = 1 ]; then
     [ $((w % 20)) != 0 ] || printf '.\n'
     sleep 0.1 2>/dev/null || sleep 1
   done
+fi
+# This run must still hold the deploy lock: one whose lease ran out unrenewed (a link too slow for
+# the renewals) may have been taken over by another run, which cleans up and deploys here too.
+if [ -n "$LK" ]; then
+  t=; read -r t < "$LK/token" 2>/dev/null || :
+  [ "$t" = "$TK" ] || fail "the deploy lock $LK is no longer this run's (its lease ran out \
+unrenewed, and another run may hold it); nothing was switched here"
 fi
 if [ "$again" = 1 ]; then
   rid=$id
