@@ -171,13 +171,16 @@ pub fn summarize(env: &str, per_branch: bool, hosts: &[HostView]) -> EnvStatus {
                     notes.extend(l.notes.iter().cloned());
                     // (A deploy that changed no files keeps the files release of an earlier
                     // commit: the ledger names it, and the deploy that made it has the commit
-                    // the host runs. That is no drift.)
+                    // the host runs; or that deploy was cut off, and recorded by the run that
+                    // took its lock over, without a release. That is no drift.)
+                    let made =
+                        |x: &Record, lr: &str| x.release == lr || (!x.ok && x.release.is_empty());
                     let kept = |g: &Record| {
                         l.release.as_ref().is_some_and(|lr| {
                             g.left_files(lr)
                                 && records
                                     .iter()
-                                    .any(|x| x.release == *lr && l.sha.as_ref() == Some(&x.sha))
+                                    .any(|x| made(x, lr) && l.sha.as_ref() == Some(&x.sha))
                         })
                     };
                     if let (Some(ls), Some(g)) = (&l.sha, good)
@@ -843,6 +846,14 @@ mod tests {
             "{:?}",
             st.rows[0].notes
         );
+        // Files a cut-off run made (its record, written by the run that took its lock over,
+        // names no release), kept by the good run after it: no drift.
+        let mut cut = rec("web1", "main", "cccc", false, 15, "interrupted");
+        cut.release = String::new();
+        web1.records.as_mut().unwrap().insert(1, cut);
+        let st = summarize("staging", false, std::slice::from_ref(&web1));
+        assert!(st.rows[0].notes.is_empty(), "{:?}", st.rows[0].notes);
+        web1.records.as_mut().unwrap().remove(1);
         // Other files than the ledger says: drift.
         web1.live.insert(String::new(), live("rel-5"));
         let st = summarize("staging", false, &[web1]);
