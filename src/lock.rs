@@ -474,9 +474,10 @@ impl Lock {
     }
 
     /// Renew the lease every third of it until the lock is found lost, or no renewal got through
-    /// for a whole lease (returned as the error). Transient failures to renew are logged and
-    /// retried soon: each try may take a sixth of the lease, and after a failed one the next comes
-    /// a twelfth of it later, so three tries fit before the lease runs out.
+    /// for a whole lease (returned as the error). A try may take until the lease would run out (at
+    /// least a sixth of it): on a link the stream fills, a renewal queues behind the data for
+    /// seconds, and one cut short would never get through. A failed one is retried a twelfth of
+    /// the lease later.
     /// Run it alongside the steps; a loss stops the deploy before its next step (a step is cut
     /// off only when the host is unreachable).
     pub async fn keep_alive(&self, session: &Session) -> LockError {
@@ -501,7 +502,11 @@ impl Lock {
                         self.token.as_str(),
                         &self.lease.as_secs().to_string(),
                     ],
-                    Some(self.lease / 6),
+                    Some(
+                        self.lease
+                            .saturating_sub(renewed.elapsed())
+                            .max(self.lease / 6),
+                    ),
                 )
                 .await;
             match r {
