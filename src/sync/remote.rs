@@ -644,17 +644,17 @@ if [ -e scan.start ] && if [ "$M" != in-place ]; then
 fi
 # Several hosts at once (`hold`): this release is checked; switch only once the controller says
 # every host's is (`go-<id>` in incoming/), and stop as a failure does on `abort-<id>`. A
-# controller gone ends this script on the closed pipe its dots go to (the next deploy cleans up),
-# as does an hour's wait; a cleanup by a later deploy (incoming/ gone) ends it at once.
+# controller gone fails the write of its next dot, and this script cleans up and ends, as it does
+# after an hour's wait; a cleanup by a later deploy (incoming/ gone) ends it at once.
 if [ "$hold" = 1 ]; then
-  printf 'ready\n'
+  printf 'ready\n' || fail "the controller went away before every host was ready"
   w=0
   until [ -e "incoming/go-$id" ]; do
     [ -d incoming ] || exit 3
     [ ! -e "incoming/abort-$id" ] || fail "another host of this deploy failed before every host was ready"
     w=$((w + 1))
     [ "$w" -lt 36000 ] || fail "the controller did not say to switch within an hour"
-    [ $((w % 20)) != 0 ] || printf '.\n'
+    [ $((w % 20)) != 0 ] || printf '.\n' || fail "the controller went away before every host was ready"
     sleep 0.1 2>/dev/null || sleep 1
   done
 fi
