@@ -101,9 +101,11 @@ pub fn from_text(raw: &str, passphrase: Option<&str>, what: &str) -> Result<Cred
     let decoded = match (encrypted, passphrase) {
         (true, None) => return Err(KeyError::NeedPassphrase { what: what.into() }),
         // (Content that does not parse once decrypted: most likely the wrong passphrase.)
-        (true, Some(pass)) if is_legacy_pem_ec(&text) => decrypt_legacy_pem_ec(&text, pass)
-            .and_then(|plain| russh::keys::decode_secret_key(&plain, None).ok())
-            .ok_or(russh::keys::Error::KeyIsCorrupt),
+        (true, Some(pass)) if text.starts_with("-----BEGIN EC PRIVATE KEY-----") => {
+            decrypt_legacy_pem_ec(&text, pass)
+                .and_then(|plain| russh::keys::decode_secret_key(&plain, None).ok())
+                .ok_or(russh::keys::Error::KeyIsCorrupt)
+        }
         // (A passphrase set for another key is not used on one that has none.)
         (false, _) => russh::keys::decode_secret_key(&text, None),
         (true, pass) => russh::keys::decode_secret_key(&text, pass),
@@ -147,13 +149,8 @@ fn is_encrypted(text: &str) -> bool {
     })
 }
 
-/// An ECDSA key in legacy PEM, encrypted (`ssh-keygen -m PEM -N ...`): russh decrypts only RSA
-/// ones.
-fn is_legacy_pem_ec(text: &str) -> bool {
-    text.starts_with("-----BEGIN EC PRIVATE KEY-----")
-}
-
-/// The PEM text of a legacy-encrypted EC key, decrypted (OpenSSL's `DEK-Info: AES-128-CBC`, the
+/// The PEM text of a legacy-encrypted EC key (`ssh-keygen -m PEM -N ...`: russh decrypts only RSA
+/// ones), decrypted (OpenSSL's `DEK-Info: AES-128-CBC`, the
 /// key derived from the passphrase and the IV's first 8 bytes with one MD5 round, as OpenSSH
 /// writes it). `None`: another cipher, or a wrong passphrase (bad padding).
 fn decrypt_legacy_pem_ec(text: &str, pass: &str) -> Option<String> {

@@ -1016,11 +1016,7 @@ pub fn locate_in_step(
     let start = offset(&text, line, column);
     // (The step ends where the next begins; the last one, at the end of the file.)
     let end = step(index + 1).map_or(text.len(), |(l, c)| offset(&text, l, c));
-    let hit = text[start..end.max(start)]
-        .match_indices(needle)
-        .map(|(i, _)| start + i)
-        .find(|&i| !text[..i].ends_with('$'));
-    let Some(hit) = hit else {
+    let Some(hit) = find_unescaped(&text, start..end.max(start), needle) else {
         return Some((line, column));
     };
     Some(line_column(&text, hit))
@@ -1038,14 +1034,18 @@ pub fn locate_in_env(path: &Path, env: &str, needle: &str) -> Option<(u64, u64)>
         true => offset(&text, l.line(), l.column()),
         false => 0,
     };
-    let find_from = |from: usize| {
-        text[from..]
-            .match_indices(needle)
-            .map(|(i, _)| from + i)
-            .find(|&i| !text[..i].ends_with('$'))
-    };
-    let hit = find_from(start).or_else(|| find_from(0))?;
+    let hit = find_unescaped(&text, start..text.len(), needle)
+        .or_else(|| find_unescaped(&text, 0..text.len(), needle))?;
     Some(line_column(&text, hit))
+}
+
+/// The byte offset of the first `needle` within `range` of `text` not escaped as `$$`.
+fn find_unescaped(text: &str, range: std::ops::Range<usize>, needle: &str) -> Option<usize> {
+    let start = range.start;
+    text[range]
+        .match_indices(needle)
+        .map(|(i, _)| start + i)
+        .find(|&i| !text[..i].ends_with('$'))
 }
 
 /// The 1-based line and column (in characters) of byte offset `at` in `text`.
