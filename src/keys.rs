@@ -150,9 +150,8 @@ fn is_encrypted(text: &str) -> bool {
 }
 
 /// The PEM text of a legacy-encrypted EC key (`ssh-keygen -m PEM -N ...`: russh decrypts only RSA
-/// ones), decrypted (OpenSSL's `DEK-Info: AES-128-CBC`, the
-/// key derived from the passphrase and the IV's first 8 bytes with one MD5 round, as OpenSSH
-/// writes it). `None`: another cipher, or a wrong passphrase (bad padding).
+/// ones), decrypted (OpenSSL's `DEK-Info: AES-128-CBC`, the key derived from the passphrase and the
+/// IV's first 8 bytes with one MD5 round, as OpenSSH writes it). `None`: another cipher, or a wrong passphrase (bad padding).
 fn decrypt_legacy_pem_ec(text: &str, pass: &str) -> Option<String> {
     use aes::cipher::{BlockModeDecrypt, KeyIvInit, block_padding::Pkcs7};
     const BEGIN: &str = "-----BEGIN EC PRIVATE KEY-----";
