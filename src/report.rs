@@ -127,7 +127,8 @@ impl Drop for Section {
         if let Some(n) = self.notice.take() {
             n.abort();
         }
-        if self.gitlab {
+        // (A section with nothing in it, a step's under `--plan` or `--json`, would be an empty fold.)
+        if self.gitlab && !self.lines.is_empty() {
             flush();
             let text = self.render(unix_now());
             let mut err = std::io::stderr().lock();

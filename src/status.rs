@@ -76,8 +76,13 @@ pub struct Row {
     /// The release and commit of this branch's last good deploy on the host.
     pub release: Option<String>,
     pub sha: Option<String>,
-    /// The files release that deploy left live when it changed no files (an earlier one's).
+    /// The files release that deploy left live when it changed no files (an earlier one's), if
+    /// every sync target has it.
     pub files_release: Option<String>,
+    /// Each sync target (path) whose live files release is not that deploy's own (a target whose
+    /// files did not change keeps an earlier one).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub files_releases: BTreeMap<String, String>,
     /// The last attempt: `deploy ok`, `deploy FAILED`, `stop ok`, ...
     pub result: String,
     pub last_attempt_at: u64,
@@ -225,9 +230,29 @@ pub fn summarize(env: &str, per_branch: bool, hosts: &[HostView]) -> EnvStatus {
                     }
                 }
             }
-            // (A deploy that changed no files keeps an older files release: name it.)
-            let files_release =
-                good.and_then(|g| g.files_release.clone().filter(|f| f != &g.release));
+            // (A deploy that changed no files keeps an older files release: name it, per target
+            // when the targets differ.)
+            let files_releases: BTreeMap<String, String> = good
+                .map(|g| {
+                    g.files_releases
+                        .iter()
+                        .filter(|(_, rel)| **rel != g.release)
+                        .map(|(p, rel)| (p.clone(), rel.clone()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let files_release = good
+                .and_then(|g| match g.files_releases.is_empty() {
+                    // (A record from before ferry kept one per target.)
+                    true => g.files_release.clone(),
+                    false => {
+                        let all: BTreeSet<&String> = g.files_releases.values().collect();
+                        (all.len() == 1)
+                            .then(|| all.into_iter().next().cloned())
+                            .flatten()
+                    }
+                })
+                .filter(|f| good.is_some_and(|g| *f != g.release));
             if !last.ok {
                 notes.push(format!(
                     "last attempt failed{}",
@@ -247,6 +272,7 @@ pub fn summarize(env: &str, per_branch: bool, hosts: &[HostView]) -> EnvStatus {
                 release: good.map(|g| g.release.clone()),
                 sha: good.map(|g| g.sha.clone()),
                 files_release,
+                files_releases,
                 result: format!("{} {}", last.action, if last.ok { "ok" } else { "FAILED" }),
                 last_attempt_at: last.started_at,
                 error: last.error.clone(),
@@ -590,9 +616,8 @@ pub fn render(statuses: &[EnvStatus]) -> String {
                     r.sha.as_deref().map(short_sha).unwrap_or("-").to_string(),
                     r.result.clone(),
                     age(r.last_attempt_at),
-                    r.files_release
-                        .iter()
-                        .map(|f| format!("files: release {f}"))
+                    files_note(r)
+                        .into_iter()
                         .chain(r.notes.iter().cloned())
                         .collect::<Vec<_>>()
                         .join("; "),
@@ -641,6 +666,19 @@ pub fn render(statuses: &[EnvStatus]) -> String {
         }
     }
     out
+}
+
+/// The files releases a row's deploy left live that are not its own: one, or one per target.
+fn files_note(r: &Row) -> Option<String> {
+    if let Some(f) = &r.files_release {
+        return Some(format!("files: release {f}"));
+    }
+    let each: Vec<String> = r
+        .files_releases
+        .iter()
+        .map(|(path, rel)| format!("files at {path}: release {rel}"))
+        .collect();
+    (!each.is_empty()).then(|| each.join("; "))
 }
 
 /// `ferry history`.
@@ -815,6 +853,43 @@ mod tests {
         assert_eq!(r.files_release.as_deref(), Some("rel-10"));
         assert!(r.notes.is_empty(), "{:?}", r.notes);
         assert!(render(std::slice::from_ref(&st)).contains("files: release rel-10"));
+    }
+
+    #[test]
+    fn targets_on_different_files_releases_are_named_each() {
+        let mut redeploy = rec("web1", "main", "aaaa", true, 20, "deploy");
+        redeploy.files_release = Some("rel-10".into());
+        redeploy.files_releases = [("/www/a", "rel-20"), ("/www/b", "rel-10")]
+            .map(|(p, r)| (p.to_string(), r.to_string()))
+            .into();
+        let web1 = view(
+            "web1",
+            vec![
+                rec("web1", "main", "aaaa", true, 10, "deploy"),
+                redeploy.clone(),
+            ],
+        );
+        let st = summarize("staging", false, &[web1]);
+        let r = &st.rows[0];
+        assert_eq!(r.files_release, None);
+        assert_eq!(
+            r.files_releases,
+            [("/www/b".to_string(), "rel-10".to_string())].into()
+        );
+        let shown = render(std::slice::from_ref(&st));
+        assert!(shown.contains("files at /www/b: release rel-10"), "{shown}");
+        assert!(!shown.contains("files: release"), "{shown}");
+        // Every target kept the same earlier release: one name.
+        redeploy
+            .files_releases
+            .insert("/www/a".into(), "rel-10".into());
+        let web1 = view(
+            "web1",
+            vec![rec("web1", "main", "aaaa", true, 10, "deploy"), redeploy],
+        );
+        let st = summarize("staging", false, &[web1]);
+        assert_eq!(st.rows[0].files_release.as_deref(), Some("rel-10"));
+        assert!(render(&[st]).contains("files: release rel-10"));
     }
 
     #[test]

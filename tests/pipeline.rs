@@ -870,6 +870,14 @@ fn status_flags_hosts_that_disagree_and_failed_attempts() {
         .run()
         .success();
     assert!(!json.stderr.contains("section_start"), "{}", json.stderr);
+    // So with --plan: the plan is the result, on stdout.
+    let plan = ci(&[&a, &b], "release-1", SHA, "501")
+        .args(["deploy", "--plan"])
+        .arg(&p)
+        .run()
+        .success();
+    assert!(!plan.stderr.contains("section_start"), "{}", plan.stderr);
+    assert!(plan.stdout.contains(&a.address()), "{}", plan.stdout);
     ci(&[&a, &b], "release-2", SHA2, "502")
         .args(["deploy", "--limit", &a.address()])
         .arg(&p)

@@ -65,10 +65,12 @@ async fn ensure_image(
             Ok(id)
         }
         None => bail!(
-            "{}: cannot pull {image}: {}\n(is the name right, and did a docker_login step run for \
-             its registry?)",
+            "{}: cannot pull {image}: {}\n({})",
             engine.host.name(),
-            out.tail()
+            out.tail(),
+            super::image::registry_hint(&out.tail()).unwrap_or_else(|| {
+                "is the name right, and did a docker_login step run for its registry?".into()
+            })
         ),
     }
 }

@@ -53,11 +53,13 @@ pub(crate) async fn login(
     if !out.success() {
         // Docker does not echo the password, but never trust output with a secret in play.
         let tail = out.tail().replace(&password, "***");
-        bail!(
-            "{host}: docker login to {registry} as `{user}` failed: {tail}\n(check the password in \
-             {} and that `{user}` may log in to {registry})",
-            s.password_env
-        );
+        let hint = registry_hint(&tail).unwrap_or_else(|| {
+            format!(
+                "check the password in {} and that `{user}` may log in to {registry}",
+                s.password_env
+            )
+        });
+        bail!("{host}: docker login to {registry} as `{user}` failed: {tail}\n({hint})");
     }
     Ok(report(
         "docker_login",
@@ -225,9 +227,9 @@ pub(crate) async fn push(
             ),
             (PullFailure::Unknown, false) => bail!(
                 "{host}: cannot tell whether the registry has {image} already, so it is not \
-                 pushed: docker pull {image} failed: {}\n(did a docker_login step for its \
-                 registry run first?)",
-                out.tail()
+                 pushed: docker pull {image} failed: {}\n({})",
+                out.tail(),
+                registry_hint(&out.tail()).unwrap_or(LOGIN_HINT.into())
             ),
         }
     };
@@ -257,9 +259,10 @@ pub(crate) async fn push(
         .await?;
     if !out.success() {
         bail!(
-            "{}: docker push {image} failed: {}\n(did a docker_login step for its registry run first?)",
+            "{}: docker push {image} failed: {}\n({})",
             ctx.host.name(),
-            out.tail()
+            out.tail(),
+            registry_hint(&out.tail()).unwrap_or(LOGIN_HINT.into())
         );
     }
     let text = out.stdout_str();
@@ -284,6 +287,48 @@ enum PullFailure {
     OtherPlatforms,
     /// Anything else (a login, TLS, the network): whether the tag is there is unknown.
     Unknown,
+}
+
+/// The hint for a registry that refused us (credentials), not one we could not reach.
+const LOGIN_HINT: &str = "did a docker_login step for its registry run first?";
+
+/// The hint for a registry the daemon could not reach or talk to (as Go's net/http and Docker
+/// word it), if that is what `error` says: then credentials are beside the point.
+pub(crate) fn registry_hint(error: &str) -> Option<String> {
+    let e = error.to_ascii_lowercase();
+    let unreachable = [
+        "connection refused",
+        "no such host",
+        "i/o timeout",
+        "network is unreachable",
+        "no route to host",
+        "connection reset",
+        "context deadline exceeded",
+        "tls handshake timeout",
+    ];
+    if unreachable.iter().any(|s| e.contains(s)) {
+        return Some(
+            "the Docker engine on this host cannot reach the registry: check its address and \
+             port, that it is up, and that this host's network (DNS, proxy, firewall) lets \
+             docker reach it"
+                .into(),
+        );
+    }
+    if e.contains("server gave http response to https client") {
+        return Some(
+            "the registry speaks plain HTTP: serve it over TLS, or list it under \
+             `insecure-registries` in this host's /etc/docker/daemon.json"
+                .into(),
+        );
+    }
+    if e.contains("x509:") || e.contains("certificate") {
+        return Some(
+            "the registry's TLS certificate is not trusted by this host's Docker engine: put its \
+             CA in /etc/docker/certs.d/<registry>/ca.crt"
+                .into(),
+        );
+    }
+    None
 }
 
 /// Reads the daemon's error (as Docker and registries word it: `manifest unknown`, `name unknown`,
@@ -327,9 +372,12 @@ pub(crate) async fn pull(
         .await?;
     if !out.success() {
         bail!(
-            "{}: docker pull {image} failed: {}",
+            "{}: docker pull {image} failed: {}{}",
             ctx.host.name(),
-            out.tail()
+            out.tail(),
+            registry_hint(&out.tail())
+                .map(|h| format!("\n({h})"))
+                .unwrap_or_default()
         );
     }
     let after = engine.image_id(&image).await?.unwrap_or_default();
@@ -460,6 +508,27 @@ mod tests {
             "unauthorized: authentication required",
         ] {
             assert_eq!(pull_failure(unknown), PullFailure::Unknown, "{unknown}");
+        }
+    }
+
+    #[test]
+    fn an_unreachable_registry_is_not_blamed_on_credentials() {
+        let refused = "Error response from daemon: Get \"http://127.0.0.1:5999/v2/\": dial tcp \
+                       127.0.0.1:5999: connect: connection refused";
+        assert!(
+            registry_hint(refused)
+                .unwrap()
+                .contains("cannot reach the registry")
+        );
+        let tls = "Get \"https://reg/v2/\": x509: certificate signed by unknown authority";
+        assert!(registry_hint(tls).unwrap().contains("certs.d"));
+        let http = "Get \"https://reg:5000/v2/\": http: server gave HTTP response to HTTPS client";
+        assert!(registry_hint(http).unwrap().contains("insecure-registries"));
+        for creds in [
+            "unauthorized: authentication required",
+            "Error response from daemon: Get \"https://reg/v2/\": no basic auth credentials",
+        ] {
+            assert_eq!(registry_hint(creds), None, "{creds}");
         }
     }
 }
