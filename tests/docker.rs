@@ -415,7 +415,31 @@ fn a_container_ferry_did_not_start_is_adopted_only_when_asked() {
     let step = |adopt: &str| {
         format!("      - container: {{ name: \"{name}\", image: \"{image}\"{adopt} }}\n")
     };
-    let refused_pb = pb(&dir, &[("web1", &host)], "", &step(""));
+    let on_stop = format!("    on_stop:\n      - docker_remove: {{ name: \"{name}\" }}\n");
+    let refused_pb = pb(&dir, &[("web1", &host)], &on_stop, &step(""));
+    // Nor removed by `ferry stop`.
+    let stop = |plan: bool| {
+        let mut ferry = Ferry::new()
+            .trusting(&[&host])
+            .arg("stop")
+            .arg(&refused_pb)
+            .args(["--env", "test", "--ref", "main", "--sha", "aaaa"]);
+        if plan {
+            ferry = ferry.arg("--plan");
+        }
+        ferry.run()
+    };
+    for plan in [true, false] {
+        let run = stop(plan).failure(1);
+        assert!(
+            run.all().contains(&format!(
+                "a container named {name} exists that ferry did not start"
+            )) && run.all().contains("nothing was removed"),
+            "{}",
+            run.all()
+        );
+        assert_eq!(container_state(&name), "running");
+    }
     for plan in [true, false] {
         let mut ferry = Ferry::new()
             .trusting(&[&host])
@@ -436,7 +460,7 @@ fn a_container_ferry_did_not_start_is_adopted_only_when_asked() {
         assert_eq!(container_id(&name), hand);
         assert_eq!(container_state(&name), "running");
     }
-    let adopting = pb(&dir, &[("web1", &host)], "", &step(", adopt: true"));
+    let adopting = pb(&dir, &[("web1", &host)], &on_stop, &step(", adopt: true"));
     let run = deploy(&[&host], &adopting, "aaaa").success();
     assert!(
         run.all().contains(&format!("replaced {name}")),
@@ -445,8 +469,17 @@ fn a_container_ferry_did_not_start_is_adopted_only_when_asked() {
     );
     assert_ne!(container_id(&name), hand);
     assert_eq!(container_id(&format!("{name}.ferry-prev")), hand);
-    // Adopted, it is ferry's: the step without `adopt` goes on with it.
+    // Adopted, it is ferry's: the step without `adopt` goes on with it, and `ferry stop` removes
+    // it with the one it replaced.
+    let refused_pb = pb(&dir, &[("web1", &host)], &on_stop, &step(""));
     deploy(&[&host], &refused_pb, "bbbb").success();
+    let run = stop(false).success();
+    assert!(
+        run.all()
+            .contains(&format!("removed {name}, {name}.ferry-prev")),
+        "{}",
+        run.all()
+    );
 }
 
 /// A build whose step fails is reported with docker's words, and leaves no container behind.
@@ -691,6 +724,12 @@ fn accessory_started_once_and_replaced_on_spec_change() {
     let third = deploy(&[&host], &pb2, "bbbb").success();
     assert!(third.all().contains("spec changed"), "{}", third.all());
     assert_ne!(container_id(&name), id);
+    // Replaced again: one container is kept (`.ferry-prev`), none left waiting as `.ferry-older`
+    // (a failed run takes back only service containers).
+    let pb3 = pb(&dir, &[("web1", &host)], "", &step("c"));
+    deploy(&[&host], &pb3, "cccc").success();
+    assert!(docker_try(&["container", "inspect", &format!("{name}.ferry-prev")]).0);
+    assert!(!docker_try(&["container", "inspect", &format!("{name}.ferry-older")]).0);
 }
 
 /// A wrong registry password: a clear error naming the registry, and the password nowhere.

@@ -78,15 +78,8 @@ async fn ensure_image(
 /// Refuse to replace a container that ferry did not start for this app and environment (one run
 /// by hand or by another tool, another app's): `adopt: true` takes it over.
 fn not_ours(ctx: &StepCtx<'_>, name: &str, c: &ContainerState) -> anyhow::Result<()> {
-    let label = |k: &str| c.labels.get(k).map(String::as_str);
-    let whose = match (label("ferry.app"), label("ferry.env")) {
-        (Some(app), Some(env)) if app == ctx.app && env == ctx.env => return Ok(()),
-        (Some(app), env) => format!(
-            "that ferry started for app {} (environment {})",
-            crate::shell::quote_str(app),
-            crate::shell::quote_str(env.unwrap_or("?"))
-        ),
-        (None, _) => "that ferry did not start (it has no ferry.app label)".to_string(),
+    let Some(whose) = whose(ctx, c) else {
+        return Ok(());
     };
     bail!(
         "{}: a container named {name} exists {whose}; ferry will not replace it unless told to. \
@@ -95,6 +88,20 @@ fn not_ours(ctx: &StepCtx<'_>, name: &str, c: &ContainerState) -> anyhow::Result
         ctx.host.name(),
         prev = prev_name(name)
     )
+}
+
+/// Whose a container is, unless ferry started it for this app and environment (`None`).
+fn whose(ctx: &StepCtx<'_>, c: &ContainerState) -> Option<String> {
+    let label = |k: &str| c.labels.get(k).map(String::as_str);
+    match (label("ferry.app"), label("ferry.env")) {
+        (Some(app), Some(env)) if app == ctx.app && env == ctx.env => None,
+        (Some(app), env) => Some(format!(
+            "that ferry started for app {} (environment {})",
+            crate::shell::quote_str(app),
+            crate::shell::quote_str(env.unwrap_or("?"))
+        )),
+        (None, _) => Some("that ferry did not start (it has no ferry.app label)".to_string()),
+    }
 }
 
 fn ferry_labels(ctx: &StepCtx<'_>, hash: &str) -> BTreeMap<String, String> {
@@ -329,7 +336,7 @@ pub(crate) async fn run(
         rep.detail = detail;
         return Ok(rep);
     }
-    let how = replace(ctx, engine, &r, current.as_ref(), &mut log).await?;
+    let how = replace(ctx, engine, &r, role, current.as_ref(), &mut log).await?;
     let verb = if current.is_some() {
         "replaced"
     } else {
@@ -381,6 +388,7 @@ async fn replace(
     ctx: &StepCtx<'_>,
     engine: &Engine<'_>,
     r: &Resolved,
+    role: Role,
     current: Option<&ContainerState>,
     log: &mut Vec<String>,
 ) -> anyhow::Result<String> {
@@ -427,7 +435,11 @@ async fn replace(
         Ok(how) => {
             if current.is_some() {
                 // The new container is live; failing to file the old one away is only a warning.
-                log.push(keep_aside(engine, &aside, &prev, Some(&older_name(name))).await);
+                // (A failed run takes back only service containers: an accessory's `prev` can go
+                // at once, not wait as `older` for a success.)
+                let older = older_name(name);
+                let older = (role == Role::Service).then_some(older.as_str());
+                log.push(keep_aside(engine, &aside, &prev, older).await);
             }
             Ok(how)
         }
@@ -715,9 +727,25 @@ pub(crate) async fn remove(
     ];
     let mut present = Vec::new();
     for n in &names {
-        if engine.container(n).await?.is_some() {
-            present.push(n.clone());
+        let Some(c) = engine.container(n).await? else {
+            continue;
+        };
+        // (The suffixed names are ferry's own renames: an adopted container's `.ferry-prev` keeps
+        // its old labels.)
+        if *n == name
+            && let Some(whose) = whose(ctx, &c)
+        {
+            bail!(
+                "{}: a container named {name} exists {whose}; docker_remove removes only \
+                 containers ferry started for app {} in environment {}, so it is left alone \
+                 (nothing was removed). Remove it by hand (docker rm -f {name}) if it must go, \
+                 or fix the step's name",
+                ctx.host.name(),
+                crate::shell::quote_str(ctx.app),
+                crate::shell::quote_str(ctx.env),
+            );
         }
+        present.push(n.clone());
     }
     if present.is_empty() {
         return Ok(report(
