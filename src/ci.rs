@@ -223,6 +223,17 @@ pub fn controller_host() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// A variable of the job's environment that a playbook names for a secret (`secret_env`,
+/// `password_env`): its value, or why there is none to use, worded to follow "environment
+/// variable NAME, ": unset, or not UTF-8 text (which ferry cannot pass on as it is).
+pub fn secret_var(name: &str) -> Result<String, String> {
+    match std::env::var(name) {
+        Ok(v) => Ok(v),
+        Err(std::env::VarError::NotPresent) => Err("which is not set".into()),
+        Err(std::env::VarError::NotUnicode(_)) => Err("which does not hold UTF-8 text".into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::ref_problem;

@@ -312,10 +312,15 @@ fn preflight(setup: &Setup, section: Checked, plan: bool, rollback: bool) -> any
             Step::DockerLogin(s) => {
                 host.expand(&s.registry)?;
                 host.expand(&s.user)?;
-                if !std::env::var(&s.password_env).is_ok_and(|p| !p.is_empty()) {
+                let why = match crate::ci::secret_var(&s.password_env) {
+                    Ok(p) if p.is_empty() => Some("which is empty".to_string()),
+                    Ok(_) => None,
+                    Err(why) => Some(why),
+                };
+                if let Some(why) = why {
                     anyhow::bail!(
-                        "docker_login: environment variable {} is not set; it must hold the \
-                         registry password (a masked CI/CD variable)",
+                        "docker_login: environment variable {}, {why}: it must hold the registry \
+                         password (a masked CI/CD variable)",
                         s.password_env
                     );
                 }
@@ -740,7 +745,21 @@ async fn run_host(
     // Steps run while the lock's lease is renewed. Losing the lock stops the deploy before the next
     // step; an interrupt also cuts off a running step unless that would leave the host worse.
     let lost: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
-    let steps_run = run_steps(ctx, steps, action, &lost);
+    let steps_run = async {
+        // (A deploy that took over the lock of a run that ended unrecorded goes back first.)
+        let (mut reports, error) = match (action, &lock) {
+            (Action::Deploy, Some(l)) if l.taken_over.is_some() => {
+                recover(ctx, steps, per_branch, &lost).await
+            }
+            _ => (Vec::new(), None),
+        };
+        if error.is_some() {
+            return (reports, error);
+        }
+        let (ran, error) = run_steps(ctx, steps, action, &lost).await;
+        reports.extend(ran);
+        (reports, error)
+    };
     // A host that answers no renewal for a whole lease is gone: the step in progress, which may
     // wait on it for ever, is given half a lease more, then abandoned.
     let renew = async {
@@ -1149,6 +1168,57 @@ fn live_releases(reports: &[StepReport]) -> (BTreeMap<String, String>, Option<St
     (by_path, last)
 }
 
+/// Before a deploy that took over the lock of a run that ended unrecorded (killed, cut off): put
+/// the host back on the last good run, as `ferry rollback` after such a run does. That run may
+/// have left its files live beside containers a later step puts back (or its container half
+/// switched), and this deploy, should it fail, switches back to what it found: that must be a
+/// state the ledger knows. Nothing to go back to (no good run recorded): nothing done. An error
+/// stops the deploy before its own steps.
+async fn recover(
+    ctx: &StepCtx<'_>,
+    steps: &[Step],
+    per_branch: bool,
+    lost: &std::sync::Mutex<Option<String>>,
+) -> (Vec<StepReport>, Option<String>) {
+    let host = ctx.host.name();
+    let target = match rollback_target(ctx, None, per_branch, true).await {
+        Ok(Some(t)) => t,
+        Ok(None) => return (Vec::new(), None),
+        Err(e) => {
+            ctx.progress.println(&format!(
+                "{host}: warning: the run whose lock this one took over ended unrecorded, and \
+                 there is no good run to put the host back on first ({e:#})"
+            ));
+            return (Vec::new(), None);
+        }
+    };
+    let deploy = target.context();
+    ctx.progress.println(&format!(
+        "{host}: the run whose lock this one took over ended unrecorded: putting the host back on \
+         release {} (ref {}, commit {}), the last good run, before this deploy",
+        target.release,
+        shell::quote_str(&target.ref_name),
+        deploy.short_sha()
+    ));
+    let back = StepCtx {
+        deploy: &deploy,
+        release: &target.release,
+        stop: ctx.stop.clone(),
+        ..*ctx
+    };
+    let action = Action::Rollback(target.files_release.clone(), target.files_releases.clone());
+    let (reports, error) = run_steps(&back, steps, &action, lost).await;
+    let error = error.map(|e| {
+        format!(
+            "putting the host back on the last good run (release {}) before this deploy failed, \
+             so the deploy did not run: {e}. Fix that and run the job again, or `ferry rollback \
+             --to RELEASE`",
+            target.release
+        )
+    });
+    (reports, error)
+}
+
 /// The ledger's choice of what to roll back to on this host. In an environment whose root, sync
 /// targets or container names depend on the ref (a review app per branch), every branch writes to
 /// one ledger: only this ref's records count.
@@ -1275,11 +1345,11 @@ fn run_secrets(step: &RunStep) -> anyhow::Result<Vec<(String, String)>> {
             if !plain {
                 anyhow::bail!("run: secret_env name `{name}` is not a shell variable name (letters, digits, `_`)");
             }
-            let value = std::env::var(var).map_err(|_| {
-                anyhow::anyhow!("run: secret_env {name} reads environment variable {var}, which is not set; set it in the CI/CD variables")
+            let value = crate::ci::secret_var(var).map_err(|why| {
+                anyhow::anyhow!("run: secret_env {name} reads environment variable {var}, {why}; set it in the CI/CD variables")
             })?;
-            if value.contains('\n') {
-                anyhow::bail!("run: secret_env {name} (from {var}) contains a newline, which ferry does not pass to commands");
+            if value.contains(['\n', '\r']) {
+                anyhow::bail!("run: secret_env {name} (from {var}) contains a line break (a newline or carriage return), which ferry does not pass to commands");
             }
             Ok((name.clone(), value))
         })

@@ -565,7 +565,7 @@ fn tag_push_pull_through_the_registry() {
         .run()
         .failure(2);
     assert!(
-        unset.all().contains("REGISTRY_PASSWORD is not set"),
+        unset.all().contains("REGISTRY_PASSWORD, which is not set"),
         "{}",
         unset.all()
     );
@@ -775,7 +775,7 @@ fn wrong_registry_password_is_clear_and_never_shown() {
         .args(["--env", "test", "--ref", "main", "--sha", "aaaa"])
         .run()
         .failure(2);
-    assert!(run.all().contains("REG_PW is not set"), "{}", run.all());
+    assert!(run.all().contains("REG_PW, which is not set"), "{}", run.all());
 }
 
 /// A host whose docker command does not exist: a clear error naming the host and the fix.
@@ -1087,6 +1087,22 @@ fn interrupted_deploy_is_recovered() {
     ] {
         assert!(status.stdout.contains(&note), "{note}: {}", status.all());
     }
+    // And a plan says the run would put it back.
+    let plan = Ferry::new()
+        .trusting(&[&host])
+        .args([
+            "deploy", "--plan", "--env", "test", "--ref", "main", "--sha", "aaaa",
+        ])
+        .arg(&pb)
+        .run()
+        .success();
+    assert!(
+        plan.stdout.contains(&format!(
+            "would restore {prefix} from {prefix}.ferry-aside (left by an interrupted deploy"
+        )),
+        "{}",
+        plan.all()
+    );
     let run = deploy(&[&host], &pb, "aaaa").success();
     assert!(
         run.all()
@@ -1199,6 +1215,73 @@ fn a_failed_rollback_switches_the_files_back() {
         "the files went back with the container"
     );
     assert_eq!(http_get(port, "/version").as_deref(), Some("app two\n"));
+}
+
+/// A deploy killed in its health wait left its files live, its new container running and the old
+/// one aside, and nothing recorded; its retry, failing the same health check, takes over the
+/// lock: it puts the host back on the last good run first, so that the files it switches back to
+/// match the container that goes back.
+#[test]
+fn a_retry_after_a_killed_deploy_leaves_files_and_container_together() {
+    engine();
+    let host = Sshd::start();
+    let prefix = unique("retry");
+    let _cleanup = Cleanup(vec![prefix.clone()]);
+    let port = free_port();
+    let dir = TempDir::new("retry");
+    let pb = pb(
+        &dir,
+        &[("web1", &host)],
+        "",
+        &bundle_and_app(&dir, &prefix, port),
+    );
+    let run = |n: u32, image: &str| bundle_run(&dir, &host, &pb, "deploy", n, image).run();
+    let (one, two) = (
+        pushed_image(&prefix, "one", "app one", true),
+        pushed_image(&prefix, "two", "app two", true),
+    );
+    let bad = pushed_image(&prefix, "bad", "app bad", false);
+    run(1, &one).success();
+    // What the killed run of commit 2 leaves: its files and container, the old one aside, no
+    // record, and its lock, expired.
+    run(2, &two).success();
+    docker(&[
+        "rename",
+        &format!("{prefix}.ferry-prev"),
+        &format!("{prefix}.ferry-aside"),
+    ]);
+    let state = dir.join("root/web1/.ferry");
+    let records = std::fs::read_to_string(state.join("ledger.jsonl")).unwrap();
+    std::fs::write(
+        state.join("ledger.jsonl"),
+        format!("{}\n", records.lines().next().unwrap()),
+    )
+    .unwrap();
+    let lock = state.join("locks/testapp-test");
+    std::fs::create_dir_all(&lock).unwrap();
+    std::fs::write(lock.join("token"), "dead\n").unwrap();
+    std::fs::write(
+        lock.join("holder.json"),
+        "{\"token\":\"dead\",\"ref\":\"main\",\"sha\":\"2\",\"pipeline_id\":null,\"job_url\":null,\"user\":\"bob\",\"controller\":\"gone\",\"pid\":1,\"started_at\":1}\n",
+    )
+    .unwrap();
+    std::fs::write(lock.join("expires"), "1\n").unwrap();
+    let site = dir.join("root/web1/site/index.html");
+    assert_eq!(std::fs::read_to_string(&site).unwrap(), "bundle 2\n");
+
+    let retry = run(2, &bad).failure(1);
+    assert!(
+        retry.all().contains("putting the host back on release"),
+        "{}",
+        retry.all()
+    );
+    assert_eq!(http_get(port, "/version").as_deref(), Some("app one\n"));
+    assert_eq!(
+        std::fs::read_to_string(&site).unwrap(),
+        "bundle 1\n",
+        "the files went back with the container: {}",
+        retry.all()
+    );
 }
 
 /// A step after the service container's switch fails: the container goes back to the one it

@@ -327,6 +327,22 @@ fn run_step_secret_env_reaches_the_command_only() {
             "{}",
             run.all()
         );
+        // Set, but not text: said so, not "not set".
+        let run = ci(&[&host], "release-1", SHA, "11")
+            .env(
+                "TEST_RUN_TOKEN",
+                <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(b"\xff\xfe"),
+            )
+            .arg("deploy")
+            .arg(&p)
+            .run()
+            .failure(2);
+        assert!(
+            run.all()
+                .contains("TEST_RUN_TOKEN, which does not hold UTF-8 text"),
+            "{}",
+            run.all()
+        );
     }
 }
 
@@ -1315,6 +1331,83 @@ fn a_rollback_after_an_unrecorded_run_goes_to_the_last_good_one() {
     assert_eq!(
         std::fs::read_link(Path::new(&root).join("site")).unwrap(),
         live
+    );
+}
+
+/// A retried deploy that takes over the lock of a run killed after its switch (its files live,
+/// nothing recorded) first puts the host back on the last good run: should it fail, its files
+/// then go back to what the ledger knows, not stay on the killed run's beside older containers.
+#[test]
+fn a_deploy_after_an_unrecorded_run_starts_from_the_last_good_one() {
+    let host = Sshd::start();
+    let dir = TempDir::new("rdcut");
+    let root = open_root(&dir);
+    let steps = |last: &str| {
+        format!(
+            "      - sync: {{ from: \"{}\", to: site }}\n      - run: {{ command: [\"{last}\"] }}\n",
+            dir.join("dist").display()
+        )
+    };
+    let p = pb(&dir, &[host.address()], &root, &steps("true"), "");
+    let deploy = |n: u32| {
+        ci(&[&host], "release-1", &format!("{n:040}"), "831")
+            .arg("deploy")
+            .arg(&p)
+            .run()
+    };
+    dir.write("dist/index.html", "build 1\n");
+    deploy(1).success();
+    let good = std::fs::read_link(Path::new(&root).join("site")).unwrap();
+    let page = || std::fs::read_to_string(Path::new(&root).join("site/index.html")).unwrap();
+    // Build 2 switched and was killed before it recorded anything.
+    dir.write("dist/index.html", "build 2\n");
+    deploy(2).success();
+    let records = ledger(&Path::new(&root).join(".ferry"));
+    std::fs::write(
+        Path::new(&root).join(".ferry/ledger.jsonl"),
+        format!("{}\n", records[0]),
+    )
+    .unwrap();
+    stale_lock(&root, 100);
+    // Its retry fails after the sync step.
+    let p = pb(&dir, &[host.address()], &root, &steps("false"), "");
+    let retry = ci(&[&host], "release-1", &format!("{:040}", 2), "832")
+        .arg("deploy")
+        .arg(&p)
+        .run()
+        .failure(1);
+    assert!(
+        retry.stderr.contains("putting the host back on release"),
+        "{}",
+        retry.stderr
+    );
+    assert_eq!(page(), "build 1\n", "{}", retry.stderr);
+    assert_eq!(
+        std::fs::read_link(Path::new(&root).join("site")).unwrap(),
+        good
+    );
+    // Retried once more with the step fixed: build 2 goes live, and the ledger knows it.
+    let p = pb(&dir, &[host.address()], &root, &steps("true"), "");
+    ci(&[&host], "release-1", &format!("{:040}", 2), "833")
+        .arg("deploy")
+        .arg(&p)
+        .run()
+        .success();
+    assert_eq!(page(), "build 2\n");
+    let records = ledger(&Path::new(&root).join(".ferry"));
+    let actions: Vec<_> = records
+        .iter()
+        .map(|r| (r["action"].as_str().unwrap(), r["ok"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("deploy", true),
+            ("interrupted", false),
+            ("deploy", false),
+            ("deploy", true)
+        ],
+        "{records:?}"
     );
 }
 

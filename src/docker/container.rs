@@ -247,10 +247,23 @@ pub(crate) async fn run(
     let name = r.spec.name.clone();
     let image = r.spec.image.clone();
     let mut log = Vec::new();
+    let mut current = None;
+    // A plan: what the run would find once it put back what a cut run moved aside.
+    let mut restoring = String::new();
     if !ctx.plan {
         recover_aside(engine, &name, policy(&r), &mut log).await?;
+    } else if let Some(c) = engine.container(&aside_name(&name)).await? {
+        restoring = format!(
+            "restore {name} from {} (left by an interrupted deploy; the container that run \
+             started goes), then ",
+            aside_name(&name)
+        );
+        current = Some(c);
     }
-    let current = engine.container(&name).await?;
+    let current = match current {
+        Some(c) => Some(c),
+        None => engine.container(&name).await?,
+    };
     if let Some(c) = &current
         && !r.spec.adopt
     {
@@ -296,7 +309,7 @@ pub(crate) async fn run(
             return Ok(report(
                 kind,
                 true,
-                format!("would start {name} (stopped, spec unchanged)"),
+                format!("would {restoring}start {name} (stopped, spec unchanged)"),
                 log,
             ));
         }
@@ -330,7 +343,7 @@ pub(crate) async fn run(
         let mut rep = report(
             kind,
             true,
-            format!("would {verb} {name} with {image} ({why})"),
+            format!("would {restoring}{verb} {name} with {image} ({why})"),
             log,
         );
         rep.detail = detail;
@@ -470,7 +483,12 @@ async fn replace(
             } else {
                 vec![]
             };
-            let _ = engine.remove(name).await;
+            let removed = match engine.remove(name).await {
+                Ok(_) => "was removed".to_string(),
+                Err(e) => {
+                    format!("could not be removed ({e}; the next deploy or rollback removes it)")
+                }
+            };
             let restored = if current.is_some() {
                 put_back(engine, &aside, name, was_running, restart).await
             } else {
@@ -484,7 +502,7 @@ async fn replace(
             Err(masked(
                 r,
                 format!(
-                    "{host}: new container {name} ({}) failed and was removed{restored}: {e:#}{logs}",
+                    "{host}: new container {name} ({}) failed and {removed}{restored}: {e:#}{logs}",
                     r.spec.image
                 ),
             ))
@@ -685,13 +703,13 @@ pub async fn live(
     session: &Session,
     spec: &ContainerSpec,
 ) -> anyhow::Result<LiveContainer> {
-    // Status needs no secrets: resolve with placeholder values.
-    let r = spec::resolve(spec, host.name(), &|s| host.template(s), &|_| {
-        Some(String::new())
-    })
-    .with_context(|| host.name().to_string())?;
+    // Status needs only the name: not the secrets, nor the variables of the other fields (a
+    // deploy's `${env.X}`, which the status job may not have).
+    let name = spec::with_overrides(spec, host.name())
+        .map_err(anyhow::Error::from)
+        .and_then(|s| Ok(host.template(&s.name)?))
+        .with_context(|| format!("{}: container `{}`", host.name(), spec.name))?;
     let engine = Engine::new(host, session);
-    let name = r.spec.name;
     let aside = engine.container(&aside_name(&name)).await?.is_some();
     Ok(match engine.container(&name).await? {
         None => LiveContainer {

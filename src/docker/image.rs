@@ -21,15 +21,17 @@ pub(crate) async fn login(
     let host = ctx.host.name();
     let registry = ctx.host.expand(&s.registry)?;
     let user = ctx.host.expand(&s.user)?;
-    let password = std::env::var(&s.password_env)
-        .ok()
-        .filter(|p| !p.is_empty());
-    let Some(password) = password else {
-        bail!(
-            "{host}: docker_login to {registry}: environment variable {} is not set; it must hold \
-             the password of `{user}` (a masked CI/CD variable)",
+    let password = match crate::ci::secret_var(&s.password_env) {
+        Ok(p) if p.is_empty() => Err("which is empty".to_string()),
+        other => other,
+    };
+    let password = match password {
+        Ok(p) => p,
+        Err(why) => bail!(
+            "{host}: docker_login to {registry}: environment variable {}, {why}: it must hold the \
+             password of `{user}` (a masked CI/CD variable)",
             s.password_env
-        );
+        ),
     };
     if ctx.plan {
         return Ok(report(

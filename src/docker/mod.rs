@@ -78,9 +78,12 @@ pub(crate) fn report(step: &str, changed: bool, summary: String, log: Vec<String
 
 /// The spec for this host, with secrets read from the controller's environment.
 pub(crate) fn resolve(host: &Host, spec: &ContainerSpec) -> anyhow::Result<Resolved> {
-    spec::resolve(spec, host.name(), &|s| host.template(s), &|k| {
-        std::env::var(k).ok()
-    })
+    spec::resolve(
+        spec,
+        host.name(),
+        &|s| host.template(s),
+        &crate::ci::secret_var,
+    )
     .with_context(|| host.name().to_string())
 }
 

@@ -28,15 +28,17 @@ pub enum SpecError {
         error: crate::template::TemplateError,
     },
     #[error(
-        "container `{name}`: secret_env {var} reads environment variable {env_var}, which is not set; set it in the CI/CD variables"
+        "container `{name}`: secret_env {var} reads environment variable {env_var}, {why}; set it in the CI/CD variables"
     )]
     MissingSecret {
         name: String,
         var: String,
         env_var: String,
+        /// Unset, or not UTF-8 text (see `ci::unusable_var`).
+        why: String,
     },
     #[error(
-        "container `{name}`: secret_env {var} (from {env_var}) contains a newline, which an env file cannot carry"
+        "container `{name}`: secret_env {var} (from {env_var}) contains a line break (a newline or carriage return), which an env file cannot carry"
     )]
     SecretNewline {
         name: String,
@@ -80,7 +82,7 @@ pub fn resolve(
     spec: &ContainerSpec,
     host: &str,
     expand: &dyn Fn(&str) -> Result<String, crate::template::TemplateError>,
-    env: &dyn Fn(&str) -> Option<String>,
+    env: &dyn Fn(&str) -> Result<String, String>,
 ) -> Result<Resolved, SpecError> {
     let mut s = with_overrides(spec, host)?;
     let name_for_err = s.name.clone();
@@ -123,10 +125,11 @@ pub fn resolve(
     check_values(&s)?;
     let mut secrets = BTreeMap::new();
     for (var, env_var) in &s.secret_env {
-        let value = env(env_var).ok_or_else(|| SpecError::MissingSecret {
+        let value = env(env_var).map_err(|why| SpecError::MissingSecret {
             name: s.name.clone(),
             var: var.clone(),
             env_var: env_var.clone(),
+            why,
         })?;
         if value.contains('\n') || value.contains('\r') {
             return Err(SpecError::SecretNewline {
@@ -547,8 +550,11 @@ mod tests {
         crate::template::expand(s, &v)
     }
 
-    fn env(k: &str) -> Option<String> {
-        (k == "DB_PW").then(|| "s3cr3t pw".to_string())
+    fn env(k: &str) -> Result<String, String> {
+        match k {
+            "DB_PW" => Ok("s3cr3t pw".into()),
+            _ => Err("which is not set".into()),
+        }
     }
 
     const FULL: &str = "name: app-${host}\nimage: reg:5000/shop:${sha}\ncommand: [serve, --port, '8080']\nentrypoint: [/bin/sh, -c]\nports: ['8080:80']\nenv: { A: '1', REV: '${sha}' }\nsecret_env: { DB_PASSWORD: DB_PW }\nenv_file: /etc/app.env\nvolumes: ['/srv/a b:/srv:ro']\nnetwork: shop\nrestart: unless-stopped\nlog_driver: json-file\nlog_opts: { max-size: 10m }\nprivileged: true\nlabels: { team: web }\nuser: '1000'\nworkdir: /srv\nextra_hosts: ['db:10.0.0.2']\nmemory: 512m\ncpus: '1.5'\nhealth: { type: http, url: 'http://127.0.0.1:8080/health' }\nhosts:\n  web2: { ports: ['9090:80'], env: { B: '2' } }\n";
@@ -669,7 +675,7 @@ mod tests {
         let s = spec("name: a\nimage: i\nsecret_env: { P: DB_PW }\n");
         let a = resolve(&s, "h", &vars, &env).unwrap();
         assert_eq!(a.hash(), resolve(&s, "h", &vars, &env).unwrap().hash());
-        let other_secret = resolve(&s, "h", &vars, &|_| Some("other".into())).unwrap();
+        let other_secret = resolve(&s, "h", &vars, &|_| Ok("other".into())).unwrap();
         assert_ne!(a.hash(), other_secret.hash());
         // What is shown does not depend on the secrets (a weak one could be guessed from it).
         assert_eq!(a.shown_hash(), other_secret.shown_hash());
@@ -695,7 +701,7 @@ mod tests {
         let e = resolve(&s, "h", &vars, &env).unwrap_err().to_string();
         assert!(e.contains("NOPE") && e.contains("not set"), "{e}");
         let s = spec("name: a\nimage: i\nsecret_env: { P: DB_PW }\n");
-        let e = resolve(&s, "h", &vars, &|_| Some("a\nb".into()))
+        let e = resolve(&s, "h", &vars, &|_| Ok("a\nb".into()))
             .unwrap_err()
             .to_string();
         assert!(e.contains("newline") && !e.contains("a\nb"), "{e}");
