@@ -1211,8 +1211,8 @@ async fn recover(
     let error = error.map(|e| {
         format!(
             "putting the host back on the last good run (release {}) before this deploy failed, \
-             so the deploy did not run: {e}. Fix that and run the job again, or `ferry rollback \
-             --to RELEASE`",
+             so the deploy did not run: {e}. Run the job again to deploy without going back \
+             first (this run recorded the cut one), or `ferry rollback --to RELEASE`",
             target.release
         )
     });

@@ -246,10 +246,9 @@ pub fn summarize(env: &str, per_branch: bool, hosts: &[HostView]) -> EnvStatus {
                     // (A record from before ferry kept one per target.)
                     true => g.files_release.clone(),
                     false => {
-                        let all: BTreeSet<&String> = g.files_releases.values().collect();
-                        (all.len() == 1)
-                            .then(|| all.into_iter().next().cloned())
-                            .flatten()
+                        let mut each = g.files_releases.values();
+                        let first = each.next()?;
+                        each.all(|r| r == first).then(|| first.clone())
                     }
                 })
                 .filter(|f| good.is_some_and(|g| *f != g.release));

@@ -775,7 +775,11 @@ fn wrong_registry_password_is_clear_and_never_shown() {
         .args(["--env", "test", "--ref", "main", "--sha", "aaaa"])
         .run()
         .failure(2);
-    assert!(run.all().contains("REG_PW, which is not set"), "{}", run.all());
+    assert!(
+        run.all().contains("REG_PW, which is not set"),
+        "{}",
+        run.all()
+    );
 }
 
 /// A host whose docker command does not exist: a clear error naming the host and the fix.
