@@ -486,9 +486,12 @@ async fn run_env(
             .and_then(|u| setup.hosts.first()?.expand(u).ok());
         gitlab::Reporter::new(&setup.playbook, ctx, &setup.env, url)
     };
-    if let Some(r) = &gitlab {
-        r.report(gitlab::State::Running, None).await;
-    }
+    // (GitLab hears "running" while the hosts are being deployed: a slow API holds up no host.)
+    let running = async {
+        if let Some(r) = &gitlab {
+            r.report(gitlab::State::Running, None).await;
+        }
+    };
     let app = setup.playbook.app.as_str();
     let env = setup.env.as_str();
     let started = Instant::now();
@@ -512,7 +515,7 @@ async fn run_env(
         && setup.hosts.len() <= setup.settings.forks)
         .then(|| crate::gate::Gate::new(setup.hosts.iter().map(|h| h.name())));
     let gate = gate.as_ref();
-    let outcomes = fleet::run_with(
+    let deployed = fleet::run_with(
         &setup.connector,
         &setup.hosts,
         setup.settings.forks,
@@ -548,8 +551,8 @@ async fn run_env(
                 g.fail(&o.host);
             }
         },
-    )
-    .await;
+    );
+    let (outcomes, ()) = tokio::join!(deployed, running);
     interrupt.abort();
     let reports: Vec<HostReport> = outcomes
         .into_iter()
@@ -567,10 +570,10 @@ async fn run_env(
         .collect();
     if let Some(r) = &gitlab {
         let ok = reports.iter().all(|r| r.ok);
-        let state = if ok {
-            gitlab::State::Success
-        } else {
-            gitlab::State::Failed
+        let state = match (ok, *stop.borrow()) {
+            (true, _) => gitlab::State::Success,
+            (false, true) => gitlab::State::Canceled,
+            (false, false) => gitlab::State::Failed,
         };
         r.report(state, Some(started.elapsed())).await;
     }

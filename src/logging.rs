@@ -47,8 +47,9 @@ impl std::io::Write for QuietStderr {
 
 /// `spec` (an EnvFilter string) with the [`WIRE`] crates held at `debug` or less: a directive
 /// that would let one trace (`russh=trace`, `russh=TRACE`, `russh=5`, a bare `russh`) is
-/// dropped, and under a global `trace` each crate no kept directive names gets `=debug` (the
-/// more specific directive wins).
+/// dropped, and under a global `trace`, or one for a target that begins a crate's name (`u`,
+/// `rus`: EnvFilter matches targets by prefix), each crate no kept directive names gets `=debug`
+/// (the more specific directive wins).
 fn clamped(spec: &str) -> String {
     let is_trace = |level: &str| level.trim().eq_ignore_ascii_case("trace") || level.trim() == "5";
     let is_level = |d: &str| {
@@ -59,7 +60,8 @@ fn clamped(spec: &str) -> String {
     };
     let mut kept: Vec<String> = Vec::new();
     let mut named = Vec::new();
-    let mut global_trace = false;
+    // Wire crates that a kept directive would let trace: held at debug by one of their own.
+    let mut clamp = Vec::new();
     for d in spec.split(',').map(str::trim).filter(|d| !d.is_empty()) {
         // `target[span{field=value}]=level`: the level follows the last `=` outside brackets.
         let (head, level) = match d.rfind(']') {
@@ -81,21 +83,26 @@ fn clamped(spec: &str) -> String {
                 named.push(w);
                 kept.push(d.to_string());
             }
-            // (A span filter for every target enables within its spans whatever crates log
-            // there, over any per-crate directive: at most debug.)
-            None if target.is_empty() && trace && head.contains('[') => {
-                kept.push(format!("{head}=debug"));
+            // A target matches every target it begins (`u` matches `ureq`), so one that begins
+            // a wire crate's name, or none, traces it too.
+            None if trace && WIRE.iter().any(|w| w.starts_with(target)) => {
+                // (A span filter enables within its spans whatever crates log there, over any
+                // per-crate directive: at most debug.)
+                if head.contains('[') {
+                    kept.push(format!("{head}=debug"));
+                } else {
+                    clamp.extend(WIRE.into_iter().filter(|w| w.starts_with(target)));
+                    kept.push(d.to_string());
+                }
             }
-            None => {
-                global_trace |= target.is_empty() && trace;
-                kept.push(d.to_string());
-            }
+            None => kept.push(d.to_string()),
         }
     }
-    if global_trace {
-        for w in WIRE.into_iter().filter(|w| !named.contains(w)) {
-            kept.push(format!("{w}=debug"));
-        }
+    for w in WIRE
+        .into_iter()
+        .filter(|w| clamp.contains(w) && !named.contains(w))
+    {
+        kept.push(format!("{w}=debug"));
     }
     kept.join(",")
 }
@@ -131,5 +138,42 @@ mod tests {
             clamped("[host]=trace,ferry[host]=trace"),
             "[host]=debug,ferry[host]=trace"
         );
+        // A target that begins a wire crate's name matches it.
+        assert_eq!(clamped("u=trace"), "u=trace,ureq=debug,ureq_proto=debug");
+        assert_eq!(clamped("ureq_=trace"), "ureq_=trace,ureq_proto=debug");
+        assert_eq!(
+            clamped("rus=5,ferry=trace"),
+            "rus=5,ferry=trace,russh=debug"
+        );
+        assert_eq!(clamped("r[host]=trace"), "r[host]=debug");
+    }
+
+    /// What the clamped filter lets through, asked of tracing itself: no wire crate at trace.
+    #[test]
+    fn no_directive_lets_a_wire_crate_trace() {
+        use tracing_subscriber::layer::SubscriberExt;
+        for spec in [
+            "u=trace",
+            "ure=trace",
+            "r=trace",
+            "rus=TRACE",
+            "trace",
+            "ureq=trace",
+        ] {
+            let filter = EnvFilter::try_new(clamped(spec)).unwrap();
+            let subscriber = tracing_subscriber::registry().with(filter);
+            tracing::subscriber::with_default(subscriber, || {
+                for w in WIRE {
+                    let on = match w {
+                        "ureq" => tracing::enabled!(target: "ureq", tracing::Level::TRACE),
+                        "ureq_proto" => {
+                            tracing::enabled!(target: "ureq_proto", tracing::Level::TRACE)
+                        }
+                        _ => tracing::enabled!(target: "russh", tracing::Level::TRACE),
+                    };
+                    assert!(!on, "{spec}: {w} traces");
+                }
+            });
+        }
     }
 }

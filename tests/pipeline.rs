@@ -969,9 +969,11 @@ fn gitlab_gets_commit_status_and_deployment_and_never_sees_the_token_in_output()
     assert_eq!(statuses[0].body["state"], "running");
     assert_eq!(statuses[1].body["state"], "success");
     assert_eq!(statuses[1].body["name"], "ferry/test");
-    assert_eq!(statuses[1].body["ref"], "release-9");
     assert_eq!(statuses[1].body["target_url"], "http://test.example.com/");
+    // The job's own commit: its pipeline (which says the ref; a merge request pipeline's ref is
+    // not the branch's, and GitLab matches sha, ref and pipeline together).
     assert_eq!(statuses[1].body["pipeline_id"], 901);
+    assert!(statuses[1].body.get("ref").is_none(), "{:?}", statuses[1]);
     assert_eq!(stub.deployments(), vec![(100, "success".to_string())]);
     // The environment has the playbook's url: its link in GitLab.
     let url = Some("http://test.example.com/".to_string());
@@ -1039,6 +1041,41 @@ fn gitlab_gets_commit_status_and_deployment_and_never_sees_the_token_in_output()
     assert_eq!(new.len(), 2, "running and success statuses: {new:?}");
     assert!(new.iter().all(|r| r.path.contains("/statuses/")), "{new:?}");
     assert_eq!(stub.problems(), Vec::<String>::new());
+    // Not when that environment's `action:` makes no deployment, nor for another environment.
+    for (name, action) in [("test", "prepare"), ("other", "start")] {
+        let deployments = stub.deployments().len();
+        ci(&[&host], "release-9", SHA, "905")
+            .env("CI_API_V4_URL", &stub.api_url)
+            .env("CI_PROJECT_ID", "group/shop")
+            .env("FERRY_GITLAB_TOKEN", TOKEN)
+            .env("CI_ENVIRONMENT_NAME", name)
+            .env("CI_ENVIRONMENT_ACTION", action)
+            .arg("deploy")
+            .arg(&p)
+            .run()
+            .success();
+        assert_eq!(stub.deployments().len(), deployments + 1, "{name} {action}");
+    }
+    // Another commit than the job's (`--sha`): its pipeline is not that commit's; the ref goes.
+    let other = "1".repeat(40);
+    ci(&[&host], "release-9", SHA, "907")
+        .env("CI_API_V4_URL", &stub.api_url)
+        .env("CI_PROJECT_ID", "group/shop")
+        .env("FERRY_GITLAB_TOKEN", TOKEN)
+        .args(["deploy", "--sha", &other])
+        .arg(&p)
+        .run()
+        .success();
+    let last = stub
+        .requests()
+        .into_iter()
+        .rev()
+        .find(|r| r.path.contains("/statuses/"))
+        .unwrap();
+    assert!(last.path.ends_with(&other), "{last:?}");
+    assert_eq!(last.body["ref"], "release-9");
+    assert!(last.body.get("pipeline_id").is_none(), "{last:?}");
+    assert_eq!(stub.problems(), Vec::<String>::new());
 
     // The most verbose logging shows no piece of the token (ureq's trace dumps request headers
     // in pieces of 16 bytes).
@@ -1054,6 +1091,19 @@ fn gitlab_gets_commit_status_and_deployment_and_never_sees_the_token_in_output()
         .success();
     assert!(traced.stderr.contains("DEBUG"), "{}", traced.stderr);
     for piece in ["secret-t", "token-01", "23456789"] {
+        assert!(!traced.all().contains(piece), "{piece}: {}", traced.all());
+    }
+    // Nor a filter for a target that begins ureq's name (EnvFilter matches by prefix).
+    let traced = ci(&[&host], "release-9", SHA, "906")
+        .env("CI_API_V4_URL", &stub.api_url)
+        .env("CI_PROJECT_ID", "group/shop")
+        .env("FERRY_GITLAB_TOKEN", TOKEN)
+        .env("FERRY_LOG", "u=trace")
+        .arg("deploy")
+        .arg(&p)
+        .run()
+        .success();
+    for piece in ["secret-t", "token-01", "23456789", "private-token"] {
         assert!(!traced.all().contains(piece), "{piece}: {}", traced.all());
     }
 }
@@ -1087,6 +1137,34 @@ fn a_gitlab_outage_warns_and_never_fails_a_good_deploy() {
     assert!(down.requests().len() >= 2, "the failing stub was called");
     // Both deploys happened and were recorded.
     assert_eq!(ledger(&Path::new(&root).join(".ferry")).len(), 2);
+    // Redirected elsewhere: not followed (the token would go along), said so, and, GitLab's API
+    // not being there, nothing more is tried this run.
+    let elsewhere = gitlab_stub::GitlabStub::start(TOKEN, "42");
+    let moved = gitlab_stub::GitlabStub::redirecting(
+        TOKEN,
+        "42",
+        &elsewhere.api_url.replace("/api/v4", ""),
+    );
+    let run = ci(&[&host], "release-9", SHA, "904")
+        .env("CI_API_V4_URL", &moved.api_url)
+        .env("CI_PROJECT_ID", "42")
+        .env("FERRY_GITLAB_TOKEN", TOKEN)
+        .arg("deploy")
+        .arg(&p)
+        .run()
+        .success();
+    assert!(run.stderr.contains("a redirect to"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("not reporting the rest of this deploy"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(moved.requests().len(), 1, "{:?}", moved.requests());
+    assert!(
+        elsewhere.requests().is_empty(),
+        "{:?}",
+        elsewhere.requests()
+    );
 }
 
 /// Rollback picks the previous deploy from the ledger, records it, and status shows it live.

@@ -4,7 +4,10 @@
 //!   canceled. Optional: `ref`, `name`/`context`, `target_url`, `description`, `coverage`,
 //!   `pipeline_id`. 201 with the status.
 //! - `POST /projects/:id/deployments`: `environment`, `sha`, `ref`, `tag` (boolean) and `status`
-//!   (created, running, success, failed, canceled) required. 201 with the deployment and its `id`.
+//!   (running, success, failed, canceled) required. 201 with the deployment and its `id`.
+//! - A commit sha is 40 hex digits (SHA-1) or 64 (SHA-256); `ref`, `target_url` and
+//!   `description` hold at most 255 characters, and `target_url` must be a URL (GitLab answers
+//!   400 "must be a valid URL" to `http://a b`).
 //! - `PUT /projects/:id/deployments/:deployment_id`: `status` required. 200. A deployment to an
 //!   environment that does not exist creates it.
 //! - `GET /projects/:id/environments`: optional `name` (exact) or `search`, not both. 200 with a
@@ -31,6 +34,16 @@ pub struct Request {
     pub body: Value,
 }
 
+/// How the stub answers.
+enum Mode {
+    /// As GitLab's API would, checking each request.
+    Api,
+    /// 500 to everything: an outage.
+    Failing,
+    /// 302 to the same path under another base URL.
+    Redirect(String),
+}
+
 #[derive(Default)]
 struct State {
     requests: Vec<Request>,
@@ -49,15 +62,21 @@ pub struct GitlabStub {
 impl GitlabStub {
     /// A stub that accepts `token` for project `project` (an id or a path).
     pub fn start(token: &str, project: &str) -> GitlabStub {
-        GitlabStub::spawn(token, project, false)
+        GitlabStub::spawn(token, project, Mode::Api)
     }
 
     /// A stub that answers every request with a 500.
     pub fn failing(token: &str, project: &str) -> GitlabStub {
-        GitlabStub::spawn(token, project, true)
+        GitlabStub::spawn(token, project, Mode::Failing)
     }
 
-    fn spawn(token: &str, project: &str, failing: bool) -> GitlabStub {
+    /// A stub that answers every request with a redirect to the same path under `to` (a base
+    /// URL), as a GitLab moved behind another name might.
+    pub fn redirecting(token: &str, project: &str, to: &str) -> GitlabStub {
+        GitlabStub::spawn(token, project, Mode::Redirect(to.to_string()))
+    }
+
+    fn spawn(token: &str, project: &str, mode: Mode) -> GitlabStub {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let state = Arc::new(Mutex::new(State::default()));
@@ -68,16 +87,24 @@ impl GitlabStub {
                 let Some(req) = read_request(&mut conn) else {
                     continue;
                 };
-                let (code, body) = if failing {
-                    st.lock().unwrap().requests.push(req);
-                    (500, json!({"message": "500 Internal Server Error"}))
-                } else {
-                    handle(&st, &token, &project, req)
+                let mut location = String::new();
+                let (code, body) = match &mode {
+                    Mode::Failing => {
+                        st.lock().unwrap().requests.push(req);
+                        (500, json!({"message": "500 Internal Server Error"}))
+                    }
+                    Mode::Redirect(to) => {
+                        location = format!("Location: {to}{}\r\n", req.path);
+                        st.lock().unwrap().requests.push(req);
+                        (302, json!({}))
+                    }
+                    Mode::Api => handle(&st, &token, &project, req),
                 };
                 let text = body.to_string();
                 let reason = match code {
                     200 => "OK",
                     201 => "Created",
+                    302 => "Found",
                     400 => "Bad Request",
                     401 => "Unauthorized",
                     404 => "Not Found",
@@ -85,7 +112,7 @@ impl GitlabStub {
                 };
                 let _ = write!(
                     conn,
-                    "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+                    "HTTP/1.1 {code} {reason}\r\n{location}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
                     text.len()
                 );
             }
@@ -244,8 +271,13 @@ fn handle(st: &Mutex<State>, token: &str, project: &str, req: Request) -> (u16, 
     };
     let result = match (req.method.as_str(), &segs[5..]) {
         ("POST", ["statuses", sha]) => {
-            if sha.len() != 40 || !sha.chars().all(|c| c.is_ascii_hexdigit()) {
+            if ![40, 64].contains(&sha.len()) || !sha.chars().all(|c| c.is_ascii_hexdigit()) {
                 problems.push(format!("`{sha}` is not a commit sha"));
+            }
+            for k in ["ref", "target_url", "description"] {
+                if str_field(k).is_some_and(|v| v.chars().count() > 255) {
+                    problems.push(format!("`{k}` is longer than 255 characters"));
+                }
             }
             one_of(
                 "state",
@@ -266,7 +298,7 @@ fn handle(st: &Mutex<State>, token: &str, project: &str, req: Request) -> (u16, 
                 &mut problems,
             );
             if let Some(u) = body.get("target_url")
-                && !u.as_str().is_some_and(|u| u.starts_with("http"))
+                && !u.as_str().is_some_and(is_url)
             {
                 problems.push(format!("target_url {u} is not a URL"));
             }
@@ -289,7 +321,7 @@ fn handle(st: &Mutex<State>, token: &str, project: &str, req: Request) -> (u16, 
             }
             one_of(
                 "status",
-                &["created", "running", "success", "failed", "canceled"],
+                &["running", "success", "failed", "canceled"],
                 &mut problems,
             );
             only(
@@ -356,7 +388,7 @@ fn handle(st: &Mutex<State>, token: &str, project: &str, req: Request) -> (u16, 
                 problems.push(format!("environment `{name}` has already been taken"));
             }
             let url = str_field("external_url").map(str::to_string);
-            if url.as_deref().is_some_and(|u| !u.starts_with("http")) {
+            if url.as_deref().is_some_and(|u| !is_url(u)) {
                 problems.push(format!("external_url {url:?} is not a URL"));
             }
             let id = 1 + s.environments.len() as u64;
@@ -368,7 +400,7 @@ fn handle(st: &Mutex<State>, token: &str, project: &str, req: Request) -> (u16, 
         ("PUT", ["environments", id]) => {
             only(&["external_url", "tier"], &mut problems);
             let url = str_field("external_url").map(str::to_string);
-            if url.as_deref().is_some_and(|u| !u.starts_with("http")) {
+            if url.as_deref().is_some_and(|u| !is_url(u)) {
                 problems.push(format!("external_url {url:?} is not a URL"));
             }
             match s.environments.iter_mut().find(|e| e.0.to_string() == *id) {
@@ -397,4 +429,16 @@ fn handle(st: &Mutex<State>, token: &str, project: &str, req: Request) -> (u16, 
     } else {
         (400, json!({"message": problems}))
     }
+}
+
+/// An absolute http(s) URL with a host and no blanks, as GitLab's URL validation wants.
+fn is_url(u: &str) -> bool {
+    let rest = u
+        .strip_prefix("https://")
+        .or_else(|| u.strip_prefix("http://"));
+    rest.is_some_and(|r| {
+        !r.is_empty()
+            && !r.starts_with('/')
+            && !u.chars().any(|c| c.is_whitespace() || c.is_control())
+    })
 }
