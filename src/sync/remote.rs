@@ -292,7 +292,9 @@ FETCH='for x; do o=${x%%/*} p=${x#*/}; cp -p "objects/$o" "$ST/$p" || exit 1; do
 UNSHARE='for f; do cp -p "$f" "$ST/$SG.copy" && mv -f "$ST/$SG.copy" "$f" || exit 1; done'
 # Rename the staged files given (paths under $ST, not directories) over their places in $T, one
 # `mv` per run of files in one directory, replacing a directory in the way; prints how many.
-# (`eval` sees only `"${N}"`, never a path. No `{}` may appear in a script find runs.)
+# A directory in the way fails that `mv` (which renames the others): only then is each file of
+# the run looked at, the directory removed and what is left renamed. (`eval` sees only `"${N}"`,
+# never a path. No `{}` may appear in a script find runs.)
 MOVE='n=0
 while [ $# -gt 0 ]; do
   d=${1%/*} k=0 list=
@@ -300,10 +302,19 @@ while [ $# -gt 0 ]; do
   for e; do
     [ "${e%/*}" = "$d" ] || break
     k=$((k+1)); list="$list \"\${$k}\""
-    b=$dd/${e##*/}
-    if [ -d "$b" ] && [ ! -L "$b" ]; then rmtree "$b" || exit 1; fi
   done
-  eval "mv -f $list \"\$dd/\"" || exit 1
+  if ! eval "mv -f $list \"\$dd/\"" 2>/dev/null; then
+    i=0
+    for e; do
+      i=$((i+1)); [ $i -le $k ] || break
+      b=$dd/${e##*/}
+      if [ ! -e "$e" ] && [ ! -L "$e" ]; then
+        { [ -e "$b" ] || [ -L "$b" ]; } && continue || exit 1
+      fi
+      if [ -d "$b" ] && [ ! -L "$b" ]; then rmtree "$b" || exit 1; fi
+      mv -f "$e" "$dd/" || exit 1
+    done
+  fi
   n=$((n+k)); shift $k
 done
 echo $n'
