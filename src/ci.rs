@@ -234,6 +234,14 @@ pub fn secret_var(name: &str) -> Result<String, String> {
     }
 }
 
+/// [`secret_var`] for a password (`docker_login`'s `password_env`): empty is no password either.
+pub fn password_var(name: &str) -> Result<String, String> {
+    match secret_var(name)? {
+        p if p.is_empty() => Err("which is empty".into()),
+        p => Ok(p),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::ref_problem;

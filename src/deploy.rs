@@ -312,12 +312,7 @@ fn preflight(setup: &Setup, section: Checked, plan: bool, rollback: bool) -> any
             Step::DockerLogin(s) => {
                 host.expand(&s.registry)?;
                 host.expand(&s.user)?;
-                let why = match crate::ci::secret_var(&s.password_env) {
-                    Ok(p) if p.is_empty() => Some("which is empty".to_string()),
-                    Ok(_) => None,
-                    Err(why) => Some(why),
-                };
-                if let Some(why) = why {
+                if let Err(why) = crate::ci::password_var(&s.password_env) {
                     anyhow::bail!(
                         "docker_login: environment variable {}, {why}: it must hold the registry \
                          password (a masked CI/CD variable)",

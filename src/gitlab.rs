@@ -74,8 +74,10 @@ pub struct Reporter {
     deployment: Mutex<Deployment>,
     /// Set once GitLab did not answer or refused the token: the run reports nothing more.
     gave_up: Mutex<bool>,
-    /// `CI_SERVER_TLS_CA_FILE`'s certificates: the CA of a GitLab with its own.
-    roots: Option<std::sync::Arc<Vec<ureq::tls::Certificate<'static>>>>,
+    /// The HTTP client: made once, with the timeout, no redirects (one would carry the token
+    /// to wherever it points) and `CI_SERVER_TLS_CA_FILE`'s certificates, if set (a GitLab with
+    /// its own CA).
+    agent: ureq::Agent,
 }
 
 /// Percent-encode a project path (`group/app` → `group%2Fapp`) as the API wants it.
@@ -180,16 +182,23 @@ impl Reporter {
             true => format!("{env}/{}", ctx.ref_slug),
             false => env.into(),
         };
-        let roots = var("CI_SERVER_TLS_CA_FILE").and_then(|f| match ca_file(&f) {
-            Ok(certs) => Some(std::sync::Arc::new(certs)),
-            Err(e) => {
-                warn(&format!(
+        let mut config = ureq::Agent::config_builder()
+            .timeout_global(Some(TIMEOUT))
+            .http_status_as_error(false)
+            .max_redirects(0);
+        if let Some(f) = var("CI_SERVER_TLS_CA_FILE") {
+            match ca_file(&f) {
+                Ok(certs) => {
+                    let roots = ureq::tls::RootCerts::Specific(std::sync::Arc::new(certs));
+                    config = config
+                        .tls_config(ureq::tls::TlsConfig::builder().root_certs(roots).build());
+                }
+                Err(e) => warn(&format!(
                     "cannot use CI_SERVER_TLS_CA_FILE ({f}): {e}; GitLab's certificate is checked \
                      against the public CAs"
-                ));
-                None
+                )),
             }
-        });
+        }
         Some(Reporter {
             project_url: format!(
                 "{}/projects/{}",
@@ -206,7 +215,7 @@ impl Reporter {
             pipeline,
             deployment: Mutex::new(Deployment::None),
             gave_up: Mutex::new(false),
-            roots,
+            agent: config.build().into(),
         })
     }
 
@@ -343,23 +352,9 @@ impl Reporter {
                 fatal: true,
             });
         }
-        let token = self.token.clone();
-        let roots = self.roots.clone();
+        let (token, agent) = (self.token.clone(), self.agent.clone());
         let job = tokio::task::spawn_blocking(move || -> Result<Value, CallError> {
             let failed = |message: String, fatal: bool| CallError { message, fatal };
-            let mut config = ureq::Agent::config_builder()
-                .timeout_global(Some(TIMEOUT))
-                .http_status_as_error(false)
-                // (A redirect would carry the token to wherever it points.)
-                .max_redirects(0);
-            if let Some(roots) = roots {
-                config = config.tls_config(
-                    ureq::tls::TlsConfig::builder()
-                        .root_certs(ureq::tls::RootCerts::Specific(roots))
-                        .build(),
-                );
-            }
-            let agent: ureq::Agent = config.build().into();
             let sent = match method {
                 "GET" => agent.get(&url).header("PRIVATE-TOKEN", &token).call(),
                 _ => {

@@ -21,11 +21,7 @@ pub(crate) async fn login(
     let host = ctx.host.name();
     let registry = ctx.host.expand(&s.registry)?;
     let user = ctx.host.expand(&s.user)?;
-    let password = match crate::ci::secret_var(&s.password_env) {
-        Ok(p) if p.is_empty() => Err("which is empty".to_string()),
-        other => other,
-    };
-    let password = match password {
+    let password = match crate::ci::password_var(&s.password_env) {
         Ok(p) => p,
         Err(why) => bail!(
             "{host}: docker_login to {registry}: environment variable {}, {why}: it must hold the \

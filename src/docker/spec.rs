@@ -34,7 +34,7 @@ pub enum SpecError {
         name: String,
         var: String,
         env_var: String,
-        /// Unset, or not UTF-8 text (see `ci::unusable_var`).
+        /// Unset, or not UTF-8 text (see `ci::secret_var`).
         why: String,
     },
     #[error(
