@@ -11,7 +11,9 @@
 # directory hard-linked to the previous one, then a symlink switch: the release-directory case), and
 # ferry `mode: in-place` against `rsync -a --delete` (one directory updated in place: the plain case).
 # Wall time is measured around each command; bytes on the wire are read from iptables counters on the
-# sshd port (raw table, both directions, IP and TCP headers included, the same for every tool).
+# sshd port (raw table, both directions, IP and TCP headers included, the same for every tool); CPU
+# time is the whole machine's busy time from /proc/stat (both ends share it: the controller, ssh,
+# sshd and the host's shell, tar, find and gzip all run here).
 # The table is printed and written to bench/results.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -78,19 +80,25 @@ counters_present() {
     "${IPT[@]}" -C PREROUTING -p tcp --sport "$PORT" -m comment --comment "$TAG" 2>/dev/null
 }
 
-# measure LABEL CMD...: run, record seconds and wire bytes (-1 if the counters vanished mid-run).
+# The machine's busy CPU time so far, in clock ticks (user, nice, system, irq, softirq, steal).
+busy_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9; exit }' /proc/stat; }
+TICK=$(getconf CLK_TCK)
+
+# measure LABEL CMD...: run, record seconds, wire bytes (-1 if the counters vanished mid-run) and
+# busy CPU seconds.
 measure() {
   local label=$1; shift
-  local b0 b1 t0 t1
+  local b0 b1 t0 t1 c0 c1 secs cpu
   ensure_counters
   # (The previous tool's writes go to disk first: writeback of 500 MB would land on this one.)
   sync
-  b0=$(wire_bytes); t0=$(date +%s.%N)
+  b0=$(wire_bytes); c0=$(busy_ticks); t0=$(date +%s.%N)
   "$@" > "$WORK/last.log" 2>&1 || { cat "$WORK/last.log" >&2; echo "FAILED: $label" >&2; exit 1; }
-  t1=$(date +%s.%N); b1=$(wire_bytes)
+  t1=$(date +%s.%N); c1=$(busy_ticks); b1=$(wire_bytes)
   counters_present && [ "$b1" -ge "$b0" ] || b1=$((b0 - 1))
-  printf '%s\t%s\t%s\n' "$label" "$(echo "$t1 - $t0" | bc -l)" "$((b1 - b0))" >> "$ROWS"
-  printf '  %-40s %8.2fs %12d bytes\n' "$label" "$(echo "$t1 - $t0" | bc -l)" "$((b1 - b0))" >&2
+  secs=$(echo "$t1 - $t0" | bc -l) cpu=$(echo "($c1 - $c0) / $TICK" | bc -l)
+  printf '%s\t%s\t%s\t%s\n' "$label" "$secs" "$((b1 - b0))" "$cpu" >> "$ROWS"
+  printf '  %-40s %8.2fs %12d bytes %6.2f CPU s\n' "$label" "$secs" "$((b1 - b0))" "$cpu" >&2
 }
 
 for spec in $CORPORA; do
@@ -161,12 +169,13 @@ python3 - "$ROWS" "$OUT" "$SSH_TRUE" <<'PY'
 import sys, collections, platform, os, datetime, statistics
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 runs = collections.OrderedDict()
-for corpus, scen, tool, secs, byt in rows:
-    runs.setdefault((corpus, scen), {}).setdefault(tool, []).append((float(secs), int(byt)))
+for corpus, scen, tool, secs, byt, cpu in rows:
+    runs.setdefault((corpus, scen), {}).setdefault(tool, []).append((float(secs), int(byt), float(cpu)))
 by = collections.OrderedDict()
 for key, tools in runs.items():
-    by[key] = {t: (statistics.median(s for s, _ in v),
-                   int(statistics.median([b for _, b in v if b >= 0] or [-1])))
+    by[key] = {t: (statistics.median(s for s, _, _ in v),
+                   int(statistics.median([b for _, b, _ in v if b >= 0] or [-1])),
+                   statistics.median(c for _, _, c in v))
                for t, v in tools.items()}
 reps = max(len(v) for tools in runs.values() for v in tools.values())
 targets = {"first": 1.0, "no-change": 0.5, "change-5pct": 0.6}
@@ -185,11 +194,18 @@ out += ["", "Bytes on the wire:", "",
 for (corpus, scen), t in by.items():
     out.append(f"| {corpus} | {scen} | " + " | ".join(mb(t[k][1]) for k in
                ("ferry", "rsync --link-dest", "ferry in-place", "rsync")) + " |")
+out += ["", f"CPU time of both ends (the whole machine's busy time, {os.cpu_count()} cores), seconds:", "",
+        "| corpus | scenario | ferry release | rsync --link-dest | ratio | ferry in-place | rsync | ratio |",
+        "|---|---|---|---|---|---|---|---|"]
+def cratio(a, b): return f"{a/b:.2f}x" if b > 0 else "n/a"
+for (corpus, scen), t in by.items():
+    f, i, p, l = (t[k][2] for k in ("ferry", "ferry in-place", "rsync", "rsync --link-dest"))
+    out.append(f"| {corpus} | {scen} | {f:.2f} | {l:.2f} | {cratio(f, l)} | {i:.2f} | {p:.2f} | {cratio(i, p)} |")
 table = "\n".join(out)
 print(table)
 head = (f"# ferry sync vs rsync\n\nMeasured {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC by `bash bench/run.sh` on "
         f"{platform.machine()}, {os.cpu_count()} cores, loopback sshd (OpenSSH). Wall time per command; bytes on the "
-        "wire from iptables counters on the sshd port, both directions. ratio = ferry / rsync (lower is better): "
+        "wire from iptables counters on the sshd port, both directions; CPU time from /proc/stat (the whole machine: both ends run here). ratio = ferry / rsync (lower is better): "
         "ferry's release mode against `rsync --link-dest` (the release-directory case), ferry's in-place mode "
         "against `rsync -a --delete` (the plain case), and release mode against plain rsync for reference. "
         f"Medians of {reps} runs. Each run starts from a fresh copy of the tree, so ferry's hash cache is cold for the first deploy (as in CI); later deploys reuse it, and the manifests ferry kept of what it sent.\n\n"
