@@ -29,6 +29,7 @@ pub enum Scope {
 }
 
 /// What a step sees: the host, its connection, and the run's facts.
+#[derive(Clone)]
 pub struct StepCtx<'a> {
     pub host: &'a Host,
     pub session: &'a Session,
@@ -51,6 +52,9 @@ pub struct StepCtx<'a> {
     /// script to check right before it switches: a lock whose lease ran out unrenewed may have
     /// been taken over by another run.
     pub held: Option<(&'a str, &'a str)>,
+    /// A failure later in the run can switch this step back: steps follow it, or other hosts
+    /// (the gate) may fail. A sync step then keeps what the switch back needs.
+    pub switched_back_on_failure: bool,
 }
 
 /// What a step did, for the summary, the ledger and `--json`.
@@ -533,6 +537,7 @@ async fn run_env(
                     stop,
                     gate,
                     held: None,
+                    switched_back_on_failure: false,
                 };
                 let r = run_host(&sctx, steps, opts, &action, run_token, per_branch).await;
                 session.close().await;
@@ -726,6 +731,7 @@ async fn run_host(
         stop: ctx.stop.clone(),
         gate: ctx.gate,
         held: held_at.as_deref().zip(Some(run_token)),
+        switched_back_on_failure: false,
     };
     let action = &match (action, &target) {
         (Action::Rollback(..), Some(t)) => {
@@ -899,7 +905,13 @@ async fn run_steps(
         );
         let work = async {
             match action {
-                Action::Deploy | Action::Stop => run_step(ctx, step).await,
+                Action::Deploy | Action::Stop => {
+                    let ctx = &StepCtx {
+                        switched_back_on_failure: ctx.gate.is_some() || i + 1 < steps.len(),
+                        ..ctx.clone()
+                    };
+                    run_step(ctx, step).await
+                }
                 Action::Rollback(to, per_path) => {
                     rollback_step(ctx, step, to.as_deref(), per_path).await
                 }

@@ -2137,6 +2137,45 @@ fn rollback_after_a_retried_job_goes_to_the_commit_before() {
     );
 }
 
+/// With `keep: 2`, a run whose sync step switched and pruned, and whose next step failed, goes back
+/// to the release that was live, and that one's rollback target is still on the host.
+#[test]
+fn a_run_failing_after_its_sync_keeps_the_rollback_target_of_the_live_release() {
+    let host = Sshd::start();
+    let dir = TempDir::new("keep2");
+    let root = open_root(&dir);
+    let flag = dir.join("fail");
+    let steps = format!(
+        "      - sync: {{ from: \"{}\", to: site, keep: 2 }}\n      - run: {{ command: [\"test\", \"!\", \"-e\", \"{}\"] }}\n",
+        dir.join("dist").display(),
+        flag.display()
+    );
+    let p = pb(&dir, &[host.address()], &root, &steps, "");
+    let deploy = |n: u32| {
+        dir.write("dist/index.html", format!("build {n}\n"));
+        ci(&[&host], "release-1", &format!("{n:040}"), &n.to_string())
+            .arg("deploy")
+            .arg(&p)
+            .run()
+    };
+    let page = || std::fs::read_to_string(Path::new(&root).join("site/index.html")).unwrap();
+    deploy(1).success();
+    std::thread::sleep(Duration::from_millis(1100)); // release ids have second resolution
+    deploy(2).success();
+    std::thread::sleep(Duration::from_millis(1100));
+    std::fs::write(&flag, "").unwrap();
+    deploy(3).failure(1);
+    assert_eq!(page(), "build 2\n");
+    std::fs::remove_file(&flag).unwrap();
+    ci(&[&host], "release-1", &format!("{:040}", 2), "4")
+        .arg("rollback")
+        .arg(&p)
+        .args(["--env", "test"])
+        .run()
+        .success();
+    assert_eq!(page(), "build 1\n");
+}
+
 /// A host that stops answering mid-step (its sshd frozen: a network gone silent) is given up once
 /// no lock renewal got through for a lease and half another, not waited on for ever.
 #[test]

@@ -419,13 +419,14 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
     let mut releases = inv.releases.clone();
     releases.push(ctx.release.to_string());
     // Never pruned: this release and the live one (a rollback's target once this one is live).
-    // While releases newer than the live one are on the host (failed deploys, or one rolled away
-    // from), also the one before the live one: the target while a failed deploy leaves the live
-    // one live (those count toward `keep`, and failures in a row would otherwise prune it).
+    // Also the one before the live one (where a rollback goes while the live one stays live)
+    // when a failure later in the run (a later step, another host) would switch back to the live
+    // one, or while releases newer than the live one are on the host (failed deploys, or one
+    // rolled away from: they count toward `keep`, and failures in a row would prune it).
     let mut protect = vec![ctx.release];
     if let Some(l) = &live {
         protect.push(l);
-        if inv.releases.iter().any(|r| r.as_str() > l.as_str())
+        if (ctx.switched_back_on_failure || inv.releases.iter().any(|r| r.as_str() > l.as_str()))
             && let Some(p) = inv.metas.get(l).and_then(|m| m.previous.as_deref())
         {
             protect.push(p);
