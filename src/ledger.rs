@@ -273,40 +273,46 @@ pub fn rollback_target<'a>(
     let live = &records[at];
     // (Records that left the host as it is now, as a retried job does, are no step back.)
     let other = |r: &&Record| r.release != live.release && !same_state(r, live);
-    if live.action == "deploy" {
+    // The record that made the live state: the good ones after it (a retried job, a redeploy of
+    // the same build) left it as it was.
+    let made_at = (0..=at)
+        .rev()
+        .filter(|&i| records[i].good())
+        .take_while(|&i| !other(&&records[i]))
+        .last()
+        .unwrap_or(at);
+    let made = &records[made_at];
+    let nothing = || {
+        format!(
+            "nothing to roll back to: no successful deploy in the ledger before release {} left \
+             another commit or other files",
+            made.release
+        )
+    };
+    if made.action == "deploy" {
         // Undo that deploy: back to what was live before it (a deploy, or a rollback's target).
-        return records[..at]
+        return records[..made_at]
             .iter()
             .rev()
             .filter(good)
             .find(other)
             .map(Some)
-            .ok_or_else(|| {
-                format!(
-                    "nothing to roll back to: no successful deploy in the ledger before release {} left \
-                     another commit or other files",
-                    live.release
-                )
-            });
+            .ok_or_else(nothing);
     }
-    // Already rolled back: go further back, past the deploy that made the live release.
-    let made = deploys
+    // Already rolled back: go further back, past the deploy that made the live release (never
+    // forward to the one rolled away from).
+    let target_at = records[..made_at]
         .iter()
-        .rposition(|r| r.release == live.release)
-        .unwrap_or(deploys.len());
-    deploys[..made]
+        .rposition(|r| r.good() && r.action == "deploy" && r.release == made.release)
+        .unwrap_or(made_at);
+    records[..target_at]
         .iter()
         .rev()
-        .find(|r| other(r))
-        .copied()
+        .filter(good)
+        .filter(|r| r.action == "deploy")
+        .find(other)
         .map(Some)
-        .ok_or_else(|| {
-            format!(
-                "nothing to roll back to: no successful deploy in the ledger before release {} left \
-                     another commit or other files",
-                live.release
-            )
-        })
+        .ok_or_else(nothing)
 }
 
 /// Whether two good records left the host in one state: the same commit and the same files
@@ -533,6 +539,14 @@ mod tests {
         rs.extend([retried, again]);
         assert_eq!(at(&rs, None, false), 5);
         rs.truncate(rs.len() - 2);
+        // A retried job after a rollback (the rolled-back-to commit again, nothing changed) is
+        // still that rollback: the next goes further back, never forward to what it undid.
+        let mut redo = rs[1].clone();
+        redo.release = "2026-10".into();
+        redo.started_at = 10;
+        rs.push(redo);
+        assert_eq!(at(&rs, None, false), 1);
+        rs.pop();
         // Deploys that left the files alone share a files release; --to may name either id.
         for r in rs.iter_mut() {
             r.files_release = Some("files-1".into());
