@@ -1031,7 +1031,88 @@ fn in_place_leaves_excluded_paths_on_the_host() {
                 "busybox {busybox}: {rel} was deleted"
             );
         }
+        // A directory that leaves the build stays while it holds an excluded path (as rsync
+        // leaves it): what else was in it goes.
+        std::fs::remove_dir_all(site.src.join("css")).unwrap();
+        site.deploy(&sha(3)).success();
+        assert!(!to.join("css/app.css").exists(), "busybox {busybox}");
+        assert_eq!(std::fs::read(to.join("css/x.log")).unwrap(), b"x");
+        // A file where `to` has a directory holding excluded paths: refused, nothing changed.
+        site.write(b"uploads", b"a file now");
+        site.write(b"index.html", b"v4");
+        let run = site.deploy(&sha(4));
+        assert_eq!(run.code, 1, "busybox {busybox}: {}", run.stdout);
+        assert!(
+            run.stdout.contains("the build has a file at `uploads`")
+                && run.stdout.contains("holding `uploads/u1"),
+            "{}",
+            run.stdout
+        );
+        assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"v2");
+        assert_eq!(
+            std::fs::read(to.join("uploads/u1/img.jpg")).unwrap(),
+            b"jpg"
+        );
     }
+}
+
+/// In place with `delete: false`, a file where `to` has a directory holding what the build
+/// lacks is refused (the directory would go, and what it holds with it).
+#[test]
+fn in_place_keep_extras_refuses_a_file_over_their_directory() {
+    let site = one_host_site("keepdir", false, "app", ", mode: in-place, delete: false");
+    site.write(b"d/x", b"x");
+    site.deploy(&sha(1)).success();
+    let to = site.root().join("app");
+    std::fs::write(to.join("d/user"), "by the app").unwrap();
+    std::fs::remove_dir_all(site.src.join("d")).unwrap();
+    site.write(b"d", b"a file now");
+    let run = site.deploy(&sha(2));
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    assert!(
+        run.stdout.contains("`delete: false` keeps"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(std::fs::read(to.join("d/user")).unwrap(), b"by the app");
+    assert_eq!(std::fs::read(to.join("d/x")).unwrap(), b"x");
+}
+
+/// In place, a deployed path that `exclude` matches later is the app's: content the app wrote
+/// there is never taken for what the manifest said it held, nor linked into the store.
+#[test]
+fn in_place_never_takes_content_from_a_path_excluded_since() {
+    let site = one_host_site("exclsrc", false, "app", ", mode: in-place");
+    site.write(b"a", b"a");
+    site.write(b"data/seed.json", b"SEED-ORIGINAL");
+    site.deploy(&sha(1)).success();
+    let yml = std::fs::read_to_string(&site.pb).unwrap();
+    std::fs::write(
+        &site.pb,
+        yml.replace("mode: in-place", "mode: in-place, exclude: [\"data/\"]"),
+    )
+    .unwrap();
+    let to = site.root().join("app");
+    std::thread::sleep(Duration::from_millis(1100));
+    std::fs::write(to.join("data/seed.json"), "APP-WROTE-THIS").unwrap();
+    site.write(b"other/seed.json", b"SEED-ORIGINAL");
+    let s = step(&site.deploy(&sha(2)).success());
+    assert_eq!(
+        s["detail"]["deleted"], 0,
+        "an excluded path is no deletion: {s}"
+    );
+    assert_eq!(
+        std::fs::read(to.join("other/seed.json")).unwrap(),
+        b"SEED-ORIGINAL"
+    );
+    assert_eq!(
+        std::fs::read(to.join("data/seed.json")).unwrap(),
+        b"APP-WROTE-THIS"
+    );
+    let links = std::os::unix::fs::MetadataExt::nlink(
+        &std::fs::metadata(to.join("data/seed.json")).unwrap(),
+    );
+    assert_eq!(links, 1, "the app's file shares its inode with the store");
 }
 
 /// In place, a symlink replaced by hand (`ln -sfn`) is found and put back, on both shells.

@@ -124,10 +124,12 @@ pub struct Target<'a> {
 
 impl<'a> Target<'a> {
     /// The entry's path still holds what the live release put there (a file or link is still no
-    /// directory, a directory still one).
+    /// directory, a directory still one). A path `exclude` matches now is not ferry's any more:
+    /// never a source of content, whatever it holds.
     fn intact(&self, e: &Entry) -> bool {
         let p = e.path.as_slice();
         !self.changed.contains(p)
+            && !self.keep.contains(p)
             && self.listing.as_ref().is_none_or(|l| {
                 l.contains(p) && self.dirs.contains(p) == matches!(e.kind, Kind::Dir { .. })
             })
@@ -183,6 +185,9 @@ pub struct Apply {
     pub fresh: bool,
     /// `to` is on another filesystem than the store: content moves between them by copying.
     pub xdev: bool,
+    /// A directory in `to` where the build now has a file or link, and a path under it that stays
+    /// (`exclude` matches it, or `delete: false` keeps it): the apply cannot put the file there.
+    pub in_the_way: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 /// In-place mode: compare `local` with what `to` holds. `objects` are the store's trusted objects;
@@ -271,7 +276,9 @@ pub fn in_place(
             // Removed, or turned into another kind of entry.
             a.handmade += live
                 .iter()
-                .filter(|(p, e)| !target.changed.contains(*p) && !target.intact(e))
+                .filter(|(p, e)| {
+                    !target.changed.contains(*p) && !target.keep.contains(*p) && !target.intact(e)
+                })
                 .count() as u64;
             if delete {
                 a.handmade += listing
@@ -285,27 +292,46 @@ pub fn in_place(
             }
         }
     }
+    // Sorted: the live manifest already is.
+    let mut present: Vec<&[u8]> = match (&target.listing, target.live) {
+        (Some(l), _) => l.iter().copied().collect(),
+        (None, Some(m)) => m.entries.iter().map(|e| e.path.as_slice()).collect(),
+        (None, None) => Vec::new(),
+    };
+    if target.listing.is_some() || !target.changed.is_empty() {
+        present.extend(target.changed.iter().copied());
+        present.sort_unstable();
+        present.dedup();
+    }
+    // What stays in `to` whatever the build holds: excluded paths, and with `delete: false`
+    // every path the build lacks.
+    let stays = |p: &[u8]| target.keep.contains(p) || (!delete && !now.contains_key(p));
+    a.in_the_way = local
+        .entries
+        .iter()
+        .filter(|e| !matches!(e.kind, Kind::Dir { .. }))
+        .find_map(|e| {
+            present
+                .iter()
+                .find(|p| is_under(p, &e.path) && stays(p))
+                .map(|p| (e.path.clone(), p.to_vec()))
+        });
     if delete {
-        // Sorted: the live manifest already is.
-        let mut present: Vec<&[u8]> = match (&target.listing, target.live) {
-            (Some(l), _) => l.iter().copied().collect(),
-            (None, Some(m)) => m.entries.iter().map(|e| e.path.as_slice()).collect(),
-            (None, None) => Vec::new(),
-        };
-        if target.listing.is_some() || !target.changed.is_empty() {
-            present.extend(target.changed.iter().copied());
-            present.sort_unstable();
-            present.dedup();
-        }
         present.retain(|p| !target.keep.contains(p));
-        a.gone = extras(local, &present);
+        a.gone = extras(local, &present, &target.keep);
     }
     a
 }
 
-/// The paths of `present` (sorted) that `local` lacks, a directory once and not what is under it.
+/// `p` lies under the directory `dir`.
+fn is_under(p: &[u8], dir: &[u8]) -> bool {
+    p.len() > dir.len() && p.starts_with(dir) && p[dir.len()] == b'/'
+}
+
+/// The paths of `present` (sorted) that `local` lacks, a directory once and not what is under it;
+/// a directory that holds a path `keep` keeps stays, and what else is under it goes one by one.
 /// Entries whose kind changes are replaced when the new one is put in place, not listed here.
-fn extras(local: &Manifest, present: &[&[u8]]) -> Vec<Vec<u8>> {
+fn extras(local: &Manifest, present: &[&[u8]], keep: &HashSet<&[u8]>) -> Vec<Vec<u8>> {
     let now: HashSet<&[u8]> = local.entries.iter().map(|e| e.path.as_slice()).collect();
     let files: HashSet<&[u8]> = local
         .entries
@@ -319,13 +345,21 @@ fn extras(local: &Manifest, present: &[&[u8]]) -> Vec<Vec<u8>> {
             .enumerate()
             .any(|(i, &b)| b == b'/' && files.contains(&p[..i]))
     };
+    // The directories above a kept path.
+    let holds_kept: HashSet<&[u8]> = keep
+        .iter()
+        .flat_map(|p| {
+            p.iter()
+                .enumerate()
+                .filter(|&(_, &b)| b == b'/')
+                .map(|(i, _)| &p[..i])
+        })
+        .collect();
     let mut out: Vec<Vec<u8>> = Vec::new();
     // Sorted paths put a directory right before what is under it.
     for p in present {
-        let under_gone = out
-            .last()
-            .is_some_and(|d| p.len() > d.len() && p.starts_with(d) && p[d.len()] == b'/');
-        if !now.contains(p) && !under_gone && !under_file(p) {
+        let under_gone = out.last().is_some_and(|d| is_under(p, d));
+        if !now.contains(p) && !under_gone && !under_file(p) && !holds_kept.contains(p) {
             out.push(p.to_vec());
         }
     }
@@ -483,6 +517,38 @@ mod tests {
         let a = in_place(&local, &target, &HashSet::default(), &p.send, true);
         assert!(a.gone.is_empty(), "{:?}", a.gone);
         assert_eq!(a.handmade, 2, "one edited, one removed");
+        // A directory that leaves the build stays while it holds a kept path; the rest goes.
+        let only_b = tree(vec![file("b", b"2")]);
+        let target = Target {
+            changed: HashSet::default(),
+            listing: Some(
+                [&b"d"[..], b"d/a", b"d/b", b"d/x.log"]
+                    .into_iter()
+                    .collect(),
+            ),
+            dirs: [&b"d"[..]].into_iter().collect(),
+            keep: [&b"d/x.log"[..]].into_iter().collect(),
+            ..Default::default()
+        };
+        let target = Target {
+            live: Some(&live),
+            ..target
+        };
+        let a = in_place(&only_b, &target, &HashSet::default(), &[], true);
+        assert_eq!(a.gone, [b"d/a".to_vec(), b"d/b".to_vec()]);
+        assert_eq!(a.in_the_way, None);
+        // A file where it stands: in the way.
+        let d_file = tree(vec![file("d", b"3")]);
+        let a = in_place(&d_file, &target, &HashSet::default(), &[], true);
+        assert_eq!(a.in_the_way, Some((b"d".to_vec(), b"d/x.log".to_vec())));
+        // A path excluded since it was deployed holds nothing ferry may take content from.
+        let target = Target {
+            live: Some(&live),
+            keep: [&b"d/a"[..]].into_iter().collect(),
+            ..Default::default()
+        };
+        assert!(target.contents().values().any(|p| *p == b"d/b"));
+        assert!(!target.contents().values().any(|p| *p == b"d/a"));
     }
 
     #[test]

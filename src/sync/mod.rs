@@ -455,6 +455,7 @@ pub async fn run(ctx: &StepCtx<'_>, step: &SyncStep) -> anyhow::Result<StepRepor
         &inv.drifted,
         false,
         hold.is_some(),
+        !inv.excluded.is_empty(),
     );
     let written = apply.as_ref().map(|a| a.write.len() as u64);
     // The manifest the trailer carried, kept for the next deploy (see `sent`).
@@ -555,6 +556,7 @@ fn params_line(
     drop: &[manifest::ObjectId],
     again: bool,
     hold: bool,
+    kept_excluded: bool,
 ) -> String {
     let drop: Vec<String> = drop.iter().map(ToString::to_string).collect();
     let list = |v: &[String]| {
@@ -570,12 +572,13 @@ fn params_line(
         }
     };
     format!(
-        "{id} {} {} {} {} {}\n",
+        "{id} {} {} {} {} {} {}\n",
         u8::from(adopt),
         list(prune),
         list(&drop),
         u8::from(again),
-        u8::from(hold)
+        u8::from(hold),
+        u8::from(kept_excluded)
     )
 }
 
@@ -630,7 +633,16 @@ fn plan_for(
     let target = inv.in_place_target();
     let mut have = objects.clone();
     have.extend(target.contents().keys().cloned());
-    let plan = diff::plan(local, target.live, &have);
+    let mut plan = diff::plan(local, target.live, &have);
+    // (Paths `exclude` matches now stay: not deleted.)
+    if !target.keep.is_empty() {
+        let kept: std::collections::HashSet<String> = target
+            .keep
+            .iter()
+            .map(|p| manifest::display_path(p))
+            .collect();
+        plan.deleted.retain(|p| !kept.contains(p));
+    }
     let apply = diff::in_place(local, &target, &objects, &plan.send, step.delete);
     inv.handmade = apply.handmade;
     (plan, Some(apply))
@@ -667,6 +679,20 @@ fn decide(
         );
     }
     let (plan, apply) = plan_for(step, local, inv, learn);
+    if let Some((dir, kept)) = apply.as_ref().and_then(|a| a.in_the_way.as_ref()) {
+        let why = match step.delete {
+            true => "`exclude` matches it",
+            false => "`delete: false` keeps what the build lacks",
+        };
+        bail!(
+            "{}: the build has a file at `{}`, but in {} that is a directory holding `{}`, which \
+             stays ({why}); nothing was changed. Move it away on the host, or change the build",
+            ctx.host.name(),
+            manifest::display_path(dir),
+            paths.to,
+            manifest::display_path(kept),
+        );
+    }
     let mut log = Vec::new();
     if let Some(d) = inv.drift() {
         log.push(format!(
@@ -1613,7 +1639,15 @@ async fn reapply(
         let _ = proc.finish().await;
         return Err(e);
     }
-    let params = params_line(id, false, &[], &inv.drifted, true, false);
+    let params = params_line(
+        id,
+        false,
+        &[],
+        &inv.drifted,
+        true,
+        false,
+        !inv.excluded.is_empty(),
+    );
     let name = paths.name().to_string();
     let build = move |out: archive::ChannelWriter, sent: &dyn Fn(u64)| {
         archive::write_in_place(

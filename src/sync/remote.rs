@@ -26,6 +26,7 @@
 //! <dir>/.<name>.ferry/edits.since                  in-place mode: files in <name> newer than this were edited (a second
 //!                                                  before the last deploy's scans; the files it wrote are older)
 //! <dir>/.<name>.ferry/kept-extras                  in-place mode: the last apply kept files not in the build
+//! <dir>/.<name>.ferry/kept-excluded                in-place mode: <name> holds paths `exclude` matches (listed each deploy)
 //! <dir>/<name>/.ferry-incoming/                    in-place mode: the staging directory of a deploy in flight
 //! ```
 //!
@@ -261,8 +262,9 @@ inplace_scan() {
         -o ! -path . -exec printf 'have\t%s\0' {} + )
   fi
 }
-# The last apply kept extras (`delete: false`) and this one deletes them: they must be found.
-extras_owed() { [ "$DEL" = 1 ] && [ -e "$S/kept-extras" ]; }
+# The last apply kept extras (`delete: false`) and this one deletes them, or `to` holds paths
+# `exclude` matches (no directory holding one may go): they must be found.
+extras_owed() { { [ "$DEL" = 1 ] && [ -e "$S/kept-extras" ]; } || [ -e "$S/kept-excluded" ]; }
 # One pass finds whether anything in $T changed since the last apply; only then the passes above.
 changed_since_apply() {
   set -- -type f -newer "$FS" -o ! -type f -newer "$S/applied"
@@ -447,8 +449,8 @@ pub(super) const UNPACK: &str = unpack_sh!();
 /// then `1` when the controller holds the live manifest (see `sent`); it prints `same` or the tail
 /// (with its length; after a `1` without the live manifest, and in place just the `objects`
 /// record), then `end`. Then it reads one line:
-/// `<release id> <adopt 0|1> <ids to prune> <objects to drop> <again 0|1> <hold 0|1>` (lists
-/// comma-separated, `-` for none), or EOF to stop there. The rest of stdin is the stream
+/// `<release id> <adopt 0|1> <ids to prune> <objects to drop> <again 0|1> <hold 0|1> <kept
+/// excluded 0|1>` (lists comma-separated, `-` for none), or EOF to stop there. The rest of stdin is the stream
 /// (`unpack`). Release mode: drop the objects edited by hand, unpack the stream in the store
 /// (objects straight into `objects/`, the tree under `incoming/r`), check its trailer (with
 /// `hold`, print `ready` and wait for the controller's word: see `gate`), name the release
@@ -564,7 +566,7 @@ fi
 [ -n "$same" ] || [ "$(printf xy | dd bs=2 count=1 iflag=fullblock 2>/dev/null)" != xy ] ||
   rec plain yes
 printf 'end\t\0\n'
-read -r id adopt prune drop again hold || exit 0
+read -r id adopt prune drop again hold kx || exit 0
 [ -n "$id" ] || exit 0
 set -e
 # (Cleanup first: with the controller gone, the message has no reader.)
@@ -701,6 +703,7 @@ if [ "$M" = in-place ]; then
   rm -rf incoming
   printf '%s\n' "$rid" > inplace.new; mv -f inplace.new inplace
   if [ "$DEL" = 1 ]; then [ ! -e kept-extras ] || rm -f kept-extras; else : > kept-extras; fi
+  if [ "$kx" = 1 ]; then : > kept-excluded; else [ ! -e kept-excluded ] || rm -f kept-excluded; fi
   # (`edits.since` first: a run cut between the two leaves no `applied`, so nothing is trusted.)
   [ -z "$MT" ] || mv -f since.new edits.since
   : > applied
