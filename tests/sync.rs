@@ -1115,6 +1115,31 @@ fn in_place_never_takes_content_from_a_path_excluded_since() {
     assert_eq!(links, 1, "the app's file shares its inode with the store");
 }
 
+/// In place on a GNU host, a `chmod` by hand of a directory, or of `to` itself (world-writable,
+/// say), is drift that the next deploy puts right (BusyBox find has no `-cnewer`: not seen there).
+#[test]
+fn in_place_repairs_a_directory_chmod_by_hand() {
+    use std::os::unix::fs::PermissionsExt;
+    let site = one_host_site("dirchmod", false, "app", ", mode: in-place");
+    site.write(b"sub/x", b"x");
+    std::fs::set_permissions(site.src.join("sub"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&site.src, std::fs::Permissions::from_mode(0o755)).unwrap();
+    site.deploy(&sha(1)).success();
+    let s = step(&site.deploy(&sha(1)).success());
+    assert!(s["detail"]["drift"].is_null(), "{s}");
+    let to = site.root().join("app");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    std::thread::sleep(Duration::from_millis(1100));
+    std::fs::set_permissions(to.join("sub"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let s = step(&site.deploy(&sha(1)).success());
+    assert_drift(&s, "2 path(s)");
+    assert_eq!(mode(&to.join("sub")), 0o755);
+    assert_eq!(mode(&to), 0o755);
+    let s = step(&site.deploy(&sha(1)).success());
+    assert!(s["detail"]["drift"].is_null(), "repaired for good: {s}");
+}
+
 /// In place, a symlink replaced by hand (`ln -sfn`) is found and put back, on both shells.
 #[test]
 fn a_symlink_changed_by_hand_in_place_is_repaired() {

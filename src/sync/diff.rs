@@ -118,6 +118,8 @@ pub struct Target<'a> {
     /// Paths in `to` that the step's `exclude` matches: never deleted, never a hand change (as
     /// `rsync --delete` leaves excluded files alone: uploads, say).
     pub keep: HashSet<&'a [u8]>,
+    /// `to` itself no longer has the mode the live release gave it (a `chmod` by hand).
+    pub root_changed: bool,
     /// [`Target::contents`], once asked for.
     pub(super) contents: std::cell::OnceCell<HashMap<ObjectId, &'a [u8]>>,
 }
@@ -211,7 +213,7 @@ pub fn in_place(
         .unwrap_or_default();
     let sent: HashSet<usize> = sent.iter().copied().collect();
     let mut staged: HashMap<ObjectId, &[u8]> = HashMap::default();
-    if target.live.map(|m| m.root_mode) != Some(local.root_mode) {
+    if target.root_changed || target.live.map(|m| m.root_mode) != Some(local.root_mode) {
         a.dirs.push((local.root_mode, b".".to_vec()));
     }
     for (i, e) in local.entries.iter().enumerate() {
@@ -267,6 +269,7 @@ pub fn in_place(
         }
     }
     if target.live.is_some() {
+        a.handmade += u64::from(target.root_changed);
         for p in &target.changed {
             if live.contains_key(p) || (delete && !now.contains_key(p)) {
                 a.handmade += 1;

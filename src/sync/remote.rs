@@ -212,7 +212,8 @@ fi
 /// newer than it, `edited` when they share an inode with a store object (spoilt: a deploy that was
 /// cut off after preserving it), else `touched`; with GNU find, files whose ctime only is newer,
 /// as `perm <mode> <size> <path>` (touched if the mode or the size is not the deployed one: an
-/// edit that kept the old mtime, as `cp -p` or `rsync -a` write one; see `Inventory::perms`);
+/// edit that kept the old mtime, as `cp -p` or `rsync -a` write one; see `Inventory::perms`) and
+/// directories whose ctime is newer as `dperm <mode> <path>` (`.` is `to`: a `chmod` by hand);
 /// and, when a directory changed (an entry added, removed or renamed), nothing was applied yet,
 /// or extras kept before are now to go, `listing` and a record per path (`hdir` for directories,
 /// `have` for the rest). Paths are relative (`./x`); the staging directory is left out.
@@ -250,7 +251,8 @@ CT=; [ "$M" != in-place ] || case $(find --version 2>/dev/null) in *GNU*) CT=1 ;
 inplace_scan() {
   [ -d "$T" ] && [ ! -L "$T" ] || return 0
   if [ -e "$S/applied" ]; then
-    set --; [ -z "$CT" ] || set -- -o -type f -cnewer "$S/applied" -printf 'perm\t%m\t%s\t%p\0'
+    set --; [ -z "$CT" ] || set -- -o -type f -cnewer "$S/applied" -printf 'perm\t%m\t%s\t%p\0' \
+      -o -type d -cnewer "$S/applied" -printf 'dperm\t%m\t%p\0'
     ( cd "$T" && find . -path "./$SG" -prune -o -type f -newer "$FS" ! -links 1 \
         -exec printf 'edited\t%s\0' {} + -o -type f -newer "$FS" -exec printf 'touched\t%s\0' {} + \
         -o -type l -newer "$S/applied" -exec printf 'touched\t%s\0' {} + "$@" )
@@ -268,7 +270,7 @@ extras_owed() { { [ "$DEL" = 1 ] && [ -e "$S/kept-extras" ]; } || [ -e "$S/kept-
 # One pass finds whether anything in $T changed since the last apply; only then the passes above.
 changed_since_apply() {
   set -- -type f -newer "$FS" -o ! -type f -newer "$S/applied"
-  [ -z "$CT" ] || set -- "$@" -o -type f -cnewer "$S/applied"
+  [ -z "$CT" ] || set -- "$@" -o -cnewer "$S/applied"
   [ -n "$(cd "$T" && find . -path "./$SG" -prune -o \( "$@" \) -print | head -c 1)" ]
 }
 if [ "$M" = in-place ] && [ -d "$T" ] && [ ! -L "$T" ] && { [ ! -e "$S/applied" ] || extras_owed ||
@@ -967,6 +969,11 @@ pub struct Inventory {
     /// In-place mode: files whose ctime changed since the last apply, with their mode and size;
     /// those whose mode or size is not the live manifest's join `touched` once that is known.
     pub perms: Vec<(u32, u64, Vec<u8>)>,
+    /// In-place mode: directories whose ctime changed since the last apply, with their mode; those
+    /// whose mode is not the live manifest's join `touched` (`to` itself: `root_changed`).
+    pub dperms: Vec<(u32, Vec<u8>)>,
+    /// In-place mode: `to` itself no longer has the mode the live manifest gives it.
+    pub root_changed: bool,
     /// In-place mode: every path in `to`, when the host listed them.
     pub listing: Option<Vec<Vec<u8>>>,
     /// In-place mode: the listed paths that are directories.
@@ -1017,6 +1024,21 @@ impl Inventory {
             .collect();
         for (mode, size, path) in std::mem::take(&mut self.perms) {
             if deployed.get(path.as_slice()) != Some(&(mode, size)) {
+                self.touched.push(path);
+            }
+        }
+        let dirs: rustc_hash::FxHashMap<&[u8], u32> = m
+            .entries
+            .iter()
+            .filter_map(|e| match e.kind {
+                super::manifest::Kind::Dir { mode } => Some((e.path.as_slice(), mode & 0o7777)),
+                _ => None,
+            })
+            .collect();
+        for (mode, path) in std::mem::take(&mut self.dperms) {
+            if path == b"." {
+                self.root_changed |= mode != m.root_mode & 0o7777;
+            } else if dirs.get(path.as_slice()).is_some_and(|&m| m != mode) {
                 self.touched.push(path);
             }
         }
@@ -1080,6 +1102,7 @@ impl Inventory {
             missing: self.target == TargetState::Missing,
             xdev: self.xdev,
             keep: self.excluded.iter().map(Vec::as_slice).collect(),
+            root_changed: self.root_changed,
             ..Default::default()
         }
     }
@@ -1218,6 +1241,17 @@ pub fn parse_inventory(out: &[u8], to_name: &str) -> anyhow::Result<Inventory> {
                 {
                     let path = path.strip_prefix(b"./").unwrap_or(path).to_vec();
                     inv.perms.push((mode, size, path));
+                }
+            }
+            b"dperm" => {
+                // `<mode>\t<path>`: a directory whose ctime changed (GNU find, in place).
+                let mut parts = value.splitn(2, |&b| b == b'\t');
+                let mode = parts.next().and_then(|f| std::str::from_utf8(f).ok());
+                if let (Some(mode), Some(path)) = (mode, parts.next())
+                    && let Ok(mode) = u32::from_str_radix(mode, 8)
+                {
+                    let path = path.strip_prefix(b"./").unwrap_or(path).to_vec();
+                    inv.dperms.push((mode, path));
                 }
             }
             b"marked" => inv.marked.push(value.to_vec()),
