@@ -1498,6 +1498,9 @@ fn sync_remakes_a_live_release_deleted_by_hand() {
     assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"v1");
 }
 
+/// What a cut apply leaves (no `applied`; objects sharing an inode with files of `to`): an object
+/// written since that deploy began may have been edited through `to`, and goes; the others get an
+/// inode of their own and stay (a rollback may need them).
 #[test]
 fn sync_in_place_drops_objects_an_unfinished_apply_left_shared() {
     let site = Site::new(
@@ -1506,23 +1509,87 @@ fn sync_in_place_drops_objects_an_unfinished_apply_left_shared() {
         one_step("app", ", mode: in-place"),
     );
     site.write(b"index.html", b"v1");
+    site.write(b"other.txt", b"o1");
     site.deploy(&sha(1)).success();
-    // What a cut apply leaves: no `applied`, an object still sharing a file of `to`.
     let store = site.root().join(".app.ferry");
+    // (The cut deploy began later: its stamp is newer than the files it found.)
+    std::thread::sleep(Duration::from_millis(2100));
+    std::fs::write(store.join("stamp"), "").unwrap();
     std::fs::remove_file(store.join("applied")).unwrap();
-    let shared = store.join("objects/shared.644");
-    std::fs::hard_link(site.root().join("app/index.html"), &shared).unwrap();
+    let intact = store.join("objects/intact.644");
+    let edited = store.join("objects/edited.644");
+    std::fs::hard_link(site.root().join("app/index.html"), &intact).unwrap();
+    std::fs::hard_link(site.root().join("app/other.txt"), &edited).unwrap();
+    std::fs::write(site.root().join("app/other.txt"), "edited by hand").unwrap();
     site.write(b"index.html", b"v2");
     site.deploy(&sha(2)).success();
     assert!(
-        !shared.exists(),
-        "an object sharing a file of `to` stays trusted"
+        !edited.exists(),
+        "an object edited through `to` stays trusted"
     );
+    assert_eq!(std::fs::read(&intact).unwrap(), b"v1");
+    let links = std::os::unix::fs::MetadataExt::nlink(&std::fs::metadata(&intact).unwrap());
+    assert_eq!(links, 1, "a kept object still shares a file of `to`");
     assert_eq!(
         std::fs::read(site.root().join("app/index.html")).unwrap(),
         b"v2"
     );
+    assert_eq!(
+        std::fs::read(site.root().join("app/other.txt")).unwrap(),
+        b"o1"
+    );
     assert!(store.join("applied").exists());
+}
+
+/// An apply that fails half-way (a directory the login may not write) leaves files of two
+/// releases: `ferry status` says so, and a rollback to the last good release restores it
+/// whole (the content that left `to` is still in the store). BusyBox host, non-root login.
+#[test]
+fn sync_in_place_rollback_after_a_failed_apply_restores_the_last_good_release() {
+    let site = one_host_site("inplace-failed-apply", true, "app", ", mode: in-place");
+    for (p, c) in [("a", "a1"), ("m", "m1"), ("z/x", "x1")] {
+        site.write(p.as_bytes(), c.as_bytes());
+    }
+    let run = site.deploy(&sha(1)).success();
+    let first = step(&run)["detail"]["release"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let to = site.root().join("app");
+    let chown = |who: &str| {
+        run_ok(
+            std::process::Command::new("chown")
+                .arg(who)
+                .arg(to.join("z")),
+        );
+    };
+    chown("root:root");
+    for (p, c) in [("a", "a2"), ("m", "m2"), ("z/x", "x2")] {
+        site.write(p.as_bytes(), c.as_bytes());
+    }
+    let run = site.deploy(&sha(2));
+    chown(&format!("{BUSYBOX_USER}:{BUSYBOX_USER}"));
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    let hosts: Vec<&Sshd> = site.hosts.iter().collect();
+    let status = Ferry::new()
+        .trusting(&hosts)
+        .arg("status")
+        .arg(&site.pb)
+        .args(["--env", "test", "--json"])
+        .run()
+        .success();
+    assert!(
+        status.stdout.contains("the last apply did not finish"),
+        "{}",
+        status.stdout
+    );
+    site.ferry("rollback", &sha(2))
+        .args(["--to", &first])
+        .run()
+        .success();
+    for (p, c) in [("a", "a1"), ("m", "m1"), ("z/x", "x1")] {
+        assert_eq!(std::fs::read_to_string(to.join(p)).unwrap(), c, "{p}");
+    }
 }
 
 #[test]

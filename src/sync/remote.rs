@@ -538,9 +538,21 @@ if [ -d "$S/releases" ]; then
   # (A deletion cut short, by a reboot say, goes on; a prune would start it only after the switch.)
   empty_trash
   # An apply that did not finish can leave objects sharing an inode with files in `to`, where an
-  # edit would change them unseen: they go (their content is sent again when needed).
-  # (Only in a store of in-place releases: in release mode every object has links.)
-  if [ -f inplace ] && [ ! -e applied ]; then find objects -type f -links +1 -exec rm -f {} +; fi
+  # edit would change them unseen. Those written since a second before that deploy began go
+  # (their content is sent again when needed); the others get an inode of their own: earlier
+  # releases, a rollback's, may need them. (Only in a store of in-place releases: in release
+  # mode every object has links.)
+  if [ -f inplace ] && [ ! -e applied ]; then
+    if s=$(date -r stamp +%s 2>/dev/null) && touch -d "@$((s - 1))" stamp.before 2>/dev/null &&
+       [ "$(date -r stamp.before +%s)" = "$((s - 1))" ]; then
+      find objects -type f -links +1 -newer stamp.before -exec rm -f {} +
+      find objects -type f -links +1 -exec sh -c \
+        'for o; do cp -p "$o" "$o.tmp" && mv -f "$o.tmp" "$o" || rm -f "$o" "$o.tmp"; done' sh {} +
+    else
+      find objects -type f -links +1 -exec rm -f {} +
+    fi
+    rm -f stamp.before
+  fi
 "#,
     store_state_sh!(),
     r#"
@@ -1143,6 +1155,13 @@ impl Inventory {
 
     /// A one-line description of hand edits, if any.
     pub fn drift(&self) -> Option<String> {
+        if self.inplace.is_some() && self.unfinished {
+            return Some(
+                "the last apply did not finish: files of two releases are live; deploy again, or \
+                 roll back, to put it right"
+                    .into(),
+            );
+        }
         if self.inplace.is_some() {
             return (self.handmade > 0).then(|| {
                 format!(
