@@ -659,7 +659,7 @@ fn hand_edits(busybox: bool) {
         .success();
     let log = step(&run)["log"].to_string();
     assert!(
-        log.contains("edited by hand") && log.contains("index.html"),
+        log.contains("edited or replaced by hand") && log.contains("index.html"),
         "{log}"
     );
     let run = site
@@ -669,7 +669,9 @@ fn hand_edits(busybox: bool) {
         .success();
     let log = step(&run)["log"].to_string();
     assert!(
-        log.contains("edited by hand") && log.contains("index.html") && log.contains("other.html"),
+        log.contains("edited or replaced by hand")
+            && log.contains("index.html")
+            && log.contains("other.html"),
         "{log}"
     );
     assert_eq!(
@@ -683,6 +685,24 @@ fn hand_edits(busybox: bool) {
     assert_drift(&s, "found edited by hand before it was rolled back to");
     assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"original");
     assert_eq!(std::fs::read(to.join("other.html")).unwrap(), b"other");
+    // A file replaced by hand (a new inode, as `sed -i` writes one): the next deploy repairs it,
+    // and a rollback to the release it was replaced in says it serves it as it is now.
+    let replaced = live_release(&to);
+    std::fs::write(to.join("index.html.tmp"), b"replaced on the host").unwrap();
+    std::fs::rename(to.join("index.html.tmp"), to.join("index.html")).unwrap();
+    let s = step(&site.deploy(&sha(6)).success());
+    assert_drift(&s, "added, replaced or removed");
+    assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"original");
+    let run = site
+        .ferry("rollback", &sha(6))
+        .args(["--to", &replaced, "--json"])
+        .run()
+        .success();
+    let log = step(&run)["log"].to_string();
+    assert!(
+        log.contains("replaced by hand") && log.contains("index.html"),
+        "{log}"
+    );
 }
 
 #[test]

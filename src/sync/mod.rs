@@ -1556,9 +1556,9 @@ fn edited_warning(target: &str, paths: &[u8]) -> Option<String> {
     edited.dedup();
     (!edited.is_empty()).then(|| {
         format!(
-            "WARNING: {} file(s) of release {target} were edited by hand on the host after it was deployed \
-             (they share the edited file with a later release) and are served as edited: {}; \
-             deploy its commit again to restore them",
+            "WARNING: {} file(s) of release {target} were edited or replaced by hand on the host \
+             after it was deployed and are served as they are now: {}; deploy its commit again to \
+             restore them",
             edited.len(),
             truncated(&edited).join(", ")
         )

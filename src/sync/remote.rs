@@ -12,7 +12,7 @@
 //! <dir>/.<name>.ferry/objects/<blake3>.<mode>      content store; files never opened for writing
 //! <dir>/.<name>.ferry/releases/<id>/              trees of hard links into objects/ (in place: empty)
 //! <dir>/.<name>.ferry/meta/<id>.{json,manifest,digest}
-//! <dir>/.<name>.ferry/meta/<id>.edited              paths of that release edited by hand in place (shared inode)
+//! <dir>/.<name>.ferry/meta/<id>.edited              paths of that release edited or replaced by hand
 //! <dir>/.<name>.ferry/stamp                        live files newer than this were edited by hand
 //! <dir>/.<name>.ferry/modes-used                   release mode: the file modes objects/ holds
 //! <dir>/.<name>.ferry/scan.start                   when the last deploy's scans began
@@ -617,6 +617,12 @@ if [ -n "$edited" ]; then
   find releases \( $inums \) -exec sh -c \
     'for f; do r=${f#releases/} && p=${r#*/} && printf "%s\0" "$p" >> "meta/${r%%/*}.edited"; done' sh {} + || :
   rm -f $edited
+fi
+# So are the live release's files replaced or added by hand (a file of its own: `sed -i`, an
+# editor's save): a rollback to it serves them as they are now.
+if [ "$M" != in-place ] && [ -n "$live" ] && [ -d "releases/$live" ]; then
+  find "releases/$live" -type f \( -links 1 -o -newer stamp \) -exec sh -c \
+    'for f; do r=${f#releases/} && p=${r#*/} && printf "%s\0" "$p" >> "meta/${r%%/*}.edited"; done' sh {} + || :
 fi
 "#,
     unpack_sh!(),
