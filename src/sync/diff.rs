@@ -309,16 +309,18 @@ pub fn in_place(
     // What stays in `to` whatever the build holds: excluded paths, and with `delete: false`
     // every path the build lacks.
     let stays = |p: &[u8]| target.keep.contains(p) || (!delete && !now.contains_key(p));
-    a.in_the_way = local
+    let files: HashSet<&[u8]> = local
         .entries
         .iter()
         .filter(|e| !matches!(e.kind, Kind::Dir { .. }))
-        .find_map(|e| {
-            present
-                .iter()
-                .find(|p| is_under(p, &e.path) && stays(p))
-                .map(|p| (e.path.clone(), p.to_vec()))
-        });
+        .map(|e| e.path.as_slice())
+        .collect();
+    a.in_the_way = present.iter().filter(|p| stays(p)).find_map(|p| {
+        let dirs = p.iter().enumerate().filter(|&(_, &b)| b == b'/');
+        dirs.map(|(i, _)| &p[..i])
+            .find(|d| files.contains(d))
+            .map(|d| (d.to_vec(), p.to_vec()))
+    });
     if delete {
         present.retain(|p| !target.keep.contains(p));
         a.gone = extras(local, &present, &target.keep);
