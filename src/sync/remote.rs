@@ -187,7 +187,7 @@ live_scan() {
 }
 if [ "$M" != in-place ] && [ -n "$live" ] && [ -d "releases/$live" ] && [ -e stamp ] &&
    [ -n "$(live_scan | head -c 1)" ]; then
-  live_scan; dirty=1
+  live_scan; dirty=1 lt=1
 fi
 if [ -n "$sp_pid" ]; then
   wait "$sp_pid" || :
@@ -465,7 +465,7 @@ pub(super) const UNPACK: &str = unpack_sh!();
 /// (1/0), and the lock's directory and this run's token (none: no check).
 pub const DEPLOY: &str = concat!(
     r#"
-S=$1 T=$2 M=$3 DEL=$4 LK=${5:-} TK=${6:-} dirty= same= tm= BG=1
+S=$1 T=$2 M=$3 DEL=$4 LK=${5:-} TK=${6:-} dirty= same= tm= lt= BG=1
 P=${T%/*} N=${T##*/}
 # A controller gone closes our output: a write then fails instead of ending the script before
 # it cleans up.
@@ -620,7 +620,7 @@ if [ -n "$edited" ]; then
 fi
 # So are the live release's files replaced or added by hand (a file of its own: `sed -i`, an
 # editor's save): a rollback to it serves them as they are now.
-if [ "$M" != in-place ] && [ -n "$live" ] && [ -d "releases/$live" ]; then
+if [ -n "$lt" ]; then
   find "releases/$live" -type f \( -links 1 -o -newer stamp \) -exec sh -c \
     'for f; do r=${f#releases/} && p=${r#*/} && printf "%s\0" "$p" >> "meta/${r%%/*}.edited"; done' sh {} + || :
 fi
