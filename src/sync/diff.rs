@@ -316,8 +316,7 @@ pub fn in_place(
         .map(|e| e.path.as_slice())
         .collect();
     a.in_the_way = present.iter().filter(|p| stays(p)).find_map(|p| {
-        let dirs = p.iter().enumerate().filter(|&(_, &b)| b == b'/');
-        dirs.map(|(i, _)| &p[..i])
+        parents(p)
             .find(|d| files.contains(d))
             .map(|d| (d.to_vec(), p.to_vec()))
     });
@@ -326,6 +325,14 @@ pub fn in_place(
         a.gone = extras(local, &present, &target.keep);
     }
     a
+}
+
+/// The directories `p` lies under, outermost first.
+fn parents(p: &[u8]) -> impl Iterator<Item = &[u8]> {
+    p.iter()
+        .enumerate()
+        .filter(|&(_, &b)| b == b'/')
+        .map(|(i, _)| &p[..i])
 }
 
 /// `p` lies under the directory `dir`.
@@ -345,21 +352,9 @@ fn extras(local: &Manifest, present: &[&[u8]], keep: &HashSet<&[u8]>) -> Vec<Vec
         .map(|e| e.path.as_slice())
         .collect();
     // Under a directory that became a file or link: gone with it when that is put in place.
-    let under_file = |p: &[u8]| {
-        p.iter()
-            .enumerate()
-            .any(|(i, &b)| b == b'/' && files.contains(&p[..i]))
-    };
+    let under_file = |p: &[u8]| parents(p).any(|d| files.contains(d));
     // The directories above a kept path.
-    let holds_kept: HashSet<&[u8]> = keep
-        .iter()
-        .flat_map(|p| {
-            p.iter()
-                .enumerate()
-                .filter(|&(_, &b)| b == b'/')
-                .map(|(i, _)| &p[..i])
-        })
-        .collect();
+    let holds_kept: HashSet<&[u8]> = keep.iter().flat_map(|p| parents(p)).collect();
     let mut out: Vec<Vec<u8>> = Vec::new();
     // Sorted paths put a directory right before what is under it.
     for p in present {

@@ -452,8 +452,8 @@ pub(super) const UNPACK: &str = unpack_sh!();
 /// (with its length; after a `1` without the live manifest, and in place just the `objects`
 /// record), then `end`. Then it reads one line:
 /// `<release id> <adopt 0|1> <ids to prune> <objects to drop> <again 0|1> <hold 0|1> <kept
-/// excluded 0|1>` (lists comma-separated, `-` for none), or EOF to stop there. The rest of stdin is the stream
-/// (`unpack`). Release mode: drop the objects edited by hand, unpack the stream in the store
+/// excluded 0|1>` (lists comma-separated, `-` for none), or EOF to stop there. The rest of stdin
+/// is the stream (`unpack`). Release mode: drop the objects edited by hand, unpack the stream in the store
 /// (objects straight into `objects/`, the tree under `incoming/r`), check its trailer (with
 /// `hold`, print `ready` and wait for the controller's word: see `gate`), name the release
 /// (unique), switch `to` with one rename, prune: move the releases dropped and the
