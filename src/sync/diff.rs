@@ -322,7 +322,7 @@ pub fn in_place(
     });
     if delete {
         present.retain(|p| !target.keep.contains(p));
-        a.gone = extras(local, &present, &target.keep);
+        a.gone = extras(&present, &target.keep, |p| now.contains_key(p), &files);
     }
     a
 }
@@ -340,17 +340,16 @@ fn is_under(p: &[u8], dir: &[u8]) -> bool {
     p.len() > dir.len() && p.starts_with(dir) && p[dir.len()] == b'/'
 }
 
-/// The paths of `present` (sorted) that `local` lacks, a directory once and not what is under it;
-/// a directory that holds a path `keep` keeps stays, and what else is under it goes one by one.
-/// Entries whose kind changes are replaced when the new one is put in place, not listed here.
-fn extras(local: &Manifest, present: &[&[u8]], keep: &HashSet<&[u8]>) -> Vec<Vec<u8>> {
-    let now: HashSet<&[u8]> = local.entries.iter().map(|e| e.path.as_slice()).collect();
-    let files: HashSet<&[u8]> = local
-        .entries
-        .iter()
-        .filter(|e| !matches!(e.kind, Kind::Dir { .. }))
-        .map(|e| e.path.as_slice())
-        .collect();
+/// The paths of `present` (sorted) that the build (`in_build`; `files`: its paths that are not
+/// directories) lacks, a directory once and not what is under it; a directory that holds a path
+/// `keep` keeps stays, and what else is under it goes one by one. Entries whose kind changes are
+/// replaced when the new one is put in place, not listed here.
+fn extras(
+    present: &[&[u8]],
+    keep: &HashSet<&[u8]>,
+    in_build: impl Fn(&[u8]) -> bool,
+    files: &HashSet<&[u8]>,
+) -> Vec<Vec<u8>> {
     // Under a directory that became a file or link: gone with it when that is put in place.
     let under_file = |p: &[u8]| parents(p).any(|d| files.contains(d));
     // The directories above a kept path.
@@ -359,7 +358,7 @@ fn extras(local: &Manifest, present: &[&[u8]], keep: &HashSet<&[u8]>) -> Vec<Vec
     // Sorted paths put a directory right before what is under it.
     for p in present {
         let under_gone = out.last().is_some_and(|d| is_under(p, d));
-        if !now.contains(p) && !under_gone && !under_file(p) && !holds_kept.contains(p) {
+        if !in_build(p) && !under_gone && !under_file(p) && !holds_kept.contains(p) {
             out.push(p.to_vec());
         }
     }
