@@ -1063,7 +1063,7 @@ fn in_place_leaves_excluded_paths_on_the_host() {
         let run = site.deploy(&sha(4));
         assert_eq!(run.code, 1, "busybox {busybox}: {}", run.stdout);
         assert!(
-            run.stdout.contains("the build has a file at `uploads`")
+            run.stdout.contains("the tree has a file at `uploads`")
                 && run.stdout.contains("holding `uploads/u1"),
             "{}",
             run.stdout
@@ -1158,6 +1158,48 @@ fn in_place_repairs_a_directory_chmod_by_hand() {
     assert_eq!(mode(&to), 0o755);
     let s = step(&site.deploy(&sha(1)).success());
     assert!(s["detail"]["drift"].is_null(), "repaired for good: {s}");
+    // Only the permission bits count: a setgid directory (whose subdirectories inherit the bit,
+    // and which `chmod 755` leaves setgid on GNU) is no drift.
+    std::thread::sleep(Duration::from_millis(1100));
+    for p in [to.clone(), to.join("sub")] {
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o2755)).unwrap();
+    }
+    let s = step(&site.deploy(&sha(1)).success());
+    assert!(s["detail"]["drift"].is_null(), "{s}");
+}
+
+/// In place, a rollback that would put a file where `to` now has a directory holding an excluded
+/// path is refused, as a deploy of that tree is.
+#[test]
+fn in_place_rollback_refuses_a_file_over_excluded_paths() {
+    let site = one_host_site(
+        "rbexcl",
+        false,
+        "app",
+        ", mode: in-place, exclude: [\"*.log\"]",
+    );
+    site.write(b"logs", b"a file");
+    let run = site.deploy(&sha(1)).success();
+    let first = step(&run)["detail"]["release"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    std::fs::remove_file(site.src.join("logs")).unwrap();
+    site.write(b"logs/README", b"a directory now");
+    site.deploy(&sha(2)).success();
+    let to = site.root().join("app");
+    std::fs::write(to.join("logs/app.log"), "the app's").unwrap();
+    let run = site.ferry("rollback", &sha(2)).args(["--to", &first]).run();
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    assert!(
+        run.stdout.contains("holding `logs/app.log`"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(
+        std::fs::read(to.join("logs/app.log")).unwrap(),
+        b"the app's"
+    );
 }
 
 /// In place, a symlink replaced by hand (`ln -sfn`) is found and put back, on both shells.

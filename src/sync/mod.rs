@@ -593,6 +593,29 @@ fn keep_excluded(step: &SyncStep, inv: &mut Inventory) {
     }
 }
 
+/// In place, refuse a tree that puts a file where `to` has a directory holding what stays.
+fn check_in_the_way(
+    host: &str,
+    paths: &Paths,
+    step: &SyncStep,
+    apply: Option<&diff::Apply>,
+) -> anyhow::Result<()> {
+    let Some((dir, kept)) = apply.and_then(|a| a.in_the_way.as_ref()) else {
+        return Ok(());
+    };
+    let why = match step.delete {
+        true => "`exclude` matches it",
+        false => "`delete: false` keeps what the build lacks",
+    };
+    bail!(
+        "{host}: the tree has a file at `{}`, but in {} that is a directory holding `{}`, which \
+         stays ({why}); nothing was changed. Move it away on the host, or change the build",
+        manifest::display_path(dir),
+        paths.to,
+        manifest::display_path(kept),
+    )
+}
+
 /// What a deploy must send and, in mode `in-place`, apply; with the objects the host has.
 /// `learn`: `local`'s hashes are not known yet, and the host has nothing (see [`Opened`]).
 fn plan_for(
@@ -679,20 +702,7 @@ fn decide(
         );
     }
     let (plan, apply) = plan_for(step, local, inv, learn);
-    if let Some((dir, kept)) = apply.as_ref().and_then(|a| a.in_the_way.as_ref()) {
-        let why = match step.delete {
-            true => "`exclude` matches it",
-            false => "`delete: false` keeps what the build lacks",
-        };
-        bail!(
-            "{}: the build has a file at `{}`, but in {} that is a directory holding `{}`, which \
-             stays ({why}); nothing was changed. Move it away on the host, or change the build",
-            ctx.host.name(),
-            manifest::display_path(dir),
-            paths.to,
-            manifest::display_path(kept),
-        );
-    }
+    check_in_the_way(ctx.host.name(), paths, step, apply.as_ref())?;
     let mut log = Vec::new();
     if let Some(d) = inv.drift() {
         log.push(format!(
@@ -1039,7 +1049,13 @@ async fn exchange(
     proc.write(format!("{digest} {}\n", u8::from(kept.is_some())).as_bytes())
         .await
         .with_context(|| format!("{host}: the deploy script at {} went away", paths.store))?;
-    let end = match read_until(rx, &mut buf, remote::inventory_end).await {
+    let mut from = 0;
+    let until = |b: &[u8]| {
+        remote::inventory_scan(b, from)
+            .map_err(|resume| from = resume)
+            .ok()
+    };
+    let end = match read_until(rx, &mut buf, until).await {
         Ok(end) => end,
         Err(timed_out) => return Err(inventory_failed(host, paths, proc, timed_out).await),
     };
@@ -1067,7 +1083,7 @@ async fn exchange(
 async fn read_until(
     rx: &mut tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
     buf: &mut Vec<u8>,
-    until: fn(&[u8]) -> Option<usize>,
+    mut until: impl FnMut(&[u8]) -> Option<usize>,
 ) -> Result<usize, bool> {
     loop {
         if let Some(n) = until(buf) {
@@ -1428,7 +1444,8 @@ pub async fn rollback(
         if step.mode == SyncMode::InPlace {
             let local = release_manifest(ctx, &paths, &target).await?;
             let mut inv = inventory(ctx.session, &paths, &local.digest(), step).await?;
-            let (plan, _) = plan_for(step, &local, &mut inv, false);
+            let (plan, apply) = plan_for(step, &local, &mut inv, false);
+            check_in_the_way(host, &paths, step, apply.as_ref())?;
             check_reapply(host, &target, &local, &plan)?;
         } else {
             let out = host_script(ctx, remote::EDITED, &[&paths.store, &target], || {
@@ -1635,7 +1652,9 @@ async fn reapply(
     if (inv.same || settled) && inv.live() == Some(id) {
         return finish_quietly(host, paths, proc).await.map(|()| false);
     }
-    if let Err(e) = check_reapply(host, id, &local, &plan) {
+    if let Err(e) = check_in_the_way(host, paths, step, Some(&apply))
+        .and_then(|()| check_reapply(host, id, &local, &plan))
+    {
         let _ = proc.finish().await;
         return Err(e);
     }

@@ -26,7 +26,7 @@
 //! <dir>/.<name>.ferry/edits.since                  in-place mode: files in <name> newer than this were edited (a second
 //!                                                  before the last deploy's scans; the files it wrote are older)
 //! <dir>/.<name>.ferry/kept-extras                  in-place mode: the last apply kept files not in the build
-//! <dir>/.<name>.ferry/kept-excluded                in-place mode: <name> holds paths `exclude` matches (listed each deploy)
+//! <dir>/.<name>.ferry/kept-excluded                in-place mode: <name> holds paths `exclude` matches (a deploy that changes it lists it)
 //! <dir>/<name>/.ferry-incoming/                    in-place mode: the staging directory of a deploy in flight
 //! ```
 //!
@@ -259,14 +259,16 @@ inplace_scan() {
   fi
   if [ ! -e "$S/applied" ] || extras_owed ||
      [ -n "$(cd "$T" && find . -path "./$SG" -prune -o -type d -newer "$S/applied" -print | head -c 1)" ]; then
-    rec listing yes
-    ( cd "$T" && find . -path "./$SG" -prune -o ! -path . -type d -exec printf 'hdir\t%s\0' {} + \
-        -o ! -path . -exec printf 'have\t%s\0' {} + )
+    list_target
   fi
 }
-# The last apply kept extras (`delete: false`) and this one deletes them, or `to` holds paths
-# `exclude` matches (no directory holding one may go): they must be found.
-extras_owed() { { [ "$DEL" = 1 ] && [ -e "$S/kept-extras" ]; } || [ -e "$S/kept-excluded" ]; }
+list_target() {
+  rec listing yes; listed=1
+  ( cd "$T" && find . -path "./$SG" -prune -o ! -path . -type d -exec printf 'hdir\t%s\0' {} + \
+      -o ! -path . -exec printf 'have\t%s\0' {} + )
+}
+# The last apply kept extras (`delete: false`) and this one deletes them: they must be found.
+extras_owed() { [ "$DEL" = 1 ] && [ -e "$S/kept-extras" ]; }
 # One pass finds whether anything in $T changed since the last apply; only then the passes above.
 changed_since_apply() {
   set -- -type f -newer "$FS" -o ! -type f -newer "$S/applied"
@@ -465,7 +467,7 @@ pub(super) const UNPACK: &str = unpack_sh!();
 /// (1/0), and the lock's directory and this run's token (none: no check).
 pub const DEPLOY: &str = concat!(
     r#"
-S=$1 T=$2 M=$3 DEL=$4 LK=${5:-} TK=${6:-} dirty= same= tm= lt= BG=1
+S=$1 T=$2 M=$3 DEL=$4 LK=${5:-} TK=${6:-} dirty= same= tm= lt= listed= BG=1
 P=${T%/*} N=${T##*/}
 # A controller gone closes our output: a write then fails instead of ending the script before
 # it cleans up.
@@ -562,6 +564,15 @@ if [ -d "$S/releases" ]; then
   if [ -z "$dirty" ] && [ -n "$live" ] && [ -f "meta/$live.digest" ] &&
      live_digest_is "$D"; then
     rec same yes; same=1
+  else
+    # `to` holds paths `exclude` matches, or extras `delete: false` kept: a deploy that changes
+    # it must know them (no directory holding one may go; an unchanged tree needs no listing).
+    if [ "$M" = in-place ] && [ -z "$listed" ] && { [ -e kept-excluded ] || [ -e kept-extras ]; } &&
+       [ -d "$T" ] && [ ! -L "$T" ]; then
+      list_target
+    fi
+  fi
+  if [ -n "$same" ]; then :
   elif [ "$C" = 1 ] && [ "$M" = in-place ]; then
     # Only the object list, short in place (what left `to`): one record, no gzip and no file.
     rec objects "$(ls objects)"
@@ -824,23 +835,36 @@ fn record_end(out: &[u8], key: &[u8]) -> Option<usize> {
 
 /// Where the deploy script's inventory ends (just past its `end` record), once it has all arrived.
 pub fn inventory_end(out: &[u8]) -> Option<usize> {
-    let mut i = 0;
+    inventory_scan(out, 0).ok()
+}
+
+/// [`inventory_end`] from `from` (a record's start): `Err` holds where to go on once more has
+/// come (the first record not complete yet), so a long inventory is scanned once, not once per
+/// piece that arrives (a listing of 50,000 paths took 5.7 s).
+pub fn inventory_scan(out: &[u8], from: usize) -> Result<usize, usize> {
+    let mut i = from;
     while i < out.len() {
-        let end = i + out[i..].iter().position(|&b| b == 0)?;
+        let Some(p) = out[i..].iter().position(|&b| b == 0) else {
+            return Err(i);
+        };
+        let end = i + p;
         let rec = out[i..end].strip_prefix(b"\n").unwrap_or(&out[i..end]);
         if rec == b"end\t" {
-            return Some(end + 1);
+            return Ok(end + 1);
         }
-        i = end + 1;
         if let Some(n) = rec.strip_prefix(b"tail\t") {
-            let n: usize = std::str::from_utf8(n).ok()?.trim().parse().ok()?;
-            if out.len() < i + n {
-                return None;
+            let n = std::str::from_utf8(n)
+                .ok()
+                .and_then(|n| n.trim().parse::<usize>().ok());
+            match n {
+                Some(n) if out.len() >= end + 1 + n => i = end + 1 + n,
+                _ => return Err(i),
             }
-            i += n;
+        } else {
+            i = end + 1;
         }
     }
-    None
+    Err(i)
 }
 
 /// Switch `to` to an existing release; prints the paths of it edited by hand since it was made
@@ -1049,13 +1073,15 @@ impl Inventory {
             .entries
             .iter()
             .filter_map(|e| match e.kind {
-                super::manifest::Kind::Dir { mode } => Some((e.path.as_slice(), mode & 0o7777)),
+                super::manifest::Kind::Dir { mode } => Some((e.path.as_slice(), mode & 0o777)),
                 _ => None,
             })
             .collect();
+        // (Permission bits only: a setgid directory's subdirectories inherit the bit.)
         for (mode, path) in std::mem::take(&mut self.dperms) {
+            let mode = mode & 0o777;
             if path == b"." {
-                self.root_changed |= mode != m.root_mode & 0o7777;
+                self.root_changed |= mode != m.root_mode & 0o777;
             } else if dirs.get(path.as_slice()).is_some_and(|&m| m != mode) {
                 self.touched.push(path);
             }
