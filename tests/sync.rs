@@ -1096,6 +1096,20 @@ fn in_place_keep_extras_refuses_a_file_over_their_directory() {
     );
     assert_eq!(std::fs::read(to.join("d/user")).unwrap(), b"by the app");
     assert_eq!(std::fs::read(to.join("d/x")).unwrap(), b"x");
+    // Also when a deploy since (which saw the extra and applied) left nothing changed by hand:
+    // `to` is listed again once the tree changes.
+    std::fs::remove_file(site.src.join("d")).unwrap();
+    std::fs::create_dir(site.src.join("d")).unwrap();
+    site.write(b"other", b"a change");
+    std::thread::sleep(Duration::from_millis(2100)); // (the hand-made file is older than its scan)
+    site.deploy(&sha(3)).success();
+    std::thread::sleep(Duration::from_millis(1100));
+    std::fs::remove_dir_all(site.src.join("d")).unwrap();
+    site.write(b"d", b"a file now");
+    let run = site.deploy(&sha(4));
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    assert!(run.stdout.contains("holding `d/"), "{}", run.stdout);
+    assert_eq!(std::fs::read(to.join("d/user")).unwrap(), b"by the app");
 }
 
 /// In place, a deployed path that `exclude` matches later is the app's: content the app wrote
