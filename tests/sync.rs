@@ -49,6 +49,18 @@ impl Site {
             .args(["--env", "test", "--ref", "main", "--sha", sha])
     }
 
+    /// `ferry status --json` of the site's playbook, with `args`.
+    fn status(&self, args: &[&str]) -> Run {
+        let hosts: Vec<&Sshd> = self.hosts.iter().collect();
+        Ferry::new()
+            .trusting(&hosts)
+            .args(["status", "--json"])
+            .arg(&self.pb)
+            .args(args)
+            .run()
+            .success()
+    }
+
     fn deploy(&self, sha: &str) -> Run {
         self.ferry("deploy", sha).arg("--json").run()
     }
@@ -737,13 +749,7 @@ fn stored_edits(busybox: bool) {
     assert_eq!(std::fs::read(to.join("index.html")).unwrap(), b"v2");
     // A mode changed by hand on a live file: the same commit is deployed anew, with its mode.
     std::fs::set_permissions(to.join("page.html"), std::fs::Permissions::from_mode(0o600)).unwrap();
-    let hosts: Vec<&Sshd> = site.hosts.iter().collect();
-    let status = Ferry::new()
-        .trusting(&hosts)
-        .args(["status", "--json"])
-        .arg(&site.pb)
-        .run()
-        .success();
+    let status = site.status(&[]);
     assert!(
         status.stdout.contains("1 stored file(s) changed by hand"),
         "{}",
@@ -1297,14 +1303,7 @@ fn status_checks_every_sync_target() {
     let tmp = site.root().join("conf.tmp");
     std::os::unix::fs::symlink(&first, &tmp).unwrap();
     std::fs::rename(&tmp, &conf).unwrap();
-    let hosts: Vec<&Sshd> = site.hosts.iter().collect();
-    let status = Ferry::new()
-        .trusting(&hosts)
-        .arg("status")
-        .arg(&site.pb)
-        .args(["--env", "test", "--json"])
-        .run()
-        .success();
+    let status = site.status(&["--env", "test"]);
     let want = format!(
         "files at {}: release {} is live, but the ledger's last good run left",
         conf.display(),
@@ -1395,13 +1394,7 @@ fn a_failed_first_deploy_leaves_nothing_live() {
         } else {
             assert!(!to.exists() && !to.is_symlink(), "{case}");
         }
-        let hosts: Vec<&Sshd> = site.hosts.iter().collect();
-        let status = Ferry::new()
-            .trusting(&hosts)
-            .args(["status", "--json"])
-            .arg(&site.pb)
-            .run()
-            .success();
+        let status = site.status(&[]);
         let v = json(&status);
         assert_eq!(v[0]["rows"][0]["live"], false, "{case}: {v}");
         std::fs::remove_file(site.root().join("fail")).unwrap();
@@ -1646,14 +1639,7 @@ fn sync_in_place_rollback_after_a_failed_apply_restores_the_last_good_release() 
     let run = site.deploy(&sha(2));
     chown(&format!("{BUSYBOX_USER}:{BUSYBOX_USER}"));
     assert_eq!(run.code, 1, "{}", run.stdout);
-    let hosts: Vec<&Sshd> = site.hosts.iter().collect();
-    let status = Ferry::new()
-        .trusting(&hosts)
-        .arg("status")
-        .arg(&site.pb)
-        .args(["--env", "test", "--json"])
-        .run()
-        .success();
+    let status = site.status(&["--env", "test"]);
     assert!(
         status.stdout.contains("the last apply did not finish"),
         "{}",
@@ -1923,13 +1909,7 @@ fn sync_survives_controller_killed_and_connection_cut() {
         !incoming.exists(),
         "the host cleaned up after the controller was killed"
     );
-    let hosts: Vec<&Sshd> = site.hosts.iter().collect();
-    let status = Ferry::new()
-        .trusting(&hosts)
-        .args(["status", "--json"])
-        .arg(&site.pb)
-        .run()
-        .success();
+    let status = site.status(&[]);
     assert!(
         !status.stdout.contains("changed by hand"),
         "{}",
